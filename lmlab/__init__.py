@@ -1,0 +1,3 @@
+"""lmlab: train, watch and sample small language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,243 @@
+"""Run directories and checkpoints: safetensors weights + JSON state, written atomically, verified on load.
+
+    RUN/config.json          every setting of the run (schema_version inside)
+    RUN/tokenizer.json       the tokenizer, reloaded for sampling and eval
+    RUN/metrics.jsonl        one JSON object per step / eval
+    RUN/checkpoints/step_00001000/{model.safetensors, optimizer.safetensors, state.json}
+
+A checkpoint folder is written under a temporary name and renamed when complete; state.json records the SHA-256
+of the other files, so a damaged checkpoint is detected and the previous good one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from . import tokenizer as tok
+from .common import SCHEMA_VERSION, LmlabError, atomic_write_json, read_json, sha256_file
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step_"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and plain values (for JSON)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for idx, values in plain["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng: dict[str, torch.Tensor],
+    state: dict,
+    keep: int = 3,
+) -> Path:
+    """Write checkpoint `step` atomically and prune all but the newest `keep` checkpoints."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        opt_tensors, opt_plain = optimizer_to_flat(optimizer)
+        opt_tensors.update({f"rng.{k}": v.contiguous() for k, v in rng.items()})
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        for name in ("model.safetensors", "optimizer.safetensors"):
+            _fsync_file(tmp / name)
+        record = {
+            "schema_version": SCHEMA_VERSION,
+            "step": step,
+            "optimizer": opt_plain,
+            "files": {name: sha256_file(tmp / name) for name in ("model.safetensors", "optimizer.safetensors")},
+            **state,
+        }
+        atomic_write_json(tmp / "state.json", record)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict
+    optimizer_tensors: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Read state.json and check the recorded hashes; raise LmlabError naming what is wrong."""
+    state_path = path / "state.json"
+    if not state_path.exists():
+        raise LmlabError(f"checkpoint {path} has no state.json (incomplete)")
+    state = read_json(state_path)
+    version = state.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise LmlabError(f"checkpoint {path} has schema version {version}; this lmlab reads up to {SCHEMA_VERSION}")
+    for name, digest in state.get("files", {}).items():
+        f = path / name
+        if not f.exists():
+            raise LmlabError(f"checkpoint {path} is missing {name}")
+        if sha256_file(f) != digest:
+            raise LmlabError(f"checkpoint file {f} is damaged (its SHA-256 does not match the one recorded)")
+    return state
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    device: str | torch.device = "cpu") -> Checkpoint:
+    """Load weights (and optimizer state) from one checkpoint folder, after verifying it."""
+    state = verify_checkpoint(path)
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise LmlabError(f"cannot load weights from {path}: {str(e).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise LmlabError(
+            f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]}); was it written with another config?"
+        )
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    opt_tensors = {k: v.to(device) for k, v in tensors.items() if k.startswith("state.")}
+    if optimizer is not None:
+        try:
+            optimizer_from_flat(optimizer, opt_tensors, state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise LmlabError(f"optimizer state in {path} does not fit this run: {e}") from None
+    return Checkpoint(path, state, opt_tensors, rng)
+
+
+def latest_good_checkpoint(run_dir: Path, warn=print) -> Optional[Path]:
+    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except LmlabError as e:
+            warn(f"warning: {e}; falling back to the previous checkpoint")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a finished or running run for sampling / eval
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    config: dict
+    tokenizer: tok.Tokenizer
+    model: torch.nn.Module
+    checkpoint: Checkpoint
+
+
+def read_run_config(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LmlabError(f"no run at {run_dir} (not a directory)")
+    if not (run_dir / "config.json").exists():
+        raise LmlabError(f"{run_dir} is not an lmlab run (no config.json)")
+    config = read_json(run_dir / "config.json")
+    version = config.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise LmlabError(f"run {run_dir} has schema version {version}; this lmlab reads up to {SCHEMA_VERSION}")
+    return config
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """Build model + tokenizer from a run folder and load its newest good checkpoint. Executes no code from it."""
+    from .model import ModelConfig, build_model
+
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    tokenizer = tok.load(run_dir / "tokenizer.json")
+    path = latest_good_checkpoint(run_dir)
+    if path is None:
+        raise LmlabError(f"run {run_dir} has no checkpoint yet; train it first (lmlab train --resume {run_dir})")
+    try:
+        model_cfg = ModelConfig(**config["model"])
+    except TypeError as e:
+        raise LmlabError(f"config.json of {run_dir} has an unknown model setting ({e})") from None
+    expected = config.get("vocab_size")
+    if expected is not None and expected != tokenizer.vocab_size:
+        raise LmlabError(
+            f"tokenizer.json of {run_dir} has {tokenizer.vocab_size} symbols but the model expects "
+            f"{expected}; the tokenizer file belongs to another run"
+        )
+    model = build_model(model_cfg, tokenizer.vocab_size).to(device)
+    ckpt = load_checkpoint(path, model, None, device)
+    model.eval()
+    return LoadedRun(run_dir, config, tokenizer, model, ckpt)
+
+
+def dump_json_line(f, obj: dict) -> None:
+    f.write(json.dumps(obj) + "\n")
+    f.flush()

@@ -1,0 +1,282 @@
+"""The `lmlab` command: one subcommand per stage, options generated from the config dataclasses by tyro."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import tyro
+from typing_extensions import Annotated
+
+from .common import LmlabError
+
+SUBCOMMANDS = {
+    "train": "train a model (default: the tiny preset on the built-in corpus, about 5 minutes on a CPU)",
+    "sample": "generate text from a trained run, streamed to the terminal",
+    "eval": "loss, bits/byte, perplexity and accuracy of a run on its validation split or any text",
+    "data": "list the built-in and named corpora, or prepare (tokenize and cache) a corpus",
+}
+
+
+def _one_line(text: str) -> str:
+    """Fold tyro's boxed error message into one line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    body, seps = [], 0
+    for ln in lines:
+        if set(ln) <= set("-─━╌│|╭╮╰╯ "):
+            seps += 1
+            if seps >= 2:
+                break
+            continue
+        if seps == 1:
+            body.append(ln.strip("│ "))
+    return " ".join(body) or (lines[0] if lines else "invalid arguments")
+
+
+def parse(cls, args: list[str], prog: str, default=None, description: Optional[str] = None):
+    """tyro.cli with flat option names; bad options become one clear line and exit code 2."""
+    err, out = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            return tyro.cli(cls, args=args, prog=prog, default=default, description=description,
+                            config=(tyro.conf.OmitArgPrefixes,))
+    except SystemExit as e:
+        if e.code in (0, None):
+            sys.stdout.write(out.getvalue())
+            raise
+        raise LmlabError(f"{_one_line(err.getvalue() or out.getvalue())} (see {prog} --help)") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(argv: list[str]) -> int:
+    from .presets import PRESETS, get_preset
+    from .train import TrainConfig, train
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="tiny")
+    pre.add_argument("--resume", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.resume:
+        from .checkpoint import read_run_config
+
+        base = TrainConfig.from_json(read_run_config(Path(known.resume)))
+        base.resume = known.resume
+    else:
+        base = get_preset(known.preset)
+    desc = ("Train a language model. Presets: " + ", ".join(PRESETS) +
+            ". Every option below overrides the preset; with --resume, the run's own settings are the defaults.")
+    cfg = parse(TrainConfig, argv, "lmlab train", default=base, description=desc)
+    summary = train(cfg)
+    print(f"run saved in {summary['run_dir']}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample
+
+
+@dataclass
+class SampleArgs:
+    """Generate text from a trained run."""
+
+    run: Annotated[str, tyro.conf.Positional]
+    """The run directory."""
+    prompt: str = ""
+    """Text to continue (empty: start from a newline)."""
+    max_new_tokens: int = 500
+    """How many tokens to generate at most."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 means greedy (always the most likely token)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: off)."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches p (1: off)."""
+    seed: int = 1337
+    """Seed of the sampling generator (same seed, same text)."""
+    stop: Optional[str] = None
+    """Stop once this string has been generated (it is not printed)."""
+    no_cache: bool = False
+    """Recompute the whole window for every token instead of using the KV cache."""
+    device: str = "cpu"
+    """auto, cpu, cuda or mps."""
+
+
+def cmd_sample(argv: list[str]) -> int:
+    import torch
+
+    from .checkpoint import load_run
+    from .common import resolve_device
+    from .sample import SampleConfig, generate, prompt_ids, stream_text
+
+    args = parse(SampleArgs, argv, "lmlab sample")
+    settings = SampleConfig(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                            args.stop, args.no_cache, args.device)
+    run = load_run(args.run, resolve_device(settings.device))
+    ids = prompt_ids(run.tokenizer, settings.prompt)
+    generator = torch.Generator().manual_seed(settings.seed)
+    tokens = generate(run.model, ids, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
+                      generator, use_cache=not settings.no_cache)
+    sys.stdout.write(settings.prompt)
+    sys.stdout.flush()
+    for piece in stream_text(run.tokenizer, tokens, settings.stop):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval
+
+
+@dataclass
+class EvalArgs:
+    """Evaluate a run: every token of the text after the first is predicted once, in block_size windows."""
+
+    run: Annotated[str, tyro.conf.Positional]
+    """The run directory."""
+    data: Optional[str] = None
+    """Text to evaluate (a file, folder, glob or corpus name); default: the run's validation split."""
+    json: bool = False
+    """Print one JSON object (loss, bits_per_byte, perplexity, accuracy, tokens)."""
+    batch_size: int = 32
+    """Windows per forward pass."""
+    device: str = "cpu"
+    """auto, cpu, cuda or mps."""
+
+
+def cmd_eval(argv: list[str]) -> int:
+    import torch
+
+    from .checkpoint import load_run
+    from .common import resolve_device
+    from .data import DataConfig, load_splits, prepare, resolve_source
+    from .evaluate import evaluate
+    from .train import TrainConfig
+
+    args = parse(EvalArgs, argv, "lmlab eval")
+    run = load_run(args.run, resolve_device(args.device))
+    if args.data:
+        tokens = prepare(resolve_source(args.data), run.tokenizer.kind, tokenizer=run.tokenizer).tokens
+        source = args.data
+    else:
+        cfg = TrainConfig.from_json(run.config)
+        tokens = load_splits(cfg.data, tokenizer=run.tokenizer).val
+        source = "validation split"
+    if len(tokens) < 2:
+        raise LmlabError(f"{source} has fewer than 2 tokens; nothing to evaluate")
+    token_bytes = torch.from_numpy(run.tokenizer.byte_lengths())
+    m = evaluate(run.model, tokens, token_bytes, run.model.cfg.block_size, args.batch_size)
+    result = {"loss": m.loss, "bits_per_byte": m.bits_per_byte, "perplexity": m.perplexity,
+              "accuracy": m.accuracy, "tokens": m.tokens}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{source} of {run.run_dir} ({run.checkpoint.path.name}): {m.tokens:,} tokens predicted")
+        print(f"  loss        {m.loss:.4f} nats/token ({m.bits_per_token:.4f} bits/token)")
+        print(f"  bits/byte   {m.bits_per_byte:.4f}")
+        print(f"  perplexity  {m.perplexity:.3f}")
+        print(f"  accuracy    {m.accuracy:.2%} (top-1)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class DataArgs:
+    """`lmlab data list` shows the corpora; `lmlab data prepare SRC ...` tokenizes them into the cache."""
+
+    action: Annotated[Literal["list", "prepare"], tyro.conf.Positional]
+    """list or prepare."""
+    sources: Annotated[list[str], tyro.conf.Positional] = field(default_factory=list)
+    """Corpora to prepare: files, folders, globs, 'builtin' or names from `lmlab data list`."""
+    tokenizer: Literal["char", "byte", "bpe"] = "char"
+    """char, byte or bpe."""
+    vocab_size: int = 2048
+    """Vocabulary size for bpe."""
+
+
+def cmd_data(argv: list[str]) -> int:
+    from .common import cache_dir
+    from .data import BUILTIN, NAMED_CORPORA, builtin_text, prepare, resolve_source
+
+    args = parse(DataArgs, argv, "lmlab data")
+    if args.action == "list":
+        text = builtin_text()
+        print(f"{BUILTIN:16s} Python's documentation topics (pydoc_data), {len(text):,} characters, no download (default)")
+        for name, spec in NAMED_CORPORA.items():
+            cached = (cache_dir() / "corpora" / f"{name}.txt").exists()
+            print(f"{name:16s} {spec.description}; {'cached' if cached else 'downloaded on first use'} from {spec.url}")
+        print(f"cache: {cache_dir()}")
+        return 0
+    if not args.sources:
+        raise LmlabError("lmlab data prepare needs at least one source")
+    for src in args.sources:
+        prepared = prepare(resolve_source(src), args.tokenizer, args.vocab_size)
+        meta = prepared.meta
+        print(f"{src}: {meta['n_tokens']:,} tokens ({meta['tokenizer']}, vocab {meta['vocab_size']}, "
+              f"{meta['dtype']}) from {meta['corpus_bytes']:,} bytes -> {prepared.path}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "data": cmd_data,
+}
+
+
+def usage() -> str:
+    lines = ["usage: lmlab COMMAND [OPTIONS]   (lmlab COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:8s} {text}" for name, text in SUBCOMMANDS.items() if name in COMMANDS]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from .train import Interrupted
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"lmlab {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"lmlab: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[name](rest)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0
+    except LmlabError as e:
+        print(f"lmlab {name}: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted:
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"lmlab {name}: error: out of memory; use a smaller model, --batch-size or --block-size", file=sys.stderr)
+        return 1
+    except Exception as e:  # last resort: still one line, never a traceback unless asked for
+        if os.environ.get("LMLAB_DEBUG"):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(f"lmlab {name}: internal error: {type(e).__name__}: {msg} (LMLAB_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1

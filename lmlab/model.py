@@ -1,0 +1,294 @@
+"""The decoder-only transformer (and a bigram baseline): token ids in, next-token logits for every position out."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import LmlabError
+from .loss import fast_cross_entropy
+
+
+@dataclass
+class ModelConfig:
+    """The architecture."""
+
+    arch: Literal["gpt", "bigram"] = "gpt"
+    """gpt: the transformer; bigram: one VxV table of logits, the simplest next-token predictor."""
+    block_size: int = 128
+    """Context length in tokens."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    pos: Literal["learned", "rope"] = "rope"
+    """Position information: a learned table, or rotary embeddings in attention."""
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    """Normalisation before attention, MLP and head."""
+    mlp: Literal["gelu", "relu2", "swiglu"] = "relu2"
+    """MLP non-linearity: GELU, squared ReLU, or a SwiGLU gate."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of n_embd (SwiGLU uses 2/3 of it, keeping the parameter count)."""
+    qk_norm: bool = True
+    """RMS-normalise queries and keys per head before attention."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head."""
+    bias: bool = False
+    """Biases in linear layers and LayerNorm."""
+    dropout: float = 0.0
+    """Dropout on attention weights and residual branches while training."""
+    rope_base: float = 10000.0
+    """RoPE frequency base."""
+    zero_init_proj: bool = True
+    """Start the output projections of attention and MLP at zero, so each block starts as the identity."""
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise LmlabError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise LmlabError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise LmlabError(f"RoPE needs an even head size; n_embd/n_head = {self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LmlabError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_ratio <= 0:
+            raise LmlabError(f"--mlp-ratio must be positive, got {self.mlp_ratio}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for incremental decoding."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(n_layer, batch, n_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.pos = 0  # number of positions already cached
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.size(2)
+        self.k[layer, :, :, self.pos : self.pos + T] = k
+        self.v[layer, :, :, self.pos : self.pos + T] = v
+        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
+
+
+def norm_layer(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, bias=cfg.bias)
+
+
+def rotary_tables(block_size: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+D/2}) of each head by position-dependent angles. x: (B, T, H, D); cos/sin: (T, D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, cache: Optional[KVCache], layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        H, D = self.cfg.n_head, self.cfg.head_dim
+        q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(dim=2)  # each (B, T, H, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.append(layer, k, v)  # (B, H, past+T, D)
+        dropout = self.cfg.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:  # queries at past..past+T-1 see keys up to their own position
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        hidden = int(cfg.mlp_ratio * cfg.n_embd)
+        if self.kind == "swiglu":
+            hidden = int(2 * hidden / 3)
+            self.fc = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)  # gate and value in one matmul
+        else:
+            self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        return self.drop(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = norm_layer(cfg, cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = norm_layer(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, cache, layer):
+        x = x + self.attn(self.norm1(x), rope, cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        if vocab_size <= 0:
+            raise LmlabError(f"vocab_size must be positive, got {vocab_size}")
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.wte = nn.Embedding(vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = norm_layer(cfg, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.pos == "rope":
+            cos, sin = rotary_tables(cfg.block_size, cfg.head_dim, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every tensor.
+
+        - embeddings (token, learned position) and linear weights: normal(0, 0.02), as in GPT-2;
+        - the output projections of attention and MLP: zero when zero_init_proj (each block starts as the identity,
+          so depth does not disturb the first steps), otherwise normal(0, 0.02/sqrt(2 n_layer)), GPT-2's scaling
+          for the residual sum of 2 n_layer branches;
+        - biases: zero; norm gains: one (their defaults).
+        """
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                if self.cfg.zero_init_proj:
+                    nn.init.zeros_(proj.weight)
+                else:
+                    nn.init.normal_(proj.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+
+    def make_cache(self, batch: int, device=None, dtype=None) -> KVCache:
+        p = self.wte.weight
+        return KVCache(
+            self.cfg.n_layer, batch, self.cfg.n_head, self.cfg.block_size, self.cfg.head_dim,
+            device or p.device, dtype or p.dtype,
+        )
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
+        """idx: (B, T) token ids. Returns (logits (B, T, V), mean loss or None).
+
+        With a cache, idx holds only the new tokens; positions continue from cache.pos.
+        """
+        B, T = idx.shape
+        past = cache.pos if cache is not None else 0
+        if past + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.cfg.block_size}")
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(past, past + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        loss = fast_cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss
+
+
+class Bigram(nn.Module):
+    """Next-token logits that depend on the current token only: a learned VxV table."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        if vocab_size <= 0:
+            raise LmlabError(f"vocab_size must be positive, got {vocab_size}")
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.table = nn.Embedding(vocab_size, vocab_size)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All logits start at zero: the uniform distribution, loss ln(V)."""
+        nn.init.zeros_(self.table.weight)
+
+    def make_cache(self, batch: int, device=None, dtype=None) -> KVCache:
+        return KVCache(0, batch, 1, self.cfg.block_size, 1, device or self.table.weight.device, dtype or torch.float32)
+
+    def forward(self, idx, targets=None, cache: Optional[KVCache] = None):
+        logits = self.table(idx)  # (B, T, V)
+        if cache is not None:
+            cache.pos += idx.size(1)
+        loss = fast_cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """The model named by cfg.arch, for a tokenizer with vocab_size symbols."""
+    return Bigram(cfg, vocab_size) if cfg.arch == "bigram" else GPT(cfg, vocab_size)
+
+
+def count_params(model: nn.Module, non_embedding: bool = False) -> int:
+    params = {id(p): p for p in model.parameters()}
+    n = sum(p.numel() for p in params.values())
+    if non_embedding and isinstance(model, GPT):
+        n -= model.wte.weight.numel()
+        if model.wpe is not None:
+            n -= model.wpe.weight.numel()
+    return n

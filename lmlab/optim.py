@@ -1,0 +1,269 @@
+"""Gradient descent: SGD (with momentum / Nesterov), AdamW and Muon, learning-rate schedules, clipping.
+
+The update rules are written out here (multi-tensor `_foreach` ops for speed); tests check SGD, momentum and AdamW
+against `torch.optim` step by step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from .common import LmlabError
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer and learning-rate schedule."""
+
+    optimizer: Literal["sgd", "momentum", "adamw", "muon"] = "adamw"
+    """sgd; momentum (heavy ball, --nesterov for Nesterov); adamw; muon (hidden matrices, AdamW for the rest)."""
+    lr: float = 3e-3
+    """Peak learning rate (for muon: of the AdamW part)."""
+    muon_lr: float = 0.02
+    """Peak learning rate of Muon's hidden-matrix updates."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not to norms or biases)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW denominator epsilon."""
+    momentum: float = 0.9
+    """Momentum of SGD-momentum (Muon uses muon_momentum)."""
+    muon_momentum: float = 0.95
+    """Momentum of Muon."""
+    nesterov: bool = False
+    """Use Nesterov momentum with --optimizer momentum."""
+    schedule: Literal["constant", "cosine", "wsd"] = "wsd"
+    """constant; cosine (decay over the whole budget); wsd (warmup, stable, then linear decay at the end)."""
+    warmup: int = 50
+    """Linear warmup steps."""
+    decay_fraction: float = 0.4
+    """wsd: share of the budget spent decaying."""
+    final_lr_frac: float = 0.0
+    """Learning rate at the end of the budget, as a fraction of the peak."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 turns clipping off)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.muon_lr <= 0:
+            raise LmlabError(f"--lr must be positive, got {self.lr}")
+        if self.warmup < 0:
+            raise LmlabError(f"--warmup must be >= 0, got {self.warmup}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise LmlabError(f"--decay-fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise LmlabError("--grad-clip and --weight-decay must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules: pure functions of the step and of the share of the budget done
+
+
+def lr_multiplier(
+    schedule: str, step: int, progress: float, warmup: int = 0, decay_fraction: float = 0.4, final_frac: float = 0.0
+) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based), `progress` in [0, 1] of the budget."""
+    progress = min(max(progress, 0.0), 1.0)
+    warm = (step + 1) / warmup if step < warmup else 1.0
+    if schedule == "constant":
+        shape = 1.0
+    elif schedule == "cosine":
+        shape = final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "wsd":
+        start = 1.0 - decay_fraction
+        if progress <= start or decay_fraction == 0.0:
+            shape = 1.0
+        else:
+            shape = final_frac + (1.0 - final_frac) * (1.0 - progress) / decay_fraction
+    else:
+        raise LmlabError(f"unknown schedule {schedule!r}; use constant, cosine or wsd")
+    return warm * shape
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizers
+
+
+class SGD(torch.optim.Optimizer):
+    """p -= lr * (g + wd p), with optional heavy-ball or Nesterov momentum (torch.optim.SGD's convention)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            mu = group["momentum"]
+            if mu:
+                bufs = []
+                for p, g in zip(params, grads):
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = g.clone()  # the first step takes the gradient as is
+                    else:
+                        state["momentum_buffer"].mul_(mu).add_(g)
+                    bufs.append(state["momentum_buffer"])
+                grads = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+            torch._foreach_add_(params, grads, alpha=-group["lr"])
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), bias-corrected, as torch.optim.AdamW computes it."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            adamw_update(self, group, [p for p in group["params"] if p.grad is not None])
+
+
+def adamw_update(opt: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]) -> None:
+    if not params:
+        return
+    lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    grads = [p.grad for p in params]
+    exp_avgs, exp_avg_sqs = [], []
+    for p in params:
+        state = opt.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+    step = opt.state[params[0]]["step"]
+    if wd:
+        torch._foreach_mul_(params, 1.0 - lr * wd)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    bias1 = 1.0 - beta1**step
+    bias2_sqrt = math.sqrt(1.0 - beta2**step)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / bias1)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately replace G = U S V^T by U V^T with a quintic Newton-Schulz iteration (Muon, K. Jordan 2024).
+
+    The coefficients (3.4445, -4.7750, 2.0315) push every singular value of the normalised matrix towards ~1 fast.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        A = x @ x.T
+        B = b * A + c * A @ A
+        x = a * x + B @ x
+    if transposed:
+        x = x.T
+    return x.to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D hidden matrices (groups with use_muon=True), AdamW for everything else.
+
+    Muon: momentum buffer m <- mu m + g; update = orthogonalize(g + mu m) (Nesterov), scaled by
+    sqrt(max(1, rows/cols)); p <- p (1 - lr wd) - lr update.
+    """
+
+    def __init__(self, param_groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+                 momentum: float = 0.95):
+        super().__init__(param_groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                            momentum=momentum, use_muon=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not group["use_muon"]:
+                adamw_update(self, group, params)
+                continue
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(mu).add_(p.grad)
+                update = orthogonalize(p.grad.add(buf, alpha=mu))
+                scale = math.sqrt(max(1.0, p.size(0) / p.size(1)))
+                if wd:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(update, alpha=-lr * scale)
+
+
+def param_groups(model: nn.Module, weight_decay: float, split_hidden: bool = False) -> list[dict]:
+    """Matrices get weight decay, vectors (norm gains, biases) do not. With split_hidden, the 2-D weights inside
+    transformer blocks form their own group (for Muon); embeddings and the head stay with AdamW."""
+    seen, hidden, decay, no_decay = set(), [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if split_hidden and p.dim() == 2 and name.startswith("blocks."):
+            hidden.append(p)
+        elif p.dim() >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    if split_hidden:
+        groups.append({"params": hidden, "weight_decay": weight_decay, "use_muon": True, "name": "muon"})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "muon":
+        groups = param_groups(model, cfg.weight_decay, split_hidden=True)
+        for g in groups:
+            g["base_lr"] = cfg.muon_lr if g.get("use_muon") else cfg.lr
+            g["lr"] = g["base_lr"]
+        return Muon(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, momentum=cfg.muon_momentum)
+    groups = param_groups(model, cfg.weight_decay)
+    for g in groups:
+        g["base_lr"] = cfg.lr
+    if cfg.optimizer == "adamw":
+        return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.optimizer == "sgd":
+        return SGD(groups, lr=cfg.lr)
+    if cfg.optimizer == "momentum":
+        return SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    raise LmlabError(f"unknown optimizer {cfg.optimizer!r}; use sgd, momentum, adamw or muon")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * multiplier
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients; when max_norm > 0 they are scaled down to at most max_norm."""
+    params = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))

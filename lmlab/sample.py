@@ -1,0 +1,160 @@
+"""Generation: next-token filters (temperature, top-k, top-p) as pure functions, and a KV-cached sampling loop.
+
+Context policy: the model sees at most block_size tokens. A prompt longer than that keeps its last block_size
+tokens. When the window is full, it is cut to its newest block_size // 2 tokens, which are encoded again (with
+the cache: one batched forward), and generation goes on. The cached and the recomputing paths use the same window,
+so their outputs are identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from .common import LmlabError
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Scale by 1/temperature, then set every token outside the top-k and outside the top-p nucleus to -inf.
+
+    logits: (..., V). top_k <= 0 and top_p >= 1 turn those filters off. The most likely token is always kept.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 here; temperature 0 means greedy (see next_token)")
+    logits = logits.float() / temperature
+    if top_k > 0 and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before >= top_p  # the nucleus is complete before this token
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+               generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Pick the next token for each row of logits (B, V): argmax when temperature is 0, else a filtered draw."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@dataclass
+class SampleConfig:
+    """How to sample from a trained run."""
+
+    prompt: str = ""
+    """Text to continue (empty: start from a newline, or from token 0)."""
+    max_new_tokens: int = 500
+    """How many tokens to generate at most."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 means greedy (always the most likely token)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: off)."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches p (1: off)."""
+    seed: int = 1337
+    """Seed of the sampling generator (same seed, same text)."""
+    stop: Optional[str] = None
+    """Stop when this string has been generated (it is not printed)."""
+    no_cache: bool = False
+    """Recompute the whole window for every token instead of using the KV cache."""
+    device: str = "auto"
+    """auto, cpu, cuda or mps."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise LmlabError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LmlabError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise LmlabError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise LmlabError(f"--top-k must be >= 0, got {self.top_k}")
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+             use_cache: bool = True) -> Iterator[int]:
+    """Yield up to max_new_tokens token ids continuing `prompt` (see the module docstring for the window)."""
+    if not prompt:
+        raise LmlabError("generation needs at least one prompt token")
+    block = model.cfg.block_size
+    keep = max(1, block // 2)
+    device = next(model.parameters()).device
+    window = list(prompt[-block:])
+    cache = None
+    fresh = True  # the window has to be encoded from scratch
+    for _ in range(max_new_tokens):
+        if use_cache:
+            if fresh:
+                cache = model.make_cache(1)
+                logits, _ = model(torch.tensor([window], device=device), cache=cache)
+            else:
+                logits, _ = model(torch.tensor([[window[-1]]], device=device), cache=cache)
+        else:
+            logits, _ = model(torch.tensor([window], device=device))
+        fresh = False
+        token = int(next_token(logits[:, -1, :], temperature, top_k, top_p, generator)[0])
+        yield token
+        window.append(token)
+        if len(window) > block:
+            window = window[-keep:]
+            fresh = True
+
+
+def stream_text(tokenizer, tokens: Iterator[int], stop: Optional[str] = None) -> Iterator[str]:
+    """Decode generated tokens into text pieces as they come, ending before a stop string."""
+    decoder = tokenizer.stream_decoder()
+    if not stop:
+        for t in tokens:
+            piece = decoder.push(t)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+        return
+    held = ""  # text that might be the start of the stop string
+    for t in tokens:
+        held += decoder.push(t)
+        at = held.find(stop)
+        if at >= 0:
+            if held[:at]:
+                yield held[:at]
+            return
+        safe = len(held)
+        for k in range(min(len(stop) - 1, len(held)), 0, -1):
+            if stop.startswith(held[-k:]):
+                safe = len(held) - k
+                break
+        if safe:
+            yield held[:safe]
+            held = held[safe:]
+    held += decoder.flush()
+    at = held.find(stop)
+    yield held[:at] if at >= 0 else held
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    if prompt:
+        ids = tokenizer.encode(prompt)
+        if ids:
+            return ids
+    for start in ("\n", " "):
+        try:
+            ids = tokenizer.encode(start)
+            if ids:
+                return ids
+        except LmlabError:
+            continue
+    return [0]

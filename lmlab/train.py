@@ -1,0 +1,401 @@
+"""The training loop: batch -> forward -> loss -> backward -> clip -> step -> schedule -> log -> eval -> checkpoint.
+
+`train(config)` is a plain function; the CLI calls it, and so can tests and notebooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import __version__
+from .checkpoint import (
+    LoadedRun, latest_good_checkpoint, load_checkpoint, read_run_config, save_checkpoint,
+)
+from .common import (
+    SCHEMA_VERSION, LmlabError, atomic_write_bytes, atomic_write_json, fmt_count, resolve_device, resolve_dtype,
+    seed_everything,
+)
+from .data import BatchSampler, DataConfig, load_splits
+from .evaluate import autocast_context, evaluate
+from .model import ModelConfig, build_model, count_params
+from .optim import OptimConfig, build_optimizer, clip_grad_norm, lr_multiplier, set_lr
+from .sample import generate, prompt_ids, stream_text
+from . import tokenizer as tok
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as RUN/config.json."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    preset: str = "tiny"
+    """Named starting point for all settings (see `lmlab train --help`); explicit options override it."""
+    out: str = ""
+    """Run directory (default: runs/PRESET-DATE-TIME)."""
+    resume: Optional[str] = None
+    """Continue the run in this directory from its newest good checkpoint."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: no step limit)."""
+    max_time: float = 0.0
+    """Stop after this many seconds of training, evaluation excluded (0: no time limit)."""
+    batch_size: int = 32
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (tokens per step = batch_size * grad_accum * block_size)."""
+    eval_interval: int = 250
+    """Evaluate on the validation split every this many steps (and at the end)."""
+    eval_tokens: int = 1_000_000
+    """Tokens of the validation split to evaluate, taken from its start (0: all of it)."""
+    checkpoint_interval: int = 1000
+    """Write a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 3
+    """How many recent checkpoints to keep."""
+    seed: int = 1337
+    """Seed for initialisation, batches and dropout."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N or mps."""
+    dtype: str = "auto"
+    """Autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    threads: int = 0
+    """CPU threads for PyTorch (0: PyTorch's default)."""
+    sample_tokens: int = 300
+    """Length of the sample printed at the end (0: none)."""
+    sample_prompt: str = ""
+    """Prompt of the final sample."""
+    progress: bool = True
+    """Show a progress bar on a terminal."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise LmlabError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_steps < 0:
+            raise LmlabError(f"--max-steps must be >= 0, got {self.max_steps}")
+        if self.max_time < 0 or not math.isfinite(self.max_time):
+            raise LmlabError(f"--max-time must be a number of seconds >= 0, got {self.max_time}")
+        if self.eval_tokens < 0 or self.sample_tokens < 0 or self.threads < 0:
+            raise LmlabError("--eval-tokens, --sample-tokens and --threads must be >= 0")
+
+    def to_json(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "lmlab_version": __version__, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "TrainConfig":
+        obj = {k: v for k, v in obj.items() if k not in ("schema_version", "lmlab_version", "vocab_size")}
+        try:
+            return cls(
+                data=DataConfig(**obj.pop("data")),
+                model=ModelConfig(**obj.pop("model")),
+                optim=OptimConfig(**obj.pop("optim")),
+                **obj,
+            )
+        except (TypeError, KeyError) as e:
+            raise LmlabError(f"run config has an unknown or missing setting ({e})") from None
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM arrived; a checkpoint was written."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two trainings never write the same run."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.fd: Optional[int] = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise LmlabError(f"run {self.path.parent} is locked: another training is writing it") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _rng_state(sampler: BatchSampler) -> dict[str, torch.Tensor]:
+    rng = {"torch": torch.get_rng_state(), "sampler": sampler.state_dict()["generator"]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        read_run_config(run_dir)
+        return run_dir
+    run_dir = Path(cfg.out or os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if (run_dir / "config.json").exists():
+        raise LmlabError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LmlabError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+    if not os.access(run_dir, os.W_OK):
+        raise LmlabError(f"run directory {run_dir} is not writable")
+    return run_dir
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log records written after the checkpoint we resume from, so the log reads as one clean run."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    atomic_write_bytes(path, ("\n".join(kept) + "\n").encode() if kept else b"")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training as configured. Returns a summary: steps, tokens, val losses, run directory."""
+    if cfg.max_steps == 0 and cfg.max_time == 0:
+        raise LmlabError("set a budget: --max-steps N and/or --max-time SECONDS")
+    run_dir = _prepare_run_dir(cfg)
+    with RunLock(run_dir):
+        return _train_locked(cfg, run_dir)
+
+
+def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(cfg.seed)
+
+    resume_path = None
+    if cfg.resume:
+        saved = TrainConfig.from_json(read_run_config(run_dir))
+        if dataclasses.asdict(saved.model) != dataclasses.asdict(cfg.model):
+            raise LmlabError(f"the model settings differ from those of the run in {run_dir}; they cannot change on resume")
+        tokenizer = tok.load(run_dir / "tokenizer.json")
+        resume_path = latest_good_checkpoint(run_dir, warn=_say)
+        if resume_path is None:
+            raise LmlabError(f"run {run_dir} has no complete checkpoint to resume from")
+    else:
+        tokenizer = None
+
+    splits = load_splits(cfg.data, tokenizer=tokenizer)
+    tokenizer = splits.tokenizer
+    block = cfg.model.block_size
+    if len(splits.val) < 2:
+        raise LmlabError(f"the validation split has {len(splits.val)} tokens; use more text or --val-data")
+    sampler = BatchSampler(splits.train, block, cfg.batch_size, cfg.seed, device)
+    token_bytes = torch.from_numpy(tokenizer.byte_lengths())
+
+    model = build_model(cfg.model, tokenizer.vocab_size).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    step, tokens_seen, elapsed = 0, 0, 0.0
+    best_val = math.inf
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path, model, optimizer, device)
+        sampler.load_state_dict({"generator": ckpt.rng["sampler"]})
+        torch.set_rng_state(ckpt.rng["torch"])
+        if "cuda" in ckpt.rng and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt.rng["cuda"])
+        step, tokens_seen, elapsed = ckpt.step, ckpt.state["tokens"], ckpt.state["elapsed_s"]
+        best_val = ckpt.state.get("best_val_loss") or math.inf
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        _say(f"resuming {run_dir} from {resume_path.name} (step {step}, {fmt_count(tokens_seen)} tokens)")
+    else:
+        tokenizer.save(run_dir / "tokenizer.json")
+    atomic_write_json(run_dir / "config.json", {**cfg.to_json(), "vocab_size": tokenizer.vocab_size})
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * block
+    _say(
+        f"run {run_dir}: {cfg.model.arch} {cfg.model.n_layer}L/{cfg.model.n_head}H/{cfg.model.n_embd}d, "
+        f"{fmt_count(count_params(model))} params; {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}; "
+        f"train {fmt_count(len(splits.train))} / val {fmt_count(len(splits.val))} tokens"
+    )
+    _say(
+        f"device {device} ({'asked for' if cfg.device != 'auto' else 'auto-selected'}), autocast {str(dtype)[6:]}, "
+        f"{tokens_per_step:,} tokens/step ({cfg.batch_size} x {cfg.grad_accum} accumulation x {block}), "
+        f"optimizer {cfg.optim.optimizer}, schedule {cfg.optim.schedule}, "
+        f"budget {cfg.max_steps or '-'} steps / {cfg.max_time or '-'} s, threads {torch.get_num_threads()}"
+    )
+
+    train_model = torch.compile(model) if cfg.compile else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    last_saved = step
+    last_val = None
+
+    def progress() -> float:
+        done = 0.0
+        if cfg.max_steps:
+            done = max(done, step / cfg.max_steps)
+        if cfg.max_time:
+            done = max(done, elapsed / cfg.max_time)
+        return done
+
+    def finished() -> bool:
+        return progress() >= 1.0
+
+    def run_eval() -> float:
+        nonlocal best_val, last_val
+        m = evaluate(model, splits.val, token_bytes, block, cfg.batch_size, cfg.eval_tokens, dtype)
+        best_val = min(best_val, m.loss)
+        last_val = m
+        record = {"step": step, "tokens": tokens_seen, "elapsed_s": round(elapsed, 3), "val_loss": m.loss,
+                  "val_bits_per_byte": m.bits_per_byte, "val_accuracy": m.accuracy, "val_perplexity": m.perplexity,
+                  "val_tokens": m.tokens}
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        return m.loss
+
+    def checkpoint() -> None:
+        nonlocal last_saved
+        state = {"tokens": tokens_seen, "elapsed_s": elapsed,
+                 "best_val_loss": best_val if math.isfinite(best_val) else None}
+        try:
+            save_checkpoint(run_dir, step, model, optimizer, _rng_state(sampler), state, cfg.keep_checkpoints)
+        except OSError as e:
+            raise LmlabError(f"could not write a checkpoint in {run_dir}: {e.strerror or e}; "
+                             f"the previous checkpoint is intact") from None
+        last_saved = step
+
+    bar = None
+    if cfg.progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        total = cfg.max_steps if cfg.max_steps and not cfg.max_time else None
+        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    previous_handler = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread
+        previous_handler = None
+
+    if step == 0:
+        run_eval()  # the loss before any learning: about ln(vocab)
+        _say(f"step 0: val loss {last_val.loss:.4f} (uniform guess: {math.log(tokenizer.vocab_size):.4f})")
+
+    autocast = autocast_context(device, dtype)
+    train_model.train()
+    try:
+        while not finished():
+            t0 = time.perf_counter()
+            multiplier = lr_multiplier(cfg.optim.schedule, step, progress(), cfg.optim.warmup,
+                                       cfg.optim.decay_fraction, cfg.optim.final_lr_frac)
+            set_lr(optimizer, multiplier)
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(cfg.grad_accum):
+                x, y = sampler.next()
+                with autocast:
+                    _, loss = train_model(x, y)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+            grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            train_loss = float(loss_sum) / cfg.grad_accum
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            record = {"step": step, "tokens": tokens_seen, "train_loss": train_loss,
+                      "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                      "tokens_per_s": tokens_per_step / dt, "elapsed_s": round(elapsed, 4)}
+            metrics_file.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"loss {train_loss:.4f} | {fmt_count(tokens_per_step / dt)} tok/s | {elapsed:.0f}s")
+            if step % cfg.eval_interval == 0 or finished():
+                run_eval()
+                line = f"step {step}: train {train_loss:.4f}, val {last_val.loss:.4f} ({last_val.bits_per_byte:.3f} bits/byte), {elapsed:.1f}s"
+                if bar is not None:
+                    bar.write(line, file=sys.stderr)
+                else:
+                    _say(line)
+            if step % cfg.checkpoint_interval == 0 or finished():
+                checkpoint()
+            if not math.isfinite(train_loss):
+                raise LmlabError(f"the loss became {train_loss} at step {step}; lower --lr (now {cfg.optim.lr}) "
+                                 f"or use --dtype float32")
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        if step > last_saved:
+            checkpoint()
+        metrics_file.close()
+        cmd = f"lmlab train --resume {shlex.quote(str(run_dir))}"
+        _say(f"\ninterrupted at step {step}; checkpoint written. Resume with:\n  {cmd}")
+        raise Interrupted(cmd) from None
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        if bar is not None:
+            bar.close()
+        if not metrics_file.closed:
+            metrics_file.close()
+
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": step,
+        "tokens": tokens_seen,
+        "train_time_s": elapsed,
+        "best_val_loss": best_val,
+        "val_loss": last_val.loss if last_val else None,
+        "val_bits_per_byte": last_val.bits_per_byte if last_val else None,
+        "val_accuracy": last_val.accuracy if last_val else None,
+    }
+    if last_val is not None:
+        _say(f"done: {step} steps, {fmt_count(tokens_seen)} tokens in {elapsed:.1f}s of training; val loss "
+             f"{last_val.loss:.4f} (best {best_val:.4f}), {last_val.bits_per_byte:.3f} bits/byte, "
+             f"accuracy {last_val.accuracy:.1%}")
+    if cfg.sample_tokens:
+        model.eval()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        ids = prompt_ids(tokenizer, cfg.sample_prompt)
+        _say(f"sample ({cfg.sample_tokens} tokens, temperature 0.8):")
+        text = cfg.sample_prompt
+        sys.stdout.write(cfg.sample_prompt)
+        for piece in stream_text(tokenizer, generate(model, ids, cfg.sample_tokens, 0.8, 0, 1.0, gen)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            text += piece
+        sys.stdout.write("\n")
+        with open(run_dir / "samples.txt", "a") as f:
+            f.write(f"--- step {step} ---\n{text}\n")
+        summary["sample"] = text
+    return summary
