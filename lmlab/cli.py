@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "sample": "generate text from a trained run, streamed to the terminal",
     "eval": "loss, bits/byte, perplexity and accuracy of a run on its validation split or any text",
     "data": "list the built-in and named corpora, or prepare (tokenize and cache) a corpus",
+    "bench": "measure hardware peak, training throughput and MFU, time to quality, generation and data speed",
 }
 
 
@@ -231,8 +232,22 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    from .bench import BenchConfig, print_table, run_bench
+
+    cfg = parse(BenchConfig, argv, "lmlab bench")
+    out = run_bench(cfg)
+    print_table(out)
+    if cfg.json:
+        from .common import atomic_write_json
+
+        atomic_write_json(cfg.json, out)
+        print(f"figures written to {cfg.json}", file=sys.stderr)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "data": cmd_data,
+    "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "data": cmd_data, "bench": cmd_bench,
 }
 
 

@@ -64,6 +64,8 @@ class DataConfig:
     """Share of the token stream held out for validation when --val-data is not given."""
 
     def __post_init__(self) -> None:
+        self.data = absolute_source(self.data)
+        self.val_data = absolute_source(self.val_data) if self.val_data else self.val_data
         if self.tokenizer not in tok.KINDS:
             raise LmlabError(f"unknown tokenizer {self.tokenizer!r}; use char, byte or bpe")
         if self.tokenizer == "bpe" and self.vocab_size < 257:
@@ -74,6 +76,13 @@ class DataConfig:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sources
+
+
+def absolute_source(src: str) -> str:
+    """File, folder and glob sources become absolute, so a saved run finds its text from any working directory."""
+    if src == BUILTIN or src in NAMED_CORPORA:
+        return src
+    return os.path.abspath(os.path.expanduser(src))
 
 
 @dataclass
@@ -208,6 +217,8 @@ def iter_text(corpus: Corpus, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
                         f"{path} is not UTF-8 (byte 0x{e.object[e.start]:02x} near offset {offset + e.start}); "
                         f"convert it first, e.g. iconv -f latin1 -t utf-8"
                     ) from None
+                if "\0" in text:
+                    raise LmlabError(f"{path} looks like a binary file (it contains NUL bytes); lmlab trains on UTF-8 text")
                 offset += len(block)
                 if final:
                     break
@@ -305,7 +316,7 @@ def _open_tokens(folder: Path, tokenizer: tok.Tokenizer, meta: dict) -> TokenFil
 def prepare(corpus: Corpus, kind: str, vocab_size: int = 2048, tokenizer: tok.Tokenizer | None = None) -> TokenFile:
     """Tokenize a corpus into the cache (or reuse the cached result). With `tokenizer` given, use it as is."""
     corpus_hash = corpus_fingerprint(corpus)
-    if not corpus_hash or corpus.num_bytes() == 0:
+    if corpus_hash == hashlib.sha256(b"").hexdigest():
         raise LmlabError(f"corpus {corpus.name} is empty")
     spec = {"kind": kind, "vocab_size": vocab_size if kind == "bpe" else None}
     if tokenizer is not None:

@@ -1,0 +1,410 @@
+"""The `lmlab` command end to end (train, sample, eval, data, help), and bad input: one clear line, no traceback."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TINY_ARGS, lmlab_cmd, make_text, read_jsonl, run_cli, write_corpus
+from lmlab.cli import main
+
+TRAIN_KEYS = {"step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
+EVAL_KEYS = {"step", "val_loss"}
+PROMPT = "the "
+
+
+class Run:
+    def __init__(self, workdir: Path, cache: Path, text: str, proc):
+        self.workdir, self.cache, self.text, self.proc = workdir, cache, text, proc
+        self.run = workdir / "RUN"
+        self.corpus = workdir / "corpus.txt"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Run:
+    """One tiny training run through the real command line, in a temporary working directory, relative paths."""
+    workdir = tmp_path_factory.mktemp("cli")
+    cache = tmp_path_factory.mktemp("cli-cache")
+    corpus = write_corpus(workdir / "corpus.txt", 200, seed=0)
+    proc = run_cli(["train", "--data", "corpus.txt", "--out", "RUN", *TINY_ARGS], cwd=workdir, cache=cache)
+    return Run(workdir, cache, corpus.read_text(encoding="utf-8"), proc)
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train
+
+
+def test_train_writes_a_complete_run(trained):
+    _ok(trained.proc)
+    run = trained.run
+    for name in ("config.json", "tokenizer.json", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    ckpt = run / "checkpoints" / "step_00000020"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "model.safetensors").stat().st_size > 0
+    assert (ckpt / "state.json").is_file()
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert "error" not in trained.proc.stderr.lower()
+
+
+def test_config_and_tokenizer_record_the_settings(trained):
+    from lmlab import tokenizer as tok
+
+    config = json.loads((trained.run / "config.json").read_text())
+    assert isinstance(config["schema_version"], int)
+    assert (config["model"]["n_layer"], config["model"]["n_head"], config["model"]["n_embd"]) == (1, 2, 16)
+    assert config["model"]["block_size"] == 16
+    assert config["batch_size"] == 4 and config["max_steps"] == 20 and config["max_time"] == 0
+    assert config["eval_interval"] == 10
+    # the corpus given as a relative path (the recorded path may be made absolute, but must name the same file)
+    assert (trained.workdir / config["data"]["data"]).resolve() == trained.corpus.resolve()
+    assert config["data"]["tokenizer"] == "char"
+    chars = sorted(set(trained.text))
+    assert config["vocab_size"] == len(chars)
+    t = tok.load(trained.run / "tokenizer.json")
+    assert t.kind == "char" and t.vocab_size == len(chars)
+    assert t.decode(t.encode(trained.text)) == trained.text
+
+
+def test_metrics_jsonl_records(trained):
+    lines = (trained.run / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all(isinstance(r, dict) for r in records)
+    trains = [r for r in records if "train_loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert len(trains) + len(evals) == len(records)
+    assert [r["step"] for r in trains] == list(range(1, 21))
+    for r in trains:
+        assert TRAIN_KEYS <= r.keys(), r
+        assert r["tokens"] == r["step"] * 4 * 16  # batch 4 x block 16 per step
+        assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0
+        assert r["lr"] > 0 and r["grad_norm"] >= 0 and r["tokens_per_s"] > 0 and r["elapsed_s"] >= 0
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    for r in evals:
+        assert EVAL_KEYS <= r.keys(), r
+        assert math.isfinite(r["val_loss"])
+    # before any learning the model is close to the uniform guess, ln(vocab)
+    vocab = len(set(trained.text))
+    assert evals[0]["val_loss"] == pytest.approx(math.log(vocab), abs=0.1)
+    elapsed = [r["elapsed_s"] for r in trains]
+    assert elapsed == sorted(elapsed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample
+
+
+def test_sample_greedy_is_deterministic_and_starts_with_the_prompt(trained):
+    args = ["sample", "RUN", "--prompt", PROMPT, "--max-new-tokens", "30", "--temperature", "0"]
+    first = run_cli(args, cwd=trained.workdir, cache=trained.cache)
+    second = run_cli(args, cwd=trained.workdir, cache=trained.cache)
+    _ok(first)
+    _ok(second)
+    assert first.stdout.startswith(PROMPT)
+    assert len(first.stdout) > len(PROMPT) + 1
+    assert first.stdout == second.stdout
+    assert set(first.stdout) <= set(trained.text) | {"\n"}  # only characters the char tokenizer knows
+
+
+@pytest.mark.parametrize("cache_flag", [[], ["--no-cache"]])
+def test_sample_greedy_matches_a_manual_argmax_loop(trained, capsys, cache_flag):
+    """Greedy decoding done by hand: feed the whole window, take the most likely next token, repeat."""
+    from lmlab.checkpoint import load_run
+
+    n_new = 16 - len(PROMPT)  # the whole sequence fits in one block: no window cropping involved
+    loaded = load_run(trained.run)
+    ids = loaded.tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        for _ in range(n_new):
+            logits, _ = loaded.model(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
+    expected = loaded.tokenizer.decode(ids) + "\n"
+
+    rc = main(["sample", str(trained.run), "--prompt", PROMPT, "--max-new-tokens", str(n_new), "--temperature", "0",
+               *cache_flag])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval
+
+
+def test_eval_json_matches_the_last_validation_loss(trained):
+    proc = run_cli(["eval", "RUN", "--json"], cwd=trained.workdir, cache=trained.cache)
+    _ok(proc)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert set(result) == {"loss", "bits_per_byte", "perplexity", "accuracy", "tokens"}
+    last = [r for r in read_jsonl(trained.run / "metrics.jsonl") if "val_loss" in r][-1]
+    assert last["step"] == 20
+    assert result["loss"] == pytest.approx(last["val_loss"], abs=1e-6)
+    assert result["bits_per_byte"] == pytest.approx(last["val_bits_per_byte"], abs=1e-6)
+    assert result["accuracy"] == pytest.approx(last["val_accuracy"], abs=1e-9)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-9)
+    # the validation split is the last 10% of the characters; every token after its first is predicted once
+    n_val = int(len(trained.text) * 0.1)
+    assert result["tokens"] == last["val_tokens"] == n_val - 1
+    # char tokens of this ASCII text are one byte each: bits/byte is bits/token
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2), rel=1e-9)
+
+
+@pytest.mark.parametrize("cwd_has", ["nothing", "another-corpus.txt"])
+def test_eval_of_a_run_does_not_depend_on_the_working_directory(trained, tmp_path, monkeypatch, capsys, cwd_has):
+    """The run was trained with `--data corpus.txt` (relative). `lmlab eval RUN` from another folder must still
+    evaluate that run's own validation split: not fail, and above all not silently read another corpus.txt."""
+    if cwd_has != "nothing":
+        other = make_text(200, seed=99).replace("the", "a")  # same alphabet, different text
+        assert set(other) <= set(trained.text) and other != trained.text
+        (tmp_path / "corpus.txt").write_text(other, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    rc = main(["eval", str(trained.run), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    result = json.loads(captured.out)
+    last = [r for r in read_jsonl(trained.run / "metrics.jsonl") if "val_loss" in r][-1]
+    assert result["loss"] == pytest.approx(last["val_loss"], abs=1e-6)
+    assert result["tokens"] == last["val_tokens"]
+
+
+def test_eval_on_other_text_in_process(trained, tmp_path, capsys):
+    text = make_text(30, seed=5)
+    assert set(text) <= set(trained.text)
+    f = tmp_path / "other.txt"
+    f.write_text(text, encoding="utf-8")
+    assert main(["eval", str(trained.run), "--data", str(f), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == len(text) - 1
+    assert 0 < result["loss"] < 2 * math.log(len(set(trained.text)))
+    # the human-readable form names the same numbers
+    assert main(["eval", str(trained.run), "--data", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert f"{result['loss']:.4f}" in out and f"{result['tokens']:,}" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# help, data
+
+
+def test_top_level_help_via_the_console_script(trained):
+    script = Path(sys.executable).parent / "lmlab"
+    cmd = [str(script), "--help"] if script.exists() else lmlab_cmd("--help")
+    import subprocess
+
+    from helpers import cli_env
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(trained.cache), timeout=120)
+    _ok(proc)
+    for command in ("train", "sample", "eval", "data"):
+        assert command in proc.stdout
+
+
+def test_train_help_subprocess(trained):
+    proc = run_cli(["train", "--help"], cwd=trained.workdir, cache=trained.cache)
+    _ok(proc)
+    for option in ("--n-layer", "--max-time", "--tokenizer", "--max-steps", "--preset", "--resume", "--data"):
+        assert option in proc.stdout, option
+    assert not (trained.workdir / "runs").exists()  # --help trains nothing
+
+
+@pytest.mark.parametrize("command,options", [
+    ([], ["train", "sample", "eval", "data"]),
+    (["train"], ["--n-layer", "--n-head", "--n-embd", "--block-size", "--max-time", "--tokenizer", "--vocab-size"]),
+    (["sample"], ["--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p"]),
+    (["eval"], ["--data", "--json"]),
+    (["data"], ["list", "prepare", "--tokenizer"]),
+])
+def test_help_in_process(capsys, command, options):
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in options:
+        assert option in out, option
+
+
+def test_data_list(tmp_path, isolated_cache):
+    proc = run_cli(["data", "list"], cwd=tmp_path)
+    _ok(proc)
+    assert "builtin" in proc.stdout and "tinyshakespeare" in proc.stdout
+    assert str(isolated_cache) in proc.stdout
+    assert not (Path(isolated_cache) / "corpora" / "tinyshakespeare.txt").exists()  # listing downloads nothing
+
+
+def test_data_prepare_in_process(tmp_path, capsys, isolated_cache):
+    text = make_text(50, seed=8, extra="über 中 🙂\n")
+    f = tmp_path / "c.txt"
+    f.write_text(text, encoding="utf-8")
+    assert main(["data", "prepare", str(f), "--tokenizer", "byte"]) == 0
+    out = capsys.readouterr().out
+    n_bytes = len(text.encode("utf-8"))
+    assert f"{n_bytes:,} tokens" in out  # byte tokens: one per byte
+    assert str(isolated_cache) in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resume and refusing to overwrite a run
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_training_twice_into_the_same_out_is_refused(trained, tmp_path):
+    shutil.copy(trained.corpus, tmp_path / "corpus.txt")
+    shutil.copytree(trained.run, tmp_path / "RUN")
+    before = _snapshot(tmp_path / "RUN")
+    proc = run_cli(["train", "--data", "corpus.txt", "--out", "RUN", *TINY_ARGS], cwd=tmp_path, cache=trained.cache)
+    _assert_one_line_error(proc.returncode, proc.stderr)
+    assert "--resume" in proc.stderr
+    assert _snapshot(tmp_path / "RUN") == before
+
+
+def test_cli_resume_continues_the_run(trained, tmp_path, monkeypatch, capsys):
+    shutil.copy(trained.corpus, tmp_path / "corpus.txt")
+    shutil.copytree(trained.run, tmp_path / "RUN")
+    monkeypatch.chdir(tmp_path)  # the run's config names corpus.txt relative to where it was trained
+    assert main(["train", "--resume", "RUN", "--max-steps", "25", "--sample-tokens", "0"]) == 0
+    records = read_jsonl(tmp_path / "RUN" / "metrics.jsonl")
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 26))
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 10, 20, 25]
+    original = read_jsonl(trained.run / "metrics.jsonl")
+    assert records[: len(original)] == original  # the first 20 steps are untouched
+    assert (tmp_path / "RUN" / "checkpoints" / "step_00000025" / "model.safetensors").is_file()
+    config = json.loads((tmp_path / "RUN" / "config.json").read_text())
+    assert config["model"]["n_embd"] == 16 and config["max_steps"] == 25
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def _assert_one_line_error(rc: int, stderr: str, expect: str | None = None) -> None:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert rc == 2, f"exit code {rc}, stderr:\n{stderr}"
+    assert "Traceback" not in stderr
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    assert "error" in lines[0]
+    assert "internal error" not in lines[0], lines[0]
+    if expect is not None:
+        assert expect in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(trained, tmp_path_factory):
+    """Files for the bad-input cases; returns (folder, {case: (argv, expected text in the message)})."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.txt").write_bytes(b"")
+    (d / "short.txt").write_text("the cat sees a dog.\nok.\n")  # 24 characters: less than one 32-token block
+    (d / "binary.txt").write_bytes(b"some text\n" * 5 + b"\x00\x01\x02\x03" + bytes(range(256)))
+    (d / "latin1.txt").write_bytes(("caf\xe9 cr\xe8me br\xfbl\xe9e\n" * 50).encode("latin-1"))
+    (d / "nodocs").mkdir()
+    (d / "nodocs" / "blob.bin").write_bytes(b"\x00" * 64)
+    nockpt = d / "nockpt"
+    nockpt.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(trained.run / name, nockpt / name)
+    good = str(trained.corpus)
+    run = str(trained.run)
+
+    def train(*extra, data=good):
+        return ["train", "--data", data, *TINY_ARGS, *extra]
+
+    cases = {
+        "missing-file": (train(data=str(d / "missing.txt")), "missing.txt"),
+        "empty-corpus": (train(data=str(d / "empty.txt")), "empty"),
+        "shorter-than-a-block": (train("--block-size", "32", data=str(d / "short.txt")), "block"),
+        "binary-file": (train(data=str(d / "binary.txt")), "binary"),
+        "latin1-file": (train(data=str(d / "latin1.txt")), "UTF-8"),
+        "dir-without-text": (train(data=str(d / "nodocs")), "no text files"),
+        "unknown-preset": (train("--preset", "gigantic"), "gigantic"),
+        "unknown-option": (train("--frobnicate", "3"), "--frobnicate"),
+        "bad-int-value": (train("--n-layer", "two"), "two"),
+        "n-embd-not-divisible": (train("--n-embd", "18", "--n-head", "4"), "18"),
+        "resume-nonexistent": (["train", "--resume", str(d / "no-such-run")], "no-such-run"),
+        "device-cuda": (train("--device", "cuda"), "cuda"),
+        "negative-max-steps": (train("--max-steps", "-1"), "max-steps"),
+        "no-budget": (train("--max-steps", "0", "--max-time", "0"), "budget"),
+        "sample-without-checkpoint": (["sample", str(nockpt), "--prompt", "the"], "checkpoint"),
+        "sample-nonexistent-run": (["sample", str(d / "no-such-run")], "no-such-run"),
+        "sample-negative-temperature": (["sample", run, "--temperature", "-1"], "temperature"),
+        "sample-unknown-character": (["sample", run, "--prompt", "Ωmega"], "U+03A9"),
+        "eval-non-utf8-data": (["eval", run, "--data", str(d / "latin1.txt")], "UTF-8"),
+        "eval-without-checkpoint": (["eval", str(nockpt)], "checkpoint"),
+        "unknown-command": (["frobnicate"], "frobnicate"),
+    }
+    return d, cases
+
+
+CASES = [
+    "missing-file", "empty-corpus", "shorter-than-a-block", "binary-file", "latin1-file", "dir-without-text",
+    "unknown-preset", "unknown-option", "bad-int-value", "n-embd-not-divisible", "resume-nonexistent",
+    "device-cuda", "negative-max-steps", "no-budget", "sample-without-checkpoint", "sample-nonexistent-run",
+    "sample-negative-temperature", "sample-unknown-character", "eval-non-utf8-data", "eval-without-checkpoint",
+    "unknown-command",
+]
+
+
+# Each process start costs about two seconds (importing torch), so the real-process check covers one case of each
+# kind (data, options, run folders, streaming UTF-8); the in-process check covers them all.
+SUBPROCESS_CASES = ["missing-file", "latin1-file", "unknown-option", "sample-without-checkpoint"]
+
+
+def _skip_if_cuda(case: str) -> None:
+    if case == "device-cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here, so --device cuda is not an error")
+
+
+@pytest.fixture(scope="module")
+def bad_results(bad_inputs, tmp_path_factory):
+    """Every bad-input case as a real `python -m lmlab` process, a few at a time (startup dominates)."""
+    folder, cases = bad_inputs
+    cache = tmp_path_factory.mktemp("bad-cache")
+
+    def one(item):
+        name, (argv, _) = item
+        out = folder / f"out-subprocess-{name}"
+        argv = argv + ["--out", str(out)] if argv[0] == "train" and "--resume" not in argv else argv
+        return name, run_cli(argv, cwd=folder, cache=cache)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(one, [(name, cases[name]) for name in SUBPROCESS_CASES]))
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES)
+def test_bad_input_subprocess(bad_inputs, bad_results, case):
+    _skip_if_cuda(case)
+    proc = bad_results[case]
+    _assert_one_line_error(proc.returncode, proc.stderr, bad_inputs[1][case][1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_in_process(bad_inputs, case, capsys):
+    _skip_if_cuda(case)
+    folder, cases = bad_inputs
+    argv, expect = cases[case]
+    if argv[0] == "train" and "--resume" not in argv:
+        argv = argv + ["--out", str(folder / f"out-inprocess-{case}")]
+    rc = main(argv)
+    captured = capsys.readouterr()
+    _assert_one_line_error(rc, captured.err, expect)
+
+
+def test_failed_training_leaves_no_config_behind(bad_inputs, capsys):
+    """A run that fails on its input writes no config.json, so fixing the input and training again just works."""
+    folder, cases = bad_inputs
+    out = folder / "retry"
+    assert main(["train", "--data", str(folder / "latin1.txt"), *TINY_ARGS, "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert not (out / "config.json").exists()
