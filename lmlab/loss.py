@@ -27,12 +27,14 @@ def cross_entropy(
     logits: (..., V); targets: (...) int64. reduction "none" returns one loss per token, shaped like targets.
     z_loss adds z_loss * logsumexp(logits)^2 per token, which keeps the softmax normaliser near 1 (PaLM).
     label_smoothing mixes the one-hot target with a uniform distribution over the vocabulary.
-    Computed in float32 whatever the logits' dtype.
+    Half-precision logits are upcast to float32; float32 and float64 keep their precision.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
     vocab = logits.size(-1)
-    flat = logits.reshape(-1, vocab).float()
+    flat = logits.reshape(-1, vocab)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
     flat_targets = targets.reshape(-1)
     log_norm = torch.logsumexp(flat, dim=-1)  # (N,)
     target_logit = flat.gather(1, flat_targets[:, None]).squeeze(1)

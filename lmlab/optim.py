@@ -147,18 +147,16 @@ def adamw_update(opt: torch.optim.Optimizer, group: dict, params: list[torch.Ten
         state["step"] += 1
         exp_avgs.append(state["exp_avg"])
         exp_avg_sqs.append(state["exp_avg_sq"])
-    step = opt.state[params[0]]["step"]
+    steps = [opt.state[p]["step"] for p in params]  # per parameter: one without a gradient skips a step
     if wd:
         torch._foreach_mul_(params, 1.0 - lr * wd)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-    bias1 = 1.0 - beta1**step
-    bias2_sqrt = math.sqrt(1.0 - beta2**step)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias2_sqrt)
+    torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**s) for s in steps])
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / bias1)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**s) for s in steps])
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -1,0 +1,421 @@
+"""The transformer: causality, shapes and loss, attention against a naive implementation, learning, KV cache, init."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmlab.common import LmlabError
+from lmlab.model import GPT, Bigram, CausalSelfAttention, ModelConfig, apply_rotary, build_model, rotary_tables
+from lmlab.optim import OptimConfig, build_optimizer
+
+VOCAB = 13
+
+
+def make_cfg(**kw):
+    base = dict(block_size=12, n_layer=2, n_head=2, n_embd=16, zero_init_proj=False)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, std: float = 0.3, seed: int = 0) -> nn.Module:
+    """Give every parameter (norm gains and biases included) a random value, so nothing is trivially symmetric."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+        if p.dim() == 1 and ("norm" in name) and name.endswith("weight"):
+            p.copy_(1.0 + 0.2 * noise)
+        else:
+            p.copy_(std * noise)
+    return model
+
+
+def tiny_gpt(seed=0, std=0.3, dtype=torch.float64, vocab=VOCAB, **kw):
+    torch.manual_seed(seed)
+    model = GPT(make_cfg(**kw), vocab).to(dtype)
+    randomize(model, std=std, seed=seed)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Causality
+
+CAUSAL_CONFIGS = [
+    dict(pos="learned", norm="layernorm", mlp="gelu", qk_norm=False, tie_embeddings=False, bias=True),
+    dict(pos="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=True, bias=False),
+    dict(pos="rope", norm="layernorm", mlp="swiglu", qk_norm=True, tie_embeddings=False, bias=True),
+    dict(pos="learned", norm="rmsnorm", mlp="swiglu", qk_norm=False, tie_embeddings=True, bias=False),
+    dict(pos="rope", norm="rmsnorm", mlp="gelu", qk_norm=False, tie_embeddings=False, bias=True),
+    dict(pos="learned", norm="layernorm", mlp="relu2", qk_norm=True, tie_embeddings=True, bias=False),
+]
+
+
+@pytest.mark.parametrize("kw", CAUSAL_CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_causality(kw):
+    model = tiny_gpt(seed=1, **kw)
+    T = model.cfg.block_size
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, VOCAB, (2, T), generator=g)
+    with torch.no_grad():
+        base, _ = model(idx)
+        for t in (0, 3, T // 2, T - 1):
+            changed = idx.clone()
+            changed[:, t] = (changed[:, t] + 1 + torch.randint(0, VOCAB - 1, (2,), generator=g)) % VOCAB
+            assert (changed[:, t] != idx[:, t]).all()
+            out, _ = model(changed)
+            # earlier positions are unaffected by a change at position t ...
+            torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-12, rtol=0)
+            # ... and the change is visible from position t on (so the check above is not vacuous)
+            assert (out[:, t] - base[:, t]).abs().max() > 1e-6
+            if t < T - 1:
+                assert (out[:, t + 1 :] - base[:, t + 1 :]).abs().max() > 1e-6
+
+
+def test_causality_with_every_later_token_changed():
+    model = tiny_gpt(seed=3, pos="rope")
+    T = model.cfg.block_size
+    idx = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        base, _ = model(idx)
+        for t in range(1, T):
+            changed = idx.clone()
+            changed[:, t:] = (changed[:, t:] + 5) % VOCAB
+            out, _ = model(changed)
+            torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward: shapes and loss
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_forward_shapes_and_loss(pos):
+    model = tiny_gpt(seed=5, pos=pos)
+    B, T = 3, 10
+    g = torch.Generator().manual_seed(6)
+    idx = torch.randint(0, VOCAB, (B, T), generator=g)
+    targets = torch.randint(0, VOCAB, (B, T), generator=g)
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+    assert logits.shape == (B, T, VOCAB)
+    assert loss.dim() == 0
+    ref = F.cross_entropy(logits.reshape(-1, VOCAB).double(), targets.reshape(-1))
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    # by hand: mean of -log softmax at the target
+    logp = logits.double().log_softmax(-1)
+    by_hand = -logp.gather(-1, targets[..., None]).mean()
+    assert float(loss) == pytest.approx(float(by_hand), rel=1e-5)
+    with torch.no_grad():
+        logits2, none = model(idx)
+    assert none is None
+    torch.testing.assert_close(logits2, logits)
+    # shorter sequences than block_size work, longer ones are refused
+    assert model(idx[:, :1])[0].shape == (B, 1, VOCAB)
+    with pytest.raises(ValueError):
+        model(torch.zeros(1, model.cfg.block_size + 1, dtype=torch.long))
+
+
+def test_loss_backpropagates_to_every_parameter():
+    model = tiny_gpt(seed=7, pos="learned", bias=True, norm="layernorm")
+    idx = torch.randint(0, VOCAB, (2, 8))
+    _, loss = model(idx, torch.randint(0, VOCAB, (2, 8)))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention against a naive implementation
+
+
+def naive_rope_tables(T, D, base):
+    """cos/sin of angle pos * base^(-2i/D), i < D/2, in float64."""
+    i = torch.arange(D // 2, dtype=torch.float64)
+    inv_freq = base ** (-2.0 * i / D)
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin(), angles
+
+
+def naive_rotate(x, angles):
+    """Rotate the pairs (x_i, x_{i+D/2}) by the angles, as complex multiplication. x: (B, T, H, D)."""
+    D = x.size(-1)
+    z = torch.complex(x[..., : D // 2], x[..., D // 2 :])
+    z = z * torch.polar(torch.ones_like(angles), angles)[None, :, None, :]
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def naive_rmsnorm(x, weight, eps=1e-6):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def naive_attention(attn: CausalSelfAttention, x, angles=None):
+    cfg = attn.cfg
+    B, T, C = x.shape
+    H, D = cfg.n_head, cfg.n_embd // cfg.n_head
+    W = attn.qkv.weight
+    out = x @ W.T
+    if attn.qkv.bias is not None:
+        out = out + attn.qkv.bias
+    q, k, v = out[..., :C], out[..., C : 2 * C], out[..., 2 * C :]
+    q, k, v = (t.reshape(B, T, H, D) for t in (q, k, v))
+    if cfg.qk_norm:
+        q = naive_rmsnorm(q, attn.q_norm.weight)
+        k = naive_rmsnorm(k, attn.k_norm.weight)
+    if angles is not None:
+        q, k = naive_rotate(q, angles), naive_rotate(k, angles)
+    y = torch.zeros(B, T, H, D, dtype=x.dtype)
+    for b in range(B):
+        for h in range(H):
+            scores = q[b, :, h] @ k[b, :, h].T / math.sqrt(D)  # (T, T)
+            mask = torch.ones(T, T, dtype=torch.bool).triu(diagonal=1)  # j > i is the future
+            scores = scores.masked_fill(mask, float("-inf"))
+            y[b, :, h] = scores.softmax(-1) @ v[b, :, h]
+    y = y.reshape(B, T, C) @ attn.proj.weight.T
+    if attn.proj.bias is not None:
+        y = y + attn.proj.bias
+    return y
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("use_rope", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_attention_matches_naive(qk_norm, use_rope, bias):
+    cfg = make_cfg(n_embd=24, n_head=3, qk_norm=qk_norm, bias=bias, pos="rope" if use_rope else "learned")
+    torch.manual_seed(8)
+    attn = CausalSelfAttention(cfg).double().eval()
+    randomize(attn, std=0.4, seed=9)
+    B, T = 2, 9
+    x = torch.randn(B, T, cfg.n_embd, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    rope, angles = None, None
+    if use_rope:
+        cos, sin, angles = naive_rope_tables(T, cfg.head_dim, cfg.rope_base)
+        rope = (cos, sin)
+    with torch.no_grad():
+        ours = attn(x, rope, None, 0)
+        ref = naive_attention(attn, x, angles)
+    torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-9)
+
+
+def test_model_rope_tables_match_formula():
+    model = tiny_gpt(seed=11, pos="rope", n_embd=32, n_head=2, rope_base=500.0)
+    cos, sin, _ = naive_rope_tables(model.cfg.block_size, model.cfg.head_dim, 500.0)
+    torch.testing.assert_close(model.rope_cos.double(), cos, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model.rope_sin.double(), sin, atol=1e-6, rtol=1e-6)
+
+
+def test_rope_attention_scores_depend_on_relative_position_only():
+    """With RoPE and no mask, q_i . k_j depends on i - j: shifting both by the same offset changes nothing."""
+    D = 8
+    _, _, angles = naive_rope_tables(12, D, 10000.0)
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(1, 1, 1, D, dtype=torch.float64, generator=g).expand(1, 12, 1, D)
+    k = torch.randn(1, 1, 1, D, dtype=torch.float64, generator=g).expand(1, 12, 1, D)
+    cos, sin = rotary_tables(12, D, 10000.0)
+    qr = apply_rotary(q, cos.double(), sin.double())[0, :, 0]
+    kr = apply_rotary(k, cos.double(), sin.double())[0, :, 0]
+    s = qr @ kr.T
+    for shift in (1, 4):
+        torch.testing.assert_close(s[shift:, shift:], s[:-shift, :-shift], atol=1e-5, rtol=1e-5)
+    # and rotary matches the complex-number reference
+    torch.testing.assert_close(qr, naive_rotate(q, angles)[0, :, 0], atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(13)
+    cfg = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, pos="rope", mlp="relu2")
+    vocab = 20
+    model = GPT(cfg, vocab)
+    g = torch.Generator().manual_seed(14)
+    idx = torch.randint(0, vocab, (4, 16), generator=g)
+    targets = torch.randint(0, vocab, (4, 16), generator=g)
+    opt = build_optimizer(model, OptimConfig(optimizer="adamw", lr=1e-2, weight_decay=0.0, warmup=0))
+    first = None
+    for _ in range(300):
+        _, loss = model(idx, targets)
+        if first is None:
+            first = float(loss.detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if float(loss.detach()) < 0.02:
+            break
+    model.eval()
+    with torch.no_grad():
+        _, final = model(idx, targets)
+    assert first == pytest.approx(math.log(vocab), abs=0.1)
+    assert float(final) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_kv_cache_token_by_token_matches_full_forward(pos, dtype, atol):
+    model = tiny_gpt(seed=15, pos=pos, dtype=dtype, std=0.2, qk_norm=pos == "rope")
+    T = model.cfg.block_size
+    idx = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.make_cache(2)
+        prefill = 4
+        out, _ = model(idx[:, :prefill], cache=cache)
+        pieces = [out]
+        assert cache.pos == prefill
+        for t in range(prefill, T):
+            out, _ = model(idx[:, t : t + 1], cache=cache)
+            pieces.append(out)
+            assert cache.pos == t + 1
+        cached = torch.cat(pieces, dim=1)
+        assert cached.shape == full.shape
+        torch.testing.assert_close(cached, full, atol=atol, rtol=0)
+        # the cache is full: one more token is refused
+        with pytest.raises(ValueError):
+            model(idx[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_kv_cache_chunked_prefill_matches_full_forward(pos):
+    """Chunks of several tokens after a non-empty cache: queries must see the past and their own chunk causally."""
+    model = tiny_gpt(seed=17, pos=pos, std=0.2)
+    T = model.cfg.block_size
+    idx = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(18))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.make_cache(1)
+        pieces, start = [], 0
+        for size in (3, 1, 4, 2, 2):
+            out, _ = model(idx[:, start : start + size], cache=cache)
+            pieces.append(out)
+            start += size
+        assert start == T
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-10, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Initialisation
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+@pytest.mark.parametrize("mlp", ["gelu", "relu2", "swiglu"])
+def test_zero_init_proj_makes_blocks_identity(pos, mlp):
+    torch.manual_seed(19)
+    model = GPT(make_cfg(zero_init_proj=True, pos=pos, mlp=mlp, bias=True), VOCAB).eval()
+    T = 10
+    x = torch.randn(2, T, model.cfg.n_embd)
+    rope = (model.rope_cos[:T], model.rope_sin[:T]) if pos == "rope" else None
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        for layer, block in enumerate(model.blocks):
+            assert torch.equal(block(x, rope, None, layer), x)
+            assert torch.count_nonzero(block.attn.proj.weight) == 0
+            assert torch.count_nonzero(block.mlp.proj.weight) == 0
+            assert block.attn.qkv.weight.detach().std() > 0.01  # the rest is not zero
+        # the whole model is then embeddings -> final norm -> head
+        h = model.wte(idx)
+        if model.wpe is not None:
+            h = h + model.wpe(torch.arange(T))
+        expected = model.lm_head(model.norm_f(h))
+        logits, _ = model(idx)
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_without_zero_init_blocks_are_not_identity():
+    torch.manual_seed(20)
+    model = GPT(make_cfg(zero_init_proj=False), VOCAB).eval()
+    x = torch.randn(2, 6, model.cfg.n_embd)
+    rope = (model.rope_cos[:6], model.rope_sin[:6])
+    with torch.no_grad():
+        assert not torch.allclose(model.blocks[0](x, rope, None, 0), x)
+    expected_std = 0.02 / math.sqrt(2 * model.cfg.n_layer)
+    assert float(model.blocks[0].mlp.proj.weight.detach().std()) == pytest.approx(expected_std, rel=0.25)
+
+
+def test_init_statistics():
+    torch.manual_seed(21)
+    model = GPT(ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, bias=True, norm="layernorm"), 30)
+    assert float(model.wte.weight.detach().std()) == pytest.approx(0.02, rel=0.2)
+    assert float(model.lm_head.weight.detach().std()) == pytest.approx(0.02, rel=0.2)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.count_nonzero(p) == 0, name
+        if "norm" in name and name.endswith("weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+
+
+def test_tied_embeddings_share_storage():
+    model = GPT(make_cfg(tie_embeddings=True), VOCAB)
+    assert model.lm_head.weight is model.wte.weight
+    untied = GPT(make_cfg(tie_embeddings=False), VOCAB)
+    assert untied.lm_head.weight is not untied.wte.weight
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config validation and the bigram baseline
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(n_embd=30, n_head=4, pos="learned"),
+        dict(n_embd=16, n_head=3, pos="learned"),
+        dict(n_embd=16, n_head=32, pos="learned"),
+        dict(block_size=0),
+        dict(block_size=-4),
+        dict(n_layer=0),
+        dict(n_head=0),
+        dict(n_head=-2),
+        dict(n_embd=0),
+        dict(n_embd=-16),
+        dict(pos="rope", n_embd=12, n_head=4),  # odd head size 3
+        dict(dropout=1.0),
+        dict(dropout=-0.1),
+        dict(mlp_ratio=0.0),
+    ],
+)
+def test_config_validation(kw):
+    with pytest.raises(LmlabError):
+        ModelConfig(**kw)
+
+
+def test_valid_configs_are_accepted():
+    ModelConfig(n_embd=30, n_head=5, pos="learned")  # head size 6
+    ModelConfig(n_embd=12, n_head=4, pos="learned")  # odd head size is fine without RoPE
+    ModelConfig(n_embd=16, n_head=4, pos="rope")
+
+
+def test_non_positive_vocab_is_refused():
+    with pytest.raises(LmlabError):
+        GPT(make_cfg(), 0)
+    with pytest.raises(LmlabError):
+        Bigram(make_cfg(), 0)
+
+
+@pytest.mark.parametrize("vocab", [2, 13, 30])
+def test_bigram_initial_loss_is_log_vocab(vocab):
+    model = build_model(make_cfg(arch="bigram"), vocab)
+    assert isinstance(model, Bigram)
+    g = torch.Generator().manual_seed(22)
+    idx = torch.randint(0, vocab, (3, 9), generator=g)
+    targets = torch.randint(0, vocab, (3, 9), generator=g)
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 9, vocab)
+    assert loss.item() == pytest.approx(math.log(vocab), rel=1e-6)
+
+
+def test_bigram_depends_on_current_token_only():
+    model = build_model(make_cfg(arch="bigram"), VOCAB)
+    randomize(model, seed=23)
+    idx = torch.tensor([[1, 2, 3, 2], [5, 2, 7, 1]])
+    logits, _ = model(idx)
+    torch.testing.assert_close(logits[0, 1], logits[0, 3])
+    torch.testing.assert_close(logits[0, 1], logits[1, 1])
+    torch.testing.assert_close(logits[1, 2], model.table.weight[7])
