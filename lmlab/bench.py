@@ -237,6 +237,7 @@ def nanogpt_side_by_side(path: str, data: str, iters: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         _nanogpt_data(text, work / "data" / "shakespeare_char")
+        (work / "configurator.py").symlink_to(root / "configurator.py")  # nanoGPT reads it from its working dir
         args = [sys.executable, str(root / "train.py"), str(root / "config" / "train_shakespeare_char.py"),
                 "--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
                 "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", f"--max_iters={iters}",

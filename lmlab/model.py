@@ -37,7 +37,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of n_embd (SwiGLU uses 2/3 of it, keeping the parameter count)."""
     qk_norm: bool = True
-    """RMS-normalise queries and keys per head before attention."""
+    """Normalise queries and keys per head before attention (with the same kind of norm as the blocks)."""
     tie_embeddings: bool = False
     """Share the input embedding with the output head."""
     bias: bool = False
@@ -82,23 +82,76 @@ class KVCache:
         return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x / rms(x) * w with a hand-written backward: fewer kernels than autograd's decomposition on CPU."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
+        x_hat = x * rstd
+        ctx.save_for_backward(x_hat, rstd, weight)
+        return x_hat * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, rstd, weight = ctx.saved_tensors
+        g = grad * weight
+        grad_x = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+        grad_w = (grad * x_hat).reshape(-1, x_hat.size(-1)).sum(0)
+        return grad_x, grad_w, None
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learned gain (no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:  # autocast: normalise in float32
+            return _RMSNormFunction.apply(x.float(), self.weight, self.eps).to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
 def norm_layer(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=1e-6)
+        return RMSNorm(dim)
     return nn.LayerNorm(dim, bias=cfg.bias)
 
 
+class _SquaredReLU(torch.autograd.Function):
+    """relu(x)^2, keeping only relu(x) for the backward pass (2 relu(x) g)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        return grad * (2 * r)
+
+
 def rotary_tables(block_size: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angle pos / base^(2i/D) for every position and pair i: each (block_size, D/2)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, D/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) of each head by position-dependent angles. x: (B, T, H, D); cos/sin: (T, D/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    """Rotate the pairs (x_{2i}, x_{2i+1}) of each head by position-dependent angles, as one complex product.
+
+    x: (B, T, H, D); cos/sin: (T, D/2).
+    """
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = torch.view_as_complex(x.to(work).reshape(*x.shape[:-1], -1, 2))  # (B, T, H, D/2)
+    rot = torch.complex(cos.to(work), sin.to(work))[:, None, :]  # (T, 1, D/2)
+    return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -107,8 +160,8 @@ class CausalSelfAttention(nn.Module):
         self.cfg = cfg
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.q_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, cache: Optional[KVCache], layer: int) -> torch.Tensor:
@@ -153,7 +206,7 @@ class MLP(nn.Module):
         if self.kind == "gelu":
             h = F.gelu(h)
         elif self.kind == "relu2":
-            h = F.relu(h).square()
+            h = _SquaredReLU.apply(h)
         else:
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value

@@ -140,11 +140,13 @@ def naive_rope_tables(T, D, base):
 
 
 def naive_rotate(x, angles):
-    """Rotate the pairs (x_i, x_{i+D/2}) by the angles, as complex multiplication. x: (B, T, H, D)."""
-    D = x.size(-1)
-    z = torch.complex(x[..., : D // 2], x[..., D // 2 :])
-    z = z * torch.polar(torch.ones_like(angles), angles)[None, :, None, :]
-    return torch.cat([z.real, z.imag], dim=-1)
+    """Rotate the pairs (x_{2i}, x_{2i+1}) by the angles with explicit 2x2 rotations. x: (B, T, H, D)."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
 
 
 def naive_rmsnorm(x, weight, eps=1e-6):
@@ -161,9 +163,12 @@ def naive_attention(attn: CausalSelfAttention, x, angles=None):
         out = out + attn.qkv.bias
     q, k, v = out[..., :C], out[..., C : 2 * C], out[..., 2 * C :]
     q, k, v = (t.reshape(B, T, H, D) for t in (q, k, v))
-    if cfg.qk_norm:
+    if cfg.qk_norm and cfg.norm == "rmsnorm":
         q = naive_rmsnorm(q, attn.q_norm.weight)
         k = naive_rmsnorm(k, attn.k_norm.weight)
+    elif cfg.qk_norm:
+        q = torch.nn.functional.layer_norm(q, (D,), attn.q_norm.weight, attn.q_norm.bias, eps=attn.q_norm.eps)
+        k = torch.nn.functional.layer_norm(k, (D,), attn.k_norm.weight, attn.k_norm.bias, eps=attn.k_norm.eps)
     if angles is not None:
         q, k = naive_rotate(q, angles), naive_rotate(k, angles)
     y = torch.zeros(B, T, H, D, dtype=x.dtype)
@@ -182,8 +187,9 @@ def naive_attention(attn: CausalSelfAttention, x, angles=None):
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("use_rope", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_attention_matches_naive(qk_norm, use_rope, bias):
-    cfg = make_cfg(n_embd=24, n_head=3, qk_norm=qk_norm, bias=bias, pos="rope" if use_rope else "learned")
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_attention_matches_naive(qk_norm, use_rope, bias, norm):
+    cfg = make_cfg(n_embd=24, n_head=3, qk_norm=qk_norm, bias=bias, pos="rope" if use_rope else "learned", norm=norm)
     torch.manual_seed(8)
     attn = CausalSelfAttention(cfg).double().eval()
     randomize(attn, std=0.4, seed=9)
@@ -419,3 +425,25 @@ def test_bigram_depends_on_current_token_only():
     torch.testing.assert_close(logits[0, 1], logits[0, 3])
     torch.testing.assert_close(logits[0, 1], logits[1, 1])
     torch.testing.assert_close(logits[1, 2], model.table.weight[7])
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8), (2, 4, 3, 6)])
+def test_rmsnorm_and_squared_relu_gradients_match_autograd_reference(shape):
+    """The hand-written backward passes equal autograd through the plain formulas (and finite differences)."""
+    from lmlab.model import RMSNorm, _SquaredReLU
+
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+    norm = RMSNorm(shape[-1]).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], dtype=torch.float64, generator=g))
+    upstream = torch.randn(*shape, dtype=torch.float64, generator=g)
+    ours_x, ours_w = torch.autograd.grad((norm(x) * upstream).sum(), (x, norm.weight))
+    ref_x, ref_w = torch.autograd.grad((naive_rmsnorm(x, norm.weight) * upstream).sum(), (x, norm.weight))
+    torch.testing.assert_close(ours_x, ref_x, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(ours_w, ref_w, atol=1e-10, rtol=1e-9)
+    assert torch.autograd.gradcheck(lambda t: norm(t), (x,))
+    (ours,) = torch.autograd.grad((_SquaredReLU.apply(x) * upstream).sum(), x)
+    (ref,) = torch.autograd.grad((torch.relu(x) ** 2 * upstream).sum(), x)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(_SquaredReLU.apply, (x,))
