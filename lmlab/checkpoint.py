@@ -96,6 +96,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         save_model(model, str(tmp / "model.safetensors"))
+        _test_pause()
         opt_tensors, opt_plain = optimizer_to_flat(optimizer)
         opt_tensors.update({f"rng.{k}": v.contiguous() for k, v in rng.items()})
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -121,6 +122,30 @@ def save_checkpoint(
     return final
 
 
+def _test_pause() -> None:
+    """LMLAB_TEST_CHECKPOINT_PAUSE=seconds holds a checkpoint half-written, so the crash test can kill it there."""
+    pause = os.environ.get("LMLAB_TEST_CHECKPOINT_PAUSE")
+    if pause:
+        import time
+
+        time.sleep(float(pause))
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete what a killed process left half-written: temporary checkpoint folders and temporary files."""
+    run_dir = Path(run_dir)
+    stale = [p for p in run_dir.glob(".*.tmp")]
+    root = run_dir / CHECKPOINTS
+    if root.is_dir():
+        stale += [p for p in root.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -142,7 +167,10 @@ def verify_checkpoint(path: Path) -> dict:
     version = state.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise LmlabError(f"checkpoint {path} has schema version {version}; this lmlab reads up to {SCHEMA_VERSION}")
-    for name, digest in state.get("files", {}).items():
+    files = state.get("files")
+    if not isinstance(files, dict) or set(files) != {"model.safetensors", "optimizer.safetensors"}:
+        raise LmlabError(f"checkpoint {path} has an invalid file list in state.json")
+    for name, digest in files.items():
         f = path / name
         if not f.exists():
             raise LmlabError(f"checkpoint {path} is missing {name}")

@@ -160,15 +160,15 @@ class CausalSelfAttention(nn.Module):
         self.cfg = cfg
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.q_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
-        self.k_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.q_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
 
     def forward(self, x, rope, cache: Optional[KVCache], layer: int) -> torch.Tensor:
         B, T, C = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(dim=2)  # each (B, T, H, D)
-        q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
@@ -184,8 +184,8 @@ class CausalSelfAttention(nn.Module):
         else:  # queries at past..past+T-1 see keys up to their own position
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_drop(self.proj(y))
+        y = self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        return F.dropout(y, dropout, True) if dropout else y
 
 
 class MLP(nn.Module):
@@ -199,7 +199,7 @@ class MLP(nn.Module):
         else:
             self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
@@ -210,7 +210,8 @@ class MLP(nn.Module):
         else:
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
-        return self.drop(self.proj(h))
+        h = self.proj(h)
+        return F.dropout(h, self.dropout, True) if self.dropout and self.training else h
 
 
 class Block(nn.Module):
@@ -235,7 +236,6 @@ class GPT(nn.Module):
         self.vocab_size = vocab_size
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = norm_layer(cfg, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
@@ -294,7 +294,8 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(past, past + T, device=idx.device))
         else:
             rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])
-        x = self.drop(x)
+        if self.cfg.dropout and self.training:
+            x = F.dropout(x, self.cfg.dropout, True)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer)
         if cache is not None:

@@ -163,19 +163,20 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Approximately replace G = U S V^T by U V^T with a quintic Newton-Schulz iteration (Muon, K. Jordan 2024).
 
     The coefficients (3.4445, -4.7750, 2.0315) push every singular value of the normalised matrix towards ~1 fast.
+    g: (rows, cols) or a stack (n, rows, cols) of same-shaped matrices, each orthogonalised on its own.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16() if g.is_cuda else g.float()
-    transposed = x.size(0) > x.size(1)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
     for _ in range(steps):
-        A = x @ x.T
+        A = x @ x.mT
         B = b * A + c * A @ A
         x = a * x + B @ x
     if transposed:
-        x = x.T
+        x = x.mT
     return x.to(g.dtype)
 
 
@@ -183,7 +184,8 @@ class Muon(torch.optim.Optimizer):
     """Muon for 2-D hidden matrices (groups with use_muon=True), AdamW for everything else.
 
     Muon: momentum buffer m <- mu m + g; update = orthogonalize(g + mu m) (Nesterov), scaled by
-    sqrt(max(1, rows/cols)); p <- p (1 - lr wd) - lr update.
+    sqrt(max(1, rows/cols)); p <- p (1 - lr wd) - lr update. Matrices of the same shape are orthogonalised
+    together as one batch, which is the same arithmetic with far fewer kernel launches.
     """
 
     def __init__(self, param_groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -199,17 +201,25 @@ class Muon(torch.optim.Optimizer):
                 adamw_update(self, group, params)
                 continue
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            bufs = []
             for p in params:
                 state = self.state[p]
                 if not state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(mu).add_(p.grad)
-                update = orthogonalize(p.grad.add(buf, alpha=mu))
-                scale = math.sqrt(max(1.0, p.size(0) / p.size(1)))
-                if wd:
-                    p.mul_(1.0 - lr * wd)
-                p.add_(update, alpha=-lr * scale)
+                bufs.append(state["momentum_buffer"])
+            grads = [p.grad for p in params]
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            nesterov = torch._foreach_add(grads, bufs, alpha=mu)
+            if wd:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            by_shape: dict[tuple, list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault(tuple(p.shape), []).append(i)
+            for shape, idx in by_shape.items():
+                updates = orthogonalize(torch.stack([nesterov[i] for i in idx]))
+                scale = math.sqrt(max(1.0, shape[0] / shape[1]))
+                torch._foreach_add_([params[i] for i in idx], list(updates.unbind(0)), alpha=-lr * scale)
 
 
 def param_groups(model: nn.Module, weight_decay: float, split_hidden: bool = False) -> list[dict]:

@@ -81,7 +81,7 @@ class SampleConfig:
             raise LmlabError(f"--top-k must be >= 0, got {self.top_k}")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
              use_cache: bool = True) -> Iterator[int]:

@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .checkpoint import (
-    LoadedRun, latest_good_checkpoint, load_checkpoint, read_run_config, save_checkpoint,
+    latest_good_checkpoint, load_checkpoint, read_run_config, remove_stale_temp_files, save_checkpoint,
 )
 from .common import (
     SCHEMA_VERSION, LmlabError, atomic_write_bytes, atomic_write_json, fmt_count, resolve_device, resolve_dtype,
@@ -80,6 +80,10 @@ class TrainConfig:
     """Prompt of the final sample."""
     progress: bool = True
     """Show a progress bar on a terminal."""
+    max_bad_steps: int = 5
+    """After this many non-finite losses/gradients in a row, roll back to the last checkpoint with a lower LR."""
+    max_rollbacks: int = 2
+    """Roll back at most this many times (halving the LR each time), then stop with a diagnosis."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
@@ -89,6 +93,8 @@ class TrainConfig:
             raise LmlabError(f"--max-steps must be >= 0, got {self.max_steps}")
         if self.max_time < 0 or not math.isfinite(self.max_time):
             raise LmlabError(f"--max-time must be a number of seconds >= 0, got {self.max_time}")
+        if self.max_bad_steps <= 0 or self.max_rollbacks < 0:
+            raise LmlabError("--max-bad-steps must be positive and --max-rollbacks >= 0")
         if self.eval_tokens < 0 or self.sample_tokens < 0 or self.threads < 0:
             raise LmlabError("--eval-tokens, --sample-tokens and --threads must be >= 0")
 
@@ -107,6 +113,22 @@ class TrainConfig:
             )
         except (TypeError, KeyError) as e:
             raise LmlabError(f"run config has an unknown or missing setting ({e})") from None
+
+
+def diagnose_divergence(cfg: TrainConfig, step: int, bad: int, rollbacks: int, dtype: torch.dtype,
+                        lr_scale: float) -> str:
+    """One line that names the most likely cause of a run whose loss or gradients stay non-finite."""
+    where = f"the loss or gradient norm was not finite for {bad} steps in a row at step {step}"
+    if rollbacks:
+        where += f", after {rollbacks} rollback(s) that cut the learning rate to {lr_scale:g}x"
+    if dtype == torch.float16:
+        cause = "likely cause: float16 overflow; use --dtype bfloat16 or float32"
+    elif step <= bad:
+        cause = (f"likely cause: the data or the learning rate (--lr {cfg.optim.lr:g}) from the very first step; "
+                 f"try a learning rate 10x lower")
+    else:
+        cause = f"likely cause: the learning rate (--lr {cfg.optim.lr:g}) is too high; try a lower --lr or more --warmup"
+    return f"training diverged: {where}; {cause}"
 
 
 class Interrupted(Exception):
@@ -185,6 +207,7 @@ def train(cfg: TrainConfig) -> dict:
         raise LmlabError("set a budget: --max-steps N and/or --max-time SECONDS")
     run_dir = _prepare_run_dir(cfg)
     with RunLock(run_dir):
+        remove_stale_temp_files(run_dir)
         return _train_locked(cfg, run_dir)
 
 
@@ -205,8 +228,9 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
             raise LmlabError(f"the model settings differ from those of the run in {run_dir}; they cannot change on resume")
         tokenizer = tok.load(run_dir / "tokenizer.json")
         resume_path = latest_good_checkpoint(run_dir, warn=_say)
-        if resume_path is None:
-            raise LmlabError(f"run {run_dir} has no complete checkpoint to resume from")
+        if resume_path is None:  # it died before its first checkpoint: nothing to keep, start it over
+            _say(f"run {run_dir} has no complete checkpoint yet; starting it again from step 0")
+            _truncate_metrics(run_dir / "metrics.jsonl", -1)
     else:
         tokenizer = None
 
@@ -222,15 +246,25 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
     optimizer = build_optimizer(model, cfg.optim)
     step, tokens_seen, elapsed = 0, 0, 0.0
     best_val = math.inf
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, model, optimizer, device)
+    lr_scale, skipped_total, rollbacks = 1.0, 0, 0
+
+    def restore(path: Path) -> None:
+        """Put model, optimizer, sampler, RNGs and counters back as they were when `path` was written."""
+        nonlocal step, tokens_seen, elapsed, best_val, lr_scale, skipped_total, rollbacks
+        ckpt = load_checkpoint(path, model, optimizer, device)
         sampler.load_state_dict({"generator": ckpt.rng["sampler"]})
         torch.set_rng_state(ckpt.rng["torch"])
         if "cuda" in ckpt.rng and device.type == "cuda":
             torch.cuda.set_rng_state(ckpt.rng["cuda"])
         step, tokens_seen, elapsed = ckpt.step, ckpt.state["tokens"], ckpt.state["elapsed_s"]
         best_val = ckpt.state.get("best_val_loss") or math.inf
+        lr_scale = ckpt.state.get("lr_scale", 1.0)
+        skipped_total = ckpt.state.get("skipped_steps", 0)
+        rollbacks = ckpt.state.get("rollbacks", 0)
         _truncate_metrics(run_dir / "metrics.jsonl", step)
+
+    if resume_path is not None:
+        restore(resume_path)
         _say(f"resuming {run_dir} from {resume_path.name} (step {step}, {fmt_count(tokens_seen)} tokens)")
     else:
         tokenizer.save(run_dir / "tokenizer.json")
@@ -280,8 +314,10 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
 
     def checkpoint() -> None:
         nonlocal last_saved
-        state = {"tokens": tokens_seen, "elapsed_s": elapsed,
-                 "best_val_loss": best_val if math.isfinite(best_val) else None}
+        metrics_file.flush()  # every record up to this step is on disk before the checkpoint that covers it
+        os.fsync(metrics_file.fileno())
+        state = {"tokens": tokens_seen, "elapsed_s": elapsed, "lr_scale": lr_scale, "skipped_steps": skipped_total,
+                 "rollbacks": rollbacks, "best_val_loss": best_val if math.isfinite(best_val) else None}
         try:
             save_checkpoint(run_dir, step, model, optimizer, _rng_state(sampler), state, cfg.keep_checkpoints)
         except OSError as e:
@@ -310,6 +346,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         run_eval()  # the loss before any learning: about ln(vocab)
         _say(f"step 0: val loss {last_val.loss:.4f} (uniform guess: {math.log(tokenizer.vocab_size):.4f})")
 
+    bad_in_row = 0
     autocast = autocast_context(device, dtype)
     train_model.train()
     try:
@@ -317,7 +354,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
             t0 = time.perf_counter()
             multiplier = lr_multiplier(cfg.optim.schedule, step, progress(), cfg.optim.warmup,
                                        cfg.optim.decay_fraction, cfg.optim.final_lr_frac)
-            set_lr(optimizer, multiplier)
+            set_lr(optimizer, multiplier * lr_scale)
             loss_sum = torch.zeros((), device=device)
             for _ in range(cfg.grad_accum):
                 x, y = sampler.next()
@@ -326,17 +363,40 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
-            optimizer.step()
+            train_loss = float(loss_sum) / cfg.grad_accum
+            finite = math.isfinite(train_loss) and math.isfinite(float(grad_norm))
+            if finite:
+                optimizer.step()
+                bad_in_row = 0
+            else:  # skip the update: one bad batch or one overflow must not wreck the weights
+                skipped_total += 1
+                bad_in_row += 1
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
-            train_loss = float(loss_sum) / cfg.grad_accum
             dt = time.perf_counter() - t0
             elapsed += dt
             record = {"step": step, "tokens": tokens_seen, "train_loss": train_loss,
                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                       "tokens_per_s": tokens_per_step / dt, "elapsed_s": round(elapsed, 4)}
+            if not finite:
+                record.update(skipped=True, skipped_total=skipped_total)
             metrics_file.write(json.dumps(record) + "\n")
+            if bad_in_row >= cfg.max_bad_steps:
+                metrics_file.flush()
+                last_good = latest_good_checkpoint(run_dir, warn=_say)
+                if last_good is None or rollbacks >= cfg.max_rollbacks:
+                    raise LmlabError(diagnose_divergence(cfg, step, bad_in_row, rollbacks, dtype, lr_scale))
+                restore(last_good)
+                rollbacks += 1
+                lr_scale *= 0.5
+                bad_in_row = 0
+                metrics_file.close()
+                metrics_file = open(run_dir / "metrics.jsonl", "a")
+                metrics_file.write(json.dumps({"step": step, "rollback": rollbacks, "lr_scale": lr_scale}) + "\n")
+                _say(f"warning: {cfg.max_bad_steps} non-finite steps in a row; rolled back to {last_good.name} "
+                     f"with the learning rate scaled by {lr_scale:g}")
+                continue
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"loss {train_loss:.4f} | {fmt_count(tokens_per_step / dt)} tok/s | {elapsed:.0f}s")
@@ -349,9 +409,6 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
                     _say(line)
             if step % cfg.checkpoint_interval == 0 or finished():
                 checkpoint()
-            if not math.isfinite(train_loss):
-                raise LmlabError(f"the loss became {train_loss} at step {step}; lower --lr (now {cfg.optim.lr}) "
-                                 f"or use --dtype float32")
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()

@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Kill a training run with SIGKILL K times at random moments (some while a checkpoint is being written), resume
+after each kill, and check that nothing was lost:
+
+1. every resume starts from the newest complete checkpoint;
+2. the logged losses of the finished run equal those of an uninterrupted run, exactly;
+3. no temporary files are left behind.
+
+    python scripts/crash_test.py --kills 20          # prints a summary line; exit 0 when every check passed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TRAIN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
+         "--eval-interval", "25", "--checkpoint-interval", "5", "--keep-checkpoints", "2", "--sample-tokens", "0",
+         "--max-time", "0", "--no-progress", "--schedule", "cosine", "--warmup", "10", "--threads", "1"]
+
+
+def corpus(path: Path) -> None:
+    rng = random.Random(0)
+    words = "the model reads a window of tokens and predicts the next one from what came before".split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(3000)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train_loss" in rec:
+            if rec["step"] in out:
+                raise AssertionError(f"step {rec['step']} logged twice")
+            out[rec["step"]] = rec["train_loss"]
+    return out
+
+
+def complete_checkpoints(run: Path) -> list[int]:
+    """Steps of checkpoint folders that verify (what a resume may start from)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lmlab.checkpoint import checkpoint_dirs, verify_checkpoint
+    from lmlab.common import LmlabError
+
+    good = []
+    for p in checkpoint_dirs(run):
+        try:
+            verify_checkpoint(p)
+            good.append(int(p.name.split("_")[1]))
+        except LmlabError:
+            pass
+    return good
+
+
+def temp_files(run: Path) -> list[str]:
+    return [str(p.relative_to(run)) for p in run.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.name]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lmlab-crash-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "corpus.txt"
+    corpus(data)
+    env = {**os.environ, "LMLAB_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
+    base = [sys.executable, "-m", "lmlab", "train", "--data", str(data), "--max-steps", str(args.steps), *TRAIN]
+
+    ref = work / "reference"
+    subprocess.run([*base, "--out", str(ref)], env=env, check=True, capture_output=True)
+    reference = losses(ref)
+
+    run = work / "killed"
+    pause_env = {**env, "LMLAB_TEST_CHECKPOINT_PAUSE": "0.3"}
+    kills, during_checkpoint, resumes = 0, 0, []
+    cmd = [*base, "--out", str(run)]
+    while True:
+        started = complete_checkpoints(run) if run.exists() else []
+        killed = False
+        if kills < args.kills:
+            proc = subprocess.Popen(cmd, env=pause_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            in_checkpoint = kills % 2 == 0  # every other kill lands inside a checkpoint write
+            kill_at = time.time() + rng.uniform(2.0, 5.0)  # python start-up takes about 2 s
+            while proc.poll() is None and time.time() < kill_at + 30:
+                writing = run.exists() and any((run / "checkpoints").glob(".step_*.tmp"))
+                if (in_checkpoint and writing) or (not in_checkpoint and time.time() > kill_at):
+                    break
+                time.sleep(0.005)
+            if proc.poll() is None:
+                if in_checkpoint:
+                    time.sleep(rng.uniform(0.0, 0.2))  # somewhere inside the (paused) checkpoint write
+                    during_checkpoint += any((run / "checkpoints").glob(".step_*.tmp"))
+                proc.send_signal(signal.SIGKILL)
+                killed = True
+                kills += 1
+            proc.wait()
+            stderr = proc.stderr.read()
+        else:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            stderr = proc.stderr
+        m = re.search(r"resuming .* from step_(\d+)", stderr)
+        if m:
+            resumes.append(int(m.group(1)))
+            expected = max(started) if started else None
+            if int(m.group(1)) != expected:
+                print(f"FAIL: resumed from step {m.group(1)}, but the newest complete checkpoint was {expected}")
+                return 1
+        if proc.returncode == 0:
+            break
+        if not killed:
+            print(f"FAIL: training exited with {proc.returncode}: {stderr.strip().splitlines()[-1:]}")
+            return 1
+        if (run / "config.json").exists():
+            cmd = [*base[:4], "--resume", str(run), "--max-steps", str(args.steps)]
+
+    final = losses(run)
+    problems = []
+    if final != reference:
+        diff = [s for s in reference if final.get(s) != reference[s]]
+        problems.append(f"losses differ from the uninterrupted run at {len(diff)} steps (first: {diff[:3]})")
+    left = temp_files(run)
+    if left:
+        problems.append(f"temporary files left: {left}")
+    summary = (f"{kills} kills ({during_checkpoint} during a checkpoint write), {len(resumes)} resumes, "
+               f"{len(final)} steps compared with an uninterrupted run")
+    if problems:
+        print("FAIL: " + "; ".join(problems) + f" [{summary}]")
+        return 1
+    print(f"PASS: {summary}: identical losses, every resume from the newest complete checkpoint, no temp files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
