@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,13 +187,18 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Optional[torc
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
     except (SafetensorError, RuntimeError, OSError) as e:
-        raise LmlabError(f"cannot load weights from {path}: {str(e).splitlines()[0]}") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(e).__name__)
+        raise LmlabError(f"cannot load weights from {path}: {detail}; was it written with another config?") from None
     if missing or unexpected:
         raise LmlabError(
             f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, unexpected "
             f"{sorted(unexpected)[:3]}); was it written with another config?"
         )
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    try:
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise LmlabError(f"cannot read {path / 'optimizer.safetensors'}: {e}") from None
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
     opt_tensors = {k: v.to(device) for k, v in tensors.items() if k.startswith("state.")}
     if optimizer is not None:
@@ -203,7 +209,24 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Optional[torc
     return Checkpoint(path, state, opt_tensors, rng)
 
 
-def latest_good_checkpoint(run_dir: Path, warn=print) -> Optional[Path]:
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_tokenizer(config: dict, tokenizer: tok.Tokenizer, run_dir: Path) -> None:
+    """Refuse a tokenizer.json that is not the one the run was trained with."""
+    expected = config.get("vocab_size")
+    if expected is not None and expected != tokenizer.vocab_size:
+        raise LmlabError(
+            f"tokenizer.json of {run_dir} has {tokenizer.vocab_size} symbols but the model expects "
+            f"{expected}; the tokenizer file belongs to another run"
+        )
+    fingerprint = config.get("tokenizer_fingerprint")
+    if fingerprint is not None and fingerprint != tokenizer.fingerprint():
+        raise LmlabError(f"tokenizer.json of {run_dir} is not the tokenizer this run was trained with")
+
+
+def latest_good_checkpoint(run_dir: Path, warn=_warn) -> Optional[Path]:
     """The newest checkpoint that verifies; damaged ones are reported and skipped."""
     for path in reversed(checkpoint_dirs(run_dir)):
         try:
@@ -249,17 +272,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     tokenizer = tok.load(run_dir / "tokenizer.json")
     path = latest_good_checkpoint(run_dir)
     if path is None:
+        if checkpoint_dirs(run_dir):
+            raise LmlabError(f"every checkpoint of run {run_dir} is damaged; nothing can be loaded")
         raise LmlabError(f"run {run_dir} has no checkpoint yet; train it first (lmlab train --resume {run_dir})")
     try:
         model_cfg = ModelConfig(**config["model"])
     except TypeError as e:
         raise LmlabError(f"config.json of {run_dir} has an unknown model setting ({e})") from None
-    expected = config.get("vocab_size")
-    if expected is not None and expected != tokenizer.vocab_size:
-        raise LmlabError(
-            f"tokenizer.json of {run_dir} has {tokenizer.vocab_size} symbols but the model expects "
-            f"{expected}; the tokenizer file belongs to another run"
-        )
+    check_tokenizer(config, tokenizer, run_dir)
     model = build_model(model_cfg, tokenizer.vocab_size).to(device)
     ckpt = load_checkpoint(path, model, None, device)
     model.eval()

@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .checkpoint import (
-    latest_good_checkpoint, load_checkpoint, read_run_config, remove_stale_temp_files, save_checkpoint,
+    check_tokenizer, latest_good_checkpoint, load_checkpoint, read_run_config, remove_stale_temp_files, save_checkpoint,
 )
 from .common import (
     SCHEMA_VERSION, LmlabError, atomic_write_bytes, atomic_write_json, fmt_count, resolve_device, resolve_dtype,
@@ -103,7 +103,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, obj: dict) -> "TrainConfig":
-        obj = {k: v for k, v in obj.items() if k not in ("schema_version", "lmlab_version", "vocab_size")}
+        obj = {k: v for k, v in obj.items() if k not in ("schema_version", "lmlab_version", "vocab_size", "tokenizer_fingerprint")}
         try:
             return cls(
                 data=DataConfig(**obj.pop("data")),
@@ -145,7 +145,10 @@ class RunLock:
     def __enter__(self):
         import fcntl
 
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise LmlabError(f"run {self.path.parent} is not writable ({e.strerror})") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -223,10 +226,12 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
 
     resume_path = None
     if cfg.resume:
-        saved = TrainConfig.from_json(read_run_config(run_dir))
+        saved_json = read_run_config(run_dir)
+        saved = TrainConfig.from_json(saved_json)
         if dataclasses.asdict(saved.model) != dataclasses.asdict(cfg.model):
             raise LmlabError(f"the model settings differ from those of the run in {run_dir}; they cannot change on resume")
         tokenizer = tok.load(run_dir / "tokenizer.json")
+        check_tokenizer(saved_json, tokenizer, run_dir)
         resume_path = latest_good_checkpoint(run_dir, warn=_say)
         if resume_path is None:  # it died before its first checkpoint: nothing to keep, start it over
             _say(f"run {run_dir} has no complete checkpoint yet; starting it again from step 0")
@@ -268,7 +273,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         _say(f"resuming {run_dir} from {resume_path.name} (step {step}, {fmt_count(tokens_seen)} tokens)")
     else:
         tokenizer.save(run_dir / "tokenizer.json")
-    atomic_write_json(run_dir / "config.json", {**cfg.to_json(), "vocab_size": tokenizer.vocab_size})
+    atomic_write_json(run_dir / "config.json", {**cfg.to_json(), "vocab_size": tokenizer.vocab_size,
+                                                "tokenizer_fingerprint": tokenizer.fingerprint()})
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * block
     _say(
@@ -332,15 +338,19 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         total = cfg.max_steps if cfg.max_steps and not cfg.max_time else None
         bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    previous_handler = signal.getsignal(signal.SIGTERM)
+    stop_requested: list[int] = []  # set by SIGINT/SIGTERM; acted on between steps, never inside one
 
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
+    def on_signal(signum, frame):
+        if stop_requested:  # a second Ctrl-C while the checkpoint is written: give up at once
+            raise KeyboardInterrupt
+        stop_requested.append(signum)
 
-    try:
-        signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # not the main thread
-        previous_handler = None
+    previous_handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous_handlers[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread: leave signals alone
+            break
 
     if step == 0:
         run_eval()  # the loss before any learning: about ln(vocab)
@@ -351,6 +361,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
     train_model.train()
     try:
         while not finished():
+            if stop_requested:
+                raise KeyboardInterrupt
             t0 = time.perf_counter()
             multiplier = lr_multiplier(cfg.optim.schedule, step, progress(), cfg.optim.warmup,
                                        cfg.optim.decay_fraction, cfg.optim.final_lr_frac)
@@ -382,14 +394,15 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
             if not finite:
                 record.update(skipped=True, skipped_total=skipped_total)
             metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()  # live readers (and the crash test) see every step
             if bad_in_row >= cfg.max_bad_steps:
                 metrics_file.flush()
                 last_good = latest_good_checkpoint(run_dir, warn=_say)
                 if last_good is None or rollbacks >= cfg.max_rollbacks:
                     raise LmlabError(diagnose_divergence(cfg, step, bad_in_row, rollbacks, dtype, lr_scale))
-                restore(last_good)
-                rollbacks += 1
-                lr_scale *= 0.5
+                done_rollbacks, scale = rollbacks, lr_scale
+                restore(last_good)  # (this reloads the counters as they were at that checkpoint)
+                rollbacks, lr_scale = done_rollbacks + 1, scale * 0.5
                 bad_in_row = 0
                 metrics_file.close()
                 metrics_file = open(run_dir / "metrics.jsonl", "a")
@@ -407,8 +420,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
                     bar.write(line, file=sys.stderr)
                 else:
                     _say(line)
-            if step % cfg.checkpoint_interval == 0 or finished():
-                checkpoint()
+            if (step % cfg.checkpoint_interval == 0 or finished()) and bad_in_row == 0:
+                checkpoint()  # never while non-finite steps are piling up: a rollback must land on good weights
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
@@ -419,8 +432,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         _say(f"\ninterrupted at step {step}; checkpoint written. Resume with:\n  {cmd}")
         raise Interrupted(cmd) from None
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         if bar is not None:
             bar.close()
         if not metrics_file.closed:

@@ -46,6 +46,19 @@ def losses(run: Path) -> dict[int, float]:
     return out
 
 
+def _last_step(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (json.JSONDecodeError, ValueError):
+            continue
+    return 0
+
+
 def complete_checkpoints(run: Path) -> list[int]:
     """Steps of checkpoint folders that verify (what a resume may start from)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -95,12 +108,16 @@ def main() -> int:
         if kills < args.kills:
             proc = subprocess.Popen(cmd, env=pause_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             in_checkpoint = kills % 2 == 0  # every other kill lands inside a checkpoint write
-            kill_at = time.time() + rng.uniform(2.0, 5.0)  # python start-up takes about 2 s
-            while proc.poll() is None and time.time() < kill_at + 30:
+            done = _last_step(run)
+            target = rng.randint(done + 1, max(done + 1, args.steps - 1))  # kill when the log reaches this step
+            deadline = time.time() + 60
+            while proc.poll() is None and time.time() < deadline:
                 writing = run.exists() and any((run / "checkpoints").glob(".step_*.tmp"))
-                if (in_checkpoint and writing) or (not in_checkpoint and time.time() > kill_at):
+                if in_checkpoint and writing:
                     break
-                time.sleep(0.005)
+                if not in_checkpoint and (run / "metrics.jsonl").exists() and _last_step(run) >= target:
+                    break
+                time.sleep(0.002)
             if proc.poll() is None:
                 if in_checkpoint:
                     time.sleep(rng.uniform(0.0, 0.2))  # somewhere inside the (paused) checkpoint write
@@ -133,6 +150,10 @@ def main() -> int:
     if final != reference:
         diff = [s for s in reference if final.get(s) != reference[s]]
         problems.append(f"losses differ from the uninterrupted run at {len(diff)} steps (first: {diff[:3]})")
+    if kills < args.kills:
+        problems.append(f"the run finished after {kills} of {args.kills} kills; use more --steps")
+    if not any(r is not None for r in resumes):
+        problems.append("no resume ever started from a checkpoint")
     left = temp_files(run)
     if left:
         problems.append(f"temporary files left: {left}")

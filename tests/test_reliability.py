@@ -139,6 +139,13 @@ def test_crash_test_script_passes(tmp_path):
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
     assert "PASS" in proc.stdout, proc.stdout
+    # and it was not vacuous: killed at least once, inside a checkpoint write. (A timed kill can be missed when that
+    # process finishes first, and kills before the first complete checkpoint restart from step 0 rather than
+    # resume, so neither the kill count nor the resume count is fixed.)
+    m = re.search(r"(\d+) kills \((\d+) during a checkpoint write\)", proc.stdout)
+    assert m, proc.stdout
+    kills, during = map(int, m.groups())
+    assert 1 <= kills <= 3 and during >= 1, proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,12 +307,17 @@ def test_single_nonfinite_step_is_skipped_and_training_continues(tmp_path, monke
     assert [r["step"] for r in records if r.get("skipped")] == [7]
     assert records[6]["skipped_total"] == 1 and math.isnan(records[6]["grad_norm"])
     assert not any("rollback" in r for r in read_jsonl(run / "metrics.jsonl"))
-    ck = {int(p.name.split("_")[1]): load_file(str(p / "model.safetensors")) for p in checkpoint_dirs(run)}
-    assert sorted(ck) == list(range(1, 13))
-    # the skipped step left the weights alone; the steps around it did update them
-    assert all(torch.equal(ck[6][k], ck[7][k]) for k in ck[6])
+    dirs = {int(p.name.split("_")[1]): p for p in checkpoint_dirs(run)}
+    # no checkpoint is written while a non-finite step is pending, so a rollback always lands on good weights
+    assert sorted(dirs) == [s for s in range(1, 13) if s != 7]
+    ck = {s: load_file(str(p / "model.safetensors")) for s, p in dirs.items()}
+    adam_steps = {s: {v["step"] for v in json.loads((p / "state.json").read_text())["optimizer"]["scalars"].values()}
+                  for s, p in dirs.items()}
+    # the skipped step made no update: after step 8 the optimizer has taken 7 steps, not 8
+    assert adam_steps[6] == {6} and adam_steps[8] == {7} and adam_steps[12] == {11}
     assert any(not torch.equal(ck[5][k], ck[6][k]) for k in ck[5])
-    assert any(not torch.equal(ck[7][k], ck[8][k]) for k in ck[7])
+    assert any(not torch.equal(ck[6][k], ck[8][k]) for k in ck[6])
+    assert all(torch.isfinite(t).all() for t in ck[12].values())
     assert all(torch.isfinite(t).all() for t in ck[12].values())
     assert verify_checkpoint(checkpoint_dirs(run)[-1])["skipped_steps"] == 1
 
@@ -424,20 +436,27 @@ def test_all_checkpoints_damaged_is_a_clear_error(run, capsys):
     assert _snapshot(run) == before
 
 
-@pytest.mark.parametrize("files", [
-    {"model.safetensors": "0", "optimizer.safetensors": "0", "../../escape.bin": "0"},
-    {"../../model.safetensors": "0", "optimizer.safetensors": "0"},
-    {"model.safetensors": "0", "../../../../etc/passwd": "0"},
-    ["../../escape.bin"],
-])
-def test_state_json_file_list_cannot_leave_the_run(run, capsys, files):
+ESCAPE = "../../../escape.bin"  # from RUN/checkpoints/step_N: a file beside RUN, outside the run
+
+
+@pytest.mark.parametrize("case", ["extra-relative", "model-relative", "extra-absolute", "list"])
+def test_state_json_file_list_cannot_leave_the_run(run, capsys, case):
+    """Even with every recorded hash correct, a file list naming a path outside the checkpoint is refused."""
     outside = run.parent / "escape.bin"
     outside.write_bytes(b"outside the run")
+    digest = sha256_file(outside)
     for d in checkpoint_dirs(run):
+        own = {name: sha256_file(d / name) for name in ("model.safetensors", "optimizer.safetensors")}
+        assert (d / ESCAPE).resolve() == outside.resolve()
+        files = {
+            "extra-relative": {**own, ESCAPE: digest},
+            "model-relative": {ESCAPE: digest, "optimizer.safetensors": own["optimizer.safetensors"]},
+            "extra-absolute": {**own, str(outside): digest},
+            "list": [*own, ESCAPE],
+        }[case]
         state = json.loads((d / "state.json").read_text())
         state["files"] = files
         (d / "state.json").write_text(json.dumps(state))
-    for d in checkpoint_dirs(run):
         with pytest.raises(LmlabError):
             verify_checkpoint(d)
     rc, _, err = _cli(capsys, "sample", run, *SAMPLE)
@@ -645,9 +664,38 @@ def world_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
+def _as_nobody() -> None:
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+def _as_root_without_dac_override() -> None:
+    """Root, but file permissions apply to it: CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH leave the bounding set, so
+    the program we exec does not get them."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def _unprivileged():
+    """A preexec_fn that takes away root's power to write anywhere: user nobody when nobody can run this Python
+    (here it may live under /root), else root without the capabilities that bypass file permissions."""
+    try:
+        if subprocess.run([sys.executable, "-c", "import lmlab"], capture_output=True,
+                          preexec_fn=_as_nobody).returncode == 0:
+            return _as_nobody, "user nobody"
+    except OSError:  # nobody may not execute the interpreter at all
+        pass
+    return _as_root_without_dac_override, "root without CAP_DAC_OVERRIDE"
+
+
 def test_read_only_output_as_an_unprivileged_user(world_dir):
     if os.geteuid() != 0:
-        pytest.skip("needs root to run the command as user nobody")
+        pytest.skip("needs root, to run the command as user nobody or as root without CAP_DAC_OVERRIDE")
+    drop, who = _unprivileged()
     corpus = write_corpus(world_dir / "corpus.txt")
     cache = world_dir / "cache"
     cache.mkdir()
@@ -671,17 +719,18 @@ def test_read_only_output_as_an_unprivileged_user(world_dir):
     ]
     env = {**cli_env(cache), "HOME": str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases)], cwd=str(world_dir), env=env,
-                          capture_output=True, text=True, timeout=120,
-                          preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))
-    assert proc.returncode == 0, proc.stderr
+                          capture_output=True, text=True, timeout=120, preexec_fn=drop)
+    assert proc.returncode == 0, f"as {who}: {proc.stderr}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"commands ran as {who}")
     _assert_clean_error(results[0]["rc"], results[0]["err"], str(ro / "new"))
     _assert_clean_error(results[1]["rc"], results[1]["err"], "not writable")
-    _assert_clean_error(results[2]["rc"], results[2]["err"], str(run))
     assert results[3]["rc"] == 0, results[3]["err"]  # a read-only run can still be sampled
     assert results[3]["out"].startswith("the ")
     assert not (ro / "new").exists() and not list(ro.iterdir())
     assert _snapshot(run) == before
+    # resuming a run the user may not write: one clear line that names the run
+    _assert_clean_error(results[2]["rc"], results[2]["err"], str(run))
 
 
 def test_max_time_zero_without_a_step_budget(tmp_path, capsys):
