@@ -22,6 +22,10 @@ SUBCOMMANDS = {
     "sample": "generate text from a trained run, streamed to the terminal",
     "eval": "loss, bits/byte, perplexity and accuracy of a run on its validation split or any text",
     "data": "list the built-in and named corpora, or prepare (tokenize and cache) a corpus",
+    "next": "the next-token distribution after a prompt, and which tokens sampling settings keep",
+    "surprisal": "per-token loss of a text, coloured in the terminal or as an HTML heatmap",
+    "landscape": "the loss around the trained weights along random directions, and the training trajectory",
+    "report": "one self-contained HTML page (and PNGs) with the curves, probes, samples and config of runs",
     "bench": "measure hardware peak, training throughput and MFU, time to quality, generation and data speed",
 }
 
@@ -232,6 +236,180 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class NextArgs:
+    """Show the model's distribution over the next token after a prompt."""
+
+    run: Annotated[str, tyro.conf.Positional]
+    """The run directory."""
+    prompt: Annotated[str, tyro.conf.Positional]
+    """The text before the token to predict."""
+    top: int = 10
+    """How many of the most likely tokens to list."""
+    temperature: float = 1.0
+    """Sampling temperature whose effect is shown (0: greedy)."""
+    top_k: int = 0
+    """Top-k filter whose effect is shown (0: off)."""
+    top_p: float = 1.0
+    """Top-p filter whose effect is shown (1: off)."""
+    json: bool = False
+    """Print JSON instead of a table."""
+    device: str = "cpu"
+    """auto, cpu, cuda or mps."""
+
+
+def cmd_next(argv: list[str]) -> int:
+    import dataclasses as dc
+
+    from .checkpoint import load_run
+    from .common import resolve_device
+    from .inspect import next_token_distribution
+    from .sample import SampleConfig
+
+    args = parse(NextArgs, argv, "lmlab next")
+    SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # validates the settings
+    if args.top <= 0:
+        raise LmlabError(f"--top must be positive, got {args.top}")
+    run = load_run(args.run, resolve_device(args.device))
+    rows = next_token_distribution(run.model, run.tokenizer, args.prompt, args.top, args.temperature, args.top_k,
+                                   args.top_p)
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "temperature": args.temperature, "top_k": args.top_k,
+                          "top_p": args.top_p, "tokens": [dc.asdict(r) for r in rows]}))
+        return 0
+    print(f"next token after {args.prompt!r} (temperature {args.temperature:g}, top-k {args.top_k or 'off'}, "
+          f"top-p {args.top_p:g}); * = kept by these settings")
+    print(f"{'rank':>4}  {'token':<12} {'prob':>8} {'cum':>8} {'logit':>8}  {'kept':<4} {'sampled':>8}")
+    for r in rows:
+        print(f"{r.rank:>4}  {r.token:<12} {r.probability:8.2%} {r.cumulative:8.2%} {r.logit:8.3f}  "
+              f"{'*' if r.kept else ' ':<4} {r.renormalized:8.2%}")
+    return 0
+
+
+@dataclass
+class SurprisalArgs:
+    """Per-token surprisal (loss) of a text under a trained run; the totals equal `lmlab eval` on that text."""
+
+    run: Annotated[str, tyro.conf.Positional]
+    """The run directory."""
+    file: Annotated[Optional[str], tyro.conf.Positional] = None
+    """A text file to score (or use --text)."""
+    text: Optional[str] = None
+    """The text to score."""
+    html: Optional[str] = None
+    """Write an HTML heatmap here (hover a token for the model's top-5 predictions)."""
+    json: bool = False
+    """Print JSON (every token with nats and bits, and the totals)."""
+    device: str = "cpu"
+    """auto, cpu, cuda or mps."""
+
+
+def cmd_surprisal(argv: list[str]) -> int:
+    from .checkpoint import load_run
+    from .common import atomic_write_bytes, resolve_device
+    from .data import Corpus, iter_text
+    from .inspect import surprisal, surprisal_html, terminal_colored
+
+    args = parse(SurprisalArgs, argv, "lmlab surprisal")
+    if (args.text is None) == (args.file is None):
+        raise LmlabError("give either --text TEXT or a FILE")
+    if args.file is not None:
+        path = Path(args.file)
+        if not path.is_file():
+            raise LmlabError(f"no such file: {args.file}")
+        text = "".join(iter_text(Corpus(args.file, [path])))
+    else:
+        text = args.text
+    run = load_run(args.run, resolve_device(args.device))
+    tokens, metrics, first = surprisal(run.model, run.tokenizer, text)
+    if args.html:
+        page = surprisal_html(first, tokens, metrics, f"surprisal under {run.run_dir}")
+        atomic_write_bytes(args.html, page.encode("utf-8"))
+        print(f"heatmap written to {args.html}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**metrics.as_dict(), "first": first,
+                          "per_token": [{"token": t.text, "nats": t.nats, "bits": t.bits, "top": t.top}
+                                        for t in tokens]}))
+        return 0
+    if sys.stdout.isatty():
+        print(terminal_colored(first, tokens))
+    else:
+        for t in tokens:
+            print(f"{t.nats:8.3f} nats {t.bits:8.3f} bits  {t.text!r}")
+    print(f"{metrics.tokens:,} tokens: loss {metrics.loss:.4f} nats/token, {metrics.bits_per_token:.4f} bits/token, "
+          f"{metrics.bits_per_byte:.4f} bits/byte, perplexity {metrics.perplexity:.3f}, accuracy {metrics.accuracy:.1%}")
+    return 0
+
+
+@dataclass
+class LandscapeArgs:
+    """Plot the loss around a run's trained weights on a fixed validation batch."""
+
+    run: Annotated[str, tyro.conf.Positional]
+    """The run directory."""
+    two_d: Annotated[bool, tyro.conf.arg(name="2d")] = False
+    """Also scan a 2-D plane (contour plot) and draw the training trajectory."""
+    points: int = 21
+    """Grid points per direction."""
+    span: float = 1.0
+    """Scan from -span to +span along each direction (1 = the size of the weights, filter by filter)."""
+    batch_size: int = 8
+    """Validation windows in the fixed batch."""
+    seed: int = 0
+    """Seed of the random directions."""
+    out: Optional[str] = None
+    """Folder for landscape.json and the PNGs (default: RUN/landscape)."""
+    device: str = "cpu"
+    """auto, cpu, cuda or mps."""
+
+
+def cmd_landscape(argv: list[str]) -> int:
+    from .checkpoint import load_run
+    from .common import resolve_device
+    from .data import load_splits
+    from .landscape import landscape
+    from .train import TrainConfig
+
+    args = parse(LandscapeArgs, argv, "lmlab landscape")
+    if args.points < 3 or args.span <= 0 or args.batch_size <= 0:
+        raise LmlabError("--points must be >= 3, --span and --batch-size positive")
+    run = load_run(args.run, resolve_device(args.device))
+    val = load_splits(TrainConfig.from_json(run.config).data, tokenizer=run.tokenizer).val
+    out_dir = Path(args.out) if args.out else run.run_dir / "landscape"
+    result = landscape(run.run_dir, run.model, val, args.two_d, args.points, args.span, args.batch_size, args.seed,
+                       out_dir)
+    one = result["one_d"]
+    print(f"loss at the trained weights: {one['center_loss']:.4f}; along a random direction it ranges "
+          f"{min(one['losses']):.4f} .. {max(one['losses']):.4f} over [-{args.span:g}, {args.span:g}]")
+    if "trajectory" in result:
+        t = result["trajectory"]
+        print(f"trajectory: {len(t['steps'])} snapshots; its 2 principal directions explain "
+              f"{sum(t['explained_variance']):.0%} of its variance")
+    print(f"written to {out_dir}: " + ", ".join(sorted(p.name for p in out_dir.glob("*"))))
+    return 0
+
+
+@dataclass
+class ReportArgs:
+    """One self-contained HTML page (and its PNGs) with the curves, probes, samples and config of one or more runs."""
+
+    runs: Annotated[list[str], tyro.conf.Positional, tyro.conf.arg(metavar="RUN [RUN ...]")]
+    """Run directories (at least one); several go on shared charts, one line per run."""
+    out: str = "report.html"
+    """Where to write the page; its PNGs go to a folder beside it named <out-stem>_files."""
+    log: bool = False
+    """Loss on a log y-axis (and tokens on a log x-axis)."""
+
+
+def cmd_report(argv: list[str]) -> int:
+    from .report import write_report
+
+    args = parse(ReportArgs, argv, "lmlab report")
+    out = write_report(args.runs, args.out, args.log)
+    print(f"report written to {out} (PNGs in {out.with_name(out.stem + '_files')})", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     from .bench import BenchConfig, print_table, run_bench
 
@@ -247,7 +425,9 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "data": cmd_data, "bench": cmd_bench,
+    "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "data": cmd_data, "next": cmd_next,
+    "surprisal": cmd_surprisal, "landscape": cmd_landscape, "bench": cmd_bench,
+    "report": cmd_report,
 }
 
 

@@ -267,6 +267,12 @@ def _split_for_batch(text: str, piece: int = 1 << 16) -> list[str]:
     return pieces
 
 
+def encode_text(tokenizer: tok.Tokenizer, text: str) -> np.ndarray:
+    """Encode a text the way prepared corpora are encoded (newline-ended pieces), so scores match `lmlab eval`."""
+    pieces = tokenizer.encode_many(_split_for_batch(text))
+    return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
+
+
 def encode_corpus(corpus: Corpus, tokenizer: tok.Tokenizer, out_path: Path, desc: str = "tokenizing") -> int:
     """Stream-encode a corpus into a raw token file; returns the number of tokens written."""
     n = 0

@@ -32,6 +32,10 @@ from .evaluate import autocast_context, evaluate
 from .model import ModelConfig, build_model, count_params
 from .optim import OptimConfig, build_optimizer, clip_grad_norm, lr_multiplier, set_lr
 from .sample import generate, prompt_ids, stream_text
+from .telemetry import (
+    GradientTelemetry, SpikeDetector, TensorBoard, append_jsonl, default_probe_prompts, probe,
+    prune_snapshots_after, save_snapshot,
+)
 from . import tokenizer as tok
 
 
@@ -80,12 +84,21 @@ class TrainConfig:
     """Prompt of the final sample."""
     progress: bool = True
     """Show a progress bar on a terminal."""
+    probe_prompts: tuple[str, ...] = ()
+    """Prompts whose next-token predictions are recorded at every eval (default: 3 cut from the validation text)."""
+    telemetry_interval: int = 25
+    """Record per-layer gradient norms and update/weight ratios every this many steps (0: off)."""
+    trajectory_snapshots: int = 12
+    """Weight snapshots kept for the loss-landscape trajectory, spread over the run (0: off)."""
+    tensorboard: bool = True
+    """Also write TensorBoard logs to RUN/tensorboard when the tensorboard package is installed."""
     max_bad_steps: int = 5
     """After this many non-finite losses/gradients in a row, roll back to the last checkpoint with a lower LR."""
     max_rollbacks: int = 2
     """Roll back at most this many times (halving the LR each time), then stop with a diagnosis."""
 
     def __post_init__(self) -> None:
+        self.probe_prompts = tuple(self.probe_prompts)
         for name in ("batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise LmlabError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -93,6 +106,8 @@ class TrainConfig:
             raise LmlabError(f"--max-steps must be >= 0, got {self.max_steps}")
         if self.max_time < 0 or not math.isfinite(self.max_time):
             raise LmlabError(f"--max-time must be a number of seconds >= 0, got {self.max_time}")
+        if self.telemetry_interval < 0 or self.trajectory_snapshots < 0:
+            raise LmlabError("--telemetry-interval and --trajectory-snapshots must be >= 0")
         if self.max_bad_steps <= 0 or self.max_rollbacks < 0:
             raise LmlabError("--max-bad-steps must be positive and --max-rollbacks >= 0")
         if self.eval_tokens < 0 or self.sample_tokens < 0 or self.threads < 0:
@@ -235,7 +250,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         resume_path = latest_good_checkpoint(run_dir, warn=_say)
         if resume_path is None:  # it died before its first checkpoint: nothing to keep, start it over
             _say(f"run {run_dir} has no complete checkpoint yet; starting it again from step 0")
-            _truncate_metrics(run_dir / "metrics.jsonl", -1)
+            for name in ("metrics.jsonl", "probes.jsonl", "telemetry.jsonl"):
+                _truncate_metrics(run_dir / name, -1)
     else:
         tokenizer = None
 
@@ -252,6 +268,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
     step, tokens_seen, elapsed = 0, 0, 0.0
     best_val = math.inf
     lr_scale, skipped_total, rollbacks = 1.0, 0, 0
+    spikes = SpikeDetector()
 
     def restore(path: Path) -> None:
         """Put model, optimizer, sampler, RNGs and counters back as they were when `path` was written."""
@@ -266,7 +283,11 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         lr_scale = ckpt.state.get("lr_scale", 1.0)
         skipped_total = ckpt.state.get("skipped_steps", 0)
         rollbacks = ckpt.state.get("rollbacks", 0)
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        if "spikes" in ckpt.state:
+            spikes.load_state_dict(ckpt.state["spikes"])
+        for name in ("metrics.jsonl", "probes.jsonl", "telemetry.jsonl"):
+            _truncate_metrics(run_dir / name, step)
+        prune_snapshots_after(run_dir, step)
 
     if resume_path is not None:
         restore(resume_path)
@@ -290,6 +311,9 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
     )
 
     train_model = torch.compile(model) if cfg.compile else model
+    probe_prompts = list(cfg.probe_prompts) or default_probe_prompts(splits.val, tokenizer, block)
+    telemetry = GradientTelemetry(model, cfg.telemetry_interval)
+    board = TensorBoard(run_dir, cfg.tensorboard)
     params = [p for p in model.parameters() if p.requires_grad]
     metrics_file = open(run_dir / "metrics.jsonl", "a")
     last_saved = step
@@ -316,6 +340,13 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
                   "val_tokens": m.tokens}
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
+        board.scalars(step, {"val/loss": m.loss, "val/bits_per_byte": m.bits_per_byte, "val/accuracy": m.accuracy})
+        if probe_prompts:
+            results = probe(model, tokenizer, probe_prompts)
+            append_jsonl(run_dir / "probes.jsonl", {"step": step, "probes": results})
+            board.text(step, "probe", "\n\n".join(f"{r['prompt']!r} -> {r['continuation']!r}" for r in results))
+        if cfg.trajectory_snapshots:
+            save_snapshot(run_dir, model, step, cfg.trajectory_snapshots)
         return m.loss
 
     def checkpoint() -> None:
@@ -323,6 +354,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         metrics_file.flush()  # every record up to this step is on disk before the checkpoint that covers it
         os.fsync(metrics_file.fileno())
         state = {"tokens": tokens_seen, "elapsed_s": elapsed, "lr_scale": lr_scale, "skipped_steps": skipped_total,
+                 "spikes": spikes.state_dict(),
                  "rollbacks": rollbacks, "best_val_loss": best_val if math.isfinite(best_val) else None}
         try:
             save_checkpoint(run_dir, step, model, optimizer, _rng_state(sampler), state, cfg.keep_checkpoints)
@@ -377,6 +409,9 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
             grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
             train_loss = float(loss_sum) / cfg.grad_accum
             finite = math.isfinite(train_loss) and math.isfinite(float(grad_norm))
+            watch = finite and telemetry.active(step + 1)
+            if watch:
+                telemetry.before_update()
             if finite:
                 optimizer.step()
                 bad_in_row = 0
@@ -393,6 +428,15 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
                       "tokens_per_s": tokens_per_step / dt, "elapsed_s": round(elapsed, 4)}
             if not finite:
                 record.update(skipped=True, skipped_total=skipped_total)
+            if cfg.optim.grad_clip and float(grad_norm) > cfg.optim.grad_clip:
+                record["clipped"] = True
+            spike = spikes.update(train_loss)
+            if spike is not None:
+                record["spike_z"] = round(spike, 2)
+            if watch:
+                append_jsonl(run_dir / "telemetry.jsonl", telemetry.after_update(step))
+            board.scalars(step, {"train/loss": train_loss, "train/lr": record["lr"],
+                                 "train/grad_norm": record["grad_norm"], "train/tokens_per_s": record["tokens_per_s"]})
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()  # live readers (and the crash test) see every step
             if bad_in_row >= cfg.max_bad_steps:
@@ -438,6 +482,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
             bar.close()
         if not metrics_file.closed:
             metrics_file.close()
+        board.close()
 
     summary = {
         "run_dir": str(run_dir),
@@ -467,5 +512,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         sys.stdout.write("\n")
         with open(run_dir / "samples.txt", "a") as f:
             f.write(f"--- step {step} ---\n{text}\n")
+        append_jsonl(run_dir / "samples.jsonl", {"step": step, "prompt": cfg.sample_prompt, "temperature": 0.8,
+                                                "text": text})
         summary["sample"] = text
     return summary

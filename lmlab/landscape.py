@@ -1,0 +1,206 @@
+"""The loss around the trained weights: along filter-normalised random directions (Li et al., 2018), as a 1-D curve
+or a 2-D contour, and the training trajectory (weight snapshots) projected on its two principal directions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .common import LmlabError, atomic_write_json
+from .loss import cross_entropy
+from .telemetry import snapshot_paths
+
+
+def fixed_batch(tokens: np.ndarray, block_size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `batch` non-overlapping windows of a token stream: the same batch every time."""
+    n = min(batch, (len(tokens) - 1) // block_size)
+    if n < 1:
+        raise LmlabError(f"the validation text is shorter than one block of {block_size} tokens")
+    x = np.stack([np.asarray(tokens[i * block_size:(i + 1) * block_size]) for i in range(n)]).astype(np.int64)
+    y = np.stack([np.asarray(tokens[i * block_size + 1:(i + 1) * block_size + 1]) for i in range(n)]).astype(np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Named parameters, each shared tensor once (tied embeddings)."""
+    seen, out = set(), {}
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p
+    return out
+
+
+def filter_normalized_direction(params: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random direction scaled so that each filter (row of a weight matrix) has the norm of the same filter of
+    the weights; vectors (norm gains, biases) get no component, as in Li et al."""
+    direction = {}
+    for name, p in params.items():
+        if p.dim() < 2:
+            direction[name] = torch.zeros_like(p)
+            continue
+        d = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+        rows_d = d.reshape(d.size(0), -1)
+        rows_p = p.detach().reshape(p.size(0), -1)
+        scale = rows_p.norm(dim=1, keepdim=True) / (rows_d.norm(dim=1, keepdim=True) + 1e-10)
+        direction[name] = (rows_d * scale).reshape(p.shape)
+    return direction
+
+
+@torch.no_grad()
+def loss_at(model, params, base, directions, coefs, x, y) -> float:
+    """Loss on (x, y) with weights base + sum_i coefs[i] * directions[i]."""
+    for name, p in params.items():
+        w = base[name].clone()
+        for c, d in zip(coefs, directions):
+            if c:
+                w.add_(d[name], alpha=float(c))
+        p.copy_(w)
+    logits, _ = model(x)
+    return float(cross_entropy(logits, y))
+
+
+@dataclass
+class Landscape:
+    coords: list[float]
+    losses: list  # 1-D: list of floats; 2-D: rows (beta) of columns (alpha)
+    center_loss: float
+
+
+@torch.no_grad()
+def scan(model, x, y, directions, points: int, span: float) -> Landscape:
+    """Evaluate the loss on a grid of `points` values in [-span, span] per direction (1 or 2 directions)."""
+    params = parameters(model)
+    base = {k: v.detach().clone() for k, v in params.items()}
+    coords = np.linspace(-span, span, points).tolist()
+    model.eval()
+    try:
+        center = loss_at(model, params, base, directions, [0.0] * len(directions), x, y)
+        if len(directions) == 1:
+            losses = [loss_at(model, params, base, directions, [a], x, y) for a in coords]
+        else:
+            losses = [[loss_at(model, params, base, directions, [a, b], x, y) for a in coords] for b in coords]
+    finally:
+        for k, p in params.items():
+            p.copy_(base[k])
+    return Landscape(coords, losses, center)
+
+
+@torch.no_grad()
+def trajectory_plane(model, snapshots: list[Path]) -> tuple[list[dict[str, torch.Tensor]], np.ndarray, np.ndarray]:
+    """Principal directions of the snapshots' offsets from the final weights, and each snapshot's coordinates.
+
+    Returns (two directions as parameter dicts, coordinates (n, 2), explained variance ratios (2,)).
+    """
+    params = parameters(model)
+    names = list(params)
+    final = torch.cat([params[n].detach().flatten().double().cpu() for n in names])
+    rows = []
+    for path in snapshots:
+        tensors = load_file(str(path))
+        rows.append(torch.cat([tensors[n].flatten().double() for n in names]) - final)
+    offsets = torch.stack(rows)  # (n, P)
+    # principal directions via the SVD of the offsets (no centring: the plane passes through the final weights)
+    _, s, vh = torch.linalg.svd(offsets, full_matrices=False)
+    k = min(2, vh.size(0))
+    basis = vh[:k]
+    if k < 2:  # a single snapshot: complete the plane with a random orthogonal direction
+        extra = torch.randn(final.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        extra -= (extra @ basis[0]) * basis[0]
+        basis = torch.stack([basis[0], extra / extra.norm()])
+        s = torch.cat([s[:1], torch.zeros(1, dtype=s.dtype)])
+    coords = (offsets @ basis.T).numpy()
+    ratio = (s[:2] ** 2 / (s ** 2).sum().clamp_min(1e-30)).numpy()
+    directions = []
+    for b in basis:
+        d, offset = {}, 0
+        for n in names:
+            numel = params[n].numel()
+            d[n] = b[offset:offset + numel].view_as(params[n]).to(params[n].dtype).to(params[n].device)
+            offset += numel
+        directions.append(d)
+    return directions, coords, ratio
+
+
+def plot_1d(land: Landscape, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(land.coords, land.losses, color="tab:blue")
+    ax.axvline(0.0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("step along a filter-normalised random direction")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_2d(land: Landscape, path: Path, title: str, xlabel: str, ylabel: str,
+            points: np.ndarray | None = None, labels: list[str] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.array(land.losses)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    levels = np.linspace(grid.min(), min(grid.max(), grid.min() + 3 * (np.median(grid) - grid.min() + 1e-6)), 25)
+    cs = ax.contour(land.coords, land.coords, grid, levels=levels, cmap="viridis")
+    ax.clabel(cs, inline=True, fontsize=7, fmt="%.2f")
+    if points is not None:
+        ax.plot(points[:, 0], points[:, 1], "o-", color="tab:red", ms=4, lw=1.2, label="training trajectory")
+        for (px, py), label in zip(points, labels or []):
+            ax.annotate(label, (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.plot([0], [0], "*", color="black", ms=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def landscape(run_dir: Path, model, val_tokens: np.ndarray, two_d: bool, points: int, span: float, batch: int,
+              seed: int, out_dir: Path) -> dict:
+    """Compute and plot the landscape of a loaded run; write landscape.json and PNGs to out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    x, y = fixed_batch(val_tokens, model.cfg.block_size, batch)
+    x, y = x.to(device), y.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    params = parameters(model)
+    result: dict = {"batch_windows": x.size(0), "block_size": model.cfg.block_size, "span": span, "points": points,
+                    "seed": seed}
+    d1 = filter_normalized_direction(params, gen)
+    line = scan(model, x, y, [d1], points, span)
+    result["one_d"] = {"coords": line.coords, "losses": line.losses, "center_loss": line.center_loss}
+    plot_1d(line, out_dir / "landscape_1d.png", f"loss around the trained weights ({run_dir.name})")
+    if two_d:
+        d2 = filter_normalized_direction(params, gen)
+        grid = scan(model, x, y, [d1, d2], points, span)
+        result["two_d"] = {"coords": grid.coords, "losses": grid.losses, "center_loss": grid.center_loss}
+        plot_2d(grid, out_dir / "landscape_2d.png", f"loss surface, random directions ({run_dir.name})",
+                "direction 1 (filter-normalised)", "direction 2 (filter-normalised)")
+        snaps = snapshot_paths(run_dir)
+        if snaps:
+            dirs, coords, ratio = trajectory_plane(model, snaps)
+            reach = float(np.abs(coords).max()) * 1.25 + 1e-8
+            plane = scan(model, x, y, dirs, points, reach)
+            labels = [f"{int(p.stem.split('_')[1])}" for p in snaps]
+            result["trajectory"] = {"steps": [int(s) for s in labels], "coords": coords.tolist(),
+                                    "explained_variance": ratio.tolist(), "grid_coords": plane.coords,
+                                    "grid_losses": plane.losses}
+            plot_2d(plane, out_dir / "trajectory.png", f"training trajectory ({run_dir.name}; step labels)",
+                    f"PC1 ({ratio[0]:.0%} of the path's variance)", f"PC2 ({ratio[1]:.0%})", coords, labels)
+    atomic_write_json(out_dir / "landscape.json", result)
+    return result

@@ -1,0 +1,583 @@
+"""One self-contained HTML page (plus its PNGs) that shows what training wrote: loss, schedule, gradients, throughput,
+probes, samples, loss landscape and config, for one run or several side by side. It reads run folders; nothing imports it."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from . import __version__
+from .checkpoint import read_run_config
+from .common import LmlabError, atomic_write_bytes, fmt_count
+from .telemetry import visible
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a run
+
+
+@dataclass
+class RunLogs:
+    """Everything training wrote into one run folder, as plain records."""
+
+    name: str
+    path: Path
+    config: dict
+    train: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    rollbacks: list[dict] = field(default_factory=list)
+    probes: list[dict] = field(default_factory=list)
+    telemetry: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    samples_text: str = ""
+    landscape_pngs: list[Path] = field(default_factory=list)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file; a line cut short (a run still writing, or a crash) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            records.append(obj)
+    return records
+
+
+def load_run_logs(path: str | Path, name: Optional[str] = None) -> RunLogs:
+    """Read a run folder; raises LmlabError when it does not exist or is not an lmlab run."""
+    path = Path(path)
+    config = read_run_config(path)
+    run = RunLogs(name or path.resolve().name, path, config)
+    for record in read_jsonl(path / "metrics.jsonl"):
+        if "rollback" in record:
+            run.rollbacks.append(record)
+        elif "val_loss" in record:
+            run.evals.append(record)
+        elif "train_loss" in record:
+            run.train.append(record)
+    run.probes = [r for r in read_jsonl(path / "probes.jsonl") if isinstance(r.get("probes"), list)]
+    run.telemetry = read_jsonl(path / "telemetry.jsonl")
+    run.samples = [r for r in read_jsonl(path / "samples.jsonl") if "text" in r]
+    if not run.samples and (path / "samples.txt").is_file():
+        run.samples_text = (path / "samples.txt").read_text(encoding="utf-8", errors="replace")
+    if (path / "landscape").is_dir():
+        run.landscape_pngs = sorted(p for p in (path / "landscape").glob("*.png") if p.is_file())
+    return run
+
+
+def run_names(paths: list[Path]) -> list[str]:
+    """Label runs by folder name; where two share one, add parent folders to those two until the labels differ."""
+    parts = [p.resolve().parts for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        names = [Path(*pp[-d:]).as_posix() for pp, d in zip(parts, depth)]
+        clashing = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not clashing:
+            return names
+        for i in clashing:
+            depth[i] += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Charts (matplotlib figures on the Agg canvas; no pyplot, so no global state is touched)
+
+
+def _finite(xs: list, ys: list, positive_x: bool = False, positive_y: bool = False) -> tuple[list, list]:
+    keep = [(x, y) for x, y in zip(xs, ys)
+            if isinstance(y, (int, float)) and math.isfinite(y) and (not positive_y or y > 0)
+            and isinstance(x, (int, float)) and (not positive_x or x > 0)]
+    return [k[0] for k in keep], [k[1] for k in keep]
+
+
+def smooth(values: list[float]) -> list[float]:
+    """A light, bias-corrected exponential moving average; the weight grows with the length (none under 20 points)."""
+    weight = min(0.9, max(0.0, 1.0 - 20.0 / max(len(values), 1)))
+    out, avg, norm = [], 0.0, 0.0
+    for v in values:
+        avg = weight * avg + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(avg / norm)
+    return out
+
+
+def _figure(title: str, xlabel: str, ylabel: str):
+    fig = Figure(figsize=(6.4, 3.8), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _plain_log_axis(axis, limits) -> None:
+    """Log-axis labels as plain numbers (0.3, 2, 1e-05 rather than 3x10^-1); minor ones only on a short range."""
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+    def minor(v, _):
+        lo, hi = limits()
+        if v <= 0 or lo <= 0 or hi / lo > 30:
+            return ""
+        mantissa = round(v / 10 ** math.floor(math.log10(v)))
+        return f"{v:g}" if hi / lo < 4 or mantissa in (2, 5) else ""
+
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
+def _finish(fig: Figure, ax, log_x: bool = False, log_y: bool = False) -> Figure:
+    if log_x:
+        ax.set_xscale("log")
+        _plain_log_axis(ax.xaxis, ax.get_xlim)
+    if log_y:
+        ax.set_yscale("log")
+        _plain_log_axis(ax.yaxis, ax.get_ylim)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def loss_figure(runs: list[RunLogs], x: str = "step", log: bool = False) -> Figure:
+    """Train loss (raw faint, smoothed solid) and val loss (dots) of every run against steps or tokens."""
+    by_tokens = x == "tokens"
+    fig, ax = _figure(f"loss against {'tokens' if by_tokens else 'steps'}", "tokens" if by_tokens else "step",
+                      "loss (nats/token)")
+    for i, run in enumerate(runs):
+        color = COLORS[i % len(COLORS)]
+        xs, ys = _finite([r.get(x) for r in run.train], [r["train_loss"] for r in run.train],
+                         positive_x=log and by_tokens, positive_y=log)
+        if xs:
+            ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(xs, smooth(ys), color=color, linewidth=1.6, label=f"{run.name} train")
+        spikes = [r for r in run.train if r.get("spike_z") is not None]
+        sx, sy = _finite([r.get(x) for r in spikes], [r["train_loss"] for r in spikes], log and by_tokens, log)
+        if sx:
+            ax.scatter(sx, sy, marker="^", color=color, s=30, zorder=3, label=f"{run.name} loss spike")
+        xs, ys = _finite([r.get(x) for r in run.evals], [r["val_loss"] for r in run.evals],
+                         positive_x=log and by_tokens, positive_y=log)
+        if xs:
+            ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=4, linewidth=1.2,
+                    label=f"{run.name} val")
+        if not by_tokens:
+            for rb in run.rollbacks:
+                ax.axvline(rb["step"], color=color, linestyle=":", alpha=0.7)
+    return _finish(fig, ax, log_x=log and by_tokens, log_y=log)
+
+
+def accuracy_figure(runs: list[RunLogs]) -> Figure:
+    fig, ax = _figure("validation accuracy (top-1)", "step", "accuracy")
+    for i, run in enumerate(runs):
+        xs, ys = _finite([r["step"] for r in run.evals], [r.get("val_accuracy") for r in run.evals])
+        if xs:
+            ax.plot(xs, [100 * y for y in ys], color=COLORS[i % len(COLORS)], marker="o", markersize=4,
+                    label=run.name)
+    ax.set_ylabel("accuracy (%)")
+    return _finish(fig, ax)
+
+
+def lr_figure(runs: list[RunLogs]) -> Figure:
+    fig, ax = _figure("learning rate", "step", "learning rate")
+    for i, run in enumerate(runs):
+        xs, ys = _finite([r["step"] for r in run.train], [r.get("lr") for r in run.train])
+        if xs:
+            ax.plot(xs, ys, color=COLORS[i % len(COLORS)], label=run.name)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    return _finish(fig, ax)
+
+
+def grad_norm_figure(runs: list[RunLogs]) -> Figure:
+    """The global gradient norm before clipping; x marks a clipped step, the dashed line is the clip threshold."""
+    fig, ax = _figure("global gradient norm (before clipping)", "step", "grad norm")
+    for i, run in enumerate(runs):
+        color = COLORS[i % len(COLORS)]
+        xs, ys = _finite([r["step"] for r in run.train], [r.get("grad_norm") for r in run.train], positive_y=True)
+        if xs:
+            ax.plot(xs, ys, color=color, linewidth=0.9, label=run.name)
+        clipped = [r for r in run.train if r.get("clipped")]
+        cx, cy = _finite([r["step"] for r in clipped], [r.get("grad_norm") for r in clipped], positive_y=True)
+        if cx:
+            ax.scatter(cx, cy, marker="x", color=color, s=14, linewidths=0.8, zorder=3,
+                       label=f"{run.name} clipped ({len(cx)} steps)")
+        clip = run.config.get("optim", {}).get("grad_clip")
+        if xs and isinstance(clip, (int, float)) and clip > 0:
+            ax.axhline(clip, color=color, linestyle="--", linewidth=0.8, alpha=0.6)
+    return _finish(fig, ax, log_y=True)
+
+
+def _layer_key(name: str) -> tuple:
+    if name == "embed":
+        return (0, 0)
+    m = re.fullmatch(r"block\.(\d+)", name)
+    return (1, int(m.group(1))) if m else (2, 0)
+
+
+def layer_figure(run: RunLogs, kind: str) -> Figure:
+    """Per-layer gradient norms (kind='grad_norm') or update-to-weight ratios (kind='update_ratio') of one run."""
+    title = {"grad_norm": "per-layer gradient norm", "update_ratio": "per-layer update / weight ratio"}[kind]
+    fig, ax = _figure(f"{run.name}: {title}", "step", "update ratio" if kind == "update_ratio" else "grad norm")
+    layers = sorted({name for r in run.telemetry for name in (r.get(kind) or {})}, key=_layer_key)
+    palette = colormaps["viridis"]  # embed -> head, dark to light
+    for j, layer in enumerate(layers):
+        rows = [r for r in run.telemetry if layer in (r.get(kind) or {})]
+        xs, ys = _finite([r["step"] for r in rows], [r[kind][layer] for r in rows], positive_y=True)
+        if xs:
+            ax.plot(xs, ys, color=palette(j / max(len(layers) - 1, 1)), linewidth=1.1, label=layer)
+    if kind == "update_ratio" and layers:
+        ax.axhline(1e-3, color="#888", linestyle=":", linewidth=1, label="1e-3 (rule of thumb)")
+    return _finish(fig, ax, log_y=True)
+
+
+def throughput_figure(runs: list[RunLogs]) -> Figure:
+    fig, ax = _figure("training throughput", "step", "tokens / s")
+    for i, run in enumerate(runs):
+        color = COLORS[i % len(COLORS)]
+        xs, ys = _finite([r["step"] for r in run.train], [r.get("tokens_per_s") for r in run.train])
+        if xs:
+            ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(xs, smooth(ys), color=color, linewidth=1.5, label=run.name)
+    ax.set_ylim(bottom=0)
+    return _finish(fig, ax)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The page
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "run"
+
+
+class _Images:
+    """Collects the PNGs of the page: each is embedded as a data URI and saved in the files folder."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+
+    def add(self, filename: str, data: bytes, alt: str, fig_id: str = "") -> str:
+        stem, n = filename[:-4], 2
+        while filename in self.files:
+            filename, n = f"{stem}-{n}.png", n + 1
+        self.files[filename] = data
+        uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+        id_attr = f' id="{fig_id}"' if fig_id else ""
+        return (f'<figure{id_attr}><img src="{uri}" alt="{html.escape(alt)}">'
+                f"<figcaption>{html.escape(alt)} <span class=file>({html.escape(filename)})</span></figcaption></figure>")
+
+    def chart(self, filename: str, fig: Figure, alt: str, fig_id: str = "") -> str:
+        return self.add(filename, png_bytes(fig), alt, fig_id)
+
+
+def _none(text: str) -> str:
+    return f'<p class="none">{html.escape(text)}</p>'
+
+
+def _missing(runs: list[RunLogs], has, what: str) -> str:
+    """A line that names the runs a chart has no data for (an empty string when all have some)."""
+    lacking = [r.name for r in runs if not has(r)]
+    if not lacking:
+        return ""
+    return _none(f"no {what} yet for {', '.join(lacking)}")
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return format(value, spec)
+    return "–"
+
+
+def _section(section_id: str, title: str, body: str) -> str:
+    return f'<section id="{section_id}">\n<h2>{html.escape(title)}</h2>\n{body}\n</section>'
+
+
+def _loss_section(runs: list[RunLogs], images: _Images, log: bool) -> str:
+    if not any(r.train or r.evals for r in runs):
+        return _section("loss", "Loss", _none("no training or validation loss logged yet: train the run first")
+                        + '<div id="accuracy"></div>')
+    scale = " (log scale)" if log else ""
+    parts = ['<p>Train loss per step (faint: raw, solid: smoothed) and validation loss at each eval (dashed, dots). '
+             'Triangles mark loss spikes, dotted vertical lines rollbacks.</p>', '<div class="charts">',
+             images.chart("loss_steps.png", loss_figure(runs, "step", log), f"loss against steps{scale}")]
+    if any(r.evals for r in runs):
+        parts.append(images.chart("accuracy.png", accuracy_figure(runs), "validation accuracy against steps",
+                                  fig_id="accuracy"))
+    else:
+        parts.append('<div id="accuracy">' + _none("no evaluation yet, so no accuracy") + "</div>")
+    parts.append(images.chart("loss_tokens.png", loss_figure(runs, "tokens", log), f"loss against tokens{scale}"))
+    parts.append("</div>")
+    parts.append(_missing(runs, lambda r: r.train, "training steps logged"))
+    parts.append(_missing(runs, lambda r: r.evals, "evaluations logged"))
+    return _section("loss", "Loss", "\n".join(parts))
+
+
+def _simple_section(section_id: str, title: str, runs: list[RunLogs], images: _Images, filename: str, fig_fn,
+                    alt: str, intro: str) -> str:
+    if not any(r.train for r in runs):
+        return _section(section_id, title, _none("no training steps logged yet"))
+    body = (f"<p>{intro}</p><div class=charts>{images.chart(filename, fig_fn(runs), alt)}</div>"
+            + _missing(runs, lambda r: r.train, "training steps logged"))
+    return _section(section_id, title, body)
+
+
+def _gradients_section(runs: list[RunLogs], images: _Images) -> str:
+    parts = []
+    if any(r.train for r in runs):
+        parts.append("<p>The global gradient norm of every step, before clipping (log scale; x: a clipped step, "
+                     "dashed: the clip threshold).</p><div class=charts>")
+        parts.append(images.chart("grad_norm.png", grad_norm_figure(runs), "global gradient norm against steps"))
+        parts.append("</div>")
+    else:
+        parts.append(_none("no training steps logged yet"))
+    parts.append("<h3>Per layer</h3><p>From telemetry.jsonl: each layer's gradient norm, and how far one optimizer "
+                 "step moves its weights relative to their size (||update|| / ||weights||; log scale).</p>")
+    for run in runs:
+        if not run.telemetry:
+            interval = run.config.get("telemetry_interval")
+            why = " (telemetry is off: --telemetry-interval 0)" if interval == 0 else ""
+            parts.append(_none(f"{run.name}: no per-layer telemetry yet{why}"))
+            continue
+        slug = _slug(run.name)
+        parts.append('<div class="charts">')
+        parts.append(images.chart(f"{slug}_layer_grad_norm.png", layer_figure(run, "grad_norm"),
+                                  f"{run.name}: per-layer gradient norm"))
+        parts.append(images.chart(f"{slug}_update_ratio.png", layer_figure(run, "update_ratio"),
+                                  f"{run.name}: per-layer update-to-weight ratio"))
+        parts.append("</div>")
+    return _section("gradients", "Gradients", "\n".join(parts))
+
+
+def _top_cell(top: list) -> str:
+    chips = []
+    for entry in top:
+        try:
+            token, prob = str(entry[0]), float(entry[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        width = max(0.0, min(100.0, 100 * prob))
+        chips.append(f'<span class="chip" style="background:linear-gradient(90deg,#cfe3f7 {width:.1f}%,#f4f4f4 '
+                     f'{width:.1f}%)"><code>{html.escape(visible(token))}</code> {100 * prob:.1f}%</span>')
+    return " ".join(chips)
+
+
+def _probes_section(runs: list[RunLogs]) -> str:
+    parts = ["<p>At every evaluation, training asks the model for its 5 most likely next tokens after fixed prompts "
+             "(whitespace made visible: ␣ is a space, \\n a newline) and a greedy continuation. Read down a table to "
+             "watch predictions go from noise to text.</p>"]
+    for run in runs:
+        if not run.probes:
+            parts.append(_none(f"{run.name}: no probes yet (they are recorded at each evaluation)"))
+            continue
+        prompts: list[str] = []
+        for record in run.probes:
+            for p in record["probes"]:
+                if p.get("prompt") not in prompts:
+                    prompts.append(p.get("prompt"))
+        for k, prompt in enumerate(prompts):
+            rows = []
+            for record in run.probes:
+                for p in record["probes"]:
+                    if p.get("prompt") == prompt:
+                        rows.append(f'<tr><td class="num">{html.escape(str(record.get("step")))}</td>'
+                                    f'<td>{_top_cell(p.get("top") or [])}</td>'
+                                    f'<td class="text"><span class="prompt">{html.escape(str(prompt))}</span>'
+                                    f'{html.escape(str(p.get("continuation", "")))}</td></tr>')
+            parts.append(f'<h3>{html.escape(run.name)}, prompt {k + 1}: <code>{html.escape(visible(str(prompt)))}'
+                         f'</code></h3>')
+            parts.append('<table class="probe"><thead><tr><th>step</th><th>top-5 next tokens</th>'
+                         '<th>greedy continuation (prompt greyed)</th></tr></thead><tbody>'
+                         + "\n".join(rows) + "</tbody></table>")
+    return _section("probes", "Probes: predictions over training", "\n".join(parts))
+
+
+def _samples_section(runs: list[RunLogs]) -> str:
+    parts = []
+    for run in runs:
+        if run.samples:
+            for s in run.samples:
+                prompt = s.get("prompt") or ""
+                head = (f"{run.name}, step {s.get('step')}, temperature {s.get('temperature')}, "
+                        f"prompt {prompt!r}" if prompt else f"{run.name}, step {s.get('step')}, "
+                        f"temperature {s.get('temperature')}, no prompt")
+                parts.append(f"<h3>{html.escape(head)}</h3><pre class=sample>{html.escape(str(s['text']))}</pre>")
+        elif run.samples_text.strip():
+            parts.append(f"<h3>{html.escape(run.name)} (samples.txt)</h3>"
+                         f"<pre class=sample>{html.escape(run.samples_text)}</pre>")
+        else:
+            parts.append(_none(f"{run.name}: no samples yet (training writes one at the end when "
+                               f"--sample-tokens is above 0)"))
+    return _section("samples", "Samples", "\n".join(parts))
+
+
+def _landscape_section(runs: list[RunLogs], images: _Images) -> str:
+    parts = []
+    for run in runs:
+        pngs = []
+        for path in run.landscape_pngs:
+            data = path.read_bytes()
+            if data.startswith(PNG_SIGNATURE):
+                pngs.append(images.add(f"{_slug(run.name)}_landscape_{_slug(path.stem)}.png", data,
+                                       f"{run.name}: {path.name}"))
+        if pngs:
+            parts.append(f"<h3>{html.escape(run.name)}</h3><div class=charts>{''.join(pngs)}</div>")
+        else:
+            command = html.escape(f"lmlab landscape {shlex.quote(str(run.path))} --2d")
+            parts.append(f'<p class="none">{html.escape(run.name)}: no loss landscape was computed. Compute one '
+                         f'with <code>{command}</code>, then build this report again.</p>')
+    return _section("landscape", "Loss landscape", "\n".join(parts))
+
+
+def summary_row(run: RunLogs) -> dict:
+    """The headline numbers of a run, from its last records."""
+    last_train = run.train[-1] if run.train else {}
+    last_eval = run.evals[-1] if run.evals else {}
+    losses = [r["val_loss"] for r in run.evals if isinstance(r.get("val_loss"), (int, float))
+              and math.isfinite(r["val_loss"])]
+    last = max((last_train, last_eval), key=lambda r: r.get("step", -1))
+    return {"run": run.name, "steps": last.get("step"), "tokens": last.get("tokens"),
+            "best_val_loss": min(losses) if losses else None, "last_val_loss": last_eval.get("val_loss"),
+            "val_bits_per_byte": last_eval.get("val_bits_per_byte"), "val_accuracy": last_eval.get("val_accuracy"),
+            "train_time_s": last.get("elapsed_s")}
+
+
+def _config_section(runs: list[RunLogs]) -> str:
+    rows = []
+    for run in runs:
+        s = summary_row(run)
+        acc = f"{100 * s['val_accuracy']:.1f}%" if isinstance(s["val_accuracy"], (int, float)) else "–"
+        rows.append(f"<tr><td>{html.escape(s['run'])}</td><td class=num>{_fmt(s['steps'], 'd')}</td>"
+                    f"<td class=num>{fmt_count(s['tokens']) if isinstance(s['tokens'], int) else '–'}</td>"
+                    f"<td class=num>{_fmt(s['best_val_loss'])}</td><td class=num>{_fmt(s['last_val_loss'])}</td>"
+                    f"<td class=num>{_fmt(s['val_bits_per_byte'])}</td><td class=num>{acc}</td>"
+                    f"<td class=num>{_fmt(s['train_time_s'], '.1f')}</td></tr>")
+    parts = ['<table class="summary"><thead><tr><th>run</th><th>steps</th><th>tokens</th><th>best val loss</th>'
+             '<th>last val loss</th><th>bits/byte</th><th>val accuracy</th><th>training time (s)</th></tr></thead>'
+             '<tbody>' + "\n".join(rows) + "</tbody></table>"]
+    for run in runs:
+        parts.append(f"<h3>{html.escape(run.name)}: config.json <span class=file>({html.escape(str(run.path))})"
+                     f"</span></h3><pre class=config>{html.escape(json.dumps(run.config, indent=2))}</pre>")
+    return _section("config", "Runs and config", "\n".join(parts))
+
+
+CSS = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222; margin: 0 auto;
+       max-width: 1320px; padding: 0 24px 48px; }
+h1 { font-size: 24px; margin: 20px 0 4px; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 36px; }
+h3 { font-size: 16px; margin: 20px 0 8px; }
+nav a { margin-right: 14px; } .meta, .file, .none { color: #666; } .file { font-size: 12px; }
+.none { font-style: italic; }
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(540px, 1fr)); gap: 12px; }
+figure { margin: 0; } img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: 13px; color: #444; }
+table { border-collapse: collapse; margin: 6px 0 14px; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+table.probe td.text { white-space: pre-wrap; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px;
+                      max-width: 560px; }
+.prompt { color: #999; }
+.chip { display: inline-block; border: 1px solid #ddd; border-radius: 4px; padding: 0 5px; margin: 1px 2px;
+        font-size: 13px; min-width: 88px; white-space: nowrap; }
+pre { background: #f7f7f7; border: 1px solid #e5e5e5; padding: 10px; overflow-x: auto; white-space: pre-wrap; }
+pre.config { font-size: 12px; }
+"""
+
+SECTIONS = [("loss", "loss"), ("schedule", "schedule"), ("gradients", "gradients"), ("throughput", "throughput"),
+            ("probes", "probes"), ("samples", "samples"), ("landscape", "landscape"), ("config", "config")]
+
+
+def build_page(runs: list[RunLogs], log: bool = False) -> tuple[str, dict[str, bytes]]:
+    """The HTML page and its PNGs (file name -> bytes) for these runs."""
+    images = _Images()
+    sections = [
+        _loss_section(runs, images, log),
+        _simple_section("schedule", "Learning-rate schedule", runs, images, "lr.png", lr_figure,
+                        "learning rate against steps", "The learning rate of each optimizer step."),
+        _gradients_section(runs, images),
+        _simple_section("throughput", "Throughput", runs, images, "throughput.png", throughput_figure,
+                        "tokens per second against steps",
+                        "Training tokens per second of each step (evaluation excluded; faint: raw, solid: smoothed)."),
+        _probes_section(runs),
+        _samples_section(runs),
+        _landscape_section(runs, images),
+        _config_section(runs),
+    ]
+    names = ", ".join(r.name for r in runs)
+    nav = " ".join(f'<a href="#{sid}">{label}</a>' for sid, label in SECTIONS)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>lmlab report: {html.escape(names)}</title>
+<style>{CSS}</style></head>
+<body>
+<h1>lmlab report: {html.escape(names)}</h1>
+<p class="meta">{len(runs)} run{'s' if len(runs) != 1 else ''}, built {time.strftime('%Y-%m-%d %H:%M:%S')} by lmlab
+{__version__}{'; loss on log scales' if log else ''}. Every chart is also saved as a PNG in the files folder next to
+this page.</p>
+<nav>{nav}</nav>
+{chr(10).join(sections)}
+</body></html>
+"""
+    return page, images.files
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_report(runs: list[str | Path], out: str | Path = "report.html", log: bool = False) -> Path:
+    """Read the runs, write the page to `out` and its PNGs to `<out-stem>_files/`; returns the page's path."""
+    if not runs:
+        raise LmlabError("give at least one run directory: lmlab report RUN [RUN ...]")
+    paths: list[Path] = []
+    for r in runs:
+        if Path(r).resolve() not in [p.resolve() for p in paths]:
+            paths.append(Path(r))
+    logs = [load_run_logs(p, name) for p, name in zip(paths, run_names(paths))]
+    page, files = build_page(logs, log)
+    out = Path(out)
+    if out.is_dir():
+        raise LmlabError(f"--out {out} is a directory; give a file name such as {out / 'report.html'}")
+    folder = out.with_name(f"{out.stem}_files")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.png"):  # charts of an earlier report that this one no longer has
+            if stale.name not in files:
+                stale.unlink()
+        for name, data in files.items():
+            atomic_write_bytes(folder / name, data)
+        atomic_write_bytes(out, page.encode("utf-8"))
+        mode = _file_mode()  # atomic writes create private (0600) files; a report is made to be shared
+        for path in [out, *(folder / name for name in files)]:
+            os.chmod(path, mode)
+    except OSError as e:
+        raise LmlabError(f"cannot write the report to {out}: {e.strerror or e}") from None
+    return out

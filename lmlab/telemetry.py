@@ -1,0 +1,240 @@
+"""What training records about itself, so learning can be watched: probes (next-token predictions on fixed prompts),
+gradient telemetry (per-layer gradient norms, update-to-weight ratios), loss-spike flags, weight snapshots for the
+loss-landscape trajectory, and optional TensorBoard output. All cheap enough to stay on by default."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import save_model
+
+from .sample import generate
+
+
+def visible(text: str) -> str:
+    """A token's text with whitespace and control characters made visible: '\\n', '␣', '\\t', '\\x07'."""
+    out = []
+    for ch in text:
+        if ch == " ":
+            out.append("␣")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Probe
+
+
+def default_probe_prompts(val_tokens: np.ndarray, tokenizer, block_size: int, count: int = 3) -> list[str]:
+    """A few fixed prompts cut from the validation text (at 0, 1/3 and 2/3 of it), starting at a line start."""
+    n = len(val_tokens)
+    length = max(4, min(32, block_size // 2))
+    prompts = []
+    for i in range(count):
+        start = int(n * i / count)
+        window = tokenizer.decode(np.asarray(val_tokens[start:start + 4 * length]).tolist())
+        cut = window.find("\n")
+        if 0 <= cut < len(window) - length:
+            window = window[cut + 1:]
+        text = window[: max(1, length)]
+        if text.strip():
+            prompts.append(text)
+    return prompts
+
+
+@torch.no_grad()
+def probe(model: nn.Module, tokenizer, prompts: list[str], top: int = 5, continuation: int = 40) -> list[dict]:
+    """For each prompt: the top next-token predictions and a short greedy continuation."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    results = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)[-model.cfg.block_size:]
+        if not ids:
+            continue
+        logits, _ = model(torch.tensor([ids], device=device))
+        probs = logits[0, -1].float().softmax(-1)
+        p, idx = probs.topk(min(top, probs.numel()))
+        greedy = tokenizer.decode(list(generate(model, ids, continuation, temperature=0.0)))
+        results.append({
+            "prompt": prompt,
+            "top": [[tokenizer.decode([int(i)]), float(q)] for q, i in zip(p, idx)],
+            "continuation": greedy,
+        })
+    model.train(was_training)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient telemetry
+
+
+def layer_name(param_name: str) -> str:
+    """Group parameters by layer: embed, block.N, head."""
+    m = re.match(r"blocks\.(\d+)\.", param_name)
+    if m:
+        return f"block.{m.group(1)}"
+    if param_name.startswith(("wte", "wpe", "table")):
+        return "embed"
+    return "head"
+
+
+class GradientTelemetry:
+    """Per-layer gradient norms and update-to-weight ratios (||new - old|| / ||old||), every `interval` steps."""
+
+    def __init__(self, model: nn.Module, interval: int):
+        self.interval = interval
+        groups: dict[str, list[torch.Tensor]] = {}
+        seen = set()
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                groups.setdefault(layer_name(name), []).append(p)
+        self.groups = groups
+        self._before: Optional[dict[str, list[torch.Tensor]]] = None
+        self.record: dict = {}
+
+    def active(self, step: int) -> bool:
+        return self.interval > 0 and step % self.interval == 0
+
+    @torch.no_grad()
+    def before_update(self) -> None:
+        """Call after backward (and clipping), before optimizer.step()."""
+        self.record = {"grad_norm": {}, "update_ratio": {}}
+        for name, params in self.groups.items():
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                self.record["grad_norm"][name] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        self._before = {name: [p.detach().clone() for p in params] for name, params in self.groups.items()}
+
+    @torch.no_grad()
+    def after_update(self, step: int) -> dict:
+        assert self._before is not None
+        for name, params in self.groups.items():
+            old = self._before[name]
+            diff = torch._foreach_sub([p.detach() for p in params], old)
+            update = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diff))))
+            weight = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old))))
+            self.record["update_ratio"][name] = update / weight if weight > 0 else 0.0
+        self._before = None
+        return {"step": step, **self.record}
+
+
+class SpikeDetector:
+    """Flags a training loss far above its recent average: z = (loss - mean) / std over an exponential window."""
+
+    def __init__(self, threshold: float = 4.0, alpha: float = 0.05, warmup: int = 20):
+        self.threshold, self.alpha, self.warmup = threshold, alpha, warmup
+        self.mean, self.var, self.count = 0.0, 0.0, 0
+
+    def update(self, loss: float) -> Optional[float]:
+        """Returns the z-score when this loss is a spike, else None."""
+        if not math.isfinite(loss):
+            return None
+        self.count += 1
+        z = None
+        if self.count > self.warmup and self.var > 0:
+            score = (loss - self.mean) / math.sqrt(self.var)
+            if score > self.threshold:
+                z = score
+        if self.count == 1:
+            self.mean = loss
+        else:
+            delta = loss - self.mean
+            self.mean += self.alpha * delta
+            self.var = (1 - self.alpha) * (self.var + self.alpha * delta * delta)
+        return z
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weight snapshots for the landscape trajectory
+
+TRAJECTORY = "trajectory"
+
+
+def save_snapshot(run_dir: Path, model: nn.Module, step: int, keep: int) -> None:
+    """Save the weights at this step; keep at most `keep` snapshots spread over the run (drop every other one)."""
+    folder = Path(run_dir) / TRAJECTORY
+    folder.mkdir(exist_ok=True)
+    path = folder / f"step_{step:08d}.safetensors"
+    tmp = folder / f".{path.name}.tmp"
+    save_model(model, str(tmp))
+    tmp.replace(path)
+    snaps = snapshot_paths(run_dir)
+    while len(snaps) > keep:
+        # drop every other snapshot except the newest, keeping them spread over the run
+        for old in snaps[1:-1:2]:
+            old.unlink(missing_ok=True)
+        snaps = snapshot_paths(run_dir)
+
+
+def snapshot_paths(run_dir: Path) -> list[Path]:
+    folder = Path(run_dir) / TRAJECTORY
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step_*.safetensors"))
+
+
+def prune_snapshots_after(run_dir: Path, step: int) -> None:
+    """On resume, snapshots newer than the checkpoint belong to a timeline that no longer exists."""
+    for p in snapshot_paths(run_dir):
+        if int(p.stem.split("_")[1]) > step:
+            p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TensorBoard (optional)
+
+
+class TensorBoard:
+    """Scalars and text into RUN/tensorboard when the optional `tensorboard` package is installed; else nothing."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed: an optional extra
+            return
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
