@@ -54,6 +54,8 @@ class BenchConfig:
     """Budget (s) of the run that times the target."""
     only: tuple[str, ...] = ()
     """Run only these sections: peak, throughput, quality, generation, data, nanogpt."""
+    markdown: Optional[str] = None
+    """Also write the figures as Markdown tables to this file."""
 
 
 def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
@@ -293,13 +295,18 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     if "throughput" in sections:
         rows = []
+        bf16_pays = out["peak_gflops"]["bfloat16"] > out["peak_gflops"]["float32"]
+        if not bf16_pays:
+            say("bf16 matmuls are slower than fp32 on this CPU (no native bf16): bf16 is measured on the small config only")
         combos = [("nanogpt-char-cpu", torch.float32, False), ("nanogpt-char-cpu", torch.bfloat16, False)]
         if not cfg.quick:
             combos += [("nanogpt-char-cpu", torch.float32, True), ("nanogpt-char-cpu", torch.bfloat16, True),
-                       ("nanogpt-char", torch.float32, False), ("nanogpt-char", torch.bfloat16, False)]
+                       ("nanogpt-char", torch.float32, False), ("nanogpt-char", torch.float32, True)]
+            if bf16_pays:
+                combos += [("nanogpt-char", torch.bfloat16, False), ("nanogpt-char", torch.bfloat16, True)]
         for preset, dtype, comp in combos:
             big = preset == "nanogpt-char"
-            r = throughput(preset, device, dtype, comp, 3 if big else steps, warmup=1 if big else 3)
+            r = throughput(preset, device, dtype, comp, 3 if big else steps, warmup=2 if big else 3)
             for peak_name, peak in out["peak_gflops"].items():
                 r[f"mfu_vs_{peak_name}"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
             rows.append(r)
@@ -387,3 +394,58 @@ def print_table(out: dict) -> None:
     for k, v in out.get("ratios", {}).items():
         lines.append(f"{'ratio lmlab/nanoGPT ' + k:34s} {v:9.2f}x")
     print("\n".join(lines))
+
+
+def to_markdown(out: dict) -> str:
+    """The figures as Markdown tables (for docs/performance.md)."""
+    md = [f"Measured with torch {out['torch']} on {out['device']}, {out['threads']} threads.", ""]
+    p = out.get("peak_gflops")
+    if p:
+        md += ["| hardware peak (matmul) | GFLOP/s |", "|---|---|",
+               f"| fp32 | {p['float32']:.0f} |", f"| bf16 | {p['bfloat16']:.0f} |", ""]
+    if out.get("throughput"):
+        md += ["| training config | dtype | compiled | tokens/s | ms/step | MFU (fp32 peak) | MFU (bf16 peak) "
+               "| first step (s) |", "|---|---|---|---|---|---|---|---|"]
+        for r in out["throughput"]:
+            md.append(f"| {r['preset']} ({r['batch']}x{r['block']}) | {r['dtype']} | {'yes' if r['compile'] else 'no'} "
+                      f"| {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['mfu_vs_float32']:.1%} "
+                      f"| {r['mfu_vs_bfloat16']:.1%} | {r['first_step_s']:.1f} |")
+        md.append("")
+    t = out.get("time_to_target")
+    if t or out.get("quality"):
+        md += ["| time to quality (Tiny Shakespeare, char, full validation split) | figure |", "|---|---|"]
+        if t:
+            reached = f"{t['seconds']:.1f} s" if t["seconds"] is not None else "not reached"
+            md.append(f"| seconds of training to val loss {t['target']} (run with a {t['budget_s']:.0f} s budget) "
+                      f"| {reached} (final {t['final_val_loss']:.4f}) |")
+        for r in out.get("quality", []):
+            md.append(f"| val loss after {r['budget_s']:.0f} s of training ({r['steps']} steps, "
+                      f"{r['wall_s']:.0f} s wall with evals) | {r['val_loss']:.4f} |")
+        md.append("")
+    if out.get("generation"):
+        md += ["| generation, batch 1 (nanogpt-char-cpu shape) | tokens/s |", "|---|---|"]
+        for r in out["generation"]:
+            md.append(f"| {r['new_tokens']} new tokens, KV cache {'on' if r['kv_cache'] else 'off'} "
+                      f"| {r['tokens_per_s']:,.0f} |")
+        md.append("")
+    if out.get("tokenizers"):
+        md += ["| data | figure |", "|---|---|"]
+        for r in out["tokenizers"]:
+            md.append(f"| tokenize with {r['tokenizer']} (vocab {r['vocab_size']}) | {r['encode_mb_per_s']:.1f} MB/s "
+                      f"(building it: {r['build_s']:.2f} s) |")
+        if "memory" in out:
+            m = out["memory"]
+            md.append(f"| peak RSS of `lmlab train --preset {m['preset']}` | {m['peak_rss_mb']:.0f} MB |")
+        md.append("")
+    ng = out.get("nanogpt")
+    if ng:
+        md += ["| nanoGPT, same machine, same run | figure |", "|---|---|",
+               f"| training tokens/s, CPU config (4/4/128, 12x64), eager | {ng['tokens_per_s']:,.0f} "
+               f"({ng['step_ms']:.1f} ms/step) |",
+               f"| peak RSS | {ng['peak_rss_mb']:.0f} MB |"]
+        for n, g in ng.get("generation", {}).items():
+            md.append(f"| generation, {n} new tokens (no KV cache; load time subtracted) | {g['tokens_per_s']:,.0f} tok/s |")
+        for k, v in out.get("ratios", {}).items():
+            md.append(f"| ratio lmlab / nanoGPT: {k} | {v:.2f}x |")
+        md.append("")
+    return "\n".join(md)

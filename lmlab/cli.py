@@ -421,6 +421,12 @@ def cmd_bench(argv: list[str]) -> int:
 
         atomic_write_json(cfg.json, out)
         print(f"figures written to {cfg.json}", file=sys.stderr)
+    if cfg.markdown:
+        from .bench import to_markdown
+        from .common import atomic_write_bytes
+
+        atomic_write_bytes(cfg.markdown, to_markdown(out).encode())
+        print(f"Markdown tables written to {cfg.markdown}", file=sys.stderr)
     return 0
 
 

@@ -81,6 +81,9 @@ class SampleConfig:
             raise LmlabError(f"--top-k must be >= 0, got {self.top_k}")
 
 
+SINGLE_THREAD_PARAMS = 20_000_000
+
+
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
@@ -91,25 +94,34 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
     block = model.cfg.block_size
     keep = max(1, block // 2)
     device = next(model.parameters()).device
-    window = list(prompt[-block:])
-    cache = None
-    fresh = True  # the window has to be encoded from scratch
-    for _ in range(max_new_tokens):
-        if use_cache:
-            if fresh:
-                cache = model.make_cache(1)
-                logits, _ = model(torch.tensor([window], device=device), cache=cache)
+    # One token at a time, a small model's matmuls are too small to split across threads: one thread is faster.
+    threads = torch.get_num_threads()
+    single = device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SINGLE_THREAD_PARAMS
+    if single:
+        torch.set_num_threads(1)
+    try:
+        window = list(prompt[-block:])
+        cache = None
+        fresh = True  # the window has to be encoded from scratch
+        for _ in range(max_new_tokens):
+            if use_cache:
+                if fresh:
+                    cache = model.make_cache(1)
+                    logits, _ = model(torch.tensor([window], device=device), cache=cache)
+                else:
+                    logits, _ = model(torch.tensor([[window[-1]]], device=device), cache=cache)
             else:
-                logits, _ = model(torch.tensor([[window[-1]]], device=device), cache=cache)
-        else:
-            logits, _ = model(torch.tensor([window], device=device))
-        fresh = False
-        token = int(next_token(logits[:, -1, :], temperature, top_k, top_p, generator)[0])
-        yield token
-        window.append(token)
-        if len(window) > block:
-            window = window[-keep:]
-            fresh = True
+                logits, _ = model(torch.tensor([window], device=device))
+            fresh = False
+            token = int(next_token(logits[:, -1, :], temperature, top_k, top_p, generator)[0])
+            yield token
+            window.append(token)
+            if len(window) > block:
+                window = window[-keep:]
+                fresh = True
+    finally:
+        if single:
+            torch.set_num_threads(threads)
 
 
 def stream_text(tokenizer, tokens: Iterator[int], stop: Optional[str] = None) -> Iterator[str]:

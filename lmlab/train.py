@@ -84,8 +84,10 @@ class TrainConfig:
     """Prompt of the final sample."""
     progress: bool = True
     """Show a progress bar on a terminal."""
+    probe: bool = True
+    """Record the probe (next-token predictions on fixed prompts) at every evaluation."""
     probe_prompts: tuple[str, ...] = ()
-    """Prompts whose next-token predictions are recorded at every eval (default: 3 cut from the validation text)."""
+    """The probe's prompts (default: 3 cut from the validation text)."""
     telemetry_interval: int = 25
     """Record per-layer gradient norms and update/weight ratios every this many steps (0: off)."""
     trajectory_snapshots: int = 12
@@ -311,7 +313,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
     )
 
     train_model = torch.compile(model) if cfg.compile else model
-    probe_prompts = list(cfg.probe_prompts) or default_probe_prompts(splits.val, tokenizer, block)
+    probe_prompts = (list(cfg.probe_prompts) or default_probe_prompts(splits.val, tokenizer, block)) if cfg.probe else []
     telemetry = GradientTelemetry(model, cfg.telemetry_interval)
     board = TensorBoard(run_dir, cfg.tensorboard)
     params = [p for p in model.parameters() if p.requires_grad]

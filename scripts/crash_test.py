@@ -109,7 +109,8 @@ def main() -> int:
             proc = subprocess.Popen(cmd, env=pause_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             in_checkpoint = kills % 2 == 0  # every other kill lands inside a checkpoint write
             done = _last_step(run)
-            target = rng.randint(done + 1, max(done + 1, args.steps - 1))  # kill when the log reaches this step
+            room = max(1, (args.steps - done) // (args.kills - kills + 1))  # leave steps for the kills to come
+            target = done + rng.randint(1, room)  # kill when the log reaches this step
             deadline = time.time() + 60
             while proc.poll() is None and time.time() < deadline:
                 writing = run.exists() and any((run / "checkpoints").glob(".step_*.tmp"))
