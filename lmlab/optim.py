@@ -44,6 +44,8 @@ class OptimConfig:
     """constant; cosine (decay over the whole budget); wsd (warmup, stable, then linear decay at the end)."""
     warmup: int = 50
     """Linear warmup steps."""
+    warmup_fraction: float = 0.1
+    """Warmup also ends once this share of the budget is done, so short time budgets are not all warmup (0: off)."""
     decay_fraction: float = 0.4
     """wsd: share of the budget spent decaying."""
     final_lr_frac: float = 0.0
@@ -56,6 +58,8 @@ class OptimConfig:
             raise LmlabError(f"--lr must be positive, got {self.lr}")
         if self.warmup < 0:
             raise LmlabError(f"--warmup must be >= 0, got {self.warmup}")
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            raise LmlabError(f"--warmup-fraction must be in [0, 1], got {self.warmup_fraction}")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise LmlabError(f"--decay-fraction must be in [0, 1], got {self.decay_fraction}")
         if self.grad_clip < 0 or self.weight_decay < 0:
@@ -67,11 +71,17 @@ class OptimConfig:
 
 
 def lr_multiplier(
-    schedule: str, step: int, progress: float, warmup: int = 0, decay_fraction: float = 0.4, final_frac: float = 0.0
+    schedule: str, step: int, progress: float, warmup: int = 0, decay_fraction: float = 0.4, final_frac: float = 0.0,
+    warmup_fraction: float = 0.0,
 ) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based), `progress` in [0, 1] of the budget."""
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based), `progress` in [0, 1] of the budget.
+
+    Warmup is linear over `warmup` steps, or over `warmup_fraction` of the budget when that comes first.
+    """
     progress = min(max(progress, 0.0), 1.0)
     warm = (step + 1) / warmup if step < warmup else 1.0
+    if warmup_fraction > 0 and warm < 1.0:
+        warm = min(1.0, max(warm, progress / warmup_fraction))
     if schedule == "constant":
         shape = 1.0
     elif schedule == "cosine":

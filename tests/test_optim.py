@@ -513,3 +513,15 @@ def test_clip_grad_norm_random_against_hand_computation():
 def test_optim_config_validation(kw):
     with pytest.raises(LmlabError):
         OptimConfig(**kw)
+
+
+def test_warmup_also_ends_after_a_share_of_the_budget():
+    # 100 warmup steps, but a short budget: warmup ends once 10% of the budget is done, whichever comes first
+    assert lr_multiplier("constant", 2, 0.05, warmup=100, warmup_fraction=0.1) == pytest.approx(0.5)
+    assert lr_multiplier("constant", 2, 0.10, warmup=100, warmup_fraction=0.1) == pytest.approx(1.0)
+    assert lr_multiplier("constant", 2, 0.05, warmup=100, warmup_fraction=0.0) == pytest.approx(3 / 100)
+    # a long run: the step count ends warmup first, the fraction changes nothing
+    assert lr_multiplier("constant", 49, 0.01, warmup=50, warmup_fraction=0.1) == pytest.approx(1.0)
+    assert lr_multiplier("constant", 9, 0.002, warmup=50, warmup_fraction=0.1) == pytest.approx(10 / 50)
+    # after warmup the schedule's shape applies as before
+    assert lr_multiplier("wsd", 60, 0.8, warmup=50, decay_fraction=0.4, warmup_fraction=0.1) == pytest.approx(0.5)
