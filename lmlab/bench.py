@@ -363,7 +363,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         reached = [t for t, v in target_run["curve"] if v <= cfg.target]
         out["time_to_target"] = {"target": cfg.target, "budget_s": target_run["budget_s"],
                                  "seconds": reached[0] if reached else None, "final_val_loss": target_run["val_loss"]}
-        say(f"time to val {cfg.target}: {reached[0] if reached else 'not reached'} s "
+        say(f"time to val {cfg.target}: {f'{reached[0]:.1f} s' if reached else 'not reached'} "
             f"(run of {target_run['budget_s']:.0f} s ended at {target_run['val_loss']:.4f})")
         out["quality"] = []
         for b in budgets if not cfg.quick else ():
@@ -402,8 +402,9 @@ def print_table(out: dict) -> None:
                      f"(fp32 peak) {r['mfu_vs_bfloat16']:5.1%} (bf16 peak)  first step {r['first_step_s']:.1f}s")
     t = out.get("time_to_target")
     if t:
-        lines.append(f"{'time to val ' + str(t['target']):34s} {t['seconds'] if t['seconds'] is not None else 'not reached'}"
-                     f" s  (run of {t['budget_s']:.0f} s ended at {t['final_val_loss']:.4f})")
+        reached = f"{t['seconds']:.1f} s" if t["seconds"] is not None else "not reached"
+        lines.append(f"{'time to val ' + str(t['target']):34s} {reached}  (run of {t['budget_s']:.0f} s ended at "
+                     f"{t['final_val_loss']:.4f})")
     for r in out.get("quality", []):
         lines.append(f"{'val loss after %.0f s' % r['budget_s']:34s} {r['val_loss']:.4f}  ({r['steps']} steps)")
     for r in out.get("generation", []):
@@ -418,7 +419,7 @@ def print_table(out: dict) -> None:
         lines.append(f"{'nanoGPT CPU config':34s} {ng['tokens_per_s']:9,.0f} tok/s  {ng['step_ms']:8.1f} ms/step  "
                      f"peak RSS {ng['peak_rss_mb']:.0f} MB")
         for n, g in ng.get("generation", {}).items():
-            lines.append(f"{'nanoGPT generate %s tokens' % n:34s} {g['tokens_per_s']:9,.0f} tok/s (incl. load)")
+            lines.append(f"{'nanoGPT generate %s tokens' % n:34s} {g['tokens_per_s']:9,.0f} tok/s (load time subtracted)")
     for k, v in out.get("ratios", {}).items():
         lines.append(f"{'ratio lmlab/nanoGPT ' + k:34s} {v:9.2f}x")
     print("\n".join(lines))

@@ -45,7 +45,8 @@ class OptimConfig:
     warmup: int = 50
     """Linear warmup steps."""
     warmup_fraction: float = 0.1
-    """Warmup also ends once this share of the budget is done, so short time budgets are not all warmup (0: off)."""
+    """With --max-time, warmup also ends once this share of the time budget is done, so short budgets are not all
+    warmup (0: off). Step budgets ignore it, so extending a run's --max-steps on resume changes nothing before."""
     decay_fraction: float = 0.4
     """wsd: share of the budget spent decaying."""
     final_lr_frac: float = 0.0

@@ -21,7 +21,7 @@ def tiny() -> TrainConfig:
         optim=OptimConfig(optimizer="muon", lr=3e-3, muon_lr=0.02, schedule="wsd", warmup=50, decay_fraction=0.4),
         batch_size=32,
         max_time=240.0,
-        eval_interval=250,
+        eval_interval=100,
         checkpoint_interval=500,
     )
 

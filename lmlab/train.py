@@ -399,7 +399,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
                 raise KeyboardInterrupt
             t0 = time.perf_counter()
             multiplier = lr_multiplier(cfg.optim.schedule, step, progress(), cfg.optim.warmup,
-                                       cfg.optim.decay_fraction, cfg.optim.final_lr_frac, cfg.optim.warmup_fraction)
+                                       cfg.optim.decay_fraction, cfg.optim.final_lr_frac,
+                                       cfg.optim.warmup_fraction if cfg.max_time else 0.0)
             set_lr(optimizer, multiplier * lr_scale)
             loss_sum = torch.zeros((), device=device)
             for _ in range(cfg.grad_accum):
