@@ -284,8 +284,3 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     ckpt = load_checkpoint(path, model, None, device)
     model.eval()
     return LoadedRun(run_dir, config, tokenizer, model, ckpt)
-
-
-def dump_json_line(f, obj: dict) -> None:
-    f.write(json.dumps(obj) + "\n")
-    f.flush()

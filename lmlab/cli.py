@@ -16,6 +16,7 @@ import tyro
 from typing_extensions import Annotated
 
 from .common import LmlabError
+from .sample import SampleConfig
 
 SUBCOMMANDS = {
     "train": "train a model (default: the tiny preset on the built-in corpus, about 5 minutes on a CPU)",
@@ -96,24 +97,7 @@ class SampleArgs:
 
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
-    prompt: str = ""
-    """Text to continue (empty: start from a newline)."""
-    max_new_tokens: int = 500
-    """How many tokens to generate at most."""
-    temperature: float = 0.8
-    """Softmax temperature; 0 means greedy (always the most likely token)."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0: off)."""
-    top_p: float = 1.0
-    """Keep the smallest set of tokens whose probability reaches p (1: off)."""
-    seed: int = 1337
-    """Seed of the sampling generator (same seed, same text)."""
-    stop: Optional[str] = None
-    """Stop once this string has been generated (it is not printed)."""
-    no_cache: bool = False
-    """Recompute the whole window for every token instead of using the KV cache."""
-    device: str = "cpu"
-    """auto, cpu, cuda or mps."""
+    settings: SampleConfig = field(default_factory=SampleConfig)
 
 
 def cmd_sample(argv: list[str]) -> int:
@@ -121,11 +105,10 @@ def cmd_sample(argv: list[str]) -> int:
 
     from .checkpoint import load_run
     from .common import resolve_device
-    from .sample import SampleConfig, generate, prompt_ids, stream_text
+    from .sample import generate, prompt_ids, stream_text
 
     args = parse(SampleArgs, argv, "lmlab sample")
-    settings = SampleConfig(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                            args.stop, args.no_cache, args.device)
+    settings = args.settings
     run = load_run(args.run, resolve_device(settings.device))
     ids = prompt_ids(run.tokenizer, settings.prompt)
     generator = torch.Generator().manual_seed(settings.seed)

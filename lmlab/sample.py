@@ -71,7 +71,7 @@ class SampleConfig:
     """Stop when this string has been generated (it is not printed)."""
     no_cache: bool = False
     """Recompute the whole window for every token instead of using the KV cache."""
-    device: str = "auto"
+    device: str = "cpu"
     """auto, cpu, cuda or mps."""
 
     def __post_init__(self) -> None:

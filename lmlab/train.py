@@ -148,6 +148,9 @@ def diagnose_divergence(cfg: TrainConfig, step: int, bad: int, rollbacks: int, d
     return f"training diverged: {where}; {cause}"
 
 
+STEP_LOGS = ("metrics.jsonl", "probes.jsonl", "telemetry.jsonl")  # cut back to the checkpoint on resume
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived; a checkpoint was written."""
 
@@ -252,7 +255,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         resume_path = latest_good_checkpoint(run_dir, warn=_say)
         if resume_path is None:  # it died before its first checkpoint: nothing to keep, start it over
             _say(f"run {run_dir} has no complete checkpoint yet; starting it again from step 0")
-            for name in ("metrics.jsonl", "probes.jsonl", "telemetry.jsonl"):
+            for name in STEP_LOGS:
                 _truncate_metrics(run_dir / name, -1)
     else:
         tokenizer = None
@@ -287,7 +290,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         rollbacks = ckpt.state.get("rollbacks", 0)
         if "spikes" in ckpt.state:
             spikes.load_state_dict(ckpt.state["spikes"])
-        for name in ("metrics.jsonl", "probes.jsonl", "telemetry.jsonl"):
+        for name in STEP_LOGS:
             _truncate_metrics(run_dir / name, step)
         prune_snapshots_after(run_dir, step)
 
@@ -411,7 +414,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
                 loss_sum += loss.detach()
             grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
             train_loss = float(loss_sum) / cfg.grad_accum
-            finite = math.isfinite(train_loss) and math.isfinite(float(grad_norm))
+            grad_norm = float(grad_norm)
+            finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
             watch = finite and telemetry.active(step + 1)
             if watch:
                 telemetry.before_update()
@@ -427,11 +431,11 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
             dt = time.perf_counter() - t0
             elapsed += dt
             record = {"step": step, "tokens": tokens_seen, "train_loss": train_loss,
-                      "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                      "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_step / dt, "elapsed_s": round(elapsed, 4)}
             if not finite:
                 record.update(skipped=True, skipped_total=skipped_total)
-            if cfg.optim.grad_clip and float(grad_norm) > cfg.optim.grad_clip:
+            if cfg.optim.grad_clip and grad_norm > cfg.optim.grad_clip:
                 record["clipped"] = True
             spike = spikes.update(train_loss)
             if spike is not None:
