@@ -7,15 +7,25 @@
 
 A checkpoint folder is written under a temporary name and renamed when complete; state.json records the SHA-256
 of the other files, so a damaged checkpoint is detected and the previous good one is used.
+
+A run trained with --parallel fsdp writes sharded checkpoints instead, with torch.distributed.checkpoint (DCP):
+
+    RUN/checkpoints/step_00001000/{dcp/.metadata, dcp/__R_0.distcp (one per rank), rng.safetensors, state.json}
+
+Both kinds load into any layout (one process, DDP or FSDP, any number of ranks): DCP reshards on load. Note that
+DCP's .metadata file is a pickle written by PyTorch; its hash is checked first, but load sharded checkpoints only
+from sources you trust, and share runs as single files (`lmlab export`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +36,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from . import tokenizer as tok
 from .common import SCHEMA_VERSION, LmlabError, atomic_write_json, read_json, sha256_file
+from .distributed import Dist, barrier, is_sharded, like, unwrap
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step_"
@@ -64,19 +75,30 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
-            if isinstance(value, torch.Tensor):
+            if is_sharded(value):  # FSDP: this rank's shard, saved by DCP
+                tensors[f"state.{idx}.{key}"] = value.detach()
+            elif isinstance(value, torch.Tensor):
                 tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
 
 
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Parameters in the order optimizer.state_dict() numbers them."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
+    params = _optimizer_params(optimizer)
     for idx, values in plain["scalars"].items():
         state.setdefault(int(idx), {}).update(values)
     for name, value in tensors.items():
         _, idx, key = name.split(".", 2)
+        p = params[int(idx)]
+        if is_sharded(p) and not is_sharded(value) and value.shape == p.shape:
+            value = like(p, value)  # a single-file checkpoint resumed under FSDP: keep this rank's shard
         state.setdefault(int(idx), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
 
@@ -89,11 +111,33 @@ def save_checkpoint(
     rng: dict[str, torch.Tensor],
     state: dict,
     keep: int = 3,
+    d: Optional[Dist] = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep` checkpoints."""
+    """Write checkpoint `step` atomically and prune all but the newest `keep` checkpoints.
+
+    Data-parallel: call it on every rank. DDP (and one process) writes once, from rank 0; FSDP writes shards.
+    """
+    d = d or Dist()
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
+    if d.sharded:
+        _save_sharded(run_dir, final, model, optimizer, rng, state, keep, d)
+        return final
+    if not d.main:
+        barrier(d)
+        return final
+    try:
+        _save_single(run_dir, final, unwrap(model), optimizer, rng, state, keep)
+    finally:
+        barrier(d)
+    return final
+
+
+def _save_single(run_dir: Path, final: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 rng: dict[str, torch.Tensor], state: dict, keep: int) -> None:
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    step = int(final.name[len(PREFIX):])
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         save_model(model, str(tmp / "model.safetensors"))
@@ -110,17 +154,65 @@ def save_checkpoint(
             "files": {name: sha256_file(tmp / name) for name in ("model.safetensors", "optimizer.safetensors")},
             **state,
         }
-        atomic_write_json(tmp / "state.json", record)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        _publish(tmp, final, record)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _prune(run_dir, keep)
+
+
+def _publish(tmp: Path, final: Path, record: dict) -> None:
+    """state.json last, then one rename: a checkpoint folder is either complete or absent."""
+    atomic_write_json(tmp / "state.json", record)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _prune(run_dir: Path, keep: int) -> None:
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def _save_sharded(run_dir: Path, final: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  rng: dict[str, torch.Tensor], state: dict, keep: int, d: Dist) -> None:
+    """FSDP: every rank writes its shards with DCP into one temporary folder; rank 0 seals it."""
+    import torch.distributed.checkpoint as dcp
+
+    tmp = final.parent / f".{final.name}.dcp.tmp"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "dcp").mkdir(parents=True)
+    barrier(d)
+    opt_tensors, opt_plain = optimizer_to_flat(optimizer)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
+    dcp.save(tensors, checkpoint_id=str(tmp / "dcp"))
+    barrier(d)
+    if d.main:
+        try:
+            save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+            names = ["rng.safetensors"] + sorted(f"dcp/{p.name}" for p in (tmp / "dcp").iterdir())
+            for name in names:
+                _fsync_file(tmp / name)
+            record = {
+                "schema_version": SCHEMA_VERSION,
+                "step": int(final.name[len(PREFIX):]),
+                "format": "dcp",
+                "world_size": d.world,
+                "optimizer": opt_plain,
+                "optimizer_tensors": sorted(opt_tensors),
+                "files": {name: sha256_file(tmp / name) for name in names},
+                **state,
+            }
+            _publish(tmp, final, record)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            barrier(d)
+            raise
+        _prune(run_dir, keep)
+    barrier(d)
 
 
 def _test_pause() -> None:
@@ -169,7 +261,7 @@ def verify_checkpoint(path: Path) -> dict:
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise LmlabError(f"checkpoint {path} has schema version {version}; this lmlab reads up to {SCHEMA_VERSION}")
     files = state.get("files")
-    if not isinstance(files, dict) or set(files) != {"model.safetensors", "optimizer.safetensors"}:
+    if not isinstance(files, dict) or not _valid_file_list(state.get("format", "single"), set(files)):
         raise LmlabError(f"checkpoint {path} has an invalid file list in state.json")
     for name, digest in files.items():
         f = path / name
@@ -180,10 +272,32 @@ def verify_checkpoint(path: Path) -> dict:
     return state
 
 
+_DCP_FILE = re.compile(r"dcp/(\.metadata|__\d+_\d+\.distcp)")
+
+
+def _valid_file_list(kind: str, names: set[str]) -> bool:
+    """Only these names are ever read: a state.json cannot point the loader at other files."""
+    if kind == "single":
+        return names == {"model.safetensors", "optimizer.safetensors"}
+    if kind == "dcp":
+        rest = names - {"rng.safetensors"}
+        return "rng.safetensors" in names and "dcp/.metadata" in rest and all(_DCP_FILE.fullmatch(n) for n in rest)
+    return False
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     device: str | torch.device = "cpu") -> Checkpoint:
-    """Load weights (and optimizer state) from one checkpoint folder, after verifying it."""
+    """Load weights (and optimizer state) from one checkpoint folder, after verifying it.
+
+    `model` may be plain, DDP-wrapped or FSDP-sharded; with FSDP or a sharded checkpoint every rank calls this.
+    """
     state = verify_checkpoint(path)
+    model = unwrap(model)
+    if state.get("format") == "dcp":
+        return _load_sharded(path, state, model, optimizer)
+    if any(is_sharded(p) for p in model.parameters()):
+        _load_weights_into_shards(path, model)
+        return _load_optimizer_file(path, state, optimizer, device)
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
     except (SafetensorError, RuntimeError, OSError) as e:
@@ -195,6 +309,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Optional[torc
             f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, unexpected "
             f"{sorted(unexpected)[:3]}); was it written with another config?"
         )
+    return _load_optimizer_file(path, state, optimizer, device)
+
+
+def _load_optimizer_file(path: Path, state: dict, optimizer: Optional[torch.optim.Optimizer],
+                         device: str | torch.device) -> Checkpoint:
     try:
         tensors = load_file(str(path / "optimizer.safetensors"))
     except (SafetensorError, OSError) as e:
@@ -206,6 +325,55 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Optional[torc
             optimizer_from_flat(optimizer, opt_tensors, state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise LmlabError(f"optimizer state in {path} does not fit this run: {e}") from None
+    return Checkpoint(path, state, opt_tensors, rng)
+
+
+def _load_weights_into_shards(path: Path, model: torch.nn.Module) -> None:
+    """A single-file checkpoint into an FSDP-sharded model: every rank reads the file and keeps its shard."""
+    tensors = load_file(str(path / "model.safetensors"))
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied weights are saved under one name
+        aliases.setdefault(id(p), []).append(name)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            source = next((tensors[n] for n in aliases[id(p)] if n in tensors), None)
+            if source is None or tuple(source.shape) != tuple(p.shape):
+                raise LmlabError(f"checkpoint {path} does not fit this model ({name}); was it written with another config?")
+            p.copy_(like(p, source))
+
+
+def _load_sharded(path: Path, state: dict, model: torch.nn.Module,
+                  optimizer: Optional[torch.optim.Optimizer]) -> Checkpoint:
+    """A DCP checkpoint into any layout: DCP reads into the tensors given, resharding as needed."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    model_sd = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model_sd.items()}
+    opt_tensors: dict[str, torch.Tensor] = {}
+    if optimizer is not None:
+        params = _optimizer_params(optimizer)
+        for name in state.get("optimizer_tensors", []):
+            _, idx, _key = name.split(".", 2)
+            opt_tensors[name] = torch.zeros_like(params[int(idx)])
+        tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
+    try:
+        with warnings.catch_warnings():  # "loading in a single process" is what we mean when there is no group
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(tensors, checkpoint_id=str(path / "dcp"), no_dist=not dist.is_initialized())
+    except Exception as e:  # noqa: BLE001 - DCP reports mismatches as several exception types
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LmlabError(f"cannot load sharded checkpoint {path}: {detail}; was it written with another config?") from None
+    model.load_state_dict({k: tensors[f"model.{k}"] for k in model_sd})
+    if optimizer is not None:
+        try:
+            optimizer_from_flat(optimizer, opt_tensors, state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise LmlabError(f"optimizer state in {path} does not fit this run: {e}") from None
+    try:
+        rng = load_file(str(path / "rng.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise LmlabError(f"cannot read {path / 'rng.safetensors'}: {e}") from None
     return Checkpoint(path, state, opt_tensors, rng)
 
 
@@ -284,3 +452,40 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     ckpt = load_checkpoint(path, model, None, device)
     model.eval()
     return LoadedRun(run_dir, config, tokenizer, model, ckpt)
+
+
+RUN_FILES = ("config.json", "tokenizer.json", "status.json", "metrics.jsonl", "probes.jsonl", "telemetry.jsonl",
+             "samples.txt", "samples.jsonl")
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> Path:
+    """Copy a run with its newest checkpoint as single files (safetensors + JSON), e.g. from a sharded FSDP run.
+
+    The copy needs no process group and resumes, samples and evaluates like any one-process run.
+    """
+    from .model import ModelConfig, build_model
+    from .optim import OptimConfig, build_optimizer
+
+    run_dir, out = Path(run_dir), Path(out)
+    config = read_run_config(run_dir)
+    if out.exists() and any(out.iterdir()):
+        raise LmlabError(f"{out} already exists and is not empty; choose another --out")
+    path = latest_good_checkpoint(run_dir)
+    if path is None:
+        raise LmlabError(f"run {run_dir} has no good checkpoint to export")
+    tokenizer = tok.load(run_dir / "tokenizer.json")
+    check_tokenizer(config, tokenizer, run_dir)
+    try:
+        model = build_model(ModelConfig(**config["model"]), tokenizer.vocab_size)
+        optimizer = build_optimizer(model, OptimConfig(**config["optim"]))
+    except TypeError as e:
+        raise LmlabError(f"config.json of {run_dir} has an unknown setting ({e})") from None
+    ckpt = load_checkpoint(path, model, optimizer)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, out / name)
+    internal = {"schema_version", "step", "optimizer", "optimizer_tensors", "files", "format", "world_size"}
+    state = {k: v for k, v in ckpt.state.items() if k not in internal}
+    _save_single(out, out / CHECKPOINTS / path.name, model, optimizer, ckpt.rng, state, keep=1)
+    return out / CHECKPOINTS / path.name

@@ -27,7 +27,9 @@ SUBCOMMANDS = {
     "surprisal": "per-token loss of a text, coloured in the terminal or as an HTML heatmap",
     "landscape": "the loss around the trained weights along random directions, and the training trajectory",
     "report": "one self-contained HTML page (and PNGs) with the curves, probes, samples and config of runs",
+    "export": "copy a run with its newest checkpoint as single files (e.g. from sharded FSDP checkpoints)",
     "bench": "measure hardware peak, training throughput and MFU, time to quality, generation and data speed",
+    "serve": "a local web app (live training charts, next-token playground) and an OpenAI-compatible API",
 }
 
 
@@ -77,13 +79,15 @@ def cmd_train(argv: list[str]) -> int:
 
         base = TrainConfig.from_json(read_run_config(Path(known.resume)))
         base.resume = known.resume
+        base.parallel = "none"  # how to launch is chosen anew each time: a run may resume on another world size
     else:
         base = get_preset(known.preset)
     desc = ("Train a language model. Presets: " + ", ".join(PRESETS) +
             ". Every option below overrides the preset; with --resume, the run's own settings are the defaults.")
     cfg = parse(TrainConfig, argv, "lmlab train", default=base, description=desc)
     summary = train(cfg)
-    print(f"run saved in {summary['run_dir']}", file=sys.stderr)
+    if summary["rank"] == 0:
+        print(f"run saved in {summary['run_dir']}", file=sys.stderr)
     return 0
 
 
@@ -120,6 +124,29 @@ def cmd_sample(argv: list[str]) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export
+
+
+@dataclass
+class ExportArgs:
+    """Copy a run with its newest checkpoint as single files (e.g. a sharded FSDP run), resumable by one process."""
+
+    run: Annotated[str, tyro.conf.Positional]
+    """The run directory."""
+    out: Annotated[str, tyro.conf.Positional]
+    """Where to write the single-file copy (a new or empty directory)."""
+
+
+def cmd_export(argv: list[str]) -> int:
+    from .checkpoint import export_run
+
+    args = parse(ExportArgs, argv, "lmlab export")
+    path = export_run(args.run, args.out)
+    print(f"exported {args.run} to {args.out} (checkpoint {path.name}, single files)", file=sys.stderr)
     return 0
 
 
@@ -413,10 +440,45 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class ServeArgs:
+    """Serve runs in a local web app (dashboard and playground) and as an OpenAI-compatible completions API."""
+
+    runs: Annotated[list[str], tyro.conf.Positional, tyro.conf.arg(metavar="[RUNS_DIR | RUN ...]")] = field(
+        default_factory=lambda: ["runs"])
+    """Run directories, or folders whose subfolders are runs (new runs in them show up as they start)."""
+    host: str = "127.0.0.1"
+    """Address to listen on; the default is reachable from this machine only."""
+    port: int = 8000
+    """Port to listen on (0: any free port)."""
+    max_tokens: int = 512
+    """The most tokens one completion may generate."""
+    max_prompt_chars: int = 20_000
+    """The most characters of prompt (or of text to score) one request may send."""
+    max_concurrent: int = 4
+    """Completions generated at the same time; one more is refused with HTTP 429."""
+    device: str = "cpu"
+    """auto, cpu, cuda or mps."""
+
+
+def cmd_serve(argv: list[str]) -> int:
+    from .common import resolve_device
+    from .serve import Limits, serve
+
+    args = parse(ServeArgs, argv, "lmlab serve")
+    if not 0 <= args.port <= 65535:
+        raise LmlabError(f"--port must be in 0..65535, got {args.port}")
+    if min(args.max_tokens, args.max_prompt_chars, args.max_concurrent) <= 0:
+        raise LmlabError("--max-tokens, --max-prompt-chars and --max-concurrent must be positive")
+    serve(args.runs, args.host, args.port, Limits(args.max_tokens, args.max_prompt_chars, args.max_concurrent),
+          resolve_device(args.device))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "data": cmd_data, "next": cmd_next,
     "surprisal": cmd_surprisal, "landscape": cmd_landscape, "bench": cmd_bench,
-    "report": cmd_report,
+    "report": cmd_report, "export": cmd_export, "serve": cmd_serve,
 }
 
 

@@ -386,9 +386,16 @@ def load_splits(cfg: DataConfig, tokenizer: tok.Tokenizer | None = None) -> Spli
 
 
 class BatchSampler:
-    """Random windows of block_size+1 tokens: x = window[:-1], y = window[1:], drawn by a seeded generator."""
+    """Random windows of block_size+1 tokens: x = window[:-1], y = window[1:], drawn by a seeded generator.
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, device: torch.device):
+    One scheme for any number of processes: each optimizer step draws the start offsets of its whole global batch
+    (batch_size x grad_accum x world sequences) at once, and micro-step a of rank r takes chunk a * world + r.
+    So every rank draws different windows, the generator state is the same on all ranks, and a run with the same
+    global batch sees the same data whether it runs as 1 process or N (which makes resuming at another size exact).
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, device: torch.device,
+                 grad_accum: int = 1, rank: int = 0, world: int = 1):
         if len(tokens) < block_size + 1:
             raise LmlabError(
                 f"the training split has {len(tokens)} tokens, fewer than one block of {block_size}+1; "
@@ -397,12 +404,21 @@ class BatchSampler:
         self.tokens = tokens
         self.block_size = block_size
         self.batch_size = batch_size
+        self.grad_accum, self.rank, self.world = grad_accum, rank, world
         self.device = device
         self.generator = torch.Generator().manual_seed(seed)
         self._offsets = np.arange(block_size + 1)
+        self._step_starts: Optional[torch.Tensor] = None
+        self._micro = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
+        """The next micro-batch of this rank."""
+        if self._micro == 0:
+            total = self.batch_size * self.grad_accum * self.world
+            self._step_starts = torch.randint(len(self.tokens) - self.block_size, (total,), generator=self.generator)
+        chunk = self._micro * self.world + self.rank
+        starts = self._step_starts[chunk * self.batch_size : (chunk + 1) * self.batch_size]
+        self._micro = (self._micro + 1) % self.grad_accum
         windows = torch.from_numpy(self.tokens[starts.numpy()[:, None] + self._offsets].astype(np.int64))
         x, y = windows[:, :-1], windows[:, 1:]
         if self.device.type == "cuda":
@@ -416,6 +432,7 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+        self._micro = 0  # checkpoints are taken between optimizer steps
 
 
 def eval_windows(tokens: np.ndarray, block_size: int, max_tokens: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:

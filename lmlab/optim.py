@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .common import LmlabError
+from .distributed import full_tensor, like
 
 
 @dataclass
@@ -228,9 +229,11 @@ class Muon(torch.optim.Optimizer):
             for i, p in enumerate(params):
                 by_shape.setdefault(tuple(p.shape), []).append(i)
             for shape, idx in by_shape.items():
-                updates = orthogonalize(torch.stack([nesterov[i] for i in idx]))
+                # FSDP: orthogonalisation needs whole matrices, so gather each once, then keep this rank's shard
+                updates = orthogonalize(torch.stack([full_tensor(nesterov[i]) for i in idx]))
                 scale = math.sqrt(max(1.0, shape[0] / shape[1]))
-                torch._foreach_add_([params[i] for i in idx], list(updates.unbind(0)), alpha=-lr * scale)
+                updates = [like(params[i], u) for i, u in zip(idx, updates.unbind(0))]
+                torch._foreach_add_([params[i] for i in idx], updates, alpha=-lr * scale)
 
 
 def param_groups(model: nn.Module, weight_decay: float, split_hidden: bool = False) -> list[dict]:

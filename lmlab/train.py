@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -15,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -28,6 +29,8 @@ from .common import (
     seed_everything,
 )
 from .data import BatchSampler, DataConfig, load_splits
+from . import distributed as dist_
+from .distributed import Dist, all_reduce_sum, barrier, unwrap
 from .evaluate import autocast_context, evaluate
 from .model import ModelConfig, build_model, count_params
 from .optim import OptimConfig, build_optimizer, clip_grad_norm, lr_multiplier, set_lr
@@ -60,6 +63,14 @@ class TrainConfig:
     """Sequences per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (tokens per step = batch_size * grad_accum * block_size)."""
+    global_batch: int = 0
+    """Sequences per optimizer step over all processes; grad_accum is then derived from the number of processes
+    (0: batch_size * grad_accum * processes). Kept on resume, so the global batch stays fixed."""
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    """Data parallelism under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard, sharded
+    checkpoints); gloo on CPU, nccl on CUDA."""
+    dist_timeout: float = 300.0
+    """Seconds a collective may wait for the other processes before the job fails (a dead rank ends the job)."""
     eval_interval: int = 250
     """Evaluate on the validation split every this many steps (and at the end)."""
     eval_tokens: int = 1_000_000
@@ -101,6 +112,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.probe_prompts = tuple(self.probe_prompts)
+        if self.global_batch < 0 or self.dist_timeout <= 0:
+            raise LmlabError("--global-batch must be >= 0 and --dist-timeout positive")
         for name in ("batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise LmlabError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -182,8 +195,54 @@ class RunLock:
             os.close(self.fd)
 
 
+_QUIET = [False]  # ranks other than 0 say nothing
+
+
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if not _QUIET[0]:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def accumulation_steps(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(grad_accum, global batch): processes x micro-batch x accumulation steps = the global batch."""
+    if not cfg.global_batch:
+        return cfg.grad_accum, cfg.batch_size * cfg.grad_accum * world
+    per_pass = cfg.batch_size * world
+    if cfg.global_batch % per_pass:
+        raise LmlabError(f"--global-batch {cfg.global_batch} is not a multiple of {world} processes x "
+                         f"--batch-size {cfg.batch_size} = {per_pass}; change one of them")
+    return cfg.global_batch // per_pass, cfg.global_batch
+
+
+class _Viewer:
+    """The whole model on rank 0, for probes, weight snapshots and samples (None on other ranks).
+
+    Under FSDP the shards are gathered (a collective: every rank calls get()) into a plain copy on the CPU.
+    """
+
+    def __init__(self, model: torch.nn.Module, d: Dist, model_cfg: ModelConfig, vocab_size: int):
+        self.model, self.d, self.model_cfg, self.vocab_size = model, d, model_cfg, vocab_size
+        self.copy: Optional[torch.nn.Module] = None
+
+    def get(self) -> Optional[torch.nn.Module]:
+        if not self.d.sharded:
+            return unwrap(self.model) if self.d.main else None
+        weights = dist_.full_state_dict(self.model, self.d)
+        if weights is None:
+            return None
+        if self.copy is None:
+            self.copy = build_model(self.model_cfg, self.vocab_size)
+        self.copy.load_state_dict(weights)
+        return self.copy
+
+
+def _test_fault(d: Dist, step: int) -> None:
+    """LMLAB_TEST_KILL=RANK:STEP kills that rank at that step (first launch only), for the failure tests."""
+    spec = os.environ.get("LMLAB_TEST_KILL")
+    if spec and not dist_.restart_count():
+        rank, at = (int(v) for v in spec.split(":"))
+        if d.rank == rank and step == at:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _rng_state(sampler: BatchSampler) -> dict[str, torch.Tensor]:
@@ -225,17 +284,84 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training as configured. Returns a summary: steps, tokens, val losses, run directory."""
+    """Run (or resume) training as configured. Returns a summary: steps, tokens, val losses, run directory.
+
+    Under torchrun with --parallel ddp|fsdp every process calls this; rank 0 owns the run directory's logs.
+    """
     if cfg.max_steps == 0 and cfg.max_time == 0:
         raise LmlabError("set a budget: --max-steps N and/or --max-time SECONDS")
-    run_dir = _prepare_run_dir(cfg)
-    with RunLock(run_dir):
-        remove_stale_temp_files(run_dir)
-        return _train_locked(cfg, run_dir)
+    d = dist_.setup(cfg.parallel, resolve_device(cfg.device), cfg.dist_timeout)
+    _QUIET[0] = not d.main
+    try:
+        accumulation_steps(cfg, d.world)  # refuse a global batch that does not divide before touching any file
+        if dist_.restart_count() and cfg.out and not cfg.resume and (Path(cfg.out) / "config.json").exists():
+            cfg = dataclasses.replace(cfg, resume=cfg.out)  # an elastic restart: go on from the last checkpoint
+            _say(f"restart {dist_.restart_count()}: resuming {cfg.out}")
+        lock, message = contextlib.nullcontext(), ""
+        if d.main:  # rank 0 creates and locks the run directory; the others learn its name, or rank 0's error
+            try:
+                run_dir = _prepare_run_dir(cfg)
+                lock = RunLock(run_dir)
+                lock.__enter__()
+                remove_stale_temp_files(run_dir)
+                message = str(run_dir)
+            except LmlabError as e:
+                message = "\0" + str(e)
+        message = dist_.broadcast_str(message, d)
+        if message.startswith("\0"):
+            raise LmlabError(message[1:])
+        run_dir = Path(message)
+        with _release(lock):
+            started: list[bool] = []  # set once the run is under way: a refused start leaves status.json alone
+            try:
+                summary = _train_locked(cfg, run_dir, d, started)
+            except Interrupted:
+                if d.main:
+                    write_status(run_dir, "interrupted")
+                raise
+            except BaseException as e:
+                if d.main and started:
+                    write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+                if isinstance(e, Exception) and _lost_peer(e, d):
+                    raise LmlabError(f"rank {d.rank} lost contact with the other processes (one crashed or took "
+                                     f"longer than --dist-timeout {cfg.dist_timeout:g} s): "
+                                     f"{str(e).splitlines()[0][:200]}") from None
+                raise
+            if d.main:
+                write_status(run_dir, "finished", steps=summary["steps"], val_loss=summary["val_loss"])
+            return summary
+    finally:
+        dist_.teardown(d)
+        _QUIET[0] = False
 
 
-def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
-    device = resolve_device(cfg.device)
+@contextlib.contextmanager
+def _release(lock):
+    """Release a lock already taken when the block ends."""
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _lost_peer(e: Exception, d: Dist) -> bool:
+    """A collective failed because another rank died or timed out (gloo and nccl say so in several ways)."""
+    if not d.active or isinstance(e, LmlabError):
+        return False
+    return isinstance(e, (RuntimeError, OSError)) and any(
+        word in str(e) for word in ("gloo", "Gloo", "NCCL", "Connection", "connection", "timed out", "Timeout", "peer"))
+
+
+def write_status(run_dir: Path, status: str, **extra) -> None:
+    """RUN/status.json says whether the run is running, finished, interrupted or failed (a dashboard reads it).
+
+    A "running" status whose writer has died (the run's .lock is free) means the process crashed.
+    """
+    atomic_write_json(run_dir / "status.json", {"status": status, "pid": os.getpid(), "time": time.time(), **extra})
+
+
+def _train_locked(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool]) -> dict:
+    device = dist_.rank_device(resolve_device(cfg.device), d)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -255,21 +381,28 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         resume_path = latest_good_checkpoint(run_dir, warn=_say)
         if resume_path is None:  # it died before its first checkpoint: nothing to keep, start it over
             _say(f"run {run_dir} has no complete checkpoint yet; starting it again from step 0")
-            for name in STEP_LOGS:
+            for name in STEP_LOGS if d.main else ():
                 _truncate_metrics(run_dir / name, -1)
     else:
         tokenizer = None
 
+    if not d.main:
+        barrier(d)  # rank 0 tokenizes and fills the cache first; the others then read it
     splits = load_splits(cfg.data, tokenizer=tokenizer)
+    if d.main:
+        barrier(d)
     tokenizer = splits.tokenizer
     block = cfg.model.block_size
     if len(splits.val) < 2:
         raise LmlabError(f"the validation split has {len(splits.val)} tokens; use more text or --val-data")
-    sampler = BatchSampler(splits.train, block, cfg.batch_size, cfg.seed, device)
+    grad_accum, global_batch = accumulation_steps(cfg, d.world)
+    sampler = BatchSampler(splits.train, block, cfg.batch_size, cfg.seed, device, grad_accum, d.rank, d.world)
     token_bytes = torch.from_numpy(tokenizer.byte_lengths())
 
-    model = build_model(cfg.model, tokenizer.vocab_size).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
+    model = dist_.wrap(build_model(cfg.model, tokenizer.vocab_size).to(device), d, device)  # same init on all ranks
+    optimizer = build_optimizer(unwrap(model), cfg.optim)
+    if d.rank:
+        torch.manual_seed(cfg.seed + 1_000_003 * d.rank)  # dropout differs between ranks
     step, tokens_seen, elapsed = 0, 0, 0.0
     best_val = math.inf
     lr_scale, skipped_total, rollbacks = 1.0, 0, 0
@@ -281,6 +414,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         ckpt = load_checkpoint(path, model, optimizer, device)
         sampler.load_state_dict({"generator": ckpt.rng["sampler"]})
         torch.set_rng_state(ckpt.rng["torch"])
+        if d.rank:
+            torch.manual_seed(cfg.seed + 1_000_003 * d.rank + ckpt.step)
         if "cuda" in ckpt.rng and device.type == "cuda":
             torch.cuda.set_rng_state(ckpt.rng["cuda"])
         step, tokens_seen, elapsed = ckpt.step, ckpt.state["tokens"], ckpt.state["elapsed_s"]
@@ -290,19 +425,24 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         rollbacks = ckpt.state.get("rollbacks", 0)
         if "spikes" in ckpt.state:
             spikes.load_state_dict(ckpt.state["spikes"])
-        for name in STEP_LOGS:
-            _truncate_metrics(run_dir / name, step)
-        prune_snapshots_after(run_dir, step)
+        if d.main:
+            for name in STEP_LOGS:
+                _truncate_metrics(run_dir / name, step)
+            prune_snapshots_after(run_dir, step)
 
     if resume_path is not None:
         restore(resume_path)
         _say(f"resuming {run_dir} from {resume_path.name} (step {step}, {fmt_count(tokens_seen)} tokens)")
-    else:
+    elif d.main:
         tokenizer.save(run_dir / "tokenizer.json")
-    atomic_write_json(run_dir / "config.json", {**cfg.to_json(), "vocab_size": tokenizer.vocab_size,
-                                                "tokenizer_fingerprint": tokenizer.fingerprint()})
+    if d.main:
+        saved = dataclasses.replace(cfg, global_batch=global_batch, grad_accum=grad_accum)
+        atomic_write_json(run_dir / "config.json", {**saved.to_json(), "vocab_size": tokenizer.vocab_size,
+                                                    "tokenizer_fingerprint": tokenizer.fingerprint()})
+        write_status(run_dir, "running", world_size=d.world)
+    started.append(True)
 
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * block
+    tokens_per_step = global_batch * block
     _say(
         f"run {run_dir}: {cfg.model.arch} {cfg.model.n_layer}L/{cfg.model.n_head}H/{cfg.model.n_embd}d, "
         f"{fmt_count(count_params(model))} params; {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}; "
@@ -310,17 +450,25 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
     )
     _say(
         f"device {device} ({'asked for' if cfg.device != 'auto' else 'auto-selected'}), autocast {str(dtype)[6:]}, "
-        f"{tokens_per_step:,} tokens/step ({cfg.batch_size} x {cfg.grad_accum} accumulation x {block}), "
+        f"{tokens_per_step:,} tokens/step ({global_batch} sequences x {block}), "
         f"optimizer {cfg.optim.optimizer}, schedule {cfg.optim.schedule}, "
         f"budget {cfg.max_steps or '-'} steps / {cfg.max_time or '-'} s, threads {torch.get_num_threads()}"
     )
+    if d.active:
+        _say(f"data parallel ({d.strategy}, {'nccl' if device.type == 'cuda' else 'gloo'}): global batch "
+             f"{global_batch} sequences = {d.world} processes x {cfg.batch_size} micro-batch x {grad_accum} "
+             f"accumulation steps")
+        if d.sharded and cfg.telemetry_interval:
+            _say("note: per-layer gradient telemetry is off under fsdp (the gradients are sharded)")
 
     train_model = torch.compile(model) if cfg.compile else model
     probe_prompts = (list(cfg.probe_prompts) or default_probe_prompts(splits.val, tokenizer, block)) if cfg.probe else []
-    telemetry = GradientTelemetry(model, cfg.telemetry_interval)
-    board = TensorBoard(run_dir, cfg.tensorboard)
+    telemetry = GradientTelemetry(unwrap(model), cfg.telemetry_interval if d.main and not d.sharded else 0)
+    board = TensorBoard(run_dir, cfg.tensorboard and d.main)
     params = [p for p in model.parameters() if p.requires_grad]
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    log_path = run_dir / "metrics.jsonl" if d.main else Path(os.devnull)
+    metrics_file = open(log_path, "a")
+    viewer = _Viewer(model, d, cfg.model, tokenizer.vocab_size)
     last_saved = step
     last_val = None
 
@@ -337,7 +485,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
 
     def run_eval() -> float:
         nonlocal best_val, last_val
-        m = evaluate(model, splits.val, token_bytes, block, cfg.batch_size, cfg.eval_tokens, dtype)
+        m = evaluate(unwrap(model), splits.val, token_bytes, block, cfg.batch_size, cfg.eval_tokens, dtype, d)
         best_val = min(best_val, m.loss)
         last_val = m
         record = {"step": step, "tokens": tokens_seen, "elapsed_s": round(elapsed, 3), "val_loss": m.loss,
@@ -346,23 +494,25 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         board.scalars(step, {"val/loss": m.loss, "val/bits_per_byte": m.bits_per_byte, "val/accuracy": m.accuracy})
-        if probe_prompts:
-            results = probe(model, tokenizer, probe_prompts)
+        view = viewer.get() if probe_prompts or cfg.trajectory_snapshots else None  # rank 0 only
+        if view is not None and probe_prompts:
+            results = probe(view, tokenizer, probe_prompts)
             append_jsonl(run_dir / "probes.jsonl", {"step": step, "probes": results})
             board.text(step, "probe", "\n\n".join(f"{r['prompt']!r} -> {r['continuation']!r}" for r in results))
-        if cfg.trajectory_snapshots:
-            save_snapshot(run_dir, model, step, cfg.trajectory_snapshots)
+        if view is not None and cfg.trajectory_snapshots:
+            save_snapshot(run_dir, view, step, cfg.trajectory_snapshots)
         return m.loss
 
     def checkpoint() -> None:
         nonlocal last_saved
         metrics_file.flush()  # every record up to this step is on disk before the checkpoint that covers it
-        os.fsync(metrics_file.fileno())
+        if d.main:
+            os.fsync(metrics_file.fileno())
         state = {"tokens": tokens_seen, "elapsed_s": elapsed, "lr_scale": lr_scale, "skipped_steps": skipped_total,
                  "spikes": spikes.state_dict(),
                  "rollbacks": rollbacks, "best_val_loss": best_val if math.isfinite(best_val) else None}
         try:
-            save_checkpoint(run_dir, step, model, optimizer, _rng_state(sampler), state, cfg.keep_checkpoints)
+            save_checkpoint(run_dir, step, model, optimizer, _rng_state(sampler), state, cfg.keep_checkpoints, d)
         except OSError as e:
             raise LmlabError(f"could not write a checkpoint in {run_dir}: {e.strerror or e}; "
                              f"the previous checkpoint is intact") from None
@@ -394,27 +544,31 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         _say(f"step 0: val loss {last_val.loss:.4f} (uniform guess: {math.log(tokenizer.vocab_size):.4f})")
 
     bad_in_row = 0
+    stop_all = False  # with several processes, all stop at the same step when any of them got a signal
     autocast = autocast_context(device, dtype)
     train_model.train()
     try:
         while not finished():
-            if stop_requested:
+            if stop_all if d.world > 1 else stop_requested:
                 raise KeyboardInterrupt
+            _test_fault(d, step)
             t0 = time.perf_counter()
             multiplier = lr_multiplier(cfg.optim.schedule, step, progress(), cfg.optim.warmup,
                                        cfg.optim.decay_fraction, cfg.optim.final_lr_frac,
                                        cfg.optim.warmup_fraction if cfg.max_time else 0.0)
             set_lr(optimizer, multiplier * lr_scale)
             loss_sum = torch.zeros((), device=device)
-            for _ in range(cfg.grad_accum):
+            for micro in range(grad_accum):
                 x, y = sampler.next()
-                with autocast:
-                    _, loss = train_model(x, y)
-                (loss / cfg.grad_accum).backward()
+                with dist_.no_sync(model, d, last_micro_step=micro == grad_accum - 1):
+                    with autocast:
+                        _, loss = train_model(x, y)
+                    (loss / grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
-            train_loss = float(loss_sum) / cfg.grad_accum
-            grad_norm = float(grad_norm)
+            mean_loss = all_reduce_sum(loss_sum / grad_accum, d) / d.world  # the loss of the global batch
+            train_loss = float(mean_loss)
+            grad_norm = float(dist_.full_tensor(grad_norm))
             finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
             watch = finite and telemetry.active(step + 1)
             if watch:
@@ -429,6 +583,10 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
             step += 1
             tokens_seen += tokens_per_step
             dt = time.perf_counter() - t0
+            if d.world > 1:  # rank 0's clock drives the time budget on every rank; any rank's signal stops all
+                sync = all_reduce_sum(torch.tensor([dt if d.main else 0.0, float(bool(stop_requested))],
+                                                   dtype=torch.float64, device=device), d)
+                dt, stop_all = float(sync[0]), bool(sync[1] > 0)
             elapsed += dt
             record = {"step": step, "tokens": tokens_seen, "train_loss": train_loss,
                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
@@ -456,7 +614,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
                 rollbacks, lr_scale = done_rollbacks + 1, scale * 0.5
                 bad_in_row = 0
                 metrics_file.close()
-                metrics_file = open(run_dir / "metrics.jsonl", "a")
+                metrics_file = open(log_path, "a")
                 metrics_file.write(json.dumps({"step": step, "rollback": rollbacks, "lr_scale": lr_scale}) + "\n")
                 _say(f"warning: {cfg.max_bad_steps} non-finite steps in a row; rolled back to {last_good.name} "
                      f"with the learning rate scaled by {lr_scale:g}")
@@ -480,6 +638,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
             checkpoint()
         metrics_file.close()
         cmd = f"lmlab train --resume {shlex.quote(str(run_dir))}"
+        if d.active:
+            cmd = f"torchrun --nproc-per-node N -m {cmd.replace('lmlab train', f'lmlab train --parallel {d.strategy}')}"
         _say(f"\ninterrupted at step {step}; checkpoint written. Resume with:\n  {cmd}")
         raise Interrupted(cmd) from None
     finally:
@@ -493,6 +653,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
 
     summary = {
         "run_dir": str(run_dir),
+        "rank": d.rank,
         "steps": step,
         "tokens": tokens_seen,
         "train_time_s": elapsed,
@@ -505,7 +666,9 @@ def _train_locked(cfg: TrainConfig, run_dir: Path) -> dict:
         _say(f"done: {step} steps, {fmt_count(tokens_seen)} tokens in {elapsed:.1f}s of training; val loss "
              f"{last_val.loss:.4f} (best {best_val:.4f}), {last_val.bits_per_byte:.3f} bits/byte, "
              f"accuracy {last_val.accuracy:.1%}")
-    if cfg.sample_tokens:
+    view = viewer.get() if cfg.sample_tokens else None  # rank 0 only
+    if view is not None:
+        model = view
         model.eval()
         gen = torch.Generator().manual_seed(cfg.seed)
         ids = prompt_ids(tokenizer, cfg.sample_prompt)

@@ -1,0 +1,461 @@
+// lmlab serve: the dashboard (runs, live charts, probes) and the playground (next-token distribution, sampling).
+// Plain JavaScript against the server's /api and /v1 endpoints; charts are drawn with uPlot.
+"use strict";
+
+const POLL_MS = 2000;
+const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+const CHARTS = [  // one uPlot per figure: the metrics.jsonl keys it draws, per run
+  {id: "loss", series: [{key: "train_loss", label: "train"}, {key: "val_loss", label: "val", dots: true}]},
+  {id: "accuracy", series: [{key: "val_accuracy", label: "val", dots: true}]},
+  {id: "lr", series: [{key: "lr", label: "lr"}]},
+  {id: "grad_norm", series: [{key: "grad_norm", label: "grad norm"}]},
+  {id: "tokens_per_s", series: [{key: "tokens_per_s", label: "tokens/s"}]},
+];
+
+const state = {
+  runs: [],               // from /api/runs
+  shown: null,            // names of the runs on the charts (null: not chosen yet)
+  logs: {},               // "run|file" -> {epoch, records}
+  charts: {},             // chart id -> {plot, signature}
+  colors: {},             // run name -> colour, stable while the page is open
+};
+
+// ------------------------------------------------------------------------------------------------------------
+// Small helpers
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key === "style") node.style.cssText = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (value !== null && value !== undefined && value !== false) node.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+function fmt(value, digits = 4) {
+  if (value === null || value === undefined || !Number.isFinite(value)) return "–";
+  return Number(value).toFixed(digits);
+}
+
+function fmtCount(n) {
+  if (!Number.isFinite(n)) return "–";
+  for (const [unit, size] of [["G", 1e9], ["M", 1e6], ["k", 1e3]]) {
+    if (Math.abs(n) >= size) return (n / size).toFixed(2) + unit;
+  }
+  return String(n);
+}
+
+function visible(text) {  // whitespace made visible, as lmlab's terminal output does
+  return text.replace(/ /g, "␣").replace(/\n/g, "\\n").replace(/\t/g, "\\t");
+}
+
+async function getJSON(url) {
+  const response = await fetch(url, {cache: "no-store"});
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
+  return body;
+}
+
+async function postJSON(url, payload, signal) {
+  const response = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"},
+                                     body: JSON.stringify(payload), signal});
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    throw new Error(body.error ? body.error.message : response.statusText);
+  }
+  return response;
+}
+
+function colorOf(name) {
+  if (!(name in state.colors)) state.colors[name] = COLORS[Object.keys(state.colors).length % COLORS.length];
+  return state.colors[name];
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Dashboard: the run list
+
+async function pollRuns() {
+  try {
+    const body = await getJSON("/api/runs");
+    state.runs = body.runs;
+    document.getElementById("connection").textContent = "";
+  } catch (e) {
+    document.getElementById("connection").textContent = "server not reachable: " + e.message;
+    return;
+  }
+  if (state.shown === null && state.runs.length) state.shown = new Set(state.runs.slice(0, 4).map(r => r.name));
+  renderRuns();
+  renderModelChoice();
+}
+
+function renderRuns() {
+  const tbody = document.querySelector("#runs tbody");
+  document.getElementById("no-runs").hidden = state.runs.length > 0;
+  tbody.replaceChildren(...state.runs.map(run => {
+    const m = run.model || {};
+    const shape = m.arch === "bigram" ? "bigram" : `${m.n_layer}L ${m.n_head}H ${m.n_embd}d, ctx ${m.block_size}`;
+    const box = el("input", {type: "checkbox", checked: state.shown && state.shown.has(run.name),
+                             onchange: e => toggleRun(run.name, e.target.checked)});
+    return el("tr", {"data-run": run.name},
+      el("td", {}, box),
+      el("td", {}, el("span", {class: "dot", style: `background:${colorOf(run.name)}`}), run.name),
+      el("td", {}, el("span", {class: `status ${run.status}`, title: run.error || ""}, run.status)),
+      el("td", {class: "num"}, run.step), el("td", {class: "num"}, fmtCount(run.tokens)),
+      el("td", {class: "num"}, fmt(run.train_loss)), el("td", {class: "num"}, fmt(run.val_loss)),
+      el("td", {class: "num"}, fmt(run.best_val_loss)),
+      el("td", {class: "num"}, run.checkpoint_step === null ? "none yet" : run.checkpoint_step),
+      el("td", {class: "muted"}, `${run.preset || ""} · ${shape} · ${run.tokenizer || ""} (${run.vocab_size})`));
+  }));
+  const probeRun = document.getElementById("probe-run");
+  const names = state.runs.map(r => r.name);
+  if ([...probeRun.options].map(o => o.value).join("\n") !== names.join("\n")) {  // an open list stays open
+    const chosen = probeRun.value;
+    probeRun.replaceChildren(...names.map(name => el("option", {value: name, selected: name === chosen}, name)));
+  }
+}
+
+function toggleRun(name, on) {
+  if (on) state.shown.add(name); else state.shown.delete(name);
+  refreshCharts();
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Dashboard: logs (only the records added since the last poll travel) and charts
+
+async function pollLog(run, file) {
+  const key = `${run}|${file}`;
+  const have = state.logs[key] || {epoch: 0, records: []};
+  const params = new URLSearchParams({run, file, since: have.records.length, epoch: have.epoch});
+  const body = await getJSON(`/api/log?${params}`);
+  const records = body.start === 0 ? body.records : have.records.concat(body.records);
+  state.logs[key] = {epoch: body.epoch, records};
+  return body.records.length > 0 || body.start === 0;
+}
+
+function seriesPoints(records, xKey, yKey) {
+  const xs = [], ys = [];
+  for (const r of records) {
+    const x = r[xKey], y = r[yKey];
+    if (typeof x === "number" && typeof y === "number" && Number.isFinite(y)) { xs.push(x); ys.push(y); }
+  }
+  return [xs, ys];
+}
+
+function chartData(spec, runs, xKey) {
+  const tables = [], series = [];
+  for (const run of runs) {
+    const records = (state.logs[`${run}|metrics`] || {records: []}).records;
+    for (const s of spec.series) {
+      const points = seriesPoints(records, xKey, s.key);
+      if (!points[0].length) continue;
+      tables.push(points);
+      series.push({run, ...s});
+    }
+  }
+  return {data: tables.length ? uPlot.join(tables) : [[]], series};
+}
+
+function makePlot(figure, spec, series, xKey, logY) {
+  const box = figure.querySelector(".plot");
+  box.replaceChildren();
+  const opts = {
+    width: Math.max(300, box.clientWidth), height: 220,
+    scales: {x: {time: false}, y: logY && spec.id === "loss" ? {distr: 3} : {}},
+    axes: [{label: {step: "step", tokens: "tokens", elapsed_s: "seconds"}[xKey]}, {size: 60}],
+    legend: {live: true},
+    cursor: {drag: {x: true, y: false}},
+    hooks: {setSelect: [u => { if (u.select.width > 0) u.zoomed = true; }]},  // new data then keeps the zoom
+    series: [{label: xKey}].concat(series.map(s => ({
+      label: `${s.run} ${s.label}`, stroke: colorOf(s.run), width: s.dots ? 0 : 1.5, spanGaps: true,
+      paths: s.dots ? () => null : undefined,
+      points: s.dots ? {show: true, size: 6, fill: colorOf(s.run)} : {show: false},
+    }))),
+  };
+  const plot = new uPlot(opts, [[]].concat(series.map(() => [])), box);
+  plot.over.addEventListener("dblclick", () => { plot.zoomed = false; });  // uPlot zooms out on a double-click
+  return plot;
+}
+
+function refreshCharts() {
+  const xKey = document.getElementById("x-axis").value;
+  const logY = document.getElementById("log-loss").checked;
+  const runs = state.runs.map(r => r.name).filter(n => state.shown && state.shown.has(n));
+  for (const spec of CHARTS) {
+    const figure = document.querySelector(`figure[data-chart="${spec.id}"]`);
+    const {data, series} = chartData(spec, runs, xKey);
+    const signature = JSON.stringify([xKey, logY, series.map(s => [s.run, s.key])]);
+    let chart = state.charts[spec.id];
+    if (!chart || chart.signature !== signature) {
+      if (chart) chart.plot.destroy();
+      chart = state.charts[spec.id] = {plot: makePlot(figure, spec, series, xKey, logY), signature};
+    }
+    if (series.length) chart.plot.setData(data, !chart.plot.zoomed);
+    const points = data.slice(1).reduce((n, ys) => n + ys.filter(v => v !== null && v !== undefined).length, 0);
+    figure.dataset.points = points;
+    figure.classList.toggle("empty", points === 0);
+  }
+}
+
+function renderProbes(run) {
+  const box = document.getElementById("probes");
+  const records = ((state.logs[`${run}|probes`] || {records: []}).records).filter(r => Array.isArray(r.probes));
+  if (!records.length) {
+    box.replaceChildren(el("p", {class: "muted"}, "No probes yet: they are recorded at every evaluation."));
+    return;
+  }
+  const prompts = [];
+  for (const r of records) for (const p of r.probes) if (!prompts.includes(p.prompt)) prompts.push(p.prompt);
+  box.replaceChildren(...prompts.map(prompt => el("div", {class: "probe"},
+    el("h3", {}, "prompt ", el("code", {}, visible(prompt))),
+    el("table", {},
+      el("thead", {}, el("tr", {}, el("th", {class: "num"}, "step"), el("th", {}, "top-5 next tokens"),
+                                   el("th", {}, "greedy continuation"))),
+      el("tbody", {}, records.map(r => {
+        const p = r.probes.find(q => q.prompt === prompt);
+        if (!p) return null;
+        return el("tr", {},
+          el("td", {class: "num"}, r.step),
+          el("td", {}, (p.top || []).map(([token, prob]) => el("span", {class: "chip",
+              style: `background:linear-gradient(90deg,#cfe3f7 ${(100 * prob).toFixed(1)}%,#f4f4f4 0)`},
+              el("code", {}, visible(token)), ` ${(100 * prob).toFixed(1)}%`))),
+          el("td", {class: "text"}, el("span", {class: "prompt"}, prompt), p.continuation || ""));
+      }))))));
+}
+
+async function pollDashboard() {
+  await pollRuns();
+  if (document.getElementById("dashboard").hidden) return;
+  const runs = state.runs.map(r => r.name).filter(n => state.shown && state.shown.has(n));
+  const probeRun = document.getElementById("probe-run").value;
+  try {
+    const changed = await Promise.all(runs.map(run => pollLog(run, "metrics")));
+    if (changed.some(Boolean) || Object.keys(state.charts).length === 0) refreshCharts();
+    if (probeRun && await pollLog(probeRun, "probes")) renderProbes(probeRun);
+  } catch (e) {
+    document.getElementById("connection").textContent = "could not read the logs: " + e.message;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Playground
+
+const play = {request: 0, abort: null, surprisalTimer: null, refreshTimer: null};
+
+function settings() {
+  const temperature = Number(document.getElementById("temperature").value);
+  const topK = Number(document.getElementById("top-k").value);
+  const topP = Number(document.getElementById("top-p").value);
+  const seedText = document.getElementById("seed").value.trim();
+  return {model: document.getElementById("model").value, prompt: document.getElementById("prompt").value,
+          temperature, top_k: topK, top_p: topP, seed: seedText === "" ? null : Number(seedText)};
+}
+
+function renderModelChoice() {
+  const select = document.getElementById("model");
+  const chosen = select.value;
+  const usable = state.runs.filter(r => r.checkpoint_step !== null);
+  const options = state.runs.map(r => el("option", {value: r.name, disabled: r.checkpoint_step === null},
+    r.checkpoint_step === null ? `${r.name} (no checkpoint yet)` : r.name));
+  const before = [...select.options].map(o => o.value + o.disabled).join();
+  if (before !== options.map(o => o.value + o.disabled).join()) {
+    select.replaceChildren(...options);
+    const keep = usable.find(r => r.name === chosen) || usable[0];
+    if (keep) select.value = keep.name;
+    if (!document.getElementById("playground").hidden) refreshDistribution();
+  }
+}
+
+function showSliderValues() {
+  const s = settings();
+  document.querySelector('output[for="temperature"]').textContent = s.temperature === 0 ? "0 (greedy)" : s.temperature.toFixed(2);
+  document.querySelector('output[for="top-k"]').textContent = s.top_k === 0 ? "off" : String(s.top_k);
+  document.querySelector('output[for="top-p"]').textContent = s.top_p >= 1 ? "off" : s.top_p.toFixed(2);
+}
+
+function scheduleRefresh() {
+  showSliderValues();
+  clearTimeout(play.refreshTimer);
+  play.refreshTimer = setTimeout(refreshDistribution, 40);
+}
+
+async function refreshDistribution(sample = false) {
+  const s = settings();
+  if (!s.model) return null;
+  const id = ++play.request;  // answers to older requests are dropped
+  const info = document.getElementById("distribution-info");
+  try {
+    const response = await postJSON("/api/next", {...s, top: 20, sample});
+    const view = await response.json();
+    if (id !== play.request) return null;
+    renderBars(view, s);
+    document.getElementById("model-info").textContent =
+      `checkpoint step ${view.checkpoint_step} · vocabulary ${view.vocab_size}`;
+    document.getElementById("top-k").max = Math.min(view.vocab_size, 200);
+    if (document.getElementById("color-surprisal").checked) scheduleSurprisal();
+    return view;
+  } catch (e) {
+    if (id === play.request) info.textContent = "error: " + e.message;
+    return null;
+  }
+}
+
+function renderBars(view, s) {
+  const rows = view.rows;
+  const scale = Math.max(...rows.map(r => Math.max(r.probability, r.renormalized)), 1e-9);
+  const kept = rows.filter(r => r.kept).length;
+  document.getElementById("distribution-info").textContent =
+    `next token after ${view.prompt_tokens} prompt tokens: the ${rows.length} most likely of ${view.vocab_size}; ` +
+    `${kept} of them can be drawn with temperature ${s.temperature}, top-k ${s.top_k || "off"}, top-p ` +
+    `${s.top_p >= 1 ? "off" : s.top_p}`;
+  document.getElementById("bars").replaceChildren(...rows.map(r => el("div",
+    {class: `bar-row${r.kept ? "" : " dropped"}`, "data-token": r.token, "data-probability": r.probability,
+     "data-renormalized": r.renormalized},
+    el("code", {class: "token"}, r.token),
+    el("div", {class: "bar"},
+      el("div", {class: "model", style: `width:${(100 * r.probability / scale).toFixed(2)}%`}),
+      el("div", {class: "kept", style: `width:${(100 * r.renormalized / scale).toFixed(2)}%`})),
+    el("span", {class: "num"}, `${(100 * r.probability).toFixed(1)}%`),
+    el("span", {class: "num renormalized"}, r.kept ? `→ ${(100 * r.renormalized).toFixed(1)}%` : "dropped"))));
+}
+
+async function nextToken() {
+  const button = document.getElementById("next-token");
+  button.disabled = true;
+  try {
+    const view = await refreshDistribution(true);
+    if (!view || !view.sampled) return;
+    const picked = view.sampled;
+    const prompt = document.getElementById("prompt");
+    prompt.value += picked.text;
+    document.getElementById("sampled").replaceChildren("sampled ", el("code", {}, visible(picked.text)),
+      ` with probability ${(100 * picked.probability).toFixed(1)}% under these settings ` +
+      `(${(100 * picked.model_probability).toFixed(1)}% under the model)`);
+    await refreshDistribution();
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function generateStream() {
+  const s = settings();
+  const prompt = document.getElementById("prompt");
+  const maxTokens = Number(document.getElementById("max-tokens").value) || 100;
+  play.abort = new AbortController();
+  document.getElementById("generate").disabled = true;
+  document.getElementById("stop").disabled = false;
+  const sampled = document.getElementById("sampled");
+  sampled.textContent = "generating…";
+  try {
+    const body = {model: s.model, prompt: s.prompt, max_tokens: maxTokens, temperature: s.temperature,
+                  top_p: s.top_p, top_k: s.top_k, stream: true};
+    if (s.seed !== null) body.seed = s.seed;
+    const response = await postJSON("/v1/completions", body, play.abort.signal);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {  // one server-sent event per blank line
+        const event = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
+        const chunk = JSON.parse(event.slice(6));
+        if (chunk.error) throw new Error(chunk.error.message);
+        for (const choice of chunk.choices) prompt.value += choice.text;
+        prompt.scrollTop = prompt.scrollHeight;
+      }
+    }
+    sampled.textContent = `generated ${maxTokens} tokens`;
+  } catch (e) {
+    sampled.textContent = e.name === "AbortError" ? "stopped" : "error: " + e.message;
+  } finally {
+    document.getElementById("generate").disabled = false;
+    document.getElementById("stop").disabled = true;
+    refreshDistribution();
+  }
+}
+
+function heat(bits) {  // white for an expected token, through yellow to red for a surprising one (8+ bits)
+  const t = Math.max(0, Math.min(1, bits / 8));
+  return `rgb(255,${Math.round(255 - 120 * t)},${Math.round(255 - 255 * Math.min(1, 2 * t))})`;
+}
+
+function scheduleSurprisal() {
+  clearTimeout(play.surprisalTimer);
+  play.surprisalTimer = setTimeout(showSurprisal, 150);
+}
+
+async function showSurprisal() {
+  const box = document.getElementById("surprisal");
+  const on = document.getElementById("color-surprisal").checked;
+  box.hidden = !on;
+  if (!on) return;
+  const s = settings();
+  try {
+    const view = await (await postJSON("/api/surprisal", {model: s.model, text: s.prompt})).json();
+    box.replaceChildren(
+      el("span", {class: "first", title: "first token: nothing to predict it from"}, view.first),
+      ...view.per_token.map(t => el("span", {class: "tok", style: `background:${heat(t.bits)}`,
+        title: `${visible(t.text)}: ${t.bits.toFixed(2)} bits\n` +
+               t.top.map(([text, p]) => `${visible(text)}  ${(100 * p).toFixed(1)}%`).join("\n")}, t.text)),
+      el("div", {class: "muted"}, `${view.tokens} tokens predicted · ${fmt(view.bits_per_token, 3)} ` +
+                                  "bits/token on average · hover a token for the model's top-5 predictions there"));
+  } catch (e) {
+    box.replaceChildren(el("span", {class: "muted"}, "surprisal: " + e.message));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Tabs and start-up
+
+function showTab() {
+  const tab = location.hash === "#playground" ? "playground" : "dashboard";
+  for (const name of ["dashboard", "playground"]) {
+    document.getElementById(name).hidden = name !== tab;
+    document.getElementById(`tab-${name}`).classList.toggle("active", name === tab);
+  }
+  if (tab === "playground") {
+    refreshDistribution();
+  } else {
+    refreshCharts();
+    resizeCharts();  // charts made while the dashboard was hidden had no width to measure
+    pollDashboard();
+  }
+}
+
+function resizeCharts() {
+  for (const spec of CHARTS) {
+    const chart = state.charts[spec.id];
+    const box = document.querySelector(`figure[data-chart="${spec.id}"] .plot`);
+    if (chart) chart.plot.setSize({width: Math.max(300, box.clientWidth), height: 220});
+  }
+}
+
+function start() {
+  window.addEventListener("hashchange", showTab);
+  window.addEventListener("resize", resizeCharts);
+  document.getElementById("x-axis").addEventListener("change", refreshCharts);
+  document.getElementById("log-loss").addEventListener("change", refreshCharts);
+  document.getElementById("probe-run").addEventListener("change", e => {
+    pollLog(e.target.value, "probes").then(() => renderProbes(e.target.value));
+  });
+  for (const id of ["temperature", "top-k", "top-p"]) document.getElementById(id).addEventListener("input", scheduleRefresh);
+  document.getElementById("model").addEventListener("change", () => refreshDistribution());
+  document.getElementById("prompt").addEventListener("input", scheduleRefresh);
+  document.getElementById("next-token").addEventListener("click", nextToken);
+  document.getElementById("generate").addEventListener("click", generateStream);
+  document.getElementById("stop").addEventListener("click", () => play.abort && play.abort.abort());
+  document.getElementById("color-surprisal").addEventListener("change", showSurprisal);
+  showSliderValues();
+  pollRuns().then(showTab);
+  setInterval(pollDashboard, POLL_MS);
+}
+
+start();

@@ -1,0 +1,141 @@
+"""`lmlab serve` in a real browser: headless Debian chromium driven by Playwright opens the dashboard and the
+playground, and what the page shows is checked against the run's files and lmlab.inspect. Skipped, with the
+reason, where chromium or Playwright is missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from helpers import read_jsonl
+from lmlab.checkpoint import load_run
+from lmlab.inspect import next_token_distribution
+
+PROMPT = "the cat "
+ROWS = 20  # bars the playground shows
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.access(path, os.X_OK):
+        pytest.skip("chromium is not installed: no real browser to test the web app in (apt-get install chromium)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = chromium_path()
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="Playwright is not installed (pip install -e '.[test]')")
+    with sync_api.sync_playwright() as playwright:
+        try:
+            browser = playwright.chromium.launch(executable_path=path)
+        except Exception as e:  # a chromium that cannot start here (missing libraries, no sandbox support)
+            pytest.skip(f"chromium at {path} does not start under Playwright: {str(e).splitlines()[0]}")
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from test_serve import LIMITS, ServerThread, tiny_runs
+
+    from lmlab.serve import RunSet, create_app
+
+    root = tiny_runs(tmp_path_factory)
+    with ServerThread(create_app(RunSet([root / "alpha", root / "beta"]), LIMITS)) as url:
+        yield url, root
+
+
+def bars(page) -> list[dict]:
+    return page.eval_on_selector_all("#bars .bar-row", """rows => rows.map(r => ({
+        token: r.dataset.token, renormalized: Number(r.dataset.renormalized),
+        probability: Number(r.dataset.probability), kept: !r.classList.contains("dropped")}))""")
+
+
+def wait_for_bars(page, rows) -> None:
+    """Until the bars show these rows of lmlab.inspect.next_token_distribution (slider moves send several requests;
+    the page keeps only the newest answer)."""
+    page.wait_for_function("""expected => {
+        const shown = [...document.querySelectorAll('#bars .bar-row')];
+        return shown.length === expected.length && shown.every((r, i) => r.dataset.token === expected[i][0]
+            && Math.abs(Number(r.dataset.renormalized) - expected[i][1]) < 1e-6);
+    }""", arg=[[r.token, r.renormalized] for r in rows])
+
+
+def test_dashboard_and_playground(browser, served, tmp_path):
+    url, root = served
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(15_000)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    # (1, 2) the dashboard lists both runs and draws their losses: every train and val loss in their logs
+    page.goto(url + "/#dashboard")
+    page.wait_for_selector('#runs tr[data-run="beta"]')
+    assert page.inner_text('#runs tr[data-run="alpha"]').split("\t")[2] == "finished"
+    logged = sum(1 for run in ("alpha", "beta") for r in read_jsonl(root / run / "metrics.jsonl")
+                 if "train_loss" in r or "val_loss" in r)
+    page.wait_for_function(f"document.querySelector('figure[data-chart=loss]').dataset.points == {logged}")
+    assert int(page.get_attribute('figure[data-chart="lr"]', "data-points")) > 0
+    assert page.locator("figure[data-chart=loss] canvas").count() == 1
+    probes = read_jsonl(root / "alpha" / "probes.jsonl")
+    page.wait_for_selector("#probes .probe")
+    assert page.locator("#probes .probe tbody tr").count() == sum(len(r["probes"]) for r in probes)
+    page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+
+    # (3) the playground: bars for the prompt, and the temperature slider changes them as lmlab.inspect says
+    alpha = load_run(root / "alpha")
+    page.goto(url + "/#playground")
+    page.select_option("#model", "alpha")
+    page.fill("#prompt", PROMPT)
+    expected = next_token_distribution(alpha.model, alpha.tokenizer, PROMPT, ROWS)
+    wait_for_bars(page, expected)
+    before = bars(page)
+    assert [b["token"] for b in before] == [r.token for r in expected]
+    assert [b["renormalized"] for b in before] == pytest.approx([r.renormalized for r in expected], abs=1e-6)
+    page.focus("#temperature")
+    for _ in range(10):  # 1.0 -> 0.5 in steps of 0.05, as a user with the keyboard
+        page.keyboard.press("ArrowLeft")
+    assert page.input_value("#temperature") == "0.5"
+    cooler = next_token_distribution(alpha.model, alpha.tokenizer, PROMPT, ROWS, temperature=0.5)
+    wait_for_bars(page, cooler)
+    after = bars(page)
+    assert [b["renormalized"] for b in after] == pytest.approx([r.renormalized for r in cooler], abs=1e-6)
+    assert after[0]["renormalized"] > before[0]["renormalized"]  # a cooler distribution is sharper
+
+    # top-k 3: only three tokens can be drawn
+    page.fill("#top-k", "3")
+    page.wait_for_function("document.querySelectorAll('#bars .bar-row.dropped').length === %d" % (ROWS - 3))
+    kept = [b["token"] for b in bars(page) if b["kept"]]
+    assert kept == [r.token for r in cooler[:3]]
+
+    # (4) "Next token" appends one token, one of the three that can be drawn, and says its probability
+    text = page.input_value("#prompt")
+    page.click("#next-token")
+    page.wait_for_function(f"document.getElementById('prompt').value.length > {len(text)}")
+    grown = page.input_value("#prompt")
+    token = grown[len(text):]
+    assert grown.startswith(text) and len(token) == 1
+    assert token.replace(" ", "␣").replace("\n", "\\n") in kept
+    assert "probability" in page.inner_text("#sampled")
+
+    # streamed generation grows the text by the number of tokens asked for (one character each here)
+    page.fill("#max-tokens", "15")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('sampled').textContent.startsWith('generated')")
+    assert len(page.input_value("#prompt")) == len(grown) + 15
+
+    # the prompt coloured by surprisal: one coloured span per predicted token
+    page.check("#color-surprisal")
+    page.wait_for_selector("#surprisal .tok")
+    assert page.locator("#surprisal .tok").count() == len(page.input_value("#prompt")) - 1
+
+    # (5) screenshots
+    page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+    for name in ("dashboard.png", "playground.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert errors == []
+    page.close()
