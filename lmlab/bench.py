@@ -131,18 +131,27 @@ def throughput(preset: str, device: torch.device, dtype: torch.dtype, compile: b
             "flops_per_token": flops_per_token(model, T), "steps": steps}
 
 
-def generation_speed(device: torch.device, new_tokens: int, use_cache: bool) -> dict:
+def generation_speed(device: torch.device, new_tokens: int, use_cache: bool, compile: bool = False) -> dict:
+    """Batch-1 sampling (temperature 1) from a random nanogpt-char-cpu model, after a warm-up that crosses the window
+    cut once (so a compiled run has compiled its decode step and its re-encode; that time is first_s)."""
     from .sample import generate
 
     cfg = get_preset("nanogpt-char-cpu")
     torch.manual_seed(0)
     model = build_model(cfg.model, 65).to(device).eval()
     gen = torch.Generator().manual_seed(0)
-    list(generate(model, [0], 20, 1.0, 0, 1.0, gen, use_cache))  # warm-up
     t = time.perf_counter()
-    n = sum(1 for _ in generate(model, [0], new_tokens, 1.0, 0, 1.0, gen, use_cache))
+    list(generate(model, [0], cfg.model.block_size + 1, 1.0, 0, 1.0, gen, use_cache, compile))  # warm-up
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    n = sum(1 for _ in generate(model, [0], new_tokens, 1.0, 0, 1.0, gen, use_cache, compile))
     dt = time.perf_counter() - t
-    return {"new_tokens": n, "kv_cache": use_cache, "tokens_per_s": n / dt, "seconds": dt}
+    return {"new_tokens": n, "kv_cache": use_cache, "compiled": compile, "tokens_per_s": n / dt, "seconds": dt,
+            "first_s": first}
+
+
+def _generation_label(r: dict) -> str:
+    return "KV cache " + ("on, compiled" if r.get("compiled") else "on" if r["kv_cache"] else "off")
 
 
 def tokenizer_speed(data: str, kind: str, vocab_size: int = 1024) -> dict:
@@ -352,10 +361,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     if "generation" in sections:
         out["generation"] = []
         for n in ((500,) if cfg.quick else (500, 2000)):
-            for cache in (True, False):
-                r = generation_speed(device, n, cache)
+            for cache, comp in ((True, False), (True, True), (False, False)):
+                r = generation_speed(device, n, cache, comp)
                 out["generation"].append(r)
-                say(f"generation {n} tokens, cache={cache}: {r['tokens_per_s']:,.0f} tok/s")
+                say(f"generation {n} tokens, {_generation_label(r)}: {r['tokens_per_s']:,.0f} tok/s"
+                    + (f" (compiling and warm-up: {r['first_s']:.1f} s)" if comp else ""))
 
     if "quality" in sections:
         budgets = (15.0,) if cfg.quick else tuple(cfg.budgets)
@@ -382,10 +392,11 @@ def run_bench(cfg: BenchConfig) -> dict:
                        key=lambda r: r["tokens_per_s"])
             out["ratios"] = {"throughput_fp32_eager": ours["tokens_per_s"] / ng["tokens_per_s"],
                              "throughput_best": best["tokens_per_s"] / ng["tokens_per_s"]}
-        gen = {r["new_tokens"]: r for r in out.get("generation", []) if r["kv_cache"]}
-        for n, g in ng.get("generation", {}).items():
-            if n in gen:
-                out.setdefault("ratios", {})[f"generation_{n}"] = gen[n]["tokens_per_s"] / g["tokens_per_s"]
+        for r in out.get("generation", []):
+            g = ng.get("generation", {}).get(r["new_tokens"])
+            if g and r["kv_cache"]:
+                key = f"generation_{r['new_tokens']}" + ("_compiled" if r.get("compiled") else "")
+                out.setdefault("ratios", {})[key] = r["tokens_per_s"] / g["tokens_per_s"]
         say(f"ratios: {json.dumps(out.get('ratios', {}))}")
 
     return out
@@ -408,8 +419,8 @@ def print_table(out: dict) -> None:
     for r in out.get("quality", []):
         lines.append(f"{'val loss after %.0f s' % r['budget_s']:34s} {r['val_loss']:.4f}  ({r['steps']} steps)")
     for r in out.get("generation", []):
-        lines.append(f"{'generate %d tokens, cache %s' % (r['new_tokens'], 'on' if r['kv_cache'] else 'off'):34s} "
-                     f"{r['tokens_per_s']:9,.0f} tok/s")
+        lines.append(f"{'generate %d, %s' % (r['new_tokens'], _generation_label(r)):34s} {r['tokens_per_s']:9,.0f} tok/s"
+                     + (f"  (compiling and warm-up {r['first_s']:.1f} s)" if r.get("compiled") else ""))
     for r in out.get("tokenizers", []):
         lines.append(f"{'tokenize ' + r['tokenizer']:34s} {r['encode_mb_per_s']:9.1f} MB/s")
     if "memory" in out:
@@ -452,10 +463,11 @@ def to_markdown(out: dict) -> str:
                       f"{r['wall_s']:.0f} s wall with evals) | {r['val_loss']:.4f} |")
         md.append("")
     if out.get("generation"):
-        md += ["| generation, batch 1 (nanogpt-char-cpu shape) | tokens/s |", "|---|---|"]
+        md += ["| generation, batch 1 (nanogpt-char-cpu shape) | tokens/s | compiling and warm-up (s) |",
+               "|---|---|---|"]
         for r in out["generation"]:
-            md.append(f"| {r['new_tokens']} new tokens, KV cache {'on' if r['kv_cache'] else 'off'} "
-                      f"| {r['tokens_per_s']:,.0f} |")
+            first = f"{r['first_s']:.1f}" if r.get("compiled") else "-"
+            md.append(f"| {r['new_tokens']} new tokens, {_generation_label(r)} | {r['tokens_per_s']:,.0f} | {first} |")
         md.append("")
     if out.get("tokenizers"):
         md += ["| data | figure |", "|---|---|"]

@@ -117,7 +117,7 @@ def cmd_sample(argv: list[str]) -> int:
     ids = prompt_ids(run.tokenizer, settings.prompt)
     generator = torch.Generator().manual_seed(settings.seed)
     tokens = generate(run.model, ids, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
-                      generator, use_cache=not settings.no_cache)
+                      generator, use_cache=not settings.no_cache, compile=settings.compile)
     sys.stdout.write(settings.prompt)
     sys.stdout.flush()
     for piece in stream_text(run.tokenizer, tokens, settings.stop):

@@ -68,18 +68,31 @@ class ModelConfig:
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer, for incremental decoding."""
+    """Keys and values of the tokens seen so far, per layer, for incremental decoding.
+
+    `append` grows the cached prefix (pos counts it). `write` is the decode step with static shapes: it stores one
+    position given as a tensor and hands back the whole buffers, which attention masks, so every step has the same
+    shapes and torch.compile compiles it once.
+    """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
-        self.k = torch.zeros(n_layer, batch, n_head, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+        # one tensor per layer, not views of one: a compiled step can then update them in place
+        self.k = [torch.zeros(batch, n_head, max_len, head_dim, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros_like(k) for k in self.k]
         self.pos = 0  # number of positions already cached
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.size(2)
-        self.k[layer, :, :, self.pos : self.pos + T] = k
-        self.v[layer, :, :, self.pos : self.pos + T] = v
-        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
+        self.k[layer][:, :, self.pos : self.pos + T] = k
+        self.v[layer][:, :, self.pos : self.pos + T] = v
+        return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]
+
+    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, H, 1, D) at position pos, a (1,) tensor. Returns the whole (B, H, max_len, D) buffers."""
+        keys, values = self.k[layer], self.v[layer]
+        keys[:, :, pos] = k
+        values[:, :, pos] = v
+        return keys, values
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -110,9 +123,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.weight.dtype:  # autocast: normalise in float32
-            return _RMSNormFunction.apply(x.float(), self.weight, self.eps).to(x.dtype)
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        x32 = x.float() if x.dtype != self.weight.dtype else x  # autocast: normalise in float32
+        if torch.is_grad_enabled():
+            y = _RMSNormFunction.apply(x32, self.weight, self.eps)
+        else:  # inference (sampling, evaluation): the fused op, without the autograd Function's overhead
+            y = F.rms_norm(x32, (x.size(-1),), self.weight, self.eps)
+        return y.to(x.dtype)
 
 
 def norm_layer(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -149,6 +165,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x: (B, T, H, D); cos/sin: (T, D/2).
     """
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if torch.compiler.is_compiling():  # inductor has no complex kernels: the same product in real arithmetic
+        re, im = x.to(work).unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, H, D/2)
+        c, s = cos.to(work)[:, None, :], sin.to(work)[:, None, :]
+        return torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).to(x.dtype)
     z = torch.view_as_complex(x.to(work).reshape(*x.shape[:-1], -1, 2))  # (B, T, H, D/2)
     rot = torch.complex(cos.to(work), sin.to(work))[:, None, :]  # (T, 1, D/2)
     return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
@@ -163,7 +183,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
 
-    def forward(self, x, rope, cache: Optional[KVCache], layer: int) -> torch.Tensor:
+    def forward(self, x, rope, cache: Optional[KVCache], layer: int, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(dim=2)  # each (B, T, H, D)
@@ -172,18 +192,23 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        past = 0
-        if cache is not None:
-            past = cache.pos
-            k, v = cache.append(layer, k, v)  # (B, H, past+T, D)
         dropout = self.cfg.dropout if self.training else 0.0
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        else:  # queries at past..past+T-1 see keys up to their own position
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if pos is not None:  # static decode step: the query at pos sees cache slots 0..pos
+            k, v = cache.write(layer, pos, k, v)  # (B, H, block_size, D)
+            visible = (torch.arange(k.size(2), device=x.device) <= pos)[None]  # (1, block_size)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        else:
+            past = 0
+            if cache is not None:
+                past = cache.pos
+                k, v = cache.append(layer, k, v)  # (B, H, past+T, D)
+            if past == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            elif T == 1:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            else:  # queries at past..past+T-1 see keys up to their own position
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
         return F.dropout(y, dropout, True) if dropout else y
 
@@ -206,7 +231,7 @@ class MLP(nn.Module):
         if self.kind == "gelu":
             h = F.gelu(h)
         elif self.kind == "relu2":
-            h = _SquaredReLU.apply(h)
+            h = _SquaredReLU.apply(h) if torch.is_grad_enabled() else torch.relu(h).square()
         else:
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
@@ -222,8 +247,8 @@ class Block(nn.Module):
         self.norm2 = norm_layer(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, cache, layer):
-        x = x + self.attn(self.norm1(x), rope, cache, layer)
+    def forward(self, x, rope, cache, layer, pos=None):
+        x = x + self.attn(self.norm1(x), rope, cache, layer, pos)
         return x + self.mlp(self.norm2(x))
 
 
@@ -279,26 +304,35 @@ class GPT(nn.Module):
             device or p.device, dtype or p.dtype,
         )
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                pos: Optional[torch.Tensor] = None):
         """idx: (B, T) token ids. Returns (logits (B, T, V), mean loss or None).
 
         With a cache, idx holds only the new tokens; positions continue from cache.pos.
+        With a cache and pos, a (1,) tensor: one decode step, idx (B, 1) at position pos, with the same shapes at
+        every position (see KVCache.write); cache.pos is left alone, the caller keeps pos.
         """
         B, T = idx.shape
-        past = cache.pos if cache is not None else 0
-        if past + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.cfg.block_size}")
+        if pos is not None:
+            if cache is None or T != 1:
+                raise ValueError("a decode step at a position tensor takes one token per row and a cache")
+            positions = pos  # (1,)
+        else:
+            past = cache.pos if cache is not None else 0
+            if past + T > self.cfg.block_size:
+                raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.cfg.block_size}")
+            positions = slice(past, past + T)
         x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(past, past + T, device=idx.device))
+            x = x + self.wpe.weight[positions]
         else:
-            rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
         if self.cfg.dropout and self.training:
             x = F.dropout(x, self.cfg.dropout, True)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cache, layer)
-        if cache is not None:
+            x = block(x, rope, cache, layer, pos)
+        if cache is not None and pos is None:
             cache.pos += T
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         loss = fast_cross_entropy(logits, targets) if targets is not None else None
@@ -325,9 +359,9 @@ class Bigram(nn.Module):
     def make_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         return KVCache(0, batch, 1, self.cfg.block_size, 1, device or self.table.weight.device, dtype or torch.float32)
 
-    def forward(self, idx, targets=None, cache: Optional[KVCache] = None):
+    def forward(self, idx, targets=None, cache: Optional[KVCache] = None, pos: Optional[torch.Tensor] = None):
         logits = self.table(idx)  # (B, T, V)
-        if cache is not None:
+        if cache is not None and pos is None:
             cache.pos += idx.size(1)
         loss = fast_cross_entropy(logits, targets) if targets is not None else None
         return logits, loss

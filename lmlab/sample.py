@@ -8,6 +8,7 @@ so their outputs are identical.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -43,12 +44,23 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     """Pick the next token for each row of logits (B, V): argmax when temperature is 0, else a filtered draw."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1).cpu()
+    return draw(logits, uniforms(logits.size(0), generator), temperature, top_k, top_p)
+
+
+def uniforms(rows: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The random numbers of one draw: (rows, 1) float64 in [0, 1), from the CPU generator."""
+    return torch.rand(rows, 1, generator=generator, dtype=torch.float64)
+
+
+def draw(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The filtered draw of next_token given its uniform numbers u (rows, 1): a pure function, so it compiles."""
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    if probs.device.type == "mps":  # no float64 there
+        probs = probs.cpu()
     # inverse-CDF draw: one uniform number per row against the cumulative distribution (faster than multinomial)
     cdf = probs.double().cumsum(dim=-1)
-    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, dtype=torch.float64) * cdf[..., -1:]
-    token = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.size(-1) - 1)
-    return token.to(logits.device)
+    token = torch.searchsorted(cdf, u.to(cdf.device) * cdf[..., -1:], right=True).squeeze(-1)
+    return token.clamp_(max=probs.size(-1) - 1).to(logits.device)
 
 
 @dataclass
@@ -71,6 +83,8 @@ class SampleConfig:
     """Stop when this string has been generated (it is not printed)."""
     no_cache: bool = False
     """Recompute the whole window for every token instead of using the KV cache."""
+    compile: bool = False
+    """Compile the cached decode step with torch.compile: seconds once, then several times faster per token."""
     device: str = "cpu"
     """auto, cpu, cuda or mps."""
 
@@ -85,35 +99,74 @@ class SampleConfig:
             raise LmlabError(f"--top-k must be >= 0, got {self.top_k}")
 
 
+def _step(model: torch.nn.Module, tokens: torch.Tensor, pos: Optional[torch.Tensor], cache,
+          u: Optional[torch.Tensor], temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Feed tokens (1, T) through the cache and return the next token (1, 1), drawn with u (None when greedy).
+
+    With pos, a (1,) tensor, this is one decode step at that position, with the same shapes at every position
+    (KVCache.write), and pos advances; without, the tokens continue from cache.pos (the window's encoding).
+    """
+    logits, _ = model(tokens, cache=cache, pos=pos)
+    logits = logits[:, -1]  # (1, V)
+    token = logits.argmax(dim=-1) if temperature == 0 else draw(logits, u, temperature, top_k, top_p)
+    if pos is not None:
+        pos.add_(1)
+    return token.view(1, 1)
+
+
+@functools.cache
+def _compiled_step():
+    # cpp_wrapper calls the kernels from C++: most of a batch-1 step of a small model is per-call overhead
+    return torch.compile(_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+
+
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-             use_cache: bool = True) -> Iterator[int]:
-    """Yield up to max_new_tokens token ids continuing `prompt` (see the module docstring for the window)."""
+             use_cache: bool = True, compile: bool = False) -> Iterator[int]:
+    """Yield up to max_new_tokens token ids continuing `prompt` (see the module docstring for the window).
+
+    With the cache, the window is encoded in one forward and each further token is one decode step (_step).
+    compile=True runs both through torch.compile (the first of each takes seconds; the prompt, whose length varies,
+    is encoded eagerly).
+    """
     if not prompt:
         raise LmlabError("generation needs at least one prompt token")
     block = model.cfg.block_size
     keep = max(1, block // 2)
     device = next(model.parameters()).device
     window = list(prompt[-block:])
-    cache = None
-    fresh = True  # the window has to be encoded from scratch
-    for _ in range(max_new_tokens):
-        if use_cache:
-            if fresh:
-                cache = model.make_cache(1)
-                logits, _ = model(torch.tensor([window], device=device), cache=cache)
-            else:
-                logits, _ = model(torch.tensor([[window[-1]]], device=device), cache=cache)
-        else:
+    if not use_cache:
+        for _ in range(max_new_tokens):
             logits, _ = model(torch.tensor([window], device=device))
-        fresh = False
-        token = int(next_token(logits[:, -1, :], temperature, top_k, top_p, generator)[0])
+            token = int(next_token(logits[:, -1, :], temperature, top_k, top_p, generator)[0])
+            yield token
+            window.append(token)
+            if len(window) > block:
+                window = window[-keep:]
+        return
+    step = _compiled_step() if compile else _step
+    cache = model.make_cache(1)
+    # where the next decode step writes, for the static-shape step that compiles; eagerly, the plain cached forward
+    # is cheaper (fewer ops than masking the whole cache)
+    pos = torch.zeros(1, dtype=torch.long, device=device) if compile else None
+    last = None  # the newest token as a (1, 1) tensor; None: the window has to be encoded from scratch
+    for _ in range(max_new_tokens):
+        u = uniforms(1, generator) if temperature else None  # the draw next_token would make
+        if last is None:
+            cache.pos = 0
+            encode = step if len(window) == keep else _step  # compiled for the re-encode, whose length is fixed
+            last = encode(model, torch.tensor([window], device=device), None, cache, u, temperature, top_k, top_p)
+            if pos is not None:
+                pos.fill_(len(window))
+        else:
+            last = step(model, last, pos, cache, u, temperature, top_k, top_p)
+        token = int(last)
         yield token
         window.append(token)
         if len(window) > block:
             window = window[-keep:]
-            fresh = True
+            last = None
 
 
 def stream_text(tokenizer, tokens: Iterator[int], stop: Optional[str] = None) -> Iterator[str]:

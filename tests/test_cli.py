@@ -138,6 +138,24 @@ def test_sample_greedy_matches_a_manual_argmax_loop(trained, capsys, cache_flag)
     assert out == expected
 
 
+def test_sample_compile_flag_reaches_generation(trained, capsys, monkeypatch):
+    """`--compile` is passed to generate (whose compiled path tests/test_sample.py checks against the uncached one)."""
+    import lmlab.sample
+
+    seen = []
+    real = lmlab.sample.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("compile"))
+        return real(*args, **{**kwargs, "compile": False})
+
+    monkeypatch.setattr(lmlab.sample, "generate", spy)
+    for flag, expected in (([], False), (["--compile"], True)):
+        rc = main(["sample", str(trained.run), "--prompt", PROMPT, "--max-new-tokens", "3", *flag])
+        assert rc == 0 and seen[-1] is expected
+    capsys.readouterr()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # eval
 

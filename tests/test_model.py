@@ -447,3 +447,50 @@ def test_rmsnorm_and_squared_relu_gradients_match_autograd_reference(shape):
     (ref,) = torch.autograd.grad((torch.relu(x) ** 2 * upstream).sum(), x)
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
     assert torch.autograd.gradcheck(_SquaredReLU.apply, (x,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Static-shape decode step (a position tensor; what `lmlab sample --compile` compiles)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("kw", CAUSAL_CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_decode_step_at_position_tensor_matches_full_forward(kw, dtype, atol):
+    """Each step attends over the whole cache buffer with a mask; its logits equal the plain forward's."""
+    model = tiny_gpt(seed=24, dtype=dtype, **kw)
+    T = model.cfg.block_size
+    idx = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(25))
+    with torch.no_grad():
+        full, _ = model(idx)
+        for round_ in range(2):  # the second round reuses the buffer, whose later slots hold stale entries
+            cache = model.make_cache(2) if round_ == 0 else cache
+            cache.pos = 0
+            prefill = 3 + round_
+            out, _ = model(idx[:, :prefill], cache=cache)
+            pieces = [out]
+            pos = torch.tensor([prefill])
+            for t in range(prefill, T):
+                out, _ = model(idx[:, t : t + 1], cache=cache, pos=pos)
+                pieces.append(out)
+                pos += 1
+            assert cache.pos == prefill  # a step at a position tensor leaves the count to the caller
+            torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=atol, rtol=0)
+        with pytest.raises(ValueError):
+            model(idx[:, :2], cache=cache, pos=pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inference_fast_paths_match_the_autograd_functions(dtype):
+    """Without grad, RMSNorm and ReLU² use plain ops; with grad, the hand-written Functions. Same outputs."""
+    from lmlab.model import MLP, RMSNorm
+
+    g = torch.Generator().manual_seed(28)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, generator=g).to(dtype)
+    norm = RMSNorm(16).to(dtype)
+    mlp = randomize(MLP(make_cfg(mlp="relu2")).to(dtype), seed=29)
+    for module in (norm, mlp):
+        with_grad = module(x)
+        with torch.no_grad():
+            without = module(x)
+        assert with_grad.requires_grad and not without.requires_grad
+        torch.testing.assert_close(without, with_grad.detach(), atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=0)

@@ -1,5 +1,8 @@
 """Sampling: logit filters, next-token draws, cached vs uncached generation, streaming text with a stop string."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -427,3 +430,28 @@ def test_stream_decoder_char_tokenizer():
     dec = tok.stream_decoder()
     assert [dec.push(i) for i in ids] == ["😀", "a", "é", "€", "a"]
     assert len(ids) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate(compile=True): the static-shape step through torch.compile, against the uncached path
+
+requires_compiler = pytest.mark.skipif(
+    not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")),
+    reason="torch.compile on CPU needs a C++ compiler")
+
+
+@requires_compiler
+def test_generate_compiled_equals_no_cache():
+    """Crosses the window cut several times: the compiled re-encode and decode steps, sampling with top-k and top-p
+    inside the compiled graph, give the uncached tokens. (One setting: each compiles for about 10 s.)"""
+    model = tiny_gpt(pos="rope", block_size=8, seed=26, dtype=torch.float32, std=0.2)
+    prompt = [3, 1, 4]
+
+    def run(**kw):
+        gen = torch.Generator().manual_seed(27)
+        return list(generate(model, prompt, 30, temperature=1.0, top_k=5, top_p=0.9, generator=gen, **kw))
+
+    compiled = run(use_cache=True, compile=True)
+    assert compiled == run(use_cache=False)
+    assert compiled == run(use_cache=True)
+    assert len(set(compiled)) > 1
