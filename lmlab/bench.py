@@ -27,7 +27,7 @@ from .common import LmlabError, resolve_device
 from .data import resolve_source, iter_text
 from .model import build_model, count_params
 from .optim import build_optimizer, clip_grad_norm
-from .presets import get_preset
+from .presets import for_budget, get_preset
 
 
 @dataclass
@@ -229,7 +229,7 @@ def quality_run(data: str, budget: float, device: str, eval_every: int) -> dict:
     """Train the CPU recipe (the tiny preset) for `budget` seconds; return its eval curve."""
     from .train import train
 
-    cfg = get_preset("tiny")
+    cfg, _ = for_budget(get_preset("tiny"), budget, set())
     cfg.data.data = data
     cfg.max_time = budget
     cfg.device = device

@@ -73,6 +73,7 @@ def cmd_train(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="tiny")
     pre.add_argument("--resume", default=None)
+    pre.add_argument("--max-time", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.resume:
         from .checkpoint import read_run_config
@@ -82,9 +83,21 @@ def cmd_train(argv: list[str]) -> int:
         base.parallel = "none"  # how to launch is chosen anew each time: a run may resume on another world size
     else:
         base = get_preset(known.preset)
+    note = ""
+    if known.max_time is not None and not known.resume:  # a time budget picks the recipe's batch and context
+        from .presets import for_budget
+
+        try:
+            budget = float(known.max_time)
+        except ValueError:
+            budget = 0.0  # the full parse below reports the bad value
+        given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+        base, note = for_budget(base, budget, given)
     desc = ("Train a language model. Presets: " + ", ".join(PRESETS) +
             ". Every option below overrides the preset; with --resume, the run's own settings are the defaults.")
     cfg = parse(TrainConfig, argv, "lmlab train", default=base, description=desc)
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note, file=sys.stderr)
     summary = train(cfg)
     if summary["rank"] == 0:
         print(f"run saved in {summary['run_dir']}", file=sys.stderr)

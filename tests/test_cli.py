@@ -426,3 +426,38 @@ def test_failed_training_leaves_no_config_behind(bad_inputs, capsys):
     assert main(["train", "--data", str(folder / "latin1.txt"), *TINY_ARGS, "--out", str(out)]) == 2
     capsys.readouterr()
     assert not (out / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the recipe follows the time budget
+
+
+def test_short_budgets_get_the_short_budget_recipe():
+    from lmlab.presets import SHORT_BUDGET_S, for_budget, get_preset
+
+    cfg, note = for_budget(get_preset("tiny"), 20.0, set())
+    assert (cfg.batch_size, cfg.model.block_size) == (16, 64) and "--batch-size 16 --block-size 64" in note
+    tiny = get_preset("tiny")
+    for budget, given, preset in ((SHORT_BUDGET_S + 1, set(), "tiny"), (0.0, set(), "tiny"),
+                                  (20.0, {"batch_size"}, "tiny"), (20.0, {"block_size"}, "tiny"),
+                                  (20.0, set(), "small")):
+        cfg, note = for_budget(get_preset(preset), budget, given)
+        expected = get_preset(preset)
+        assert (cfg.batch_size, cfg.model.block_size, note) == (expected.batch_size, expected.model.block_size, "")
+    assert (tiny.batch_size, tiny.model.block_size) == (32, 128)
+
+
+def test_train_with_a_short_budget_records_the_recipe_it_used(tmp_path):
+    write_corpus(tmp_path / "corpus.txt", 200)
+    small = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--sample-tokens", "0", "--eval-interval", "5"]
+    proc = run_cli(["train", "--data", "corpus.txt", "--out", "short", "--max-time", "2", "--max-steps", "3", *small],
+                   cwd=tmp_path, cache=tmp_path / "cache")
+    _ok(proc)
+    assert "short-budget settings" in proc.stderr
+    config = json.loads((tmp_path / "short" / "config.json").read_text())
+    assert (config["batch_size"], config["model"]["block_size"]) == (16, 64)
+    proc = run_cli(["train", "--data", "corpus.txt", "--out", "given", "--max-time", "2", "--max-steps", "3",
+                    "--batch-size", "4", *small], cwd=tmp_path, cache=tmp_path / "cache")
+    _ok(proc)
+    config = json.loads((tmp_path / "given" / "config.json").read_text())
+    assert (config["batch_size"], config["model"]["block_size"]) == (4, 128) and "short-budget" not in proc.stderr
