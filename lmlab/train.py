@@ -182,13 +182,15 @@ class RunLock:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise LmlabError(f"run {self.path.parent} is not writable ({e.strerror})") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise LmlabError(f"run {self.path.parent} is locked: another training is writing it") from None
-        return self
+        for _ in range(5):  # a reader (lmlab serve checking the status) may hold it for a moment
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                time.sleep(0.05)
+        os.close(self.fd)
+        self.fd = None
+        raise LmlabError(f"run {self.path.parent} is locked: another training is writing it")
 
     def __exit__(self, *exc):
         if self.fd is not None:

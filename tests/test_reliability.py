@@ -794,6 +794,25 @@ def test_second_training_on_a_locked_run_is_refused(run, capsys):
     assert rc == 0, err
 
 
+def test_a_reader_holding_the_lock_for_a_moment_does_not_block_training(tmp_path):
+    """lmlab serve takes a shared lock for an instant to see whether a run is alive; training waits it out."""
+    import fcntl
+    import threading
+
+    fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    threading.Timer(0.08, lambda: os.close(fd)).start()
+    with RunLock(tmp_path) as lock:
+        assert lock.fd is not None
+    fd = os.open(tmp_path / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # held for good: refused, after a short wait
+    try:
+        with pytest.raises(LmlabError, match="locked"):
+            RunLock(tmp_path).__enter__()
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 6. Security: loading a run never executes code from it
 
