@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .common import LmlabError
-from .distributed import full_tensor, like
+from .distributed import full_tensor, is_sharded, like
 
 
 @dataclass
@@ -160,6 +160,12 @@ def adamw_update(opt: torch.optim.Optimizer, group: dict, params: list[torch.Ten
         exp_avgs.append(state["exp_avg"])
         exp_avg_sqs.append(state["exp_avg_sq"])
     steps = [opt.state[p]["step"] for p in params]  # per parameter: one without a gradient skips a step
+    if _fusable(params):  # the same update in one fused PyTorch kernel: about 5x faster than the steps below on CPU
+        step_tensors = [torch.tensor(float(s), device=p.device) for s, p in zip(steps, params)]
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], step_tensors, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+        return
+    # The definition (and the path for sharded FSDP parameters): decoupled decay, moments, bias-corrected step.
     if wd:
         torch._foreach_mul_(params, 1.0 - lr * wd)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -169,6 +175,15 @@ def adamw_update(opt: torch.optim.Optimizer, group: dict, params: list[torch.Ten
     torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**s) for s in steps])
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**s) for s in steps])
+
+
+FUSED = [hasattr(torch, "_fused_adamw_")]  # tests switch it off to check the fused kernel against the definition
+
+
+def _fusable(params: list[torch.Tensor]) -> bool:
+    """Plain tensors of one device and dtype: what PyTorch's fused AdamW kernel takes (not FSDP's DTensors)."""
+    return (FUSED[0] and params[0].device.type in ("cpu", "cuda") and not any(is_sharded(p) for p in params)
+            and len({(p.device, p.dtype) for p in params}) == 1)
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -525,3 +525,26 @@ def test_warmup_also_ends_after_a_share_of_the_budget():
     assert lr_multiplier("constant", 9, 0.002, warmup=50, warmup_fraction=0.1) == pytest.approx(10 / 50)
     # after warmup the schedule's shape applies as before
     assert lr_multiplier("wsd", 60, 0.8, warmup=50, decay_fraction=0.4, warmup_fraction=0.1) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_fused_adamw_kernel_equals_the_written_out_update(monkeypatch, dtype, tol):
+    """The fast path (PyTorch's fused AdamW kernel) against this file's foreach definition, with a parameter that
+    misses some steps (so the bias corrections differ per parameter) and weight decay on one group only."""
+    import lmlab.optim as lo
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(lo, "FUSED", [fused])
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.randn(5, 4, generator=gen, dtype=dtype).requires_grad_(),
+                  torch.randn(7, generator=gen, dtype=dtype).requires_grad_()]
+        opt = lo.AdamW([{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}],
+                       lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+        for step in range(6):
+            for i, p in enumerate(params):
+                p.grad = None if (i == 1 and step % 3 == 1) else torch.randn(p.shape, generator=gen, dtype=dtype)
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
