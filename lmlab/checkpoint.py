@@ -89,7 +89,16 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict) -> None:
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict,
+                        path: Path) -> None:
+    """Load the optimizer state of checkpoint `path` (split by optimizer_to_flat); a misfit is one clear error."""
+    try:
+        _optimizer_from_flat(optimizer, tensors, plain)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise LmlabError(f"optimizer state in {path} does not fit this run: {e}") from None
+
+
+def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
     params = _optimizer_params(optimizer)
     for idx, values in plain["scalars"].items():
@@ -118,26 +127,27 @@ def save_checkpoint(
     Data-parallel: call it on every rank. DDP (and one process) writes once, from rank 0; FSDP writes shards.
     """
     d = d or Dist()
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / f"{PREFIX}{step:08d}"
     if d.sharded:
-        _save_sharded(run_dir, final, model, optimizer, rng, state, keep, d)
-        return final
-    if not d.main:
+        _save_sharded(run_dir, step, model, optimizer, rng, state, keep, d)
+    elif d.main:
+        try:
+            _save_single(run_dir, step, unwrap(model), optimizer, rng, state, keep)
+        finally:
+            barrier(d)
+    else:
         barrier(d)
-        return final
-    try:
-        _save_single(run_dir, final, unwrap(model), optimizer, rng, state, keep)
-    finally:
-        barrier(d)
-    return final
+    return checkpoint_path(run_dir, step)
 
 
-def _save_single(run_dir: Path, final: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
+
+
+def _save_single(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  rng: dict[str, torch.Tensor], state: dict, keep: int) -> None:
+    final = checkpoint_path(run_dir, step)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    step = int(final.name[len(PREFIX):])
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         save_model(model, str(tmp / "model.safetensors"))
@@ -175,11 +185,12 @@ def _prune(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_sharded(run_dir: Path, final: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def _save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   rng: dict[str, torch.Tensor], state: dict, keep: int, d: Dist) -> None:
     """FSDP: every rank writes its shards with DCP into one temporary folder; rank 0 seals it."""
     import torch.distributed.checkpoint as dcp
 
+    final = checkpoint_path(run_dir, step)
     tmp = final.parent / f".{final.name}.dcp.tmp"
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -198,7 +209,7 @@ def _save_sharded(run_dir: Path, final: Path, model: torch.nn.Module, optimizer:
                 _fsync_file(tmp / name)
             record = {
                 "schema_version": SCHEMA_VERSION,
-                "step": int(final.name[len(PREFIX):]),
+                "step": step,
                 "format": "dcp",
                 "world_size": d.world,
                 "optimizer": opt_plain,
@@ -321,10 +332,7 @@ def _load_optimizer_file(path: Path, state: dict, optimizer: Optional[torch.opti
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
     opt_tensors = {k: v.to(device) for k, v in tensors.items() if k.startswith("state.")}
     if optimizer is not None:
-        try:
-            optimizer_from_flat(optimizer, opt_tensors, state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise LmlabError(f"optimizer state in {path} does not fit this run: {e}") from None
+        optimizer_from_flat(optimizer, opt_tensors, state["optimizer"], path)
     return Checkpoint(path, state, opt_tensors, rng)
 
 
@@ -366,10 +374,7 @@ def _load_sharded(path: Path, state: dict, model: torch.nn.Module,
         raise LmlabError(f"cannot load sharded checkpoint {path}: {detail}; was it written with another config?") from None
     model.load_state_dict({k: tensors[f"model.{k}"] for k in model_sd})
     if optimizer is not None:
-        try:
-            optimizer_from_flat(optimizer, opt_tensors, state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise LmlabError(f"optimizer state in {path} does not fit this run: {e}") from None
+        optimizer_from_flat(optimizer, opt_tensors, state["optimizer"], path)
     try:
         rng = load_file(str(path / "rng.safetensors"))
     except (SafetensorError, OSError) as e:
@@ -487,5 +492,5 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
             shutil.copy2(run_dir / name, out / name)
     internal = {"schema_version", "step", "optimizer", "optimizer_tensors", "files", "format", "world_size"}
     state = {k: v for k, v in ckpt.state.items() if k not in internal}
-    _save_single(out, out / CHECKPOINTS / path.name, model, optimizer, ckpt.rng, state, keep=1)
-    return out / CHECKPOINTS / path.name
+    _save_single(out, ckpt.step, model, optimizer, ckpt.rng, state, keep=1)
+    return checkpoint_path(out, ckpt.step)

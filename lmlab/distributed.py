@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -183,15 +184,14 @@ def broadcast_str(text: str, d: Dist) -> str:
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor with the whole value of `t` (gathers a sharded DTensor; collective in that case)."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_sharded(t) else t
 
 
 def is_sharded(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    """Whether t is a DTensor. Cheap enough for every optimizer step: importing torch.distributed.tensor takes
+    about 0.6 s, and until something has imported it no tensor can be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

@@ -177,12 +177,12 @@ def adamw_update(opt: torch.optim.Optimizer, group: dict, params: list[torch.Ten
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**s) for s in steps])
 
 
-FUSED = [hasattr(torch, "_fused_adamw_")]  # tests switch it off to check the fused kernel against the definition
+FUSED = hasattr(torch, "_fused_adamw_")  # tests switch it off to check the fused kernel against the definition
 
 
 def _fusable(params: list[torch.Tensor]) -> bool:
     """Plain tensors of one device and dtype: what PyTorch's fused AdamW kernel takes (not FSDP's DTensors)."""
-    return (FUSED[0] and params[0].device.type in ("cpu", "cuda") and not any(is_sharded(p) for p in params)
+    return (FUSED and params[0].device.type in ("cpu", "cuda") and not any(is_sharded(p) for p in params)
             and len({(p.device, p.dtype) for p in params}) == 1)
 
 

@@ -184,22 +184,31 @@ def stream_text(tokenizer, tokens: Iterator[int], stop: Optional[str] = None) ->
     held = ""  # text that might be the start of the stop string
     for t in tokens:
         held += decoder.push(t)
-        at = held.find(stop)
-        if at >= 0:
+        at = find_stop(held, (stop,))
+        if at is not None:
             if held[:at]:
                 yield held[:at]
             return
-        safe = len(held)
-        for k in range(min(len(stop) - 1, len(held)), 0, -1):
-            if stop.startswith(held[-k:]):
-                safe = len(held) - k
-                break
+        safe = len(held) - stop_prefix_length(held, (stop,))
         if safe:
             yield held[:safe]
             held = held[safe:]
     held += decoder.flush()
-    at = held.find(stop)
-    yield held[:at] if at >= 0 else held
+    at = find_stop(held, (stop,))
+    yield held if at is None else held[:at]
+
+
+def find_stop(text: str, stops: tuple[str, ...]) -> Optional[int]:
+    """Where the first of the stop strings starts in text (None: nowhere)."""
+    found = [at for at in (text.find(s) for s in stops) if at >= 0]
+    return min(found) if found else None
+
+
+def stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of text that begins a stop string: text that must be held back, because the next
+    tokens may complete the stop string (0: none; text holding a whole stop string is find_stop's case)."""
+    return max((k for stop in stops for k in range(1, min(len(stop) - 1, len(text)) + 1)
+                if stop.startswith(text[-k:])), default=0)
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:

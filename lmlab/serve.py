@@ -39,7 +39,7 @@ from .checkpoint import LoadedRun, checkpoint_dirs, load_run
 from .common import LmlabError, read_json
 from .inspect import next_token_distribution, surprisal
 from .report import run_names
-from .sample import filter_logits, generate, prompt_ids
+from .sample import filter_logits, find_stop, generate, prompt_ids, stop_prefix_length
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_CHOICES = 16  # prompts x n in one request
@@ -431,15 +431,6 @@ class Chunk:
     finish_reason: Optional[str] = None
 
 
-def _first_stop(text: str, stops: tuple[str, ...]) -> Optional[int]:
-    found = [at for at in (text.find(s) for s in stops) if at >= 0]
-    return min(found) if found else None
-
-
-def _ends_with_stop_start(text: str, stops: tuple[str, ...]) -> bool:
-    return any(stop.startswith(text[-k:]) for stop in stops for k in range(1, min(len(stop), len(text) + 1)))
-
-
 @torch.inference_mode()
 def _token_info(tokenizer, logits: torch.Tensor, token_id: int, offset: int, top: Optional[int]) -> TokenInfo:
     info = TokenInfo(token_label(tokenizer, token_id), offset)
@@ -468,18 +459,18 @@ def completion_chunks(run: LoadedRun, ids: list[int], prompt_chars: int, req: Co
             held_tokens.append(_token_info(run.tokenizer, tap.last, token_id, prompt_chars + sent + len(held),
                                            req.logprobs))
             held += decoder.push(token_id)
-            cut = _first_stop(held, req.stop)
+            cut = find_stop(held, req.stop)
             if cut is not None:
                 yield Chunk(index, held[:cut], held_tokens, "stop")
                 return
-            if not _ends_with_stop_start(held, req.stop):
+            if not stop_prefix_length(held, req.stop):
                 yield Chunk(index, held, held_tokens)
                 sent += len(held)
                 held, held_tokens = "", []
     finally:
         tokens.close()
     held += decoder.flush()
-    cut = _first_stop(held, req.stop)
+    cut = find_stop(held, req.stop)
     yield Chunk(index, held if cut is None else held[:cut], held_tokens, "length" if cut is None else "stop")
 
 

@@ -197,11 +197,11 @@ class RunLock:
             os.close(self.fd)
 
 
-_QUIET = [False]  # ranks other than 0 say nothing
+_quiet = False  # ranks other than 0 say nothing
 
 
 def _say(msg: str) -> None:
-    if not _QUIET[0]:
+    if not _quiet:
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -238,13 +238,14 @@ class _Viewer:
         return self.copy
 
 
-def _test_fault(d: Dist, step: int) -> None:
-    """LMLAB_TEST_KILL=RANK:STEP kills that rank at that step (first launch only), for the failure tests."""
+def _test_kill_step(d: Dist) -> int:
+    """LMLAB_TEST_KILL=RANK:STEP: the step at which this rank kills itself (first launch only; -1: never), for the
+    failure tests."""
     spec = os.environ.get("LMLAB_TEST_KILL")
-    if spec and not dist_.restart_count():
-        rank, at = (int(v) for v in spec.split(":"))
-        if d.rank == rank and step == at:
-            os.kill(os.getpid(), signal.SIGKILL)
+    if not spec or dist_.restart_count():
+        return -1
+    rank, at = (int(v) for v in spec.split(":"))
+    return at if d.rank == rank else -1
 
 
 def _rng_state(sampler: BatchSampler) -> dict[str, torch.Tensor]:
@@ -290,30 +291,30 @@ def train(cfg: TrainConfig) -> dict:
 
     Under torchrun with --parallel ddp|fsdp every process calls this; rank 0 owns the run directory's logs.
     """
+    global _quiet
     if cfg.max_steps == 0 and cfg.max_time == 0:
         raise LmlabError("set a budget: --max-steps N and/or --max-time SECONDS")
     d = dist_.setup(cfg.parallel, resolve_device(cfg.device), cfg.dist_timeout)
-    _QUIET[0] = not d.main
+    _quiet = not d.main
     try:
         accumulation_steps(cfg, d.world)  # refuse a global batch that does not divide before touching any file
         if dist_.restart_count() and cfg.out and not cfg.resume and (Path(cfg.out) / "config.json").exists():
             cfg = dataclasses.replace(cfg, resume=cfg.out)  # an elastic restart: go on from the last checkpoint
             _say(f"restart {dist_.restart_count()}: resuming {cfg.out}")
-        lock, message = contextlib.nullcontext(), ""
-        if d.main:  # rank 0 creates and locks the run directory; the others learn its name, or rank 0's error
-            try:
-                run_dir = _prepare_run_dir(cfg)
-                lock = RunLock(run_dir)
-                lock.__enter__()
-                remove_stale_temp_files(run_dir)
-                message = str(run_dir)
-            except LmlabError as e:
-                message = "\0" + str(e)
-        message = dist_.broadcast_str(message, d)
-        if message.startswith("\0"):
-            raise LmlabError(message[1:])
-        run_dir = Path(message)
-        with _release(lock):
+        with contextlib.ExitStack() as lock:
+            message = ""
+            if d.main:  # rank 0 creates and locks the run directory; the others learn its name, or rank 0's error
+                try:
+                    run_dir = _prepare_run_dir(cfg)
+                    lock.enter_context(RunLock(run_dir))
+                    remove_stale_temp_files(run_dir)
+                    message = str(run_dir)
+                except LmlabError as e:
+                    message = "\0" + str(e)
+            message = dist_.broadcast_str(message, d)
+            if message.startswith("\0"):
+                raise LmlabError(message[1:])
+            run_dir = Path(message)
             started: list[bool] = []  # set once the run is under way: a refused start leaves status.json alone
             try:
                 summary = _train_locked(cfg, run_dir, d, started)
@@ -334,16 +335,7 @@ def train(cfg: TrainConfig) -> dict:
             return summary
     finally:
         dist_.teardown(d)
-        _QUIET[0] = False
-
-
-@contextlib.contextmanager
-def _release(lock):
-    """Release a lock already taken when the block ends."""
-    try:
-        yield
-    finally:
-        lock.__exit__(None, None, None)
+        _quiet = False
 
 
 def _lost_peer(e: Exception, d: Dist) -> bool:
@@ -547,13 +539,15 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool])
 
     bad_in_row = 0
     stop_all = False  # with several processes, all stop at the same step when any of them got a signal
+    kill_at = _test_kill_step(d)
     autocast = autocast_context(device, dtype)
     train_model.train()
     try:
         while not finished():
             if stop_all if d.world > 1 else stop_requested:
                 raise KeyboardInterrupt
-            _test_fault(d, step)
+            if step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
             t0 = time.perf_counter()
             multiplier = lr_multiplier(cfg.optim.schedule, step, progress(), cfg.optim.warmup,
                                        cfg.optim.decay_fraction, cfg.optim.final_lr_frac,

@@ -534,7 +534,7 @@ def test_fused_adamw_kernel_equals_the_written_out_update(monkeypatch, dtype, to
     import lmlab.optim as lo
 
     def run(fused: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(lo, "FUSED", [fused])
+        monkeypatch.setattr(lo, "FUSED", fused)
         gen = torch.Generator().manual_seed(3)
         params = [torch.randn(5, 4, generator=gen, dtype=dtype).requires_grad_(),
                   torch.randn(7, generator=gen, dtype=dtype).requires_grad_()]
