@@ -104,18 +104,37 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
 
 SHORT_BUDGET_S = 30.0  # at or under this many seconds, the tiny recipe trades batch and context for more steps
 
+# The tiny recipe's settings for budgets of SHORT_BUDGET_S or less (docs/performance.md, the short-budget tables).
+# In 20 s, steps are what is scarce: a 2-layer, 96-wide model over sequences of 64 tokens takes about a third of
+# the time per step of the 4-layer, 128-wide one over 128, and learns more in the ~300 steps it then gets; over so
+# few steps a higher learning rate for the AdamW part and less Muon momentum learn faster.
+SHORT_BUDGET = {"block_size": 64, "n_layer": 2, "n_embd": 96, "lr": 2e-2, "muon_momentum": 0.9}
+
+
+def _section(cfg: TrainConfig, name: str):
+    for part in (cfg, cfg.model, cfg.optim):
+        if hasattr(part, name):
+            return part
+    raise KeyError(name)
+
 
 def for_budget(cfg: TrainConfig, max_time: float, explicit: set[str]) -> tuple[TrainConfig, str]:
     """The tiny recipe adjusted to a time budget; returns the config and a note saying what changed ("" if nothing).
 
-    With 30 s or less, 16 sequences of 64 tokens per step beat 32 of 128: about 3x the steps for 0.8x the tokens,
-    and a lower loss at 20 s (docs/performance.md, the short-budget table). Options the user gave are never changed.
+    With 30 s or less, each setting of SHORT_BUDGET replaces the preset's, unless the user gave that option
+    (names as in `explicit`, e.g. "n_layer").
     """
-    if cfg.preset != "tiny" or not 0 < max_time <= SHORT_BUDGET_S or explicit & {"batch_size", "block_size"}:
+    if cfg.preset != "tiny" or not 0 < max_time <= SHORT_BUDGET_S:
         return cfg, ""
-    cfg.batch_size, cfg.model.block_size = 16, 64
-    return cfg, (f"budget of {max_time:g} s: the tiny recipe's short-budget settings, --batch-size 16 "
-                 f"--block-size 64 (set them to override)")
+    changed = []
+    for name, value in SHORT_BUDGET.items():
+        if name not in explicit:
+            setattr(_section(cfg, name), name, value)
+            changed.append(f"--{name.replace('_', '-')} {value:g}")
+    if not changed:
+        return cfg, ""
+    return cfg, (f"budget of {max_time:g} s: the tiny recipe's short-budget settings, {' '.join(changed)} "
+                 f"(set them to override)")
 
 
 def get_preset(name: str) -> TrainConfig:

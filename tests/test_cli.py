@@ -433,18 +433,26 @@ def test_failed_training_leaves_no_config_behind(bad_inputs, capsys):
 
 
 def test_short_budgets_get_the_short_budget_recipe():
-    from lmlab.presets import SHORT_BUDGET_S, for_budget, get_preset
+    from lmlab.presets import SHORT_BUDGET, SHORT_BUDGET_S, for_budget, get_preset
 
-    cfg, note = for_budget(get_preset("tiny"), 20.0, set())
-    assert (cfg.batch_size, cfg.model.block_size) == (16, 64) and "--batch-size 16 --block-size 64" in note
+    def settings(cfg):
+        return (cfg.batch_size, cfg.model.block_size, cfg.model.n_layer, cfg.model.n_embd, cfg.optim.lr,
+                cfg.optim.muon_momentum)
+
     tiny = get_preset("tiny")
-    for budget, given, preset in ((SHORT_BUDGET_S + 1, set(), "tiny"), (0.0, set(), "tiny"),
-                                  (20.0, {"batch_size"}, "tiny"), (20.0, {"block_size"}, "tiny"),
-                                  (20.0, set(), "small")):
-        cfg, note = for_budget(get_preset(preset), budget, given)
-        expected = get_preset(preset)
-        assert (cfg.batch_size, cfg.model.block_size, note) == (expected.batch_size, expected.model.block_size, "")
-    assert (tiny.batch_size, tiny.model.block_size) == (32, 128)
+    assert settings(tiny) == (32, 128, 4, 128, 3e-3, 0.95)
+    cfg, note = for_budget(get_preset("tiny"), 20.0, set())
+    assert settings(cfg) == (32, 64, 2, 96, 2e-2, 0.9) and settings(cfg)[1:] == tuple(SHORT_BUDGET.values())
+    assert "--block-size 64 --n-layer 2 --n-embd 96 --lr 0.02 --muon-momentum 0.9" in note
+    # an option the user gave stays theirs; the others still follow the budget
+    cfg, note = for_budget(get_preset("tiny"), 20.0, {"block_size", "lr", "n_layer"})
+    assert settings(cfg) == (32, 128, 4, 96, 3e-3, 0.9)
+    assert "--block-size" not in note and "--lr " not in note and "--n-layer" not in note
+    cfg, note = for_budget(get_preset("tiny"), 20.0, set(SHORT_BUDGET))
+    assert settings(cfg) == settings(tiny) and note == ""
+    for budget, preset in ((SHORT_BUDGET_S + 1, "tiny"), (0.0, "tiny"), (20.0, "small")):
+        cfg, note = for_budget(get_preset(preset), budget, set())
+        assert settings(cfg) == settings(get_preset(preset)) and note == ""
 
 
 def test_train_with_a_short_budget_records_the_recipe_it_used(tmp_path):
@@ -455,9 +463,11 @@ def test_train_with_a_short_budget_records_the_recipe_it_used(tmp_path):
     _ok(proc)
     assert "short-budget settings" in proc.stderr
     config = json.loads((tmp_path / "short" / "config.json").read_text())
-    assert (config["batch_size"], config["model"]["block_size"]) == (16, 64)
+    assert (config["batch_size"], config["model"]["block_size"]) == (32, 64)
+    assert (config["optim"]["lr"], config["optim"]["muon_momentum"]) == (2e-2, 0.9)
+    assert (config["model"]["n_layer"], config["model"]["n_embd"]) == (1, 16)  # given: kept
     proc = run_cli(["train", "--data", "corpus.txt", "--out", "given", "--max-time", "2", "--max-steps", "3",
-                    "--batch-size", "4", *small], cwd=tmp_path, cache=tmp_path / "cache")
+                    "--block-size", "32", *small], cwd=tmp_path, cache=tmp_path / "cache")
     _ok(proc)
     config = json.loads((tmp_path / "given" / "config.json").read_text())
-    assert (config["batch_size"], config["model"]["block_size"]) == (4, 128) and "short-budget" not in proc.stderr
+    assert config["model"]["block_size"] == 32 and config["optim"]["lr"] == 2e-2 and "--block-size" not in proc.stderr
