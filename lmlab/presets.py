@@ -13,12 +13,13 @@ from .train import TrainConfig
 
 def tiny() -> TrainConfig:
     """The CPU recipe: a 4-layer, 128-wide modern GPT (RoPE, RMSNorm, QK-norm, ReLU², untied head, zero-init
-    projections), Muon for the hidden matrices and AdamW for the rest, with a warmup-stable-decay schedule over a
-    wall-clock budget. About 4 minutes of training. docs/performance.md has what each choice bought."""
+    projections), Muon for the hidden matrices and AdamW (lr 1e-2) for the rest, with a warmup-stable-decay
+    schedule over a wall-clock budget. About 4 minutes of training. docs/performance.md has what each choice
+    bought; budgets of 30 s or less use SHORT_BUDGET (below)."""
     return TrainConfig(
         preset="tiny",
         model=ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=128),
-        optim=OptimConfig(optimizer="muon", lr=3e-3, muon_lr=0.02, schedule="wsd", warmup=50, decay_fraction=0.4),
+        optim=OptimConfig(optimizer="muon", lr=1e-2, muon_lr=0.02, schedule="wsd", warmup=50, decay_fraction=0.4),
         batch_size=32,
         max_time=240.0,
         eval_interval=100,

@@ -440,13 +440,13 @@ def test_short_budgets_get_the_short_budget_recipe():
                 cfg.optim.muon_momentum)
 
     tiny = get_preset("tiny")
-    assert settings(tiny) == (32, 128, 4, 128, 3e-3, 0.95)
+    assert settings(tiny) == (32, 128, 4, 128, 1e-2, 0.95)
     cfg, note = for_budget(get_preset("tiny"), 20.0, set())
     assert settings(cfg) == (32, 64, 2, 96, 2e-2, 0.9) and settings(cfg)[1:] == tuple(SHORT_BUDGET.values())
     assert "--block-size 64 --n-layer 2 --n-embd 96 --lr 0.02 --muon-momentum 0.9" in note
     # an option the user gave stays theirs; the others still follow the budget
     cfg, note = for_budget(get_preset("tiny"), 20.0, {"block_size", "lr", "n_layer"})
-    assert settings(cfg) == (32, 128, 4, 96, 3e-3, 0.9)
+    assert settings(cfg) == (32, 128, 4, 96, 1e-2, 0.9)
     assert "--block-size" not in note and "--lr " not in note and "--n-layer" not in note
     cfg, note = for_budget(get_preset("tiny"), 20.0, set(SHORT_BUDGET))
     assert settings(cfg) == settings(tiny) and note == ""
