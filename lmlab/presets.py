@@ -103,7 +103,7 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
 }
 
 
-SHORT_BUDGET_S = 30.0  # at or under this many seconds, the tiny recipe trades batch and context for more steps
+SHORT_BUDGET_S = 30.0  # at or under this many seconds, the tiny recipe trades model size and context for steps
 
 # The tiny recipe's settings for budgets of SHORT_BUDGET_S or less (docs/performance.md, the short-budget tables).
 # In 20 s, steps are what is scarce: a 2-layer, 96-wide model over sequences of 64 tokens takes about a third of
@@ -123,13 +123,14 @@ def for_budget(cfg: TrainConfig, max_time: float, explicit: set[str]) -> tuple[T
     """The tiny recipe adjusted to a time budget; returns the config and a note saying what changed ("" if nothing).
 
     With 30 s or less, each setting of SHORT_BUDGET replaces the preset's, unless the user gave that option
-    (names as in `explicit`, e.g. "n_layer").
+    (names as in `explicit`, e.g. "n_layer"). A user who sets --n-head keeps the preset's width too, which their
+    head count may be chosen to divide.
     """
     if cfg.preset != "tiny" or not 0 < max_time <= SHORT_BUDGET_S:
         return cfg, ""
     changed = []
     for name, value in SHORT_BUDGET.items():
-        if name not in explicit:
+        if name not in explicit and not (name == "n_embd" and "n_head" in explicit):
             setattr(_section(cfg, name), name, value)
             changed.append(f"--{name.replace('_', '-')} {value:g}")
     if not changed:

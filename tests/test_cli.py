@@ -448,6 +448,8 @@ def test_short_budgets_get_the_short_budget_recipe():
     cfg, note = for_budget(get_preset("tiny"), 20.0, {"block_size", "lr", "n_layer"})
     assert settings(cfg) == (32, 128, 4, 96, 1e-2, 0.9)
     assert "--block-size" not in note and "--lr " not in note and "--n-layer" not in note
+    cfg, note = for_budget(get_preset("tiny"), 20.0, {"n_head"})
+    assert (cfg.model.n_layer, cfg.model.n_embd) == (2, 128) and "--n-embd" not in note
     cfg, note = for_budget(get_preset("tiny"), 20.0, set(SHORT_BUDGET))
     assert settings(cfg) == settings(tiny) and note == ""
     for budget, preset in ((SHORT_BUDGET_S + 1, "tiny"), (0.0, "tiny"), (20.0, "small")):
