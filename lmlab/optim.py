@@ -197,7 +197,10 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     On CUDA the iteration runs in bf16 (as written out in `newton_schulz`); in fp32/fp64 it runs on the small Gram
     matrix (`gram_newton_schulz`), the same polynomial with about half the arithmetic for non-square matrices.
     """
-    x = g.bfloat16() if g.is_cuda else g.float() if g.dtype != torch.float64 else g
+    if g.is_cuda:
+        x = g.bfloat16()
+    else:  # fp64 stays fp64 (the tests' exact reference); anything else runs in fp32
+        x = g if g.dtype == torch.float64 else g.float()
     transposed = x.size(-2) > x.size(-1)
     if transposed:  # work with the wide orientation: X X^T is the smaller Gram matrix
         x = x.mT
