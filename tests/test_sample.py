@@ -441,17 +441,24 @@ requires_compiler = pytest.mark.skipif(
 
 
 @requires_compiler
-def test_generate_compiled_equals_no_cache():
-    """Crosses the window cut several times: the compiled re-encode and decode steps, sampling with top-k and top-p
-    inside the compiled graph, give the uncached tokens. (One setting: each compiles for about 10 s.)"""
+def test_generate_compiled_equals_no_cache(monkeypatch):
+    """Crosses the window cut several times: the compiled re-encode, single decode steps and runs of decode steps in
+    one call (block 8: runs of 4), sampling with top-k and top-p inside the compiled graph, give the uncached tokens.
+    (One setting: each graph compiles for 10 s or more.)"""
+    import lmlab.sample as sample
+
     model = tiny_gpt(pos="rope", block_size=8, seed=26, dtype=torch.float32, std=0.2)
     prompt = [3, 1, 4]
+    runs = []
+    call = sample._call
+    monkeypatch.setattr(sample, "_call", lambda fn, warm, *args: runs.append(len(args)) or call(fn, warm, *args))
 
     def run(**kw):
         gen = torch.Generator().manual_seed(27)
         return list(generate(model, prompt, 30, temperature=1.0, top_k=5, top_p=0.9, generator=gen, **kw))
 
     compiled = run(use_cache=True, compile=True)
+    assert 9 in runs and 8 in runs  # both kinds of decode call ran (_decode takes n, _step does not)
     assert compiled == run(use_cache=False)
     assert compiled == run(use_cache=True)
     assert len(set(compiled)) > 1
