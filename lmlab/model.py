@@ -196,8 +196,8 @@ class CausalSelfAttention(nn.Module):
         if pos is not None:  # static decode step: the query at pos sees cache slots 0..pos
             k, v = cache.write(layer, pos, k, v)  # (B, H, block_size, D)
             visible = (torch.arange(k.size(2), device=x.device) <= pos)[None]  # (1, block_size)
-            # one query, written out as products and sums: inductor fuses them into one loop, where an SDPA call
-            # would cost more in overhead than the arithmetic (B, H, block_size) scores
+            # the (B, H, block_size) scores of one query, written out as products and sums, which inductor fuses
+            # into one loop: an SDPA call would cost more in overhead than this arithmetic
             scores = (q * k).sum(-1).mul_(1.0 / math.sqrt(D)).masked_fill_(~visible, float("-inf"))
             y = (scores.softmax(-1).unsqueeze(-1) * v).sum(-2, keepdim=True)  # (B, H, 1, D)
         else:

@@ -133,13 +133,14 @@ def _decode(model: torch.nn.Module, token: torch.Tensor, pos: torch.Tensor, cach
 
 @functools.cache
 def _compiled_decode():
+    # the same options as _compiled_step
     return torch.compile(_decode, fullgraph=True, dynamic=False, options={"cpp_wrapper": True, "size_asserts": False})
 
 
 @functools.cache
 def _compiled_step():
     # most of a batch-1 step of a small model is per-call overhead: cpp_wrapper calls the kernels from C++, and
-    # generate() checks the inputs itself, so the compiled code need not assert every size and stride again
+    # generate() makes every input itself, with the same shapes each time, so the compiled code need not assert them
     return torch.compile(_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True, "size_asserts": False})
 
 
@@ -209,8 +210,8 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
 
 def _call(fn, warm: Optional[set], *args):
     """fn(*args) for a decode call. Once fn has run in this generate() call with dynamo's full guard check, later
-    calls with the same kind of inputs check only the guards that tell its compiled graphs apart (a tenth of the
-    call's overhead at batch 1). The re-encode, whose first call compiles, never comes here."""
+    calls with the same kind of inputs check only the guards that tell its compiled graphs apart (about 0.03-0.05 ms
+    of a 0.4-0.5 ms single step here). The re-encode, whose first call compiles, never comes here."""
     if warm is None:
         return fn(*args)
     if fn in warm:
