@@ -132,16 +132,11 @@ def _decode(model: torch.nn.Module, token: torch.Tensor, pos: torch.Tensor, cach
 
 
 @functools.cache
-def _compiled_decode():
-    # the same options as _compiled_step
-    return torch.compile(_decode, fullgraph=True, dynamic=False, options={"cpp_wrapper": True, "size_asserts": False})
-
-
-@functools.cache
-def _compiled_step():
-    # most of a batch-1 step of a small model is per-call overhead: cpp_wrapper calls the kernels from C++, and
-    # generate() makes every input itself, with the same shapes each time, so the compiled code need not assert them
-    return torch.compile(_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True, "size_asserts": False})
+def _compiled(fn):
+    """fn (_step or _decode) through torch.compile, once per process. Most of a batch-1 step of a small model is
+    per-call overhead: cpp_wrapper calls the kernels from C++, and generate() makes every input itself, with the same
+    shapes each time, so the compiled code need not assert them."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True, "size_asserts": False})
 
 
 @torch.inference_mode()
@@ -170,7 +165,7 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
             if len(window) > block:
                 window = window[-keep:]
         return
-    step = _compiled_step() if compile else _step
+    step = _compiled(_step) if compile else _step
     # compiled, runs of `chunk` decode steps are one call each (_decode), which shares the per-call overhead out
     chunk = max(1, min(DECODE_CHUNK, block // 2)) if compile else 1
     cache = model.make_cache(1)
@@ -178,7 +173,7 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
     # is cheaper (fewer ops than masking the whole cache)
     pos = torch.zeros(1, dtype=torch.long, device=device) if compile else None
     last = None  # the newest token as a (1, 1) tensor; None: the window has to be encoded from scratch
-    warm = set()  # the compiled decode calls that ran in this call with full guards (see _call)
+    warm = set() if compile else None  # the compiled decode calls that ran in this call with full guards (_call)
     produced = 0
     while produced < max_new_tokens:
         if last is None:
@@ -194,10 +189,10 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
             n = chunk if min(block + 1 - len(window), max_new_tokens - produced) >= chunk else 1
             u = uniforms(1, generator, n) if temperature else None  # the same numbers as n draws of one
             if n > 1:
-                tokens, last = _call(_compiled_decode(), warm, model, last, pos, cache, u, n, temperature, top_k, top_p)
+                tokens, last = _call(_compiled(_decode), warm, model, last, pos, cache, u, n, temperature, top_k, top_p)
                 new = tokens[0].tolist()
             else:
-                last = _call(step, warm if compile else None, model, last, pos, cache, u, temperature, top_k, top_p)
+                last = _call(step, warm, model, last, pos, cache, u, temperature, top_k, top_p)
                 new = [int(last)]
         for token in new:
             yield token
@@ -209,9 +204,10 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
 
 
 def _call(fn, warm: Optional[set], *args):
-    """fn(*args) for a decode call. Once fn has run in this generate() call with dynamo's full guard check, later
-    calls with the same kind of inputs check only the guards that tell its compiled graphs apart (about 0.03-0.05 ms
-    of a 0.4-0.5 ms single step here). The re-encode, whose first call compiles, never comes here."""
+    """fn(*args) for a decode call; warm is None when not compiling. Once fn has run in this generate() call with
+    dynamo's full guard check, later calls with the same kind of inputs check only the guards that tell its compiled
+    graphs apart (about 0.03-0.05 ms of a 0.4-0.5 ms single step here). The re-encode, whose first call compiles,
+    never comes here."""
     if warm is None:
         return fn(*args)
     if fn in warm:
