@@ -10,13 +10,12 @@ import json
 import os
 import pickle
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +26,7 @@ from .common import LmlabError, resolve_device
 from .data import resolve_source, iter_text
 from .model import build_model, count_params
 from .optim import build_optimizer, clip_grad_norm
-from .presets import for_budget, get_preset
+from .config import for_budget, get_preset
 
 
 @dataclass

@@ -67,8 +67,8 @@ def parse(cls, args: list[str], prog: str, default=None, description: Optional[s
 
 
 def cmd_train(argv: list[str]) -> int:
-    from .presets import PRESETS, get_preset
-    from .train import TrainConfig, train
+    from .config import PRESETS, TrainConfig, get_preset
+    from .train import train
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="tiny")
@@ -76,16 +76,16 @@ def cmd_train(argv: list[str]) -> int:
     pre.add_argument("--max-time", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.resume:
-        from .checkpoint import read_run_config
+        from .rundir import read_config
 
-        base = TrainConfig.from_json(read_run_config(Path(known.resume)))
+        base = TrainConfig.from_json(read_config(Path(known.resume)))
         base.resume = known.resume
         base.parallel = "none"  # how to launch is chosen anew each time: a run may resume on another world size
     else:
         base = get_preset(known.preset)
     note = ""
     if known.max_time is not None and not known.resume:  # a time budget picks the recipe's batch and context
-        from .presets import for_budget
+        from .config import for_budget
 
         try:
             budget = float(known.max_time)
@@ -152,13 +152,16 @@ class ExportArgs:
     """The run directory."""
     out: Annotated[str, tyro.conf.Positional]
     """Where to write the single-file copy (a new or empty directory)."""
+    trust_pickle: bool = False
+    """Also convert a checkpoint in the torch.distributed.checkpoint format of older lmlab versions. Loading one
+    unpickles its metadata, which can run code from it: only for runs from a source you trust."""
 
 
 def cmd_export(argv: list[str]) -> int:
     from .checkpoint import export_run
 
     args = parse(ExportArgs, argv, "lmlab export")
-    path = export_run(args.run, args.out)
+    path = export_run(args.run, args.out, trust_pickle=args.trust_pickle)
     print(f"exported {args.run} to {args.out} (checkpoint {path.name}, single files)", file=sys.stderr)
     return 0
 
@@ -188,9 +191,9 @@ def cmd_eval(argv: list[str]) -> int:
 
     from .checkpoint import load_run
     from .common import resolve_device
-    from .data import DataConfig, load_splits, prepare, resolve_source
+    from .data import load_splits, prepare, resolve_source
+    from .config import TrainConfig
     from .evaluate import evaluate
-    from .train import TrainConfig
 
     args = parse(EvalArgs, argv, "lmlab eval")
     run = load_run(args.run, resolve_device(args.device))
@@ -390,8 +393,8 @@ def cmd_landscape(argv: list[str]) -> int:
     from .checkpoint import load_run
     from .common import resolve_device
     from .data import load_splits
+    from .config import TrainConfig
     from .landscape import landscape
-    from .train import TrainConfig
 
     args = parse(LandscapeArgs, argv, "lmlab landscape")
     if args.points < 3 or args.span <= 0 or args.batch_size <= 0:
@@ -461,15 +464,20 @@ class ServeArgs:
         default_factory=lambda: ["runs"])
     """Run directories, or folders whose subfolders are runs (new runs in them show up as they start)."""
     host: str = "127.0.0.1"
-    """Address to listen on; the default is reachable from this machine only."""
+    """Address to listen on; the default is reachable from this machine only (any other needs --api-key)."""
     port: int = 8000
     """Port to listen on (0: any free port)."""
+    api_key: Annotated[Optional[str], tyro.conf.arg(metavar="KEY")] = None
+    """A key every API request must send (Authorization: Bearer KEY); default: $LMLAB_API_KEY, else none."""
+    allowed_host: Annotated[list[str], tyro.conf.UseAppendAction, tyro.conf.arg(metavar="NAME")] = field(
+        default_factory=list)
+    """A host name clients reach the server by, answered besides the address listened on."""
     max_tokens: int = 512
     """The most tokens one completion may generate."""
     max_prompt_chars: int = 20_000
     """The most characters of prompt (or of text to score) one request may send."""
     max_concurrent: int = 4
-    """Completions generated at the same time; one more is refused with HTTP 429."""
+    """Requests running a model at the same time; one more is refused with HTTP 429."""
     device: str = "cpu"
     """auto, cpu, cuda or mps."""
 
@@ -483,8 +491,9 @@ def cmd_serve(argv: list[str]) -> int:
         raise LmlabError(f"--port must be in 0..65535, got {args.port}")
     if min(args.max_tokens, args.max_prompt_chars, args.max_concurrent) <= 0:
         raise LmlabError("--max-tokens, --max-prompt-chars and --max-concurrent must be positive")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LMLAB_API_KEY") or None
     serve(args.runs, args.host, args.port, Limits(args.max_tokens, args.max_prompt_chars, args.max_concurrent),
-          resolve_device(args.device))
+          resolve_device(args.device), api_key, args.allowed_host)
     return 0
 
 

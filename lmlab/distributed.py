@@ -206,9 +206,7 @@ def like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 def full_state_dict(model: nn.Module, d: Dist) -> Optional[dict[str, torch.Tensor]]:
     """The whole model's weights as plain CPU tensors on rank 0 (None elsewhere). Collective under FSDP."""
-    if d.sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.sharded:  # every rank takes part in gathering each tensor; rank 0 keeps the result
+        sd = {k: full_tensor(v).detach().cpu() for k, v in model.state_dict().items()}
         return sd if d.main else None
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()} if d.main else None

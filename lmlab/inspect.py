@@ -4,10 +4,8 @@ of a text (the per-token loss that `lmlab eval` averages)."""
 from __future__ import annotations
 
 import html
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .data import encode_text, eval_windows

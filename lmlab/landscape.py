@@ -3,16 +3,20 @@ or a 2-D contour, and the training trajectory (weight snapshots) projected on it
 
 from __future__ import annotations
 
-import json
+import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load
 
-from .common import LmlabError, atomic_write_json
+from . import rundir
+from .common import LmlabError, atomic_write_bytes, atomic_write_json
 from .loss import cross_entropy
+from .rundir import LANDSCAPE, TRAJECTORY
 from .telemetry import snapshot_paths
 
 
@@ -92,7 +96,26 @@ def scan(model, x, y, directions, points: int, span: float) -> Landscape:
 
 
 @torch.no_grad()
-def trajectory_plane(model, snapshots: list[Path]) -> tuple[list[dict[str, torch.Tensor]], np.ndarray, np.ndarray]:
+def readable_snapshots(run_dir: Path, model) -> list[tuple[Path, dict[str, torch.Tensor]]]:
+    """The run's weight snapshots that hold every parameter of `model` in its shape; others are reported and
+    skipped (a snapshot is a file of the run: it may be damaged, or not what its name says)."""
+    params = parameters(model)
+    good = []
+    for path in snapshot_paths(run_dir):
+        try:
+            tensors = load(rundir.read_bytes(run_dir, Path(TRAJECTORY, path.name)))
+        except (LmlabError, SafetensorError, OSError, ValueError) as e:
+            print(f"warning: skipping weight snapshot {path}: {str(e).splitlines()[0] if str(e) else e}",
+                  file=sys.stderr)
+            continue
+        if all(n in tensors and tensors[n].shape == p.shape for n, p in params.items()):
+            good.append((path, tensors))
+        else:
+            print(f"warning: skipping weight snapshot {path}: it does not fit this model", file=sys.stderr)
+    return good
+
+
+def trajectory_plane(model, snapshots: list[dict[str, torch.Tensor]]) -> tuple[list[dict[str, torch.Tensor]], np.ndarray, np.ndarray]:
     """Principal directions of the snapshots' offsets from the final weights, and each snapshot's coordinates.
 
     Returns (two directions as parameter dicts, coordinates (n, 2), explained variance ratios (2,)).
@@ -101,8 +124,7 @@ def trajectory_plane(model, snapshots: list[Path]) -> tuple[list[dict[str, torch
     names = list(params)
     final = torch.cat([params[n].detach().flatten().double().cpu() for n in names])
     rows = []
-    for path in snapshots:
-        tensors = load_file(str(path))
+    for tensors in snapshots:
         rows.append(torch.cat([tensors[n].flatten().double() for n in names]) - final)
     offsets = torch.stack(rows)  # (n, P)
     # principal directions via the SVD of the offsets (no centring: the plane passes through the final weights)
@@ -127,6 +149,13 @@ def trajectory_plane(model, snapshots: list[Path]) -> tuple[list[dict[str, torch
     return directions, coords, ratio
 
 
+def _save_png(fig, path: Path) -> None:
+    """Render, then replace the file atomically: a link at `path` is replaced, never written through."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def plot_1d(land: Landscape, path: Path, title: str) -> None:
     import matplotlib
 
@@ -140,7 +169,7 @@ def plot_1d(land: Landscape, path: Path, title: str) -> None:
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
 
 
@@ -166,14 +195,17 @@ def plot_2d(land: Landscape, path: Path, title: str, xlabel: str, ylabel: str,
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
 
 
 def landscape(run_dir: Path, model, val_tokens: np.ndarray, two_d: bool, points: int, span: float, batch: int,
               seed: int, out_dir: Path) -> dict:
     """Compute and plot the landscape of a loaded run; write landscape.json and PNGs to out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if Path(out_dir).absolute() == (Path(run_dir) / LANDSCAPE).absolute():
+        out_dir = rundir.make_dir(run_dir, LANDSCAPE)  # inside the run: never through a link
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     x, y = fixed_batch(val_tokens, model.cfg.block_size, batch)
     x, y = x.to(device), y.to(device)
@@ -191,12 +223,12 @@ def landscape(run_dir: Path, model, val_tokens: np.ndarray, two_d: bool, points:
         result["two_d"] = {"coords": grid.coords, "losses": grid.losses, "center_loss": grid.center_loss}
         plot_2d(grid, out_dir / "landscape_2d.png", f"loss surface, random directions ({run_dir.name})",
                 "direction 1 (filter-normalised)", "direction 2 (filter-normalised)")
-        snaps = snapshot_paths(run_dir)
+        snaps = readable_snapshots(run_dir, model)
         if snaps:
-            dirs, coords, ratio = trajectory_plane(model, snaps)
+            dirs, coords, ratio = trajectory_plane(model, [tensors for _, tensors in snaps])
             reach = float(np.abs(coords).max()) * 1.25 + 1e-8
             plane = scan(model, x, y, dirs, points, reach)
-            labels = [f"{int(p.stem.split('_')[1])}" for p in snaps]
+            labels = [f"{int(p.stem.split('_')[1])}" for p, _ in snaps]
             result["trajectory"] = {"steps": [int(s) for s in labels], "coords": coords.tolist(),
                                     "explained_variance": ratio.tolist(), "grid_coords": plane.coords,
                                     "grid_losses": plane.losses}

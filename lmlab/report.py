@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from . import __version__
-from .checkpoint import read_run_config
+from . import rundir
+from .rundir import run_names
 from .common import LmlabError, atomic_write_bytes, fmt_count
 from .telemetry import visible
 
@@ -51,54 +52,25 @@ class RunLogs:
     landscape_pngs: list[Path] = field(default_factory=list)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSONL file; a line cut short (a run still writing, or a crash) is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            records.append(obj)
-    return records
-
-
 def load_run_logs(path: str | Path, name: Optional[str] = None) -> RunLogs:
     """Read a run folder; raises LmlabError when it does not exist or is not an lmlab run."""
     path = Path(path)
-    config = read_run_config(path)
+    config = rundir.read_config(path)
     run = RunLogs(name or path.resolve().name, path, config)
-    for record in read_jsonl(path / "metrics.jsonl"):
+    for record in rundir.read_jsonl(path, rundir.METRICS):
         if "rollback" in record:
             run.rollbacks.append(record)
         elif "val_loss" in record:
             run.evals.append(record)
         elif "train_loss" in record:
             run.train.append(record)
-    run.probes = [r for r in read_jsonl(path / "probes.jsonl") if isinstance(r.get("probes"), list)]
-    run.telemetry = read_jsonl(path / "telemetry.jsonl")
-    run.samples = [r for r in read_jsonl(path / "samples.jsonl") if "text" in r]
-    if not run.samples and (path / "samples.txt").is_file():
-        run.samples_text = (path / "samples.txt").read_text(encoding="utf-8", errors="replace")
-    if (path / "landscape").is_dir():
-        run.landscape_pngs = sorted(p for p in (path / "landscape").glob("*.png") if p.is_file())
+    run.probes = [r for r in rundir.read_jsonl(path, rundir.PROBES) if isinstance(r.get("probes"), list)]
+    run.telemetry = rundir.read_jsonl(path, rundir.TELEMETRY)
+    run.samples = [r for r in rundir.read_jsonl(path, rundir.SAMPLES_JSONL) if isinstance(r.get("text"), str)]
+    if not run.samples and rundir.exists(path, rundir.SAMPLES_TXT):
+        run.samples_text = rundir.read_text(path, rundir.SAMPLES_TXT)
+    run.landscape_pngs = [Path(e.path) for e in rundir.list_dir(path, rundir.LANDSCAPE) if e.name.endswith(".png")]
     return run
-
-
-def run_names(paths: list[Path]) -> list[str]:
-    """Label runs by folder name; where two share one, add parent folders to those two until the labels differ."""
-    parts = [p.resolve().parts for p in paths]
-    depth = [1] * len(parts)
-    while True:
-        names = [Path(*pp[-d:]).as_posix() for pp, d in zip(parts, depth)]
-        clashing = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
-        if not clashing:
-            return names
-        for i in clashing:
-            depth[i] += 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -441,7 +413,10 @@ def _landscape_section(runs: list[RunLogs], images: _Images) -> str:
     for run in runs:
         pngs = []
         for path in run.landscape_pngs:
-            data = path.read_bytes()
+            try:
+                data = rundir.read_bytes(run.path, Path(rundir.LANDSCAPE, path.name))
+            except (LmlabError, OSError):
+                continue  # not a regular file of the run (a link, a folder): never read through
             if data.startswith(PNG_SIGNATURE):
                 pngs.append(images.add(f"{_slug(run.name)}_landscape_{_slug(path.stem)}.png", data,
                                        f"{run.name}: {path.name}"))

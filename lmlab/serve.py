@@ -11,14 +11,18 @@ next-token prediction, plus an OpenAI-compatible completions API. It reads run f
 
 Model names are looked up among the runs served, never opened as paths. Each request samples with its own
 torch.Generator and KV cache; the model is shared read-only and reloaded when training writes a newer checkpoint.
+Everything but the page itself (/ and /static) is refused to other web sites, and needs the API key when one is set.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
-import itertools
+import hmac
+import ipaddress
 import json
-import os
+import re
 import socket
 import sys
 import threading
@@ -26,19 +30,22 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
+from urllib.parse import urlsplit
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from .checkpoint import LoadedRun, checkpoint_dirs, load_run
-from .common import LmlabError, read_json
+from . import rundir
+from .common import LmlabError
 from .inspect import next_token_distribution, surprisal
-from .report import run_names
+from .rundir import JsonlTail, run_names, run_status  # noqa: F401 - part of this module's interface
 from .sample import filter_logits, find_stop, generate, prompt_ids, stop_prefix_length
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -46,7 +53,9 @@ MAX_CHOICES = 16  # prompts x n in one request
 MAX_LOGPROBS = 20
 MAX_STOPS = 4
 MAX_TOP = 100  # bars of the playground's distribution
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_JSON_DEPTH = 32  # requests nest 2 deep; Python's parser recurses once per level, so a deep body could crash it
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "[::1]"]  # the Host names a loopback server answers to
+DISCONNECT_POLL_S = 0.1  # how often a generation that is not streamed checks that its client is still there
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,8 @@ class Limits:
     max_prompt_chars: int = 20_000
     """Characters in the prompts of one request (and in a text to score)."""
     max_concurrent: int = 4
-    """Completions generating at the same time; one more is refused with 429."""
+    """Requests running a model at the same time (completions, next-token views, surprisal); one more is refused
+    with 429."""
 
 
 class ApiError(Exception):
@@ -71,6 +81,13 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class ClientGone(ApiError):
+    """Raised inside work whose client hung up, so the work stops; the answer (nginx's 499) reaches nobody."""
+
+    def __init__(self):
+        super().__init__(499, "the client closed the request", code="client_closed_request")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,82 +131,6 @@ class RunSet:
         return runs[name]
 
 
-def lock_held(run_dir: Path) -> bool:
-    """Whether a training process holds the run's .lock (training flocks it exclusively while it writes)."""
-    import fcntl
-
-    try:
-        fd = os.open(run_dir / ".lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False  # we got it, so nobody holds it; closing the file releases it at once
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def run_status(run_dir: Path) -> dict:
-    """status.json as training wrote it ("running", "finished", "interrupted" or "failed"), where "running" from a
-    process that died (its lock is free) reads "failed". A run from before status.json: running if its lock is held,
-    else finished when it has a checkpoint."""
-    try:
-        status = read_json(run_dir / "status.json")
-    except LmlabError:
-        status = None
-    if not isinstance(status, dict) or not isinstance(status.get("status"), str):
-        if lock_held(run_dir):
-            return {"status": "running"}
-        return {"status": "finished" if checkpoint_dirs(run_dir) else "unknown"}
-    if status["status"] == "running" and not lock_held(run_dir):
-        return {**status, "status": "failed",
-                "error": "the training process ended without saying so (it crashed or was killed)"}
-    return status
-
-
-class JsonlTail:
-    """The records of a JSONL file that training is still appending to, read incrementally: each call reads only
-    the complete lines added since the last one. A file that was replaced or shortened (a resumed run cuts its logs
-    back to its checkpoint) is read again from the start under a new epoch number."""
-
-    _epochs = itertools.count(1)  # epoch numbers are unique across files, so a client cannot confuse two
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.records: list[dict] = []
-        self.epoch = 0
-        self._offset = 0
-        self._inode: Optional[int] = None
-        self._lock = threading.Lock()
-
-    def read(self) -> tuple[int, list[dict]]:
-        """(epoch, every record so far); within an epoch the list is only appended to."""
-        with self._lock:
-            try:
-                st = os.stat(self.path)
-            except FileNotFoundError:
-                st = None
-            if st is None or st.st_ino != self._inode or st.st_size < self._offset:
-                self.records, self._offset, self.epoch = [], 0, next(self._epochs)
-                self._inode = st.st_ino if st else None
-            if st is not None and st.st_size > self._offset:
-                with open(self.path, "rb") as f:
-                    f.seek(self._offset)
-                    data = f.read(st.st_size - self._offset)
-                complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next call
-                self._offset += len(complete)
-                for line in complete.decode("utf-8", errors="replace").splitlines():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(record, dict):
-                        self.records.append(record)
-            return self.epoch, self.records
-
-
 class Tails:
     """One JsonlTail per file, made on first use."""
 
@@ -199,23 +140,23 @@ class Tails:
 
     def __call__(self, path: Path) -> JsonlTail:
         with self._lock:
-            return self._tails.setdefault(path, JsonlTail(path))
+            return self._tails.setdefault(path, JsonlTail(path.parent, path.name))
 
 
 def run_summary(name: str, run_dir: Path, tails: Tails) -> dict:
     """One line of the dashboard's run list: status, latest step and losses, checkpoint, model shape."""
-    _, records = tails(run_dir / "metrics.jsonl").read()
+    _, records = tails(run_dir / rundir.METRICS).read()
     last_train = next((r for r in reversed(records) if "train_loss" in r), {})
     val_losses = [r["val_loss"] for r in records if isinstance(r.get("val_loss"), (int, float))]
     try:
-        config = read_json(run_dir / "config.json")
+        config = rundir.read_config(run_dir)
     except LmlabError:
-        config = {}
+        config = {}  # still listed, with what the log says
     model = config.get("model") or {}
     checkpoints = checkpoint_dirs(run_dir)
     return {
         "name": name,
-        **{k: v for k, v in run_status(run_dir).items() if k in ("status", "error")},
+        **{k: v for k, v in rundir.run_status(run_dir).items() if k in ("status", "error")},
         "step": last_train.get("step", 0),
         "tokens": last_train.get("tokens", 0),
         "elapsed_s": last_train.get("elapsed_s"),
@@ -443,11 +384,13 @@ def _token_info(tokenizer, logits: torch.Tensor, token_id: int, offset: int, top
 
 
 def completion_chunks(run: LoadedRun, ids: list[int], prompt_chars: int, req: CompletionRequest,
-                      generator: torch.Generator, index: int = 0) -> Iterator[Chunk]:
+                      generator: torch.Generator, index: int = 0,
+                      cancel: Optional[threading.Event] = None) -> Iterator[Chunk]:
     """One completion as chunks; joined, they are the completion. Chunks end on token boundaries, except where a
     stop string cuts the text; text that could be the start of a stop string is held back until it is known not to
     be. The last chunk says why generation ended ("stop" or "length") and lists every token generated, including
-    those that made up the stop string (which is not part of the text)."""
+    those that made up the stop string (which is not part of the text). Once cancel is set, ClientGone is raised
+    before the next token is generated."""
     tap = LogitsTap(run.model)
     decoder = run.tokenizer.stream_decoder()
     s = req.sampling
@@ -456,6 +399,8 @@ def completion_chunks(run: LoadedRun, ids: list[int], prompt_chars: int, req: Co
     held, held_tokens = "", []
     try:
         for token_id in tokens:
+            if cancel is not None and cancel.is_set():
+                raise ClientGone()
             held_tokens.append(_token_info(run.tokenizer, tap.last, token_id, prompt_chars + sent + len(held),
                                            req.logprobs))
             held += decoder.push(token_id)
@@ -484,12 +429,13 @@ def make_generator(seed: Optional[int]) -> torch.Generator:
     return generator
 
 
-def all_chunks(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]]) -> Iterator[Chunk]:
+def all_chunks(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]],
+               cancel: Optional[threading.Event] = None) -> Iterator[Chunk]:
     """Every choice's chunks: prompt by prompt, n choices each, all from one generator seeded once."""
     generator = make_generator(req.seed)
     for p, (prompt, ids) in enumerate(zip(req.prompts, encoded)):
         for j in range(req.n):
-            yield from completion_chunks(run, ids, len(prompt), req, generator, p * req.n + j)
+            yield from completion_chunks(run, ids, len(prompt), req, generator, p * req.n + j, cancel)
 
 
 def choice_json(chunk: Chunk, logprobs: bool) -> dict:
@@ -506,10 +452,11 @@ def usage_json(encoded: list[list[int]], completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def complete(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]], head: dict) -> dict:
+def complete(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]], head: dict,
+             cancel: Optional[threading.Event] = None) -> dict:
     """The response to a request that is not streamed: the chunks a stream would send, joined per choice."""
     choices: dict[int, Chunk] = {}
-    for chunk in all_chunks(run, req, encoded):
+    for chunk in all_chunks(run, req, encoded, cancel):
         choice = choices.setdefault(chunk.index, Chunk(chunk.index, "", []))
         choice.text += chunk.text
         choice.tokens += chunk.tokens
@@ -561,6 +508,133 @@ def surprisal_view(run: LoadedRun, text: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Guarding the API: who may call it, and what a request body may be
+
+
+def is_json_media_type(content_type: str) -> bool:
+    """Whether a Content-Type header says JSON: the media type before any parameters is application/json, and a
+    charset, if given, is UTF-8. A substring test would pass text/plain;charset=application/json, which a page
+    from any site may POST without the browser asking the server first."""
+    media_type, *params = content_type.split(";")
+    if media_type.strip().lower() != "application/json":
+        return False
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(data: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (brackets inside strings do not count), found without a
+    parser, which would recurse once per level."""
+    depth = deepest = 0
+    for c in _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
+        depth += 1 if c in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def origin_matches_host(origin: str, host: Optional[str], scheme: str = "http") -> bool:
+    """Whether an Origin header names the server the request was sent to: the request's scheme and the host name
+    and port of its Host header, a missing port being the scheme's default. "null" (sandboxed frames, local files)
+    never matches."""
+    try:
+        o, h = urlsplit(origin), urlsplit("//" + (host or ""))
+        default = {"http": 80, "https": 443}.get(scheme)
+        if o.scheme != scheme or not o.hostname or "@" in o.netloc + h.netloc or o.path not in ("", "/"):
+            return False
+        return o.hostname == h.hostname and (o.port or default) == (h.port or default)
+    except ValueError:  # a port that is not a number
+        return False
+
+
+def cross_site_refusal(headers: Headers, scheme: str = "http") -> Optional[ApiError]:
+    """Why a request looks sent by a page of another site, if it does. Browsers say where a request comes from
+    (Sec-Fetch-Site, Origin); programs such as curl or the openai client send neither and pass."""
+    site = headers.get("sec-fetch-site")
+    if site is not None and site.strip().lower() not in ("same-origin", "none"):
+        why = f"Sec-Fetch-Site: {site}"
+    elif "origin" in headers and not origin_matches_host(headers["origin"], headers.get("host"), scheme):
+        why = f"Origin {headers['origin']} is not this server"
+    else:
+        return None
+    return ApiError(403, f"cross-site requests are refused ({why}); this API answers its own page and programs",
+                    code="cross_site_request", kind="permission_error")
+
+
+def bearer_matches(authorization: Optional[str], api_key: str) -> bool:
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    # compare_digest takes as long whatever the first wrong character, so timing does not leak the key
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+class ApiGuard:
+    """ASGI middleware in front of everything but the page itself (/ and /static/*, which carry no data and which
+    a link from anywhere may open): refuses cross-site requests with 403, then, when the server has an API key,
+    requests without `Authorization: Bearer KEY` with 401."""
+
+    def __init__(self, app, api_key: Optional[str] = None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and not (path == "/" or path.startswith("/static/")):
+            headers = Headers(scope=scope)
+            error = cross_site_refusal(headers, scope.get("scheme", "http"))
+            if error is None and self.api_key is not None and not bearer_matches(headers.get("authorization"),
+                                                                                 self.api_key):
+                error = ApiError(401, "this server needs its API key: send the header Authorization: Bearer KEY "
+                                      "(the openai client: OpenAI(api_key=KEY))", code="invalid_api_key")
+            if error is not None:
+                extra = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+                await JSONResponse(error.body(), error.status, headers=extra)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def read_json_body(request: Request, max_bytes: int) -> Any:
+    """The JSON body of a request, refused when it is not JSON, larger than max_bytes or nested too deep."""
+    if not is_json_media_type(request.headers.get("content-type", "")):
+        raise ApiError(415, "send the request body as JSON (Content-Type: application/json)")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > max_bytes:
+            raise ApiError(413, f"the request body is larger than {max_bytes:,} bytes", code="request_too_large")
+        parts.append(part)
+    data = b"".join(parts)
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} deep",
+                       code="invalid_json")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+
+
+async def until_disconnected(request: Request, work: Callable, *args) -> Any:
+    """work(*args, cancel) in the threadpool, with cancel (a threading.Event) set as soon as the client hangs up,
+    so that work which checks it stops instead of running on for nobody (it then raises ClientGone)."""
+    cancel = threading.Event()
+    task = asyncio.ensure_future(run_in_threadpool(work, *args, cancel))
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                cancel.set()
+        return task.result()
+    finally:
+        cancel.set()  # also when this coroutine is cancelled (the server shutting down)
+        if not task.done():
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its ClientGone is expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The app
 
 
@@ -571,35 +645,49 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def read_json_body(request: Request, max_bytes: int) -> Any:
-    """The JSON body of a request, refused when it is not JSON or larger than max_bytes."""
-    if "application/json" not in request.headers.get("content-type", ""):
-        raise ApiError(415, "send the request body as JSON (Content-Type: application/json)")
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > max_bytes:
-            raise ApiError(413, f"the request body is larger than {max_bytes:,} bytes", code="request_too_large")
-        parts.append(part)
-    try:
-        return json.loads(b"".join(parts))
-    except ValueError as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+class Backend:
+    """What the routes share: the runs, their loaded models and log tails, the limits, and the slots of requests
+    that run a model (all of them share one cap, --max-concurrent)."""
+
+    def __init__(self, runs: RunSet, limits: Limits, device: str | torch.device):
+        self.runs, self.limits = runs, limits
+        self.models = Models(device)
+        self.tails = Tails()
+        self.slots = threading.BoundedSemaphore(limits.max_concurrent)
+        self.max_body = 12 * limits.max_prompt_chars + 65536  # a character is at most 12 bytes of JSON ("\ud83d\ude00")
+
+    def loaded(self, name: Any) -> LoadedRun:
+        return self.models.get(name, self.runs.find(name))
+
+    def take_slot(self) -> None:
+        """Take a slot, or refuse the request with 429; whoever takes one releases it (self.slots.release)."""
+        if not self.slots.acquire(blocking=False):
+            raise ApiError(429, f"{self.limits.max_concurrent} requests are running a model, the most this server "
+                                f"runs at once (lmlab serve --max-concurrent); try again shortly",
+                           code="too_many_requests", kind="rate_limit_error")
+
+    @contextlib.contextmanager
+    def slot(self):
+        self.take_slot()
+        try:
+            yield
+        finally:
+            self.slots.release()
 
 
-def create_app(runs: RunSet, limits: Limits = Limits(), device: str | torch.device = "cpu",
-               allowed_hosts: Optional[list[str]] = None) -> FastAPI:
-    """The web app. allowed_hosts (Host header names) guards a loopback server against DNS rebinding."""
+async def text_request(request: Request, backend: Backend, field: str) -> tuple[dict, str]:
+    """A playground request's JSON object and its text field, checked against the limits."""
+    body = await read_json_body(request, backend.max_body)
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    text = _choice(body, field, str, "", "a string")
+    check_length(field, len(text), backend.limits)
+    return body, text
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every refusal in OpenAI's error format."""
     from fastapi.exceptions import RequestValidationError
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
-
-    app = FastAPI(title="lmlab serve", docs_url=None, redoc_url=None, openapi_url=None)
-    if allowed_hosts:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
-    models = Models(device)
-    tails = Tails()
-    app.state.generations = threading.BoundedSemaphore(limits.max_concurrent)
-    max_body = 12 * limits.max_prompt_chars + 65536  # a character is at most 12 bytes of JSON ("\ud83d\ude00")
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -616,10 +704,10 @@ def create_app(runs: RunSet, limits: Limits = Limits(), device: str | torch.devi
         param = str(first["loc"][-1]) if first.get("loc") else None
         return JSONResponse(ApiError(400, f"{param}: {first['msg']}", param).body(), status_code=400)
 
-    def loaded(name: Any) -> LoadedRun:
-        return models.get(name, runs.find(name))
 
-    # --- the web app and its data
+def add_dashboard_routes(app: FastAPI, backend: Backend) -> None:
+    """The page and the data of its dashboard."""
+    runs, tails = backend.runs, backend.tails
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -630,7 +718,7 @@ def create_app(runs: RunSet, limits: Limits = Limits(), device: str | torch.devi
     @app.get("/api/runs")
     def api_runs():
         return {"runs": [run_summary(name, path, tails) for name, path in runs.current().items()],
-                "limits": asdict(limits)}
+                "limits": asdict(backend.limits)}
 
     @app.get("/api/log")
     def api_log(run: str, file: str = "metrics", since: int = 0, epoch: int = 0):
@@ -641,32 +729,32 @@ def create_app(runs: RunSet, limits: Limits = Limits(), device: str | torch.devi
         start = since if epoch == current and 0 <= since <= len(records) else 0
         return {"epoch": current, "start": start, "records": records[start:]}
 
-    async def text_request(request: Request, field: str) -> tuple[dict, str]:
-        """A playground request's JSON object and its text field, checked against the limits."""
-        body = await read_json_body(request, max_body)
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        text = _choice(body, field, str, "", "a string")
-        check_length(field, len(text), limits)
-        return body, text
+
+def add_playground_routes(app: FastAPI, backend: Backend) -> None:
+    """The playground's views of a model: the next-token distribution, and the surprisal of a text."""
 
     @app.post("/api/next")
     async def api_next(request: Request):
-        body, prompt = await text_request(request, "prompt")
+        body, prompt = await text_request(request, backend, "prompt")
         sampling = parse_sampling(body)
         top = _number(body, "top", 20, 1, MAX_TOP, integer=True)
         sample = _choice(body, "sample", bool, False, "true or false")
         seed = _number(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True)
-        run = await run_in_threadpool(loaded, body.get("model"))
-        return await run_in_threadpool(next_token_view, run, prompt, sampling, top, sample, seed)
+        run = await run_in_threadpool(backend.loaded, body.get("model"))
+        with backend.slot():
+            return await run_in_threadpool(next_token_view, run, prompt, sampling, top, sample, seed)
 
     @app.post("/api/surprisal")
     async def api_surprisal(request: Request):
-        body, text = await text_request(request, "text")
-        run = await run_in_threadpool(loaded, body.get("model"))
-        return await run_in_threadpool(surprisal_view, run, text)
+        body, text = await text_request(request, backend, "text")
+        run = await run_in_threadpool(backend.loaded, body.get("model"))
+        with backend.slot():
+            return await run_in_threadpool(surprisal_view, run, text)
 
-    # --- the OpenAI-compatible API
+
+def add_openai_routes(app: FastAPI, backend: Backend) -> None:
+    """OpenAI's models and completions endpoints."""
+    runs = backend.runs
 
     def model_json(name: str, path: Path) -> dict:
         return {"id": name, "object": "model", "created": int((path / "config.json").stat().st_mtime),
@@ -683,23 +771,36 @@ def create_app(runs: RunSet, limits: Limits = Limits(), device: str | torch.devi
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_completion_request(await read_json_body(request, max_body), limits)
-        run = await run_in_threadpool(loaded, req.model)
+        req = parse_completion_request(await read_json_body(request, backend.max_body), backend.limits)
+        run = await run_in_threadpool(backend.loaded, req.model)
         encoded = [encode_prompt(run, p) for p in req.prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model, "system_fingerprint": run.checkpoint.path.name}
-        slots = app.state.generations
-        if not slots.acquire(blocking=False):
-            raise ApiError(429, f"{limits.max_concurrent} completions are being generated, the most this server runs "
-                                f"at once (lmlab serve --max-concurrent); try again shortly",
-                           code="too_many_requests", kind="rate_limit_error")
-        if not req.stream:
-            try:
-                return await run_in_threadpool(complete, run, req, encoded, head)
-            finally:
-                slots.release()
-        return EventStream(stream_completion(run, req, encoded, head), slots.release)
+        backend.take_slot()
+        if req.stream:  # the stream gives the slot back when it ends, however it ends
+            return EventStream(stream_completion(run, req, encoded, head), backend.slots.release)
+        try:
+            return await until_disconnected(request, complete, run, req, encoded, head)
+        finally:
+            backend.slots.release()
 
+
+def create_app(runs: RunSet, limits: Limits = Limits(), device: str | torch.device = "cpu",
+               allowed_hosts: Optional[list[str]] = None, *, api_key: Optional[str] = None) -> FastAPI:
+    """The web app. allowed_hosts (Host header names) guards against DNS rebinding; with api_key, everything but
+    the page itself needs `Authorization: Bearer API_KEY`."""
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    app = FastAPI(title="lmlab serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(ApiGuard, api_key=api_key)
+    if allowed_hosts:  # added last, so it runs first: a request for a foreign host name gets no further
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+    backend = Backend(runs, limits, device)
+    app.state.generations = backend.slots
+    add_error_handlers(app)
+    add_dashboard_routes(app, backend)
+    add_playground_routes(app, backend)
+    add_openai_routes(app, backend)
     return app
 
 
@@ -762,24 +863,63 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def allowed_host_names(host: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The Host header names the server answers to: a loopback server's own names, else the address it listens
+    on; plus the names given with --allowed-host. Any other name is a page that rebound a DNS name to us."""
+    own = [f"[{host}]" if ":" in host else host] + (LOOPBACK_NAMES if is_loopback(host) else [])
+    names = [n.strip().lower() for n in (*own, *extra)]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def check_exposure(host: str, api_key: Optional[str], extra_hosts: list[str] | tuple[str, ...]) -> None:
+    """Refuse, with an LmlabError, settings that would serve the runs to other machines unguarded or unusable."""
+    if api_key is not None and (not api_key or not api_key.isascii() or not api_key.isprintable()
+                                or api_key.strip() != api_key):
+        raise LmlabError("--api-key must be printable ASCII, not empty, without leading or trailing spaces")
+    if is_loopback(host):
+        return
+    if api_key is None:
+        raise LmlabError(f"--host {host} can be reached from other machines; set a key they must send with "
+                         f"--api-key KEY (or the environment variable LMLAB_API_KEY)")
+    try:
+        wildcard = ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        wildcard = False
+    if wildcard and not extra_hosts:
+        raise LmlabError(f"--host {host} listens on every address; name the host names clients use to reach it "
+                         f"with --allowed-host NAME (one option per name)")
+
+
 def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
-          device: str | torch.device = "cpu") -> None:
-    """Serve the runs until Ctrl-C."""
+          device: str | torch.device = "cpu", api_key: Optional[str] = None,
+          allowed_hosts: list[str] | tuple[str, ...] = ()) -> None:
+    """Serve the runs until Ctrl-C. A non-loopback host needs an API key."""
     import uvicorn
 
+    check_exposure(host, api_key, allowed_hosts)
     runs = RunSet(sources)
     sock = listen_socket(host, port)
-    loopback = host in LOOPBACK_HOSTS
-    app = create_app(runs, limits, device, ["127.0.0.1", "localhost", "[::1]"] if loopback else None)
+    names_allowed = allowed_host_names(host, allowed_hosts)
+    app = create_app(runs, limits, device, names_allowed, api_key=api_key)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}/"
     names = list(runs.current())
     what = (f"{len(names)} run{'s' * (len(names) != 1)} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
             if names else "no runs yet (new ones appear as training starts them)")
     print(f"lmlab serve: {what} at {url} (API: {url}v1); Ctrl-C stops", file=sys.stderr, flush=True)
-    if not loopback:
-        print("lmlab serve: warning: listening beyond this machine; anyone who can reach it can read the runs and "
-              "use the models", file=sys.stderr, flush=True)
+    if not is_loopback(host):
+        print(f"lmlab serve: listening beyond this machine: requests need the API key and one of the host names "
+              f"{', '.join(names_allowed)}", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2))
     try:
         server.run(sockets=[sock])

@@ -4,7 +4,6 @@ loss-landscape trajectory, and optional TensorBoard output. All cheap enough to 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -15,6 +14,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_model
 
+from . import rundir
+from .rundir import TENSORBOARD, TRAJECTORY
 from .sample import generate
 
 
@@ -170,13 +171,9 @@ class SpikeDetector:
 # ---------------------------------------------------------------------------------------------------------------
 # Weight snapshots for the landscape trajectory
 
-TRAJECTORY = "trajectory"
-
-
 def save_snapshot(run_dir: Path, model: nn.Module, step: int, keep: int) -> None:
     """Save the weights at this step; keep at most `keep` snapshots spread over the run (drop every other one)."""
-    folder = Path(run_dir) / TRAJECTORY
-    folder.mkdir(exist_ok=True)
+    folder = rundir.make_dir(run_dir, TRAJECTORY)
     path = folder / f"step_{step:08d}.safetensors"
     tmp = folder / f".{path.name}.tmp"
     save_model(model, str(tmp))
@@ -185,15 +182,16 @@ def save_snapshot(run_dir: Path, model: nn.Module, step: int, keep: int) -> None
     while len(snaps) > keep:
         # drop every other snapshot except the newest, keeping them spread over the run
         for old in snaps[1:-1:2]:
-            old.unlink(missing_ok=True)
+            old.unlink(missing_ok=True)  # a link is removed itself, never what it points to
         snaps = snapshot_paths(run_dir)
 
 
 def snapshot_paths(run_dir: Path) -> list[Path]:
-    folder = Path(run_dir) / TRAJECTORY
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("step_*.safetensors"))
+    """The weight snapshots of a run, oldest first."""
+    return [Path(e.path) for e in rundir.list_dir(run_dir, TRAJECTORY) if _SNAPSHOT.fullmatch(e.name)]
+
+
+_SNAPSHOT = re.compile(r"step_\d{8}\.safetensors")
 
 
 def prune_snapshots_after(run_dir: Path, step: int) -> None:
@@ -218,7 +216,7 @@ class TensorBoard:
             from torch.utils.tensorboard import SummaryWriter
         except Exception:  # tensorboard not installed: an optional extra
             return
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.writer = SummaryWriter(str(rundir.check_path(run_dir, TENSORBOARD)))
 
     def scalars(self, step: int, values: dict) -> None:
         if self.writer is not None:
@@ -233,8 +231,3 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")

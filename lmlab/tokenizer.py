@@ -10,7 +10,7 @@ import codecs
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -198,20 +198,29 @@ class BPETokenizer(Tokenizer):
 def from_json(obj: dict) -> Tokenizer:
     kind = obj.get("kind") if isinstance(obj, dict) else None
     if kind == "char":
-        return CharTokenizer(obj["chars"])
+        chars = obj.get("chars")
+        if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+            raise LmlabError("a char tokenizer's 'chars' must be a list of single characters")
+        return CharTokenizer(chars)
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
         from tokenizers import Tokenizer as HFTokenizer
 
+        if not isinstance(obj.get("hf"), dict):
+            raise LmlabError("a bpe tokenizer's 'hf' must be a JSON object")
         return BPETokenizer(HFTokenizer.from_str(json.dumps(obj["hf"])))
     raise LmlabError(f"not an lmlab tokenizer (kind={kind!r})")
 
 
-def load(path: str | Path) -> Tokenizer:
+def from_json_checked(obj: Any, where: str | Path) -> Tokenizer:
+    """from_json for a file from anywhere: whatever is wrong with it is one LmlabError naming `where`."""
     try:
-        return from_json(read_json(path))
-    except (KeyError, TypeError, ValueError, Exception) as e:
-        if isinstance(e, LmlabError):
-            raise
-        raise LmlabError(f"{path} is not a valid lmlab tokenizer file ({e})") from None
+        return from_json(obj)
+    except Exception as e:  # noqa: BLE001 - the Rust tokenizers library raises its own exception types
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LmlabError(f"{where} is not a valid lmlab tokenizer file ({detail[:200]})") from None
+
+
+def load(path: str | Path) -> Tokenizer:
+    return from_json_checked(read_json(path), path)

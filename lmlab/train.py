@@ -14,135 +14,26 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 
-from . import __version__
-from .checkpoint import (
-    check_tokenizer, latest_good_checkpoint, load_checkpoint, read_run_config, remove_stale_temp_files, save_checkpoint,
-)
-from .common import (
-    SCHEMA_VERSION, LmlabError, atomic_write_bytes, atomic_write_json, fmt_count, resolve_device, resolve_dtype,
-    seed_everything,
-)
-from .data import BatchSampler, DataConfig, load_splits
+from . import rundir
+from .checkpoint import check_tokenizer, latest_good_checkpoint, load_newest, load_tokenizer, save_checkpoint
+from .common import LmlabError, fmt_count, resolve_device, resolve_dtype, seed_everything
+from .config import TrainConfig
+from .data import BatchSampler, load_splits
 from . import distributed as dist_
 from .distributed import Dist, all_reduce_sum, barrier, unwrap
 from .evaluate import autocast_context, evaluate
 from .model import ModelConfig, build_model, count_params
-from .optim import OptimConfig, build_optimizer, clip_grad_norm, lr_multiplier, set_lr
+from .optim import build_optimizer, clip_grad_norm, lr_multiplier, set_lr
 from .sample import generate, prompt_ids, stream_text
+from .rundir import RunLock, write_status  # noqa: F401 - RunLock is part of this module's interface
 from .telemetry import (
-    GradientTelemetry, SpikeDetector, TensorBoard, append_jsonl, default_probe_prompts, probe,
-    prune_snapshots_after, save_snapshot,
+    GradientTelemetry, SpikeDetector, TensorBoard, default_probe_prompts, probe, prune_snapshots_after, save_snapshot,
 )
-from . import tokenizer as tok
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs; saved as RUN/config.json."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    preset: str = "tiny"
-    """Named starting point for all settings (see `lmlab train --help`); explicit options override it."""
-    out: str = ""
-    """Run directory (default: runs/PRESET-DATE-TIME)."""
-    resume: Optional[str] = None
-    """Continue the run in this directory from its newest good checkpoint."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps (0: no step limit)."""
-    max_time: float = 0.0
-    """Stop after this many seconds of training, evaluation excluded (0: no time limit)."""
-    batch_size: int = 32
-    """Sequences per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (tokens per step = batch_size * grad_accum * block_size)."""
-    global_batch: int = 0
-    """Sequences per optimizer step over all processes; grad_accum is then derived from the number of processes
-    (0: batch_size * grad_accum * processes). Kept on resume, so the global batch stays fixed."""
-    parallel: Literal["none", "ddp", "fsdp"] = "none"
-    """Data parallelism under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard, sharded
-    checkpoints); gloo on CPU, nccl on CUDA."""
-    dist_timeout: float = 300.0
-    """Seconds a collective may wait for the other processes before the job fails (a dead rank ends the job)."""
-    eval_interval: int = 250
-    """Evaluate on the validation split every this many steps (and at the end)."""
-    eval_tokens: int = 1_000_000
-    """Tokens of the validation split to evaluate, taken from its start (0: all of it)."""
-    checkpoint_interval: int = 1000
-    """Write a checkpoint every this many steps (and at the end)."""
-    keep_checkpoints: int = 3
-    """How many recent checkpoints to keep."""
-    seed: int = 1337
-    """Seed for initialisation, batches and dropout."""
-    device: str = "auto"
-    """auto, cpu, cuda, cuda:N or mps."""
-    dtype: str = "auto"
-    """Autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16."""
-    compile: bool = False
-    """Compile the model with torch.compile."""
-    threads: int = 0
-    """CPU threads for PyTorch (0: PyTorch's default)."""
-    sample_tokens: int = 300
-    """Length of the sample printed at the end (0: none)."""
-    sample_prompt: str = ""
-    """Prompt of the final sample."""
-    progress: bool = True
-    """Show a progress bar on a terminal."""
-    probe: bool = True
-    """Record the probe (next-token predictions on fixed prompts) at every evaluation."""
-    probe_prompts: tuple[str, ...] = ()
-    """The probe's prompts (default: 3 cut from the validation text)."""
-    telemetry_interval: int = 25
-    """Record per-layer gradient norms and update/weight ratios every this many steps (0: off)."""
-    trajectory_snapshots: int = 12
-    """Weight snapshots kept for the loss-landscape trajectory, spread over the run (0: off)."""
-    tensorboard: bool = True
-    """Also write TensorBoard logs to RUN/tensorboard when the tensorboard package is installed."""
-    max_bad_steps: int = 5
-    """After this many non-finite losses/gradients in a row, roll back to the last checkpoint with a lower LR."""
-    max_rollbacks: int = 2
-    """Roll back at most this many times (halving the LR each time), then stop with a diagnosis."""
-
-    def __post_init__(self) -> None:
-        self.probe_prompts = tuple(self.probe_prompts)
-        if self.global_batch < 0 or self.dist_timeout <= 0:
-            raise LmlabError("--global-batch must be >= 0 and --dist-timeout positive")
-        for name in ("batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
-            if getattr(self, name) <= 0:
-                raise LmlabError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.max_steps < 0:
-            raise LmlabError(f"--max-steps must be >= 0, got {self.max_steps}")
-        if self.max_time < 0 or not math.isfinite(self.max_time):
-            raise LmlabError(f"--max-time must be a number of seconds >= 0, got {self.max_time}")
-        if self.telemetry_interval < 0 or self.trajectory_snapshots < 0:
-            raise LmlabError("--telemetry-interval and --trajectory-snapshots must be >= 0")
-        if self.max_bad_steps <= 0 or self.max_rollbacks < 0:
-            raise LmlabError("--max-bad-steps must be positive and --max-rollbacks >= 0")
-        if self.eval_tokens < 0 or self.sample_tokens < 0 or self.threads < 0:
-            raise LmlabError("--eval-tokens, --sample-tokens and --threads must be >= 0")
-
-    def to_json(self) -> dict:
-        return {"schema_version": SCHEMA_VERSION, "lmlab_version": __version__, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "TrainConfig":
-        obj = {k: v for k, v in obj.items() if k not in ("schema_version", "lmlab_version", "vocab_size", "tokenizer_fingerprint")}
-        try:
-            return cls(
-                data=DataConfig(**obj.pop("data")),
-                model=ModelConfig(**obj.pop("model")),
-                optim=OptimConfig(**obj.pop("optim")),
-                **obj,
-            )
-        except (TypeError, KeyError) as e:
-            raise LmlabError(f"run config has an unknown or missing setting ({e})") from None
 
 
 def diagnose_divergence(cfg: TrainConfig, step: int, bad: int, rollbacks: int, dtype: torch.dtype,
@@ -161,40 +52,8 @@ def diagnose_divergence(cfg: TrainConfig, step: int, bad: int, rollbacks: int, d
     return f"training diverged: {where}; {cause}"
 
 
-STEP_LOGS = ("metrics.jsonl", "probes.jsonl", "telemetry.jsonl")  # cut back to the checkpoint on resume
-
-
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived; a checkpoint was written."""
-
-
-class RunLock:
-    """An exclusive lock on a run directory, so two trainings never write the same run."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
-        self.fd: Optional[int] = None
-
-    def __enter__(self):
-        import fcntl
-
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise LmlabError(f"run {self.path.parent} is not writable ({e.strerror})") from None
-        for _ in range(5):  # a reader (lmlab serve checking the status) may hold it for a moment
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except BlockingIOError:
-                time.sleep(0.05)
-        os.close(self.fd)
-        self.fd = None
-        raise LmlabError(f"run {self.path.parent} is locked: another training is writing it")
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)
 
 
 _quiet = False  # ranks other than 0 say nothing
@@ -258,11 +117,10 @@ def _rng_state(sampler: BatchSampler) -> dict[str, torch.Tensor]:
 def _prepare_run_dir(cfg: TrainConfig) -> Path:
     if cfg.resume:
         run_dir = Path(cfg.resume)
-        read_run_config(run_dir)
+        rundir.read_config(run_dir)
         return run_dir
     run_dir = Path(cfg.out or os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    if (run_dir / "config.json").exists():
-        raise LmlabError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    rundir.check_new_run_dir(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -270,20 +128,6 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
     if not os.access(run_dir, os.W_OK):
         raise LmlabError(f"run directory {run_dir} is not writable")
     return run_dir
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log records written after the checkpoint we resume from, so the log reads as one clean run."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    atomic_write_bytes(path, ("\n".join(kept) + "\n").encode() if kept else b"")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -307,7 +151,7 @@ def train(cfg: TrainConfig) -> dict:
                 try:
                     run_dir = _prepare_run_dir(cfg)
                     lock.enter_context(RunLock(run_dir))
-                    remove_stale_temp_files(run_dir)
+                    rundir.remove_stale_temp_files(run_dir)
                     message = str(run_dir)
                 except LmlabError as e:
                     message = "\0" + str(e)
@@ -338,20 +182,30 @@ def train(cfg: TrainConfig) -> dict:
         _quiet = False
 
 
+RESUME_FIXED = {"seed": "--seed", "preset": "--preset", "data.tokenizer": "--tokenizer",
+                "data.vocab_size": "--vocab-size", "optim.optimizer": "--optimizer"}
+
+
+def check_resume_settings(saved: TrainConfig, cfg: TrainConfig, run_dir: Path) -> None:
+    """Every setting changed on resume must take effect; refuse those that cannot. The model and tokenizer are the
+    checkpoint's, the seed's streams are restored from it, and another optimizer has no state to go on from."""
+    if dataclasses.asdict(saved.model) != dataclasses.asdict(cfg.model):
+        raise LmlabError(f"the model settings differ from those of the run in {run_dir}; they cannot change on resume")
+    for path, option in RESUME_FIXED.items():
+        old, new = saved, cfg
+        for part in path.split("."):
+            old, new = getattr(old, part), getattr(new, part)
+        if old != new and not (path == "data.vocab_size" and cfg.data.tokenizer != "bpe"):
+            raise LmlabError(f"{option} cannot change on resume (the run in {run_dir} has {old!r}, not {new!r}); "
+                             f"start a new run to change it")
+
+
 def _lost_peer(e: Exception, d: Dist) -> bool:
     """A collective failed because another rank died or timed out (gloo and nccl say so in several ways)."""
     if not d.active or isinstance(e, LmlabError):
         return False
     return isinstance(e, (RuntimeError, OSError)) and any(
         word in str(e) for word in ("gloo", "Gloo", "NCCL", "Connection", "connection", "timed out", "Timeout", "peer"))
-
-
-def write_status(run_dir: Path, status: str, **extra) -> None:
-    """RUN/status.json says whether the run is running, finished, interrupted or failed (a dashboard reads it).
-
-    A "running" status whose writer has died (the run's .lock is free) means the process crashed.
-    """
-    atomic_write_json(run_dir / "status.json", {"status": status, "pid": os.getpid(), "time": time.time(), **extra})
 
 
 def _train_locked(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool]) -> dict:
@@ -366,17 +220,15 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool])
 
     resume_path = None
     if cfg.resume:
-        saved_json = read_run_config(run_dir)
-        saved = TrainConfig.from_json(saved_json)
-        if dataclasses.asdict(saved.model) != dataclasses.asdict(cfg.model):
-            raise LmlabError(f"the model settings differ from those of the run in {run_dir}; they cannot change on resume")
-        tokenizer = tok.load(run_dir / "tokenizer.json")
+        saved_json = rundir.read_config(run_dir)
+        check_resume_settings(TrainConfig.from_json(saved_json), cfg, run_dir)
+        tokenizer = load_tokenizer(run_dir)
         check_tokenizer(saved_json, tokenizer, run_dir)
         resume_path = latest_good_checkpoint(run_dir, warn=_say)
         if resume_path is None:  # it died before its first checkpoint: nothing to keep, start it over
             _say(f"run {run_dir} has no complete checkpoint yet; starting it again from step 0")
-            for name in STEP_LOGS if d.main else ():
-                _truncate_metrics(run_dir / name, -1)
+            for name in rundir.STEP_LOGS if d.main else ():
+                rundir.cut_jsonl(run_dir, name, -1)
     else:
         tokenizer = None
 
@@ -402,10 +254,12 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool])
     lr_scale, skipped_total, rollbacks = 1.0, 0, 0
     spikes = SpikeDetector()
 
-    def restore(path: Path) -> None:
-        """Put model, optimizer, sampler, RNGs and counters back as they were when `path` was written."""
+    def restore() -> Path:
+        """Put model, optimizer, sampler, RNGs and counters back as they were at the newest checkpoint that loads."""
         nonlocal step, tokens_seen, elapsed, best_val, lr_scale, skipped_total, rollbacks
-        ckpt = load_checkpoint(path, model, optimizer, device)
+        ckpt = load_newest(run_dir, model, optimizer, device, warn=_say)
+        if ckpt is None:
+            raise LmlabError(f"no checkpoint of run {run_dir} can be loaded")
         sampler.load_state_dict({"generator": ckpt.rng["sampler"]})
         torch.set_rng_state(ckpt.rng["torch"])
         if d.rank:
@@ -420,19 +274,20 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool])
         if "spikes" in ckpt.state:
             spikes.load_state_dict(ckpt.state["spikes"])
         if d.main:
-            for name in STEP_LOGS:
-                _truncate_metrics(run_dir / name, step)
+            for name in rundir.STEP_LOGS:
+                rundir.cut_jsonl(run_dir, name, step)
             prune_snapshots_after(run_dir, step)
+        return ckpt.path
 
     if resume_path is not None:
-        restore(resume_path)
+        resume_path = restore()
         _say(f"resuming {run_dir} from {resume_path.name} (step {step}, {fmt_count(tokens_seen)} tokens)")
     elif d.main:
-        tokenizer.save(run_dir / "tokenizer.json")
+        rundir.write_json(run_dir, rundir.TOKENIZER, tokenizer.to_json())
     if d.main:
         saved = dataclasses.replace(cfg, global_batch=global_batch, grad_accum=grad_accum)
-        atomic_write_json(run_dir / "config.json", {**saved.to_json(), "vocab_size": tokenizer.vocab_size,
-                                                    "tokenizer_fingerprint": tokenizer.fingerprint()})
+        rundir.write_json(run_dir, rundir.CONFIG, {**saved.to_json(), "vocab_size": tokenizer.vocab_size,
+                                                   "tokenizer_fingerprint": tokenizer.fingerprint()})
         write_status(run_dir, "running", world_size=d.world)
     started.append(True)
 
@@ -460,8 +315,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool])
     telemetry = GradientTelemetry(unwrap(model), cfg.telemetry_interval if d.main and not d.sharded else 0)
     board = TensorBoard(run_dir, cfg.tensorboard and d.main)
     params = [p for p in model.parameters() if p.requires_grad]
-    log_path = run_dir / "metrics.jsonl" if d.main else Path(os.devnull)
-    metrics_file = open(log_path, "a")
+    open_log = (lambda: rundir.open_append(run_dir, rundir.METRICS)) if d.main else (lambda: open(os.devnull, "a"))
+    metrics_file = open_log()
     viewer = _Viewer(model, d, cfg.model, tokenizer.vocab_size)
     last_saved = step
     last_val = None
@@ -491,7 +346,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool])
         view = viewer.get() if probe_prompts or cfg.trajectory_snapshots else None  # rank 0 only
         if view is not None and probe_prompts:
             results = probe(view, tokenizer, probe_prompts)
-            append_jsonl(run_dir / "probes.jsonl", {"step": step, "probes": results})
+            rundir.append_jsonl(run_dir, rundir.PROBES, {"step": step, "probes": results})
             board.text(step, "probe", "\n\n".join(f"{r['prompt']!r} -> {r['continuation']!r}" for r in results))
         if view is not None and cfg.trajectory_snapshots:
             save_snapshot(run_dir, view, step, cfg.trajectory_snapshots)
@@ -595,22 +450,21 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool])
             if spike is not None:
                 record["spike_z"] = round(spike, 2)
             if watch:
-                append_jsonl(run_dir / "telemetry.jsonl", telemetry.after_update(step))
+                rundir.append_jsonl(run_dir, rundir.TELEMETRY, telemetry.after_update(step))
             board.scalars(step, {"train/loss": train_loss, "train/lr": record["lr"],
                                  "train/grad_norm": record["grad_norm"], "train/tokens_per_s": record["tokens_per_s"]})
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()  # live readers (and the crash test) see every step
             if bad_in_row >= cfg.max_bad_steps:
                 metrics_file.flush()
-                last_good = latest_good_checkpoint(run_dir, warn=_say)
-                if last_good is None or rollbacks >= cfg.max_rollbacks:
+                if latest_good_checkpoint(run_dir, warn=_say) is None or rollbacks >= cfg.max_rollbacks:
                     raise LmlabError(diagnose_divergence(cfg, step, bad_in_row, rollbacks, dtype, lr_scale))
                 done_rollbacks, scale = rollbacks, lr_scale
-                restore(last_good)  # (this reloads the counters as they were at that checkpoint)
+                last_good = restore()  # (this reloads the counters as they were at that checkpoint)
                 rollbacks, lr_scale = done_rollbacks + 1, scale * 0.5
                 bad_in_row = 0
                 metrics_file.close()
-                metrics_file = open(log_path, "a")
+                metrics_file = open_log()
                 metrics_file.write(json.dumps({"step": step, "rollback": rollbacks, "lr_scale": lr_scale}) + "\n")
                 _say(f"warning: {cfg.max_bad_steps} non-finite steps in a row; rolled back to {last_good.name} "
                      f"with the learning rate scaled by {lr_scale:g}")
@@ -676,9 +530,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool])
             sys.stdout.flush()
             text += piece
         sys.stdout.write("\n")
-        with open(run_dir / "samples.txt", "a") as f:
-            f.write(f"--- step {step} ---\n{text}\n")
-        append_jsonl(run_dir / "samples.jsonl", {"step": step, "prompt": cfg.sample_prompt, "temperature": 0.8,
-                                                "text": text})
+        rundir.append_text(run_dir, rundir.SAMPLES_TXT, f"--- step {step} ---\n{text}\n")
+        rundir.append_jsonl(run_dir, rundir.SAMPLES_JSONL, {"step": step, "prompt": cfg.sample_prompt,
+                                                            "temperature": 0.8, "text": text})
         summary["sample"] = text
     return summary

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 SUBJECTS = ["the cat", "a dog", "my friend", "the old man", "a small bird", "the teacher", "her brother", "our neighbour"]
@@ -90,3 +91,49 @@ def read_jsonl(path: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class ServerThread:
+    """A real uvicorn server for an app, on a free loopback port, in a thread: `with ServerThread(app) as url:`."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        from lmlab.serve import listen_socket
+
+        self.sock = listen_socket("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def http(url: str, payload=None, data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of a GET, or of a POST of payload (as JSON) or raw data."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if payload is not None:
+        data = json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        return e.code, json.loads(body) if body.startswith(b"{") else {"text": body.decode()}

@@ -139,3 +139,67 @@ def test_dashboard_and_playground(browser, served, tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert errors == []
     page.close()
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    from test_serve import KEY, LIMITS, ServerThread, tiny_runs
+
+    from lmlab.serve import RunSet, create_app
+
+    root = tiny_runs(tmp_path_factory)
+    with ServerThread(create_app(RunSet([root / "alpha", root / "beta"]), LIMITS, api_key=KEY)) as url:
+        yield url, KEY
+
+
+def test_the_page_asks_once_for_the_api_key(browser, keyed):
+    url, key = keyed
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    errors, refused = [], []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("response", lambda r: refused.append(r.url) if r.status == 401 else None)
+
+    page.goto(url + "/#dashboard")
+    page.wait_for_selector("#key-dialog[open]")
+    assert page.locator('#runs tr[data-run="alpha"]').count() == 0  # nothing was shown without the key
+    page.fill("#api-key", key)
+    page.click("#key-submit")
+    page.wait_for_selector('#runs tr[data-run="beta"]')
+    page.wait_for_function("Number(document.querySelector('figure[data-chart=loss]').dataset.points) > 0")
+    page.wait_for_timeout(2500)  # another poll of the dashboard, with the key
+    assert page.get_attribute("#key-dialog", "data-asked") == "1"
+    assert not page.locator("#key-dialog").evaluate("d => d.open")
+
+    # a reload keeps the key (sessionStorage), and the playground's POSTs and its stream send it too
+    page.goto(url + "/#playground")
+    page.reload()
+    page.select_option("#model", "alpha")
+    page.fill("#prompt", PROMPT)
+    page.wait_for_selector("#bars .bar-row")
+    page.fill("#max-tokens", "5")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('sampled').textContent.startsWith('generated')")
+    assert len(page.input_value("#prompt")) == len(PROMPT) + 5
+    assert page.get_attribute("#key-dialog", "data-asked") is None  # not asked again after the reload
+    assert len(refused) >= 1 and errors == []
+    context.close()
+
+
+def test_a_wrong_key_is_asked_for_again(browser, keyed):
+    url, key = keyed
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    page.goto(url + "/")
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#api-key", "not-the-key")
+    page.click("#key-submit")
+    page.wait_for_function("document.getElementById('key-error').textContent.includes('refused')")
+    assert page.locator("#key-dialog").evaluate("d => d.open")
+    page.fill("#api-key", key)
+    page.click("#key-submit")
+    page.wait_for_selector('#runs tr[data-run="beta"]')
+    assert page.get_attribute("#key-dialog", "data-asked") == "2"
+    context.close()

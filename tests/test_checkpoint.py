@@ -266,6 +266,50 @@ def test_resume_with_other_model_settings_is_refused(reference_run, tmp_path):
     assert (run_c / "metrics.jsonl").read_bytes() == before
 
 
+def test_settings_changed_on_resume_take_effect(reference_run, tmp_path, capsys):
+    """`lmlab train --resume RUN --lr X --weight-decay W --max-time T`: training goes on at the new learning rate
+    (each logged lr = X times the schedule's multiplier), and config.json and the optimizer hold X, W and T."""
+    import json
+
+    from lmlab.cli import main
+    from lmlab.optim import lr_multiplier
+
+    corpus, run_a = reference_run
+    run = tmp_path / "R"
+    shutil.copytree(run_a, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000030")
+    shutil.rmtree(run / "checkpoints" / "step_00000020")
+    new_lr, new_wd, new_time = 7e-4, 0.03, 1e6
+    rc = main(["train", "--resume", str(run), "--lr", str(new_lr), "--weight-decay", str(new_wd), "--max-time",
+               str(new_time), "--schedule", "cosine", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    assert (config["optim"]["lr"], config["optim"]["weight_decay"], config["max_time"]) == (new_lr, new_wd, new_time)
+    resumed = [r for r in read_jsonl(run / "metrics.jsonl") if "train_loss" in r and r["step"] > 10]
+    assert [r["step"] for r in resumed] == list(range(11, 2 * N + 1))
+    for r in resumed:  # progress is the share of the step budget done (the time budget is far away)
+        multiplier = lr_multiplier("cosine", r["step"] - 1, (r["step"] - 1) / (2 * N), 5, 0.4, 0.0, 0.1)
+        assert r["lr"] == pytest.approx(new_lr * multiplier, rel=1e-9), r
+    groups = json.loads((checkpoint_dirs(run)[-1] / "state.json").read_text())["optimizer"]["param_groups"]
+    assert {g["base_lr"] for g in groups} == {new_lr}
+    assert {g["weight_decay"] for g in groups} == {new_wd, 0.0}  # matrices decay; norms and biases never do
+
+
+@pytest.mark.parametrize("option,value", [("--seed", "4"), ("--tokenizer", "byte"), ("--optimizer", "sgd"),
+                                          ("--preset", "small")])
+def test_settings_that_cannot_change_on_resume_are_refused(reference_run, tmp_path, capsys, option, value):
+    from lmlab.cli import main
+
+    corpus, run_a = reference_run
+    run = tmp_path / "R"
+    shutil.copytree(run_a, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    rc = main(["train", "--resume", str(run), option, value, "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and option in err[0] and "cannot change on resume" in err[0], err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation checked by hand
 

@@ -433,7 +433,7 @@ def test_failed_training_leaves_no_config_behind(bad_inputs, capsys):
 
 
 def test_short_budgets_get_the_short_budget_recipe():
-    from lmlab.presets import SHORT_BUDGET, SHORT_BUDGET_S, for_budget, get_preset
+    from lmlab.config import SHORT_BUDGET, SHORT_BUDGET_S, for_budget, get_preset
 
     def settings(cfg):
         return (cfg.batch_size, cfg.model.block_size, cfg.model.n_layer, cfg.model.n_embd, cfg.optim.lr,

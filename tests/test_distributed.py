@@ -128,11 +128,30 @@ def test_checkpoints_resume_across_world_sizes(workdir, cache, reference):
     _ok(_train(workdir, cache, 2, "--data", "corpus.txt", *ARGS, "--batch-size", "4", "--parallel", "fsdp",
                "--out", "two-to-one"))
     step10 = workdir / "two-to-one" / "checkpoints" / "step_00000010"
-    assert (step10 / "dcp" / ".metadata").exists() and not (step10 / "model.safetensors").exists()
+    assert sorted(p.name for p in step10.iterdir()) == [
+        "rng.safetensors", "shard_00000.safetensors", "shard_00001.safetensors", "state.json"]
+    _assert_data_only(workdir / "two-to-one")
+    shutil.copytree(workdir / "two-to-one", workdir / "two-to-two")
     shutil.rmtree(workdir / "two-to-one" / "checkpoints" / "step_00000020")
     _ok(_train(workdir, cache, 0, "--resume", "two-to-one", "--batch-size", "8"))
     train, _ = _records(workdir / "two-to-one")
     assert [r["step"] for r in train] == list(range(1, 21))
+    _assert_close([r["train_loss"] for r in train[10:]], tail, 1e-4)
+
+    # 2 FSDP processes resume from the sharded checkpoint at step 10
+    shutil.rmtree(workdir / "two-to-two" / "checkpoints" / "step_00000020")
+    _ok(_train(workdir, cache, 2, "--resume", "two-to-two", "--parallel", "fsdp", "--batch-size", "4"))
+    train, _ = _records(workdir / "two-to-two")
+    assert [r["step"] for r in train] == list(range(1, 21))
+    _assert_close([r["train_loss"] for r in train[10:]], tail, 1e-4)
+    _assert_data_only(workdir / "two-to-two")
+
+    # 1 plain process wrote a single-file checkpoint at step 10; 2 FSDP processes resume from it
+    one_fsdp = workdir / "one-to-two-fsdp"
+    shutil.copytree(reference, one_fsdp)
+    shutil.rmtree(one_fsdp / "checkpoints" / "step_00000020")
+    _ok(_train(workdir, cache, 2, "--resume", "one-to-two-fsdp", "--parallel", "fsdp", "--batch-size", "4"))
+    train, _ = _records(one_fsdp)
     _assert_close([r["train_loss"] for r in train[10:]], tail, 1e-4)
 
     # 1 plain process wrote a single-file checkpoint at step 10; 2 DDP processes resume from it
@@ -149,6 +168,28 @@ def test_checkpoints_resume_across_world_sizes(workdir, cache, reference):
     assert ev.returncode == 0, ev.stderr
     _, val = _records(workdir / "two-to-one")
     assert abs(json.loads(ev.stdout)["loss"] - val[-1]["val_loss"]) < 1e-4
+
+
+def _assert_data_only(run: Path) -> None:
+    """Every file of a run is JSON, JSONL, text or a safetensors file: never a pickle or a torch.save zip."""
+    from safetensors import safe_open
+
+    files = [p for p in run.rglob("*") if p.is_file() and "tensorboard" not in p.parts and p.name != ".lock"]
+    assert files
+    for path in files:
+        head = path.read_bytes()[:2]
+        assert head not in (b"\x80\x02", b"\x80\x04", b"\x80\x05", b"PK"), path  # pickle or zip
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                assert list(f.keys()), path
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".jsonl":
+            for line in path.read_text().splitlines():
+                json.loads(line)
+        else:
+            assert path.suffix == ".txt", path
+            path.read_text()
 
 
 def test_a_killed_rank_ends_the_job_within_the_timeout(workdir, cache):

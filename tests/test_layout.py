@@ -3,8 +3,8 @@
 import ast
 from pathlib import Path
 
-ORDER = ["common", "tokenizer", "data", "loss", "model", "distributed", "optim", "checkpoint", "sample", "evaluate", "telemetry",
-         "train", "presets", "inspect", "landscape", "report", "bench", "serve", "cli", "__main__"]
+ORDER = ["common", "tokenizer", "data", "loss", "model", "distributed", "optim", "config", "rundir", "checkpoint", "sample", "evaluate", "telemetry",
+         "train", "inspect", "landscape", "report", "bench", "serve", "cli", "__main__"]
 PACKAGE = Path(__file__).resolve().parents[1] / "lmlab"
 
 

@@ -282,7 +282,7 @@ def _guard_rollbacks(monkeypatch, limit: int):
     """Count checkpoint loads inside train(); more than `limit` means it never stops rolling back."""
     import lmlab.train as lt
 
-    real = lt.load_checkpoint
+    real = lt.load_newest
     calls = {"n": 0}
 
     def guarded(*args, **kw):
@@ -291,7 +291,7 @@ def _guard_rollbacks(monkeypatch, limit: int):
             raise RollbackLoop(f"{calls['n']} checkpoint loads: training keeps rolling back")
         return real(*args, **kw)
 
-    monkeypatch.setattr(lt, "load_checkpoint", guarded)
+    monkeypatch.setattr(lt, "load_newest", guarded)
     return calls
 
 
@@ -734,7 +734,7 @@ def test_read_only_output_as_an_unprivileged_user(world_dir):
 
 
 def test_max_time_zero_without_a_step_budget(tmp_path, capsys):
-    from lmlab.presets import get_preset
+    from lmlab.config import get_preset
 
     assert get_preset("tiny").max_steps == 0  # the default preset has a time budget only
     corpus = write_corpus(tmp_path / "corpus.txt")

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import cli_env, lmlab_cmd, read_jsonl, tiny_config, write_corpus
+from helpers import ServerThread, cli_env, http, lmlab_cmd, read_jsonl, tiny_config, write_corpus
 from lmlab.checkpoint import load_run
 from lmlab.cli import main
 from lmlab.sample import generate
@@ -31,12 +32,15 @@ from lmlab.sample import generate
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install -e '.[test]')")
 uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install -e .)")
 
+import lmlab.serve  # noqa: E402
 from lmlab.serve import (  # noqa: E402
-    EventStream, JsonlTail, Limits, RunSet, create_app, listen_socket, run_status,
+    MAX_JSON_DEPTH, EventStream, JsonlTail, Limits, RunSet, allowed_host_names, create_app, is_json_media_type,
+    json_depth, listen_socket, origin_matches_host, run_status,
 )
 
 LIMITS = Limits(max_tokens=64, max_prompt_chars=200, max_concurrent=4)
 PROMPT = "the cat "
+KEY = "sk-lmlab-test-key"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,39 +65,27 @@ def tiny_runs(tmp_path_factory) -> Path:
     return root
 
 
-class ServerThread:
-    """A real uvicorn server for an app, on a free loopback port, in a thread: `with ServerThread(app) as url:`."""
-
-    def __init__(self, app):
-        self.sock = listen_socket("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self.url
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+def free_slots(slots) -> int:
+    """How many of the server's generation slots are free right now (taken, counted and given back at once)."""
+    free = 0
+    while slots.acquire(blocking=False):
+        free += 1
+    for _ in range(free):
+        slots.release()
+    return free
 
 
-def http(url: str, payload=None, data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
-    """(status, JSON body) of a GET, or of a POST of payload (as JSON) or raw data."""
-    if payload is not None:
-        data = json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+@contextlib.contextmanager
+def all_slots_taken(slots):
+    """Hold every generation slot, as running requests would."""
+    taken = 0
+    while slots.acquire(blocking=False):
+        taken += 1
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        yield taken
+    finally:
+        for _ in range(taken):
+            slots.release()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,19 +291,23 @@ def test_bad_json_and_wrong_content_type_are_refused(served):
 
 
 def test_over_the_concurrency_cap_is_429(client, served):
-    slots = served[1].state.generations
-    taken = 0
-    while slots.acquire(blocking=False):  # hold every slot, as running generations would
-        taken += 1
-    try:
+    with all_slots_taken(served[1].state.generations) as taken:
         assert taken == LIMITS.max_concurrent
         with pytest.raises(openai.RateLimitError) as e:
             completion(client)
         assert e.value.status_code == 429 and "--max-concurrent" in e.value.body["message"]
-    finally:
-        for _ in range(taken):
-            slots.release()
     assert completion(client).choices[0].text  # the slots are free again
+
+
+@pytest.mark.parametrize("path, payload", [("/api/next", {"model": "alpha", "prompt": PROMPT, "sample": True}),
+                                           ("/api/surprisal", {"model": "alpha", "text": PROMPT})])
+def test_the_playground_endpoints_share_the_concurrency_cap(served, path, payload):
+    url, app = served
+    with all_slots_taken(app.state.generations):
+        status, body = http(url + path, payload)
+        assert status == 429 and body["error"]["type"] == "rate_limit_error"
+    assert http(url + path, payload)[0] == 200
+    assert free_slots(app.state.generations) == LIMITS.max_concurrent  # the request gave its slot back
 
 
 def test_streams_give_their_slot_back_when_the_client_goes_away(client, served):
@@ -320,16 +316,39 @@ def test_streams_give_their_slot_back_when_the_client_goes_away(client, served):
     next(iter(stream))
     stream.close()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        free = 0
-        while slots.acquire(blocking=False):
-            free += 1
-        for _ in range(free):
-            slots.release()
-        if free == LIMITS.max_concurrent:
-            break
+    while free_slots(slots) < LIMITS.max_concurrent and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert free == LIMITS.max_concurrent
+    assert free_slots(slots) == LIMITS.max_concurrent
+
+
+def test_a_completion_that_is_not_streamed_stops_when_its_client_hangs_up(served, monkeypatch):
+    url, app = served
+    produced = []
+
+    def slow_generate(*args, **kw):  # 50 ms a token: a whole completion would take 3.2 s
+        for token in generate(*args, **kw):
+            produced.append(token)
+            yield token
+            time.sleep(0.05)
+
+    monkeypatch.setattr(lmlab.serve, "generate", slow_generate)
+    body = json.dumps({"model": "alpha", "prompt": PROMPT, "max_tokens": LIMITS.max_tokens}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=10)
+    conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (url[7:].encode(), len(body), body))
+    deadline = time.monotonic() + 10
+    while len(produced) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(produced) >= 3 and free_slots(app.state.generations) == LIMITS.max_concurrent - 1
+    conn.close()  # the client hangs up
+    hung_up = time.monotonic()
+    while free_slots(app.state.generations) < LIMITS.max_concurrent and time.monotonic() < hung_up + 5:
+        time.sleep(0.01)
+    assert time.monotonic() - hung_up < 1.5, "the slot was held after the client had gone"
+    stopped_at = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == stopped_at < LIMITS.max_tokens // 2  # generation stopped, long before max_tokens
 
 
 def test_an_event_stream_gives_its_slot_back_when_the_client_is_gone_before_the_first_event():
@@ -349,6 +368,106 @@ def test_an_event_stream_gives_its_slot_back_when_the_client_is_gone_before_the_
     with contextlib.suppress(Exception):
         asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}, "method": "POST"}, receive, send))
     assert closed == [True] and started == []
+
+
+def test_content_type_must_be_exactly_json(served):
+    url = served[0] + "/api/surprisal"
+    data = json.dumps({"model": "alpha", "text": PROMPT}).encode()
+    # text/plain is a type any page may POST to any site without asking it first (no CORS preflight)
+    for refused in ("text/plain;charset=application/json", "text/plain; application/json", "application/jsonx",
+                    "application/json-seq", "application/json; charset=latin-1", ""):
+        assert http(url, data=data, headers={"Content-Type": refused})[0] == 415, refused
+    for accepted in ("application/json", " Application/JSON ", "application/json; charset=utf-8",
+                     'application/json;charset="UTF-8"'):
+        assert http(url, data=data, headers={"Content-Type": accepted})[0] == 200, accepted
+    assert not is_json_media_type("text/plain;charset=application/json")
+
+
+def test_cross_site_requests_are_403(served):
+    url = served[0]
+    port = url.rsplit(":", 1)[1]
+    ask = {"model": "alpha", "text": PROMPT}
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": f"http://localhost:{port}"},
+                    {"Origin": f"http://127.0.0.1:{int(port) + 1}"}, {"Origin": f"https://127.0.0.1:{port}"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Sec-Fetch-Site": "same-origin", "Origin": "http://evil.example"}):
+        for path, payload in (("/api/surprisal", ask), ("/api/runs", None), ("/v1/models", None)):
+            status, body = http(url + path, payload, headers=headers)
+            assert status == 403 and body["error"]["code"] == "cross_site_request", (path, headers)
+    for headers in ({"Origin": url}, {"Sec-Fetch-Site": "same-origin", "Origin": url}, {"Sec-Fetch-Site": "none"}, {}):
+        assert http(url + "/api/surprisal", ask, headers=headers)[0] == 200, headers
+    # the page itself may be opened from a link on any site
+    page = urllib.request.Request(url + "/", headers={"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"})
+    assert urllib.request.urlopen(page, timeout=10).status == 200
+
+
+def test_origin_matching_uses_default_ports():
+    assert origin_matches_host("http://example.org", "example.org:80")
+    assert origin_matches_host("https://example.org", "example.org", "https")
+    assert not origin_matches_host("https://example.org", "example.org", "http")
+    assert origin_matches_host("http://[::1]:8000", "[::1]:8000")
+    assert not origin_matches_host("http://example.org", "example.org:8000")
+    assert not origin_matches_host("http://example.org:x", "example.org")
+    assert not origin_matches_host("http://user@example.org", "example.org")
+    assert not origin_matches_host("http://example.org", None)
+
+
+def test_deeply_nested_json_is_400_not_500(runs_root):
+    app = create_app(RunSet([runs_root]), Limits())  # the default body limit, which a 100,000-deep body is under
+    with ServerThread(app) as url:
+        for depth in (100_000, MAX_JSON_DEPTH + 1):
+            for path in ("/v1/completions", "/api/next"):
+                status, body = http(url + path, data=b"[" * depth + b"]" * depth)
+                assert status == 400 and "deep" in body["error"]["message"], (depth, path)
+        status, body = http(url + "/v1/completions", data=b"[" * 100_000)  # unclosed, too
+        assert status == 400
+        nested = {"model": "alpha", "prompt": PROMPT, "max_tokens": 2, "user": "[{" * 50}  # brackets in a string
+        assert http(url + "/v1/completions", nested)[0] == 200
+    assert json_depth(rb'{"a": [1, {"b": "]]\"[[["}], "c": "\\"}') == 3
+
+
+@pytest.fixture(scope="module")
+def keyed(runs_root):
+    app = create_app(RunSet([runs_root]), LIMITS, api_key=KEY)
+    with ServerThread(app) as url:
+        yield url
+
+
+@pytest.mark.parametrize("path, payload", [("/v1/models", None), ("/api/runs", None), ("/api/log?run=alpha", None),
+                                           ("/api/surprisal", {"model": "alpha", "text": PROMPT}),
+                                           ("/v1/completions", {"model": "alpha", "prompt": PROMPT})])
+def test_with_an_api_key_every_api_request_needs_it(keyed, path, payload):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},
+                    {"Authorization": f"Bearer {KEY}x"}):
+        status, body = http(keyed + path, payload, headers=headers)
+        assert status == 401, headers
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert body["error"]["code"] == "invalid_api_key" and "Bearer" in body["error"]["message"]
+    assert http(keyed + path, payload, headers={"Authorization": f"Bearer {KEY}"})[0] == 200
+    assert http(keyed + path, payload, headers={"Authorization": f"bearer  {KEY} "})[0] == 200
+
+
+def test_with_an_api_key_the_page_needs_none(keyed):
+    for path in ("/", "/static/app.js", "/static/uPlot.iife.min.js"):
+        assert urllib.request.urlopen(keyed + path, timeout=10).status == 200
+
+
+def test_the_openai_client_sends_the_api_key(keyed):
+    client = openai.OpenAI(base_url=keyed + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    assert sorted(m.id for m in client.models.list().data) == ["alpha", "beta"]
+    assert completion(client, max_tokens=5).choices[0].text
+    stranger = openai.OpenAI(base_url=keyed + "/v1", api_key="not-the-key", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as e:
+        stranger.models.list()
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+
+
+def test_allowed_host_names():
+    assert allowed_host_names("127.0.0.1") == ["127.0.0.1", "localhost", "[::1]"]
+    assert allowed_host_names("::1", ["lab.example"]) == ["[::1]", "127.0.0.1", "localhost", "lab.example"]
+    assert allowed_host_names("127.0.0.2") == ["127.0.0.2", "127.0.0.1", "localhost", "[::1]"]
+    assert allowed_host_names("192.168.1.5", ["Lab.Example"]) == ["192.168.1.5", "lab.example"]
+    assert allowed_host_names("fe80::1") == ["[fe80::1]"]
 
 
 def test_a_loopback_server_refuses_foreign_host_names(runs_root):
@@ -415,7 +534,7 @@ def test_log_endpoint_sends_only_new_records(served, runs_root):
 
 def test_jsonl_tail_reads_complete_lines_and_restarts_on_a_rewrite(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    tail = JsonlTail(path)
+    tail = JsonlTail(path.parent, path.name)
     epoch, records = tail.read()
     assert records == []
     path.write_text('{"step": 1}\n{"step": 2')  # the second line is still being written
@@ -534,8 +653,48 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, runs_root, capsys):
     assert capsys.readouterr().err.startswith("lmlab serve: error:")
 
 
+def test_cli_refuses_to_listen_beyond_this_machine_without_an_api_key(runs_root, capsys, monkeypatch):
+    monkeypatch.delenv("LMLAB_API_KEY", raising=False)
+    for host in ("0.0.0.0", "192.0.2.1", "::"):
+        assert main(["serve", str(runs_root / "alpha"), "--host", host, "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("lmlab serve: error: --host") and "--api-key" in err, err
+    monkeypatch.setenv("LMLAB_API_KEY", KEY)  # a key, but nothing tells which host names clients will use
+    assert main(["serve", str(runs_root / "alpha"), "--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--allowed-host" in err
+    assert main(["serve", str(runs_root / "alpha"), "--api-key", " spaced "]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_server_beyond_this_machine_checks_host_names_and_the_key(tmp_path, runs_root):
+    env = {**cli_env(), "LMLAB_API_KEY": KEY}  # the key from the environment, as --api-key is not given
+    proc = subprocess.Popen(lmlab_cmd("serve", str(runs_root), "--host", "0.0.0.0", "--port", "0",
+                                      "--allowed-host", "lab.example", "--allowed-host", "lab2.example"),
+                            cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "http://0.0.0.0:" in line, line
+        port = line.split("http://0.0.0.0:")[1].split("/")[0]
+        url, key = f"http://127.0.0.1:{port}/v1/models", {"Authorization": f"Bearer {KEY}"}
+        for host in ("lab.example", "lab2.example", "0.0.0.0"):
+            assert http(url, headers={"Host": f"{host}:{port}", **key})[0] == 200, host
+        for host in ("attacker.example", "127.0.0.1", "localhost"):
+            assert http(url, headers={"Host": f"{host}:{port}", **key})[0] == 400, host
+        assert http(url, headers={"Host": f"lab.example:{port}"})[0] == 401
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_lmlab_serve_command_serves_and_stops_on_ctrl_c(tmp_path, runs_root):
-    proc = subprocess.Popen(lmlab_cmd("serve", str(runs_root), "--port", "0"), cwd=tmp_path, env=cli_env(),
+    env = cli_env()
+    env.pop("LMLAB_API_KEY", None)  # a key in the caller's environment would be asked for
+    proc = subprocess.Popen(lmlab_cmd("serve", str(runs_root), "--port", "0"), cwd=tmp_path, env=env,
                             stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()

@@ -54,16 +54,59 @@ function visible(text) {  // whitespace made visible, as lmlab's terminal output
   return text.replace(/ /g, "␣").replace(/\n/g, "\\n").replace(/\t/g, "\\t");
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// The API key (lmlab serve --api-key): asked for once, when the server first answers 401, and kept for the tab
+
+const KEY_STORE = "lmlab-api-key";
+const auth = {key: sessionStorage.getItem(KEY_STORE), asking: null, declined: false};
+
+function askForKey(refused) {
+  if (auth.asking) return auth.asking;  // the requests refused together share one question
+  const dialog = document.getElementById("key-dialog");
+  const input = document.getElementById("api-key");
+  document.getElementById("key-error").textContent = refused ? "The server refused that key; try again." : "";
+  dialog.dataset.asked = Number(dialog.dataset.asked || 0) + 1;
+  auth.asking = new Promise(resolve => {
+    dialog.addEventListener("close", () => {
+      const key = dialog.returnValue === "ok" ? input.value.trim() : "";
+      input.value = "";
+      auth.asking = null;
+      auth.declined = !key;
+      document.getElementById("key-button").hidden = !auth.declined;
+      if (key) {
+        auth.key = key;
+        sessionStorage.setItem(KEY_STORE, key);
+      }
+      resolve(key);
+    }, {once: true});
+  });
+  dialog.returnValue = "";
+  dialog.showModal();
+  return auth.asking;
+}
+
+async function apiFetch(url, options = {}) {
+  for (;;) {
+    const sent = auth.key;
+    const headers = {...(options.headers || {})};
+    if (sent) headers.Authorization = "Bearer " + sent;
+    const response = await fetch(url, {...options, headers});
+    if (response.status !== 401) return response;
+    if (auth.key !== sent) continue;  // a key was entered while this request was out: try it
+    if (auth.declined || !await askForKey(Boolean(sent))) return response;
+  }
+}
+
 async function getJSON(url) {
-  const response = await fetch(url, {cache: "no-store"});
+  const response = await apiFetch(url, {cache: "no-store"});
   const body = await response.json();
   if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
   return body;
 }
 
 async function postJSON(url, payload, signal) {
-  const response = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"},
-                                     body: JSON.stringify(payload), signal});
+  const response = await apiFetch(url, {method: "POST", headers: {"Content-Type": "application/json"},
+                                        body: JSON.stringify(payload), signal});
   if (!response.ok) {
     const body = await response.json().catch(() => ({}));
     throw new Error(body.error ? body.error.message : response.statusText);
@@ -453,6 +496,10 @@ function start() {
   document.getElementById("generate").addEventListener("click", generateStream);
   document.getElementById("stop").addEventListener("click", () => play.abort && play.abort.abort());
   document.getElementById("color-surprisal").addEventListener("change", showSurprisal);
+  document.getElementById("key-button").addEventListener("click", async () => {
+    auth.declined = false;
+    if (await askForKey(false)) pollDashboard();
+  });
   showSliderValues();
   pollRuns().then(showTab);
   setInterval(pollDashboard, POLL_MS);

@@ -1,0 +1,319 @@
+"""Typed settings of a run: TrainConfig and its parts, the named presets, the budget rules, and the one loader
+from JSON (`from_dict`), which checks every field's type, so a config.json from anywhere becomes a valid config or one
+clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional, Union
+
+from . import __version__
+from .common import SCHEMA_VERSION, LmlabError
+from .data import DataConfig
+from .model import ModelConfig
+from .optim import OptimConfig
+
+META_KEYS = ("schema_version", "lmlab_version", "vocab_size", "tokenizer_fingerprint")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as RUN/config.json."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    preset: str = "tiny"
+    """Named starting point for all settings (see `lmlab train --help`); explicit options override it."""
+    out: str = ""
+    """Run directory (default: runs/PRESET-DATE-TIME)."""
+    resume: Optional[str] = None
+    """Continue the run in this directory from its newest good checkpoint."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: no step limit)."""
+    max_time: float = 0.0
+    """Stop after this many seconds of training, evaluation excluded (0: no time limit)."""
+    batch_size: int = 32
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (tokens per step = batch_size * grad_accum * block_size)."""
+    global_batch: int = 0
+    """Sequences per optimizer step over all processes; grad_accum is then derived from the number of processes
+    (0: batch_size * grad_accum * processes). Kept on resume, so the global batch stays fixed."""
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    """Data parallelism under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard, sharded
+    checkpoints); gloo on CPU, nccl on CUDA."""
+    dist_timeout: float = 300.0
+    """Seconds a collective may wait for the other processes before the job fails (a dead rank ends the job)."""
+    eval_interval: int = 250
+    """Evaluate on the validation split every this many steps (and at the end)."""
+    eval_tokens: int = 1_000_000
+    """Tokens of the validation split to evaluate, taken from its start (0: all of it)."""
+    checkpoint_interval: int = 1000
+    """Write a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 3
+    """How many recent checkpoints to keep."""
+    seed: int = 1337
+    """Seed for initialisation, batches and dropout."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N or mps."""
+    dtype: str = "auto"
+    """Autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    threads: int = 0
+    """CPU threads for PyTorch (0: PyTorch's default)."""
+    sample_tokens: int = 300
+    """Length of the sample printed at the end (0: none)."""
+    sample_prompt: str = ""
+    """Prompt of the final sample."""
+    progress: bool = True
+    """Show a progress bar on a terminal."""
+    probe: bool = True
+    """Record the probe (next-token predictions on fixed prompts) at every evaluation."""
+    probe_prompts: tuple[str, ...] = ()
+    """The probe's prompts (default: 3 cut from the validation text)."""
+    telemetry_interval: int = 25
+    """Record per-layer gradient norms and update/weight ratios every this many steps (0: off)."""
+    trajectory_snapshots: int = 12
+    """Weight snapshots kept for the loss-landscape trajectory, spread over the run (0: off)."""
+    tensorboard: bool = True
+    """Also write TensorBoard logs to RUN/tensorboard when the tensorboard package is installed."""
+    max_bad_steps: int = 5
+    """After this many non-finite losses/gradients in a row, roll back to the last checkpoint with a lower LR."""
+    max_rollbacks: int = 2
+    """Roll back at most this many times (halving the LR each time), then stop with a diagnosis."""
+
+    def __post_init__(self) -> None:
+        self.probe_prompts = tuple(self.probe_prompts)
+        if self.global_batch < 0 or self.dist_timeout <= 0:
+            raise LmlabError("--global-batch must be >= 0 and --dist-timeout positive")
+        for name in ("batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise LmlabError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_steps < 0:
+            raise LmlabError(f"--max-steps must be >= 0, got {self.max_steps}")
+        if self.max_time < 0 or not math.isfinite(self.max_time):
+            raise LmlabError(f"--max-time must be a number of seconds >= 0, got {self.max_time}")
+        if self.telemetry_interval < 0 or self.trajectory_snapshots < 0:
+            raise LmlabError("--telemetry-interval and --trajectory-snapshots must be >= 0")
+        if self.max_bad_steps <= 0 or self.max_rollbacks < 0:
+            raise LmlabError("--max-bad-steps must be positive and --max-rollbacks >= 0")
+        if self.eval_tokens < 0 or self.sample_tokens < 0 or self.threads < 0:
+            raise LmlabError("--eval-tokens, --sample-tokens and --threads must be >= 0")
+
+    def to_json(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "lmlab_version": __version__, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "TrainConfig":
+        """The config saved in a run's config.json, checked field by field (see from_dict)."""
+        if not isinstance(obj, dict):
+            raise LmlabError("the run config is not a JSON object")
+        version = obj.get("schema_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version > SCHEMA_VERSION:
+            raise LmlabError(f"the run config has schema version {version!r}; this lmlab reads up to {SCHEMA_VERSION}")
+        for name, kind in (("vocab_size", int), ("tokenizer_fingerprint", str), ("lmlab_version", str)):
+            if obj.get(name) is not None and (not isinstance(obj[name], kind) or isinstance(obj[name], bool)):
+                raise LmlabError(f"the run config's {name} must be {kind.__name__}, got {obj[name]!r}")
+        fields = {k: v for k, v in obj.items() if k not in META_KEYS}
+        for section in ("data", "model", "optim"):
+            if section not in fields:
+                raise LmlabError(f"the run config has no {section!r} section")
+        return from_dict(cls, fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The one loader from JSON
+
+
+def from_dict(cls, obj: Any, where: str = ""):
+    """Build dataclass `cls` from a JSON object: unknown keys and wrong types are errors, missing keys take their
+    defaults, nested dataclasses are built the same way, and each class's own checks (__post_init__) run."""
+    if not isinstance(obj, dict):
+        raise LmlabError(f"{where or cls.__name__} must be a JSON object, got {type(obj).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(obj) - names)
+    if unknown:
+        raise LmlabError(f"unknown setting {where + '.' if where else ''}{unknown[0]}")
+    values = {name: _typed(obj[name], hints[name], f"{where + '.' if where else ''}{name}") for name in obj}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError, ArithmeticError) as e:  # a check that met a value it did not expect
+        raise LmlabError(f"invalid settings in {where or cls.__name__}: {e}") from None
+
+
+def _typed(value: Any, hint: Any, name: str) -> Any:
+    """`value` as type `hint` (int, float, bool, str, Literal, Optional, tuple[X, ...], a dataclass), or an error."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, name)
+    if origin is Union or origin is getattr(types, "UnionType", None):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return _typed(value, rest[0], name)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise LmlabError(f"{name} must be one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise LmlabError(f"{name} must be a list, got {value!r}")
+        return tuple(_typed(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise LmlabError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    kind = getattr(hint, "__name__", str(hint))
+    raise LmlabError(f"{name} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets: named starting points, each a plain function returning a TrainConfig; CLI options override it
+
+
+def tiny() -> TrainConfig:
+    """The CPU recipe: a 4-layer, 128-wide modern GPT (RoPE, RMSNorm, QK-norm, ReLU², untied head, zero-init
+    projections), Muon for the hidden matrices and AdamW (lr 1e-2) for the rest, with a warmup-stable-decay
+    schedule over a wall-clock budget. About 4 minutes of training. docs/performance.md has what each choice
+    bought; budgets of 60 s or less use SHORT_BUDGET (below)."""
+    return TrainConfig(
+        preset="tiny",
+        model=ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=128),
+        optim=OptimConfig(optimizer="muon", lr=1e-2, muon_lr=0.02, schedule="wsd", warmup=50, decay_fraction=0.4),
+        batch_size=32,
+        max_time=240.0,
+        eval_interval=100,
+        checkpoint_interval=500,
+    )
+
+
+def small() -> TrainConfig:
+    """A 6-layer, 384-wide modern GPT with context 256: better text, wants a GPU or patience."""
+    return TrainConfig(
+        preset="small",
+        model=ModelConfig(block_size=256, n_layer=6, n_head=6, n_embd=384),
+        optim=OptimConfig(optimizer="adamw", lr=2e-3, schedule="wsd", warmup=100),
+        batch_size=32,
+        max_steps=5000,
+        eval_interval=500,
+    )
+
+
+def nanogpt_char() -> TrainConfig:
+    """nanoGPT's shakespeare_char config: 6 layers/6 heads/384 wide, block 256, batch 64, dropout 0.2."""
+    return TrainConfig(
+        preset="nanogpt-char",
+        model=ModelConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, pos="learned", norm="layernorm",
+                          mlp="gelu", qk_norm=False, tie_embeddings=True, bias=False, dropout=0.2,
+                          zero_init_proj=False),
+        optim=OptimConfig(optimizer="adamw", lr=1e-3, beta2=0.99, weight_decay=0.1, schedule="cosine", warmup=100,
+                          final_lr_frac=0.1),
+        batch_size=64,
+        max_steps=5000,
+        eval_interval=250,
+    )
+
+
+def nanogpt_char_cpu() -> TrainConfig:
+    """nanoGPT's documented CPU config: 4 layers/4 heads/128 wide, block 64, batch 12, 2000 steps, no dropout."""
+    cfg = nanogpt_char()
+    cfg.preset = "nanogpt-char-cpu"
+    cfg.model.block_size, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd = 64, 4, 4, 128
+    cfg.model.dropout = 0.0
+    cfg.batch_size = 12
+    cfg.max_steps = 2000
+    return cfg
+
+
+def gpt2_124m() -> TrainConfig:
+    """The GPT-2 small shape: 12 layers/12 heads/768 wide, context 1024, BPE vocabulary 50257, tied embeddings."""
+    return TrainConfig(
+        preset="gpt2-124m",
+        data=DataConfig(tokenizer="bpe", vocab_size=50257),
+        model=ModelConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, pos="learned", norm="layernorm",
+                          mlp="gelu", qk_norm=False, tie_embeddings=True, bias=True, zero_init_proj=False),
+        optim=OptimConfig(optimizer="adamw", lr=6e-4, weight_decay=0.1, schedule="cosine", warmup=700,
+                          final_lr_frac=0.1),
+        batch_size=8,
+        grad_accum=8,
+        max_steps=20000,
+        eval_interval=500,
+    )
+
+
+def bigram() -> TrainConfig:
+    """The bigram baseline: a table of next-token logits indexed by the current token."""
+    return TrainConfig(
+        preset="bigram",
+        model=ModelConfig(arch="bigram", block_size=64),
+        optim=OptimConfig(optimizer="adamw", lr=1e-2, weight_decay=0.0, schedule="constant", warmup=0),
+        batch_size=32,
+        max_steps=3000,
+        eval_interval=500,
+    )
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {
+    "tiny": tiny,
+    "small": small,
+    "nanogpt-char": nanogpt_char,
+    "nanogpt-char-cpu": nanogpt_char_cpu,
+    "gpt2-124m": gpt2_124m,
+    "bigram": bigram,
+}
+
+
+SHORT_BUDGET_S = 60.0  # at or under this many seconds, the tiny recipe trades model size and context for steps
+
+# The tiny recipe's settings for budgets of SHORT_BUDGET_S or less (docs/performance.md, the short-budget tables).
+# In 20 s, steps are what is scarce: a 2-layer, 96-wide model over sequences of 64 tokens takes about a third of
+# the time per step of the 4-layer, 128-wide one over 128, and learns more in the ~300 steps it then gets; over so
+# few steps a higher learning rate for the AdamW part and less Muon momentum learn faster. At 60 s these settings
+# still won by 0.08 (1.618 against 1.697); longer budgets have not been compared yet.
+SHORT_BUDGET = {"block_size": 64, "n_layer": 2, "n_embd": 96, "lr": 2e-2, "muon_momentum": 0.9}
+
+
+def _section(cfg: TrainConfig, name: str):
+    for part in (cfg, cfg.model, cfg.optim):
+        if hasattr(part, name):
+            return part
+    raise KeyError(name)
+
+
+def for_budget(cfg: TrainConfig, max_time: float, explicit: set[str]) -> tuple[TrainConfig, str]:
+    """The tiny recipe adjusted to a time budget; returns the config and a note saying what changed ("" if nothing).
+
+    With 60 s or less, each setting of SHORT_BUDGET replaces the preset's, unless the user gave that option
+    (names as in `explicit`, e.g. "n_layer"). A user who sets --n-head keeps the preset's width too, which their
+    head count may be chosen to divide.
+    """
+    if cfg.preset != "tiny" or not 0 < max_time <= SHORT_BUDGET_S:
+        return cfg, ""
+    changed = []
+    for name, value in SHORT_BUDGET.items():
+        if name not in explicit and not (name == "n_embd" and "n_head" in explicit):
+            setattr(_section(cfg, name), name, value)
+            changed.append(f"--{name.replace('_', '-')} {value:g}")
+    if not changed:
+        return cfg, ""
+    return cfg, (f"budget of {max_time:g} s: the tiny recipe's short-budget settings, {' '.join(changed)} "
+                 f"(set them to override)")
+
+
+def get_preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise LmlabError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,452 @@
+"""The run folder: the names of its files, and the only way lmlab opens them.
+
+A run folder may come from someone else (a zip, a shared drive, a model hub), so everything in it is untrusted data:
+- nothing inside it is reached through a symbolic link, for reading or for writing (the run path itself may be one);
+- JSON is parsed with its depth bounded, and a malformed file is a one-line error, never a traceback;
+- a JSONL line that does not parse as an object is skipped;
+- lmlab deletes only the temporary files it makes itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import json
+import os
+import re
+import shutil
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, Optional
+
+from .common import LmlabError, atomic_write_bytes
+from .config import TrainConfig
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+STATUS = "status.json"
+METRICS = "metrics.jsonl"
+PROBES = "probes.jsonl"
+TELEMETRY = "telemetry.jsonl"
+SAMPLES_TXT = "samples.txt"
+SAMPLES_JSONL = "samples.jsonl"
+LOCK = ".lock"
+CHECKPOINTS = "checkpoints"
+TRAJECTORY = "trajectory"
+LANDSCAPE = "landscape"
+TENSORBOARD = "tensorboard"
+
+STEP_LOGS = (METRICS, PROBES, TELEMETRY)  # cut back to the checkpoint on resume
+RUN_FILES = (CONFIG, TOKENIZER, STATUS, METRICS, PROBES, TELEMETRY, SAMPLES_TXT, SAMPLES_JSONL)  # what export copies
+STATUSES = ("running", "finished", "interrupted", "failed")
+
+MAX_JSON_DEPTH = 64  # lmlab writes at most a few levels; deeper is not ours (and would exhaust the parser's stack)
+
+# Temporary names lmlab makes: atomic writes (".NAME.RANDOM.tmp"), checkpoint folders (".step_N.RANDOM.tmp",
+# ".step_N.shards.tmp"; ".step_N.dcp.tmp" from older versions) and weight snapshots (".step_N.safetensors.tmp").
+_TEMP = re.compile(r"\.(?:(?:%s)\.[A-Za-z0-9_]+|step_\d{8}\.[A-Za-z0-9_.]+)\.tmp" % "|".join(
+    re.escape(n) for n in (*RUN_FILES, "meta.json", "landscape.json")))
+
+
+class LinkInRun(LmlabError):
+    """A symbolic link where a run's file or folder should be."""
+
+
+def _link_error(path: Path) -> LinkInRun:
+    return LinkInRun(f"{path} is a symbolic link; lmlab never follows links inside a run folder (replace it with "
+                     f"the file itself)")
+
+
+def check_path(run_dir: str | os.PathLike, rel: str | os.PathLike) -> Path:
+    """RUN/rel, after checking that no part of it below RUN is a symbolic link (missing parts are fine)."""
+    run_dir = Path(run_dir)
+    path = run_dir
+    for part in Path(rel).parts:
+        if part in ("..", "/") or part.startswith("/"):
+            raise LmlabError(f"{rel} is not a path inside the run folder")
+        path = path / part
+        try:
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                raise _link_error(path)
+        except FileNotFoundError:
+            break
+    return run_dir / rel
+
+
+def exists(run_dir: str | os.PathLike, rel: str | os.PathLike) -> bool:
+    """Whether RUN/rel exists (a link there counts as existing: opening it then refuses it)."""
+    try:
+        os.lstat(check_path(run_dir, rel))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _open_file(run_dir: str | os.PathLike, rel: str | os.PathLike, flags: int) -> int:
+    """A descriptor of the regular file RUN/rel, opened without following a link anywhere below RUN."""
+    path = check_path(run_dir, rel)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _link_error(path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LmlabError(f"{path} is not a regular file")
+    return fd
+
+
+def open_read(run_dir: str | os.PathLike, rel: str | os.PathLike) -> BinaryIO:
+    """RUN/rel opened for reading, refusing links and anything that is not a regular file."""
+    return os.fdopen(_open_file(run_dir, rel, os.O_RDONLY), "rb")
+
+
+def read_bytes(run_dir: str | os.PathLike, rel: str | os.PathLike) -> bytes:
+    with open_read(run_dir, rel) as f:
+        return f.read()
+
+
+def read_text(run_dir: str | os.PathLike, rel: str | os.PathLike) -> str:
+    """The file as text; bytes that are not UTF-8 become U+FFFD."""
+    return read_bytes(run_dir, rel).decode("utf-8", errors="replace")
+
+
+def parse_json(data: bytes | str, what: str) -> Any:
+    """JSON from untrusted bytes: too deep, not UTF-8 or not JSON is one LmlabError naming `what`."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError:
+        raise LmlabError(f"{what} is not UTF-8 text") from None
+    if _depth(text) > MAX_JSON_DEPTH:
+        raise LmlabError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        detail = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        raise LmlabError(f"{what} is not valid JSON ({detail})") from None
+
+
+def _depth(text: str) -> int:
+    """How deeply brackets nest in a JSON text, counting only those outside strings (a bound, not a parse)."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return 0
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def read_json(run_dir: str | os.PathLike, rel: str | os.PathLike) -> Any:
+    """A JSON file of the run; missing or malformed is one LmlabError."""
+    path = check_path(run_dir, rel)
+    try:
+        data = read_bytes(run_dir, rel)
+    except FileNotFoundError:
+        raise LmlabError(f"missing file: {path}") from None
+    except IsADirectoryError:
+        raise LmlabError(f"{path} is not a regular file") from None
+    return parse_json(data, str(path))
+
+
+def parse_jsonl(data: bytes) -> list[dict]:
+    """The JSON objects of a JSONL text, one per line; a line that is not one (cut short, damaged) is skipped."""
+    records = []
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = parse_json(line, "line")
+        except LmlabError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def read_jsonl(run_dir: str | os.PathLike, rel: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL file of the run ([] when it does not exist)."""
+    try:
+        return parse_jsonl(read_bytes(run_dir, rel))
+    except FileNotFoundError:
+        return []
+
+
+def open_append(run_dir: str | os.PathLike, rel: str | os.PathLike):
+    """RUN/rel opened for appending text (created if missing), never through a link."""
+    return os.fdopen(_open_file(run_dir, rel, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
+
+
+def append_text(run_dir: str | os.PathLike, rel: str | os.PathLike, text: str) -> None:
+    with open_append(run_dir, rel) as f:
+        f.write(text)
+
+
+def append_jsonl(run_dir: str | os.PathLike, rel: str | os.PathLike, record: dict) -> None:
+    append_text(run_dir, rel, json.dumps(record) + "\n")
+
+
+def write_bytes(run_dir: str | os.PathLike, rel: str | os.PathLike, data: bytes) -> None:
+    """Replace RUN/rel atomically (a link there is replaced, never followed)."""
+    path = check_path(run_dir, rel)
+    check_path(run_dir, Path(rel).parent)
+    atomic_write_bytes(path, data)
+
+
+def write_json(run_dir: str | os.PathLike, rel: str | os.PathLike, obj: Any) -> None:
+    write_bytes(run_dir, rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def cut_jsonl(run_dir: str | os.PathLike, rel: str | os.PathLike, step: int) -> None:
+    """Drop the records written after `step` (resume goes on from a checkpoint at that step), and any line that does
+    not parse, so the log reads as one clean run."""
+    if not exists(run_dir, rel):
+        return
+    kept = [json.dumps(r) for r in read_jsonl(run_dir, rel) if _step_of(r) <= step]
+    write_bytes(run_dir, rel, ("\n".join(kept) + "\n").encode() if kept else b"")
+
+
+def _step_of(record: dict) -> float:
+    step = record.get("step", 0)
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else float("inf")
+
+
+def make_dir(run_dir: str | os.PathLike, rel: str | os.PathLike) -> Path:
+    """RUN/rel as a folder (made if missing), never through a link."""
+    path = check_path(run_dir, rel)
+    path.mkdir(parents=True, exist_ok=True)
+    check_path(run_dir, rel)
+    if not path.is_dir():
+        raise LmlabError(f"{path} is not a folder")
+    return path
+
+
+def list_dir(run_dir: str | os.PathLike, rel: str | os.PathLike) -> list[os.DirEntry]:
+    """The entries of RUN/rel ([] when it does not exist), refusing a link to a folder."""
+    path = check_path(run_dir, rel)
+    try:
+        with os.scandir(path) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run's config, status and lock
+
+
+def read_config(run_dir: str | os.PathLike) -> dict:
+    """RUN/config.json, checked field by field (TrainConfig.from_json); a missing or malformed one is one error."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LmlabError(f"no run at {run_dir} (not a directory)")
+    if not exists(run_dir, CONFIG):
+        raise LmlabError(f"{run_dir} is not an lmlab run (no {CONFIG})")
+    config = read_json(run_dir, CONFIG)
+    try:
+        TrainConfig.from_json(config)
+    except LmlabError as e:
+        raise LmlabError(f"{run_dir / CONFIG} is malformed: {e}") from None
+    return config
+
+
+def write_status(run_dir: str | os.PathLike, status: str, **extra) -> None:
+    """RUN/status.json says whether the run is running, finished, interrupted or failed (a dashboard reads it).
+
+    A "running" status whose writer has died (the run's .lock is free) means the process crashed.
+    """
+    write_json(run_dir, STATUS, {"status": status, "pid": os.getpid(), "time": time.time(), **extra})
+
+
+def read_status(run_dir: str | os.PathLike) -> Optional[dict]:
+    """status.json when it is well formed; None when it is missing, and {"status": "unknown"} when malformed."""
+    try:
+        status = read_json(run_dir, STATUS)
+    except LmlabError:
+        return None if not exists(run_dir, STATUS) else {"status": "unknown"}
+    if not isinstance(status, dict) or status.get("status") not in STATUSES:
+        return {"status": "unknown"}
+    clean = {"status": status["status"]}
+    for key in ("error", "steps", "val_loss", "world_size", "time", "pid"):
+        value = status.get(key)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            clean[key] = value[:500] if isinstance(value, str) else value
+    return clean
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two trainings never write the same run."""
+
+    def __init__(self, run_dir: Path):
+        self.path = check_path(run_dir, LOCK)
+        self.fd: Optional[int] = None
+
+    def __enter__(self):
+        import fcntl
+
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _link_error(self.path) from None
+            raise LmlabError(f"run {self.path.parent} is not writable ({e.strerror})") from None
+        for _ in range(5):  # a reader (lmlab serve checking the status) may hold it for a moment
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                time.sleep(0.05)
+        os.close(self.fd)
+        self.fd = None
+        raise LmlabError(f"run {self.path.parent} is locked: another training is writing it")
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def lock_held(run_dir: Path) -> bool:
+    """Whether a training process holds the run's .lock (training flocks it exclusively while it writes)."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False  # we got it, so nobody holds it; closing the file releases it at once
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def run_status(run_dir: Path) -> dict:
+    """What the run is doing: status.json as training wrote it ("running", "finished", "interrupted" or "failed"),
+    where "running" from a process that died (its lock is free) reads "failed"; a malformed status.json reads
+    "unknown". A run from before status.json: running if its lock is held, else finished when it has a checkpoint."""
+    try:
+        status = read_status(run_dir)
+    except LmlabError:  # a link where status.json should be
+        status = {"status": "unknown"}
+    if status is None:
+        if lock_held(run_dir):
+            return {"status": "running"}
+        has_checkpoint = any(e.name.startswith("step_") for e in _entries(run_dir, CHECKPOINTS))
+        return {"status": "finished" if has_checkpoint else "unknown"}
+    if status["status"] == "running" and not lock_held(run_dir):
+        return {**status, "status": "failed",
+                "error": "the training process ended without saying so (it crashed or was killed)"}
+    return status
+
+
+def _entries(run_dir: Path, rel: str) -> list[os.DirEntry]:
+    try:
+        return list_dir(run_dir, rel)
+    except LmlabError:
+        return []
+
+
+def run_names(paths: list[Path]) -> list[str]:
+    """Label runs by folder name; where two share one, add parent folders to those two until the labels differ."""
+    parts = [p.resolve().parts for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        names = [Path(*pp[-d:]).as_posix() for pp, d in zip(parts, depth)]
+        clashing = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not clashing:
+            return names
+        for i in clashing:
+            depth[i] += 1
+
+
+class JsonlTail:
+    """The records of a JSONL file of a run that training is still appending to, read incrementally: each call reads
+    only the complete lines added since the last one. A file that was replaced or shortened (a resumed run cuts its
+    logs back to its checkpoint) is read again from the start under a new epoch number. A link is never read."""
+
+    _epochs = itertools.count(1)  # epoch numbers are unique across files, so a client cannot confuse two
+
+    def __init__(self, run_dir: Path, rel: str):
+        self.run_dir, self.rel = Path(run_dir), rel
+        self.records: list[dict] = []
+        self.epoch = 0
+        self._offset = 0
+        self._inode: Optional[int] = None
+        self._lock = threading.Lock()
+
+    def read(self) -> tuple[int, list[dict]]:
+        """(epoch, every record so far); within an epoch the list is only appended to."""
+        with self._lock:
+            try:
+                f = open_read(self.run_dir, self.rel)
+            except (OSError, LmlabError):  # missing, or not a regular file of the run
+                f = None
+            with f if f is not None else contextlib.nullcontext():
+                st = os.fstat(f.fileno()) if f is not None else None
+                if st is None or st.st_ino != self._inode or st.st_size < self._offset:
+                    self.records, self._offset, self.epoch = [], 0, next(self._epochs)
+                    self._inode = st.st_ino if st else None
+                if st is not None and st.st_size > self._offset:
+                    f.seek(self._offset)
+                    data = f.read(st.st_size - self._offset)
+                    complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next call
+                    self._offset += len(complete)
+                    self.records += parse_jsonl(complete)
+            return self.epoch, self.records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Making a run folder, and cleaning up after a killed one
+
+
+def is_own_temp(name: str) -> bool:
+    """Whether `name` is one of the temporary names lmlab itself makes (and so may delete)."""
+    return _TEMP.fullmatch(name) is not None
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete what a killed process left half-written: lmlab's own temporary files and folders, nothing else."""
+    stale = []
+    for rel in (".", CHECKPOINTS, TRAJECTORY, LANDSCAPE):
+        for entry in list_dir(run_dir, rel):
+            if is_own_temp(entry.name):
+                stale.append(Path(entry.path))
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)  # a link is removed itself, never what it points to
+    return stale
+
+
+OWN_NAMES = (LOCK, STATUS, TOKENIZER)  # what a run that died before writing its config can hold
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse to start a run in a folder that holds a run already, or anything lmlab did not put there."""
+    if exists(run_dir, CONFIG):
+        raise LmlabError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    if not run_dir.is_dir():
+        return
+    foreign = [e.name for e in list_dir(run_dir, ".") if e.name not in OWN_NAMES and not is_own_temp(e.name)]
+    if foreign:
+        raise LmlabError(f"{run_dir} is not empty and is not an lmlab run (it holds {foreign[0]!r}); "
+                         f"choose an empty or new folder for --out")
