@@ -24,7 +24,8 @@ import torch
 
 from .common import LmlabError, resolve_device
 from .data import resolve_source, iter_text
-from .model import build_model, count_params
+from .loss import cross_entropy
+from .model import build_model, matmul_params
 from .optim import build_optimizer, clip_grad_norm
 from .config import for_budget, get_preset
 
@@ -59,11 +60,8 @@ class BenchConfig:
 
 def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
     """Training FLOPs per token: 6 x (weights used in matmuls) + attention (12 x layers x width x context)."""
-    n = count_params(model, non_embedding=True)
     cfg = model.cfg
-    if getattr(cfg, "tie_embeddings", False):
-        n += model.lm_head.weight.numel()  # the head still multiplies, even when it shares its weights
-    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * block_size
+    return 6 * matmul_params(model) + 12 * cfg.n_layer * cfg.n_embd * block_size
 
 
 def _sync(device):
@@ -104,9 +102,9 @@ def throughput(preset: str, device: torch.device, dtype: torch.dtype, compile: b
         x, y = w[:, :-1], w[:, 1:]
         if autocast:
             with autocast:
-                _, loss = run(x, y)
+                loss = cross_entropy(run(x), y)
         else:
-            _, loss = run(x, y)
+            loss = cross_entropy(run(x), y)
         loss.backward()
         clip_grad_norm(params, 1.0)
         opt.step()

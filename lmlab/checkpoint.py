@@ -38,6 +38,7 @@ from . import rundir
 from . import tokenizer as tok
 from .common import SCHEMA_VERSION, LmlabError, atomic_write_json, sha256_file
 from .distributed import Dist, barrier, is_sharded, like, unwrap
+from .model import unique_parameters
 from .rundir import CHECKPOINTS
 
 PREFIX = "step_"
@@ -540,7 +541,7 @@ def _load_weights_into_shards(path: Path, model: torch.nn.Module) -> None:
     tensors = _read_safetensors(path, "model.safetensors")
     aliases = _aliases(model)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in unique_parameters(model):
             source = next((tensors[n] for n in aliases[id(p)] if n in tensors), None)
             if source is None or tuple(source.shape) != tuple(p.shape):
                 raise LmlabError(f"checkpoint {path} does not fit this model ({name}); was it written with another config?")

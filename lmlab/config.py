@@ -14,6 +14,7 @@ from typing import Any, Callable, Literal, Optional, Union
 from . import __version__
 from .common import SCHEMA_VERSION, LmlabError
 from .data import DataConfig
+from .loss import LossConfig
 from .model import ModelConfig
 from .optim import OptimConfig
 
@@ -27,6 +28,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     preset: str = "tiny"
     """Named starting point for all settings (see `lmlab train --help`); explicit options override it."""
     out: str = ""
@@ -121,7 +123,7 @@ class TrainConfig:
             if obj.get(name) is not None and (not isinstance(obj[name], kind) or isinstance(obj[name], bool)):
                 raise LmlabError(f"the run config's {name} must be {kind.__name__}, got {obj[name]!r}")
         fields = {k: v for k, v in obj.items() if k not in META_KEYS}
-        for section in ("data", "model", "optim"):
+        for section in ("data", "model", "optim"):  # not loss: runs from before it train with its defaults
             if section not in fields:
                 raise LmlabError(f"the run config has no {section!r} section")
         return from_dict(cls, fields)

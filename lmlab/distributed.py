@@ -138,7 +138,7 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
         policy = MixedPrecisionPolicy()
         if device.type == "cuda":
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in getattr(model, "blocks", []):
+        for block in model.blocks:  # the model interface (model.py): every architecture has the list
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
     return model

@@ -1,4 +1,5 @@
-"""Evaluation: loss, bits/byte, perplexity and accuracy of a model over a token stream.
+"""Evaluation: the loss of every token of a stream (`stream_losses`, which `lmlab surprisal` and the landscape use
+too), and the loss, bits/byte, perplexity and accuracy over it.
 
 Every token after the first is predicted exactly once, from the non-overlapping block_size window it falls in.
 """
@@ -6,6 +7,7 @@ Every token after the first is predicted exactly once, from the non-overlapping 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -38,24 +40,45 @@ def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, max_token
         yield pending_x, pending_y
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tensor, block_size: int,
-             batch_size: int = 32, max_tokens: int = 0, dtype: torch.dtype = torch.float32,
-             d: Optional[Dist] = None) -> Metrics:
-    """Metrics over `tokens` (the first max_tokens predictions when max_tokens > 0).
+@dataclass
+class TokenLosses:
+    """Every predicted token of a stream, in order (N of them)."""
 
-    Data-parallel: batch i is scored by rank i % world and the totals are summed over ranks, so every rank returns
-    the metrics of the whole split. Under FSDP each forward is collective, so a rank without a batch in the last
-    round scores a stand-in batch and drops the result.
+    nats: torch.Tensor
+    """(N,) float32: -ln p(token), the plain cross-entropy."""
+    targets: torch.Tensor
+    """(N,) int64: the token ids."""
+    correct: torch.Tensor
+    """(N,) bool: whether the most likely token was this one."""
+    top_probs: torch.Tensor
+    """(N, top) float32: the `top` most likely tokens' probabilities at that position, most likely first."""
+    top_ids: torch.Tensor
+    """(N, top) int64: their ids."""
+
+    def metrics(self, token_bytes: torch.Tensor) -> Metrics:
+        """The totals over these tokens; token_bytes holds the UTF-8 length of every id."""
+        metrics = Metrics()
+        metrics.add(self.nats, self.targets, self.correct, token_bytes.to(self.targets.device))
+        return metrics
+
+
+@torch.no_grad()
+def stream_losses(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int = 32,
+                  max_tokens: int = 0, dtype: torch.dtype = torch.float32, d: Optional[Dist] = None,
+                  top: int = 0) -> TokenLosses:
+    """The loss of every prediction in `tokens` (the first max_tokens when max_tokens > 0), from the windows of
+    eval_windows in batches of batch_size, with the model in eval mode.
+
+    Data-parallel: rank r scores batches r, r + world, ..., so each rank returns its share. Under FSDP each forward
+    is collective, so a rank without a batch in the last round scores a stand-in batch and drops the result.
     """
     d = d or Dist()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    metrics = Metrics()
-    token_bytes = token_bytes.to(device)
     batches = list(eval_batches(tokens, block_size, batch_size, max_tokens))
     rounds = -(-len(batches) // d.world)
+    parts = []
     for i in range(rounds * d.world if d.sharded else len(batches)):
         if i % d.world != d.rank:
             continue
@@ -63,13 +86,36 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tens
         x = torch.from_numpy(np.stack(xs).astype(np.int64)).to(device)
         y = torch.from_numpy(np.stack(ys).astype(np.int64)).to(device)
         with autocast_context(device, dtype):
-            logits, _ = model(x)
+            logits = model(x)  # (B, T, V)
         if i < len(batches):
-            metrics.add(cross_entropy(logits, y, reduction="none"), logits, y, token_bytes)
+            parts.append(_scored(logits.flatten(0, 1), y.flatten(), top))
+    model.train(was_training)
+    if not parts:  # more ranks than batches: this one scored nothing
+        parts.append(_scored(torch.zeros(0, 1, device=device), torch.zeros(0, dtype=torch.long, device=device), 0))
+    return TokenLosses(*(torch.cat(column) for column in zip(*parts)))
+
+
+def _scored(logits: torch.Tensor, targets: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """TokenLosses' columns for logits (N, V) and targets (N,)."""
+    if top:
+        probs, ids = logits.float().softmax(-1).topk(min(top, logits.size(-1)), dim=-1)
+    else:  # no softmax over the vocabulary that nobody reads
+        probs = torch.zeros(len(targets), 0, device=targets.device)
+        ids = torch.zeros(len(targets), 0, dtype=torch.long, device=targets.device)
+    return cross_entropy(logits, targets, reduction="none"), targets, logits.argmax(-1) == targets, probs, ids
+
+
+def evaluate(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tensor, block_size: int,
+             batch_size: int = 32, max_tokens: int = 0, dtype: torch.dtype = torch.float32,
+             d: Optional[Dist] = None) -> Metrics:
+    """Metrics over `tokens` (the first max_tokens predictions when max_tokens > 0). Data-parallel, every rank
+    returns the metrics of the whole stream (see stream_losses)."""
+    d = d or Dist()
+    losses = stream_losses(model, tokens, block_size, batch_size, max_tokens, dtype, d)
+    metrics = losses.metrics(token_bytes)
     if d.world > 1:
         totals = torch.tensor([metrics.nats, metrics.tokens, metrics.bytes, metrics.correct], dtype=torch.float64,
-                              device=device)
+                              device=losses.targets.device)
         all_reduce_sum(totals, d)
         metrics = Metrics(float(totals[0]), int(totals[1]), int(totals[2]), int(totals[3]))
-    model.train(was_training)
     return metrics

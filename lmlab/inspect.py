@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import encode_text, eval_windows
-from .loss import LN2, Metrics, cross_entropy
-from .sample import filter_logits
+from .data import encode_text
+from .evaluate import stream_losses
+from .loss import LN2, Metrics
+from .sample import prompt_ids, sampling_probs
 from .telemetry import visible
 
 
@@ -37,18 +38,11 @@ def next_token_distribution(model, tokenizer, prompt: str, top: int = 10, temper
     `probability` is the plain softmax of the logits; `renormalized` is what sampling with the given temperature,
     top-k and top-p would draw from (temperature 0 keeps only the most likely token).
     """
-    from .sample import prompt_ids
-
     ids = prompt_ids(tokenizer, prompt)[-model.cfg.block_size:]
     device = next(model.parameters()).device
-    logits, _ = model(torch.tensor([ids], device=device))
-    logits = logits[0, -1].float().cpu()
+    logits = model(torch.tensor([ids], device=device))[0, -1].float().cpu()
     probs = logits.softmax(-1)
-    if temperature == 0:
-        sampled = torch.zeros_like(probs)
-        sampled[int(logits.argmax())] = 1.0
-    else:
-        sampled = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+    sampled = sampling_probs(logits, temperature, top_k, top_p)
     order = torch.argsort(probs, descending=True)[: max(1, top)]
     cumulative = probs[order].cumsum(0)
     rows = []
@@ -83,22 +77,12 @@ def surprisal(model, tokenizer, text: str, top: int = 5, batch_size: int = 32) -
         from .common import LmlabError
 
         raise LmlabError("the text needs at least 2 tokens: the first one is the context for the second")
-    device = next(model.parameters()).device
-    token_bytes = torch.from_numpy(tokenizer.byte_lengths()).to(device)
-    model.eval()
-    metrics = Metrics()
-    out: list[TokenSurprisal] = []
-    for x, y in eval_windows(ids, model.cfg.block_size):
-        xt = torch.from_numpy(x)[None].to(device)
-        yt = torch.from_numpy(y)[None].to(device)
-        logits, _ = model(xt)
-        nats = cross_entropy(logits, yt, reduction="none")
-        metrics.add(nats, logits, yt, token_bytes)
-        probs = logits[0].float().softmax(-1)
-        p, idx = probs.topk(min(top, probs.size(-1)), dim=-1)
-        for j, target in enumerate(y.tolist()):
-            out.append(TokenSurprisal(target, tokenizer.decode([target]), float(nats[0, j]),
-                                      [(tokenizer.decode([int(i)]), float(q)) for q, i in zip(p[j], idx[j])]))
+    losses = stream_losses(model, ids, model.cfg.block_size, batch_size, top=top)
+    metrics = losses.metrics(torch.from_numpy(tokenizer.byte_lengths()))
+    out = [TokenSurprisal(target, tokenizer.decode([target]), nats,
+                          [(tokenizer.decode([i]), q) for q, i in zip(probs, top_ids)])
+           for target, nats, probs, top_ids in zip(losses.targets.tolist(), losses.nats.tolist(),
+                                                   losses.top_probs.tolist(), losses.top_ids.tolist())]
     return out, metrics, tokenizer.decode([int(ids[0])])
 
 

@@ -15,29 +15,18 @@ from safetensors.torch import load
 
 from . import rundir
 from .common import LmlabError, atomic_write_bytes, atomic_write_json
-from .loss import cross_entropy
+from .evaluate import stream_losses
+from .model import unique_parameters
 from .rundir import LANDSCAPE, TRAJECTORY
 from .telemetry import snapshot_paths
 
 
-def fixed_batch(tokens: np.ndarray, block_size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `batch` non-overlapping windows of a token stream: the same batch every time."""
+def fixed_tokens(tokens: np.ndarray, block_size: int, batch: int) -> np.ndarray:
+    """The start of a token stream that holds its first `batch` whole windows: the same batch every time."""
     n = min(batch, (len(tokens) - 1) // block_size)
     if n < 1:
         raise LmlabError(f"the validation text is shorter than one block of {block_size} tokens")
-    x = np.stack([np.asarray(tokens[i * block_size:(i + 1) * block_size]) for i in range(n)]).astype(np.int64)
-    y = np.stack([np.asarray(tokens[i * block_size + 1:(i + 1) * block_size + 1]) for i in range(n)]).astype(np.int64)
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Named parameters, each shared tensor once (tied embeddings)."""
-    seen, out = set(), {}
-    for name, p in model.named_parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            out[name] = p
-    return out
+    return np.asarray(tokens[: n * block_size + 1])
 
 
 def filter_normalized_direction(params: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -57,16 +46,16 @@ def filter_normalized_direction(params: dict[str, torch.Tensor], generator: torc
 
 
 @torch.no_grad()
-def loss_at(model, params, base, directions, coefs, x, y) -> float:
-    """Loss on (x, y) with weights base + sum_i coefs[i] * directions[i]."""
+def loss_at(model, params, base, directions, coefs, tokens: np.ndarray) -> float:
+    """Mean loss over `tokens` (fixed_tokens) with weights base + sum_i coefs[i] * directions[i]."""
     for name, p in params.items():
         w = base[name].clone()
         for c, d in zip(coefs, directions):
             if c:
                 w.add_(d[name], alpha=float(c))
         p.copy_(w)
-    logits, _ = model(x)
-    return float(cross_entropy(logits, y))
+    windows = len(tokens) // model.cfg.block_size
+    return float(stream_losses(model, tokens, model.cfg.block_size, batch_size=windows).nats.double().mean())
 
 
 @dataclass
@@ -77,18 +66,18 @@ class Landscape:
 
 
 @torch.no_grad()
-def scan(model, x, y, directions, points: int, span: float) -> Landscape:
+def scan(model, tokens: np.ndarray, directions, points: int, span: float) -> Landscape:
     """Evaluate the loss on a grid of `points` values in [-span, span] per direction (1 or 2 directions)."""
-    params = parameters(model)
+    params = dict(unique_parameters(model))
     base = {k: v.detach().clone() for k, v in params.items()}
     coords = np.linspace(-span, span, points).tolist()
     model.eval()
     try:
-        center = loss_at(model, params, base, directions, [0.0] * len(directions), x, y)
+        center = loss_at(model, params, base, directions, [0.0] * len(directions), tokens)
         if len(directions) == 1:
-            losses = [loss_at(model, params, base, directions, [a], x, y) for a in coords]
+            losses = [loss_at(model, params, base, directions, [a], tokens) for a in coords]
         else:
-            losses = [[loss_at(model, params, base, directions, [a, b], x, y) for a in coords] for b in coords]
+            losses = [[loss_at(model, params, base, directions, [a, b], tokens) for a in coords] for b in coords]
     finally:
         for k, p in params.items():
             p.copy_(base[k])
@@ -99,7 +88,7 @@ def scan(model, x, y, directions, points: int, span: float) -> Landscape:
 def readable_snapshots(run_dir: Path, model) -> list[tuple[Path, dict[str, torch.Tensor]]]:
     """The run's weight snapshots that hold every parameter of `model` in its shape; others are reported and
     skipped (a snapshot is a file of the run: it may be damaged, or not what its name says)."""
-    params = parameters(model)
+    params = dict(unique_parameters(model))
     good = []
     for path in snapshot_paths(run_dir):
         try:
@@ -120,7 +109,7 @@ def trajectory_plane(model, snapshots: list[dict[str, torch.Tensor]]) -> tuple[l
 
     Returns (two directions as parameter dicts, coordinates (n, 2), explained variance ratios (2,)).
     """
-    params = parameters(model)
+    params = dict(unique_parameters(model))
     names = list(params)
     final = torch.cat([params[n].detach().flatten().double().cpu() for n in names])
     rows = []
@@ -206,20 +195,18 @@ def landscape(run_dir: Path, model, val_tokens: np.ndarray, two_d: bool, points:
         out_dir = rundir.make_dir(run_dir, LANDSCAPE)  # inside the run: never through a link
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
-    x, y = fixed_batch(val_tokens, model.cfg.block_size, batch)
-    x, y = x.to(device), y.to(device)
+    tokens = fixed_tokens(val_tokens, model.cfg.block_size, batch)
     gen = torch.Generator().manual_seed(seed)
-    params = parameters(model)
-    result: dict = {"batch_windows": x.size(0), "block_size": model.cfg.block_size, "span": span, "points": points,
-                    "seed": seed}
+    params = dict(unique_parameters(model))
+    result: dict = {"batch_windows": len(tokens) // model.cfg.block_size, "block_size": model.cfg.block_size,
+                    "span": span, "points": points, "seed": seed}
     d1 = filter_normalized_direction(params, gen)
-    line = scan(model, x, y, [d1], points, span)
+    line = scan(model, tokens, [d1], points, span)
     result["one_d"] = {"coords": line.coords, "losses": line.losses, "center_loss": line.center_loss}
     plot_1d(line, out_dir / "landscape_1d.png", f"loss around the trained weights ({run_dir.name})")
     if two_d:
         d2 = filter_normalized_direction(params, gen)
-        grid = scan(model, x, y, [d1, d2], points, span)
+        grid = scan(model, tokens, [d1, d2], points, span)
         result["two_d"] = {"coords": grid.coords, "losses": grid.losses, "center_loss": grid.center_loss}
         plot_2d(grid, out_dir / "landscape_2d.png", f"loss surface, random directions ({run_dir.name})",
                 "direction 1 (filter-normalised)", "direction 2 (filter-normalised)")
@@ -227,7 +214,7 @@ def landscape(run_dir: Path, model, val_tokens: np.ndarray, two_d: bool, points:
         if snaps:
             dirs, coords, ratio = trajectory_plane(model, [tensors for _, tensors in snaps])
             reach = float(np.abs(coords).max()) * 1.25 + 1e-8
-            plane = scan(model, x, y, dirs, points, reach)
+            plane = scan(model, tokens, dirs, points, reach)
             labels = [f"{int(p.stem.split('_')[1])}" for p, _ in snaps]
             result["trajectory"] = {"steps": [int(s) for s in labels], "coords": coords.tolist(),
                                     "explained_variance": ratio.tolist(), "grid_coords": plane.coords,

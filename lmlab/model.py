@@ -1,4 +1,14 @@
-"""The decoder-only transformer (and a bigram baseline): token ids in, next-token logits for every position out."""
+"""The decoder-only transformer (and a bigram baseline): token ids in, next-token logits for every position out.
+
+What other modules may use of a model, and nothing more (both architectures have all of it):
+- `build_model(cfg, vocab_size)`; `model(idx)` -> logits (B, T, V) for every position (the loss is loss.py's);
+  `model(idx, cache=cache)` and `model(idx, cache=cache, pos=pos)` for cached decoding (sample.py).
+- `model.cfg` (a ModelConfig; `cfg.block_size` is the longest context), `model.vocab_size`,
+  `model.make_cache(batch)` (a KVCache).
+- `model.blocks`: the transformer blocks, in order (distributed.py shards each; empty for the bigram).
+- Parameters by name only through the helpers below: `unique_parameters` (tied weights once), `layer_of`
+  (embed / block.N / head, for telemetry), `is_hidden_matrix` (Muon's share), `count_params`, `matmul_params`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .common import LmlabError
-from .loss import fast_cross_entropy
 
 
 @dataclass
@@ -307,9 +316,9 @@ class GPT(nn.Module):
             device or p.device, dtype or p.dtype,
         )
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                pos: Optional[torch.Tensor] = None):
-        """idx: (B, T) token ids. Returns (logits (B, T, V), mean loss or None).
+    def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
+                pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: (B, T) token ids. Returns the next-token logits (B, T, V) at every position.
 
         With a cache, idx holds only the new tokens; positions continue from cache.pos.
         With a cache and pos, a (1,) tensor: one decode step, idx (B, 1) at position pos, with the same shapes at
@@ -337,9 +346,7 @@ class GPT(nn.Module):
             x = block(x, rope, cache, layer, pos)
         if cache is not None and pos is None:
             cache.pos += T
-        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
-        loss = fast_cross_entropy(logits, targets) if targets is not None else None
-        return logits, loss
+        return self.lm_head(self.norm_f(x))  # (B, T, V)
 
 
 class Bigram(nn.Module):
@@ -352,6 +359,7 @@ class Bigram(nn.Module):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.table = nn.Embedding(vocab_size, vocab_size)
+        self.blocks = nn.ModuleList()  # none: the model interface has them for every architecture
         self.init_weights()
 
     @torch.no_grad()
@@ -362,12 +370,12 @@ class Bigram(nn.Module):
     def make_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         return KVCache(0, batch, 1, self.cfg.block_size, 1, device or self.table.weight.device, dtype or torch.float32)
 
-    def forward(self, idx, targets=None, cache: Optional[KVCache] = None, pos: Optional[torch.Tensor] = None):
-        logits = self.table(idx)  # (B, T, V)
+    def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
+                pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: (B, T) token ids. Returns the logits (B, T, V); a cache only counts the positions."""
         if cache is not None and pos is None:
             cache.pos += idx.size(1)
-        loss = fast_cross_entropy(logits, targets) if targets is not None else None
-        return logits, loss
+        return self.table(idx)  # (B, T, V)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
@@ -375,11 +383,45 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     return Bigram(cfg, vocab_size) if cfg.arch == "bigram" else GPT(cfg, vocab_size)
 
 
+# Parameter names, for the modules that treat parameters by role (telemetry, optim)
+EMBEDDING_NAMES = ("wte.", "wpe.", "table.")  # lookup tables: token, learned position, the bigram's
+BLOCK_NAMES = "blocks."  # then the block's index
+
+
+def unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs with each tensor once: a tied weight keeps its first name (wte.weight, not
+    lm_head.weight). Counting, optimising or perturbing a tied tensor twice would be wrong."""
+    return list(model.named_parameters(remove_duplicate=True))
+
+
+def layer_of(name: str) -> str:
+    """The layer a parameter belongs to: "embed", "block.N", or "head" (the final norm and the output head)."""
+    if name.startswith(BLOCK_NAMES):
+        return "block." + name[len(BLOCK_NAMES):].split(".", 1)[0]
+    if name.startswith(EMBEDDING_NAMES):
+        return "embed"
+    return "head"
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """A 2-D weight inside a transformer block: what Muon orthogonalises (embeddings and the head are not)."""
+    return p.dim() == 2 and name.startswith(BLOCK_NAMES)
+
+
 def count_params(model: nn.Module, non_embedding: bool = False) -> int:
-    params = {id(p): p for p in model.parameters()}
-    n = sum(p.numel() for p in params.values())
+    """Parameters, each tensor once; non_embedding leaves out the transformer's token and position tables."""
+    n = sum(p.numel() for _, p in unique_parameters(model))
     if non_embedding and isinstance(model, GPT):
         n -= model.wte.weight.numel()
         if model.wpe is not None:
             n -= model.wpe.weight.numel()
+    return n
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Weights that multiply every token's activations: count_params(non_embedding=True), plus a head tied to the
+    token table, which is left out there but still multiplies."""
+    n = count_params(model, non_embedding=True)
+    if isinstance(model, GPT) and model.cfg.tie_embeddings:
+        n += model.lm_head.weight.numel()
     return n

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .common import LmlabError
 from .distributed import full_tensor, is_sharded, like
+from .model import is_hidden_matrix, unique_parameters
 
 
 @dataclass
@@ -305,12 +306,11 @@ class Muon(Optimizer):
 def param_groups(model: nn.Module, weight_decay: float, split_hidden: bool = False) -> list[dict]:
     """Matrices get weight decay, vectors (norm gains, biases) do not. With split_hidden, the 2-D weights inside
     transformer blocks form their own group (for Muon); embeddings and the head stay with AdamW."""
-    seen, hidden, decay, no_decay = set(), [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
+    hidden, decay, no_decay = [], [], []
+    for name, p in unique_parameters(model):
+        if not p.requires_grad:
             continue
-        seen.add(id(p))
-        if split_hidden and p.dim() == 2 and name.startswith("blocks."):
+        if split_hidden and is_hidden_matrix(name, p):
             hidden.append(p)
         elif p.dim() >= 2:
             decay.append(p)

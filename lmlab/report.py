@@ -64,9 +64,9 @@ def load_run_logs(path: str | Path, name: Optional[str] = None) -> RunLogs:
             run.evals.append(record)
         elif "train_loss" in record:
             run.train.append(record)
-    run.probes = [r for r in rundir.read_jsonl(path, rundir.PROBES) if isinstance(r.get("probes"), list)]
+    run.probes = rundir.read_jsonl(path, rundir.PROBES)
     run.telemetry = rundir.read_jsonl(path, rundir.TELEMETRY)
-    run.samples = [r for r in rundir.read_jsonl(path, rundir.SAMPLES_JSONL) if isinstance(r.get("text"), str)]
+    run.samples = rundir.read_jsonl(path, rundir.SAMPLES_JSONL)
     if not run.samples and rundir.exists(path, rundir.SAMPLES_TXT):
         run.samples_text = rundir.read_text(path, rundir.SAMPLES_TXT)
     run.landscape_pngs = [Path(e.path) for e in rundir.list_dir(path, rundir.LANDSCAPE) if e.name.endswith(".png")]

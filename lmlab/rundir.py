@@ -182,11 +182,56 @@ def parse_jsonl(data: bytes) -> list[dict]:
 
 
 def read_jsonl(run_dir: str | os.PathLike, rel: str | os.PathLike) -> list[dict]:
-    """The records of a JSONL file of the run ([] when it does not exist)."""
+    """The well-formed records of a JSONL file of the run ([] when it does not exist): see well_formed."""
     try:
-        return parse_jsonl(read_bytes(run_dir, rel))
+        return well_formed(str(rel), parse_jsonl(read_bytes(run_dir, rel)))
     except FileNotFoundError:
         return []
+
+
+# What the records of each log hold, as training writes them: a record whose fields have other types is skipped,
+# so every reader can trust the types of what it gets.
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _numbers_by_name(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and _number(x) for k, x in v.items())
+
+
+def _probe_results(v: Any) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(p, dict) and isinstance(p.get("prompt"), str) and isinstance(p.get("continuation", ""), str)
+        and isinstance(p.get("top", []), list)
+        and all(isinstance(t, list) and len(t) == 2 and isinstance(t[0], str) and _number(t[1]) for t in p["top"])
+        for p in v)
+
+
+_METRIC_NUMBERS = ("train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "val_loss", "val_bits_per_byte",
+                   "val_accuracy", "val_perplexity", "spike_z", "lr_scale")
+SHAPES: dict[str, dict[str, Any]] = {
+    METRICS: {"step": _count, "tokens": _count, "val_tokens": _count, "rollback": _count, "skipped_total": _count,
+              **{k: _number for k in _METRIC_NUMBERS}, "skipped": lambda v: isinstance(v, bool),
+              "clipped": lambda v: isinstance(v, bool)},
+    PROBES: {"step": _count, "probes": _probe_results},
+    TELEMETRY: {"step": _count, "grad_norm": _numbers_by_name, "update_ratio": _numbers_by_name},
+    SAMPLES_JSONL: {"step": _count, "text": lambda v: isinstance(v, str),
+                    "prompt": lambda v: v is None or isinstance(v, str), "temperature": _number},
+}
+REQUIRED = {METRICS: ("step",), PROBES: ("step", "probes"), TELEMETRY: ("step",), SAMPLES_JSONL: ("text",)}
+
+
+def well_formed(name: str, records: list[dict]) -> list[dict]:
+    """The records of log `name` whose fields have the types training writes (others, damaged, are skipped)."""
+    shape, required = SHAPES.get(name), REQUIRED.get(name, ())
+    if shape is None:
+        return records
+    return [r for r in records if all(k in r for k in required)
+            and all(check(r[k]) for k, check in shape.items() if k in r)]
 
 
 def open_append(run_dir: str | os.PathLike, rel: str | os.PathLike):
@@ -205,9 +250,8 @@ def append_jsonl(run_dir: str | os.PathLike, rel: str | os.PathLike, record: dic
 
 def write_bytes(run_dir: str | os.PathLike, rel: str | os.PathLike, data: bytes) -> None:
     """Replace RUN/rel atomically (a link there is replaced, never followed)."""
-    path = check_path(run_dir, rel)
     check_path(run_dir, Path(rel).parent)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(Path(run_dir) / rel, data)
 
 
 def write_json(run_dir: str | os.PathLike, rel: str | os.PathLike, obj: Any) -> None:
@@ -246,6 +290,18 @@ def list_dir(run_dir: str | os.PathLike, rel: str | os.PathLike) -> list[os.DirE
             return sorted(entries, key=lambda e: e.name)
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def check_no_links(run_dir: str | os.PathLike) -> None:
+    """Refuse a run folder that holds a link anywhere lmlab reads or writes (before a resume writes anything)."""
+    for rel in (".", CHECKPOINTS, TRAJECTORY, LANDSCAPE):
+        for entry in list_dir(run_dir, rel):
+            if entry.is_symlink():
+                raise _link_error(Path(entry.path))
+            if rel == CHECKPOINTS and entry.is_dir(follow_symlinks=False):
+                for inner in list_dir(run_dir, Path(CHECKPOINTS, entry.name)):
+                    if inner.is_symlink():
+                        raise _link_error(Path(inner.path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -410,7 +466,7 @@ class JsonlTail:
                     data = f.read(st.st_size - self._offset)
                     complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next call
                     self._offset += len(complete)
-                    self.records += parse_jsonl(complete)
+                    self.records += well_formed(self.rel, parse_jsonl(complete))
             return self.epoch, self.records
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .common import LmlabError
 
@@ -23,7 +24,7 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     logits: (..., V). top_k <= 0 and top_p >= 1 turn those filters off. The most likely token is always kept.
     """
     if temperature <= 0:
-        raise ValueError("temperature must be > 0 here; temperature 0 means greedy (see next_token)")
+        raise ValueError("temperature must be > 0 here; temperature 0 means greedy (see sampling_probs)")
     logits = logits.float() / temperature
     if top_k > 0 and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -39,12 +40,19 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return logits
 
 
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution the next token is drawn from, (..., V) float32: softmax of the filtered logits, or, at
+    temperature 0 (greedy), all of the mass on the most likely token."""
+    if temperature == 0:
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
+    return filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+
+
 def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Pick the next token for each row of logits (B, V): argmax when temperature is 0, else a filtered draw."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    return draw(logits, uniforms(logits.size(0), generator), temperature, top_k, top_p)
+    """Pick the next token for each row of logits (B, V) with the generator's numbers (none spent when greedy)."""
+    u = uniforms(logits.size(0), generator) if temperature else None
+    return draw(logits, u, temperature, top_k, top_p)
 
 
 def uniforms(rows: int, generator: Optional[torch.Generator], draws: int = 1) -> torch.Tensor:
@@ -53,9 +61,13 @@ def uniforms(rows: int, generator: Optional[torch.Generator], draws: int = 1) ->
     return torch.rand(rows, draws, generator=generator, dtype=torch.float64)
 
 
-def draw(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """The filtered draw of next_token given its uniform numbers u (rows, 1): a pure function, so it compiles."""
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+def draw(logits: torch.Tensor, u: Optional[torch.Tensor], temperature: float, top_k: int,
+         top_p: float) -> torch.Tensor:
+    """The next token for each row of logits (rows, V), drawn from sampling_probs with the uniform numbers u
+    (rows, 1); at temperature 0 the most likely token, and u is not needed. A pure function, so it compiles."""
+    if temperature == 0:  # the draw below would pick it too, but greedy decoding spends no random numbers
+        return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
     if probs.device.type == "mps":  # no float64 there
         probs = probs.cpu()
     # inverse-CDF draw: one uniform number per row against the cumulative distribution (faster than multinomial)
@@ -108,9 +120,8 @@ def _step(model: torch.nn.Module, tokens: torch.Tensor, pos: Optional[torch.Tens
     With pos, a (1,) tensor, this is one decode step at that position, with the same shapes at every position
     (KVCache.write), and pos advances; without, the tokens continue from cache.pos (the window's encoding).
     """
-    logits, _ = model(tokens, cache=cache, pos=pos)
-    logits = logits[:, -1]  # (1, V)
-    token = logits.argmax(dim=-1) if temperature == 0 else draw(logits, u, temperature, top_k, top_p)
+    logits = model(tokens, cache=cache, pos=pos)[:, -1]  # (1, V)
+    token = draw(logits, u, temperature, top_k, top_p)
     if pos is not None:
         pos.add_(1)
     return token.view(1, 1)
@@ -158,7 +169,7 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
     window = list(prompt[-block:])
     if not use_cache:
         for _ in range(max_new_tokens):
-            logits, _ = model(torch.tensor([window], device=device))
+            logits = model(torch.tensor([window], device=device))
             token = int(next_token(logits[:, -1, :], temperature, top_k, top_p, generator)[0])
             yield token
             window.append(token)

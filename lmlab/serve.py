@@ -22,6 +22,7 @@ import errno
 import hmac
 import ipaddress
 import json
+import math
 import re
 import socket
 import sys
@@ -46,7 +47,7 @@ from . import rundir
 from .common import LmlabError
 from .inspect import next_token_distribution, surprisal
 from .rundir import JsonlTail, run_names, run_status  # noqa: F401 - part of this module's interface
-from .sample import filter_logits, find_stop, generate, prompt_ids, stop_prefix_length
+from .sample import find_stop, generate, prompt_ids, sampling_probs, stop_prefix_length
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_CHOICES = 16  # prompts x n in one request
@@ -153,7 +154,10 @@ def run_summary(name: str, run_dir: Path, tails: Tails) -> dict:
     except LmlabError:
         config = {}  # still listed, with what the log says
     model = config.get("model") or {}
-    checkpoints = checkpoint_dirs(run_dir)
+    try:
+        checkpoints = checkpoint_dirs(run_dir)
+    except LmlabError:
+        checkpoints = []
     return {
         "name": name,
         **{k: v for k, v in rundir.run_status(run_dir).items() if k in ("status", "error")},
@@ -169,6 +173,25 @@ def run_summary(name: str, run_dir: Path, tails: Tails) -> dict:
         "vocab_size": config.get("vocab_size"),
         "model": {k: model.get(k) for k in ("arch", "n_layer", "n_head", "n_embd", "block_size")},
     }
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinity as null: JSON has no such numbers (a skipped step logs a NaN loss), and
+    a browser's JSON.parse refuses them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    try:
+        return bool(checkpoint_dirs(run_dir))
+    except LmlabError:  # a link where the checkpoints folder should be
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,9 +360,9 @@ class LogitsTap:
         return getattr(self.model, name)
 
     def __call__(self, *args, **kwargs):
-        logits, loss = self.model(*args, **kwargs)
+        logits = self.model(*args, **kwargs)
         self.last = logits[0, -1]
-        return logits, loss
+        return logits
 
 
 def token_label(tokenizer, token_id: int) -> str:
@@ -476,10 +499,7 @@ def sample_next(run: LoadedRun, prompt: str, s: Sampling, generator: torch.Gener
     tap = LogitsTap(run.model)
     token = next(generate(tap, encode_prompt(run, prompt), 1, s.temperature, s.top_k, s.top_p, generator))
     logits = tap.last.float()
-    if s.temperature == 0:
-        sampled = 1.0  # greedy: the most likely token, always
-    else:
-        sampled = float(filter_logits(logits, s.temperature, s.top_k, s.top_p).softmax(-1)[token])
+    sampled = float(sampling_probs(logits, s.temperature, s.top_k, s.top_p)[token])
     return {"token_id": token, "text": run.tokenizer.decode([token]), "probability": sampled,
             "model_probability": float(logits.softmax(-1)[token])}
 
@@ -698,6 +718,11 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
+    @app.exception_handler(LmlabError)
+    async def unreadable_run(request: Request, e: LmlabError):
+        # a run folder that cannot be read as it is (a link inside it, a malformed file): the run's problem, not ours
+        return JSONResponse(ApiError(409, str(e), code="run_unreadable").body(), status_code=409)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_query(request: Request, e: RequestValidationError):
         first = e.errors()[0]
@@ -717,7 +742,7 @@ def add_dashboard_routes(app: FastAPI, backend: Backend) -> None:
 
     @app.get("/api/runs")
     def api_runs():
-        return {"runs": [run_summary(name, path, tails) for name, path in runs.current().items()],
+        return {"runs": json_safe([run_summary(name, path, tails) for name, path in runs.current().items()]),
                 "limits": asdict(backend.limits)}
 
     @app.get("/api/log")
@@ -727,7 +752,7 @@ def add_dashboard_routes(app: FastAPI, backend: Backend) -> None:
             raise ApiError(400, f"file must be one of {', '.join(LOGS)}", "file")
         current, records = tails(runs.find(run) / LOGS[file]).read()
         start = since if epoch == current and 0 <= since <= len(records) else 0
-        return {"epoch": current, "start": start, "records": records[start:]}
+        return {"epoch": current, "start": start, "records": json_safe(records[start:])}
 
 
 def add_playground_routes(app: FastAPI, backend: Backend) -> None:
@@ -763,7 +788,7 @@ def add_openai_routes(app: FastAPI, backend: Backend) -> None:
     @app.get("/v1/models")
     def list_models():
         return {"object": "list",
-                "data": [model_json(n, p) for n, p in runs.current().items() if checkpoint_dirs(p)]}
+                "data": [model_json(n, p) for n, p in runs.current().items() if has_checkpoint(p)]}
 
     @app.get("/v1/models/{model:path}")
     def retrieve_model(model: str):

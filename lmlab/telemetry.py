@@ -15,6 +15,7 @@ import torch.nn as nn
 from safetensors.torch import save_model
 
 from . import rundir
+from .model import layer_of, unique_parameters
 from .rundir import TENSORBOARD, TRAJECTORY
 from .sample import generate
 
@@ -68,7 +69,7 @@ def probe(model: nn.Module, tokenizer, prompts: list[str], top: int = 5, continu
         ids = tokenizer.encode(prompt)[-model.cfg.block_size:]
         if not ids:
             continue
-        logits, _ = model(torch.tensor([ids], device=device))
+        logits = model(torch.tensor([ids], device=device))
         probs = logits[0, -1].float().softmax(-1)
         p, idx = probs.topk(min(top, probs.numel()))
         greedy = tokenizer.decode(list(generate(model, ids, continuation, temperature=0.0)))
@@ -85,27 +86,15 @@ def probe(model: nn.Module, tokenizer, prompts: list[str], top: int = 5, continu
 # Gradient telemetry
 
 
-def layer_name(param_name: str) -> str:
-    """Group parameters by layer: embed, block.N, head."""
-    m = re.match(r"blocks\.(\d+)\.", param_name)
-    if m:
-        return f"block.{m.group(1)}"
-    if param_name.startswith(("wte", "wpe", "table")):
-        return "embed"
-    return "head"
-
-
 class GradientTelemetry:
     """Per-layer gradient norms and update-to-weight ratios (||new - old|| / ||old||), every `interval` steps."""
 
     def __init__(self, model: nn.Module, interval: int):
         self.interval = interval
         groups: dict[str, list[torch.Tensor]] = {}
-        seen = set()
-        for name, p in model.named_parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                groups.setdefault(layer_name(name), []).append(p)
+        for name, p in unique_parameters(model):
+            if p.requires_grad:
+                groups.setdefault(layer_of(name), []).append(p)
         self.groups = groups
         self._before: Optional[dict[str, list[torch.Tensor]]] = None
         self.record: dict = {}

@@ -27,6 +27,7 @@ from .data import BatchSampler, load_splits
 from . import distributed as dist_
 from .distributed import Dist, all_reduce_sum, barrier, unwrap
 from .evaluate import autocast_context, evaluate
+from .loss import training_loss
 from .model import ModelConfig, build_model, count_params
 from .optim import build_optimizer, clip_grad_norm, lr_multiplier, set_lr
 from .sample import generate, prompt_ids, stream_text
@@ -118,6 +119,7 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
     if cfg.resume:
         run_dir = Path(cfg.resume)
         rundir.read_config(run_dir)
+        rundir.check_no_links(run_dir)
         return run_dir
     run_dir = Path(cfg.out or os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
     rundir.check_new_run_dir(run_dir)
@@ -311,6 +313,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool])
             _say("note: per-layer gradient telemetry is off under fsdp (the gradients are sharded)")
 
     train_model = torch.compile(model) if cfg.compile else model
+    # compiled too, the loss fuses the float32 upcast of the logits into its softmax instead of writing a copy
+    objective = torch.compile(training_loss) if cfg.compile else training_loss
     probe_prompts = (list(cfg.probe_prompts) or default_probe_prompts(splits.val, tokenizer, block)) if cfg.probe else []
     telemetry = GradientTelemetry(unwrap(model), cfg.telemetry_interval if d.main and not d.sharded else 0)
     board = TensorBoard(run_dir, cfg.tensorboard and d.main)
@@ -413,7 +417,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool])
                 x, y = sampler.next()
                 with dist_.no_sync(model, d, last_micro_step=micro == grad_accum - 1):
                     with autocast:
-                        _, loss = train_model(x, y)
+                        loss = objective(train_model(x), y, cfg.loss)
                     (loss / grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)

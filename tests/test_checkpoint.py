@@ -17,6 +17,7 @@ from lmlab.checkpoint import (
 )
 from lmlab.common import LmlabError
 from lmlab.evaluate import evaluate
+from lmlab.loss import cross_entropy
 from lmlab.model import Bigram, ModelConfig, build_model
 from lmlab.optim import OptimConfig, build_optimizer
 from lmlab.train import train
@@ -37,7 +38,7 @@ def _train_steps(model, opt, n: int, seed: int = 0) -> None:
     for _ in range(n):
         x = torch.randint(VOCAB, (4, 8), generator=g)
         y = torch.randint(VOCAB, (4, 8), generator=g)
-        _, loss = model(x, y)
+        loss = cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

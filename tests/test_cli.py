@@ -127,7 +127,7 @@ def test_sample_greedy_matches_a_manual_argmax_loop(trained, capsys, cache_flag)
     ids = loaded.tokenizer.encode(PROMPT)
     with torch.no_grad():
         for _ in range(n_new):
-            logits, _ = loaded.model(torch.tensor([ids]))
+            logits = loaded.model(torch.tensor([ids]))
             ids.append(int(logits[0, -1].argmax()))
     expected = loaded.tokenizer.decode(ids) + "\n"
 

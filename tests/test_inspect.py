@@ -15,8 +15,8 @@ from lmlab.checkpoint import load_run
 from lmlab.cli import main
 from lmlab.data import encode_text
 from lmlab.inspect import next_token_distribution, surprisal
-from lmlab.landscape import filter_normalized_direction, fixed_batch, parameters, scan
-from lmlab.loss import cross_entropy
+from lmlab.landscape import filter_normalized_direction, fixed_tokens, scan
+from lmlab.model import unique_parameters
 from lmlab.train import train
 
 
@@ -37,7 +37,7 @@ def test_next_token_probabilities_are_the_softmax_of_the_logits(run_dir):
     rows = next_token_distribution(run.model, run.tokenizer, prompt, top=run.tokenizer.vocab_size)
     ids = run.tokenizer.encode(prompt)
     with torch.no_grad():
-        logits, _ = run.model(torch.tensor([ids]))
+        logits = run.model(torch.tensor([ids]))
     ref = logits[0, -1].softmax(-1)
     assert len(rows) == run.tokenizer.vocab_size
     assert math.isclose(sum(r.probability for r in rows), 1.0, rel_tol=1e-6)
@@ -82,7 +82,7 @@ def test_surprisal_totals_equal_eval(run_dir, tmp_path):
     # each token's surprisal is -log p(token) from a forward pass over its window (block 24)
     ids = encode_text(run.tokenizer, text)
     with torch.no_grad():
-        logits, _ = run.model(torch.from_numpy(ids[None, :24]))
+        logits = run.model(torch.from_numpy(ids[None, :24]))
     logp = logits[0].log_softmax(-1)
     for j in range(23):
         assert tokens[j].nats == pytest.approx(-float(logp[j, ids[j + 1]]), rel=1e-5, abs=1e-6)
@@ -111,14 +111,18 @@ def test_landscape_at_offset_zero_is_the_models_loss(run_dir):
     from lmlab.train import TrainConfig
 
     val = load_splits(TrainConfig.from_json(run.config).data, tokenizer=run.tokenizer).val
-    x, y = fixed_batch(val, run.model.cfg.block_size, 4)
+    tokens = fixed_tokens(val, run.model.cfg.block_size, 4)
+    assert len(tokens) == 4 * 24 + 1
+    # the reference: the first 4 windows of 24 tokens in one forward, -log softmax at each next token, averaged
+    ids = torch.from_numpy(tokens.astype("int64"))
+    x, y = ids[:-1].view(4, 24), ids[1:].view(4, 24)
     with torch.no_grad():
-        logits, _ = run.model(x)
-    reference = float(cross_entropy(logits, y))
-    params = parameters(run.model)
+        logp = run.model(x).double().log_softmax(-1)
+    reference = float(-logp.gather(-1, y[..., None]).mean())
+    params = dict(unique_parameters(run.model))
     before = {k: v.detach().clone() for k, v in params.items()}
     d = filter_normalized_direction(params, torch.Generator().manual_seed(0))
-    land = scan(run.model, x, y, [d], points=5, span=0.5)
+    land = scan(run.model, tokens, [d], points=5, span=0.5)
     assert land.coords[2] == 0.0
     assert land.losses[2] == pytest.approx(reference, rel=1e-6)
     assert land.center_loss == pytest.approx(reference, rel=1e-6)

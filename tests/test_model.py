@@ -5,10 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmlab.common import LmlabError
-from lmlab.model import GPT, Bigram, CausalSelfAttention, ModelConfig, apply_rotary, build_model, rotary_tables
+from lmlab.loss import cross_entropy
+from lmlab.model import (
+    GPT, Bigram, CausalSelfAttention, ModelConfig, apply_rotary, build_model, count_params, is_hidden_matrix,
+    layer_of, matmul_params, rotary_tables, unique_parameters,
+)
 from lmlab.optim import OptimConfig, build_optimizer
 
 VOCAB = 13
@@ -60,12 +63,12 @@ def test_causality(kw):
     g = torch.Generator().manual_seed(2)
     idx = torch.randint(0, VOCAB, (2, T), generator=g)
     with torch.no_grad():
-        base, _ = model(idx)
+        base = model(idx)
         for t in (0, 3, T // 2, T - 1):
             changed = idx.clone()
             changed[:, t] = (changed[:, t] + 1 + torch.randint(0, VOCAB - 1, (2,), generator=g)) % VOCAB
             assert (changed[:, t] != idx[:, t]).all()
-            out, _ = model(changed)
+            out = model(changed)
             # earlier positions are unaffected by a change at position t ...
             torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-12, rtol=0)
             # ... and the change is visible from position t on (so the check above is not vacuous)
@@ -79,11 +82,11 @@ def test_causality_with_every_later_token_changed():
     T = model.cfg.block_size
     idx = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        base, _ = model(idx)
+        base = model(idx)
         for t in range(1, T):
             changed = idx.clone()
             changed[:, t:] = (changed[:, t:] + 5) % VOCAB
-            out, _ = model(changed)
+            out = model(changed)
             torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-12, rtol=0)
 
 
@@ -92,36 +95,25 @@ def test_causality_with_every_later_token_changed():
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_forward_shapes_and_loss(pos):
+def test_forward_returns_logits_for_every_position(pos):
     model = tiny_gpt(seed=5, pos=pos)
     B, T = 3, 10
-    g = torch.Generator().manual_seed(6)
-    idx = torch.randint(0, VOCAB, (B, T), generator=g)
-    targets = torch.randint(0, VOCAB, (B, T), generator=g)
+    idx = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        logits, loss = model(idx, targets)
-    assert logits.shape == (B, T, VOCAB)
-    assert loss.dim() == 0
-    ref = F.cross_entropy(logits.reshape(-1, VOCAB).double(), targets.reshape(-1))
-    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
-    # by hand: mean of -log softmax at the target
-    logp = logits.double().log_softmax(-1)
-    by_hand = -logp.gather(-1, targets[..., None]).mean()
-    assert float(loss) == pytest.approx(float(by_hand), rel=1e-5)
-    with torch.no_grad():
-        logits2, none = model(idx)
-    assert none is None
-    torch.testing.assert_close(logits2, logits)
-    # shorter sequences than block_size work, longer ones are refused
-    assert model(idx[:, :1])[0].shape == (B, 1, VOCAB)
-    with pytest.raises(ValueError):
-        model(torch.zeros(1, model.cfg.block_size + 1, dtype=torch.long))
+        logits = model(idx)
+        assert isinstance(logits, torch.Tensor) and logits.shape == (B, T, VOCAB)
+        # position t's logits are those of the prefix ending at t
+        torch.testing.assert_close(model(idx[:, :4]), logits[:, :4], atol=1e-12, rtol=0)
+        # shorter sequences than block_size work, longer ones are refused
+        assert model(idx[:, :1]).shape == (B, 1, VOCAB)
+        with pytest.raises(ValueError):
+            model(torch.zeros(1, model.cfg.block_size + 1, dtype=torch.long))
 
 
 def test_loss_backpropagates_to_every_parameter():
     model = tiny_gpt(seed=7, pos="learned", bias=True, norm="layernorm")
     idx = torch.randint(0, VOCAB, (2, 8))
-    _, loss = model(idx, torch.randint(0, VOCAB, (2, 8)))
+    loss = cross_entropy(model(idx), torch.randint(0, VOCAB, (2, 8)))
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -244,7 +236,7 @@ def test_overfits_one_batch():
     opt = build_optimizer(model, OptimConfig(optimizer="adamw", lr=1e-2, weight_decay=0.0, warmup=0))
     first = None
     for _ in range(300):
-        _, loss = model(idx, targets)
+        loss = cross_entropy(model(idx), targets)
         if first is None:
             first = float(loss.detach())
         opt.zero_grad(set_to_none=True)
@@ -254,7 +246,7 @@ def test_overfits_one_batch():
             break
     model.eval()
     with torch.no_grad():
-        _, final = model(idx, targets)
+        final = cross_entropy(model(idx), targets)
     assert first == pytest.approx(math.log(vocab), abs=0.1)
     assert float(final) < 0.05
 
@@ -270,14 +262,14 @@ def test_kv_cache_token_by_token_matches_full_forward(pos, dtype, atol):
     T = model.cfg.block_size
     idx = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(16))
     with torch.no_grad():
-        full, _ = model(idx)
+        full = model(idx)
         cache = model.make_cache(2)
         prefill = 4
-        out, _ = model(idx[:, :prefill], cache=cache)
+        out = model(idx[:, :prefill], cache=cache)
         pieces = [out]
         assert cache.pos == prefill
         for t in range(prefill, T):
-            out, _ = model(idx[:, t : t + 1], cache=cache)
+            out = model(idx[:, t : t + 1], cache=cache)
             pieces.append(out)
             assert cache.pos == t + 1
         cached = torch.cat(pieces, dim=1)
@@ -295,11 +287,11 @@ def test_kv_cache_chunked_prefill_matches_full_forward(pos):
     T = model.cfg.block_size
     idx = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(18))
     with torch.no_grad():
-        full, _ = model(idx)
+        full = model(idx)
         cache = model.make_cache(1)
         pieces, start = [], 0
         for size in (3, 1, 4, 2, 2):
-            out, _ = model(idx[:, start : start + size], cache=cache)
+            out = model(idx[:, start : start + size], cache=cache)
             pieces.append(out)
             start += size
         assert start == T
@@ -330,7 +322,7 @@ def test_zero_init_proj_makes_blocks_identity(pos, mlp):
         if model.wpe is not None:
             h = h + model.wpe(torch.arange(T))
         expected = model.lm_head(model.norm_f(h))
-        logits, _ = model(idx)
+        logits = model(idx)
     torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
 
 
@@ -364,6 +356,24 @@ def test_tied_embeddings_share_storage():
     assert untied.lm_head.weight is not untied.wte.weight
 
 
+def test_parameter_helpers_name_each_tensor_once_by_role():
+    tied = GPT(make_cfg(tie_embeddings=True, pos="learned"), VOCAB)
+    names = [n for n, _ in unique_parameters(tied)]
+    assert "wte.weight" in names and "lm_head.weight" not in names  # a tied tensor keeps its first name
+    assert len(names) == len({id(p) for _, p in unique_parameters(tied)}) == 19  # 2 tables, 2 x 8 in blocks, norm
+    C, V, T = tied.cfg.n_embd, VOCAB, tied.cfg.block_size
+    every_tensor = sum(p.numel() for _, p in tied.named_parameters(remove_duplicate=False))
+    assert count_params(tied) == every_tensor - V * C  # the shared table counted once
+    assert count_params(tied, non_embedding=True) == count_params(tied) - V * C - T * C
+    assert matmul_params(tied) == count_params(tied, non_embedding=True) + V * C  # the tied head still multiplies
+    assert {layer_of(n) for n in names} == {"embed", "block.0", "block.1", "head"}
+    assert layer_of("wpe.weight") == "embed" and layer_of("blocks.1.mlp.fc.weight") == "block.1"
+    assert layer_of("norm_f.weight") == "head" and layer_of("table.weight") == "embed"
+    hidden = {n for n, p in unique_parameters(tied) if is_hidden_matrix(n, p)}
+    assert hidden == {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    assert list(Bigram(make_cfg(), VOCAB).blocks) == []
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Config validation and the bigram baseline
 
@@ -392,10 +402,26 @@ def test_config_validation(kw):
         ModelConfig(**kw)
 
 
-def test_valid_configs_are_accepted():
-    ModelConfig(n_embd=30, n_head=5, pos="learned")  # head size 6
-    ModelConfig(n_embd=12, n_head=4, pos="learned")  # odd head size is fine without RoPE
-    ModelConfig(n_embd=16, n_head=4, pos="rope")
+def hand_count(C: int, V: int, block: int, layers: int, head_dim: int, learned_pos: bool) -> int:
+    """Parameters of a GPT with the default RMSNorm, QK-norm, ReLU² MLP (4C wide), no biases, untied head."""
+    per_block = 2 * C + 3 * C * C + C * C + 2 * head_dim + 2 * 4 * C * C  # norms, qkv, proj, qk norms, MLP
+    return V * C + (block * C if learned_pos else 0) + layers * per_block + C + V * C  # + final norm and head
+
+
+@pytest.mark.parametrize("kw,head_dim", [
+    (dict(n_embd=30, n_head=5, pos="learned"), 6),
+    (dict(n_embd=12, n_head=4, pos="learned"), 3),  # an odd head size is fine without RoPE
+    (dict(n_embd=16, n_head=4, pos="rope"), 4),
+])
+def test_valid_configs_are_accepted(kw, head_dim):
+    cfg = ModelConfig(**kw)
+    assert cfg.head_dim == head_dim
+    model = build_model(cfg, VOCAB)
+    idx = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert model(idx).shape == (2, 5, VOCAB)
+    expected = hand_count(cfg.n_embd, VOCAB, cfg.block_size, cfg.n_layer, head_dim, cfg.pos == "learned")
+    assert count_params(model) == sum(p.numel() for p in model.parameters()) == expected
 
 
 def test_non_positive_vocab_is_refused():
@@ -412,16 +438,16 @@ def test_bigram_initial_loss_is_log_vocab(vocab):
     g = torch.Generator().manual_seed(22)
     idx = torch.randint(0, vocab, (3, 9), generator=g)
     targets = torch.randint(0, vocab, (3, 9), generator=g)
-    logits, loss = model(idx, targets)
+    logits = model(idx)
     assert logits.shape == (3, 9, vocab)
-    assert loss.item() == pytest.approx(math.log(vocab), rel=1e-6)
+    assert cross_entropy(logits, targets).item() == pytest.approx(math.log(vocab), rel=1e-6)
 
 
 def test_bigram_depends_on_current_token_only():
     model = build_model(make_cfg(arch="bigram"), VOCAB)
     randomize(model, seed=23)
     idx = torch.tensor([[1, 2, 3, 2], [5, 2, 7, 1]])
-    logits, _ = model(idx)
+    logits = model(idx)
     torch.testing.assert_close(logits[0, 1], logits[0, 3])
     torch.testing.assert_close(logits[0, 1], logits[1, 1])
     torch.testing.assert_close(logits[1, 2], model.table.weight[7])
@@ -461,16 +487,16 @@ def test_decode_step_at_position_tensor_matches_full_forward(kw, dtype, atol):
     T = model.cfg.block_size
     idx = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(25))
     with torch.no_grad():
-        full, _ = model(idx)
+        full = model(idx)
         for round_ in range(2):  # the second round reuses the buffer, whose later slots hold stale entries
             cache = model.make_cache(2) if round_ == 0 else cache
             cache.pos = 0
             prefill = 3 + round_
-            out, _ = model(idx[:, :prefill], cache=cache)
+            out = model(idx[:, :prefill], cache=cache)
             pieces = [out]
             pos = torch.tensor([prefill])
             for t in range(prefill, T):
-                out, _ = model(idx[:, t : t + 1], cache=cache, pos=pos)
+                out = model(idx[:, t : t + 1], cache=cache, pos=pos)
                 pieces.append(out)
                 pos += 1
             assert cache.pos == prefill  # a step at a position tensor leaves the count to the caller

@@ -1,5 +1,6 @@
 """Sampling: logit filters, next-token draws, cached vs uncached generation, streaming text with a stop string."""
 
+import math
 import os
 import shutil
 
@@ -8,7 +9,7 @@ import torch
 
 from lmlab.common import LmlabError
 from lmlab.model import GPT, ModelConfig, build_model
-from lmlab.sample import filter_logits, generate, next_token, stream_text
+from lmlab.sample import filter_logits, generate, next_token, sampling_probs, stream_text
 from lmlab.tokenizer import ByteTokenizer, CharTokenizer
 
 VOCAB = 17
@@ -32,7 +33,7 @@ def model_logits(rows=4, seed=1):
     model = tiny_gpt(seed=seed, std=0.5)
     g = torch.Generator().manual_seed(seed + 100)
     idx = torch.randint(0, VOCAB, (rows, 6), generator=g)
-    logits, _ = model(idx)
+    logits = model(idx)
     out = logits[:, -1, :].float()
     return out / out.std(dim=-1, keepdim=True)  # a spread of about one nat: every kept token gets drawn
 
@@ -147,6 +148,20 @@ def test_temperature_zero_is_argmax_and_deterministic():
         gen = torch.Generator().manual_seed(seed)
         assert torch.equal(next_token(logits, 0.0, 0, 1.0, gen), expected)
         assert torch.equal(next_token(logits, 0, 3, 0.5, None), expected)
+        assert torch.equal(gen.get_state(), torch.Generator().manual_seed(seed).get_state())  # no number spent
+
+
+def test_sampling_probs_by_hand():
+    logits = model_logits(rows=3)
+    greedy = sampling_probs(logits, 0.0, 5, 0.5)  # temperature 0: every filter aside, the argmax gets it all
+    assert torch.equal(greedy, torch.nn.functional.one_hot(logits.argmax(-1), VOCAB).float())
+    probs = sampling_probs(logits, 0.7, 3, 1.0)
+    for row in range(3):
+        top3 = logits[row].topk(3).indices.tolist()
+        weights = {i: math.exp(float(logits[row, i]) / 0.7) for i in top3}
+        for i in range(VOCAB):
+            expected = weights[i] / sum(weights.values()) if i in weights else 0.0
+            assert float(probs[row, i]) == pytest.approx(expected, rel=1e-5, abs=1e-12)
 
 
 def _draws(logits, n, top_k=0, top_p=1.0, temperature=1.0, seed=0):
@@ -231,7 +246,7 @@ def reference_greedy(model, prompt, n):
     window = list(prompt[-block:])
     out = []
     for _ in range(n):
-        logits, _ = model(torch.tensor([window]))
+        logits = model(torch.tensor([window]))
         token = int(logits[0, -1].argmax())
         out.append(token)
         window.append(token)
@@ -257,7 +272,7 @@ def test_generate_long_prompt_uses_last_block():
     model = tiny_gpt(pos="learned", block_size=8, seed=11)
     prompt = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
-        expected = int(model(torch.tensor([prompt[-8:]]))[0][0, -1].argmax())
+        expected = int(model(torch.tensor([prompt[-8:]]))[0, -1].argmax())
     for use_cache in (True, False):
         first = next(iter(generate(model, prompt, 5, temperature=0.0, use_cache=use_cache)))
         assert first == expected
