@@ -22,12 +22,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import rundir
 from .common import LmlabError, resolve_device
 from .data import resolve_source, iter_text
-from .loss import cross_entropy
 from .model import build_model, matmul_params
-from .optim import build_optimizer, clip_grad_norm
-from .config import for_budget, get_preset
+from .optim import build_optimizer
+from .config import apply_budget, get_preset
 
 
 @dataclass
@@ -86,29 +86,25 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: i
 def throughput(preset: str, device: torch.device, dtype: torch.dtype, compile: bool, steps: int,
                warmup: int = 3, vocab: int = 65) -> dict:
     """Steady-state tokens/s of full training steps (forward, backward, clip, AdamW) on random tokens."""
-    cfg = get_preset(preset)
+    from .evaluate import autocast_context
+    from .loss import LossConfig, training_loss
+    from .train import train_step
+
+    cfg, _ = apply_budget(get_preset(preset))
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab).to(device)
     opt = build_optimizer(model, cfg.optim)
     run = torch.compile(model) if compile else model
+    objective = torch.compile(training_loss) if compile else training_loss
     B, T = cfg.batch_size, cfg.model.block_size
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (B, T + 1), generator=gen) for _ in range(4)]
-    params = list(model.parameters())
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None
+    batches = [torch.randint(0, vocab, (B, T + 1), generator=gen).to(device) for _ in range(4)]
+    autocast = autocast_context(device, dtype)
 
-    def step(i):
-        w = batches[i % len(batches)].to(device)
-        x, y = w[:, :-1], w[:, 1:]
-        if autocast:
-            with autocast:
-                loss = cross_entropy(run(x), y)
-        else:
-            loss = cross_entropy(run(x), y)
-        loss.backward()
-        clip_grad_norm(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(i):  # the training loop's own step, on one micro-batch
+        w = batches[i % len(batches)]
+        train_step(run, opt, [(w[:, :-1], w[:, 1:])], LossConfig(), cfg.optim.grad_clip, autocast,
+                   objective=objective)
         _sync(device)
 
     t0 = time.perf_counter()
@@ -226,9 +222,9 @@ def quality_run(data: str, budget: float, device: str, eval_every: int) -> dict:
     """Train the CPU recipe (the tiny preset) for `budget` seconds; return its eval curve."""
     from .train import train
 
-    cfg, _ = for_budget(get_preset("tiny"), budget, set())
+    cfg = get_preset("tiny")
     cfg.data.data = data
-    cfg.max_time = budget
+    cfg.max_time = budget  # train() applies the budget rules
     cfg.device = device
     cfg.eval_interval = eval_every
     cfg.eval_tokens = 0
@@ -241,7 +237,7 @@ def quality_run(data: str, budget: float, device: str, eval_every: int) -> dict:
         t = time.perf_counter()
         summary = train(cfg)
         wall = time.perf_counter() - t
-        evals = [json.loads(line) for line in open(f"{d}/run/metrics.jsonl") if '"val_loss"' in line]
+        evals = [r for r in rundir.read_jsonl(Path(d) / "run", rundir.METRICS) if "val_loss" in r]
     return {"budget_s": budget, "val_loss": summary["val_loss"], "steps": summary["steps"], "wall_s": wall,
             "curve": [(e["elapsed_s"], e["val_loss"]) for e in evals]}
 
@@ -313,92 +309,113 @@ def nanogpt_side_by_side(path: str, data: str, iters: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def run_bench(cfg: BenchConfig) -> dict:
+    """The sections asked for (all by default), in an order where each can use the figures before it."""
     device = resolve_device(cfg.device)
     sections = set(cfg.only) or {"peak", "throughput", "quality", "generation", "data", "nanogpt"}
-    steps = cfg.steps or (8 if cfg.quick else 30)
     out: dict = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "quick": cfg.quick}
-    say = lambda s: print(s, file=sys.stderr, flush=True)
-
     if "peak" in sections or "throughput" in sections:
-        n = 1024 if cfg.quick else 2048
-        out["peak_gflops"] = {"float32": matmul_peak(torch.float32, device, n),
-                              "bfloat16": matmul_peak(torch.bfloat16, device, n)}
-        say(f"peak: {out['peak_gflops']['float32']:.0f} GFLOP/s fp32, {out['peak_gflops']['bfloat16']:.0f} bf16")
-
+        bench_peak(cfg, device, out)
     if "data" in sections:
-        out["tokenizers"] = [tokenizer_speed(cfg.data, "char"), tokenizer_speed(cfg.data, "bpe", 1024)]
-        for r in out["tokenizers"]:
-            say(f"tokenize {r['tokenizer']}: {r['encode_mb_per_s']:.1f} MB/s (building took {r['build_s']:.2f}s)")
-        out["memory"] = training_rss(cfg.data, "nanogpt-char-cpu", 20 if cfg.quick else 100)
-        say(f"peak RSS of training nanogpt-char-cpu: {out['memory']['peak_rss_mb']:.0f} MB")
-
+        bench_data(cfg, out)
     if "throughput" in sections:
-        rows = []
-        bf16_pays = out["peak_gflops"]["bfloat16"] > out["peak_gflops"]["float32"]
-        if not bf16_pays:
-            say("bf16 matmuls are slower than fp32 on this CPU (no native bf16): bf16 is measured on the small config only")
-        combos = [("nanogpt-char-cpu", torch.float32, False), ("nanogpt-char-cpu", torch.bfloat16, False)]
-        if not cfg.quick:
-            combos += [("nanogpt-char-cpu", torch.float32, True), ("nanogpt-char-cpu", torch.bfloat16, True),
-                       ("nanogpt-char", torch.float32, False), ("nanogpt-char", torch.float32, True)]
-            if bf16_pays:
-                combos += [("nanogpt-char", torch.bfloat16, False), ("nanogpt-char", torch.bfloat16, True)]
-        for preset, dtype, comp in combos:
-            big = preset == "nanogpt-char"
-            r = throughput(preset, device, dtype, comp, 3 if big else steps, warmup=2 if big else 3)
-            for peak_name, peak in out["peak_gflops"].items():
-                r[f"mfu_vs_{peak_name}"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
-            rows.append(r)
-            say(f"throughput {preset} {r['dtype']} compile={comp}: {r['tokens_per_s']:,.0f} tok/s, "
-                f"{r['step_ms']:.1f} ms/step, MFU {r['mfu_vs_float32']:.0%} of fp32 peak (first step {r['first_step_s']:.1f}s)")
-        out["throughput"] = rows
-
+        bench_throughput(cfg, device, out)
     if "generation" in sections:
-        out["generation"] = []
-        # compiled decoding is left out of --quick: its first compile takes one to two minutes with a cold cache
-        paths = ((True, False), (False, False)) if cfg.quick else ((True, False), (True, True), (False, False))
-        for n in ((500,) if cfg.quick else (500, 2000)):
-            for cache, comp in paths:
-                r = generation_speed(device, n, cache, comp)
-                out["generation"].append(r)
-                say(f"generation {n} tokens, {_generation_label(r)}: {r['tokens_per_s']:,.0f} tok/s"
-                    + (f" (compiling and warm-up: {r['first_s']:.1f} s)" if comp else ""))
-
+        bench_generation(cfg, device, out)
     if "quality" in sections:
-        budgets = (15.0,) if cfg.quick else tuple(cfg.budgets)
-        target_run = quality_run(cfg.data, cfg.target_budget if not cfg.quick else 15.0, cfg.device, 10)
-        reached = [t for t, v in target_run["curve"] if v <= cfg.target]
-        out["time_to_target"] = {"target": cfg.target, "budget_s": target_run["budget_s"],
-                                 "seconds": reached[0] if reached else None, "final_val_loss": target_run["val_loss"]}
-        say(f"time to val {cfg.target}: {f'{reached[0]:.1f} s' if reached else 'not reached'} "
-            f"(run of {target_run['budget_s']:.0f} s ended at {target_run['val_loss']:.4f})")
-        out["quality"] = []
-        for b in budgets if not cfg.quick else ():
-            r = quality_run(cfg.data, b, cfg.device, 100)
-            out["quality"].append(r)
-            say(f"val loss after {b:.0f} s: {r['val_loss']:.4f} ({r['steps']} steps)")
-
+        bench_quality(cfg, out)
     if cfg.nanogpt and "nanogpt" in sections:
-        ng = nanogpt_side_by_side(cfg.nanogpt, cfg.data, 60 if cfg.quick else 300)
-        out["nanogpt"] = ng
-        ours = next((r for r in out.get("throughput", []) if r["preset"] == "nanogpt-char-cpu"), None)
-        say(f"nanoGPT CPU config: {ng['tokens_per_s']:,.0f} tok/s, {ng['step_ms']:.1f} ms/step, "
-            f"peak RSS {ng['peak_rss_mb']:.0f} MB")
-        if ours:
-            best = max((r for r in out["throughput"] if r["preset"] == "nanogpt-char-cpu"),
-                       key=lambda r: r["tokens_per_s"])
-            out["ratios"] = {"throughput_fp32_eager": ours["tokens_per_s"] / ng["tokens_per_s"],
-                             "throughput_best": best["tokens_per_s"] / ng["tokens_per_s"]}
-        for r in out.get("generation", []):
-            g = ng.get("generation", {}).get(r["new_tokens"])
-            if g and r["kv_cache"]:
-                key = f"generation_{r['new_tokens']}" + ("_compiled" if r.get("compiled") else "")
-                out.setdefault("ratios", {})[key] = r["tokens_per_s"] / g["tokens_per_s"]
-        say(f"ratios: {json.dumps(out.get('ratios', {}))}")
-
+        bench_nanogpt(cfg, out)
     return out
+
+
+def bench_peak(cfg: BenchConfig, device: torch.device, out: dict) -> None:
+    n = 1024 if cfg.quick else 2048
+    out["peak_gflops"] = {"float32": matmul_peak(torch.float32, device, n),
+                          "bfloat16": matmul_peak(torch.bfloat16, device, n)}
+    say(f"peak: {out['peak_gflops']['float32']:.0f} GFLOP/s fp32, {out['peak_gflops']['bfloat16']:.0f} bf16")
+
+
+def bench_data(cfg: BenchConfig, out: dict) -> None:
+    out["tokenizers"] = [tokenizer_speed(cfg.data, "char"), tokenizer_speed(cfg.data, "bpe", 1024)]
+    for r in out["tokenizers"]:
+        say(f"tokenize {r['tokenizer']}: {r['encode_mb_per_s']:.1f} MB/s (building took {r['build_s']:.2f}s)")
+    out["memory"] = training_rss(cfg.data, "nanogpt-char-cpu", 20 if cfg.quick else 100)
+    say(f"peak RSS of training nanogpt-char-cpu: {out['memory']['peak_rss_mb']:.0f} MB")
+
+
+def bench_throughput(cfg: BenchConfig, device: torch.device, out: dict) -> None:
+    steps = cfg.steps or (8 if cfg.quick else 30)
+    rows = []
+    bf16_pays = out["peak_gflops"]["bfloat16"] > out["peak_gflops"]["float32"]
+    if not bf16_pays:
+        say("bf16 matmuls are slower than fp32 on this CPU (no native bf16): bf16 is measured on the small config only")
+    combos = [("nanogpt-char-cpu", torch.float32, False), ("nanogpt-char-cpu", torch.bfloat16, False)]
+    if not cfg.quick:
+        combos += [("nanogpt-char-cpu", torch.float32, True), ("nanogpt-char-cpu", torch.bfloat16, True),
+                   ("nanogpt-char", torch.float32, False), ("nanogpt-char", torch.float32, True)]
+        if bf16_pays:
+            combos += [("nanogpt-char", torch.bfloat16, False), ("nanogpt-char", torch.bfloat16, True)]
+    for preset, dtype, comp in combos:
+        big = preset == "nanogpt-char"
+        r = throughput(preset, device, dtype, comp, 3 if big else steps, warmup=2 if big else 3)
+        for peak_name, peak in out["peak_gflops"].items():
+            r[f"mfu_vs_{peak_name}"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
+        rows.append(r)
+        say(f"throughput {preset} {r['dtype']} compile={comp}: {r['tokens_per_s']:,.0f} tok/s, "
+            f"{r['step_ms']:.1f} ms/step, MFU {r['mfu_vs_float32']:.0%} of fp32 peak (first step {r['first_step_s']:.1f}s)")
+    out["throughput"] = rows
+
+
+def bench_generation(cfg: BenchConfig, device: torch.device, out: dict) -> None:
+    out["generation"] = []
+    # compiled decoding is left out of --quick: its first compile takes one to two minutes with a cold cache
+    paths = ((True, False), (False, False)) if cfg.quick else ((True, False), (True, True), (False, False))
+    for n in ((500,) if cfg.quick else (500, 2000)):
+        for cache, comp in paths:
+            r = generation_speed(device, n, cache, comp)
+            out["generation"].append(r)
+            say(f"generation {n} tokens, {_generation_label(r)}: {r['tokens_per_s']:,.0f} tok/s"
+                + (f" (compiling and warm-up: {r['first_s']:.1f} s)" if comp else ""))
+
+
+def bench_quality(cfg: BenchConfig, out: dict) -> None:
+    budgets = (15.0,) if cfg.quick else tuple(cfg.budgets)
+    target_run = quality_run(cfg.data, cfg.target_budget if not cfg.quick else 15.0, cfg.device, 10)
+    reached = [t for t, v in target_run["curve"] if v <= cfg.target]
+    out["time_to_target"] = {"target": cfg.target, "budget_s": target_run["budget_s"],
+                             "seconds": reached[0] if reached else None, "final_val_loss": target_run["val_loss"]}
+    say(f"time to val {cfg.target}: {f'{reached[0]:.1f} s' if reached else 'not reached'} "
+        f"(run of {target_run['budget_s']:.0f} s ended at {target_run['val_loss']:.4f})")
+    out["quality"] = []
+    for b in budgets if not cfg.quick else ():
+        r = quality_run(cfg.data, b, cfg.device, 100)
+        out["quality"].append(r)
+        say(f"val loss after {b:.0f} s: {r['val_loss']:.4f} ({r['steps']} steps)")
+
+
+def bench_nanogpt(cfg: BenchConfig, out: dict) -> None:
+    ng = nanogpt_side_by_side(cfg.nanogpt, cfg.data, 60 if cfg.quick else 300)
+    out["nanogpt"] = ng
+    ours = next((r for r in out.get("throughput", []) if r["preset"] == "nanogpt-char-cpu"), None)
+    say(f"nanoGPT CPU config: {ng['tokens_per_s']:,.0f} tok/s, {ng['step_ms']:.1f} ms/step, "
+        f"peak RSS {ng['peak_rss_mb']:.0f} MB")
+    if ours:
+        best = max((r for r in out["throughput"] if r["preset"] == "nanogpt-char-cpu"),
+                   key=lambda r: r["tokens_per_s"])
+        out["ratios"] = {"throughput_fp32_eager": ours["tokens_per_s"] / ng["tokens_per_s"],
+                         "throughput_best": best["tokens_per_s"] / ng["tokens_per_s"]}
+    for r in out.get("generation", []):
+        g = ng.get("generation", {}).get(r["new_tokens"])
+        if g and r["kv_cache"]:
+            key = f"generation_{r['new_tokens']}" + ("_compiled" if r.get("compiled") else "")
+            out.setdefault("ratios", {})[key] = r["tokens_per_s"] / g["tokens_per_s"]
+    say(f"ratios: {json.dumps(out.get('ratios', {}))}")
 
 
 def print_table(out: dict) -> None:

@@ -193,7 +193,6 @@ def _save_single(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         save_model(model, str(tmp / "model.safetensors"))
-        _test_pause()
         opt_tensors, opt_plain = optimizer_to_flat(optimizer)
         opt_tensors.update({f"rng.{k}": v.contiguous() for k, v in rng.items()})
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -304,15 +303,6 @@ def _index(folder: Path, shards: list[str]) -> dict:
                 entry["pieces"].append({"file": i, "offsets": where[name]["offsets"],
                                         "shape": list(f.get_slice(name).get_shape())})
     return index
-
-
-def _test_pause() -> None:
-    """LMLAB_TEST_CHECKPOINT_PAUSE=seconds holds a checkpoint half-written, so the crash test can kill it there."""
-    pause = os.environ.get("LMLAB_TEST_CHECKPOINT_PAUSE")
-    if pause:
-        import time
-
-        time.sleep(float(pause))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -671,12 +661,12 @@ def check_tokenizer(config: dict, tokenizer: tok.Tokenizer, run_dir: Path) -> No
     expected = config.get("vocab_size")
     if expected is not None and expected != tokenizer.vocab_size:
         raise LmlabError(
-            f"tokenizer.json of {run_dir} has {tokenizer.vocab_size} symbols but the model expects "
+            f"{rundir.TOKENIZER} of {run_dir} has {tokenizer.vocab_size} symbols but the model expects "
             f"{expected}; the tokenizer file belongs to another run"
         )
     fingerprint = config.get("tokenizer_fingerprint")
     if fingerprint is not None and fingerprint != tokenizer.fingerprint():
-        raise LmlabError(f"tokenizer.json of {run_dir} is not the tokenizer this run was trained with")
+        raise LmlabError(f"{rundir.TOKENIZER} of {run_dir} is not the tokenizer this run was trained with")
 
 
 def load_tokenizer(run_dir: Path) -> tok.Tokenizer:

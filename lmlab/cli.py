@@ -73,7 +73,6 @@ def cmd_train(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="tiny")
     pre.add_argument("--resume", default=None)
-    pre.add_argument("--max-time", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.resume:
         from .rundir import read_config
@@ -83,22 +82,11 @@ def cmd_train(argv: list[str]) -> int:
         base.parallel = "none"  # how to launch is chosen anew each time: a run may resume on another world size
     else:
         base = get_preset(known.preset)
-    note = ""
-    if known.max_time is not None and not known.resume:  # a time budget picks the recipe's batch and context
-        from .config import for_budget
-
-        try:
-            budget = float(known.max_time)
-        except ValueError:
-            budget = 0.0  # the full parse below reports the bad value
-        given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-        base, note = for_budget(base, budget, given)
-    desc = ("Train a language model. Presets: " + ", ".join(PRESETS) +
-            ". Every option below overrides the preset; with --resume, the run's own settings are the defaults.")
+    desc = ("Train a language model. Presets: " + ", ".join(PRESETS) + ". Every option below overrides the preset; "
+            "with --resume, the run's own settings are the defaults. A setting shown as None is picked for the time "
+            "budget (--max-time).")
     cfg = parse(TrainConfig, argv, "lmlab train", default=base, description=desc)
-    if note and os.environ.get("RANK", "0") == "0":
-        print(note, file=sys.stderr)
-    summary = train(cfg)
+    summary = train(cfg)  # which applies the budget rules
     if summary["rank"] == 0:
         print(f"run saved in {summary['run_dir']}", file=sys.stderr)
     return 0
@@ -393,6 +381,7 @@ def cmd_landscape(argv: list[str]) -> int:
     from .checkpoint import load_run
     from .common import resolve_device
     from .data import load_splits
+    from . import rundir
     from .config import TrainConfig
     from .landscape import landscape
 
@@ -401,7 +390,7 @@ def cmd_landscape(argv: list[str]) -> int:
         raise LmlabError("--points must be >= 3, --span and --batch-size positive")
     run = load_run(args.run, resolve_device(args.device))
     val = load_splits(TrainConfig.from_json(run.config).data, tokenizer=run.tokenizer).val
-    out_dir = Path(args.out) if args.out else run.run_dir / "landscape"
+    out_dir = Path(args.out) if args.out else run.run_dir / rundir.LANDSCAPE
     result = landscape(run.run_dir, run.model, val, args.two_d, args.points, args.span, args.batch_size, args.seed,
                        out_dir)
     one = result["one_d"]

@@ -126,7 +126,11 @@ class TrainConfig:
         for section in ("data", "model", "optim"):  # not loss: runs from before it train with its defaults
             if section not in fields:
                 raise LmlabError(f"the run config has no {section!r} section")
-        return from_dict(cls, fields)
+        config = from_dict(cls, fields)
+        unset = config.model.unset() + [n for n in ("lr", "muon_momentum") if getattr(config.optim, n) is None]
+        if unset:
+            raise LmlabError(f"the run config leaves {', '.join(unset)} unset")
+        return config
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,14 +191,16 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
 
 
 def tiny() -> TrainConfig:
-    """The CPU recipe: a 4-layer, 128-wide modern GPT (RoPE, RMSNorm, QK-norm, ReLU², untied head, zero-init
-    projections), Muon for the hidden matrices and AdamW (lr 1e-2) for the rest, with a warmup-stable-decay
-    schedule over a wall-clock budget. About 4 minutes of training. docs/performance.md has what each choice
-    bought; budgets of 60 s or less use SHORT_BUDGET (below)."""
+    """The CPU recipe: a modern GPT (RoPE, RMSNorm, QK-norm, ReLU², untied head, zero-init projections), Muon for the
+    hidden matrices and AdamW for the rest, with a warmup-stable-decay schedule over a wall-clock budget of about 4
+    minutes. Its size, context, AdamW learning rate and Muon momentum are left to the budget (None): apply_budget
+    picks TINY_RECIPE, or SHORT_BUDGET for --max-time of 60 s or less. docs/performance.md has what each choice
+    bought."""
     return TrainConfig(
         preset="tiny",
-        model=ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=128),
-        optim=OptimConfig(optimizer="muon", lr=1e-2, muon_lr=0.02, schedule="wsd", warmup=50, decay_fraction=0.4),
+        model=ModelConfig(block_size=None, n_layer=None, n_head=None, n_embd=None),
+        optim=OptimConfig(optimizer="muon", lr=None, muon_lr=0.02, muon_momentum=None, schedule="wsd", warmup=50,
+                          decay_fraction=0.4),
         batch_size=32,
         max_time=240.0,
         eval_interval=100,
@@ -278,41 +284,55 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The budget rules
+
+
 SHORT_BUDGET_S = 60.0  # at or under this many seconds, the tiny recipe trades model size and context for steps
 
-# The tiny recipe's settings for budgets of SHORT_BUDGET_S or less (docs/performance.md, the short-budget tables).
-# In 20 s, steps are what is scarce: a 2-layer, 96-wide model over sequences of 64 tokens takes about a third of
-# the time per step of the 4-layer, 128-wide one over 128, and learns more in the ~300 steps it then gets; over so
-# few steps a higher learning rate for the AdamW part and less Muon momentum learn faster. At 60 s these settings
-# still won by 0.08 (1.618 against 1.697); longer budgets have not been compared yet.
+# The tiny recipe's settings (docs/performance.md has the sweeps behind them), and those for budgets of
+# SHORT_BUDGET_S or less: in 20 s, steps are what is scarce. A 2-layer, 96-wide model over sequences of 64 tokens
+# takes about a third of the time per step of the 4-layer, 128-wide one over 128, and learns more in the ~300 steps
+# it then gets; over so few steps a higher learning rate for the AdamW part and less Muon momentum learn faster. At
+# 60 s these settings still won by 0.08 (1.618 against 1.697).
+TINY_RECIPE = {"block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 128, "lr": 1e-2, "muon_momentum": 0.95}
 SHORT_BUDGET = {"block_size": 64, "n_layer": 2, "n_embd": 96, "lr": 2e-2, "muon_momentum": 0.9}
 
 
 def _section(cfg: TrainConfig, name: str):
-    for part in (cfg, cfg.model, cfg.optim):
+    for part in (cfg.model, cfg.optim):
         if hasattr(part, name):
             return part
     raise KeyError(name)
 
 
-def for_budget(cfg: TrainConfig, max_time: float, explicit: set[str]) -> tuple[TrainConfig, str]:
-    """The tiny recipe adjusted to a time budget; returns the config and a note saying what changed ("" if nothing).
+def apply_budget(cfg: TrainConfig) -> tuple[TrainConfig, str]:
+    """The config with every setting left to the budget (None) filled in; returns it and a note saying what a short
+    budget changed ("" if nothing). `train(config)` calls this, so Python callers and `lmlab train` get the same.
 
-    With 60 s or less, each setting of SHORT_BUDGET replaces the preset's, unless the user gave that option
-    (names as in `explicit`, e.g. "n_layer"). A user who sets --n-head keeps the preset's width too, which their
-    head count may be chosen to divide.
+    A setting is the caller's own when it is not None: set `cfg.model.n_layer = 4` (or pass `--n-layer 4`) and the
+    rules leave it alone. The `tiny` preset leaves its sizes, context, AdamW learning rate and Muon momentum to the
+    budget: TINY_RECIPE, or SHORT_BUDGET when 0 < max_time <= 60 s. A caller who sets the head count keeps the
+    recipe's full width too, which their head count may be chosen to divide. Other presets leave nothing unset.
     """
-    if cfg.preset != "tiny" or not 0 < max_time <= SHORT_BUDGET_S:
+    unset = [name for name in TINY_RECIPE if getattr(_section(cfg, name), name) is None]
+    if not unset:
         return cfg, ""
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), optim=dataclasses.replace(cfg.optim))
+    short = cfg.preset == "tiny" and 0 < cfg.max_time <= SHORT_BUDGET_S
+    keep_width = cfg.model.n_head is not None
     changed = []
-    for name, value in SHORT_BUDGET.items():
-        if name not in explicit and not (name == "n_embd" and "n_head" in explicit):
-            setattr(_section(cfg, name), name, value)
+    for name in unset:
+        value = TINY_RECIPE[name]
+        if short and name in SHORT_BUDGET and not (name == "n_embd" and keep_width):
+            value = SHORT_BUDGET[name]
             changed.append(f"--{name.replace('_', '-')} {value:g}")
-    if not changed:
-        return cfg, ""
-    return cfg, (f"budget of {max_time:g} s: the tiny recipe's short-budget settings, {' '.join(changed)} "
-                 f"(set them to override)")
+        setattr(_section(cfg, name), name, value)
+    cfg.model.__post_init__()  # the checks that wait for every size (divisibility, the RoPE head size)
+    cfg.optim.__post_init__()
+    note = (f"budget of {cfg.max_time:g} s: the tiny recipe's short-budget settings, {' '.join(changed)} (set them "
+            f"to override)") if changed else ""
+    return cfg, note
 
 
 def get_preset(name: str) -> TrainConfig:

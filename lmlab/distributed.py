@@ -210,3 +210,11 @@ def full_state_dict(model: nn.Module, d: Dist) -> Optional[dict[str, torch.Tenso
         sd = {k: full_tensor(v).detach().cpu() for k, v in model.state_dict().items()}
         return sd if d.main else None
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()} if d.main else None
+
+
+def lost_peer(e: Exception, d: Dist) -> bool:
+    """A collective failed because another rank died or timed out (gloo and nccl say so in several ways)."""
+    if not d.active or isinstance(e, LmlabError):
+        return False
+    return isinstance(e, (RuntimeError, OSError)) and any(
+        word in str(e) for word in ("gloo", "Gloo", "NCCL", "Connection", "connection", "timed out", "Timeout", "peer"))

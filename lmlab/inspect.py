@@ -12,7 +12,7 @@ from .data import encode_text
 from .evaluate import stream_losses
 from .loss import LN2, Metrics
 from .sample import prompt_ids, sampling_probs
-from .telemetry import visible
+from .tokenizer import visible
 
 
 @dataclass

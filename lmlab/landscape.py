@@ -17,8 +17,7 @@ from . import rundir
 from .common import LmlabError, atomic_write_bytes, atomic_write_json
 from .evaluate import stream_losses
 from .model import unique_parameters
-from .rundir import LANDSCAPE, TRAJECTORY
-from .telemetry import snapshot_paths
+from .rundir import LANDSCAPE, TRAJECTORY, snapshot_paths
 
 
 def fixed_tokens(tokens: np.ndarray, block_size: int, batch: int) -> np.ndarray:

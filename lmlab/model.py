@@ -23,20 +23,23 @@ import torch.nn.functional as F
 from .common import LmlabError
 
 
+SIZES = ("block_size", "n_layer", "n_head", "n_embd")
+
+
 @dataclass
 class ModelConfig:
     """The architecture."""
 
     arch: Literal["gpt", "bigram"] = "gpt"
     """gpt: the transformer; bigram: one VxV table of logits, the simplest next-token predictor."""
-    block_size: int = 128
-    """Context length in tokens."""
-    n_layer: int = 4
-    """Number of transformer blocks."""
-    n_head: int = 4
-    """Attention heads per block."""
-    n_embd: int = 128
-    """Width of the residual stream."""
+    block_size: Optional[int] = 128
+    """Context length in tokens (None: the preset's recipe picks it for the time budget)."""
+    n_layer: Optional[int] = 4
+    """Number of transformer blocks (None: picked for the time budget)."""
+    n_head: Optional[int] = 4
+    """Attention heads per block (None: picked for the time budget)."""
+    n_embd: Optional[int] = 128
+    """Width of the residual stream (None: picked for the time budget)."""
     pos: Literal["learned", "rope"] = "rope"
     """Position information: a learned table, or rotary embeddings in attention."""
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
@@ -59,17 +62,22 @@ class ModelConfig:
     """Start the output projections of attention and MLP at zero, so each block starts as the identity."""
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
+        for name in SIZES:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise LmlabError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise LmlabError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
-        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
-            raise LmlabError(f"RoPE needs an even head size; n_embd/n_head = {self.n_embd // self.n_head}")
+        if not self.unset():  # else the budget rules fill them in (config.apply_budget), then these checks run
+            if self.n_embd % self.n_head:
+                raise LmlabError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
+            if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+                raise LmlabError(f"RoPE needs an even head size; n_embd/n_head = {self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise LmlabError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_ratio <= 0:
             raise LmlabError(f"--mlp-ratio must be positive, got {self.mlp_ratio}")
+
+    def unset(self) -> list[str]:
+        """The sizes left for the budget rules to choose (None)."""
+        return [name for name in SIZES if getattr(self, name) is None]
 
     @property
     def head_dim(self) -> int:
@@ -380,6 +388,9 @@ class Bigram(nn.Module):
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """The model named by cfg.arch, for a tokenizer with vocab_size symbols."""
+    if cfg.unset():
+        raise LmlabError(f"the model's {', '.join(cfg.unset())} are left to the budget rules; apply them first "
+                         f"(lmlab.config.apply_budget)")
     return Bigram(cfg, vocab_size) if cfg.arch == "bigram" else GPT(cfg, vocab_size)
 
 

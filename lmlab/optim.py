@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,8 @@ class OptimConfig:
 
     optimizer: Literal["sgd", "momentum", "adamw", "muon"] = "adamw"
     """sgd; momentum (heavy ball, --nesterov for Nesterov); adamw; muon (hidden matrices, AdamW for the rest)."""
-    lr: float = 3e-3
-    """Peak learning rate (for muon: of the AdamW part)."""
+    lr: Optional[float] = 3e-3
+    """Peak learning rate (for muon: of the AdamW part; None: picked for the time budget)."""
     muon_lr: float = 0.02
     """Peak learning rate of Muon's hidden-matrix updates."""
     weight_decay: float = 0.1
@@ -38,8 +38,8 @@ class OptimConfig:
     """AdamW denominator epsilon."""
     momentum: float = 0.9
     """Momentum of SGD-momentum (Muon uses muon_momentum)."""
-    muon_momentum: float = 0.95
-    """Momentum of Muon."""
+    muon_momentum: Optional[float] = 0.95
+    """Momentum of Muon (None: picked for the time budget)."""
     nesterov: bool = False
     """Use Nesterov momentum with --optimizer momentum."""
     schedule: Literal["constant", "cosine", "wsd"] = "wsd"
@@ -57,7 +57,7 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0 turns clipping off)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.muon_lr <= 0:
+        if (self.lr is not None and self.lr <= 0) or self.muon_lr <= 0:
             raise LmlabError(f"--lr must be positive, got {self.lr}")
         if self.warmup < 0:
             raise LmlabError(f"--warmup must be >= 0, got {self.warmup}")
@@ -326,6 +326,9 @@ def param_groups(model: nn.Module, weight_decay: float, split_hidden: bool = Fal
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.lr is None or cfg.muon_momentum is None:
+        raise LmlabError("the learning rate or Muon momentum is left to the budget rules; apply them first "
+                         "(lmlab.config.apply_budget)")
     if cfg.optimizer == "muon":
         groups = param_groups(model, cfg.weight_decay, split_hidden=True)
         for g in groups:

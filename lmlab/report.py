@@ -25,7 +25,7 @@ from . import __version__
 from . import rundir
 from .rundir import run_names
 from .common import LmlabError, atomic_write_bytes, fmt_count
-from .telemetry import visible
+from .tokenizer import visible
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
@@ -328,7 +328,7 @@ def _gradients_section(runs: list[RunLogs], images: _Images) -> str:
         parts.append("</div>")
     else:
         parts.append(_none("no training steps logged yet"))
-    parts.append("<h3>Per layer</h3><p>From telemetry.jsonl: each layer's gradient norm, and how far one optimizer "
+    parts.append(f"<h3>Per layer</h3><p>From {rundir.TELEMETRY}: each layer's gradient norm, and how far one optimizer "
                  "step moves its weights relative to their size (||update|| / ||weights||; log scale).</p>")
     for run in runs:
         if not run.telemetry:
@@ -400,7 +400,7 @@ def _samples_section(runs: list[RunLogs]) -> str:
                         f"temperature {s.get('temperature')}, no prompt")
                 parts.append(f"<h3>{html.escape(head)}</h3><pre class=sample>{html.escape(str(s['text']))}</pre>")
         elif run.samples_text.strip():
-            parts.append(f"<h3>{html.escape(run.name)} (samples.txt)</h3>"
+            parts.append(f"<h3>{html.escape(run.name)} ({rundir.SAMPLES_TXT})</h3>"
                          f"<pre class=sample>{html.escape(run.samples_text)}</pre>")
         else:
             parts.append(_none(f"{run.name}: no samples yet (training writes one at the end when "
@@ -456,7 +456,7 @@ def _config_section(runs: list[RunLogs]) -> str:
              '<th>last val loss</th><th>bits/byte</th><th>val accuracy</th><th>training time (s)</th></tr></thead>'
              '<tbody>' + "\n".join(rows) + "</tbody></table>"]
     for run in runs:
-        parts.append(f"<h3>{html.escape(run.name)}: config.json <span class=file>({html.escape(str(run.path))})"
+        parts.append(f"<h3>{html.escape(run.name)}: {rundir.CONFIG} <span class=file>({html.escape(str(run.path))})"
                      f"</span></h3><pre class=config>{html.escape(json.dumps(run.config, indent=2))}</pre>")
     return _section("config", "Runs and config", "\n".join(parts))
 

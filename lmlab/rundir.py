@@ -304,8 +304,29 @@ def check_no_links(run_dir: str | os.PathLike) -> None:
                         raise _link_error(Path(inner.path))
 
 
+def snapshot_paths(run_dir: Path) -> list[Path]:
+    """The weight snapshots of a run, oldest first."""
+    return [Path(e.path) for e in list_dir(run_dir, TRAJECTORY) if SNAPSHOT.fullmatch(e.name)]
+
+
+SNAPSHOT = re.compile(r"step_\d{8}\.safetensors")  # a weight snapshot in RUN/trajectory
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The run's config, status and lock
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    """Whether `path` is a run folder (it has a config.json, a regular file)."""
+    try:
+        return stat.S_ISREG(os.lstat(Path(path) / CONFIG).st_mode)
+    except OSError:
+        return False
+
+
+def created(run_dir: str | os.PathLike) -> float:
+    """When the run started (its config.json was written), as a Unix time."""
+    return os.lstat(Path(run_dir) / CONFIG).st_mtime
 
 
 def read_config(run_dir: str | os.PathLike) -> dict:

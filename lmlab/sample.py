@@ -1,4 +1,5 @@
-"""Generation: next-token filters (temperature, top-k, top-p) as pure functions, and a KV-cached sampling loop.
+"""Generation: next-token filters (temperature, top-k, top-p) as pure functions, a KV-cached sampling loop, and the
+probe that training records at each evaluation (the top next tokens and a greedy continuation of fixed prompts).
 
 Context policy: the model sees at most block_size tokens. A prompt longer than that keeps its last block_size
 tokens. When the window is full, it is cut to its newest block_size // 2 tokens, which are encoded again (with
@@ -12,7 +13,9 @@ import functools
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .common import LmlabError
@@ -284,3 +287,48 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
         except LmlabError:
             continue
     return [0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Probe
+
+
+def default_probe_prompts(val_tokens: np.ndarray, tokenizer, block_size: int, count: int = 3) -> list[str]:
+    """A few fixed prompts cut from the validation text (at 0, 1/3 and 2/3 of it), starting at a line start."""
+    n = len(val_tokens)
+    length = max(4, min(32, block_size // 2))
+    prompts = []
+    for i in range(count):
+        start = int(n * i / count)
+        window = tokenizer.decode(np.asarray(val_tokens[start:start + 4 * length]).tolist())
+        cut = window.find("\n")
+        if 0 <= cut < len(window) - length:
+            window = window[cut + 1:]
+        text = window[: max(1, length)]
+        if text.strip():
+            prompts.append(text)
+    return prompts
+
+
+@torch.no_grad()
+def probe(model: nn.Module, tokenizer, prompts: list[str], top: int = 5, continuation: int = 40) -> list[dict]:
+    """For each prompt: the top next-token predictions and a short greedy continuation."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    results = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)[-model.cfg.block_size:]
+        if not ids:
+            continue
+        logits = model(torch.tensor([ids], device=device))
+        probs = logits[0, -1].float().softmax(-1)
+        p, idx = probs.topk(min(top, probs.numel()))
+        greedy = tokenizer.decode(list(generate(model, ids, continuation, temperature=0.0)))
+        results.append({
+            "prompt": prompt,
+            "top": [[tokenizer.decode([int(i)]), float(q)] for q, i in zip(p, idx)],
+            "continuation": greedy,
+        })
+    model.train(was_training)
+    return results

@@ -104,12 +104,12 @@ class RunSet:
         self.folders: list[Path] = []
         for source in sources:
             path = Path(source)
-            if (path / "config.json").is_file():
+            if rundir.is_run(path):
                 self.runs.append(path)
             elif path.is_dir():
                 self.folders.append(path)
             elif path.exists():
-                raise LmlabError(f"{source} is neither a run (a folder with config.json) nor a folder of runs")
+                raise LmlabError(f"{source} is neither a run (a folder with {rundir.CONFIG}) nor a folder of runs")
             else:
                 raise LmlabError(f"no such run or folder of runs: {source}")
 
@@ -118,7 +118,7 @@ class RunSet:
         paths = list(self.runs)
         for folder in self.folders:
             try:
-                paths += sorted(p for p in folder.iterdir() if (p / "config.json").is_file())
+                paths += sorted(p for p in folder.iterdir() if rundir.is_run(p))
             except OSError:
                 continue  # the folder went away; its runs are no longer served
         unique = list({p.resolve(): p for p in paths}.values())
@@ -658,7 +658,7 @@ async def until_disconnected(request: Request, work: Callable, *args) -> Any:
 # The app
 
 
-LOGS = {"metrics": "metrics.jsonl", "probes": "probes.jsonl"}
+LOGS = {"metrics": rundir.METRICS, "probes": rundir.PROBES}
 
 
 def _sse(obj: Any) -> str:
@@ -782,7 +782,7 @@ def add_openai_routes(app: FastAPI, backend: Backend) -> None:
     runs = backend.runs
 
     def model_json(name: str, path: Path) -> dict:
-        return {"id": name, "object": "model", "created": int((path / "config.json").stat().st_mtime),
+        return {"id": name, "object": "model", "created": int(rundir.created(path)),
                 "owned_by": "lmlab"}
 
     @app.get("/v1/models")

@@ -1,85 +1,19 @@
-"""What training records about itself, so learning can be watched: probes (next-token predictions on fixed prompts),
-gradient telemetry (per-layer gradient norms, update-to-weight ratios), loss-spike flags, weight snapshots for the
+"""What training records about itself, so learning can be watched (the probe is sample.probe): gradient telemetry (per-layer gradient norms, update-to-weight ratios), loss-spike flags, weight snapshots for the
 loss-landscape trajectory, and optional TensorBoard output. All cheap enough to stay on by default."""
 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import save_model
 
 from . import rundir
 from .model import layer_of, unique_parameters
-from .rundir import TENSORBOARD, TRAJECTORY
-from .sample import generate
-
-
-def visible(text: str) -> str:
-    """A token's text with whitespace and control characters made visible: '\\n', '␣', '\\t', '\\x07'."""
-    out = []
-    for ch in text:
-        if ch == " ":
-            out.append("␣")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ord(ch) < 32 or ord(ch) == 127:
-            out.append(f"\\x{ord(ch):02x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Probe
-
-
-def default_probe_prompts(val_tokens: np.ndarray, tokenizer, block_size: int, count: int = 3) -> list[str]:
-    """A few fixed prompts cut from the validation text (at 0, 1/3 and 2/3 of it), starting at a line start."""
-    n = len(val_tokens)
-    length = max(4, min(32, block_size // 2))
-    prompts = []
-    for i in range(count):
-        start = int(n * i / count)
-        window = tokenizer.decode(np.asarray(val_tokens[start:start + 4 * length]).tolist())
-        cut = window.find("\n")
-        if 0 <= cut < len(window) - length:
-            window = window[cut + 1:]
-        text = window[: max(1, length)]
-        if text.strip():
-            prompts.append(text)
-    return prompts
-
-
-@torch.no_grad()
-def probe(model: nn.Module, tokenizer, prompts: list[str], top: int = 5, continuation: int = 40) -> list[dict]:
-    """For each prompt: the top next-token predictions and a short greedy continuation."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    results = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt)[-model.cfg.block_size:]
-        if not ids:
-            continue
-        logits = model(torch.tensor([ids], device=device))
-        probs = logits[0, -1].float().softmax(-1)
-        p, idx = probs.topk(min(top, probs.numel()))
-        greedy = tokenizer.decode(list(generate(model, ids, continuation, temperature=0.0)))
-        results.append({
-            "prompt": prompt,
-            "top": [[tokenizer.decode([int(i)]), float(q)] for q, i in zip(p, idx)],
-            "continuation": greedy,
-        })
-    model.train(was_training)
-    return results
+from .rundir import TENSORBOARD, TRAJECTORY, snapshot_paths
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,14 +107,6 @@ def save_snapshot(run_dir: Path, model: nn.Module, step: int, keep: int) -> None
         for old in snaps[1:-1:2]:
             old.unlink(missing_ok=True)  # a link is removed itself, never what it points to
         snaps = snapshot_paths(run_dir)
-
-
-def snapshot_paths(run_dir: Path) -> list[Path]:
-    """The weight snapshots of a run, oldest first."""
-    return [Path(e.path) for e in rundir.list_dir(run_dir, TRAJECTORY) if _SNAPSHOT.fullmatch(e.name)]
-
-
-_SNAPSHOT = re.compile(r"step_\d{8}\.safetensors")
 
 
 def prune_snapshots_after(run_dir: Path, step: int) -> None:

@@ -224,3 +224,20 @@ def from_json_checked(obj: Any, where: str | Path) -> Tokenizer:
 
 def load(path: str | Path) -> Tokenizer:
     return from_json_checked(read_json(path), path)
+
+
+def visible(text: str) -> str:
+    """A token's text with whitespace and control characters made visible: '\\n', '␣', '\\t', '\\x07'."""
+    out = []
+    for ch in text:
+        if ch == " ":
+            out.append("␣")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)

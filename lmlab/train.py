@@ -1,11 +1,12 @@
 """The training loop: batch -> forward -> loss -> backward -> clip -> step -> schedule -> log -> eval -> checkpoint.
 
-`train(config)` is a plain function; the CLI calls it, and so can tests and notebooks.
+`train(config)` is a plain function; the CLI calls it, and so can tests and notebooks. It reads top to bottom:
+setup (`prepare`), the loop (`train_step` and what is recorded after it), and the finish (`finish`). Everything that
+changes as training runs lives in one `TrainState`, which a checkpoint saves and a resume restores.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -14,55 +15,109 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
+from . import distributed as dist_
 from . import rundir
+from . import tokenizer as tok
 from .checkpoint import check_tokenizer, latest_good_checkpoint, load_newest, load_tokenizer, save_checkpoint
 from .common import LmlabError, fmt_count, resolve_device, resolve_dtype, seed_everything
-from .config import TrainConfig
-from .data import BatchSampler, load_splits
-from . import distributed as dist_
+from .config import TrainConfig, apply_budget
+from .data import BatchSampler, Splits, load_splits
 from .distributed import Dist, all_reduce_sum, barrier, unwrap
 from .evaluate import autocast_context, evaluate
-from .loss import training_loss
+from .loss import LossConfig, Metrics, training_loss
 from .model import ModelConfig, build_model, count_params
 from .optim import build_optimizer, clip_grad_norm, lr_multiplier, set_lr
-from .sample import generate, prompt_ids, stream_text
 from .rundir import RunLock, write_status  # noqa: F401 - RunLock is part of this module's interface
-from .telemetry import (
-    GradientTelemetry, SpikeDetector, TensorBoard, default_probe_prompts, probe, prune_snapshots_after, save_snapshot,
-)
-
-
-def diagnose_divergence(cfg: TrainConfig, step: int, bad: int, rollbacks: int, dtype: torch.dtype,
-                        lr_scale: float) -> str:
-    """One line that names the most likely cause of a run whose loss or gradients stay non-finite."""
-    where = f"the loss or gradient norm was not finite for {bad} steps in a row at step {step}"
-    if rollbacks:
-        where += f", after {rollbacks} rollback(s) that cut the learning rate to {lr_scale:g}x"
-    if dtype == torch.float16:
-        cause = "likely cause: float16 overflow; use --dtype bfloat16 or float32"
-    elif step <= bad:
-        cause = (f"likely cause: the data or the learning rate (--lr {cfg.optim.lr:g}) from the very first step; "
-                 f"try a learning rate 10x lower")
-    else:
-        cause = f"likely cause: the learning rate (--lr {cfg.optim.lr:g}) is too high; try a lower --lr or more --warmup"
-    return f"training diverged: {where}; {cause}"
+from .sample import default_probe_prompts, generate, probe, prompt_ids, stream_text
+from .telemetry import GradientTelemetry, SpikeDetector, TensorBoard, prune_snapshots_after, save_snapshot
 
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived; a checkpoint was written."""
 
 
-_quiet = False  # ranks other than 0 say nothing
-
-
-def _say(msg: str) -> None:
-    if not _quiet:
+def say(d: Dist, msg: str) -> None:
+    """Progress for the user, from rank 0 only."""
+    if d.main:
         print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a run is trained with (chosen once) and what changes as it trains
+
+
+@dataclass
+class Setup:
+    """What a run is trained with, chosen once at its start."""
+
+    cfg: TrainConfig
+    d: Dist
+    run_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: tok.Tokenizer
+    splits: Splits
+    grad_accum: int
+    global_batch: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.cfg.model.block_size
+
+    @property
+    def token_bytes(self) -> torch.Tensor:
+        return torch.from_numpy(self.tokenizer.byte_lengths())
+
+
+@dataclass
+class TrainState:
+    """Everything that changes as training runs: model, optimizer, batch sampler, RNGs and counters. A checkpoint
+    holds all of it, so a resumed run goes on exactly as if it had never stopped."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: BatchSampler
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    best_val: float = math.inf
+    lr_scale: float = 1.0
+    skipped: int = 0
+    rollbacks: int = 0
+    spikes: SpikeDetector = field(default_factory=SpikeDetector)
+
+    def state_dict(self) -> dict:
+        """The counters (JSON, in state.json) and the RNG states (tensors); model and optimizer save themselves."""
+        rng = {"torch": torch.get_rng_state(), "sampler": self.sampler.state_dict()["generator"]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        counters = {"tokens": self.tokens, "elapsed_s": self.elapsed, "lr_scale": self.lr_scale,
+                    "skipped_steps": self.skipped, "spikes": self.spikes.state_dict(), "rollbacks": self.rollbacks,
+                    "best_val_loss": self.best_val if math.isfinite(self.best_val) else None}
+        return {"step": self.step, "counters": counters, "rng": rng}
+
+    def load_state_dict(self, sd: dict, seed: int, d: Dist) -> None:
+        counters, rng = sd["counters"], sd["rng"]
+        self.sampler.load_state_dict({"generator": rng["sampler"]})
+        torch.set_rng_state(rng["torch"])
+        if d.rank:
+            torch.manual_seed(seed + 1_000_003 * d.rank + sd["step"])  # dropout differs between ranks
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        self.step, self.tokens, self.elapsed = sd["step"], counters["tokens"], counters["elapsed_s"]
+        self.best_val = counters.get("best_val_loss") or math.inf
+        self.lr_scale = counters.get("lr_scale", 1.0)
+        self.skipped = counters.get("skipped_steps", 0)
+        self.rollbacks = counters.get("rollbacks", 0)
+        if "spikes" in counters:
+            self.spikes.load_state_dict(counters["spikes"])
 
 
 def accumulation_steps(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -76,7 +131,205 @@ def accumulation_steps(cfg: TrainConfig, world: int) -> tuple[int, int]:
     return cfg.global_batch // per_pass, cfg.global_batch
 
 
-class _Viewer:
+def progress(cfg: TrainConfig, state: TrainState) -> float:
+    """The share of the budget done: of the steps, or of the seconds, whichever is further."""
+    return max(state.step / cfg.max_steps if cfg.max_steps else 0.0,
+               state.elapsed / cfg.max_time if cfg.max_time else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One step
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, loss_cfg: LossConfig,
+               grad_clip: float, autocast, d: Dist = Dist(), objective: Callable = training_loss,
+               telemetry: Optional[GradientTelemetry] = None) -> StepResult:
+    """forward -> loss -> backward on every micro-batch, clip, then the optimizer step, skipped when the loss or the
+    gradient norm is not finite (one bad batch must not wreck the weights). `model` may be compiled or wrapped;
+    telemetry, when given, looks at the weights just before the update."""
+    batches = list(batches)
+    loss_sum = None
+    for micro, (x, y) in enumerate(batches):
+        with dist_.no_sync(model, d, last_micro_step=micro == len(batches) - 1):
+            with autocast:
+                loss = objective(model(x), y, loss_cfg)
+            (loss / len(batches)).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    grad_norm = clip_grad_norm([p for p in unwrap(model).parameters() if p.requires_grad], grad_clip)
+    mean_loss = all_reduce_sum(loss_sum / len(batches), d) / d.world  # the loss of the global batch
+    result = StepResult(float(mean_loss), float(dist_.full_tensor(grad_norm)))
+    if result.finite:
+        if telemetry is not None:
+            telemetry.before_update()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """The run folder: the one to resume (checked for links), or a new one (refused if it holds anything else)."""
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        rundir.read_config(run_dir)
+        rundir.check_no_links(run_dir)
+        return run_dir
+    run_dir = Path(cfg.out or os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    rundir.check_new_run_dir(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LmlabError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+    if not os.access(run_dir, os.W_OK):
+        raise LmlabError(f"run directory {run_dir} is not writable")
+    return run_dir
+
+
+def lock_run_dir(cfg: TrainConfig, d: Dist, stack: ExitStack) -> Path:
+    """Rank 0 creates and locks the run folder; the others learn its name, or rank 0's error."""
+    message = ""
+    if d.main:
+        try:
+            run_dir = prepare_run_dir(cfg)
+            stack.enter_context(RunLock(run_dir))
+            rundir.remove_stale_temp_files(run_dir)
+            message = str(run_dir)
+        except LmlabError as e:
+            message = "\0" + str(e)
+    message = dist_.broadcast_str(message, d)
+    if message.startswith("\0"):
+        raise LmlabError(message[1:])
+    return Path(message)
+
+
+RESUME_FIXED = {"seed": "--seed", "preset": "--preset", "data.tokenizer": "--tokenizer",
+                "data.vocab_size": "--vocab-size", "optim.optimizer": "--optimizer"}
+
+
+def check_resume_settings(saved: TrainConfig, cfg: TrainConfig, run_dir: Path) -> None:
+    """Every setting changed on resume must take effect; refuse those that cannot. The model and tokenizer are the
+    checkpoint's, the seed's streams are restored from it, and another optimizer has no state to go on from."""
+    if dataclasses.asdict(saved.model) != dataclasses.asdict(cfg.model):
+        raise LmlabError(f"the model settings differ from those of the run in {run_dir}; they cannot change on resume")
+    for path, option in RESUME_FIXED.items():
+        old, new = saved, cfg
+        for part in path.split("."):
+            old, new = getattr(old, part), getattr(new, part)
+        if old != new and not (path == "data.vocab_size" and cfg.data.tokenizer != "bpe"):
+            raise LmlabError(f"{option} cannot change on resume (the run in {run_dir} has {old!r}, not {new!r}); "
+                             f"start a new run to change it")
+
+
+def resume_point(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Optional[tok.Tokenizer], bool]:
+    """On resume: the run's tokenizer, and whether it has a checkpoint to go on from (a run that died before its
+    first one starts over, its logs emptied)."""
+    if not cfg.resume:
+        return None, False
+    saved_json = rundir.read_config(run_dir)
+    check_resume_settings(TrainConfig.from_json(saved_json), cfg, run_dir)
+    tokenizer = load_tokenizer(run_dir)
+    check_tokenizer(saved_json, tokenizer, run_dir)
+    if latest_good_checkpoint(run_dir, warn=lambda m: say(d, m)) is not None:
+        return tokenizer, True
+    say(d, f"run {run_dir} has no complete checkpoint yet; starting it again from step 0")
+    for name in rundir.STEP_LOGS if d.main else ():
+        rundir.cut_jsonl(run_dir, name, -1)
+    return tokenizer, False
+
+
+def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState, bool]:
+    """Device, dtype, data, model and optimizer, in the order that makes a run reproducible from its seed."""
+    device = dist_.rank_device(resolve_device(cfg.device), d)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(cfg.seed)
+    tokenizer, resuming = resume_point(cfg, run_dir, d)
+    if not d.main:
+        barrier(d)  # rank 0 tokenizes and fills the cache first; the others then read it
+    splits = load_splits(cfg.data, tokenizer=tokenizer)
+    if d.main:
+        barrier(d)
+    if len(splits.val) < 2:
+        raise LmlabError(f"the validation split has {len(splits.val)} tokens; use more text or --val-data")
+    grad_accum, global_batch = accumulation_steps(cfg, d.world)
+    setup = Setup(cfg, d, run_dir, device, resolve_dtype(cfg.dtype, device), splits.tokenizer, splits, grad_accum,
+                  global_batch)
+    sampler = BatchSampler(splits.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device, grad_accum, d.rank,
+                           d.world)
+    model = dist_.wrap(build_model(cfg.model, setup.tokenizer.vocab_size).to(device), d, device)  # same on all ranks
+    state = TrainState(model, build_optimizer(unwrap(model), cfg.optim), sampler)
+    if d.rank:
+        torch.manual_seed(cfg.seed + 1_000_003 * d.rank)  # dropout differs between ranks
+    return setup, state, resuming
+
+
+def restore(setup: Setup, state: TrainState) -> Path:
+    """Put the state back as it was at the newest checkpoint that loads, and cut the logs back to it."""
+    d, run_dir = setup.d, setup.run_dir
+    ckpt = load_newest(run_dir, state.model, state.optimizer, setup.device, warn=lambda m: say(d, m))
+    if ckpt is None:
+        raise LmlabError(f"no checkpoint of run {run_dir} can be loaded")
+    state.load_state_dict({"step": ckpt.step, "counters": ckpt.state, "rng": ckpt.rng}, setup.cfg.seed, d)
+    if d.main:
+        for name in rundir.STEP_LOGS:
+            rundir.cut_jsonl(run_dir, name, state.step)
+        prune_snapshots_after(run_dir, state.step)
+    return ckpt.path
+
+
+def write_run_files(setup: Setup, resumed: bool) -> None:
+    """config.json says what the run uses, as it uses it; status.json says it is running."""
+    if not setup.d.main:
+        return
+    cfg, tokenizer = setup.cfg, setup.tokenizer
+    if not resumed:
+        rundir.write_json(setup.run_dir, rundir.TOKENIZER, tokenizer.to_json())
+    saved = dataclasses.replace(cfg, global_batch=setup.global_batch, grad_accum=setup.grad_accum)
+    rundir.write_json(setup.run_dir, rundir.CONFIG, {**saved.to_json(), "vocab_size": tokenizer.vocab_size,
+                                                     "tokenizer_fingerprint": tokenizer.fingerprint()})
+    write_status(setup.run_dir, "running", world_size=setup.d.world)
+
+
+def describe(setup: Setup, state: TrainState) -> None:
+    """What the run chose and why: model, data, device, dtype, batch layout, budget."""
+    cfg, d, tokenizer, splits = setup.cfg, setup.d, setup.tokenizer, setup.splits
+    m = cfg.model
+    say(d, f"run {setup.run_dir}: {m.arch} {m.n_layer}L/{m.n_head}H/{m.n_embd}d, "
+           f"{fmt_count(count_params(state.model))} params; {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}; "
+           f"train {fmt_count(len(splits.train))} / val {fmt_count(len(splits.val))} tokens")
+    say(d, f"device {setup.device} ({'asked for' if cfg.device != 'auto' else 'auto-selected'}), autocast "
+           f"{str(setup.dtype)[6:]}, {setup.tokens_per_step:,} tokens/step ({setup.global_batch} sequences x "
+           f"{m.block_size}), optimizer {cfg.optim.optimizer}, schedule {cfg.optim.schedule}, "
+           f"budget {cfg.max_steps or '-'} steps / {cfg.max_time or '-'} s, threads {torch.get_num_threads()}")
+    if d.active:
+        say(d, f"data parallel ({d.strategy}, {'nccl' if setup.device.type == 'cuda' else 'gloo'}): global batch "
+               f"{setup.global_batch} sequences = {d.world} processes x {cfg.batch_size} micro-batch x "
+               f"{setup.grad_accum} accumulation steps")
+        if d.sharded and cfg.telemetry_interval:
+            say(d, "note: per-layer gradient telemetry is off under fsdp (the gradients are sharded)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What training records, and where
+
+
+class Viewer:
     """The whole model on rank 0, for probes, weight snapshots and samples (None on other ranks).
 
     Under FSDP the shards are gathered (a collective: every rank calls get()) into a plain copy on the CPU.
@@ -98,444 +351,337 @@ class _Viewer:
         return self.copy
 
 
-def _test_kill_step(d: Dist) -> int:
-    """LMLAB_TEST_KILL=RANK:STEP: the step at which this rank kills itself (first launch only; -1: never), for the
-    failure tests."""
-    spec = os.environ.get("LMLAB_TEST_KILL")
-    if not spec or dist_.restart_count():
-        return -1
-    rank, at = (int(v) for v in spec.split(":"))
-    return at if d.rank == rank else -1
+class Recorder:
+    """The run's logs: a record per step and per evaluation in metrics.jsonl (rank 0 only), probes, gradient
+    telemetry, weight snapshots and TensorBoard; and the progress bar on a terminal."""
+
+    def __init__(self, setup: Setup, state: TrainState):
+        cfg, d = setup.cfg, setup.d
+        self.setup, self.cfg, self.d = setup, cfg, d
+        self.probe_prompts = ((list(cfg.probe_prompts) or default_probe_prompts(
+            setup.splits.val, setup.tokenizer, cfg.model.block_size)) if cfg.probe else [])
+        self.telemetry = GradientTelemetry(unwrap(state.model), cfg.telemetry_interval if d.main and not d.sharded else 0)
+        self.board = TensorBoard(setup.run_dir, cfg.tensorboard and d.main)
+        self.viewer = Viewer(state.model, d, cfg.model, setup.tokenizer.vocab_size)
+        self.metrics = self.open_log()
+        self.last_val: Optional[Metrics] = None
+        self.bar = None
+        if cfg.progress and sys.stderr.isatty() and d.main:
+            from tqdm import tqdm
+
+            total = cfg.max_steps if cfg.max_steps and not cfg.max_time else None
+            self.bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def open_log(self):
+        return rundir.open_append(self.setup.run_dir, rundir.METRICS) if self.d.main else open(os.devnull, "a")
+
+    def write(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()  # live readers (and the crash test) see every step
+
+    def step(self, state: TrainState, result: StepResult, dt: float, watched: bool) -> None:
+        record = {"step": state.step, "tokens": state.tokens, "train_loss": result.loss,
+                  "lr": state.optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm,
+                  "tokens_per_s": self.setup.tokens_per_step / dt, "elapsed_s": round(state.elapsed, 4)}
+        if not result.finite:
+            record.update(skipped=True, skipped_total=state.skipped)
+        if self.cfg.optim.grad_clip and result.grad_norm > self.cfg.optim.grad_clip:
+            record["clipped"] = True
+        spike = state.spikes.update(result.loss)
+        if spike is not None:
+            record["spike_z"] = round(spike, 2)
+        if watched:
+            rundir.append_jsonl(self.setup.run_dir, rundir.TELEMETRY, self.telemetry.after_update(state.step))
+        self.board.scalars(state.step, {"train/loss": result.loss, "train/lr": record["lr"],
+                                        "train/grad_norm": result.grad_norm, "train/tokens_per_s": record["tokens_per_s"]})
+        self.write(record)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"loss {result.loss:.4f} | {fmt_count(record['tokens_per_s'])} tok/s | "
+                                     f"{state.elapsed:.0f}s")
+
+    def evaluation(self, state: TrainState) -> Metrics:
+        """Validation loss, then the probe and a weight snapshot (rank 0)."""
+        setup, cfg = self.setup, self.cfg
+        m = evaluate(unwrap(state.model), setup.splits.val, setup.token_bytes, cfg.model.block_size, cfg.batch_size,
+                     cfg.eval_tokens, setup.dtype, self.d)
+        state.best_val = min(state.best_val, m.loss)
+        self.last_val = m
+        self.write({"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 3),
+                    "val_loss": m.loss, "val_bits_per_byte": m.bits_per_byte, "val_accuracy": m.accuracy,
+                    "val_perplexity": m.perplexity, "val_tokens": m.tokens})
+        self.board.scalars(state.step, {"val/loss": m.loss, "val/bits_per_byte": m.bits_per_byte,
+                                        "val/accuracy": m.accuracy})
+        view = self.viewer.get() if self.probe_prompts or cfg.trajectory_snapshots else None  # rank 0 only
+        if view is not None and self.probe_prompts:
+            results = probe(view, setup.tokenizer, self.probe_prompts)
+            rundir.append_jsonl(setup.run_dir, rundir.PROBES, {"step": state.step, "probes": results})
+            self.board.text(state.step, "probe", "\n\n".join(f"{r['prompt']!r} -> {r['continuation']!r}"
+                                                             for r in results))
+        if view is not None and cfg.trajectory_snapshots:
+            save_snapshot(setup.run_dir, view, state.step, cfg.trajectory_snapshots)
+        return m
+
+    def say_evaluation(self, state: TrainState, train_loss: Optional[float]) -> None:
+        m = self.last_val
+        if train_loss is None:
+            line = (f"step 0: val loss {m.loss:.4f} (uniform guess: "
+                    f"{math.log(self.setup.tokenizer.vocab_size):.4f})")
+        else:
+            line = (f"step {state.step}: train {train_loss:.4f}, val {m.loss:.4f} ({m.bits_per_byte:.3f} bits/byte), "
+                    f"{state.elapsed:.1f}s")
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            say(self.d, line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if not self.metrics.closed:
+            self.metrics.close()
+        self.board.close()
 
 
-def _rng_state(sampler: BatchSampler) -> dict[str, torch.Tensor]:
-    rng = {"torch": torch.get_rng_state(), "sampler": sampler.state_dict()["generator"]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    return rng
-
-
-def _prepare_run_dir(cfg: TrainConfig) -> Path:
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        rundir.read_config(run_dir)
-        rundir.check_no_links(run_dir)
-        return run_dir
-    run_dir = Path(cfg.out or os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    rundir.check_new_run_dir(run_dir)
+def checkpoint(setup: Setup, state: TrainState, recorder: Recorder) -> None:
+    """Every record up to this step is on disk before the checkpoint that covers it."""
+    recorder.metrics.flush()
+    if setup.d.main:
+        os.fsync(recorder.metrics.fileno())
+    sd = state.state_dict()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(setup.run_dir, state.step, state.model, state.optimizer, sd["rng"], sd["counters"],
+                        setup.cfg.keep_checkpoints, setup.d)
     except OSError as e:
-        raise LmlabError(f"cannot create run directory {run_dir}: {e.strerror}") from None
-    if not os.access(run_dir, os.W_OK):
-        raise LmlabError(f"run directory {run_dir} is not writable")
-    return run_dir
+        raise LmlabError(f"could not write a checkpoint in {setup.run_dir}: {e.strerror or e}; "
+                         f"the previous checkpoint is intact") from None
+
+
+def diagnose_divergence(cfg: TrainConfig, step: int, bad: int, rollbacks: int, dtype: torch.dtype,
+                        lr_scale: float) -> str:
+    """One line that names the most likely cause of a run whose loss or gradients stay non-finite."""
+    where = f"the loss or gradient norm was not finite for {bad} steps in a row at step {step}"
+    if rollbacks:
+        where += f", after {rollbacks} rollback(s) that cut the learning rate to {lr_scale:g}x"
+    if dtype == torch.float16:
+        cause = "likely cause: float16 overflow; use --dtype bfloat16 or float32"
+    elif step <= bad:
+        cause = (f"likely cause: the data or the learning rate (--lr {cfg.optim.lr:g}) from the very first step; "
+                 f"try a learning rate 10x lower")
+    else:
+        cause = f"likely cause: the learning rate (--lr {cfg.optim.lr:g}) is too high; try a lower --lr or more --warmup"
+    return f"training diverged: {where}; {cause}"
+
+
+def roll_back(setup: Setup, state: TrainState, recorder: Recorder, bad_in_row: int) -> None:
+    """After too many non-finite steps in a row: back to the last checkpoint with half the learning rate, or stop
+    with a diagnosis when there is none or the rollbacks are used up."""
+    cfg, d = setup.cfg, setup.d
+    if latest_good_checkpoint(setup.run_dir, warn=lambda m: say(d, m)) is None or state.rollbacks >= cfg.max_rollbacks:
+        raise LmlabError(diagnose_divergence(cfg, state.step, bad_in_row, state.rollbacks, setup.dtype,
+                                             state.lr_scale))
+    done, scale = state.rollbacks, state.lr_scale
+    path = restore(setup, state)  # (the counters come back as they were at that checkpoint)
+    state.rollbacks, state.lr_scale = done + 1, scale * 0.5
+    recorder.metrics.close()  # restore rewrote metrics.jsonl: append to the new file
+    recorder.metrics = recorder.open_log()
+    recorder.write({"step": state.step, "rollback": state.rollbacks, "lr_scale": state.lr_scale})
+    say(d, f"warning: {cfg.max_bad_steps} non-finite steps in a row; rolled back to {path.name} with the learning "
+           f"rate scaled by {state.lr_scale:g}")
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM ask training to stop between steps (never inside one); a second one gives up at once.
+
+    keep_on_error: when training fails, leave these handlers in place. Under torchrun, the agent sends SIGTERM to
+    the other ranks as soon as one dies; a rank that just lost its peer must live to say so, not die silently.
+    """
+
+    def __init__(self, keep_on_error: bool = False):
+        self.requested = False
+        self.keep_on_error = keep_on_error
+        self.previous: dict = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread: leave signals alone
+                break
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C while the checkpoint is written
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self.keep_on_error and not issubclass(exc_type, (KeyboardInterrupt, Interrupted)):
+            return
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def sync_ranks(dt: float, stop: bool, d: Dist) -> tuple[float, bool]:
+    """Rank 0's clock drives the time budget on every rank, and any rank's signal stops all of them."""
+    if d.world <= 1:
+        return dt, stop
+    sync = all_reduce_sum(torch.tensor([dt if d.main else 0.0, float(stop)], dtype=torch.float64), d)
+    return float(sync[0]), bool(sync[1] > 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured. Returns a summary: steps, tokens, val losses, run directory.
 
-    Under torchrun with --parallel ddp|fsdp every process calls this; rank 0 owns the run directory's logs.
+    The budget rules (config.apply_budget) run here, so `train(config)` from Python trains what `lmlab train` with
+    the same settings trains. Under torchrun with --parallel ddp|fsdp every process calls this; rank 0 owns the
+    run directory's logs.
     """
-    global _quiet
     if cfg.max_steps == 0 and cfg.max_time == 0:
         raise LmlabError("set a budget: --max-steps N and/or --max-time SECONDS")
+    cfg, note = apply_budget(cfg)
     d = dist_.setup(cfg.parallel, resolve_device(cfg.device), cfg.dist_timeout)
-    _quiet = not d.main
     try:
         accumulation_steps(cfg, d.world)  # refuse a global batch that does not divide before touching any file
-        if dist_.restart_count() and cfg.out and not cfg.resume and (Path(cfg.out) / "config.json").exists():
+        if dist_.restart_count() and cfg.out and not cfg.resume and (Path(cfg.out) / rundir.CONFIG).exists():
             cfg = dataclasses.replace(cfg, resume=cfg.out)  # an elastic restart: go on from the last checkpoint
-            _say(f"restart {dist_.restart_count()}: resuming {cfg.out}")
-        with contextlib.ExitStack() as lock:
-            message = ""
-            if d.main:  # rank 0 creates and locks the run directory; the others learn its name, or rank 0's error
-                try:
-                    run_dir = _prepare_run_dir(cfg)
-                    lock.enter_context(RunLock(run_dir))
-                    rundir.remove_stale_temp_files(run_dir)
-                    message = str(run_dir)
-                except LmlabError as e:
-                    message = "\0" + str(e)
-            message = dist_.broadcast_str(message, d)
-            if message.startswith("\0"):
-                raise LmlabError(message[1:])
-            run_dir = Path(message)
-            started: list[bool] = []  # set once the run is under way: a refused start leaves status.json alone
-            try:
-                summary = _train_locked(cfg, run_dir, d, started)
-            except Interrupted:
-                if d.main:
-                    write_status(run_dir, "interrupted")
-                raise
-            except BaseException as e:
-                if d.main and started:
-                    write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
-                if isinstance(e, Exception) and _lost_peer(e, d):
-                    raise LmlabError(f"rank {d.rank} lost contact with the other processes (one crashed or took "
-                                     f"longer than --dist-timeout {cfg.dist_timeout:g} s): "
-                                     f"{str(e).splitlines()[0][:200]}") from None
-                raise
-            if d.main:
-                write_status(run_dir, "finished", steps=summary["steps"], val_loss=summary["val_loss"])
-            return summary
+            say(d, f"restart {dist_.restart_count()}: resuming {cfg.out}")
+        if note:
+            say(d, note)
+        with ExitStack() as stack:
+            run_dir = lock_run_dir(cfg, d, stack)
+            return run_guarded(cfg, run_dir, d)
     finally:
         dist_.teardown(d)
-        _quiet = False
 
 
-RESUME_FIXED = {"seed": "--seed", "preset": "--preset", "data.tokenizer": "--tokenizer",
-                "data.vocab_size": "--vocab-size", "optim.optimizer": "--optimizer"}
-
-
-def check_resume_settings(saved: TrainConfig, cfg: TrainConfig, run_dir: Path) -> None:
-    """Every setting changed on resume must take effect; refuse those that cannot. The model and tokenizer are the
-    checkpoint's, the seed's streams are restored from it, and another optimizer has no state to go on from."""
-    if dataclasses.asdict(saved.model) != dataclasses.asdict(cfg.model):
-        raise LmlabError(f"the model settings differ from those of the run in {run_dir}; they cannot change on resume")
-    for path, option in RESUME_FIXED.items():
-        old, new = saved, cfg
-        for part in path.split("."):
-            old, new = getattr(old, part), getattr(new, part)
-        if old != new and not (path == "data.vocab_size" and cfg.data.tokenizer != "bpe"):
-            raise LmlabError(f"{option} cannot change on resume (the run in {run_dir} has {old!r}, not {new!r}); "
-                             f"start a new run to change it")
-
-
-def _lost_peer(e: Exception, d: Dist) -> bool:
-    """A collective failed because another rank died or timed out (gloo and nccl say so in several ways)."""
-    if not d.active or isinstance(e, LmlabError):
-        return False
-    return isinstance(e, (RuntimeError, OSError)) and any(
-        word in str(e) for word in ("gloo", "Gloo", "NCCL", "Connection", "connection", "timed out", "Timeout", "peer"))
-
-
-def _train_locked(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool]) -> dict:
-    device = dist_.rank_device(resolve_device(cfg.device), d)
-    dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    seed_everything(cfg.seed)
-
-    resume_path = None
-    if cfg.resume:
-        saved_json = rundir.read_config(run_dir)
-        check_resume_settings(TrainConfig.from_json(saved_json), cfg, run_dir)
-        tokenizer = load_tokenizer(run_dir)
-        check_tokenizer(saved_json, tokenizer, run_dir)
-        resume_path = latest_good_checkpoint(run_dir, warn=_say)
-        if resume_path is None:  # it died before its first checkpoint: nothing to keep, start it over
-            _say(f"run {run_dir} has no complete checkpoint yet; starting it again from step 0")
-            for name in rundir.STEP_LOGS if d.main else ():
-                rundir.cut_jsonl(run_dir, name, -1)
-    else:
-        tokenizer = None
-
-    if not d.main:
-        barrier(d)  # rank 0 tokenizes and fills the cache first; the others then read it
-    splits = load_splits(cfg.data, tokenizer=tokenizer)
-    if d.main:
-        barrier(d)
-    tokenizer = splits.tokenizer
-    block = cfg.model.block_size
-    if len(splits.val) < 2:
-        raise LmlabError(f"the validation split has {len(splits.val)} tokens; use more text or --val-data")
-    grad_accum, global_batch = accumulation_steps(cfg, d.world)
-    sampler = BatchSampler(splits.train, block, cfg.batch_size, cfg.seed, device, grad_accum, d.rank, d.world)
-    token_bytes = torch.from_numpy(tokenizer.byte_lengths())
-
-    model = dist_.wrap(build_model(cfg.model, tokenizer.vocab_size).to(device), d, device)  # same init on all ranks
-    optimizer = build_optimizer(unwrap(model), cfg.optim)
-    if d.rank:
-        torch.manual_seed(cfg.seed + 1_000_003 * d.rank)  # dropout differs between ranks
-    step, tokens_seen, elapsed = 0, 0, 0.0
-    best_val = math.inf
-    lr_scale, skipped_total, rollbacks = 1.0, 0, 0
-    spikes = SpikeDetector()
-
-    def restore() -> Path:
-        """Put model, optimizer, sampler, RNGs and counters back as they were at the newest checkpoint that loads."""
-        nonlocal step, tokens_seen, elapsed, best_val, lr_scale, skipped_total, rollbacks
-        ckpt = load_newest(run_dir, model, optimizer, device, warn=_say)
-        if ckpt is None:
-            raise LmlabError(f"no checkpoint of run {run_dir} can be loaded")
-        sampler.load_state_dict({"generator": ckpt.rng["sampler"]})
-        torch.set_rng_state(ckpt.rng["torch"])
-        if d.rank:
-            torch.manual_seed(cfg.seed + 1_000_003 * d.rank + ckpt.step)
-        if "cuda" in ckpt.rng and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt.rng["cuda"])
-        step, tokens_seen, elapsed = ckpt.step, ckpt.state["tokens"], ckpt.state["elapsed_s"]
-        best_val = ckpt.state.get("best_val_loss") or math.inf
-        lr_scale = ckpt.state.get("lr_scale", 1.0)
-        skipped_total = ckpt.state.get("skipped_steps", 0)
-        rollbacks = ckpt.state.get("rollbacks", 0)
-        if "spikes" in ckpt.state:
-            spikes.load_state_dict(ckpt.state["spikes"])
+def run_guarded(cfg: TrainConfig, run_dir: Path, d: Dist) -> dict:
+    """run() with status.json kept true however it ends, and a dead peer reported as such."""
+    started: list[bool] = []  # set once the run is under way: a refused start leaves status.json alone
+    try:
+        summary = run(cfg, run_dir, d, started)
+    except Interrupted:
         if d.main:
-            for name in rundir.STEP_LOGS:
-                rundir.cut_jsonl(run_dir, name, step)
-            prune_snapshots_after(run_dir, step)
-        return ckpt.path
-
-    if resume_path is not None:
-        resume_path = restore()
-        _say(f"resuming {run_dir} from {resume_path.name} (step {step}, {fmt_count(tokens_seen)} tokens)")
-    elif d.main:
-        rundir.write_json(run_dir, rundir.TOKENIZER, tokenizer.to_json())
+            write_status(run_dir, "interrupted")
+        raise
+    except BaseException as e:
+        if d.main and started:
+            write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+        if isinstance(e, Exception) and dist_.lost_peer(e, d):
+            raise LmlabError(f"rank {d.rank} lost contact with the other processes (one crashed or took longer "
+                             f"than --dist-timeout {cfg.dist_timeout:g} s): {str(e).splitlines()[0][:200]}") from None
+        raise
     if d.main:
-        saved = dataclasses.replace(cfg, global_batch=global_batch, grad_accum=grad_accum)
-        rundir.write_json(run_dir, rundir.CONFIG, {**saved.to_json(), "vocab_size": tokenizer.vocab_size,
-                                                   "tokenizer_fingerprint": tokenizer.fingerprint()})
-        write_status(run_dir, "running", world_size=d.world)
+        write_status(run_dir, "finished", steps=summary["steps"], val_loss=summary["val_loss"])
+    return summary
+
+
+def run(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool]) -> dict:
+    """setup -> loop (batch -> forward -> loss -> backward -> clip -> step -> schedule -> log -> evaluate ->
+    checkpoint) -> finish."""
+    setup, state, resuming = prepare(cfg, run_dir, d)
+    if resuming:
+        path = restore(setup, state)
+        say(d, f"resuming {run_dir} from {path.name} (step {state.step}, {fmt_count(state.tokens)} tokens)")
+    write_run_files(setup, resuming)
     started.append(True)
-
-    tokens_per_step = global_batch * block
-    _say(
-        f"run {run_dir}: {cfg.model.arch} {cfg.model.n_layer}L/{cfg.model.n_head}H/{cfg.model.n_embd}d, "
-        f"{fmt_count(count_params(model))} params; {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}; "
-        f"train {fmt_count(len(splits.train))} / val {fmt_count(len(splits.val))} tokens"
-    )
-    _say(
-        f"device {device} ({'asked for' if cfg.device != 'auto' else 'auto-selected'}), autocast {str(dtype)[6:]}, "
-        f"{tokens_per_step:,} tokens/step ({global_batch} sequences x {block}), "
-        f"optimizer {cfg.optim.optimizer}, schedule {cfg.optim.schedule}, "
-        f"budget {cfg.max_steps or '-'} steps / {cfg.max_time or '-'} s, threads {torch.get_num_threads()}"
-    )
-    if d.active:
-        _say(f"data parallel ({d.strategy}, {'nccl' if device.type == 'cuda' else 'gloo'}): global batch "
-             f"{global_batch} sequences = {d.world} processes x {cfg.batch_size} micro-batch x {grad_accum} "
-             f"accumulation steps")
-        if d.sharded and cfg.telemetry_interval:
-            _say("note: per-layer gradient telemetry is off under fsdp (the gradients are sharded)")
-
-    train_model = torch.compile(model) if cfg.compile else model
+    describe(setup, state)
+    model = torch.compile(state.model) if cfg.compile else state.model
     # compiled too, the loss fuses the float32 upcast of the logits into its softmax instead of writing a copy
     objective = torch.compile(training_loss) if cfg.compile else training_loss
-    probe_prompts = (list(cfg.probe_prompts) or default_probe_prompts(splits.val, tokenizer, block)) if cfg.probe else []
-    telemetry = GradientTelemetry(unwrap(model), cfg.telemetry_interval if d.main and not d.sharded else 0)
-    board = TensorBoard(run_dir, cfg.tensorboard and d.main)
-    params = [p for p in model.parameters() if p.requires_grad]
-    open_log = (lambda: rundir.open_append(run_dir, rundir.METRICS)) if d.main else (lambda: open(os.devnull, "a"))
-    metrics_file = open_log()
-    viewer = _Viewer(model, d, cfg.model, tokenizer.vocab_size)
-    last_saved = step
-    last_val = None
-
-    def progress() -> float:
-        done = 0.0
-        if cfg.max_steps:
-            done = max(done, step / cfg.max_steps)
-        if cfg.max_time:
-            done = max(done, elapsed / cfg.max_time)
-        return done
-
-    def finished() -> bool:
-        return progress() >= 1.0
-
-    def run_eval() -> float:
-        nonlocal best_val, last_val
-        m = evaluate(unwrap(model), splits.val, token_bytes, block, cfg.batch_size, cfg.eval_tokens, dtype, d)
-        best_val = min(best_val, m.loss)
-        last_val = m
-        record = {"step": step, "tokens": tokens_seen, "elapsed_s": round(elapsed, 3), "val_loss": m.loss,
-                  "val_bits_per_byte": m.bits_per_byte, "val_accuracy": m.accuracy, "val_perplexity": m.perplexity,
-                  "val_tokens": m.tokens}
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        board.scalars(step, {"val/loss": m.loss, "val/bits_per_byte": m.bits_per_byte, "val/accuracy": m.accuracy})
-        view = viewer.get() if probe_prompts or cfg.trajectory_snapshots else None  # rank 0 only
-        if view is not None and probe_prompts:
-            results = probe(view, tokenizer, probe_prompts)
-            rundir.append_jsonl(run_dir, rundir.PROBES, {"step": step, "probes": results})
-            board.text(step, "probe", "\n\n".join(f"{r['prompt']!r} -> {r['continuation']!r}" for r in results))
-        if view is not None and cfg.trajectory_snapshots:
-            save_snapshot(run_dir, view, step, cfg.trajectory_snapshots)
-        return m.loss
-
-    def checkpoint() -> None:
-        nonlocal last_saved
-        metrics_file.flush()  # every record up to this step is on disk before the checkpoint that covers it
-        if d.main:
-            os.fsync(metrics_file.fileno())
-        state = {"tokens": tokens_seen, "elapsed_s": elapsed, "lr_scale": lr_scale, "skipped_steps": skipped_total,
-                 "spikes": spikes.state_dict(),
-                 "rollbacks": rollbacks, "best_val_loss": best_val if math.isfinite(best_val) else None}
+    recorder = Recorder(setup, state)
+    autocast = autocast_context(setup.device, setup.dtype)
+    last_saved, bad_in_row, stop_all = state.step, 0, False
+    with StopSignals(keep_on_error=d.world > 1) as signals:
         try:
-            save_checkpoint(run_dir, step, model, optimizer, _rng_state(sampler), state, cfg.keep_checkpoints, d)
-        except OSError as e:
-            raise LmlabError(f"could not write a checkpoint in {run_dir}: {e.strerror or e}; "
-                             f"the previous checkpoint is intact") from None
-        last_saved = step
+            if state.step == 0:
+                recorder.evaluation(state)  # the loss before any learning: about ln(vocab)
+                recorder.say_evaluation(state, None)
+            model.train()
+            while progress(cfg, state) < 1.0:
+                if stop_all if d.world > 1 else signals.requested:  # between steps, never inside one
+                    raise KeyboardInterrupt
+                t0 = time.perf_counter()
+                set_lr(state.optimizer, state.lr_scale * lr_multiplier(
+                    cfg.optim.schedule, state.step, progress(cfg, state), cfg.optim.warmup, cfg.optim.decay_fraction,
+                    cfg.optim.final_lr_frac, cfg.optim.warmup_fraction if cfg.max_time else 0.0))
+                watched = recorder.telemetry.active(state.step + 1)
+                result = train_step(model, state.optimizer, (state.sampler.next() for _ in range(setup.grad_accum)),
+                                    cfg.loss, cfg.optim.grad_clip, autocast, d, objective,
+                                    recorder.telemetry if watched else None)
+                bad_in_row = 0 if result.finite else bad_in_row + 1
+                state.skipped += not result.finite
+                state.step, state.tokens = state.step + 1, state.tokens + setup.tokens_per_step
+                dt, stop_all = sync_ranks(time.perf_counter() - t0, signals.requested, d)
+                state.elapsed += dt
+                recorder.step(state, result, dt, watched and result.finite)
+                if bad_in_row >= cfg.max_bad_steps:
+                    roll_back(setup, state, recorder, bad_in_row)
+                    bad_in_row = 0
+                    continue
+                done = progress(cfg, state) >= 1.0
+                if state.step % cfg.eval_interval == 0 or done:
+                    recorder.evaluation(state)
+                    recorder.say_evaluation(state, result.loss)
+                if (state.step % cfg.checkpoint_interval == 0 or done) and bad_in_row == 0:
+                    checkpoint(setup, state, recorder)  # never while bad steps pile up: a rollback needs good weights
+                    last_saved = state.step
+        except KeyboardInterrupt:
+            stop_with_checkpoint(setup, state, recorder, last_saved)
+        finally:
+            recorder.close()
+    return finish(setup, state, recorder)
 
-    bar = None
-    if cfg.progress and sys.stderr.isatty():
-        from tqdm import tqdm
 
-        total = cfg.max_steps if cfg.max_steps and not cfg.max_time else None
-        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+def stop_with_checkpoint(setup: Setup, state: TrainState, recorder: Recorder, last_saved: int) -> None:
+    """Ctrl-C or SIGTERM: write a checkpoint (unless this step has one) and say how to resume."""
+    if recorder.bar is not None:
+        recorder.bar.close()
+    if state.step > last_saved:
+        checkpoint(setup, state, recorder)
+    recorder.metrics.close()
+    d = setup.d
+    cmd = f"lmlab train --resume {shlex.quote(str(setup.run_dir))}"
+    if d.active:
+        cmd = f"torchrun --nproc-per-node N -m {cmd.replace('lmlab train', f'lmlab train --parallel {d.strategy}')}"
+    say(d, f"\ninterrupted at step {state.step}; checkpoint written. Resume with:\n  {cmd}")
+    raise Interrupted(cmd) from None
 
-    stop_requested: list[int] = []  # set by SIGINT/SIGTERM; acted on between steps, never inside one
 
-    def on_signal(signum, frame):
-        if stop_requested:  # a second Ctrl-C while the checkpoint is written: give up at once
-            raise KeyboardInterrupt
-        stop_requested.append(signum)
-
-    previous_handlers = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous_handlers[sig] = signal.signal(sig, on_signal)
-        except ValueError:  # not the main thread: leave signals alone
-            break
-
-    if step == 0:
-        run_eval()  # the loss before any learning: about ln(vocab)
-        _say(f"step 0: val loss {last_val.loss:.4f} (uniform guess: {math.log(tokenizer.vocab_size):.4f})")
-
-    bad_in_row = 0
-    stop_all = False  # with several processes, all stop at the same step when any of them got a signal
-    kill_at = _test_kill_step(d)
-    autocast = autocast_context(device, dtype)
-    train_model.train()
-    try:
-        while not finished():
-            if stop_all if d.world > 1 else stop_requested:
-                raise KeyboardInterrupt
-            if step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            t0 = time.perf_counter()
-            multiplier = lr_multiplier(cfg.optim.schedule, step, progress(), cfg.optim.warmup,
-                                       cfg.optim.decay_fraction, cfg.optim.final_lr_frac,
-                                       cfg.optim.warmup_fraction if cfg.max_time else 0.0)
-            set_lr(optimizer, multiplier * lr_scale)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(grad_accum):
-                x, y = sampler.next()
-                with dist_.no_sync(model, d, last_micro_step=micro == grad_accum - 1):
-                    with autocast:
-                        loss = objective(train_model(x), y, cfg.loss)
-                    (loss / grad_accum).backward()
-                loss_sum += loss.detach()
-            grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
-            mean_loss = all_reduce_sum(loss_sum / grad_accum, d) / d.world  # the loss of the global batch
-            train_loss = float(mean_loss)
-            grad_norm = float(dist_.full_tensor(grad_norm))
-            finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
-            watch = finite and telemetry.active(step + 1)
-            if watch:
-                telemetry.before_update()
-            if finite:
-                optimizer.step()
-                bad_in_row = 0
-            else:  # skip the update: one bad batch or one overflow must not wreck the weights
-                skipped_total += 1
-                bad_in_row += 1
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            dt = time.perf_counter() - t0
-            if d.world > 1:  # rank 0's clock drives the time budget on every rank; any rank's signal stops all
-                sync = all_reduce_sum(torch.tensor([dt if d.main else 0.0, float(bool(stop_requested))],
-                                                   dtype=torch.float64, device=device), d)
-                dt, stop_all = float(sync[0]), bool(sync[1] > 0)
-            elapsed += dt
-            record = {"step": step, "tokens": tokens_seen, "train_loss": train_loss,
-                      "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_step / dt, "elapsed_s": round(elapsed, 4)}
-            if not finite:
-                record.update(skipped=True, skipped_total=skipped_total)
-            if cfg.optim.grad_clip and grad_norm > cfg.optim.grad_clip:
-                record["clipped"] = True
-            spike = spikes.update(train_loss)
-            if spike is not None:
-                record["spike_z"] = round(spike, 2)
-            if watch:
-                rundir.append_jsonl(run_dir, rundir.TELEMETRY, telemetry.after_update(step))
-            board.scalars(step, {"train/loss": train_loss, "train/lr": record["lr"],
-                                 "train/grad_norm": record["grad_norm"], "train/tokens_per_s": record["tokens_per_s"]})
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()  # live readers (and the crash test) see every step
-            if bad_in_row >= cfg.max_bad_steps:
-                metrics_file.flush()
-                if latest_good_checkpoint(run_dir, warn=_say) is None or rollbacks >= cfg.max_rollbacks:
-                    raise LmlabError(diagnose_divergence(cfg, step, bad_in_row, rollbacks, dtype, lr_scale))
-                done_rollbacks, scale = rollbacks, lr_scale
-                last_good = restore()  # (this reloads the counters as they were at that checkpoint)
-                rollbacks, lr_scale = done_rollbacks + 1, scale * 0.5
-                bad_in_row = 0
-                metrics_file.close()
-                metrics_file = open_log()
-                metrics_file.write(json.dumps({"step": step, "rollback": rollbacks, "lr_scale": lr_scale}) + "\n")
-                _say(f"warning: {cfg.max_bad_steps} non-finite steps in a row; rolled back to {last_good.name} "
-                     f"with the learning rate scaled by {lr_scale:g}")
-                continue
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"loss {train_loss:.4f} | {fmt_count(tokens_per_step / dt)} tok/s | {elapsed:.0f}s")
-            if step % cfg.eval_interval == 0 or finished():
-                run_eval()
-                line = f"step {step}: train {train_loss:.4f}, val {last_val.loss:.4f} ({last_val.bits_per_byte:.3f} bits/byte), {elapsed:.1f}s"
-                if bar is not None:
-                    bar.write(line, file=sys.stderr)
-                else:
-                    _say(line)
-            if (step % cfg.checkpoint_interval == 0 or finished()) and bad_in_row == 0:
-                checkpoint()  # never while non-finite steps are piling up: a rollback must land on good weights
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        if step > last_saved:
-            checkpoint()
-        metrics_file.close()
-        cmd = f"lmlab train --resume {shlex.quote(str(run_dir))}"
-        if d.active:
-            cmd = f"torchrun --nproc-per-node N -m {cmd.replace('lmlab train', f'lmlab train --parallel {d.strategy}')}"
-        _say(f"\ninterrupted at step {step}; checkpoint written. Resume with:\n  {cmd}")
-        raise Interrupted(cmd) from None
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-        if bar is not None:
-            bar.close()
-        if not metrics_file.closed:
-            metrics_file.close()
-        board.close()
-
-    summary = {
-        "run_dir": str(run_dir),
-        "rank": d.rank,
-        "steps": step,
-        "tokens": tokens_seen,
-        "train_time_s": elapsed,
-        "best_val_loss": best_val,
-        "val_loss": last_val.loss if last_val else None,
-        "val_bits_per_byte": last_val.bits_per_byte if last_val else None,
-        "val_accuracy": last_val.accuracy if last_val else None,
-    }
-    if last_val is not None:
-        _say(f"done: {step} steps, {fmt_count(tokens_seen)} tokens in {elapsed:.1f}s of training; val loss "
-             f"{last_val.loss:.4f} (best {best_val:.4f}), {last_val.bits_per_byte:.3f} bits/byte, "
-             f"accuracy {last_val.accuracy:.1%}")
-    view = viewer.get() if cfg.sample_tokens else None  # rank 0 only
+def finish(setup: Setup, state: TrainState, recorder: Recorder) -> dict:
+    """The summary, and a sample from the trained model (saved in samples.txt and samples.jsonl)."""
+    cfg, d, last = setup.cfg, setup.d, recorder.last_val
+    summary = {"run_dir": str(setup.run_dir), "rank": d.rank, "steps": state.step, "tokens": state.tokens,
+               "train_time_s": state.elapsed, "best_val_loss": state.best_val,
+               "val_loss": last.loss if last else None, "val_bits_per_byte": last.bits_per_byte if last else None,
+               "val_accuracy": last.accuracy if last else None}
+    if last is not None:
+        say(d, f"done: {state.step} steps, {fmt_count(state.tokens)} tokens in {state.elapsed:.1f}s of training; val "
+               f"loss {last.loss:.4f} (best {state.best_val:.4f}), {last.bits_per_byte:.3f} bits/byte, accuracy "
+               f"{last.accuracy:.1%}")
+    view = recorder.viewer.get() if cfg.sample_tokens else None  # rank 0 only
     if view is not None:
-        model = view
-        model.eval()
-        gen = torch.Generator().manual_seed(cfg.seed)
-        ids = prompt_ids(tokenizer, cfg.sample_prompt)
-        _say(f"sample ({cfg.sample_tokens} tokens, temperature 0.8):")
-        text = cfg.sample_prompt
-        sys.stdout.write(cfg.sample_prompt)
-        for piece in stream_text(tokenizer, generate(model, ids, cfg.sample_tokens, 0.8, 0, 1.0, gen)):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-            text += piece
-        sys.stdout.write("\n")
-        rundir.append_text(run_dir, rundir.SAMPLES_TXT, f"--- step {step} ---\n{text}\n")
-        rundir.append_jsonl(run_dir, rundir.SAMPLES_JSONL, {"step": step, "prompt": cfg.sample_prompt,
-                                                            "temperature": 0.8, "text": text})
-        summary["sample"] = text
+        summary["sample"] = final_sample(setup, view.eval(), state.step)
     return summary
+
+
+def final_sample(setup: Setup, model: torch.nn.Module, step: int) -> str:
+    cfg, tokenizer = setup.cfg, setup.tokenizer
+    gen = torch.Generator().manual_seed(cfg.seed)
+    say(setup.d, f"sample ({cfg.sample_tokens} tokens, temperature 0.8):")
+    text = cfg.sample_prompt
+    sys.stdout.write(cfg.sample_prompt)
+    tokens = generate(model, prompt_ids(tokenizer, cfg.sample_prompt), cfg.sample_tokens, 0.8, 0, 1.0, gen)
+    for piece in stream_text(tokenizer, tokens):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        text += piece
+    sys.stdout.write("\n")
+    rundir.append_text(setup.run_dir, rundir.SAMPLES_TXT, f"--- step {step} ---\n{text}\n")
+    rundir.append_jsonl(setup.run_dir, rundir.SAMPLES_JSONL, {"step": step, "prompt": cfg.sample_prompt,
+                                                              "temperature": 0.8, "text": text})
+    return text

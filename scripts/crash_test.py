@@ -99,7 +99,10 @@ def main() -> int:
     reference = losses(ref)
 
     run = work / "killed"
-    pause_env = {**env, "LMLAB_TEST_CHECKPOINT_PAUSE": "0.3"}
+    # tests/sitecustomize.py holds each checkpoint half-written for 0.3 s, so that kills can land inside one
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    pause_env = {**env, "LMLAB_TEST_CHECKPOINT_PAUSE": "0.3",
+                 "PYTHONPATH": os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))}
     kills, during_checkpoint, resumes = 0, 0, []
     cmd = [*base, "--out", str(run)]
     while True:

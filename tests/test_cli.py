@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_ARGS, lmlab_cmd, make_text, read_jsonl, run_cli, write_corpus
+from helpers import TINY_ARGS, cli_env, lmlab_cmd, make_text, read_jsonl, run_cli, write_corpus
 from lmlab.cli import main
 
 TRAIN_KEYS = {"step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
@@ -433,28 +434,67 @@ def test_failed_training_leaves_no_config_behind(bad_inputs, capsys):
 
 
 def test_short_budgets_get_the_short_budget_recipe():
-    from lmlab.config import SHORT_BUDGET, SHORT_BUDGET_S, for_budget, get_preset
+    import dataclasses
+
+    from lmlab.config import SHORT_BUDGET, SHORT_BUDGET_S, TINY_RECIPE, apply_budget, get_preset
 
     def settings(cfg):
         return (cfg.batch_size, cfg.model.block_size, cfg.model.n_layer, cfg.model.n_embd, cfg.optim.lr,
                 cfg.optim.muon_momentum)
 
-    tiny = get_preset("tiny")
-    assert settings(tiny) == (32, 128, 4, 128, 1e-2, 0.95)
-    cfg, note = for_budget(get_preset("tiny"), 20.0, set())
+    def tiny(max_time: float, **own):
+        cfg = dataclasses.replace(get_preset("tiny"), max_time=max_time)
+        for name, value in own.items():  # a value that is not None is the caller's own
+            setattr(cfg.model if hasattr(cfg.model, name) else cfg.optim, name, value)
+        return cfg
+
+    cfg, note = apply_budget(tiny(240.0))
+    assert settings(cfg) == (32, 128, 4, 128, 1e-2, 0.95) and note == ""
+    assert cfg.model.n_head == TINY_RECIPE["n_head"]
+    cfg, note = apply_budget(tiny(20.0))
     assert settings(cfg) == (32, 64, 2, 96, 2e-2, 0.9) and settings(cfg)[1:] == tuple(SHORT_BUDGET.values())
     assert "--block-size 64 --n-layer 2 --n-embd 96 --lr 0.02 --muon-momentum 0.9" in note
-    # an option the user gave stays theirs; the others still follow the budget
-    cfg, note = for_budget(get_preset("tiny"), 20.0, {"block_size", "lr", "n_layer"})
+    # a setting the caller gave stays theirs; the others still follow the budget
+    cfg, note = apply_budget(tiny(20.0, block_size=128, lr=1e-2, n_layer=4))
     assert settings(cfg) == (32, 128, 4, 96, 1e-2, 0.9)
     assert "--block-size" not in note and "--lr " not in note and "--n-layer" not in note
-    cfg, note = for_budget(get_preset("tiny"), 20.0, {"n_head"})
+    cfg, note = apply_budget(tiny(20.0, n_head=4))
     assert (cfg.model.n_layer, cfg.model.n_embd) == (2, 128) and "--n-embd" not in note
-    cfg, note = for_budget(get_preset("tiny"), 20.0, set(SHORT_BUDGET))
-    assert settings(cfg) == settings(tiny) and note == ""
-    for budget, preset in ((SHORT_BUDGET_S + 1, "tiny"), (0.0, "tiny"), (20.0, "small")):
-        cfg, note = for_budget(get_preset(preset), budget, set())
-        assert settings(cfg) == settings(get_preset(preset)) and note == ""
+    cfg, note = apply_budget(tiny(20.0, **{k: TINY_RECIPE[k] for k in SHORT_BUDGET}))
+    assert settings(cfg) == (32, 128, 4, 128, 1e-2, 0.95) and note == ""
+    for budget in (SHORT_BUDGET_S + 1, 0.0):
+        assert settings(apply_budget(tiny(budget))[0]) == (32, 128, 4, 128, 1e-2, 0.95)
+    small = get_preset("small")
+    assert apply_budget(dataclasses.replace(small, max_time=20.0)) == (dataclasses.replace(small, max_time=20.0), "")
+
+
+def test_python_and_the_cli_apply_the_same_budget_rules(tmp_path):
+    """train(config) from Python and `lmlab train` with the same settings write the same config.json and log the
+    same losses: the budget rules run inside train()."""
+    write_corpus(tmp_path / "corpus.txt", 200)
+    common = dict(max_time=20.0, max_steps=4, eval_interval=2, sample_tokens=0, tensorboard=False, progress=False,
+                  trajectory_snapshots=0, threads=1)
+    script = (
+        "import sys; from lmlab.config import get_preset; from lmlab.data import DataConfig; "
+        "from lmlab.train import train\n"
+        "cfg = get_preset('tiny'); cfg.data = DataConfig(data='corpus.txt'); cfg.out = 'python'\n"
+        f"for k, v in {common!r}.items(): setattr(cfg, k, v)\n"
+        "train(cfg)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=cli_env(tmp_path / "cache"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "short-budget settings" in proc.stderr
+    _ok(run_cli(["train", "--data", "corpus.txt", "--out", "cli", "--max-time", "20", "--max-steps", "4",
+                 "--eval-interval", "2", "--sample-tokens", "0", "--no-tensorboard", "--no-progress",
+                 "--trajectory-snapshots", "0", "--threads", "1"], cwd=tmp_path, cache=tmp_path / "cache"))
+    configs = [json.loads((tmp_path / name / "config.json").read_text()) for name in ("python", "cli")]
+    for config in configs:
+        config.pop("out")
+    assert configs[0] == configs[1]
+    assert (configs[0]["model"]["n_layer"], configs[0]["model"]["block_size"]) == (2, 64)  # the short budget's
+    losses = [[r.get("train_loss", r.get("val_loss")) for r in read_jsonl(tmp_path / name / "metrics.jsonl")]
+              for name in ("python", "cli")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4 + 3
 
 
 def test_train_with_a_short_budget_records_the_recipe_it_used(tmp_path):

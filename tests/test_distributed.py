@@ -44,6 +44,8 @@ def _train(cwd: Path, cache: Path, nproc: int, *args: str, extra_env: dict | Non
     else:
         cmd = [sys.executable, "-m", "lmlab", "train", *args]
     env = {**_env(cache), **(extra_env or {})}
+    if "LMLAB_TEST_KILL" in env:  # tests/sitecustomize.py does the killing, in the processes torchrun starts
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
     return _run(cmd, cwd, env, timeout)
 
 

@@ -3,8 +3,21 @@
 import ast
 from pathlib import Path
 
-ORDER = ["common", "tokenizer", "data", "loss", "model", "distributed", "optim", "config", "rundir", "checkpoint", "sample", "evaluate", "telemetry",
-         "train", "inspect", "landscape", "report", "bench", "serve", "cli", "__main__"]
+# STYLE.md's pipeline: common -> tokenizer -> data -> model -> loss -> optim -> distributed -> train -> checkpoint
+#   -> sample / evaluate / inspect -> report / serve. Where the training loop needs it, a module moves left:
+ORDER = [
+    "common", "tokenizer", "data", "model", "loss",
+    "distributed",  # before optim: Muon orthogonalises sharded (FSDP) matrices through its helpers
+    "optim",
+    "config",  # after optim: a run's config is made of the data, model, loss and optimizer sections
+    "rundir",  # the run folder, then checkpoint, sample and evaluate: the loop checkpoints, probes, samples and
+    "checkpoint", "sample", "evaluate",  # evaluates as it goes, so they come before train
+    "telemetry",  # what the loop records about itself (gradients, spikes, weight snapshots)
+    "train",
+    "inspect", "landscape", "report",
+    "bench",  # times the loop's own train_step
+    "serve", "cli", "__main__",
+]
 PACKAGE = Path(__file__).resolve().parents[1] / "lmlab"
 
 
@@ -36,3 +49,29 @@ def test_the_core_never_imports_report_or_optional_dependencies():
         source = (PACKAGE / f"{name}.py").read_text()
         assert "import report" not in source and "from .report" not in source
         assert "import matplotlib" not in source and "from matplotlib" not in source, name
+
+
+RUN_FILES = ("config.json", "tokenizer.json", "status.json", "metrics.jsonl", "probes.jsonl", "telemetry.jsonl",
+             "samples.txt", "samples.jsonl", ".lock")
+RUN_FOLDERS = ("checkpoints", "trajectory", "landscape", "tensorboard")
+# the token cache of data.py is not a run folder; it keeps its tokenizer under the same file name
+ELSEWHERE = {("data", "tokenizer.json")}
+
+
+def test_only_the_run_folder_module_spells_a_run_files_name():
+    """rundir owns the run folder: no other module writes a run file's name as a string, or joins a path with the
+    name of one of the run's folders (docstrings and comments may mention them)."""
+    found = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.stem == "rundir":
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                found += [f"{path.name}:{node.lineno}: {name!r}" for name in RUN_FILES
+                          if name in node.value and (path.stem, name) not in ELSEWHERE]
+            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
+                    and node.right.value in RUN_FOLDERS):
+                found.append(f"{path.name}:{node.lineno}: / {node.right.value!r}")
+    assert not found, found

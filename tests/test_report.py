@@ -21,7 +21,7 @@ from lmlab.cli import main
 from lmlab.report import (
     PNG_SIGNATURE, grad_norm_figure, load_run_logs, loss_figure, png_bytes, smooth, write_report,
 )
-from lmlab.telemetry import visible
+from lmlab.tokenizer import visible
 
 SECTION_IDS = ["loss", "accuracy", "schedule", "gradients", "throughput", "probes", "samples", "landscape", "config"]
 PROMPT = "the cat "
