@@ -37,6 +37,7 @@ from safetensors.torch import load_model, save_file, save_model
 from . import rundir
 from . import tokenizer as tok
 from .common import SCHEMA_VERSION, LmlabError, atomic_write_json, sha256_file
+from .config import TrainConfig
 from .distributed import Dist, barrier, is_sharded, like, unwrap
 from .model import unique_parameters
 from .rundir import CHECKPOINTS
@@ -689,13 +690,13 @@ def read_run_config(run_dir: Path) -> dict:
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     """Build model + tokenizer from a run folder and load its newest good checkpoint. Executes no code from it."""
-    from .model import ModelConfig, build_model
+    from .model import build_model
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     check_tokenizer(config, tokenizer, run_dir)
-    model = build_model(ModelConfig(**config["model"]), tokenizer.vocab_size).to(device)
+    model = build_model(TrainConfig.from_json(config).model, tokenizer.vocab_size).to(device)
     ckpt = load_newest(run_dir, model, None, device)
     if ckpt is None:
         if checkpoint_dirs(run_dir):
@@ -712,8 +713,8 @@ def export_run(run_dir: str | Path, out: str | Path, trust_pickle: bool = False,
     The copy needs no process group and resumes, samples and evaluates like any one-process run. trust_pickle lets
     an old torch.distributed.checkpoint checkpoint be converted, after a warning: loading it unpickles its metadata.
     """
-    from .model import ModelConfig, build_model
-    from .optim import OptimConfig, build_optimizer
+    from .model import build_model
+    from .optim import build_optimizer
 
     run_dir, out = Path(run_dir), Path(out)
     config = read_run_config(run_dir)
@@ -721,8 +722,9 @@ def export_run(run_dir: str | Path, out: str | Path, trust_pickle: bool = False,
         raise LmlabError(f"{out} already exists and is not empty; choose another --out")
     tokenizer = load_tokenizer(run_dir)
     check_tokenizer(config, tokenizer, run_dir)
-    model = build_model(ModelConfig(**config["model"]), tokenizer.vocab_size)
-    optimizer = build_optimizer(model, OptimConfig(**config["optim"]))
+    cfg = TrainConfig.from_json(config)
+    model = build_model(cfg.model, tokenizer.vocab_size)
+    optimizer = build_optimizer(model, cfg.optim)
     path = next(good_checkpoints(run_dir, warn, allow_pickle=trust_pickle), None)
     if path is None:
         raise LmlabError(f"run {run_dir} has no good checkpoint to export")

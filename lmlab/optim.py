@@ -332,12 +332,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "muon":
         groups = param_groups(model, cfg.weight_decay, split_hidden=True)
         for g in groups:
-            g["base_lr"] = cfg.muon_lr if g.get("use_muon") else cfg.lr
-            g["lr"] = g["base_lr"]
+            g["lr"] = peak_lr(cfg, g)
         return Muon(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, momentum=cfg.muon_momentum)
     groups = param_groups(model, cfg.weight_decay)
-    for g in groups:
-        g["base_lr"] = cfg.lr
     if cfg.optimizer == "adamw":
         return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.optimizer == "sgd":
@@ -347,9 +344,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     raise LmlabError(f"unknown optimizer {cfg.optimizer!r}; use sgd, momentum, adamw or muon")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
+def peak_lr(cfg: OptimConfig, group: dict) -> float:
+    """A parameter group's peak learning rate, from the config (the one place it lives): Muon's for the hidden
+    matrices it updates, --lr for the rest."""
+    return cfg.muon_lr if group.get("use_muon") else cfg.lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, multiplier: float) -> None:
+    """Every group at its peak learning rate times `multiplier` (the schedule's, times any rollback's cut)."""
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * multiplier
+        group["lr"] = peak_lr(cfg, group) * multiplier
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:

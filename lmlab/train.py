@@ -606,7 +606,7 @@ def run(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool]) -> dict:
                 if stop_all if d.world > 1 else signals.requested:  # between steps, never inside one
                     raise KeyboardInterrupt
                 t0 = time.perf_counter()
-                set_lr(state.optimizer, state.lr_scale * lr_multiplier(
+                set_lr(state.optimizer, cfg.optim, state.lr_scale * lr_multiplier(
                     cfg.optim.schedule, state.step, progress(cfg, state), cfg.optim.warmup, cfg.optim.decay_fraction,
                     cfg.optim.final_lr_frac, cfg.optim.warmup_fraction if cfg.max_time else 0.0))
                 watched = recorder.telemetry.active(state.step + 1)

@@ -233,10 +233,11 @@ def test_unknown_schedule_raises():
         lr_multiplier("linear", 0, 0.0)
 
 
-def test_set_lr_scales_base_lr():
+def test_set_lr_scales_the_configs_peak_learning_rates():
     model = GPT(ModelConfig(block_size=8, n_layer=1, n_head=2, n_embd=16), 11)
-    opt = build_optimizer(model, OptimConfig(optimizer="muon", lr=1e-3, muon_lr=0.02))
-    set_lr(opt, 0.25)
+    cfg = OptimConfig(optimizer="muon", lr=1e-3, muon_lr=0.02)
+    opt = build_optimizer(model, cfg)
+    set_lr(opt, cfg, 0.25)
     for g in opt.param_groups:
         expected = 0.02 * 0.25 if g.get("use_muon") else 1e-3 * 0.25
         assert g["lr"] == pytest.approx(expected)
@@ -290,7 +291,7 @@ def test_build_optimizer_kinds_and_hyperparameters():
     adamw = build_optimizer(model, OptimConfig(optimizer="adamw", lr=2e-3, beta1=0.8, beta2=0.9, eps=1e-7))
     assert isinstance(adamw, AdamW)
     for g in adamw.param_groups:
-        assert g["lr"] == 2e-3 and g["betas"] == (0.8, 0.9) and g["eps"] == 1e-7 and g["base_lr"] == 2e-3
+        assert g["lr"] == 2e-3 and g["betas"] == (0.8, 0.9) and g["eps"] == 1e-7
     sgd = build_optimizer(model, OptimConfig(optimizer="sgd", lr=0.1))
     assert isinstance(sgd, SGD) and all(g["momentum"] == 0 for g in sgd.param_groups)
     mom = build_optimizer(model, OptimConfig(optimizer="momentum", momentum=0.7, nesterov=True))
