@@ -16,6 +16,7 @@ import tyro
 from typing_extensions import Annotated
 
 from .common import LmlabError
+from .experiment import ExperimentConfig
 from .sample import SampleConfig
 
 SUBCOMMANDS = {
@@ -26,8 +27,11 @@ SUBCOMMANDS = {
     "next": "the next-token distribution after a prompt, and which tokens sampling settings keep",
     "surprisal": "per-token loss of a text, coloured in the terminal or as an HTML heatmap",
     "landscape": "the loss around the trained weights along random directions, and the training trajectory",
+    "inside": "what the model learnt inside it over training: head scores, induction, loss by position, logit lens",
     "report": "one self-contained HTML page (and PNGs) with the curves, probes, samples and config of runs",
-    "export": "copy a run with its newest checkpoint as single files (e.g. from sharded FSDP checkpoints)",
+    "experiment": "how language models learn, measured: loss (why not accuracy), descent (step size, batch noise, "
+                  "optimizers), patterns (frequency, not truth)",
+    "export": "copy a run as single files (e.g. from sharded FSDP checkpoints), or as a transformers model (--format hf)",
     "bench": "measure hardware peak, training throughput and MFU, time to quality, generation and data speed",
     "serve": "a local web app (live training charts, next-token playground) and an OpenAI-compatible API",
 }
@@ -134,12 +138,18 @@ def cmd_sample(argv: list[str]) -> int:
 
 @dataclass
 class ExportArgs:
-    """Copy a run with its newest checkpoint as single files (e.g. a sharded FSDP run), resumable by one process."""
+    """Copy a run with its newest checkpoint as single files (e.g. a sharded FSDP run), resumable by one process; or
+    write it as a Hugging Face transformers model folder (--format hf), checked by transformers when installed."""
 
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
     out: Annotated[str, tyro.conf.Positional]
-    """Where to write the single-file copy (a new or empty directory)."""
+    """Where to write the copy (a new or empty directory)."""
+    format: Literal["lmlab", "hf"] = "lmlab"
+    """lmlab: a run folder with one checkpoint; hf: config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json and generation_config.json for stock transformers classes (docs/interop.md)."""
+    verify: bool = True
+    """With --format hf: load the export with transformers and compare its logits and tokenizer with lmlab's."""
     trust_pickle: bool = False
     """Also convert a checkpoint in the torch.distributed.checkpoint format of older lmlab versions. Loading one
     unpickles its metadata, which can run code from it: only for runs from a source you trust."""
@@ -149,6 +159,14 @@ def cmd_export(argv: list[str]) -> int:
     from .checkpoint import export_run
 
     args = parse(ExportArgs, argv, "lmlab export")
+    if args.format == "hf":
+        from .hf import export_run_hf
+
+        if args.trust_pickle:
+            raise LmlabError("--trust-pickle converts old checkpoints with --format lmlab; export the run that way "
+                             "first, then export the copy with --format hf")
+        export_run_hf(args.run, args.out, check=args.verify, say=lambda m: print(m, file=sys.stderr))
+        return 0
     path = export_run(args.run, args.out, trust_pickle=args.trust_pickle)
     print(f"exported {args.run} to {args.out} (checkpoint {path.name}, single files)", file=sys.stderr)
     return 0
@@ -160,10 +178,14 @@ def cmd_export(argv: list[str]) -> int:
 
 @dataclass
 class EvalArgs:
-    """Evaluate a run: every token of the text after the first is predicted once, in block_size windows."""
+    """Evaluate a run: every token of the text after the first is predicted once, from sliding block_size windows."""
 
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
+    stride: Optional[int] = None
+    """Windows of block_size tokens start every this many tokens and score only what earlier windows did not reach,
+    so every scored token has at least block_size - stride tokens of context (default: block_size / 2, as published
+    perplexities are measured; block_size: non-overlapping windows, as training logs val_loss)."""
     data: Optional[str] = None
     """Text to evaluate (a file, folder, glob or corpus name); default: the run's validation split."""
     json: bool = False
@@ -172,6 +194,15 @@ class EvalArgs:
     """Windows per forward pass."""
     device: str = "cpu"
     """auto, cpu, cuda or mps."""
+
+
+def eval_stride(stride: Optional[int], block_size: int) -> int:
+    """--stride, checked; None: half the context."""
+    if stride is None:
+        return max(1, block_size // 2)
+    if not 1 <= stride <= block_size:
+        raise LmlabError(f"--stride must be between 1 and the context length {block_size}, got {stride}")
+    return stride
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -195,18 +226,38 @@ def cmd_eval(argv: list[str]) -> int:
     if len(tokens) < 2:
         raise LmlabError(f"{source} has fewer than 2 tokens; nothing to evaluate")
     token_bytes = torch.from_numpy(run.tokenizer.byte_lengths())
-    m = evaluate(run.model, tokens, token_bytes, run.model.cfg.block_size, args.batch_size)
+    stride = eval_stride(args.stride, run.model.cfg.block_size)
+    m = evaluate(run.model, tokens, token_bytes, run.model.cfg.block_size, args.batch_size, stride=stride)
     result = {"loss": m.loss, "bits_per_byte": m.bits_per_byte, "perplexity": m.perplexity,
-              "accuracy": m.accuracy, "tokens": m.tokens}
+              "accuracy": m.accuracy, "tokens": m.tokens, "stride": stride}
+    data = TrainConfig.from_json(run.config).data
+    result.update(entropy_excess(args.data or data.val_data or data.data, m))
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{source} of {run.run_dir} ({run.checkpoint.path.name}): {m.tokens:,} tokens predicted")
+        print(f"{source} of {run.run_dir} ({run.checkpoint.path.name}): {m.tokens:,} tokens predicted, windows of "
+              f"{run.model.cfg.block_size} every {stride} (each token sees at least "
+              f"{run.model.cfg.block_size - stride} tokens of context)")
         print(f"  loss        {m.loss:.4f} nats/token ({m.bits_per_token:.4f} bits/token)")
         print(f"  bits/byte   {m.bits_per_byte:.4f}")
         print(f"  perplexity  {m.perplexity:.3f}")
         print(f"  accuracy    {m.accuracy:.2%} (top-1)")
+        if "entropy_rate" in result:
+            print(f"  the source's entropy rate is {result['entropy_rate']:.4f} nats/token: the model is "
+                  f"{result['excess']:.4f} above it (some of that because it sees a window, not the whole past)")
     return 0
+
+
+def entropy_excess(source: str, m) -> dict:
+    """For a source whose entropy rate is known exactly (synthetic:NAME), the rate in nats per token of the text
+    scored (nats per character x characters per token; the corpora are ASCII, a byte per character) and the
+    model's loss above it; {} for any other text."""
+    from .synthetic import entropy_rate, is_synthetic
+
+    if not is_synthetic(source) or not m.tokens:
+        return {}
+    rate = entropy_rate(source) * m.bytes / m.tokens
+    return {"entropy_rate": rate, "excess": m.loss - rate}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,6 +289,11 @@ def cmd_data(argv: list[str]) -> int:
         for name, spec in NAMED_CORPORA.items():
             cached = (cache_dir() / "corpora" / f"{name}.txt").exists()
             print(f"{name:16s} {spec.description}; {'cached' if cached else 'downloaded on first use'} from {spec.url}")
+        from .synthetic import PREFIX, SYNTHETIC
+
+        print("synthetic corpora, generated on first use from a seed (synthetic:NAME:SEED for another seed than 0):")
+        for name, spec in SYNTHETIC.items():
+            print(f"  {PREFIX + name:20s} {spec.description}; entropy rate {spec.entropy_rate(0):.4f} nats/character")
         print(f"cache: {cache_dir()}")
         return 0
     if not args.sources:
@@ -306,6 +362,8 @@ class SurprisalArgs:
 
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
+    stride: Optional[int] = None
+    """Windows start every this many tokens, as in `lmlab eval --stride` (default: block_size / 2)."""
     file: Annotated[Optional[str], tyro.conf.Positional] = None
     """A text file to score (or use --text)."""
     text: Optional[str] = None
@@ -335,13 +393,14 @@ def cmd_surprisal(argv: list[str]) -> int:
     else:
         text = args.text
     run = load_run(args.run, resolve_device(args.device))
-    tokens, metrics, first = surprisal(run.model, run.tokenizer, text)
+    stride = eval_stride(args.stride, run.model.cfg.block_size)
+    tokens, metrics, first = surprisal(run.model, run.tokenizer, text, stride=stride)
     if args.html:
         page = surprisal_html(first, tokens, metrics, f"surprisal under {run.run_dir}")
         atomic_write_bytes(args.html, page.encode("utf-8"))
         print(f"heatmap written to {args.html}", file=sys.stderr)
     if args.json:
-        print(json.dumps({**metrics.as_dict(), "first": first,
+        print(json.dumps({**metrics.as_dict(), "stride": stride, "first": first,
                           "per_token": [{"token": t.text, "nats": t.nats, "bits": t.bits, "top": t.top}
                                         for t in tokens]}))
         return 0
@@ -405,6 +464,45 @@ def cmd_landscape(argv: list[str]) -> int:
 
 
 @dataclass
+class InsideArgs:
+    """What the model learnt inside it, as training recorded it at every evaluation: head scores on a random sequence
+    repeated twice (previous-token, induction, duplicate-token), the loss on each copy, the loss by position in the
+    window, attention patterns and the logit lens."""
+
+    run: Annotated[str, tyro.conf.Positional]
+    """The run directory."""
+    step: Optional[int] = None
+    """Only this evaluation step (default: the table at the last one; with --json, every step)."""
+    json: bool = False
+    """Print one JSON object: heads (step, layer, head and the three scores), repeat_loss, loss_by_position."""
+    html: Optional[str] = None
+    """Also write a self-contained HTML page here: the scores over steps, heatmaps and the logit lens."""
+
+
+def cmd_inside(argv: list[str]) -> int:
+    from .inside import at_step, head_table, read_records, summary
+    from .rundir import read_config
+
+    args = parse(InsideArgs, argv, "lmlab inside")
+    config = read_config(Path(args.run))
+    records = read_records(args.run)
+    if not records:
+        why = "it was trained with --no-inside" if config.get("inside") is False else "it has no evaluation yet"
+        raise LmlabError(f"nothing was recorded inside the model of {args.run}: {why}")
+    chosen = at_step(records, args.step)
+    if args.html:
+        from .report import write_inside_page
+
+        write_inside_page(args.run, args.html, chosen[-1]["step"])
+        print(f"page written to {args.html}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary(chosen)))
+    else:
+        print(head_table(chosen[-1]))
+    return 0
+
+
+@dataclass
 class ReportArgs:
     """One self-contained HTML page (and its PNGs) with the curves, probes, samples and config of one or more runs."""
 
@@ -422,6 +520,36 @@ def cmd_report(argv: list[str]) -> int:
     args = parse(ReportArgs, argv, "lmlab report")
     out = write_report(args.runs, args.out, args.log)
     print(f"report written to {out} (PNGs in {out.with_name(out.stem + '_files')})", file=sys.stderr)
+    return 0
+
+
+@dataclass
+class ExperimentArgs:
+    """Run a measured experiment on how language models learn, in under 3 minutes on a 2-core CPU: loss (the same
+    model trained on cross-entropy, squared error and accuracy), descent (a learning-rate sweep, gradient noise per
+    batch size, four optimizers on one landscape) or patterns (statements whose false answer is the frequent one).
+    Prints a table and the conclusion computed from the measurements; writes DIR/index.html and DIR/result.json."""
+
+    name: Annotated[Literal["loss", "descent", "patterns"], tyro.conf.Positional]
+    """The experiment: loss, descent or patterns."""
+    settings: ExperimentConfig = field(default_factory=ExperimentConfig)
+
+
+def cmd_experiment(argv: list[str]) -> int:
+    import shlex
+
+    from .experiment import run_experiment, summary
+
+    args = parse(ExperimentArgs, argv, "lmlab experiment")
+    command = "lmlab experiment " + " ".join(shlex.quote(a) for a in argv)
+    result = run_experiment(args.name, args.settings, say=lambda m: print(m, file=sys.stderr, flush=True),
+                            command=command)
+    print(summary(result), file=sys.stderr if args.settings.json else sys.stdout)
+    out = args.settings.out or os.path.join("experiments", args.name)
+    print(f"{result['wall_time_s']:.0f} s; page and result written to {out}/index.html and {out}/result.json",
+          file=sys.stderr)
+    if args.settings.json:
+        print(json.dumps(result))
     return 0
 
 
@@ -489,7 +617,8 @@ def cmd_serve(argv: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "data": cmd_data, "next": cmd_next,
     "surprisal": cmd_surprisal, "landscape": cmd_landscape, "bench": cmd_bench,
-    "report": cmd_report, "export": cmd_export, "serve": cmd_serve,
+    "report": cmd_report, "export": cmd_export, "serve": cmd_serve, "inside": cmd_inside,
+    "experiment": cmd_experiment,
 }
 
 

@@ -35,6 +35,8 @@ class TrainConfig:
     """Run directory (default: runs/PRESET-DATE-TIME)."""
     resume: Optional[str] = None
     """Continue the run in this directory from its newest good checkpoint."""
+    init_from: Optional[str] = None
+    """Start from a transformers model (a folder, or a hub id such as gpt2): its architecture, weights and tokenizer."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: no step limit)."""
     max_time: float = 0.0
@@ -53,6 +55,10 @@ class TrainConfig:
     """Seconds a collective may wait for the other processes before the job fails (a dead rank ends the job)."""
     eval_interval: int = 250
     """Evaluate on the validation split every this many steps (and at the end)."""
+    eval_stride: int = 0
+    """Evaluation windows of block_size tokens start every this many tokens, and each scores only what the windows
+    before it did not (0: block_size, non-overlapping windows: the cheapest; a smaller stride gives every scored
+    token more context, like `lmlab eval`, at block_size / stride times the cost)."""
     eval_tokens: int = 1_000_000
     """Tokens of the validation split to evaluate, taken from its start (0: all of it)."""
     checkpoint_interval: int = 1000
@@ -79,6 +85,9 @@ class TrainConfig:
     """Record the probe (next-token predictions on fixed prompts) at every evaluation."""
     probe_prompts: tuple[str, ...] = ()
     """The probe's prompts (default: 3 cut from the validation text)."""
+    inside: bool = True
+    """Record what the model learns inside it at every evaluation: attention patterns, head scores (previous-token,
+    induction, duplicate-token), the loss on a repeated random sequence, the loss by position, the logit lens."""
     telemetry_interval: int = 25
     """Record per-layer gradient norms and update/weight ratios every this many steps (0: off)."""
     trajectory_snapshots: int = 12
@@ -105,8 +114,8 @@ class TrainConfig:
             raise LmlabError("--telemetry-interval and --trajectory-snapshots must be >= 0")
         if self.max_bad_steps <= 0 or self.max_rollbacks < 0:
             raise LmlabError("--max-bad-steps must be positive and --max-rollbacks >= 0")
-        if self.eval_tokens < 0 or self.sample_tokens < 0 or self.threads < 0:
-            raise LmlabError("--eval-tokens, --sample-tokens and --threads must be >= 0")
+        if self.eval_tokens < 0 or self.sample_tokens < 0 or self.threads < 0 or self.eval_stride < 0:
+            raise LmlabError("--eval-tokens, --eval-stride, --sample-tokens and --threads must be >= 0")
 
     def to_json(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, "lmlab_version": __version__, **dataclasses.asdict(self)}

@@ -24,6 +24,7 @@ from typing import Iterator, Literal, Optional
 import numpy as np
 import torch
 
+from . import synthetic
 from . import tokenizer as tok
 from .common import LmlabError, atomic_write_json, cache_dir, read_json, sha256_file
 
@@ -53,7 +54,8 @@ class DataConfig:
     """Where the text comes from and how it becomes tokens."""
 
     data: str = BUILTIN
-    """Corpus: a text file, a folder, a glob, 'builtin' (Python's own docs) or a named corpus (see `lmlab data list`)."""
+    """Corpus: a text file, a folder, a glob, 'builtin' (Python's own docs), a named corpus or synthetic:NAME
+    (see `lmlab data list`)."""
     tokenizer: Literal["char", "byte", "bpe"] = "char"
     """char: one id per distinct character; byte: 256 byte values; bpe: byte-level BPE trained on the corpus."""
     vocab_size: int = 2048
@@ -80,7 +82,7 @@ class DataConfig:
 
 def absolute_source(src: str) -> str:
     """File, folder and glob sources become absolute, so a saved run finds its text from any working directory."""
-    if src == BUILTIN or src in NAMED_CORPORA:
+    if src == BUILTIN or src in NAMED_CORPORA or synthetic.is_synthetic(src):
         return src
     return os.path.abspath(os.path.expanduser(src))
 
@@ -163,6 +165,8 @@ def resolve_source(src: str) -> Corpus:
         return builtin_corpus()
     if src in NAMED_CORPORA:
         return Corpus(src, [download_named(src)])
+    if synthetic.is_synthetic(src):
+        return Corpus(src, [synthetic.corpus_file(src)])
     path = Path(src).expanduser()
     if path.is_file():
         files = [path]
@@ -178,7 +182,7 @@ def resolve_source(src: str) -> Corpus:
         if not files:
             raise LmlabError(f"no files match {src}")
     else:
-        named = ", ".join([BUILTIN, *NAMED_CORPORA])
+        named = ", ".join([BUILTIN, *NAMED_CORPORA, *(synthetic.PREFIX + name for name in synthetic.SYNTHETIC)])
         raise LmlabError(f"no such file, directory or named corpus: {src} (named corpora: {named})")
     for f in files:
         if not os.access(f, os.R_OK):
@@ -433,18 +437,3 @@ class BatchSampler:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
         self._micro = 0  # checkpoints are taken between optimizer steps
-
-
-def eval_windows(tokens: np.ndarray, block_size: int, max_tokens: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Non-overlapping windows over a token stream, in order: every token after the first is predicted once.
-
-    With max_tokens > 0 only the first max_tokens predictions are made (a deterministic prefix).
-    """
-    n_pred = len(tokens) - 1
-    if max_tokens > 0:
-        n_pred = min(n_pred, max_tokens)
-    start = 0
-    while start < n_pred:
-        end = min(start + block_size, n_pred)
-        yield np.asarray(tokens[start:end]), np.asarray(tokens[start + 1 : end + 1])
-        start = end

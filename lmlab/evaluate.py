@@ -1,7 +1,11 @@
 """Evaluation: the loss of every token of a stream (`stream_losses`, which `lmlab surprisal` and the landscape use
 too), and the loss, bits/byte, perplexity and accuracy over it.
 
-Every token after the first is predicted exactly once, from the non-overlapping block_size window it falls in.
+Every token after the first is predicted exactly once. Windows of block_size tokens start every `stride` tokens: the
+first window scores all its predictions, each later one only those the previous windows did not reach (its last
+`stride`). With stride = block_size the windows do not overlap and the first tokens of each are predicted from
+almost no context; a smaller stride gives every scored token at least block_size - stride tokens of context, as
+published perplexities of fixed-context models are measured, at block_size / stride times the compute.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .data import eval_windows
 from .distributed import Dist, all_reduce_sum
 from .loss import Metrics, cross_entropy
 
@@ -24,20 +27,39 @@ def autocast_context(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, max_tokens: int = 0):
-    """The evaluation windows grouped into batches of equal-length windows, in order."""
-    pending_x, pending_y = [], []
-    for x, y in eval_windows(tokens, block_size, max_tokens):
-        if pending_x and len(x) != len(pending_x[0]):
-            yield pending_x, pending_y
-            pending_x, pending_y = [], []
-        pending_x.append(x)
-        pending_y.append(y)
-        if len(pending_x) == batch_size:
-            yield pending_x, pending_y
-            pending_x, pending_y = [], []
-    if pending_x:
-        yield pending_x, pending_y
+def eval_windows(n_tokens: int, block_size: int, max_tokens: int = 0, stride: int = 0):
+    """(start, end, first_scored) of each evaluation window over a stream of n_tokens tokens, in order: the window
+    predicts tokens start+1 .. end and scores the predictions from first_scored on. Every prediction is scored once.
+
+    stride 0 (or >= block_size): non-overlapping windows. With max_tokens > 0 only the first max_tokens predictions
+    are scored (a deterministic prefix).
+    """
+    n_pred = n_tokens - 1
+    if max_tokens > 0:
+        n_pred = min(n_pred, max_tokens)
+    stride = block_size if stride <= 0 or stride > block_size else stride
+    start, scored_to = 0, 0
+    while scored_to < n_pred:
+        end = min(start + block_size, n_pred)
+        yield start, end, scored_to
+        start, scored_to = start + stride, end
+
+
+def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, max_tokens: int = 0, stride: int = 0):
+    """The evaluation windows as (inputs, targets, first scored position) triples, grouped into batches of
+    equal-length windows, in order."""
+    pending: list[tuple[np.ndarray, np.ndarray, int]] = []
+    for start, end, first in eval_windows(len(tokens), block_size, max_tokens, stride):
+        window = (np.asarray(tokens[start:end]), np.asarray(tokens[start + 1:end + 1]), first - start)
+        if pending and len(window[0]) != len(pending[0][0]):
+            yield pending
+            pending = []
+        pending.append(window)
+        if len(pending) == batch_size:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
 
 
 @dataclass
@@ -65,9 +87,9 @@ class TokenLosses:
 @torch.no_grad()
 def stream_losses(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int = 32,
                   max_tokens: int = 0, dtype: torch.dtype = torch.float32, d: Optional[Dist] = None,
-                  top: int = 0) -> TokenLosses:
+                  top: int = 0, stride: int = 0) -> TokenLosses:
     """The loss of every prediction in `tokens` (the first max_tokens when max_tokens > 0), from the windows of
-    eval_windows in batches of batch_size, with the model in eval mode.
+    eval_windows (every `stride` tokens; 0: non-overlapping) in batches of batch_size, with the model in eval mode.
 
     Data-parallel: rank r scores batches r, r + world, ..., so each rank returns its share. Under FSDP each forward
     is collective, so a rank without a batch in the last round scores a stand-in batch and drops the result.
@@ -76,19 +98,21 @@ def stream_losses(model: torch.nn.Module, tokens: np.ndarray, block_size: int, b
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    batches = list(eval_batches(tokens, block_size, batch_size, max_tokens))
+    batches = list(eval_batches(tokens, block_size, batch_size, max_tokens, stride))
     rounds = -(-len(batches) // d.world)
     parts = []
     for i in range(rounds * d.world if d.sharded else len(batches)):
         if i % d.world != d.rank:
             continue
-        xs, ys = batches[i] if i < len(batches) else batches[0]
-        x = torch.from_numpy(np.stack(xs).astype(np.int64)).to(device)
-        y = torch.from_numpy(np.stack(ys).astype(np.int64)).to(device)
+        windows = batches[i] if i < len(batches) else batches[0]
+        x = torch.from_numpy(np.stack([w[0] for w in windows]).astype(np.int64)).to(device)
+        y = torch.from_numpy(np.stack([w[1] for w in windows]).astype(np.int64)).to(device)
         with autocast_context(device, dtype):
             logits = model(x)  # (B, T, V)
         if i < len(batches):
-            parts.append(_scored(logits.flatten(0, 1), y.flatten(), top))
+            first = torch.tensor([w[2] for w in windows], device=device)
+            keep = (torch.arange(x.size(1), device=device)[None, :] >= first[:, None]).flatten()  # (B*T,)
+            parts.append(_scored(logits.flatten(0, 1)[keep], y.flatten()[keep], top))
     model.train(was_training)
     if not parts:  # more ranks than batches: this one scored nothing
         parts.append(_scored(torch.zeros(0, 1, device=device), torch.zeros(0, dtype=torch.long, device=device), 0))
@@ -107,11 +131,12 @@ def _scored(logits: torch.Tensor, targets: torch.Tensor, top: int) -> tuple[torc
 
 def evaluate(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tensor, block_size: int,
              batch_size: int = 32, max_tokens: int = 0, dtype: torch.dtype = torch.float32,
-             d: Optional[Dist] = None) -> Metrics:
-    """Metrics over `tokens` (the first max_tokens predictions when max_tokens > 0). Data-parallel, every rank
-    returns the metrics of the whole stream (see stream_losses)."""
+             d: Optional[Dist] = None, stride: int = 0) -> Metrics:
+    """Metrics over `tokens` (the first max_tokens predictions when max_tokens > 0), from windows every `stride`
+    tokens (0: non-overlapping). Data-parallel, every rank returns the metrics of the whole stream (see
+    stream_losses)."""
     d = d or Dist()
-    losses = stream_losses(model, tokens, block_size, batch_size, max_tokens, dtype, d)
+    losses = stream_losses(model, tokens, block_size, batch_size, max_tokens, dtype, d, stride=stride)
     metrics = losses.metrics(token_bytes)
     if d.world > 1:
         totals = torch.tensor([metrics.nats, metrics.tokens, metrics.bytes, metrics.correct], dtype=torch.float64,

@@ -66,8 +66,10 @@ class TokenSurprisal:
 
 
 @torch.no_grad()
-def surprisal(model, tokenizer, text: str, top: int = 5, batch_size: int = 32) -> tuple[list[TokenSurprisal], Metrics, str]:
-    """Per-token loss of `text`, windowed exactly as `lmlab eval` does (so the totals are the same numbers).
+def surprisal(model, tokenizer, text: str, top: int = 5, batch_size: int = 32,
+              stride: int = 0) -> tuple[list[TokenSurprisal], Metrics, str]:
+    """Per-token loss of `text`, windowed exactly as `lmlab eval` does with the same stride (so the totals are the
+    same numbers; 0: non-overlapping windows).
 
     Returns the tokens after the first (each with its surprisal and the model's top predictions there), the
     metrics over them, and the text of the first token, which has no prediction.
@@ -77,7 +79,7 @@ def surprisal(model, tokenizer, text: str, top: int = 5, batch_size: int = 32) -
         from .common import LmlabError
 
         raise LmlabError("the text needs at least 2 tokens: the first one is the context for the second")
-    losses = stream_losses(model, ids, model.cfg.block_size, batch_size, top=top)
+    losses = stream_losses(model, ids, model.cfg.block_size, batch_size, top=top, stride=stride)
     metrics = losses.metrics(torch.from_numpy(tokenizer.byte_lengths()))
     out = [TokenSurprisal(target, tokenizer.decode([target]), nats,
                           [(tokenizer.decode([i]), q) for q, i in zip(probs, top_ids)])

@@ -1,5 +1,6 @@
-"""Cross-entropy of the true next token: the training objective (LossConfig: optional z-loss and label smoothing),
-and every metric derived from the same per-token numbers.
+"""Cross-entropy of the true next token: the training objective (LossConfig: optional z-loss and label smoothing,
+or the squared-error and top-1-accuracy objectives that `lmlab experiment loss` compares it with), and every metric
+derived from the same per-token numbers.
 
 Perplexity, bits/token, bits/byte and surprisal are all computed from `cross_entropy(..., reduction="none")`.
 """
@@ -22,16 +23,20 @@ LN2 = math.log(2.0)
 class LossConfig:
     """The training objective (the logged train_loss); evaluation and val_loss stay plain cross-entropy."""
 
-    objective: Literal["cross_entropy"] = "cross_entropy"
-    """What training minimises: cross_entropy, the negative log-likelihood of the next token."""
+    objective: Literal["cross_entropy", "squared_error", "accuracy"] = "cross_entropy"
+    """What training minimises: cross_entropy, the negative log-likelihood of the next token; squared_error, the
+    squared distance of the predicted probabilities from the one-hot target (Brier score); accuracy, the top-1 error
+    rate, whose gradient is zero almost everywhere (`lmlab experiment loss` shows what that means)."""
     z_loss: float = 0.0
     """Weight of logsumexp(logits)^2 per token, which keeps the softmax normaliser near 1 (PaLM; 0: off)."""
     label_smoothing: float = 0.0
     """Share of the target mass spread uniformly over the vocabulary (0: off)."""
 
     def __post_init__(self) -> None:
-        if self.objective != "cross_entropy":
-            raise LmlabError(f"--objective must be cross_entropy, got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise LmlabError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective != "cross_entropy" and (self.z_loss or self.label_smoothing):
+            raise LmlabError("--z-loss and --label-smoothing apply to --objective cross_entropy only")
         if not (math.isfinite(self.z_loss) and self.z_loss >= 0.0):
             raise LmlabError(f"--z-loss must be a number >= 0, got {self.z_loss}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -68,8 +73,43 @@ def cross_entropy(
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
+def squared_error(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean over tokens of sum_v (softmax(logits)_v - onehot(target)_v)^2 (the Brier score; 0 to 2).
+
+    logits: (..., V); targets: (...) int64. Its gradient through the softmax fades as p(target) goes to 0, where
+    cross-entropy's grows: a confidently wrong prediction is what squared error corrects least.
+    """
+    flat = logits.reshape(-1, logits.size(-1)).float()
+    probs = flat.softmax(-1)  # (N, V)
+    onehot = F.one_hot(targets.reshape(-1), flat.size(-1)).to(probs.dtype)
+    return (probs - onehot).square().sum(-1).mean()
+
+
+def top1_error(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1 - top-1 accuracy, as a function of the logits that autograd differentiates: the share of tokens whose
+    target logit is not above every other logit (a tie counts half).
+
+    Each token's margin, target logit minus the largest other logit, goes through a step, (sign(margin) + 1) / 2.
+    The step's derivative is zero wherever it is defined, and autograd computes exactly that: every gradient this
+    loss sends back is zero. Nudging the weights a little changes no prediction, so it tells descent nothing.
+    """
+    flat = logits.reshape(-1, logits.size(-1)).float()
+    index = targets.reshape(-1, 1)
+    target_logit = flat.gather(1, index).squeeze(1)  # (N,)
+    best_other = flat.scatter(1, index, float("-inf")).max(-1).values  # (N,)
+    correct = (torch.sign(target_logit - best_other) + 1) / 2
+    return 1 - correct.mean()
+
+
+OBJECTIVES = ("cross_entropy", "squared_error", "accuracy")
+
+
 def training_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """The mean loss that training minimises, as `cfg` sets it."""
+    if cfg.objective == "squared_error":
+        return squared_error(logits, targets)
+    if cfg.objective == "accuracy":
+        return top1_error(logits, targets)
     return cross_entropy(logits, targets, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
 
 

@@ -6,6 +6,9 @@ What other modules may use of a model, and nothing more (both architectures have
 - `model.cfg` (a ModelConfig; `cfg.block_size` is the longest context), `model.vocab_size`,
   `model.make_cache(batch)` (a KVCache).
 - `model.blocks`: the transformer blocks, in order (distributed.py shards each; empty for the bigram).
+- The GPT's parts, for running its blocks one at a time to look inside (inside.py): `model.embed(idx, positions)`,
+  each block's `norm1`, `attn.heads(x, rope)` (queries, keys, values), `attn.proj`, `norm2` and `mlp`, and
+  `model.norm_f` and `model.lm_head`.
 - Parameters by name only through the helpers below: `unique_parameters` (tied weights once), `layer_of`
   (embed / block.N / head, for telemetry), `is_hidden_matrix` (Muon's share), `count_params`, `matmul_params`.
 """
@@ -44,10 +47,14 @@ class ModelConfig:
     """Position information: a learned table, or rotary embeddings in attention."""
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     """Normalisation before attention, MLP and head."""
-    mlp: Literal["gelu", "relu2", "swiglu"] = "relu2"
-    """MLP non-linearity: GELU, squared ReLU, or a SwiGLU gate."""
+    mlp: Literal["gelu", "gelu_tanh", "relu2", "swiglu"] = "relu2"
+    """MLP non-linearity: GELU, GELU's tanh approximation (GPT-2's), squared ReLU, or a SwiGLU gate."""
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of n_embd (SwiGLU uses 2/3 of it, keeping the parameter count)."""
+    mlp_hidden: Optional[int] = None
+    """MLP hidden width in units, overriding --mlp-ratio (for SwiGLU: the width of the gate and of the value)."""
+    norm_eps: Optional[float] = None
+    """Epsilon of every norm (None: 1e-6 for RMSNorm, 1e-5 for LayerNorm, PyTorch's default)."""
     qk_norm: bool = True
     """Normalise queries and keys per head before attention (with the same kind of norm as the blocks)."""
     tie_embeddings: bool = False
@@ -74,6 +81,10 @@ class ModelConfig:
             raise LmlabError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_ratio <= 0:
             raise LmlabError(f"--mlp-ratio must be positive, got {self.mlp_ratio}")
+        if self.mlp_hidden is not None and self.mlp_hidden <= 0:
+            raise LmlabError(f"--mlp-hidden must be positive, got {self.mlp_hidden}")
+        if self.norm_eps is not None and not 0 < self.norm_eps < 1:
+            raise LmlabError(f"--norm-eps must be in (0, 1), got {self.norm_eps}")
 
     def unset(self) -> list[str]:
         """The sizes left for the budget rules to choose (None)."""
@@ -148,10 +159,14 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
+NORM_EPS = {"rmsnorm": 1e-6, "layernorm": 1e-5}  # the defaults, when ModelConfig.norm_eps is None
+
+
 def norm_layer(cfg: ModelConfig, dim: int) -> nn.Module:
+    eps = NORM_EPS[cfg.norm] if cfg.norm_eps is None else cfg.norm_eps
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim)
-    return nn.LayerNorm(dim, bias=cfg.bias)
+        return RMSNorm(dim, eps)
+    return nn.LayerNorm(dim, eps=eps, bias=cfg.bias)
 
 
 class _SquaredReLU(torch.autograd.Function):
@@ -200,15 +215,20 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
 
-    def forward(self, x, rope, cache: Optional[KVCache], layer: int, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, T, C = x.shape
-        H, D = self.cfg.n_head, self.cfg.head_dim
-        q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(dim=2)  # each (B, T, H, D)
+    def heads(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of every head, each (B, H, T, D): normalised (QK-norm) and rotated (RoPE)."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.cfg.n_head, self.cfg.head_dim).unbind(dim=2)  # each (B, T, H, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, rope, cache: Optional[KVCache], layer: int, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        D = self.cfg.head_dim
+        q, k, v = self.heads(x, rope)  # (B, H, T, D)
         dropout = self.cfg.dropout if self.training else 0.0
         if pos is not None:  # static decode step: the query at pos sees cache slots 0..pos
             k, v = cache.write(layer, pos, k, v)  # (B, H, block_size, D)
@@ -239,9 +259,10 @@ class MLP(nn.Module):
         self.kind = cfg.mlp
         hidden = int(cfg.mlp_ratio * cfg.n_embd)
         if self.kind == "swiglu":
-            hidden = int(2 * hidden / 3)
+            hidden = cfg.mlp_hidden or int(2 * hidden / 3)
             self.fc = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)  # gate and value in one matmul
         else:
+            hidden = cfg.mlp_hidden or hidden
             self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -250,6 +271,8 @@ class MLP(nn.Module):
         h = self.fc(x)
         if self.kind == "gelu":
             h = F.gelu(h)
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
         elif self.kind == "relu2":
             h = _SquaredReLU.apply(h) if torch.is_grad_enabled() else torch.relu(h).square()
         else:
@@ -324,6 +347,14 @@ class GPT(nn.Module):
             device or p.device, dtype or p.dtype,
         )
 
+    def embed(self, idx: torch.Tensor, positions) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+        """The residual stream before the first block, (B, T, C), and the rotary tables at these positions (a slice
+        or a tensor), or None with learned positions, which are added to the stream instead."""
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            return x + self.wpe.weight[positions], None
+        return x, (self.rope_cos[positions], self.rope_sin[positions])
+
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
                 pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx: (B, T) token ids. Returns the next-token logits (B, T, V) at every position.
@@ -342,12 +373,7 @@ class GPT(nn.Module):
             if past + T > self.cfg.block_size:
                 raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.cfg.block_size}")
             positions = slice(past, past + T)
-        x = self.wte(idx)  # (B, T, C)
-        rope = None
-        if self.wpe is not None:
-            x = x + self.wpe.weight[positions]
-        else:
-            rope = (self.rope_cos[positions], self.rope_sin[positions])
+        x, rope = self.embed(idx, positions)  # (B, T, C)
         if self.cfg.dropout and self.training:
             x = F.dropout(x, self.cfg.dropout, True)
         for layer, block in enumerate(self.blocks):

@@ -23,6 +23,7 @@ from matplotlib.ticker import FuncFormatter
 
 from . import __version__
 from . import rundir
+from .inside import SCORES, head_rows, read_records
 from .rundir import run_names
 from .common import LmlabError, atomic_write_bytes, fmt_count
 from .tokenizer import visible
@@ -50,6 +51,7 @@ class RunLogs:
     samples: list[dict] = field(default_factory=list)
     samples_text: str = ""
     landscape_pngs: list[Path] = field(default_factory=list)
+    inside: list[dict] = field(default_factory=list)
 
 
 def load_run_logs(path: str | Path, name: Optional[str] = None) -> RunLogs:
@@ -66,6 +68,7 @@ def load_run_logs(path: str | Path, name: Optional[str] = None) -> RunLogs:
             run.train.append(record)
     run.probes = rundir.read_jsonl(path, rundir.PROBES)
     run.telemetry = rundir.read_jsonl(path, rundir.TELEMETRY)
+    run.inside = read_records(path)
     run.samples = rundir.read_jsonl(path, rundir.SAMPLES_JSONL)
     if not run.samples and rundir.exists(path, rundir.SAMPLES_TXT):
         run.samples_text = rundir.read_text(path, rundir.SAMPLES_TXT)
@@ -429,6 +432,200 @@ def _landscape_section(runs: list[RunLogs], images: _Images) -> str:
     return _section("landscape", "Loss landscape", "\n".join(parts))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Inside the model (inside.jsonl): head scores, the repeated-sequence loss, loss by position, attention, logit lens
+
+
+SCORE_TITLES = {"previous_token": "previous-token score (t -> t-1)", "induction": "induction score (L+i -> i+1)",
+                "duplicate_token": "duplicate-token score (L+i -> i)"}
+HEAD_STYLES = ["-", "--", ":", "-."]
+MAX_DRAWN = 256  # positions of a heatmap drawn at most (training records 32; a run from elsewhere may hold anything)
+
+
+def head_score_figure(run: RunLogs) -> Figure:
+    """Each head's three scores against steps: a panel per score, a line per head (colour: layer, dash: head)."""
+    fig = Figure(figsize=(12.8, 3.6), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(SCORES), sharey=True)
+    rows = head_rows(run.inside)
+    heads = sorted({(r["layer"], r["head"]) for r in rows})
+    for ax, name in zip(axes, SCORES):
+        ax.set_title(f"{run.name}: {SCORE_TITLES[name]}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        for layer, head in heads:
+            mine = [r for r in rows if (r["layer"], r["head"]) == (layer, head)]
+            xs, ys = _finite([r["step"] for r in mine], [r[name] for r in mine])
+            ax.plot(xs, ys, color=COLORS[layer % len(COLORS)], linestyle=HEAD_STYLES[head % len(HEAD_STYLES)],
+                    linewidth=1.3, label=f"layer {layer} head {head}")
+    axes[0].set_ylabel("mean attention")
+    axes[0].set_ylim(-0.02, 1.02)
+    if heads and len(heads) <= 24:
+        axes[-1].legend(fontsize=7, loc="best", ncol=2)
+    return fig
+
+
+def repeat_loss_figure(run: RunLogs) -> Figure:
+    fig, ax = _figure(f"{run.name}: loss on a random sequence and on its repeat", "step", "loss (nats/token)")
+    records = [r for r in run.inside if "repeat_loss" in r]
+    for key, color, label in (("first", COLORS[0], "first copy (unpredictable)"),
+                              ("second", COLORS[1], "second copy (predictable by looking back)")):
+        xs, ys = _finite([r["step"] for r in records], [r["repeat_loss"].get(key) for r in records])
+        ax.plot(xs, ys, color=color, marker="o", markersize=3, label=label)
+    vocab = run.config.get("vocab_size")
+    if isinstance(vocab, int) and vocab > 1:
+        ax.axhline(math.log(vocab), color="#888", linestyle=":", linewidth=1, label=f"uniform guess, ln {vocab}")
+    return _finish(fig, ax)
+
+
+def spread_steps(records: list[dict], count: int = 5, must: Optional[int] = None) -> list[dict]:
+    """Up to `count` records spread evenly from the first to the last (and the one at step `must`)."""
+    if len(records) <= count:
+        chosen = list(records)
+    else:
+        chosen = [records[round(i * (len(records) - 1) / (count - 1))] for i in range(count)]
+    chosen += [r for r in records if r["step"] == must and r not in chosen]
+    return sorted(chosen, key=lambda r: r["step"])
+
+
+def position_figure(run: RunLogs, step: Optional[int] = None) -> Figure:
+    """The loss at each position of the window at a few steps: where it falls along the window, the model uses
+    what came before (in-context learning)."""
+    fig, ax = _figure(f"{run.name}: loss by position in the window", "position in the window (tokens seen - 1)",
+                      "loss (nats/token)")
+    records = spread_steps([r for r in run.inside if (r.get("loss_by_position") or {}).get("loss")], must=step)
+    palette = colormaps["viridis"]
+    for j, r in enumerate(records):
+        losses = r["loss_by_position"]["loss"]
+        xs, ys = _finite(list(range(len(losses))), losses)
+        ax.plot(xs, ys, color=palette(j / max(len(records) - 1, 1)), linewidth=1.3, label=f"step {r['step']}")
+    return _finish(fig, ax)
+
+
+def attention_figure(run: RunLogs, record: dict, prompt_index: int = 0) -> Optional[Figure]:
+    """Every head's attention on one probe prompt at one step: a grid of heatmaps, layers down, heads across."""
+    entries = record.get("attention") or []
+    if not 0 <= prompt_index < len(entries):
+        return None
+    entry = entries[prompt_index]
+    grids, tokens = entry.get("percent") or [], [visible(t) for t in (entry.get("tokens") or [])[:MAX_DRAWN]]
+    n_layer, n_head, T = len(grids), max((len(g) for g in grids), default=0), len(tokens)
+    if not n_layer or not n_head or not T:
+        return None
+    fig = Figure(figsize=(2.6 * n_head + 0.6, 2.6 * n_layer + 0.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_layer, n_head, squeeze=False)
+    fig.suptitle(f"{run.name}, step {record['step']}: attention on {visible(str(entry.get('prompt', '')))[:60]!s} "
+                 f"(row: the position attending, column: attended to)", fontsize=10)
+    for layer in range(n_layer):
+        for head in range(n_head):
+            ax = axes[layer][head]
+            image = [[math.nan] * T for _ in range(T)]
+            rows = grids[layer][head] if head < len(grids[layer]) else []
+            for q, row in enumerate(rows[:T]):
+                for k, value in enumerate(row[: q + 1]):
+                    image[q][k] = value
+            ax.imshow(image, cmap="Blues", vmin=0, vmax=100, interpolation="nearest")
+            ax.set_title(f"layer {layer} head {head}", fontsize=9)
+            ticks = list(range(T)) if T <= 32 else []
+            ax.set_xticks(ticks, [tokens[i] for i in ticks], fontsize=5, rotation=90)
+            ax.set_yticks(ticks, [tokens[i] for i in ticks], fontsize=5)
+    return fig
+
+
+def _score_cell(value) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "<td class=num>–</td>"
+    shade = max(0.0, min(1.0, value))
+    return f'<td class=num style="background:rgba(31,119,180,{0.6 * shade:.2f})">{value:.3f}</td>'
+
+
+def head_table_html(record: dict) -> str:
+    rows = head_rows([record])
+    if not rows:
+        return _none("no attention heads (the bigram has none)")
+    body = "".join(f"<tr><td class=num>{r['layer']}</td><td class=num>{r['head']}</td>"
+                   + "".join(_score_cell(r[name]) for name in SCORES) + "</tr>" for r in rows)
+    return ('<table class="heads"><thead><tr><th>layer</th><th>head</th><th>previous-token</th><th>induction</th>'
+            f'<th>duplicate-token</th></tr></thead><tbody>{body}</tbody></table>')
+
+
+def lens_table_html(record: dict) -> str:
+    parts = []
+    for entry in record.get("lens") or []:
+        layers = entry.get("top") or []
+        rows = "".join(f"<tr><td>{'embeddings' if i == 0 else f'after block {i - 1}'}"
+                       f"{' (the output)' if i == len(layers) - 1 else ''}</td><td>{_top_cell(top)}</td></tr>"
+                       for i, top in enumerate(layers))
+        parts.append(f"<h4>after <code>{html.escape(visible(str(entry.get('prompt', ''))))}</code></h4>"
+                     f'<table class="lens"><thead><tr><th>read from</th><th>top-5 next tokens</th></tr></thead>'
+                     f"<tbody>{rows}</tbody></table>")
+    return "".join(parts) or _none("no logit lens recorded at this step")
+
+
+INSIDE_INTRO = (
+    "<p>At every evaluation training looks inside the model (<code>lmlab inside RUN</code> prints the same). "
+    "<b>Head scores</b> are measured on random token sequences of length L repeated twice: how much each head "
+    "attends to the previous token, to the token after the earlier occurrence of the current one (an "
+    "<i>induction head</i>, which lets the model copy what followed last time), and to that earlier occurrence itself. "
+    "The <b>repeat loss</b> compares the unpredictable first copy with the second; the <b>loss by position</b> falls "
+    "along the window when the model uses its context; the <b>logit lens</b> applies the final norm and the head to "
+    "each layer's residual stream: what the model would predict if it stopped there.</p>")
+
+
+def inside_run_html(run: RunLogs, images: _Images, step: Optional[int] = None) -> str:
+    """One run's part of the inside section; the table, heatmaps and lens at `step` (default: the last step)."""
+    if not run.inside:
+        why = " (trained with --no-inside)" if run.config.get("inside") is False else ""
+        return _none(f"{run.name}: nothing recorded inside the model yet{why}")
+    record = next((r for r in run.inside if r["step"] == step), None) if step is not None else run.inside[-1]
+    if record is None:
+        raise LmlabError(f"{run.name} has no inside record at step {step}")
+    slug = _slug(run.name)
+    parts = ['<div class="charts wide">',
+             images.chart(f"{slug}_head_scores.png", head_score_figure(run), f"{run.name}: head scores against steps"),
+             "</div><div class=charts>",
+             images.chart(f"{slug}_repeat_loss.png", repeat_loss_figure(run),
+                          f"{run.name}: loss on the first and the second copy of random sequences"),
+             images.chart(f"{slug}_loss_by_position.png", position_figure(run, step),
+                          f"{run.name}: loss by position in the window"), "</div>",
+             f"<h3>{html.escape(run.name)}, step {record['step']}: head scores</h3>", head_table_html(record)]
+    repeat = record.get("repeat_loss") or {}
+    if repeat:
+        parts.append(f"<p>loss on the first copy {_fmt(repeat.get('first'), '.3f')}, on the second "
+                     f"{_fmt(repeat.get('second'), '.3f')} nats/token (sequences of {repeat.get('length')} "
+                     f"tokens).</p>")
+    figure = attention_figure(run, record)
+    if figure is not None:
+        parts.append(f"<h3>{html.escape(run.name)}, step {record['step']}: attention on the first probe prompt</h3>")
+        parts.append(images.chart(f"{slug}_attention_{record['step']}.png", figure,
+                                  f"{run.name}: every head's attention at step {record['step']}"))
+    parts.append(f"<h3>{html.escape(run.name)}, step {record['step']}: the logit lens</h3>")
+    parts.append(lens_table_html(record))
+    return "\n".join(parts)
+
+
+def _inside_section(runs: list[RunLogs], images: _Images) -> str:
+    body = INSIDE_INTRO + "\n".join(inside_run_html(run, images) for run in runs)
+    return _section("inside", "Inside the model: attention, induction heads, in-context learning", body)
+
+
+def write_inside_page(run_dir: str | Path, out: str | Path, step: Optional[int] = None) -> Path:
+    """A self-contained page with one run's inside section (`lmlab inside RUN --html OUT`)."""
+    run = load_run_logs(run_dir)
+    body = INSIDE_INTRO + inside_run_html(run, _Images(), step)
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>lmlab inside: '
+            f'{html.escape(run.name)}</title><style>{CSS}</style></head><body>\n<h1>Inside {html.escape(run.name)}'
+            f'</h1>\n{body}\n</body></html>\n')
+    out = Path(out)
+    try:
+        atomic_write_bytes(out, page.encode("utf-8"))
+        os.chmod(out, _file_mode())
+    except OSError as e:
+        raise LmlabError(f"cannot write {out}: {e.strerror or e}") from None
+    return out
+
+
 def summary_row(run: RunLogs) -> dict:
     """The headline numbers of a run, from its last records."""
     last_train = run.train[-1] if run.train else {}
@@ -439,7 +636,17 @@ def summary_row(run: RunLogs) -> dict:
     return {"run": run.name, "steps": last.get("step"), "tokens": last.get("tokens"),
             "best_val_loss": min(losses) if losses else None, "last_val_loss": last_eval.get("val_loss"),
             "val_bits_per_byte": last_eval.get("val_bits_per_byte"), "val_accuracy": last_eval.get("val_accuracy"),
-            "train_time_s": last.get("elapsed_s")}
+            "train_time_s": last.get("elapsed_s"), "val_stride": last_eval.get("val_stride"),
+            "block_size": (run.config.get("model") or {}).get("block_size")}
+
+
+def _stride_cell(s: dict) -> str:
+    """How the val loss was measured: windows of block_size tokens every val_stride tokens."""
+    stride, block = s.get("val_stride") or s.get("block_size"), s.get("block_size")
+    if not isinstance(stride, int) or not isinstance(block, int):
+        return "–"
+    return (f"windows of {block}, no overlap" if stride >= block else
+            f"windows of {block} every {stride} tokens")
 
 
 def _config_section(runs: list[RunLogs]) -> str:
@@ -451,10 +658,10 @@ def _config_section(runs: list[RunLogs]) -> str:
                     f"<td class=num>{fmt_count(s['tokens']) if isinstance(s['tokens'], int) else '–'}</td>"
                     f"<td class=num>{_fmt(s['best_val_loss'])}</td><td class=num>{_fmt(s['last_val_loss'])}</td>"
                     f"<td class=num>{_fmt(s['val_bits_per_byte'])}</td><td class=num>{acc}</td>"
-                    f"<td class=num>{_fmt(s['train_time_s'], '.1f')}</td></tr>")
+                    f"<td class=num>{_stride_cell(s)}</td><td class=num>{_fmt(s['train_time_s'], '.1f')}</td></tr>")
     parts = ['<table class="summary"><thead><tr><th>run</th><th>steps</th><th>tokens</th><th>best val loss</th>'
-             '<th>last val loss</th><th>bits/byte</th><th>val accuracy</th><th>training time (s)</th></tr></thead>'
-             '<tbody>' + "\n".join(rows) + "</tbody></table>"]
+             '<th>last val loss</th><th>bits/byte</th><th>val accuracy</th><th>measured with</th>'
+             '<th>training time (s)</th></tr></thead><tbody>' + "\n".join(rows) + "</tbody></table>"]
     for run in runs:
         parts.append(f"<h3>{html.escape(run.name)}: {rundir.CONFIG} <span class=file>({html.escape(str(run.path))})"
                      f"</span></h3><pre class=config>{html.escape(json.dumps(run.config, indent=2))}</pre>")
@@ -481,10 +688,14 @@ table.probe td.text { white-space: pre-wrap; font-family: ui-monospace, Menlo, C
         font-size: 13px; min-width: 88px; white-space: nowrap; }
 pre { background: #f7f7f7; border: 1px solid #e5e5e5; padding: 10px; overflow-x: auto; white-space: pre-wrap; }
 pre.config { font-size: 12px; }
+.charts.wide { grid-template-columns: 1fr; }
+table.lens td:first-child { white-space: nowrap; color: #444; }
+h4 { font-size: 14px; margin: 12px 0 4px; font-weight: 600; }
 """
 
 SECTIONS = [("loss", "loss"), ("schedule", "schedule"), ("gradients", "gradients"), ("throughput", "throughput"),
-            ("probes", "probes"), ("samples", "samples"), ("landscape", "landscape"), ("config", "config")]
+            ("probes", "probes"), ("inside", "inside"), ("samples", "samples"), ("landscape", "landscape"),
+            ("config", "config")]
 
 
 def build_page(runs: list[RunLogs], log: bool = False) -> tuple[str, dict[str, bytes]]:
@@ -499,6 +710,7 @@ def build_page(runs: list[RunLogs], log: bool = False) -> tuple[str, dict[str, b
                         "tokens per second against steps",
                         "Training tokens per second of each step (evaluation excluded; faint: raw, solid: smoothed)."),
         _probes_section(runs),
+        _inside_section(runs, images),
         _samples_section(runs),
         _landscape_section(runs, images),
         _config_section(runs),

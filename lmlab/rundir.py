@@ -31,6 +31,7 @@ STATUS = "status.json"
 METRICS = "metrics.jsonl"
 PROBES = "probes.jsonl"
 TELEMETRY = "telemetry.jsonl"
+INSIDE = "inside.jsonl"
 SAMPLES_TXT = "samples.txt"
 SAMPLES_JSONL = "samples.jsonl"
 LOCK = ".lock"
@@ -39,8 +40,9 @@ TRAJECTORY = "trajectory"
 LANDSCAPE = "landscape"
 TENSORBOARD = "tensorboard"
 
-STEP_LOGS = (METRICS, PROBES, TELEMETRY)  # cut back to the checkpoint on resume
-RUN_FILES = (CONFIG, TOKENIZER, STATUS, METRICS, PROBES, TELEMETRY, SAMPLES_TXT, SAMPLES_JSONL)  # what export copies
+STEP_LOGS = (METRICS, PROBES, TELEMETRY, INSIDE)  # cut back to the checkpoint on resume
+RUN_FILES = (CONFIG, TOKENIZER, STATUS, METRICS, PROBES, TELEMETRY, INSIDE, SAMPLES_TXT,
+             SAMPLES_JSONL)  # what export copies
 STATUSES = ("running", "finished", "interrupted", "failed")
 
 MAX_JSON_DEPTH = 64  # lmlab writes at most a few levels; deeper is not ours (and would exhaust the parser's stack)
@@ -211,18 +213,50 @@ def _probe_results(v: Any) -> bool:
         for p in v)
 
 
+def _list_of(check) -> Any:
+    return lambda v: isinstance(v, list) and all(check(x) for x in v)
+
+
+def _keys(**checks) -> Any:
+    """A JSON object whose fields, where present, pass their checks."""
+    return lambda v: isinstance(v, dict) and all(check(v[k]) for k, check in checks.items() if k in v)
+
+
+def _string(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _predictions(v: Any) -> bool:
+    """[[token, probability], ...]"""
+    return isinstance(v, list) and all(isinstance(t, list) and len(t) == 2 and _string(t[0]) and _number(t[1])
+                                       for t in v)
+
+
+_SCORE_GRID = _list_of(_list_of(_number))  # [layer][head]
+_INSIDE = {  # one record of inside.jsonl per evaluation (lmlab/inside.py writes it)
+    "heads": _keys(previous_token=_SCORE_GRID, induction=_SCORE_GRID, duplicate_token=_SCORE_GRID),
+    "repeat_loss": _keys(first=_number, second=_number, length=_count),
+    "loss_by_position": _keys(loss=_list_of(_number), count=_list_of(_count)),
+    "attention": _list_of(_keys(prompt=_string, tokens=_list_of(_string),
+                                percent=_list_of(_list_of(_list_of(_list_of(_count)))))),  # [layer][head][query][key]
+    "lens": _list_of(_keys(prompt=_string, top=_list_of(_predictions))),  # top: [layer][rank]
+}
+
+
 _METRIC_NUMBERS = ("train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "val_loss", "val_bits_per_byte",
                    "val_accuracy", "val_perplexity", "spike_z", "lr_scale")
 SHAPES: dict[str, dict[str, Any]] = {
-    METRICS: {"step": _count, "tokens": _count, "val_tokens": _count, "rollback": _count, "skipped_total": _count,
+    METRICS: {"step": _count, "tokens": _count, "val_tokens": _count, "val_stride": _count, "rollback": _count, "skipped_total": _count,
               **{k: _number for k in _METRIC_NUMBERS}, "skipped": lambda v: isinstance(v, bool),
               "clipped": lambda v: isinstance(v, bool)},
     PROBES: {"step": _count, "probes": _probe_results},
     TELEMETRY: {"step": _count, "grad_norm": _numbers_by_name, "update_ratio": _numbers_by_name},
+    INSIDE: {"step": _count, "seconds": _number, **_INSIDE},
     SAMPLES_JSONL: {"step": _count, "text": lambda v: isinstance(v, str),
                     "prompt": lambda v: v is None or isinstance(v, str), "temperature": _number},
 }
-REQUIRED = {METRICS: ("step",), PROBES: ("step", "probes"), TELEMETRY: ("step",), SAMPLES_JSONL: ("text",)}
+REQUIRED = {METRICS: ("step",), PROBES: ("step", "probes"), TELEMETRY: ("step",), INSIDE: ("step",),
+            SAMPLES_JSONL: ("text",)}
 
 
 def well_formed(name: str, records: list[dict]) -> list[dict]:

@@ -3,7 +3,8 @@ next-token prediction, plus an OpenAI-compatible completions API. It reads run f
 
     GET  /                    the dashboard and the playground (static files in lmlab/static, no build step)
     GET  /api/runs            the runs served, with their status and latest numbers
-    GET  /api/log             the metrics.jsonl or probes.jsonl records of a run added since the client's last poll
+    GET  /api/log             the metrics.jsonl, probes.jsonl or inside.jsonl records of a run added since the
+                              client's last poll
     POST /api/next            the next-token distribution of a prompt under sampling settings, and one sampled token
     POST /api/surprisal       per-token surprisal of a text
     GET  /v1/models           the runs that have a checkpoint, as OpenAI models (id = run name)
@@ -166,6 +167,7 @@ def run_summary(name: str, run_dir: Path, tails: Tails) -> dict:
         "elapsed_s": last_train.get("elapsed_s"),
         "train_loss": last_train.get("train_loss"),
         "val_loss": val_losses[-1] if val_losses else None,
+        "val_stride": next((r.get("val_stride") for r in reversed(records) if "val_loss" in r), None),
         "best_val_loss": min(val_losses) if val_losses else None,
         "checkpoint_step": int(checkpoints[-1].name.split("_")[-1]) if checkpoints else None,
         "preset": config.get("preset"),
@@ -658,7 +660,7 @@ async def until_disconnected(request: Request, work: Callable, *args) -> Any:
 # The app
 
 
-LOGS = {"metrics": rundir.METRICS, "probes": rundir.PROBES}
+LOGS = {"metrics": rundir.METRICS, "probes": rundir.PROBES, "inside": rundir.INSIDE}
 
 
 def _sse(obj: Any) -> str:

@@ -31,6 +31,8 @@ from .config import TrainConfig, apply_budget
 from .data import BatchSampler, Splits, load_splits
 from .distributed import Dist, all_reduce_sum, barrier, unwrap
 from .evaluate import autocast_context, evaluate
+from .hf import init_from
+from .inside import InsideRecorder
 from .loss import LossConfig, Metrics, training_loss
 from .model import ModelConfig, build_model, count_params
 from .optim import build_optimizer, clip_grad_norm, lr_multiplier, set_lr
@@ -260,6 +262,9 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed)
     tokenizer, resuming = resume_point(cfg, run_dir, d)
+    weights = None
+    if cfg.init_from and not resuming:  # a transformers model's architecture, tokenizer and weights (hf.py)
+        cfg, tokenizer, weights = init_from(cfg, lambda m: say(d, m))
     if not d.main:
         barrier(d)  # rank 0 tokenizes and fills the cache first; the others then read it
     splits = load_splits(cfg.data, tokenizer=tokenizer)
@@ -272,7 +277,10 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
                   global_batch)
     sampler = BatchSampler(splits.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device, grad_accum, d.rank,
                            d.world)
-    model = dist_.wrap(build_model(cfg.model, setup.tokenizer.vocab_size).to(device), d, device)  # same on all ranks
+    model = build_model(cfg.model, setup.tokenizer.vocab_size)
+    if weights is not None:
+        model.load_state_dict(weights)
+    model = dist_.wrap(model.to(device), d, device)  # same on all ranks
     state = TrainState(model, build_optimizer(unwrap(model), cfg.optim), sampler)
     if d.rank:
         torch.manual_seed(cfg.seed + 1_000_003 * d.rank)  # dropout differs between ranks
@@ -363,6 +371,10 @@ class Recorder:
         self.telemetry = GradientTelemetry(unwrap(state.model), cfg.telemetry_interval if d.main and not d.sharded else 0)
         self.board = TensorBoard(setup.run_dir, cfg.tensorboard and d.main)
         self.viewer = Viewer(state.model, d, cfg.model, setup.tokenizer.vocab_size)
+        self.inside = InsideRecorder(setup.tokenizer, self.probe_prompts or default_probe_prompts(
+            setup.splits.val, setup.tokenizer, cfg.model.block_size), setup.splits.val, cfg.model.block_size,
+            cfg.batch_size) if cfg.inside and d.main else None
+        self.inside_seconds, self.started = 0.0, time.perf_counter()
         self.metrics = self.open_log()
         self.last_val: Optional[Metrics] = None
         self.bar = None
@@ -401,23 +413,28 @@ class Recorder:
                                      f"{state.elapsed:.0f}s")
 
     def evaluation(self, state: TrainState) -> Metrics:
-        """Validation loss, then the probe and a weight snapshot (rank 0)."""
+        """Validation loss, then the probe, what the model learnt inside, and a weight snapshot (rank 0)."""
         setup, cfg = self.setup, self.cfg
+        stride = cfg.eval_stride if 0 < cfg.eval_stride < cfg.model.block_size else cfg.model.block_size
         m = evaluate(unwrap(state.model), setup.splits.val, setup.token_bytes, cfg.model.block_size, cfg.batch_size,
-                     cfg.eval_tokens, setup.dtype, self.d)
+                     cfg.eval_tokens, setup.dtype, self.d, stride=stride)
         state.best_val = min(state.best_val, m.loss)
         self.last_val = m
         self.write({"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 3),
                     "val_loss": m.loss, "val_bits_per_byte": m.bits_per_byte, "val_accuracy": m.accuracy,
-                    "val_perplexity": m.perplexity, "val_tokens": m.tokens})
+                    "val_perplexity": m.perplexity, "val_tokens": m.tokens, "val_stride": stride})
         self.board.scalars(state.step, {"val/loss": m.loss, "val/bits_per_byte": m.bits_per_byte,
                                         "val/accuracy": m.accuracy})
-        view = self.viewer.get() if self.probe_prompts or cfg.trajectory_snapshots else None  # rank 0 only
+        view = self.viewer.get() if self.probe_prompts or cfg.trajectory_snapshots or cfg.inside else None  # rank 0
         if view is not None and self.probe_prompts:
             results = probe(view, setup.tokenizer, self.probe_prompts)
             rundir.append_jsonl(setup.run_dir, rundir.PROBES, {"step": state.step, "probes": results})
             self.board.text(state.step, "probe", "\n\n".join(f"{r['prompt']!r} -> {r['continuation']!r}"
                                                              for r in results))
+        if view is not None and self.inside is not None:
+            record = self.inside.record(view, state.step)
+            rundir.append_text(setup.run_dir, rundir.INSIDE, json.dumps(record, separators=(",", ":")) + "\n")
+            self.inside_seconds += record["seconds"]
         if view is not None and cfg.trajectory_snapshots:
             save_snapshot(setup.run_dir, view, state.step, cfg.trajectory_snapshots)
         return m
@@ -663,6 +680,11 @@ def finish(setup: Setup, state: TrainState, recorder: Recorder) -> dict:
         say(d, f"done: {state.step} steps, {fmt_count(state.tokens)} tokens in {state.elapsed:.1f}s of training; val "
                f"loss {last.loss:.4f} (best {state.best_val:.4f}), {last.bits_per_byte:.3f} bits/byte, accuracy "
                f"{last.accuracy:.1%}")
+    if recorder.inside is not None:
+        wall = time.perf_counter() - recorder.started
+        summary["inside_s"] = recorder.inside_seconds
+        say(d, f"looking inside the model took {recorder.inside_seconds:.1f}s, {recorder.inside_seconds / wall:.1%} "
+               f"of the run's {wall:.0f}s")
     view = recorder.viewer.get() if cfg.sample_tokens else None  # rank 0 only
     if view is not None:
         summary["sample"] = final_sample(setup, view.eval(), state.step)

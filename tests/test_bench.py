@@ -1,5 +1,5 @@
 """`lmlab bench`: the quick version runs and writes valid JSON (benchmarks are not tests: no timing is asserted),
-and the nanoGPT side-by-side path parses a checkout's output."""
+the nanoGPT comparison alternates the two in one process, and its own run is parsed from a checkout's output."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def test_bench_quick_runs_and_writes_valid_json(tmp_path):
     assert "| training config |" in text and "| generation" in text
 
 
-def test_nanogpt_side_by_side_parses_a_checkout(tmp_path):
+def test_nanogpt_process_parses_a_checkout(tmp_path):
     """A stand-in checkout with nanoGPT's file layout and log format (not nanoGPT's code)."""
-    from lmlab.bench import nanogpt_side_by_side
+    from lmlab.bench import nanogpt_process
 
     root = tmp_path / "fake-nanogpt"
     (root / "config").mkdir(parents=True)
@@ -53,9 +53,80 @@ def test_nanogpt_side_by_side_parses_a_checkout(tmp_path):
         """))
     (root / "sample.py").write_text("print('ROMEO: hello')\n")
     corpus = write_corpus(tmp_path / "corpus.txt", n_lines=300)
-    result = nanogpt_side_by_side(str(root), str(corpus), iters=12)
+    result = nanogpt_process(str(root), str(corpus), iters=12)
     assert result["step_ms"] == 30.0  # the median after warm-up iterations
     assert result["tokens_per_s"] == 12 * 64 / 0.030
     assert result["final_val_loss_20_batches"] == 2.2
     assert result["peak_rss_mb"] > 0
-    assert set(result["generation"]) == {500, 2000}
+
+
+# A stand-in for nanoGPT's model.py with its interface (GPT, GPTConfig, forward(idx, targets) -> (logits, loss),
+# configure_optimizers, generate), built on lmlab's own model at the same shape: not nanoGPT's code.
+STAND_IN = textwrap.dedent("""
+    from dataclasses import dataclass
+    import torch
+    import torch.nn.functional as F
+    from lmlab.model import ModelConfig, build_model
+
+    @dataclass
+    class GPTConfig:
+        block_size: int = 64
+        vocab_size: int = 65
+        n_layer: int = 4
+        n_head: int = 4
+        n_embd: int = 128
+        dropout: float = 0.0
+        bias: bool = False
+
+    class GPT(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            print("number of parameters: (printed, as nanoGPT does)")
+            self.config = config
+            self.inner = build_model(ModelConfig(block_size=config.block_size, n_layer=config.n_layer,
+                                                 n_head=config.n_head, n_embd=config.n_embd + EXTRA, pos="learned",
+                                                 norm="layernorm", mlp="gelu", qk_norm=False, tie_embeddings=True,
+                                                 bias=False), config.vocab_size)
+
+        def forward(self, idx, targets=None):
+            logits = self.inner(idx)
+            loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            return logits, loss
+
+        def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+            return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay)
+
+        @torch.no_grad()
+        def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+            for _ in range(max_new_tokens):
+                logits, _ = self(idx[:, -self.config.block_size:])
+                idx = torch.cat((idx, logits[:, -1:].argmax(-1)), dim=1)
+            return idx
+    """)
+
+
+def test_nanogpt_comparison_alternates_in_one_process(tmp_path):
+    import statistics
+
+    import torch
+
+    from lmlab.bench import alternated_generation, alternated_throughput
+
+    (tmp_path / "model.py").write_text(STAND_IN.replace("EXTRA", "0"))
+    r = alternated_throughput(str(tmp_path), torch.device("cpu"), False, peak_gflops=100.0, blocks=3, per_block=2)
+    assert len(r["ratios"]) == 3 and r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
+    assert r["ratio_median"] == statistics.median(r["ratios"])
+    for name in ("lmlab", "nanogpt"):
+        assert r[name]["tokens_per_s"] == 12 * 64 / (r[name]["step_ms"] / 1000)
+        assert 0 < r[name]["mfu_vs_float32"]
+    g = alternated_generation(str(tmp_path), torch.device("cpu"), 20, blocks=3)
+    assert len(g["ratios"]) == 3 and g["lmlab"]["tokens_per_s"] > 0 and g["nanogpt"]["tokens_per_s"] > 0
+
+
+def test_nanogpt_comparison_refuses_another_architecture(tmp_path):
+    (tmp_path / "model.py").write_text(STAND_IN.replace("EXTRA", "4"))  # wider: not nanoGPT's CPU shape
+    proc = run_cli(["bench", "--only", "throughput", "--quick", "--nanogpt", str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 2 and "not the architecture this comparison assumes" in proc.stderr
+    (tmp_path / "model.py").write_text("raise ImportError('broken checkout')\n")
+    proc = run_cli(["bench", "--only", "peak", "--nanogpt", str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 2 and "cannot use its model.py" in proc.stderr.strip().splitlines()[-1]

@@ -76,6 +76,9 @@ def test_dashboard_and_playground(browser, served, tmp_path):
     page.goto(url + "/#dashboard")
     page.wait_for_selector('#runs tr[data-run="beta"]')
     assert page.inner_text('#runs tr[data-run="alpha"]').split("\t")[2] == "finished"
+    # how the val loss was measured, on the val loss cell: training evaluates in non-overlapping windows
+    val_cell = page.locator('#runs tr[data-run="alpha"] td').nth(6)
+    assert val_cell.get_attribute("title") == "windows of 16 tokens, no overlap"
     logged = sum(1 for run in ("alpha", "beta") for r in read_jsonl(root / run / "metrics.jsonl")
                  if "train_loss" in r or "val_loss" in r)
     page.wait_for_function(f"document.querySelector('figure[data-chart=loss]').dataset.points == {logged}")

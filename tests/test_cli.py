@@ -162,14 +162,15 @@ def test_sample_compile_flag_reaches_generation(trained, capsys, monkeypatch):
 
 
 def test_eval_json_matches_the_last_validation_loss(trained):
-    proc = run_cli(["eval", "RUN", "--json"], cwd=trained.workdir, cache=trained.cache)
+    # training evaluates in non-overlapping windows (its val_stride); eval with that stride gives the same numbers
+    proc = run_cli(["eval", "RUN", "--json", "--stride", "16"], cwd=trained.workdir, cache=trained.cache)
     _ok(proc)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert set(result) == {"loss", "bits_per_byte", "perplexity", "accuracy", "tokens"}
+    assert set(result) == {"loss", "bits_per_byte", "perplexity", "accuracy", "tokens", "stride"}
     last = [r for r in read_jsonl(trained.run / "metrics.jsonl") if "val_loss" in r][-1]
-    assert last["step"] == 20
+    assert last["step"] == 20 and last["val_stride"] == result["stride"] == 16
     assert result["loss"] == pytest.approx(last["val_loss"], abs=1e-6)
     assert result["bits_per_byte"] == pytest.approx(last["val_bits_per_byte"], abs=1e-6)
     assert result["accuracy"] == pytest.approx(last["val_accuracy"], abs=1e-9)
@@ -190,7 +191,7 @@ def test_eval_of_a_run_does_not_depend_on_the_working_directory(trained, tmp_pat
         assert set(other) <= set(trained.text) and other != trained.text
         (tmp_path / "corpus.txt").write_text(other, encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    rc = main(["eval", str(trained.run), "--json"])
+    rc = main(["eval", str(trained.run), "--json", "--stride", "16"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     result = json.loads(captured.out)

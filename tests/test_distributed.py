@@ -166,7 +166,8 @@ def test_checkpoints_resume_across_world_sizes(workdir, cache, reference):
     _assert_close([r["train_loss"] for r in train[10:]], tail, 1e-4)
 
     # a sharded run is readable for eval without any process group, and exports to a single-file run
-    ev = _run([sys.executable, "-m", "lmlab", "eval", "two-to-one", "--json"], workdir, _env(cache), 120)
+    ev = _run([sys.executable, "-m", "lmlab", "eval", "two-to-one", "--json", "--stride", "32"], workdir, _env(cache),
+              120)
     assert ev.returncode == 0, ev.stderr
     _, val = _records(workdir / "two-to-one")
     assert abs(json.loads(ev.stdout)["loss"] - val[-1]["val_loss"]) < 1e-4

@@ -63,19 +63,20 @@ def test_next_token_marks_what_sampling_keeps(run_dir):
     assert [r.kept for r in greedy] == [True, False, False, False, False]
 
 
-def test_surprisal_totals_equal_eval(run_dir, tmp_path):
+@pytest.mark.parametrize("stride", [12, 24])  # block 24: sliding windows, and non-overlapping ones
+def test_surprisal_totals_equal_eval(run_dir, tmp_path, stride):
     text = "the old man watches the river.\nA small bird finds a letter near the house.\n" * 3
     path = tmp_path / "probe.txt"
     path.write_text(text)
     run = load_run(run_dir)
-    tokens, metrics, first = surprisal(run.model, run.tokenizer, text)
+    tokens, metrics, first = surprisal(run.model, run.tokenizer, text, stride=stride)
     assert len(tokens) == len(run.tokenizer.encode(text)) - 1
     assert first + "".join(t.text for t in tokens) == text
     total = sum(t.nats for t in tokens)
-    proc = run_cli(["eval", str(run_dir), "--data", str(path), "--json"], cwd=tmp_path)
+    proc = run_cli(["eval", str(run_dir), "--data", str(path), "--json", "--stride", str(stride)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     ev = json.loads(proc.stdout)
-    assert ev["tokens"] == len(tokens)
+    assert ev["tokens"] == len(tokens) and ev["stride"] == stride
     assert total / len(tokens) == pytest.approx(ev["loss"], rel=1e-9, abs=1e-9)
     assert metrics.bits_per_byte == pytest.approx(ev["bits_per_byte"], rel=1e-9)
     assert metrics.accuracy == pytest.approx(ev["accuracy"], rel=1e-12)

@@ -6,15 +6,20 @@ from pathlib import Path
 # STYLE.md's pipeline: common -> tokenizer -> data -> model -> loss -> optim -> distributed -> train -> checkpoint
 #   -> sample / evaluate / inspect -> report / serve. Where the training loop needs it, a module moves left:
 ORDER = [
-    "common", "tokenizer", "data", "model", "loss",
+    "common", "tokenizer",
+    "synthetic",  # synthetic corpora, a source of data
+    "data", "model", "loss",
     "distributed",  # before optim: Muon orthogonalises sharded (FSDP) matrices through its helpers
     "optim",
     "config",  # after optim: a run's config is made of the data, model, loss and optimizer sections
     "rundir",  # the run folder, then checkpoint, sample and evaluate: the loop checkpoints, probes, samples and
     "checkpoint", "sample", "evaluate",  # evaluates as it goes, so they come before train
+    "inside",  # what the loop records inside the model at each evaluation
     "telemetry",  # what the loop records about itself (gradients, spikes, weight snapshots)
+    "hf",  # transformers models out and in: train starts a run from one (--init-from)
     "train",
     "inspect", "landscape", "report",
+    "experiment",  # trains with train(), measures with evaluate and landscape, draws with report
     "bench",  # times the loop's own train_step
     "serve", "cli", "__main__",
 ]
@@ -52,10 +57,13 @@ def test_the_core_never_imports_report_or_optional_dependencies():
 
 
 RUN_FILES = ("config.json", "tokenizer.json", "status.json", "metrics.jsonl", "probes.jsonl", "telemetry.jsonl",
+             "inside.jsonl",
              "samples.txt", "samples.jsonl", ".lock")
 RUN_FOLDERS = ("checkpoints", "trajectory", "landscape", "tensorboard")
 # the token cache of data.py is not a run folder; it keeps its tokenizer under the same file name
-ELSEWHERE = {("data", "tokenizer.json")}
+ELSEWHERE = {("data", "tokenizer.json"),
+             # a transformers model folder is not a run folder either; its files have their own names
+             ("hf", "config.json"), ("hf", "tokenizer.json")}
 
 
 def test_only_the_run_folder_module_spells_a_run_files_name():

@@ -153,7 +153,8 @@ def test_config_section_shows_each_config_and_a_summary(reports):
         assert cells[0] == "24" and cells[1] == "1.54k"  # 24 steps x 4 x 16 tokens
         assert cells[2] == f"{min(r['val_loss'] for r in evals):.4f}" and cells[3] == f"{evals[-1]['val_loss']:.4f}"
         assert cells[4] == f"{evals[-1]['val_bits_per_byte']:.4f}"
-        assert cells[6] == f"{last_train['elapsed_s']:.1f}"
+        assert cells[6] == "windows of 16, no overlap"  # how val loss was measured (training: stride = block)
+        assert cells[7] == f"{last_train['elapsed_s']:.1f}"
 
 
 def test_samples_and_landscape_sections(reports):

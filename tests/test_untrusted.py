@@ -364,7 +364,7 @@ def mutations(data: bytes, jsonl: bool, seed: int) -> list[bytes]:
 
 
 FUZZED = ["config.json", "tokenizer.json", "status.json", "metrics.jsonl", "probes.jsonl", "telemetry.jsonl",
-          "samples.jsonl", "checkpoints/step_00000012/state.json"]
+          "samples.jsonl", "inside.jsonl", "checkpoints/step_00000012/state.json"]
 
 
 @pytest.fixture(scope="module")
@@ -395,6 +395,9 @@ def test_fuzzed_files_fall_back_or_fail_cleanly(fuzzed_runs, rel, capsys, base, 
         assert rc == 0 and "Traceback" not in err, err
         for run in runs:
             assert all(isinstance(r.get("step", 0), int) for r in rundir.read_jsonl(run, rel))
+            if rel == "inside.jsonl":
+                for argv in (["inside", str(run), "--json"], ["inside", str(run), "--html", str(out / "inside.html")]):
+                    assert_contract(*_cli(capsys, argv)[::2], f"{argv[0]} with a damaged {rel} ({run.name})")
         return
     for i, run in enumerate(runs):
         if rel == "status.json":
@@ -435,7 +438,7 @@ def test_fuzzed_runs_served(fuzzed_runs):
         for run in body["runs"]:
             assert run["status"] in (*rundir.STATUSES, "unknown")
         for name in names:
-            for log in ("metrics", "probes"):
+            for log in ("metrics", "probes", "inside"):
                 status, _ = http(f"{url}/api/log?run={name}&file={log}")
                 assert status == 200, (name, log, status)
             status, _ = http(url + "/api/next", {"model": name, "prompt": "the "})

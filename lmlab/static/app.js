@@ -136,6 +136,13 @@ async function pollRuns() {
   renderModelChoice();
 }
 
+// How a run's val loss was measured: windows of the context length, every val_stride tokens
+function measuredWith(run) {
+  const block = (run.model || {}).block_size, stride = run.val_stride || block;
+  if (!block) return "";
+  return stride >= block ? `windows of ${block} tokens, no overlap` : `windows of ${block} tokens every ${stride}`;
+}
+
 function renderRuns() {
   const tbody = document.querySelector("#runs tbody");
   document.getElementById("no-runs").hidden = state.runs.length > 0;
@@ -149,16 +156,18 @@ function renderRuns() {
       el("td", {}, el("span", {class: "dot", style: `background:${colorOf(run.name)}`}), run.name),
       el("td", {}, el("span", {class: `status ${run.status}`, title: run.error || ""}, run.status)),
       el("td", {class: "num"}, run.step), el("td", {class: "num"}, fmtCount(run.tokens)),
-      el("td", {class: "num"}, fmt(run.train_loss)), el("td", {class: "num"}, fmt(run.val_loss)),
+      el("td", {class: "num"}, fmt(run.train_loss)),
+      el("td", {class: "num", title: measuredWith(run)}, fmt(run.val_loss)),
       el("td", {class: "num"}, fmt(run.best_val_loss)),
       el("td", {class: "num"}, run.checkpoint_step === null ? "none yet" : run.checkpoint_step),
       el("td", {class: "muted"}, `${run.preset || ""} · ${shape} · ${run.tokenizer || ""} (${run.vocab_size})`));
   }));
-  const probeRun = document.getElementById("probe-run");
   const names = state.runs.map(r => r.name);
-  if ([...probeRun.options].map(o => o.value).join("\n") !== names.join("\n")) {  // an open list stays open
-    const chosen = probeRun.value;
-    probeRun.replaceChildren(...names.map(name => el("option", {value: name, selected: name === chosen}, name)));
+  for (const select of [document.getElementById("probe-run"), document.getElementById("inside-run")]) {
+    if ([...select.options].map(o => o.value).join("\n") !== names.join("\n")) {  // an open list stays open
+      const chosen = select.value;
+      select.replaceChildren(...names.map(name => el("option", {value: name, selected: name === chosen}, name)));
+    }
   }
 }
 
@@ -270,6 +279,201 @@ function renderProbes(run) {
       }))))));
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// Dashboard: inside the model (inside.jsonl), with a scrubber over the evaluation steps
+
+const SCORES = ["previous_token", "induction", "duplicate_token"];
+const HEAD_DASH = [undefined, [7, 3], [2, 3], [9, 3, 2, 3]];  // line style per head; colour per layer
+const MAX_DRAWN = 256;  // heatmap positions drawn at most (training records 32; a run from elsewhere may hold more)
+const POSITION_STEPS = 5;  // loss-by-position curves: this many steps spread over the run, plus the scrubbed one
+const inside = {index: null, follow: true, prompt: 0, charts: {}};
+
+function insideRecords(run) {  // one record per step, in step order
+  const byStep = new Map();
+  for (const r of (state.logs[`${run}|inside`] || {records: []}).records) {
+    if (Number.isInteger(r.step)) byStep.set(r.step, r);
+  }
+  return [...byStep.values()].sort((a, b) => a.step - b.step);
+}
+
+function headKeys(records) {  // the [layer, head] pairs that have scores
+  const keys = new Map();
+  for (const r of records) {
+    ((r.heads || {}).induction || []).forEach((row, layer) => (row || []).forEach((_, head) =>
+      keys.set(`${layer}.${head}`, [layer, head])));
+  }
+  return [...keys.values()].sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+}
+
+function score(record, name, layer, head) {
+  const value = (((record.heads || {})[name] || [])[layer] || [])[head];
+  return typeof value === "number" ? value : null;
+}
+
+function spreadSteps(records, index) {  // up to POSITION_STEPS records from first to last, and the scrubbed one
+  const picked = new Set();
+  const n = records.length;
+  for (let i = 0; i < Math.min(n, POSITION_STEPS); i++) {
+    picked.add(n <= POSITION_STEPS ? i : Math.round(i * (n - 1) / (POSITION_STEPS - 1)));
+  }
+  if (index !== null && index < n) picked.add(index);
+  return [...picked].sort((a, b) => a - b).map(i => records[i]);
+}
+
+function positionColor(fraction) {  // early steps light, late steps dark
+  return `hsl(${220 - 180 * fraction}, 70%, ${62 - 30 * fraction}%)`;
+}
+
+function insideChart(id, records, index) {  // the series and uPlot data of one chart of the panel
+  if (SCORES.includes(id)) {
+    const keys = headKeys(records);
+    return {x: "step", series: keys.map(([layer, head]) => ({label: `L${layer} H${head}`,
+              stroke: COLORS[layer % COLORS.length], dash: HEAD_DASH[head % HEAD_DASH.length]})),
+            data: [records.map(r => r.step)].concat(keys.map(([l, h]) => records.map(r => score(r, id, l, h))))};
+  }
+  if (id === "repeat_loss") {
+    const value = (r, key) => typeof (r.repeat_loss || {})[key] === "number" ? r.repeat_loss[key] : null;
+    return {x: "step", series: [{label: "first copy", stroke: COLORS[0]}, {label: "second copy", stroke: COLORS[1]}],
+            data: [records.map(r => r.step), records.map(r => value(r, "first")), records.map(r => value(r, "second"))]};
+  }
+  const shown = spreadSteps(records, index).filter(r => Array.isArray((r.loss_by_position || {}).loss));
+  const length = Math.max(0, ...shown.map(r => r.loss_by_position.loss.length));
+  const current = index !== null ? records[index] : null;
+  return {x: "position", series: shown.map((r, i) => ({label: `step ${r.step}`, width: r === current ? 3 : 1.3,
+            stroke: positionColor(shown.length > 1 ? i / (shown.length - 1) : 1)})),
+          data: [[...Array(length).keys()]].concat(shown.map(r => [...Array(length).keys()].map(
+            p => typeof r.loss_by_position.loss[p] === "number" ? r.loss_by_position.loss[p] : null)))};
+}
+
+function stepMarker(u) {  // a dashed vertical line at the scrubbed step
+  const records = insideRecords(document.getElementById("inside-run").value);
+  const record = inside.index !== null ? records[inside.index] : null;
+  if (!record) return;
+  const x = u.valToPos(record.step, "x", true);
+  const ctx = u.ctx;
+  ctx.save();
+  ctx.strokeStyle = "#555";
+  ctx.setLineDash([4, 4]);
+  ctx.beginPath();
+  ctx.moveTo(x, u.bbox.top);
+  ctx.lineTo(x, u.bbox.top + u.bbox.height);
+  ctx.stroke();
+  ctx.restore();
+}
+
+function renderInsideCharts(records, index) {
+  for (const figure of document.querySelectorAll("figure[data-inside]")) {
+    const id = figure.dataset.inside;
+    const {x, series, data} = insideChart(id, records, index);
+    const signature = JSON.stringify([x, series]);
+    let chart = inside.charts[id];
+    if (!chart || chart.signature !== signature) {
+      if (chart) chart.plot.destroy();
+      const box = figure.querySelector(".plot");
+      box.replaceChildren();
+      const opts = {
+        width: Math.max(300, box.clientWidth), height: 220, scales: {x: {time: false}},
+        axes: [{label: x}, {size: 50}], legend: {live: true},
+        hooks: x === "step" ? {draw: [stepMarker]} : {},
+        series: [{label: x}].concat(series.map(s => ({spanGaps: true, width: 1.5, points: {show: false}, ...s}))),
+      };
+      chart = inside.charts[id] = {plot: new uPlot(opts, [[]].concat(series.map(() => [])), box), signature};
+    }
+    chart.plot.setData(data);
+    figure.dataset.points = data.slice(1).reduce((n, ys) => n + ys.filter(v => v !== null).length, 0);
+    figure.classList.toggle("empty", figure.dataset.points === "0");
+  }
+}
+
+function drawHeatmap(canvas, rows, size, cell) {
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#f1f1f4";  // the future: nothing attends there
+  ctx.fillRect(0, 0, size * cell, size * cell);
+  rows.slice(0, size).forEach((row, q) => (row || []).slice(0, q + 1).forEach((value, k) => {
+    ctx.fillStyle = `rgba(31, 119, 180, ${Math.max(0, Math.min(100, value)) / 100})`;
+    ctx.fillRect(k * cell, q * cell, cell, cell);
+  }));
+}
+
+function renderAttention(record, tokens, entry) {
+  const box = document.getElementById("attention");
+  if (!entry || !Array.isArray(entry.percent)) {
+    box.replaceChildren(el("p", {class: "muted"}, "No attention recorded at this step (the bigram has none)."));
+    return;
+  }
+  const size = Math.min(tokens.length, MAX_DRAWN);
+  const cell = Math.max(4, Math.min(12, Math.floor(216 / Math.max(size, 1))));
+  box.replaceChildren(...entry.percent.map((heads, layer) => el("div", {class: "layer"}, (heads || []).map((rows, head) => {
+    const canvas = el("canvas", {width: size * cell, height: size * cell, "data-layer": layer, "data-head": head,
+                                 "data-percent": JSON.stringify(rows)});
+    drawHeatmap(canvas, rows || [], size, cell);
+    canvas.addEventListener("mousemove", e => {
+      const q = Math.floor(e.offsetY / cell), k = Math.floor(e.offsetX / cell);
+      const value = ((rows || [])[q] || [])[k];
+      canvas.title = value === undefined ? "" :
+        `${visible(tokens[q] || "")} (position ${q}) attends to ${visible(tokens[k] || "")} (position ${k}): ${value}%`;
+    });
+    const caption = `layer ${layer} head ${head} · induction ${fmt(score(record, "induction", layer, head), 2)}` +
+                    ` · previous ${fmt(score(record, "previous_token", layer, head), 2)}`;
+    return el("figure", {}, el("figcaption", {}, caption), canvas);
+  }))));
+}
+
+function renderLens(entry) {
+  const layers = (entry && Array.isArray(entry.top)) ? entry.top : [];
+  document.querySelector("#lens tbody").replaceChildren(...layers.map((top, i) => el("tr", {"data-layer": i},
+    el("td", {}, (i === 0 ? "embeddings" : `after block ${i - 1}`) + (i === layers.length - 1 ? " (the output)" : "")),
+    el("td", {}, (top || []).map(([token, prob]) => el("span", {class: "chip", "data-token": token, "data-prob": prob,
+        style: `background:linear-gradient(90deg,#cfe3f7 ${(100 * prob).toFixed(1)}%,#f4f4f4 0)`},
+      el("code", {}, visible(token)), ` ${(100 * prob).toFixed(1)}%`))))));
+}
+
+function renderInside() {
+  const run = document.getElementById("inside-run").value;
+  const records = insideRecords(run);
+  const slider = document.getElementById("inside-step");
+  const none = document.getElementById("inside-none");
+  none.hidden = records.length > 0;
+  none.textContent = run ? `No records inside the model of ${run} yet: they are written at every evaluation ` +
+                           "(unless training runs with --no-inside)." : "";
+  slider.max = Math.max(0, records.length - 1);
+  if (inside.follow || inside.index === null || inside.index >= records.length) inside.index = records.length - 1;
+  if (!records.length) inside.index = null;
+  slider.value = inside.index === null ? 0 : inside.index;
+  const record = inside.index !== null ? records[inside.index] : null;
+  document.getElementById("inside-step-label").textContent = record ? `step ${record.step}` : "–";
+  renderInsideCharts(records, inside.index);
+  if (!record) {
+    document.getElementById("attention").replaceChildren();
+    renderLens(null);
+    return;
+  }
+  const entries = record.attention || [];
+  const select = document.getElementById("inside-prompt");
+  const prompts = entries.map(e => String(e.prompt));
+  if ([...select.options].map(o => o.value).join("\n") !== prompts.map((_, i) => String(i)).join("\n") ||
+      [...select.options].map(o => o.textContent).join("\n") !== prompts.map(visible).join("\n")) {
+    select.replaceChildren(...prompts.map((p, i) => el("option", {value: i}, visible(p))));
+  }
+  inside.prompt = Math.min(inside.prompt, Math.max(0, entries.length - 1));
+  select.value = inside.prompt;
+  const entry = entries[inside.prompt];
+  const tokens = entry && Array.isArray(entry.tokens) ? entry.tokens : [];
+  document.getElementById("attention-title").textContent = entry ?
+    `Attention at step ${record.step} on "${visible(tokens.join(""))}" (row: the position attending, column: ` +
+    "the position attended to)" : `Attention at step ${record.step}`;
+  renderAttention(record, tokens, entry);
+  const lens = (record.lens || []).find(l => entry && l.prompt === entry.prompt) || (record.lens || [])[inside.prompt];
+  document.getElementById("lens-title").textContent = lens ?
+    `Logit lens at step ${record.step}: the next token after "${visible(String(lens.prompt))}", read from each layer` :
+    `Logit lens at step ${record.step}`;
+  renderLens(lens);
+}
+
+async function pollInside(run) {
+  if (run && await pollLog(run, "inside")) renderInside();
+}
+
 async function pollDashboard() {
   await pollRuns();
   if (document.getElementById("dashboard").hidden) return;
@@ -279,6 +483,7 @@ async function pollDashboard() {
     const changed = await Promise.all(runs.map(run => pollLog(run, "metrics")));
     if (changed.some(Boolean) || Object.keys(state.charts).length === 0) refreshCharts();
     if (probeRun && await pollLog(probeRun, "probes")) renderProbes(probeRun);
+    await pollInside(document.getElementById("inside-run").value);
   } catch (e) {
     document.getElementById("connection").textContent = "could not read the logs: " + e.message;
   }
@@ -479,6 +684,10 @@ function resizeCharts() {
     const box = document.querySelector(`figure[data-chart="${spec.id}"] .plot`);
     if (chart) chart.plot.setSize({width: Math.max(300, box.clientWidth), height: 220});
   }
+  for (const [id, chart] of Object.entries(inside.charts)) {
+    const box = document.querySelector(`figure[data-inside="${id}"] .plot`);
+    chart.plot.setSize({width: Math.max(300, box.clientWidth), height: 220});
+  }
 }
 
 function start() {
@@ -488,6 +697,19 @@ function start() {
   document.getElementById("log-loss").addEventListener("change", refreshCharts);
   document.getElementById("probe-run").addEventListener("change", e => {
     pollLog(e.target.value, "probes").then(() => renderProbes(e.target.value));
+  });
+  document.getElementById("inside-run").addEventListener("change", e => {
+    inside.follow = true;
+    pollLog(e.target.value, "inside").then(renderInside);
+  });
+  document.getElementById("inside-step").addEventListener("input", e => {
+    inside.index = Number(e.target.value);
+    inside.follow = inside.index === Number(e.target.max);
+    renderInside();
+  });
+  document.getElementById("inside-prompt").addEventListener("change", e => {
+    inside.prompt = Number(e.target.value);
+    renderInside();
   });
   for (const id of ["temperature", "top-k", "top-p"]) document.getElementById(id).addEventListener("input", scheduleRefresh);
   document.getElementById("model").addEventListener("change", () => refreshDistribution());
