@@ -60,13 +60,17 @@ def trace(model: nn.Module, idx: torch.Tensor) -> Trace:
     layers as model(idx) in eval mode, with the attention written out instead of fused: the same logits, to rounding."""
     B, T = idx.shape
     x, rope = model.embed(idx, slice(0, T))  # (B, T, C)
-    residual, attention = [x], []
-    for block in model.blocks:
-        q, k, v = block.attn.heads(block.norm1(x), rope)  # each (B, H, T, D)
+    residual, attention, skips = [x], [], []
+    ve = model.vte(idx) if model.vte is not None else None  # (B, T, C)
+    for layer, block in enumerate(model.blocks):
+        x = model.skip_in(layer, x, skips)
+        ve_layer = model.ve_weights[layer] * ve if ve is not None else None
+        q, k, v = block.attn.heads(block.norm1(x), rope, ve_layer)  # each (B, H, T, D)
         weights = causal_attention(q, k)  # (B, H, T, T)
         mixed = (weights @ v).transpose(1, 2).reshape(B, T, -1)  # (B, T, C)
         x = x + block.attn.proj(mixed)
         x = x + block.mlp(block.norm2(x))
+        model.skip_out(layer, x, skips)
         attention.append(weights)
         residual.append(x)
     return Trace(logit_lens(model, x), attention, residual)
@@ -75,7 +79,7 @@ def trace(model: nn.Module, idx: torch.Tensor) -> Trace:
 def logit_lens(model: nn.Module, stream: torch.Tensor) -> torch.Tensor:
     """The logits the model would give if its blocks ended here: the final norm and the head applied to a residual
     stream (B, T, C). On the last layer's stream these are the model's own logits."""
-    return model.lm_head(model.norm_f(stream))
+    return model.head(stream)
 
 
 # ---------------------------------------------------------------------------------------------------------------

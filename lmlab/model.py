@@ -7,8 +7,9 @@ What other modules may use of a model, and nothing more (both architectures have
   `model.make_cache(batch)` (a KVCache).
 - `model.blocks`: the transformer blocks, in order (distributed.py shards each; empty for the bigram).
 - The GPT's parts, for running its blocks one at a time to look inside (inside.py): `model.embed(idx, positions)`,
-  each block's `norm1`, `attn.heads(x, rope)` (queries, keys, values), `attn.proj`, `norm2` and `mlp`, and
-  `model.norm_f` and `model.lm_head`.
+  `model.vte` and `model.ve_weights` (the value embedding, None when off), `model.skip_in` and `model.skip_out`
+  (the U-net skips around each block), each block's `norm1`, `attn.heads(x, rope, ve)` (queries, keys, values),
+  `attn.proj`, `norm2` and `mlp`, and `model.head(x)` (final norm, output head, soft cap).
 - Parameters by name only through the helpers below: `unique_parameters` (tied weights once), `layer_of`
   (embed / block.N / head, for telemetry), `is_hidden_matrix` (Muon's share), `count_params`, `matmul_params`.
 """
@@ -67,6 +68,13 @@ class ModelConfig:
     """RoPE frequency base."""
     zero_init_proj: bool = True
     """Start the output projections of attention and MLP at zero, so each block starts as the identity."""
+    logit_softcap: float = 0.0
+    """Bound the logits smoothly to (-cap, cap): cap * tanh(logits / cap) (0: off)."""
+    value_embed: bool = False
+    """A second token table added to every layer's attention values, times a learned weight per layer."""
+    unet_skips: bool = False
+    """U-net skips: the output of block i of the first half, times a learned weight, joins the input of its mirror
+    block n_layer-1-i of the second half."""
 
     def __post_init__(self) -> None:
         for name in SIZES:
@@ -83,6 +91,8 @@ class ModelConfig:
             raise LmlabError(f"--mlp-ratio must be positive, got {self.mlp_ratio}")
         if self.mlp_hidden is not None and self.mlp_hidden <= 0:
             raise LmlabError(f"--mlp-hidden must be positive, got {self.mlp_hidden}")
+        if self.logit_softcap < 0:
+            raise LmlabError(f"--logit-softcap must be >= 0 (0: off), got {self.logit_softcap}")
         if self.norm_eps is not None and not 0 < self.norm_eps < 1:
             raise LmlabError(f"--norm-eps must be in (0, 1), got {self.norm_eps}")
 
@@ -215,20 +225,25 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
 
-    def heads(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values of every head, each (B, H, T, D): normalised (QK-norm) and rotated (RoPE)."""
+    def heads(self, x: torch.Tensor, rope, ve: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of every head, each (B, H, T, D): normalised (QK-norm) and rotated (RoPE); ve, a
+        (B, T, C) value embedding already weighted, is added to the values."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.cfg.n_head, self.cfg.head_dim).unbind(dim=2)  # each (B, T, H, D)
+        if ve is not None:
+            v = v + ve.view_as(v)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, rope, cache: Optional[KVCache], layer: int, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x, rope, cache: Optional[KVCache], layer: int, pos: Optional[torch.Tensor] = None,
+                ve: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.shape
         D = self.cfg.head_dim
-        q, k, v = self.heads(x, rope)  # (B, H, T, D)
+        q, k, v = self.heads(x, rope, ve)  # (B, H, T, D)
         dropout = self.cfg.dropout if self.training else 0.0
         if pos is not None:  # static decode step: the query at pos sees cache slots 0..pos
             k, v = cache.write(layer, pos, k, v)  # (B, H, block_size, D)
@@ -290,8 +305,8 @@ class Block(nn.Module):
         self.norm2 = norm_layer(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, cache, layer, pos=None):
-        x = x + self.attn(self.norm1(x), rope, cache, layer, pos)
+    def forward(self, x, rope, cache, layer, pos=None, ve=None):
+        x = x + self.attn(self.norm1(x), rope, cache, layer, pos, ve)
         return x + self.mlp(self.norm2(x))
 
 
@@ -307,6 +322,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = norm_layer(cfg, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.vte = nn.Embedding(vocab_size, cfg.n_embd) if cfg.value_embed else None
+        self.ve_weights = nn.Parameter(torch.empty(cfg.n_layer)) if cfg.value_embed else None
+        self.skip_weights = nn.Parameter(torch.empty(cfg.n_layer // 2)) if cfg.unet_skips else None
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.pos == "rope":
@@ -323,7 +341,8 @@ class GPT(nn.Module):
         - the output projections of attention and MLP: zero when zero_init_proj (each block starts as the identity,
           so depth does not disturb the first steps), otherwise normal(0, 0.02/sqrt(2 n_layer)), GPT-2's scaling
           for the residual sum of 2 n_layer branches;
-        - biases: zero; norm gains: one (their defaults).
+        - biases: zero; norm gains: one (their defaults);
+        - the value embedding's weight per layer: 0.5; the U-net skip weights: one.
         """
         std = 0.02
         for module in self.modules():
@@ -339,6 +358,10 @@ class GPT(nn.Module):
                     nn.init.zeros_(proj.weight)
                 else:
                     nn.init.normal_(proj.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+        if self.ve_weights is not None:
+            nn.init.constant_(self.ve_weights, 0.5)
+        if self.skip_weights is not None:
+            nn.init.ones_(self.skip_weights)
 
     def make_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         p = self.wte.weight
@@ -376,11 +399,33 @@ class GPT(nn.Module):
         x, rope = self.embed(idx, positions)  # (B, T, C)
         if self.cfg.dropout and self.training:
             x = F.dropout(x, self.cfg.dropout, True)
+        ve = self.vte(idx) if self.vte is not None else None  # (B, T, C)
+        skips: list[torch.Tensor] = []
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cache, layer, pos)
+            x = self.skip_in(layer, x, skips)
+            x = block(x, rope, cache, layer, pos, self.ve_weights[layer] * ve if ve is not None else None)
+            self.skip_out(layer, x, skips)
         if cache is not None and pos is None:
             cache.pos += T
-        return self.lm_head(self.norm_f(x))  # (B, T, V)
+        return self.head(x)  # (B, T, V)
+
+    def skip_out(self, layer: int, x: torch.Tensor, skips: list[torch.Tensor]) -> None:
+        """U-net skips: keep the output of each block of the first half."""
+        if self.skip_weights is not None and layer < self.cfg.n_layer // 2:
+            skips.append(x)
+
+    def skip_in(self, layer: int, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """U-net skips: a block of the second half gets its mirror's output added to its input, weighted."""
+        first_mirrored = self.cfg.n_layer - self.cfg.n_layer // 2
+        if self.skip_weights is None or layer < first_mirrored:
+            return x
+        return x + self.skip_weights[layer - first_mirrored] * skips.pop()
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from a residual stream (B, T, C): the final norm, the output head, and the soft cap if any."""
+        logits = self.lm_head(self.norm_f(x))
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
 
 class Bigram(nn.Module):
@@ -421,7 +466,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
 
 
 # Parameter names, for the modules that treat parameters by role (telemetry, optim)
-EMBEDDING_NAMES = ("wte.", "wpe.", "table.")  # lookup tables: token, learned position, the bigram's
+EMBEDDING_NAMES = ("wte.", "wpe.", "vte.", "table.")  # lookup tables: token, learned position, value, the bigram's
 BLOCK_NAMES = "blocks."  # then the block's index
 
 
@@ -450,8 +495,9 @@ def count_params(model: nn.Module, non_embedding: bool = False) -> int:
     n = sum(p.numel() for _, p in unique_parameters(model))
     if non_embedding and isinstance(model, GPT):
         n -= model.wte.weight.numel()
-        if model.wpe is not None:
-            n -= model.wpe.weight.numel()
+        for table in (model.wpe, model.vte):
+            if table is not None:
+                n -= table.weight.numel()
     return n
 
 

@@ -51,6 +51,8 @@ class OptimConfig:
     warmup (0: off). Step budgets ignore it, so extending a run's --max-steps on resume changes nothing before."""
     decay_fraction: float = 0.4
     """wsd: share of the budget spent decaying."""
+    decay_shape: Literal["linear", "sqrt", "cosine"] = "linear"
+    """wsd: shape of the decay, with t from 0 to 1 across it: 1 - t (linear), 1 - sqrt(t), or (1 + cos(pi t)) / 2."""
     final_lr_frac: float = 0.0
     """Learning rate at the end of the budget, as a fraction of the peak."""
     grad_clip: float = 1.0
@@ -73,9 +75,16 @@ class OptimConfig:
 # Schedules: pure functions of the step and of the share of the budget done
 
 
+DECAY_SHAPES = {  # the wsd decay: the share of the peak left at t in [0, 1] of the decay
+    "linear": lambda t: 1.0 - t,
+    "sqrt": lambda t: 1.0 - math.sqrt(t),
+    "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t)),
+}
+
+
 def lr_multiplier(
     schedule: str, step: int, progress: float, warmup: int = 0, decay_fraction: float = 0.4, final_frac: float = 0.0,
-    warmup_fraction: float = 0.0,
+    warmup_fraction: float = 0.0, decay_shape: str = "linear",
 ) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based), `progress` in [0, 1] of the budget.
 
@@ -94,7 +103,7 @@ def lr_multiplier(
         if progress <= start or decay_fraction == 0.0:
             shape = 1.0
         else:
-            shape = final_frac + (1.0 - final_frac) * (1.0 - progress) / decay_fraction
+            shape = final_frac + (1.0 - final_frac) * DECAY_SHAPES[decay_shape]((progress - start) / decay_fraction)
     else:
         raise LmlabError(f"unknown schedule {schedule!r}; use constant, cosine or wsd")
     return warm * shape

@@ -625,7 +625,7 @@ def run(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool]) -> dict:
                 t0 = time.perf_counter()
                 set_lr(state.optimizer, cfg.optim, state.lr_scale * lr_multiplier(
                     cfg.optim.schedule, state.step, progress(cfg, state), cfg.optim.warmup, cfg.optim.decay_fraction,
-                    cfg.optim.final_lr_frac, cfg.optim.warmup_fraction if cfg.max_time else 0.0))
+                    cfg.optim.final_lr_frac, cfg.optim.warmup_fraction if cfg.max_time else 0.0, cfg.optim.decay_shape))
                 watched = recorder.telemetry.active(state.step + 1)
                 result = train_step(model, state.optimizer, (state.sampler.next() for _ in range(setup.grad_accum)),
                                     cfg.loss, cfg.optim.grad_clip, autocast, d, objective,

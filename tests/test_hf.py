@@ -115,6 +115,9 @@ def test_unmappable_options_are_refused_naming_the_option_and_the_nearest_that_m
         (dict(norm="layernorm", mlp="swiglu", qk_norm=False), "--mlp swiglu", "--norm rmsnorm"),
         (dict(norm="layernorm", qk_norm=True), "--qk-norm", "--no-qk-norm"),
         (dict(qk_norm=True, bias=True), "--bias with --qk-norm", "--no-bias"),
+        (dict(logit_softcap=15.0), "--logit-softcap", "--logit-softcap 0"),
+        (dict(value_embed=True), "--value-embed", "--no-value-embed"),
+        (dict(unet_skips=True), "--unet-skips", "--no-unet-skips"),
     ]
     for options, option, nearest in cases:
         with pytest.raises(LmlabError) as e:

@@ -37,6 +37,8 @@ def small_model(seed: int = 0, vocab: int = 23, **kw) -> torch.nn.Module:
 @pytest.mark.parametrize("kw", [
     {}, {"pos": "learned", "norm": "layernorm", "bias": True}, {"qk_norm": False, "mlp": "swiglu"},
     {"mlp": "gelu", "tie_embeddings": True, "n_layer": 3, "n_head": 4},
+    {"value_embed": True, "unet_skips": True, "logit_softcap": 3.0, "n_layer": 4},
+    {"unet_skips": True, "n_layer": 3},
 ])
 def test_trace_gives_the_models_logits_and_causal_attention(kw):
     model = small_model(**kw)

@@ -395,6 +395,7 @@ def test_parameter_helpers_name_each_tensor_once_by_role():
         dict(dropout=1.0),
         dict(dropout=-0.1),
         dict(mlp_ratio=0.0),
+        dict(logit_softcap=-1.0),
     ],
 )
 def test_config_validation(kw):
@@ -520,3 +521,86 @@ def test_inference_fast_paths_match_the_autograd_functions(dtype):
             without = module(x)
         assert with_grad.requires_grad and not without.requires_grad
         torch.testing.assert_close(without, with_grad.detach(), atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logit soft cap
+
+
+def test_logit_softcap_is_cap_tanh_of_the_uncapped_logits():
+    """The capped model's logits are cap * tanh(z / cap) of the same weights' uncapped logits (a hand formula), all
+    within (-cap, cap); the KV-cached path caps the same way."""
+    plain = tiny_gpt(seed=21, std=1.0)
+    capped = tiny_gpt(seed=21, std=1.0, logit_softcap=2.0)
+    capped.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(22))
+    with torch.no_grad():
+        z, y = plain(idx), capped(idx)
+        assert z.abs().max() > 2.0  # the cap binds somewhere, so the test can tell
+        torch.testing.assert_close(y, 2.0 * torch.tanh(z / 2.0), atol=1e-12, rtol=0)
+        assert y.abs().max() < 2.0
+        cache = capped.make_cache(2)
+        steps = [capped(idx[:, t : t + 1], cache=cache) for t in range(12)]
+        torch.testing.assert_close(torch.cat(steps, 1), y, atol=1e-10, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Value embeddings and U-net skips
+
+
+def test_value_embedding_is_added_to_the_values_only():
+    model = tiny_gpt(seed=23)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    ve = torch.randn(2, 12, 16, dtype=torch.float64)
+    rope = (model.rope_cos[:12], model.rope_sin[:12])
+    q0, k0, v0 = attn.heads(x, rope)
+    q1, k1, v1 = attn.heads(x, rope, ve)
+    torch.testing.assert_close(q1, q0, atol=0, rtol=0)
+    torch.testing.assert_close(k1, k0, atol=0, rtol=0)
+    torch.testing.assert_close(v1, v0 + ve.view(2, 12, 2, 8).transpose(1, 2), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("n_layer", [4, 5])
+def test_unet_skips_and_value_embeddings_match_a_hand_written_forward(n_layer):
+    """Block by block, by hand: the first half's outputs join the second half's inputs in mirror order, each times its
+    skip weight; every layer's values get the value embedding times its weight."""
+    model = tiny_gpt(seed=24, n_layer=n_layer, value_embed=True, unet_skips=True)
+    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(25))
+    with torch.no_grad():
+        x, rope = model.embed(idx, slice(0, 12))
+        ve = model.vte(idx)
+        outputs = []
+        for i, block in enumerate(model.blocks):
+            mirror = n_layer - 1 - i
+            if mirror < n_layer // 2:  # second half: the mirror block's output joins the input
+                x = x + model.skip_weights[i - (n_layer - n_layer // 2)] * outputs[mirror]
+            x = block(x, rope, None, i, None, model.ve_weights[i] * ve)
+            outputs.append(x)
+        torch.testing.assert_close(model(idx), model.head(x), atol=1e-12, rtol=0)
+        # the skips matter: with their weights at zero the model computes something else
+        plain = model(idx)
+        model.skip_weights.zero_()
+        assert (model(idx) - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kw", [dict(value_embed=True), dict(unet_skips=True), dict(value_embed=True, unet_skips=True)])
+def test_value_embeddings_and_skips_keep_the_kv_cache_exact(kw):
+    model = tiny_gpt(seed=26, n_layer=4, **kw)
+    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(27))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.make_cache(2)
+        pieces = [model(idx[:, :5], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(5, 12)]
+        torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-10, rtol=0)
+        cache = model.make_cache(2)
+        steps = [model(idx[:, t : t + 1], cache=cache, pos=torch.tensor([t])) for t in range(12)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-10, rtol=0)
+
+
+def test_value_embedding_table_counts_as_an_embedding():
+    plain, with_ve = tiny_gpt(seed=28), tiny_gpt(seed=28, value_embed=True)
+    n_layer = plain.cfg.n_layer
+    assert count_params(with_ve) == count_params(plain) + VOCAB * 16 + n_layer
+    assert count_params(with_ve, non_embedding=True) == count_params(plain, non_embedding=True) + n_layer
+    assert layer_of("vte.weight") == "embed" and not is_hidden_matrix("vte.weight", with_ve.vte.weight)

@@ -218,6 +218,19 @@ def test_wsd_schedule(final):
     )
 
 
+@pytest.mark.parametrize("shape,f", [
+    ("linear", lambda t: 1.0 - t),
+    ("sqrt", lambda t: 1.0 - math.sqrt(t)),
+    ("cosine", lambda t: 0.5 * (1.0 + math.cos(math.pi * t))),
+])
+def test_wsd_decay_shapes(shape, f):
+    """Hand values: stable at 1 until progress 0.6, then final + (1 - final) f(t), t = (progress - 0.6) / 0.4."""
+    kw = dict(warmup=0, decay_fraction=0.4, final_frac=0.1, decay_shape=shape)
+    assert lr_multiplier("wsd", 100, 0.6, **kw) == pytest.approx(1.0)
+    for p, t in ((0.7, 0.25), (0.8, 0.5), (0.9, 0.75), (1.0, 1.0)):
+        assert lr_multiplier("wsd", 100, p, **kw) == pytest.approx(0.1 + 0.9 * f(t)), (p, t)
+
+
 def test_wsd_without_decay_is_constant():
     for p in (0.0, 0.5, 0.99, 1.0):
         assert lr_multiplier("wsd", 100, p, decay_fraction=0.0, final_frac=0.0) == pytest.approx(1.0)
