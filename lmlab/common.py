@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -106,6 +107,18 @@ def read_json(path: str | os.PathLike) -> Any:
         raise LmlabError(f"missing file: {path}") from None
     except json.JSONDecodeError as e:
         raise LmlabError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinity as null: JSON has no such numbers (a skipped step logs a NaN loss), and
+    a browser's JSON.parse refuses them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
 
 
 def fmt_count(n: float) -> str:

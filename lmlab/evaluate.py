@@ -27,6 +27,11 @@ def autocast_context(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def window_stride(stride: int, block_size: int) -> int:
+    """The stride the evaluation windows use: `stride`, or block_size (non-overlapping) for 0 or anything larger."""
+    return block_size if stride <= 0 or stride > block_size else stride
+
+
 def eval_windows(n_tokens: int, block_size: int, max_tokens: int = 0, stride: int = 0):
     """(start, end, first_scored) of each evaluation window over a stream of n_tokens tokens, in order: the window
     predicts tokens start+1 .. end and scores the predictions from first_scored on. Every prediction is scored once.
@@ -37,7 +42,7 @@ def eval_windows(n_tokens: int, block_size: int, max_tokens: int = 0, stride: in
     n_pred = n_tokens - 1
     if max_tokens > 0:
         n_pred = min(n_pred, max_tokens)
-    stride = block_size if stride <= 0 or stride > block_size else stride
+    stride = window_stride(stride, block_size)
     start, scored_to = 0, 0
     while scored_to < n_pred:
         end = min(start + block_size, n_pred)

@@ -264,12 +264,8 @@ def loss_conclusion(result: dict) -> str:
                  f"{_pct(ce['val_accuracy'])} accuracy ({gap:+.1f} points against the accuracy objective) and a "
                  f"validation loss of {_num(ce['val_loss'])}; squared error on the probabilities reached "
                  f"{_pct(se['val_accuracy'])} and {_num(se['val_loss'])}.")
-    if all(claims.values()):
-        parts.append("The metric we care about cannot be the loss we train on: it has no slope to descend, while "
-                     "a specific, computable and smooth loss improves that very metric.")
-    else:
-        failed = ", ".join(k.replace("_", " ") for k, v in claims.items() if not v)
-        parts.append(f"On this budget the measurements do not back every claim (not: {failed}).")
+    parts.append(_verdict(claims, "The metric we care about cannot be the loss we train on: it has no slope to "
+                                  "descend, while a specific, computable and smooth loss improves that very metric."))
     return " ".join(parts)
 
 
@@ -475,12 +471,8 @@ def descent_conclusion(result: dict) -> str:
     if ranked:
         parts.append("On the same budget the optimizers ranked " + ", ".join(
             f"{o['name']} ({_num(o['val_loss'])})" for o in ranked) + " by validation loss.")
-    if all(claims.values()):
-        parts.append("Too small a step crawls, too large a step diverges, and a small batch is a noisy estimate "
-                     "of the way down.")
-    else:
-        failed = ", ".join(k.replace("_", " ") for k, v in claims.items() if not v)
-        parts.append(f"On this budget the measurements do not back every claim (not: {failed}).")
+    parts.append(_verdict(claims, "Too small a step crawls, too large a step diverges, and a small batch is a "
+                                  "noisy estimate of the way down."))
     return " ".join(parts)
 
 
@@ -726,12 +718,8 @@ def patterns_conclusion(result: dict) -> str:
                  f"{result['control']['p_true']:.2f}.")
     parts.append(f"(Trained {training['steps']} steps; the statements' loss "
                  f"{'had stopped falling' if training['plateaued'] else 'was still falling when the budget ended'}.)")
-    if all(claims.values()):
-        parts.append("The model's confidence tracks how often a completion appears in its text, not whether it is "
-                     "true: fluent, confident output is no evidence of truth.")
-    else:
-        failed = ", ".join(k.replace("_", " ") for k, v in claims.items() if not v)
-        parts.append(f"On this budget the measurements do not back every claim (not: {failed}).")
+    parts.append(_verdict(claims, "The model's confidence tracks how often a completion appears in its text, not "
+                                  "whether it is true: fluent, confident output is no evidence of truth."))
     return " ".join(parts)
 
 
@@ -854,17 +842,9 @@ def summary(result: dict) -> str:
 
 
 def _figure(title: str, xlabel: str, ylabel: str):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # loaded only to draw: the CLI imports this module
-    from matplotlib.figure import Figure
+    from .report import figure  # matplotlib loads only to draw: the CLI imports this module
 
-    fig = Figure(figsize=(6.4, 3.9), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_title(title, fontsize=10.5)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    return fig, ax
+    return figure(title, xlabel, ylabel, title_size=10.5)  # the experiments' titles are longer
 
 
 def _finish(fig, legend: str = "best"):
@@ -886,6 +866,14 @@ def _finish(fig, legend: str = "best"):
         if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc=legend)
     return fig
+
+
+def _verdict(claims: dict[str, bool], conclusion: str) -> str:
+    """The experiment's conclusion when the measurements back every claim; otherwise the claims they do not back."""
+    if all(claims.values()):
+        return conclusion
+    failed = ", ".join(k.replace("_", " ") for k, v in claims.items() if not v)
+    return f"On this budget the measurements do not back every claim (not: {failed})."
 
 
 def _color(i: int) -> str:

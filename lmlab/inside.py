@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import rundir
-from .common import LmlabError
+from .common import LmlabError, json_safe
 from .evaluate import eval_windows, stream_losses
 from .loss import cross_entropy
 
@@ -235,20 +235,9 @@ def head_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
-def _json_safe(value):
-    """NaN and infinities as null (a diverged run logs them; JSON has no such numbers)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
-
-
 def summary(records: list[dict]) -> dict:
     """What `lmlab inside --json` prints: head scores, repeat losses and loss by position of these records."""
-    return _json_safe({
+    return json_safe({
         "heads": head_rows(records),
         "repeat_loss": [{"step": r["step"], "first": r["repeat_loss"].get("first"),
                          "second": r["repeat_loss"].get("second")} for r in records if "repeat_loss" in r],

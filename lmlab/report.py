@@ -98,11 +98,12 @@ def smooth(values: list[float]) -> list[float]:
     return out
 
 
-def _figure(title: str, xlabel: str, ylabel: str):
+def figure(title: str, xlabel: str, ylabel: str, title_size: float = 11):
+    """One chart's figure and axes, in the style of every lmlab chart (the report's and the experiments')."""
     fig = Figure(figsize=(6.4, 3.8), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.set_title(title, fontsize=11)
+    ax.set_title(title, fontsize=title_size)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
@@ -144,7 +145,7 @@ def png_bytes(fig: Figure) -> bytes:
 def loss_figure(runs: list[RunLogs], x: str = "step", log: bool = False) -> Figure:
     """Train loss (raw faint, smoothed solid) and val loss (dots) of every run against steps or tokens."""
     by_tokens = x == "tokens"
-    fig, ax = _figure(f"loss against {'tokens' if by_tokens else 'steps'}", "tokens" if by_tokens else "step",
+    fig, ax = figure(f"loss against {'tokens' if by_tokens else 'steps'}", "tokens" if by_tokens else "step",
                       "loss (nats/token)")
     for i, run in enumerate(runs):
         color = COLORS[i % len(COLORS)]
@@ -169,7 +170,7 @@ def loss_figure(runs: list[RunLogs], x: str = "step", log: bool = False) -> Figu
 
 
 def accuracy_figure(runs: list[RunLogs]) -> Figure:
-    fig, ax = _figure("validation accuracy (top-1)", "step", "accuracy")
+    fig, ax = figure("validation accuracy (top-1)", "step", "accuracy")
     for i, run in enumerate(runs):
         xs, ys = _finite([r["step"] for r in run.evals], [r.get("val_accuracy") for r in run.evals])
         if xs:
@@ -180,7 +181,7 @@ def accuracy_figure(runs: list[RunLogs]) -> Figure:
 
 
 def lr_figure(runs: list[RunLogs]) -> Figure:
-    fig, ax = _figure("learning rate", "step", "learning rate")
+    fig, ax = figure("learning rate", "step", "learning rate")
     for i, run in enumerate(runs):
         xs, ys = _finite([r["step"] for r in run.train], [r.get("lr") for r in run.train])
         if xs:
@@ -191,7 +192,7 @@ def lr_figure(runs: list[RunLogs]) -> Figure:
 
 def grad_norm_figure(runs: list[RunLogs]) -> Figure:
     """The global gradient norm before clipping; x marks a clipped step, the dashed line is the clip threshold."""
-    fig, ax = _figure("global gradient norm (before clipping)", "step", "grad norm")
+    fig, ax = figure("global gradient norm (before clipping)", "step", "grad norm")
     for i, run in enumerate(runs):
         color = COLORS[i % len(COLORS)]
         xs, ys = _finite([r["step"] for r in run.train], [r.get("grad_norm") for r in run.train], positive_y=True)
@@ -218,7 +219,7 @@ def _layer_key(name: str) -> tuple:
 def layer_figure(run: RunLogs, kind: str) -> Figure:
     """Per-layer gradient norms (kind='grad_norm') or update-to-weight ratios (kind='update_ratio') of one run."""
     title = {"grad_norm": "per-layer gradient norm", "update_ratio": "per-layer update / weight ratio"}[kind]
-    fig, ax = _figure(f"{run.name}: {title}", "step", "update ratio" if kind == "update_ratio" else "grad norm")
+    fig, ax = figure(f"{run.name}: {title}", "step", "update ratio" if kind == "update_ratio" else "grad norm")
     layers = sorted({name for r in run.telemetry for name in (r.get(kind) or {})}, key=_layer_key)
     palette = colormaps["viridis"]  # embed -> head, dark to light
     for j, layer in enumerate(layers):
@@ -232,7 +233,7 @@ def layer_figure(run: RunLogs, kind: str) -> Figure:
 
 
 def throughput_figure(runs: list[RunLogs]) -> Figure:
-    fig, ax = _figure("training throughput", "step", "tokens / s")
+    fig, ax = figure("training throughput", "step", "tokens / s")
     for i, run in enumerate(runs):
         color = COLORS[i % len(COLORS)]
         xs, ys = _finite([r["step"] for r in run.train], [r.get("tokens_per_s") for r in run.train])
@@ -466,7 +467,7 @@ def head_score_figure(run: RunLogs) -> Figure:
 
 
 def repeat_loss_figure(run: RunLogs) -> Figure:
-    fig, ax = _figure(f"{run.name}: loss on a random sequence and on its repeat", "step", "loss (nats/token)")
+    fig, ax = figure(f"{run.name}: loss on a random sequence and on its repeat", "step", "loss (nats/token)")
     records = [r for r in run.inside if "repeat_loss" in r]
     for key, color, label in (("first", COLORS[0], "first copy (unpredictable)"),
                               ("second", COLORS[1], "second copy (predictable by looking back)")):
@@ -491,7 +492,7 @@ def spread_steps(records: list[dict], count: int = 5, must: Optional[int] = None
 def position_figure(run: RunLogs, step: Optional[int] = None) -> Figure:
     """The loss at each position of the window at a few steps: where it falls along the window, the model uses
     what came before (in-context learning)."""
-    fig, ax = _figure(f"{run.name}: loss by position in the window", "position in the window (tokens seen - 1)",
+    fig, ax = figure(f"{run.name}: loss by position in the window", "position in the window (tokens seen - 1)",
                       "loss (nats/token)")
     records = spread_steps([r for r in run.inside if (r.get("loss_by_position") or {}).get("loss")], must=step)
     palette = colormaps["viridis"]

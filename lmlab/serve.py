@@ -23,7 +23,6 @@ import errno
 import hmac
 import ipaddress
 import json
-import math
 import re
 import socket
 import sys
@@ -45,7 +44,7 @@ from starlette.exceptions import HTTPException
 
 from .checkpoint import LoadedRun, checkpoint_dirs, load_run
 from . import rundir
-from .common import LmlabError
+from .common import LmlabError, json_safe
 from .inspect import next_token_distribution, surprisal
 from .rundir import JsonlTail, run_names, run_status  # noqa: F401 - part of this module's interface
 from .sample import find_stop, generate, prompt_ids, sampling_probs, stop_prefix_length
@@ -175,18 +174,6 @@ def run_summary(name: str, run_dir: Path, tails: Tails) -> dict:
         "vocab_size": config.get("vocab_size"),
         "model": {k: model.get(k) for k in ("arch", "n_layer", "n_head", "n_embd", "block_size")},
     }
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with every NaN or infinity as null: JSON has no such numbers (a skipped step logs a NaN loss), and
-    a browser's JSON.parse refuses them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    return value
 
 
 def has_checkpoint(run_dir: Path) -> bool:

@@ -30,7 +30,7 @@ from .common import LmlabError, fmt_count, resolve_device, resolve_dtype, seed_e
 from .config import TrainConfig, apply_budget
 from .data import BatchSampler, Splits, load_splits
 from .distributed import Dist, all_reduce_sum, barrier, unwrap
-from .evaluate import autocast_context, evaluate
+from .evaluate import autocast_context, evaluate, window_stride
 from .hf import init_from
 from .inside import InsideRecorder
 from .loss import LossConfig, Metrics, training_loss
@@ -415,7 +415,7 @@ class Recorder:
     def evaluation(self, state: TrainState) -> Metrics:
         """Validation loss, then the probe, what the model learnt inside, and a weight snapshot (rank 0)."""
         setup, cfg = self.setup, self.cfg
-        stride = cfg.eval_stride if 0 < cfg.eval_stride < cfg.model.block_size else cfg.model.block_size
+        stride = window_stride(cfg.eval_stride, cfg.model.block_size)
         m = evaluate(unwrap(state.model), setup.splits.val, setup.token_bytes, cfg.model.block_size, cfg.batch_size,
                      cfg.eval_tokens, setup.dtype, self.d, stride=stride)
         state.best_val = min(state.best_val, m.loss)

@@ -65,12 +65,18 @@ def wait_for_bars(page, rows) -> None:
     }""", arg=[[r.token, r.renormalized] for r in rows])
 
 
-def test_dashboard_and_playground(browser, served, tmp_path):
-    url, root = served
+def open_page(browser):
+    """A 1280x900 page with a 15 s timeout, and the list its JavaScript errors land in."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(15_000)
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    return page, errors
+
+
+def test_dashboard_and_playground(browser, served, tmp_path):
+    url, root = served
+    page, errors = open_page(browser)
 
     # (1, 2) the dashboard lists both runs and draws their losses: every train and val loss in their logs
     page.goto(url + "/#dashboard")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import ServerThread, http, read_jsonl, tiny_config, write_corpus
-from test_browser import browser  # noqa: F401 - the shared chromium fixture
+from test_browser import browser, open_page  # noqa: F401 - the shared chromium fixture
 
 SCORES = ("previous_token", "induction", "duplicate_token")
 
@@ -79,10 +79,7 @@ def test_the_inside_panel_follows_the_scrubber(browser, inside_run, tmp_path):
     url, run = inside_run
     records = read_jsonl(run / "inside.jsonl")
     assert [r["step"] for r in records] == [0, 10, 20, 30]
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.set_default_timeout(15_000)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    page, errors = open_page(browser)
     page.goto(url + "/#dashboard")
     page.wait_for_function("document.querySelectorAll('#attention canvas').length === 4")
     page.wait_for_function("document.getElementById('inside-step-label').textContent === 'step 30'")
