@@ -70,6 +70,20 @@ def parse(cls, args: list[str], prog: str, default=None, description: Optional[s
 # train
 
 
+def _bool_flag(argv: list[str], option: str) -> list[str]:
+    """An Optional[bool] option (None: decided later) as a flag too: `--compile` alone means `--compile True`, and
+    `--no-compile` means `--compile False`."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == option and (i + 1 == len(argv) or argv[i + 1] not in ("True", "False", "None")):
+            out += [option, "True"]
+        elif arg == "--no-" + option[2:]:
+            out += [option, "False"]
+        else:
+            out.append(arg)
+    return out
+
+
 def cmd_train(argv: list[str]) -> int:
     from .config import PRESETS, TrainConfig, get_preset
     from .train import train
@@ -89,7 +103,7 @@ def cmd_train(argv: list[str]) -> int:
     desc = ("Train a language model. Presets: " + ", ".join(PRESETS) + ". Every option below overrides the preset; "
             "with --resume, the run's own settings are the defaults. A setting shown as None is picked for the time "
             "budget (--max-time).")
-    cfg = parse(TrainConfig, argv, "lmlab train", default=base, description=desc)
+    cfg = parse(TrainConfig, _bool_flag(argv, "--compile"), "lmlab train", default=base, description=desc)
     summary = train(cfg)  # which applies the budget rules
     if summary["rank"] == 0:
         print(f"run saved in {summary['run_dir']}", file=sys.stderr)

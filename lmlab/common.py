@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,26 @@ def cache_dir() -> Path:
         return Path(os.environ["LMLAB_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "lmlab"
+
+
+# glibc's mallopt parameters: freed blocks under M_MMAP_THRESHOLD bytes come from (and go back to) the heap instead
+# of their own mapping, and the heap gives memory back to the kernel only when more than M_TRIM_THRESHOLD is free.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Ask the C library's malloc to keep freed memory for reuse. On CPU every activation of a step is a fresh
+    tensor; glibc's defaults hand multi-MB blocks back to the kernel when they are freed, and the next step pays a
+    page fault for each 4 KiB of them again (about 12,000 a step of the `tiny` recipe, against 300 with this). The
+    process then keeps up to its peak memory. Returns whether it applied (Linux with glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
 
 
 def resolve_device(name: str) -> torch.device:

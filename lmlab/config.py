@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,8 +73,9 @@ class TrainConfig:
     """auto, cpu, cuda, cuda:N or mps."""
     dtype: str = "auto"
     """Autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16."""
-    compile: bool = False
-    """Compile the model with torch.compile."""
+    compile: Optional[bool] = None
+    """Compile the model and loss with torch.compile: True or False (None: the budget decides; the tiny preset
+    compiles for a --max-time of 180 s or more without --max-steps, when a C++ compiler is there)."""
     threads: int = 0
     """CPU threads for PyTorch (0: PyTorch's default)."""
     sample_tokens: int = 300
@@ -209,7 +212,7 @@ def tiny() -> TrainConfig:
         preset="tiny",
         model=ModelConfig(block_size=None, n_layer=None, n_head=None, n_embd=None),
         optim=OptimConfig(optimizer="muon", lr=None, muon_lr=0.02, muon_momentum=None, schedule="wsd", warmup=50,
-                          decay_fraction=0.4),
+                          decay_fraction=0.4, decay_shape="sqrt"),
         batch_size=32,
         max_time=240.0,
         eval_interval=100,
@@ -308,6 +311,20 @@ TINY_RECIPE = {"block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 128, "lr"
 SHORT_BUDGET = {"block_size": 64, "n_layer": 2, "n_embd": 96, "lr": 2e-2, "muon_momentum": 0.9}
 
 
+# At or over this many seconds of a pure time budget, the tiny recipe compiles: on 2 CPU cores a compiled step takes
+# about 0.8x the time, and the 10-25 s of compiling are paid back by about 120 s (docs/performance.md).
+COMPILE_BUDGET_S = 180.0
+
+
+def can_compile() -> bool:
+    """torch.compile's CPU code needs a C++ compiler (inductor asks for $CXX, else g++ or clang++)."""
+    return bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++"))
+
+
+def _budget_compiles(cfg: TrainConfig) -> bool:
+    return cfg.preset == "tiny" and not cfg.max_steps and cfg.max_time >= COMPILE_BUDGET_S and can_compile()
+
+
 def _section(cfg: TrainConfig, name: str):
     for part in (cfg.model, cfg.optim):
         if hasattr(part, name):
@@ -322,12 +339,19 @@ def apply_budget(cfg: TrainConfig) -> tuple[TrainConfig, str]:
     A setting is the caller's own when it is not None: set `cfg.model.n_layer = 4` (or pass `--n-layer 4`) and the
     rules leave it alone. The `tiny` preset leaves its sizes, context, AdamW learning rate and Muon momentum to the
     budget: TINY_RECIPE, or SHORT_BUDGET when 0 < max_time <= 60 s. A caller who sets the head count keeps the
-    recipe's full width too, which their head count may be chosen to divide. Other presets leave nothing unset.
+    recipe's full width too, which their head count may be chosen to divide. Whether to compile (None) is decided
+    for every preset: the tiny one compiles for pure time budgets of COMPILE_BUDGET_S or more, the others do not.
     """
     unset = [name for name in TINY_RECIPE if getattr(_section(cfg, name), name) is None]
-    if not unset:
+    if not unset and cfg.compile is not None:
         return cfg, ""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), optim=dataclasses.replace(cfg.optim))
+    notes = []
+    if cfg.compile is None:
+        cfg.compile = _budget_compiles(cfg)
+        if cfg.compile:
+            notes.append(f"budget of {cfg.max_time:g} s: compiling the model (the first step takes 10-25 s more; "
+                         f"--compile False to run eager)")
     short = cfg.preset == "tiny" and 0 < cfg.max_time <= SHORT_BUDGET_S
     keep_width = cfg.model.n_head is not None
     changed = []
@@ -339,9 +363,10 @@ def apply_budget(cfg: TrainConfig) -> tuple[TrainConfig, str]:
         setattr(_section(cfg, name), name, value)
     cfg.model.__post_init__()  # the checks that wait for every size (divisibility, the RoPE head size)
     cfg.optim.__post_init__()
-    note = (f"budget of {cfg.max_time:g} s: the tiny recipe's short-budget settings, {' '.join(changed)} (set them "
-            f"to override)") if changed else ""
-    return cfg, note
+    if changed:
+        notes.append(f"budget of {cfg.max_time:g} s: the tiny recipe's short-budget settings, {' '.join(changed)} "
+                     f"(set them to override)")
+    return cfg, "\n".join(notes)
 
 
 def get_preset(name: str) -> TrainConfig:

@@ -26,7 +26,7 @@ from . import distributed as dist_
 from . import rundir
 from . import tokenizer as tok
 from .checkpoint import check_tokenizer, latest_good_checkpoint, load_newest, load_tokenizer, save_checkpoint
-from .common import LmlabError, fmt_count, resolve_device, resolve_dtype, seed_everything
+from .common import LmlabError, fmt_count, keep_freed_memory, resolve_device, resolve_dtype, seed_everything
 from .config import TrainConfig, apply_budget
 from .data import BatchSampler, Splits, load_splits
 from .distributed import Dist, all_reduce_sum, barrier, unwrap
@@ -257,6 +257,8 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
     device = dist_.rank_device(resolve_device(cfg.device), d)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # about 12,000 page faults a step fewer (common.py)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -324,7 +326,8 @@ def describe(setup: Setup, state: TrainState) -> None:
     say(d, f"device {setup.device} ({'asked for' if cfg.device != 'auto' else 'auto-selected'}), autocast "
            f"{str(setup.dtype)[6:]}, {setup.tokens_per_step:,} tokens/step ({setup.global_batch} sequences x "
            f"{m.block_size}), optimizer {cfg.optim.optimizer}, schedule {cfg.optim.schedule}, "
-           f"budget {cfg.max_steps or '-'} steps / {cfg.max_time or '-'} s, threads {torch.get_num_threads()}")
+           f"budget {cfg.max_steps or '-'} steps / {cfg.max_time or '-'} s, threads {torch.get_num_threads()}"
+           f"{', compiled' if cfg.compile else ''}")
     if d.active:
         say(d, f"data parallel ({d.strategy}, {'nccl' if setup.device.type == 'cuda' else 'gloo'}): global batch "
                f"{setup.global_batch} sequences = {d.world} processes x {cfg.batch_size} micro-batch x "

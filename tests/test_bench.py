@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import textwrap
+
+import pytest
 
 from helpers import run_cli, write_corpus
 
@@ -130,3 +134,48 @@ def test_nanogpt_comparison_refuses_another_architecture(tmp_path):
     (tmp_path / "model.py").write_text("raise ImportError('broken checkout')\n")
     proc = run_cli(["bench", "--only", "peak", "--nanogpt", str(tmp_path)], cwd=tmp_path)
     assert proc.returncode == 2 and "cannot use its model.py" in proc.stderr.strip().splitlines()[-1]
+
+
+FAULTS = """
+import resource, sys, torch
+from lmlab.common import keep_freed_memory
+if sys.argv[1] == "keep" and not keep_freed_memory():
+    sys.exit(3)
+def steps(n):
+    for _ in range(n):
+        activations = [torch.ones(2 << 20) for _ in range(6)]  # six 8 MiB tensors, freed at the end of the step
+        del activations
+steps(2)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+steps(10)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_keep_freed_memory_stops_the_page_faults_of_each_step():
+    """With glibc's defaults every step's activations are page-faulted in again (the heap hands them back to the
+    kernel); after keep_freed_memory() the process reuses them. Counted in fresh processes."""
+    faults = {}
+    for mode in ("default", "keep"):
+        proc = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        faults[mode] = int(proc.stdout)
+    assert faults["default"] > 4 * 2048  # 60 tensors of 2048 pages each: many are faulted in again
+    assert faults["keep"] * 3 < faults["default"], faults
+
+
+def test_step_bench_script_compares_each_speed_up(tmp_path):
+    """scripts/step_bench.py runs both sides of each comparison (a few steps of the small nanoGPT shape) and prints
+    the fault counts and ratios; the page-fault side really runs the two malloc settings in separate processes."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "step_bench.py"
+    proc = subprocess.run([sys.executable, str(script), "--preset", "nanogpt-char-cpu", "--blocks", "2",
+                           "--per-block", "1", "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    faults = {mode: float(line.split(":")[1].split()[0]) for line in out.splitlines()
+              for mode in ("default", "keep") if line.startswith(f"page faults, malloc {mode}")}
+    assert set(faults) == {"default", "keep"} and faults["keep"] < faults["default"], out
+    assert "default / keep:" in out and "fused MLP: plain" in out and "plain / fused:" in out, out

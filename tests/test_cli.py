@@ -450,7 +450,7 @@ def test_short_budgets_get_the_short_budget_recipe():
         return cfg
 
     cfg, note = apply_budget(tiny(240.0))
-    assert settings(cfg) == (32, 128, 4, 128, 1e-2, 0.95) and note == ""
+    assert settings(cfg) == (32, 128, 4, 128, 1e-2, 0.95) and "short-budget" not in note
     assert cfg.model.n_head == TINY_RECIPE["n_head"]
     cfg, note = apply_budget(tiny(20.0))
     assert settings(cfg) == (32, 64, 2, 96, 2e-2, 0.9) and settings(cfg)[1:] == tuple(SHORT_BUDGET.values())
@@ -465,8 +465,45 @@ def test_short_budgets_get_the_short_budget_recipe():
     assert settings(cfg) == (32, 128, 4, 128, 1e-2, 0.95) and note == ""
     for budget in (SHORT_BUDGET_S + 1, 0.0):
         assert settings(apply_budget(tiny(budget))[0]) == (32, 128, 4, 128, 1e-2, 0.95)
-    small = get_preset("small")
-    assert apply_budget(dataclasses.replace(small, max_time=20.0)) == (dataclasses.replace(small, max_time=20.0), "")
+    small = dataclasses.replace(get_preset("small"), max_time=20.0, compile=False)
+    assert apply_budget(small) == (small, "")
+
+
+def test_long_time_budgets_compile_the_tiny_recipe(monkeypatch):
+    """--compile None is the budget's: the tiny preset compiles for pure time budgets of COMPILE_BUDGET_S or more
+    where a C++ compiler is found; a value the caller gave (`--compile`, `--no-compile`) stays theirs."""
+    import dataclasses
+
+    from lmlab import config as config_
+    from lmlab.cli import _bool_flag
+
+    monkeypatch.setattr(config_, "can_compile", lambda: True)
+    tiny, small = config_.get_preset("tiny"), config_.get_preset("small")
+    assert tiny.compile is None and small.compile is None
+
+    def compiles(cfg, **changes):
+        out, note = config_.apply_budget(dataclasses.replace(cfg, **changes))
+        assert ("compiling the model" in note) == out.compile
+        return out.compile
+
+    assert compiles(tiny, max_time=config_.COMPILE_BUDGET_S) and compiles(tiny, max_time=300.0)
+    assert not compiles(tiny, max_time=config_.COMPILE_BUDGET_S - 1)
+    assert not compiles(tiny, max_time=300.0, max_steps=100)  # a step limit: the run may be short
+    assert not compiles(tiny, max_time=0.0, max_steps=100000)
+    assert not compiles(small, max_time=300.0)
+    assert config_.apply_budget(dataclasses.replace(tiny, max_time=300.0, compile=False))[0].compile is False
+    assert config_.apply_budget(dataclasses.replace(tiny, max_time=20.0, compile=True))[0].compile is True
+    monkeypatch.setattr(config_, "can_compile", lambda: False)
+    assert not compiles(tiny, max_time=300.0)
+    # the command line: a bare --compile / --no-compile still works as a flag
+    assert _bool_flag(["--compile", "--seed", "1"], "--compile") == ["--compile", "True", "--seed", "1"]
+    assert _bool_flag(["--no-compile"], "--compile") == ["--compile", "False"]
+    assert _bool_flag(["--compile", "False", "--compile"], "--compile") == ["--compile", "False", "--compile", "True"]
+    from lmlab.cli import parse
+    from lmlab.config import TrainConfig
+
+    for argv, expected in (([], None), (["--compile"], True), (["--no-compile"], False)):
+        assert parse(TrainConfig, _bool_flag(argv, "--compile"), "lmlab train", default=tiny).compile is expected
 
 
 def test_python_and_the_cli_apply_the_same_budget_rules(tmp_path):

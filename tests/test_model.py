@@ -476,6 +476,32 @@ def test_rmsnorm_and_squared_relu_gradients_match_autograd_reference(shape):
     assert torch.autograd.gradcheck(_SquaredReLU.apply, (x,))
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 8), (2, 4)])
+def test_fused_relu2_mlp_matches_the_unfused_modules_and_finite_differences(shape):
+    """Training takes _ReLU2MLPFunction (a hand-written backward); its output and gradients for the input and both
+    weights equal autograd through the plain fc -> relu^2 -> proj, with some hidden units inactive."""
+    from lmlab.model import MLP, _ReLU2MLPFunction
+
+    torch.manual_seed(5)
+    mlp = MLP(ModelConfig(n_embd=shape[-1], n_head=1, mlp_ratio=2.0)).double()
+    with torch.no_grad():
+        mlp.proj.weight.normal_()  # zero-init would leave the fc gradient at zero
+    assert mlp.fused
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(*shape, dtype=torch.float64)
+    params = (x, mlp.fc.weight, mlp.proj.weight)
+    ours = torch.autograd.grad((mlp(x) * upstream).sum(), params)
+    hidden = mlp.fc(x)
+    assert (hidden < 0).any() and (hidden > 0).any()
+    ref = torch.autograd.grad((mlp.proj(torch.relu(hidden) ** 2) * upstream).sum(), params)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(mlp(x), mlp.proj(torch.relu(mlp.fc(x)) ** 2), atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(_ReLU2MLPFunction.apply, params)
+    mlp.fused = False  # the unfused path is the same function
+    torch.testing.assert_close(torch.autograd.grad((mlp(x) * upstream).sum(), params)[1], ref[1])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Static-shape decode step (a position tensor; what `lmlab sample --compile` compiles)
 

@@ -1,0 +1,149 @@
+"""What each speed-up of the CPU training step is worth, measured with the alternatives interleaved in one run.
+
+    python scripts/step_bench.py [--blocks 8] [--per-block 5] [--preset tiny] [--compile]
+
+- page faults: the same steps in fresh processes, glibc's malloc defaults against `keep_freed_memory()`, alternating
+  process by process; minor page faults and wall time per step.
+- fused MLP: in one process, the `tiny` step with the ReLU² MLP's hand-written function against the plain modules,
+  alternating block by block.
+- compile (with --compile): eager against `torch.compile`, alternating in one process, with the first compiled step
+  (its compile time) reported.
+
+Prints medians of the per-block medians and the per-block ratios (median, min-max). Nothing is asserted: this is a
+benchmark, the tests check that each path computes the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from lmlab.bench import _alternate, _ratios
+from lmlab.common import keep_freed_memory
+from lmlab.config import apply_budget, get_preset
+from lmlab.evaluate import autocast_context
+from lmlab.loss import LossConfig, training_loss
+from lmlab.model import build_model
+from lmlab.optim import build_optimizer
+from lmlab.train import train_step
+
+VOCAB = 65
+
+
+def make_step(preset: str, compile_model: bool = False):
+    """A training step of the preset's model and optimizer on random tokens: forward, loss, backward, clip, update."""
+    cfg, _ = apply_budget(get_preset(preset))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, VOCAB)
+    opt = build_optimizer(model, cfg.optim)
+    run = torch.compile(model) if compile_model else model
+    objective = torch.compile(training_loss) if compile_model else training_loss
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, VOCAB, (cfg.batch_size, cfg.model.block_size + 1), generator=gen) for _ in range(4)]
+    autocast = autocast_context(torch.device("cpu"), torch.float32)
+
+    def step(i: int) -> None:
+        w = batches[i % len(batches)]
+        train_step(run, opt, [(w[:, :-1], w[:, 1:])], LossConfig(), cfg.optim.grad_clip, autocast,
+                   objective=objective)
+
+    return step, model
+
+
+def child(preset: str, keep: bool, steps: int) -> None:
+    """One process's share of the page-fault comparison: JSON with faults and seconds per step."""
+    if keep and not keep_freed_memory():
+        sys.exit("keep_freed_memory() did not apply here (glibc only)")
+    step, _ = make_step(preset)
+    for i in range(3):
+        step(i)
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    print(json.dumps({"faults_per_step": faults / steps, "step_ms": statistics.median(times) * 1e3,
+                      "total_s": time.perf_counter() - t0}))
+
+
+def page_faults(preset: str, rounds: int, steps: int) -> None:
+    runs: dict[str, list[dict]] = {"default": [], "keep": []}
+    for r in range(rounds):
+        for mode in ("default", "keep") if r % 2 == 0 else ("keep", "default"):
+            proc = subprocess.run([sys.executable, __file__, "--child", mode, "--preset", preset, "--steps",
+                                   str(steps)], capture_output=True, text=True, check=True)
+            runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ratios = [d["step_ms"] / k["step_ms"] for d, k in zip(runs["default"], runs["keep"])]
+    for mode, rs in runs.items():
+        print(f"page faults, malloc {mode:7s}: {statistics.median(r['faults_per_step'] for r in rs):8.0f} faults/step, "
+              f"{statistics.median(r['step_ms'] for r in rs):6.1f} ms/step (per process: "
+              f"{', '.join(format(r['step_ms'], '.0f') for r in rs)})")
+    print(f"  default / keep: {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+
+
+def report(title: str, medians: dict, slow: str, fast: str) -> None:
+    r = _ratios(medians, slow, fast)
+    print(f"{title}: " + ", ".join(f"{name} {statistics.median(m) * 1e3:.1f} ms" for name, m in medians.items())
+          + f"; {slow} / {fast}: {r['ratio_median']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
+
+
+def fused_mlp(preset: str, blocks: int, per_block: int) -> None:
+    step, model = make_step(preset)
+    mlps = [block.mlp for block in model.blocks]
+
+    def with_fused(flag: bool):
+        def run(i: int) -> None:
+            for mlp in mlps:
+                mlp.fused = flag
+            step(i)
+        return run
+
+    for i in range(3):
+        step(i)
+    report("fused MLP", _alternate({"plain": with_fused(False), "fused": with_fused(True)}, blocks, per_block),
+           "plain", "fused")
+
+
+def compiled(preset: str, blocks: int, per_block: int) -> None:
+    eager, _ = make_step(preset)
+    comp, _ = make_step(preset, compile_model=True)
+    t0 = time.perf_counter()
+    comp(0)
+    print(f"compile: first compiled step {time.perf_counter() - t0:.1f} s")
+    for i in range(3):
+        eager(i)
+        comp(i)
+    report("compile", _alternate({"eager": eager, "compiled": comp}, blocks, per_block), "eager", "compiled")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--blocks", type=int, default=8)
+    ap.add_argument("--per-block", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also compare torch.compile against eager")
+    ap.add_argument("--child", choices=("default", "keep"), help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.preset, args.child == "keep", args.steps)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}")
+    page_faults(args.preset, max(2, args.blocks // 2), args.steps)
+    keep_freed_memory()  # as `lmlab train` does on CPU
+    fused_mlp(args.preset, args.blocks, args.per_block)
+    if args.compile:
+        compiled(args.preset, args.blocks, args.per_block)
+
+
+if __name__ == "__main__":
+    main()
