@@ -312,7 +312,9 @@ SHORT_BUDGET = {"block_size": 64, "n_layer": 2, "n_embd": 96, "lr": 2e-2, "muon_
 
 
 # At or over this many seconds of a pure time budget, the tiny recipe compiles: on 2 CPU cores a compiled step takes
-# about 0.8x the time, and the 10-25 s of compiling are paid back by about 120 s (docs/performance.md).
+# about 0.85x the time; compiling takes about 8 s once inductor's cache holds the graphs (every run after the first on
+# a machine), paid back after about a minute, and 20-28 s the very first time, paid back after about 4 (see
+# docs/performance.md).
 COMPILE_BUDGET_S = 180.0
 
 
@@ -350,8 +352,8 @@ def apply_budget(cfg: TrainConfig) -> tuple[TrainConfig, str]:
     if cfg.compile is None:
         cfg.compile = _budget_compiles(cfg)
         if cfg.compile:
-            notes.append(f"budget of {cfg.max_time:g} s: compiling the model (the first step takes 10-25 s more; "
-                         f"--compile False to run eager)")
+            notes.append(f"budget of {cfg.max_time:g} s: compiling the model (the first step takes 10-30 s more; "
+                         f"--no-compile to run eager)")
     short = cfg.preset == "tiny" and 0 < cfg.max_time <= SHORT_BUDGET_S
     keep_width = cfg.model.n_head is not None
     changed = []

@@ -54,6 +54,7 @@ def make_step(preset: str, compile_model: bool = False):
         train_step(run, opt, [(w[:, :-1], w[:, 1:])], LossConfig(), cfg.optim.grad_clip, autocast,
                    objective=objective)
 
+    step.shape = (cfg.batch_size, cfg.model.block_size)
     return step, model
 
 
@@ -137,7 +138,9 @@ def main() -> None:
     if args.child:
         child(args.preset, args.child == "keep", args.steps)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}")
+    batch, block = make_step(args.preset)[0].shape
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}: {batch} x {block} "
+          f"tokens a step")
     page_faults(args.preset, max(2, args.blocks // 2), args.steps)
     keep_freed_memory()  # as `lmlab train` does on CPU
     fused_mlp(args.preset, args.blocks, args.per_block)
