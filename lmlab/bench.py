@@ -82,9 +82,9 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: i
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def throughput(preset: str, device: torch.device, dtype: torch.dtype, compile: bool, steps: int,
-               warmup: int = 3, vocab: int = 65) -> dict:
-    """Steady-state tokens/s of full training steps (forward, backward, clip, AdamW) on random tokens."""
+def training_step(preset: str, device: torch.device, dtype: torch.dtype, compile: bool, vocab: int = 65):
+    """The training loop's own step (forward, loss, backward, clip, optimizer update on one micro-batch) of the
+    preset's model and optimizer, on random tokens: returns step(i), the model and the config."""
     from .evaluate import autocast_context
     from .loss import LossConfig, training_loss
     from .train import train_step
@@ -95,17 +95,25 @@ def throughput(preset: str, device: torch.device, dtype: torch.dtype, compile: b
     opt = build_optimizer(model, cfg.optim)
     run = torch.compile(model) if compile else model
     objective = torch.compile(training_loss) if compile else training_loss
-    B, T = cfg.batch_size, cfg.model.block_size
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (B, T + 1), generator=gen).to(device) for _ in range(4)]
+    batches = [torch.randint(0, vocab, (cfg.batch_size, cfg.model.block_size + 1), generator=gen).to(device)
+               for _ in range(4)]
     autocast = autocast_context(device, dtype)
 
-    def step(i):  # the training loop's own step, on one micro-batch
+    def step(i: int) -> None:
         w = batches[i % len(batches)]
         train_step(run, opt, [(w[:, :-1], w[:, 1:])], LossConfig(), cfg.optim.grad_clip, autocast,
                    objective=objective)
         _sync(device)
 
+    return step, model, cfg
+
+
+def throughput(preset: str, device: torch.device, dtype: torch.dtype, compile: bool, steps: int,
+               warmup: int = 3, vocab: int = 65) -> dict:
+    """Steady-state tokens/s of full training steps (forward, backward, clip, optimizer update) on random tokens."""
+    step, model, cfg = training_step(preset, device, dtype, compile, vocab)
+    B, T = cfg.batch_size, cfg.model.block_size
     t0 = time.perf_counter()
     step(0)
     first = time.perf_counter() - t0

@@ -64,13 +64,12 @@ def architecture(cfg: ModelConfig) -> str:
     if cfg.arch != "gpt":
         raise LmlabError(f"--arch {cfg.arch} has no transformers class (it is a bare table of logits); the nearest "
                          f"that maps is the gpt architecture (e.g. --preset tiny)")
-    if cfg.logit_softcap:
-        raise LmlabError("--logit-softcap has no place in the transformers classes lmlab exports to; nearest that "
-                         "maps: --logit-softcap 0")
-    for option, on in (("--value-embed", cfg.value_embed), ("--unet-skips", cfg.unet_skips)):
+    for option, on, nearest in (("--logit-softcap", cfg.logit_softcap, "--logit-softcap 0"),
+                                ("--value-embed", cfg.value_embed, "--no-value-embed"),
+                                ("--unet-skips", cfg.unet_skips, "--no-unet-skips")):
         if on:
             raise LmlabError(f"{option} has no place in the transformers classes lmlab exports to; nearest that "
-                             f"maps: --no-{option[2:]}")
+                             f"maps: {nearest}")
     if cfg.pos == "learned":
         if cfg.norm != "layernorm":
             raise LmlabError("--pos learned with --norm rmsnorm has no stock transformers class; nearest that maps: "

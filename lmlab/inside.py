@@ -61,11 +61,10 @@ def trace(model: nn.Module, idx: torch.Tensor) -> Trace:
     B, T = idx.shape
     x, rope = model.embed(idx, slice(0, T))  # (B, T, C)
     residual, attention, skips = [x], [], []
-    ve = model.vte(idx) if model.vte is not None else None  # (B, T, C)
+    ves = model.value_embeds(idx)  # each (B, T, C), or None
     for layer, block in enumerate(model.blocks):
         x = model.skip_in(layer, x, skips)
-        ve_layer = model.ve_weights[layer] * ve if ve is not None else None
-        q, k, v = block.attn.heads(block.norm1(x), rope, ve_layer)  # each (B, H, T, D)
+        q, k, v = block.attn.heads(block.norm1(x), rope, ves[layer])  # each (B, H, T, D)
         weights = causal_attention(q, k)  # (B, H, T, T)
         mixed = (weights @ v).transpose(1, 2).reshape(B, T, -1)  # (B, T, C)
         x = x + block.attn.proj(mixed)

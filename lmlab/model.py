@@ -7,7 +7,7 @@ What other modules may use of a model, and nothing more (both architectures have
   `model.make_cache(batch)` (a KVCache).
 - `model.blocks`: the transformer blocks, in order (distributed.py shards each; empty for the bigram).
 - The GPT's parts, for running its blocks one at a time to look inside (inside.py): `model.embed(idx, positions)`,
-  `model.vte` and `model.ve_weights` (the value embedding, None when off), `model.skip_in` and `model.skip_out`
+  `model.value_embeds(idx)` (each layer's value embedding, None when off), `model.skip_in` and `model.skip_out`
   (the U-net skips around each block), each block's `norm1`, `attn.heads(x, rope, ve)` (queries, keys, values),
   `attn.proj`, `norm2` and `mlp`, and `model.head(x)` (final norm, output head, soft cap).
 - Parameters by name only through the helpers below: `unique_parameters` (tied weights once), `layer_of`
@@ -429,15 +429,22 @@ class GPT(nn.Module):
         x, rope = self.embed(idx, positions)  # (B, T, C)
         if self.cfg.dropout and self.training:
             x = F.dropout(x, self.cfg.dropout, True)
-        ve = self.vte(idx) if self.vte is not None else None  # (B, T, C)
+        ves = self.value_embeds(idx)
         skips: list[torch.Tensor] = []
         for layer, block in enumerate(self.blocks):
             x = self.skip_in(layer, x, skips)
-            x = block(x, rope, cache, layer, pos, self.ve_weights[layer] * ve if ve is not None else None)
+            x = block(x, rope, cache, layer, pos, ves[layer])
             self.skip_out(layer, x, skips)
         if cache is not None and pos is None:
             cache.pos += T
         return self.head(x)  # (B, T, V)
+
+    def value_embeds(self, idx: torch.Tensor) -> list[Optional[torch.Tensor]]:
+        """Each layer's value embedding, weighted, (B, T, C) for the tokens idx (B, T); all None when it is off."""
+        if self.vte is None:
+            return [None] * self.cfg.n_layer
+        ve = self.vte(idx)
+        return [w * ve for w in self.ve_weights]
 
     def skip_out(self, layer: int, x: torch.Tensor, skips: list[torch.Tensor]) -> None:
         """U-net skips: keep the output of each block of the first half."""

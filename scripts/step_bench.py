@@ -25,44 +25,22 @@ import time
 
 import torch
 
-from lmlab.bench import _alternate, _ratios
+from lmlab.bench import _alternate, _ratios, training_step
 from lmlab.common import keep_freed_memory
 from lmlab.config import apply_budget, get_preset
-from lmlab.evaluate import autocast_context
-from lmlab.loss import LossConfig, training_loss
-from lmlab.model import build_model
-from lmlab.optim import build_optimizer
-from lmlab.train import train_step
-
-VOCAB = 65
 
 
 def make_step(preset: str, compile_model: bool = False):
-    """A training step of the preset's model and optimizer on random tokens: forward, loss, backward, clip, update."""
-    cfg, _ = apply_budget(get_preset(preset))
-    torch.manual_seed(0)
-    model = build_model(cfg.model, VOCAB)
-    opt = build_optimizer(model, cfg.optim)
-    run = torch.compile(model) if compile_model else model
-    objective = torch.compile(training_loss) if compile_model else training_loss
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, VOCAB, (cfg.batch_size, cfg.model.block_size + 1), generator=gen) for _ in range(4)]
-    autocast = autocast_context(torch.device("cpu"), torch.float32)
-
-    def step(i: int) -> None:
-        w = batches[i % len(batches)]
-        train_step(run, opt, [(w[:, :-1], w[:, 1:])], LossConfig(), cfg.optim.grad_clip, autocast,
-                   objective=objective)
-
-    step.shape = (cfg.batch_size, cfg.model.block_size)
-    return step, model
+    """A training step of the preset's model and optimizer on random tokens, fp32 on the CPU, as `lmlab bench`
+    times it: (step(i), model, config)."""
+    return training_step(preset, torch.device("cpu"), torch.float32, compile_model)
 
 
 def child(preset: str, keep: bool, steps: int) -> None:
     """One process's share of the page-fault comparison: JSON with faults and seconds per step."""
     if keep and not keep_freed_memory():
         sys.exit("keep_freed_memory() did not apply here (glibc only)")
-    step, _ = make_step(preset)
+    step, _, _ = make_step(preset)
     for i in range(3):
         step(i)
     before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
@@ -98,7 +76,7 @@ def report(title: str, medians: dict, slow: str, fast: str) -> None:
 
 
 def fused_mlp(preset: str, blocks: int, per_block: int) -> None:
-    step, model = make_step(preset)
+    step, model, _ = make_step(preset)
     mlps = [block.mlp for block in model.blocks]
 
     def with_fused(flag: bool):
@@ -115,8 +93,8 @@ def fused_mlp(preset: str, blocks: int, per_block: int) -> None:
 
 
 def compiled(preset: str, blocks: int, per_block: int) -> None:
-    eager, _ = make_step(preset)
-    comp, _ = make_step(preset, compile_model=True)
+    eager, _, _ = make_step(preset)
+    comp, _, _ = make_step(preset, compile_model=True)
     t0 = time.perf_counter()
     comp(0)
     print(f"compile: first compiled step {time.perf_counter() - t0:.1f} s")
@@ -138,7 +116,8 @@ def main() -> None:
     if args.child:
         child(args.preset, args.child == "keep", args.steps)
         return
-    batch, block = make_step(args.preset)[0].shape
+    cfg, _ = apply_budget(get_preset(args.preset))
+    batch, block = cfg.batch_size, cfg.model.block_size
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}: {batch} x {block} "
           f"tokens a step")
     page_faults(args.preset, max(2, args.blocks // 2), args.steps)
