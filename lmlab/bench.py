@@ -42,7 +42,8 @@ class BenchConfig:
     device: str = "cpu"
     """cpu, cuda or mps."""
     nanogpt: Optional[str] = None
-    """A nanoGPT checkout to measure side by side (optional)."""
+    """A nanoGPT checkout to measure side by side (optional). Its code runs here: lmlab imports PATH/model.py and,
+    without --quick, runs PATH/train.py; give only a checkout you trust."""
     steps: int = 0
     """Measured steps per throughput config (0: 30, or 8 with --quick)."""
     budgets: tuple[float, ...] = (60.0, 180.0, 300.0)
@@ -458,6 +459,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     """The sections asked for (all by default), in an order where each can use the figures before it."""
     device = resolve_device(cfg.device)
     sections = set(cfg.only) or {"peak", "throughput", "quality", "generation", "data", "nanogpt"}
+    check_inputs(cfg, sections, device)
     out: dict = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "quick": cfg.quick}
     if "peak" in sections or "throughput" in sections:
@@ -473,6 +475,18 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.nanogpt:  # asked for by giving the checkout, whatever --only says
         bench_nanogpt(cfg, device, out)
     return out
+
+
+def check_inputs(cfg: BenchConfig, sections: set, device: torch.device) -> None:
+    """Refuse a bad nanoGPT checkout or corpus before anything is measured, so a refusal comes at once."""
+    if cfg.nanogpt:
+        if not Path(cfg.nanogpt).is_dir():
+            raise LmlabError(f"--nanogpt {cfg.nanogpt}: no such folder (give the root of a nanoGPT checkout)")
+        if not cfg.quick and not (Path(cfg.nanogpt) / "train.py").is_file():
+            raise LmlabError(f"--nanogpt {cfg.nanogpt}: no train.py there (give the root of a nanoGPT checkout)")
+        _twin_models(cfg.nanogpt, device)  # imports its model.py and checks the architecture: a second or less
+    if sections & {"data", "quality"} or (cfg.nanogpt and not cfg.quick):
+        resolve_source(cfg.data)
 
 
 def bench_peak(cfg: BenchConfig, device: torch.device, out: dict) -> None:

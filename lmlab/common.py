@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -71,16 +72,28 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype for a name; 'auto' means bfloat16 on CUDA and float32 elsewhere."""
+    """The compute dtype for a name; 'auto' means bfloat16 on CUDA and float32 elsewhere. bfloat16 and float16 are
+    autocast over float32 weights; float64 makes the weights and all arithmetic double precision."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise LmlabError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+        raise LmlabError(f"unknown dtype {name!r}; use auto, float32, float64, bfloat16 or float16")
     return DTYPES[name]
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """torch's default floating dtype set to `dtype` inside the block, and put back after it."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def seed_everything(seed: int) -> None:

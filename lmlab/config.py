@@ -72,7 +72,9 @@ class TrainConfig:
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
     dtype: str = "auto"
-    """Autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16."""
+    """Compute dtype: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16 (autocast over float32
+    weights), or float64 (weights and all arithmetic in double precision: slow, for checking against references; the
+    golden-loss test runs so, since its last bits do not depend on the CPU's kernels)."""
     compile: Optional[bool] = None
     """Compile the model and loss with torch.compile: True or False (None: the budget decides; the tiny preset
     compiles for a --max-time of 180 s or more without --max-steps, when a C++ compiler is there)."""

@@ -22,7 +22,7 @@ from .loss import Metrics, cross_entropy
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 

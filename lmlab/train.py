@@ -26,7 +26,8 @@ from . import distributed as dist_
 from . import rundir
 from . import tokenizer as tok
 from .checkpoint import check_tokenizer, latest_good_checkpoint, load_newest, load_tokenizer, save_checkpoint
-from .common import LmlabError, fmt_count, keep_freed_memory, resolve_device, resolve_dtype, seed_everything
+from .common import (LmlabError, default_dtype, fmt_count, keep_freed_memory, resolve_device, resolve_dtype,
+                     seed_everything)
 from .config import TrainConfig, apply_budget
 from .data import BatchSampler, Splits, load_splits
 from .distributed import Dist, all_reduce_sum, barrier, unwrap
@@ -279,7 +280,8 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
                   global_batch)
     sampler = BatchSampler(splits.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device, grad_accum, d.rank,
                            d.world)
-    model = build_model(cfg.model, setup.tokenizer.vocab_size)
+    with default_dtype(torch.float64 if setup.dtype == torch.float64 else torch.get_default_dtype()):
+        model = build_model(cfg.model, setup.tokenizer.vocab_size)  # float64 draws its init in float64 too
     if weights is not None:
         model.load_state_dict(weights)
     model = dist_.wrap(model.to(device), d, device)  # same on all ranks

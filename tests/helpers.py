@@ -34,6 +34,10 @@ def write_corpus(path: Path, n_lines: int = 200, seed: int = 0, extra: str = "")
     return path
 
 
+# A ceiling against hangs for every subprocess and wait in the tests, never a speed check: a slow or loaded machine
+# finishes well inside it.
+HANG_S = 600
+
 # Tiny settings for CLI training runs (max-time 0 turns off the preset's time budget).
 TINY_ARGS = [
     "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
@@ -81,7 +85,7 @@ def lmlab_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmlab", *args]
 
 
-def run_cli(args, cwd, cache=None, timeout=120) -> subprocess.CompletedProcess:
+def run_cli(args, cwd, cache=None, timeout=HANG_S) -> subprocess.CompletedProcess:
     """Run `python -m lmlab ARGS` in cwd with its own cache; returns the completed process (text mode)."""
     return subprocess.run(lmlab_cmd(*args), cwd=str(cwd), env=cli_env(cache), capture_output=True, text=True,
                           encoding="utf-8", errors="replace", timeout=timeout)
@@ -110,7 +114,7 @@ class ServerThread:
         import time
 
         self.thread.start()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + HANG_S
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("the test server did not start")
@@ -132,7 +136,7 @@ def http(url: str, payload=None, data: bytes | None = None, headers: dict | None
         data = json.dumps(payload).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=HANG_S) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         body = e.read()

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from helpers import read_jsonl
+from helpers import HANG_S, read_jsonl
 from lmlab.checkpoint import load_run
 from lmlab.inspect import next_token_distribution
 
@@ -66,9 +66,9 @@ def wait_for_bars(page, rows) -> None:
 
 
 def open_page(browser):
-    """A 1280x900 page with a 15 s timeout, and the list its JavaScript errors land in."""
+    """A 1280x900 page with a ceiling against hangs, and the list its JavaScript errors land in."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.set_default_timeout(15_000)
+    page.set_default_timeout(HANG_S * 1000)
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     return page, errors
@@ -165,7 +165,7 @@ def test_the_page_asks_once_for_the_api_key(browser, keyed):
     url, key = keyed
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
-    page.set_default_timeout(15_000)
+    page.set_default_timeout(HANG_S * 1000)
     errors, refused = [], []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("response", lambda r: refused.append(r.url) if r.status == 401 else None)
@@ -200,7 +200,7 @@ def test_a_wrong_key_is_asked_for_again(browser, keyed):
     url, key = keyed
     context = browser.new_context()
     page = context.new_page()
-    page.set_default_timeout(15_000)
+    page.set_default_timeout(HANG_S * 1000)
     page.goto(url + "/")
     page.wait_for_selector("#key-dialog[open]")
     page.fill("#api-key", "not-the-key")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_ARGS, cli_env, lmlab_cmd, make_text, read_jsonl, run_cli, write_corpus
+from helpers import HANG_S, TINY_ARGS, cli_env, lmlab_cmd, make_text, read_jsonl, run_cli, write_corpus
 from lmlab.cli import main
 
 TRAIN_KEYS = {"step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
@@ -226,7 +226,7 @@ def test_top_level_help_via_the_console_script(trained):
 
     from helpers import cli_env
 
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(trained.cache), timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(trained.cache), timeout=HANG_S)
     _ok(proc)
     for command in ("train", "sample", "eval", "data"):
         assert command in proc.stdout
@@ -519,7 +519,7 @@ def test_python_and_the_cli_apply_the_same_budget_rules(tmp_path):
         f"for k, v in {common!r}.items(): setattr(cfg, k, v)\n"
         "train(cfg)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=cli_env(tmp_path / "cache"),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "short-budget settings" in proc.stderr
     _ok(run_cli(["train", "--data", "corpus.txt", "--out", "cli", "--max-time", "20", "--max-steps", "4",

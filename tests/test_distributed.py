@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import write_corpus
+from helpers import HANG_S, write_corpus
 
 ARGS = [
     "--tokenizer", "char", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
@@ -36,7 +36,7 @@ def _env(cache: Path) -> dict:
 
 
 def _train(cwd: Path, cache: Path, nproc: int, *args: str, extra_env: dict | None = None, torchrun_args=(),
-           timeout: float = 240) -> subprocess.CompletedProcess:
+           timeout: float = HANG_S) -> subprocess.CompletedProcess:
     """`lmlab train` in 1 plain process (nproc 0) or under torchrun with nproc processes."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
@@ -198,10 +198,12 @@ def _assert_data_only(run: Path) -> None:
 def test_a_killed_rank_ends_the_job_within_the_timeout(workdir, cache):
     start = time.monotonic()
     proc = _train(workdir, cache, 2, "--data", "corpus.txt", *ARGS, "--batch-size", "4", "--parallel", "ddp",
-                  "--dist-timeout", "30", "--out", "killed", extra_env={"LMLAB_TEST_KILL": "1:5"}, timeout=120)
+                  "--dist-timeout", "30", "--out", "killed", extra_env={"LMLAB_TEST_KILL": "1:5"})
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
-    assert elapsed < 60, elapsed
+    # not a speed check: the default --dist-timeout is 300 s, so ending before it shows that 30 s was applied (the
+    # start and 5 steps take seconds, even on a slow machine)
+    assert elapsed < 300, elapsed
     assert "lost contact with the other processes" in proc.stderr
     assert json.loads((workdir / "killed" / "status.json").read_text())["status"] == "failed"
 
@@ -282,7 +284,7 @@ def test_an_error_on_rank_0_reaches_every_rank(workdir, cache, reference):
     """Rank 0 refuses to overwrite a run; the other rank must stop with it, not wait for the timeout."""
     start = time.monotonic()
     proc = _train(workdir, cache, 2, "--data", "corpus.txt", *ARGS, "--batch-size", "4", "--parallel", "ddp",
-                  "--out", "ref", timeout=120)
+                  "--out", "ref")
     assert proc.returncode != 0 and time.monotonic() - start < 60
     assert proc.stderr.count("already holds a run") == 2  # one line from each rank
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import run_cli
+from helpers import HANG_S, run_cli
 from lmlab.evaluate import eval_windows, evaluate, stream_losses
 from lmlab.model import Bigram, ModelConfig, build_model
 
@@ -91,7 +91,7 @@ def trained_run(tmp_path_factory):
                     "--block-size", "128", "--batch-size", "8", "--max-steps", "150", "--max-time", "0", "--lr", "1e-2",
                     "--warmup", "10", "--eval-interval", "150", "--sample-tokens", "0", "--no-tensorboard",
                     "--no-progress", "--trajectory-snapshots", "0", "--no-probe", "--threads", "1"],
-                   cwd=root, cache=root / "cache", timeout=300)
+                   cwd=root, cache=root / "cache", timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root
 

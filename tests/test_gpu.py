@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_cli, write_corpus
+from helpers import HANG_S, run_cli, write_corpus
 from lmlab.evaluate import evaluate
 from lmlab.loss import cross_entropy
 from lmlab.model import ModelConfig, build_model
@@ -87,7 +87,7 @@ def test_train_on_the_gpu_then_evaluate_on_the_cpu(tmp_path):
             "--max-steps", "30", "--max-time", "0", "--eval-interval", "30", "--sample-tokens", "20",
             "--no-progress", "--no-tensorboard", "--trajectory-snapshots", "0"]
     proc = run_cli(["train", *args, "--device", "cuda", "--out", "run"], cwd=tmp_path, cache=tmp_path / "cache",
-                   timeout=300)
+                   timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "device cuda" in proc.stderr and "autocast bfloat16" in proc.stderr
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import HANG_S
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHON=sys.executable)
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=HANG_S)
 
 
 def test_the_dry_run_checks_every_step():

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import HANG_S
 
 from lmlab.common import LmlabError
 from lmlab.loss import cross_entropy
@@ -625,10 +626,10 @@ for name in ("sgd", "adamw", "muon"):
     assert all(p.grad is None for p in model.parameters())
 print("dynamo" if "torch._dynamo" in sys.modules else "clean")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "clean"
     # the check can fail: torch's own optimizer loads it
     torch_opt = subprocess.run([sys.executable, "-c", "import sys, torch; torch.optim.SGD([torch.zeros(1)], lr=1.0)\n"
-                                "print('torch._dynamo' in sys.modules)"], capture_output=True, text=True, timeout=120)
+                                "print('torch._dynamo' in sys.modules)"], capture_output=True, text=True, timeout=HANG_S)
     assert torch_opt.stdout.strip() == "True"

@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import cli_env, lmlab_cmd, read_jsonl, tiny_config, write_corpus
+from helpers import HANG_S, cli_env, lmlab_cmd, read_jsonl, tiny_config, write_corpus
 from lmlab import tokenizer as tok
 from lmlab.checkpoint import checkpoint_dirs, verify_checkpoint
 from lmlab.cli import main
@@ -135,7 +135,7 @@ def test_crash_test_script_passes(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "crash_test.py"), "--kills", "3", "--steps", "60",
          "--workdir", str(tmp_path / "crash")],
-        cwd=str(REPO), env=cli_env(), capture_output=True, text=True, timeout=400,
+        cwd=str(REPO), env=cli_env(), capture_output=True, text=True, timeout=HANG_S,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
     assert "PASS" in proc.stdout, proc.stdout
@@ -176,7 +176,7 @@ def stopped_runs(tmp_path_factory):
                                 stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
-            deadline = time.time() + 90
+            deadline = time.time() + HANG_S
             while time.time() < deadline and proc.poll() is None:
                 metrics = run / "metrics.jsonl"
                 if metrics.exists() and metrics.read_text().count('"train_loss"') >= 3:
@@ -184,7 +184,7 @@ def stopped_runs(tmp_path_factory):
                 time.sleep(0.02)
             assert proc.poll() is None, f"training ended before the signal: {proc.communicate()[1]}"
             proc.send_signal(getattr(signal, signame))
-            _, stderr = proc.communicate(timeout=90)
+            _, stderr = proc.communicate(timeout=HANG_S)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -719,7 +719,7 @@ def test_read_only_output_as_an_unprivileged_user(world_dir):
     ]
     env = {**cli_env(cache), "HOME": str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases)], cwd=str(world_dir), env=env,
-                          capture_output=True, text=True, timeout=120, preexec_fn=drop)
+                          capture_output=True, text=True, timeout=HANG_S, preexec_fn=drop)
     assert proc.returncode == 0, f"as {who}: {proc.stderr}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"commands ran as {who}")

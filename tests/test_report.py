@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import read_jsonl, tiny_config, write_corpus
+from helpers import HANG_S, read_jsonl, tiny_config, write_corpus
 from lmlab.cli import main
 from lmlab.report import (
     PNG_SIGNATURE, grad_norm_figure, load_run_logs, loss_figure, png_bytes, smooth, write_report,
@@ -251,7 +251,7 @@ def test_report_renders_in_a_real_browser(reports, tmp_path):
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2400",
          reports.page_path.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=HANG_S)
     assert shot.is_file(), f"no screenshot (exit {proc.returncode}): {proc.stderr[-2000:]}"
     assert shot.stat().st_size > 20_000
     image = matplotlib.image.imread(str(shot))[..., :3]
