@@ -226,7 +226,11 @@ def _publish(tmp: Path, final: Path, record: dict) -> None:
 
 
 def _prune(run_dir: Path, keep: int) -> None:
+    """All but the newest `keep` checkpoints go, except the best one (the lowest validation loss at its step)."""
+    best = next(iter(_by_validation(run_dir)), None)
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+        if old == best:
+            continue
         if old.is_symlink():
             old.unlink()  # the link, never what it points to
         else:
@@ -365,6 +369,14 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _evals_ok(v: Any) -> bool:
+    """The overfitting watch's state (telemetry.EvalHistory)."""
+    return (isinstance(v, dict) and _is_number(v.get("train_sum")) and _is_int(v.get("train_n"))
+            and isinstance(v.get("said"), bool) and isinstance(v.get("evals"), list) and len(v["evals"]) <= 1000
+            and all(isinstance(e, list) and len(e) == 2 and _is_number(e[0]) and (e[1] is None or _is_number(e[1]))
+                    for e in v["evals"]))
+
+
 def _state_problem(state: Any, path: Path) -> str:
     """What is wrong with a state.json (its types and names), or "" when it is well formed."""
     if not isinstance(state, dict):
@@ -380,6 +392,7 @@ def _state_problem(state: Any, path: Path) -> str:
         return "elapsed_s must be a number of seconds"
     for key, check in (("lr_scale", lambda v: _is_number(v) and v > 0), ("skipped_steps", _is_int),
                        ("rollbacks", _is_int), ("best_val_loss", lambda v: v is None or _is_number(v)),
+                       ("val_loss", lambda v: v is None or _is_number(v)), ("evals", _evals_ok),
                        ("spikes", lambda v: isinstance(v, dict) and all(_is_number(v.get(k))
                                                                        for k in ("mean", "var", "count")))):
         if key in state and not check(state[key]):
@@ -443,6 +456,64 @@ def _overlap(a: tuple[list[int], list[int]], b: tuple[list[int], list[int]]) -> 
 
 def _warn(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+CHOICES = "best (the lowest validation loss), last (the newest) or a step number"
+
+
+def parse_choice(which: str) -> str | int:
+    """A --checkpoint value: 'best', 'last' or a step number."""
+    if which in ("best", "last"):
+        return which
+    if which.isascii() and which.isdigit():
+        return int(which)
+    raise LmlabError(f"--checkpoint {which!r} is not {CHOICES}")
+
+
+def _quick_state(path: Path) -> Optional[dict]:
+    """A checkpoint's state.json if it reads and is well formed (its files are not hashed here), else None."""
+    try:
+        state = rundir.read_json(path.parent.parent, Path(CHECKPOINTS, path.name, "state.json"))
+    except LmlabError:
+        return None
+    return None if _state_problem(state, path) else state
+
+
+def _by_validation(run_dir: Path) -> list[Path]:
+    """The checkpoints written at an evaluation, lowest validation loss first (the newer of equals first)."""
+    scored = []
+    for path in checkpoint_dirs(run_dir):
+        state = _quick_state(path)
+        if state is not None and state.get("val_loss") is not None:
+            scored.append((state["val_loss"], -state["step"], path))
+    return [path for *_, path in sorted(scored)]
+
+
+def chosen_checkpoints(run_dir: Path, which: str | int = "last", warn: Callable[[str], None] = _warn):
+    """The good checkpoints in the order to try them: `last`, newest first; `best`, the lowest validation loss at
+    its step first, then the rest newest first (so a run without evaluations loads its newest); a step number, only
+    that one (an error when it is not there or damaged)."""
+    which = parse_choice(which) if isinstance(which, str) else which
+    if isinstance(which, int):
+        path = checkpoint_path(run_dir, which)
+        if path not in checkpoint_dirs(run_dir):
+            steps = ", ".join(p.name[len(PREFIX):].lstrip("0") or "0" for p in checkpoint_dirs(run_dir)) or "none"
+            raise LmlabError(f"run {run_dir} has no checkpoint at step {which} (it has: {steps})")
+        verify_checkpoint(path)
+        yield path
+        return
+    newest = list(reversed(checkpoint_dirs(run_dir)))
+    order = newest if which == "last" else _by_validation(run_dir) + [p for p in newest
+                                                                       if p not in _by_validation(run_dir)]
+    for path in order:
+        try:
+            verify_checkpoint(path)
+        except PickleCheckpoint:
+            raise
+        except LmlabError as e:
+            warn(f"warning: {e}; falling back to the {'previous' if which == 'last' else 'next best'} checkpoint")
+            continue
+        yield path
 
 
 def latest_good_checkpoint(run_dir: Path, warn: Callable[[str], None] = _warn) -> Optional[Path]:
@@ -633,11 +704,13 @@ def _load_dcp_trusting_pickle(path: Path, state: dict, model: torch.nn.Module,
 
 
 def load_newest(run_dir: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                device: str | torch.device = "cpu", warn: Callable[[str], None] = _warn) -> Optional[Checkpoint]:
-    """Load the newest checkpoint that verifies and loads; one that verifies but cannot be loaded (a hash-valid
-    file that is not what its state.json says) is reported and the previous one is used. None: no checkpoint."""
+                device: str | torch.device = "cpu", warn: Callable[[str], None] = _warn,
+                which: str | int = "last") -> Optional[Checkpoint]:
+    """Load the newest checkpoint that verifies and loads (or, with `which`, the best or the one at a step: see
+    chosen_checkpoints); one that verifies but cannot be loaded (a hash-valid file that is not what its state.json
+    says) is reported and the next one is used. None: no checkpoint."""
     errors: list[LmlabError] = []
-    for path in good_checkpoints(run_dir, warn):
+    for path in chosen_checkpoints(run_dir, which, warn):
         try:
             ckpt = load_checkpoint(path, model, optimizer, device)
         except PickleCheckpoint:
@@ -688,8 +761,9 @@ def read_run_config(run_dir: Path) -> dict:
     return rundir.read_config(run_dir)
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Build model + tokenizer from a run folder and load its newest good checkpoint. Executes no code from it."""
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", which: str | int = "best") -> LoadedRun:
+    """Build model + tokenizer from a run folder and load its best good checkpoint (the lowest validation loss; or
+    `which`: 'last', or a step number). Executes no code from it."""
     from .model import build_model
 
     run_dir = Path(run_dir)
@@ -697,7 +771,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     tokenizer = load_tokenizer(run_dir)
     check_tokenizer(config, tokenizer, run_dir)
     model = build_model(TrainConfig.from_json(config).model, tokenizer.vocab_size).to(device)
-    ckpt = load_newest(run_dir, model, None, device)
+    ckpt = load_newest(run_dir, model, None, device, which=which)
     if ckpt is None:
         if checkpoint_dirs(run_dir):
             raise LmlabError(f"every checkpoint of run {run_dir} is damaged; nothing can be loaded")
@@ -707,8 +781,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
 
 
 def export_run(run_dir: str | Path, out: str | Path, trust_pickle: bool = False,
-               warn: Callable[[str], None] = _warn) -> Path:
-    """Copy a run with its newest checkpoint as single files (safetensors + JSON), e.g. from a sharded FSDP run.
+               warn: Callable[[str], None] = _warn, which: str | int = "best") -> Path:
+    """Copy a run with its best checkpoint (or `which`) as single files (safetensors + JSON), e.g. from a sharded
+    FSDP run.
 
     The copy needs no process group and resumes, samples and evaluates like any one-process run. trust_pickle lets
     an old torch.distributed.checkpoint checkpoint be converted, after a warning: loading it unpickles its metadata.
@@ -729,12 +804,12 @@ def export_run(run_dir: str | Path, out: str | Path, trust_pickle: bool = False,
     if path is None:
         raise LmlabError(f"run {run_dir} has no good checkpoint to export")
     state = verify_checkpoint(path, allow_pickle=trust_pickle)
-    if state.get("format") == "dcp":
+    if state.get("format") == "dcp":  # an old run: its newest checkpoint, converted
         warn(f"warning: loading {path} with torch.distributed.checkpoint, which unpickles its metadata and can run "
              f"code from it (--trust-pickle); do this only for runs from a source you trust")
         ckpt = _load_dcp_trusting_pickle(path, state, model, optimizer)
     else:
-        ckpt = load_newest(run_dir, model, optimizer, "cpu", warn)
+        ckpt = load_newest(run_dir, model, optimizer, "cpu", warn, which)
     out.mkdir(parents=True, exist_ok=True)
     for name in rundir.RUN_FILES:
         if rundir.exists(run_dir, name):

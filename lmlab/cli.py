@@ -120,6 +120,8 @@ class SampleArgs:
 
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
+    checkpoint: str = "best"
+    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
     settings: SampleConfig = field(default_factory=SampleConfig)
 
 
@@ -132,7 +134,7 @@ def cmd_sample(argv: list[str]) -> int:
 
     args = parse(SampleArgs, argv, "lmlab sample")
     settings = args.settings
-    run = load_run(args.run, resolve_device(settings.device))
+    run = load_run(args.run, resolve_device(settings.device), args.checkpoint)
     ids = prompt_ids(run.tokenizer, settings.prompt)
     generator = torch.Generator().manual_seed(settings.seed)
     tokens = generate(run.model, ids, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
@@ -152,13 +154,15 @@ def cmd_sample(argv: list[str]) -> int:
 
 @dataclass
 class ExportArgs:
-    """Copy a run with its newest checkpoint as single files (e.g. a sharded FSDP run), resumable by one process; or
+    """Copy a run with its best checkpoint (or --checkpoint) as single files (e.g. a sharded FSDP run), resumable by one process; or
     write it as a Hugging Face transformers model folder (--format hf), checked by transformers when installed."""
 
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
     out: Annotated[str, tyro.conf.Positional]
     """Where to write the copy (a new or empty directory)."""
+    checkpoint: str = "best"
+    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
     format: Literal["lmlab", "hf"] = "lmlab"
     """lmlab: a run folder with one checkpoint; hf: config.json, model.safetensors, tokenizer.json,
     tokenizer_config.json and generation_config.json for stock transformers classes (docs/interop.md)."""
@@ -179,9 +183,10 @@ def cmd_export(argv: list[str]) -> int:
         if args.trust_pickle:
             raise LmlabError("--trust-pickle converts old checkpoints with --format lmlab; export the run that way "
                              "first, then export the copy with --format hf")
-        export_run_hf(args.run, args.out, check=args.verify, say=lambda m: print(m, file=sys.stderr))
+        export_run_hf(args.run, args.out, check=args.verify, say=lambda m: print(m, file=sys.stderr),
+                      which=args.checkpoint)
         return 0
-    path = export_run(args.run, args.out, trust_pickle=args.trust_pickle)
+    path = export_run(args.run, args.out, trust_pickle=args.trust_pickle, which=args.checkpoint)
     print(f"exported {args.run} to {args.out} (checkpoint {path.name}, single files)", file=sys.stderr)
     return 0
 
@@ -196,6 +201,8 @@ class EvalArgs:
 
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
+    checkpoint: str = "best"
+    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
     stride: Optional[int] = None
     """Windows of block_size tokens start every this many tokens and score only what earlier windows did not reach,
     so every scored token has at least block_size - stride tokens of context (default: block_size / 2, as published
@@ -229,7 +236,7 @@ def cmd_eval(argv: list[str]) -> int:
     from .evaluate import evaluate
 
     args = parse(EvalArgs, argv, "lmlab eval")
-    run = load_run(args.run, resolve_device(args.device))
+    run = load_run(args.run, resolve_device(args.device), args.checkpoint)
     if args.data:
         tokens = prepare(resolve_source(args.data), run.tokenizer.kind, tokenizer=run.tokenizer).tokens
         source = args.data
@@ -328,6 +335,8 @@ class NextArgs:
     """The run directory."""
     prompt: Annotated[str, tyro.conf.Positional]
     """The text before the token to predict."""
+    checkpoint: str = "best"
+    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
     top: int = 10
     """How many of the most likely tokens to list."""
     temperature: float = 1.0
@@ -354,7 +363,7 @@ def cmd_next(argv: list[str]) -> int:
     SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # validates the settings
     if args.top <= 0:
         raise LmlabError(f"--top must be positive, got {args.top}")
-    run = load_run(args.run, resolve_device(args.device))
+    run = load_run(args.run, resolve_device(args.device), args.checkpoint)
     rows = next_token_distribution(run.model, run.tokenizer, args.prompt, args.top, args.temperature, args.top_k,
                                    args.top_p)
     if args.json:
@@ -376,6 +385,8 @@ class SurprisalArgs:
 
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
+    checkpoint: str = "best"
+    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
     stride: Optional[int] = None
     """Windows start every this many tokens, as in `lmlab eval --stride` (default: block_size / 2)."""
     file: Annotated[Optional[str], tyro.conf.Positional] = None
@@ -406,7 +417,7 @@ def cmd_surprisal(argv: list[str]) -> int:
         text = "".join(iter_text(Corpus(args.file, [path])))
     else:
         text = args.text
-    run = load_run(args.run, resolve_device(args.device))
+    run = load_run(args.run, resolve_device(args.device), args.checkpoint)
     stride = eval_stride(args.stride, run.model.cfg.block_size)
     tokens, metrics, first = surprisal(run.model, run.tokenizer, text, stride=stride)
     if args.html:
@@ -434,6 +445,8 @@ class LandscapeArgs:
 
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
+    checkpoint: str = "best"
+    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
     two_d: Annotated[bool, tyro.conf.arg(name="2d")] = False
     """Also scan a 2-D plane (contour plot) and draw the training trajectory."""
     points: int = 21
@@ -461,7 +474,7 @@ def cmd_landscape(argv: list[str]) -> int:
     args = parse(LandscapeArgs, argv, "lmlab landscape")
     if args.points < 3 or args.span <= 0 or args.batch_size <= 0:
         raise LmlabError("--points must be >= 3, --span and --batch-size positive")
-    run = load_run(args.run, resolve_device(args.device))
+    run = load_run(args.run, resolve_device(args.device), args.checkpoint)
     val = load_splits(TrainConfig.from_json(run.config).data, tokenizer=run.tokenizer).val
     out_dir = Path(args.out) if args.out else run.run_dir / rundir.LANDSCAPE
     result = landscape(run.run_dir, run.model, val, args.two_d, args.points, args.span, args.batch_size, args.seed,
@@ -609,6 +622,8 @@ class ServeArgs:
     """The most characters of prompt (or of text to score) one request may send."""
     max_concurrent: int = 4
     """Requests running a model at the same time; one more is refused with HTTP 429."""
+    checkpoint: Literal["best", "last"] = "best"
+    """Which checkpoint of each run to serve: best (the lowest validation loss) or last (the newest)."""
     device: str = "cpu"
     """auto, cpu, cuda or mps."""
 
@@ -624,7 +639,7 @@ def cmd_serve(argv: list[str]) -> int:
         raise LmlabError("--max-tokens, --max-prompt-chars and --max-concurrent must be positive")
     api_key = args.api_key if args.api_key is not None else os.environ.get("LMLAB_API_KEY") or None
     serve(args.runs, args.host, args.port, Limits(args.max_tokens, args.max_prompt_chars, args.max_concurrent),
-          resolve_device(args.device), api_key, args.allowed_host)
+          resolve_device(args.device), api_key, args.allowed_host, args.checkpoint)
     return 0
 
 

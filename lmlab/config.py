@@ -103,6 +103,9 @@ class TrainConfig:
     """After this many non-finite losses/gradients in a row, roll back to the last checkpoint with a lower LR."""
     max_rollbacks: int = 2
     """Roll back at most this many times (halving the LR each time), then stop with a diagnosis."""
+    stop_when_overfitting: bool = False
+    """Stop once validation loss has risen for 2 evaluations in a row while training loss fell (the model is
+    memorising the training text); the best checkpoint is what sample, eval, export and serve load by default."""
 
     def __post_init__(self) -> None:
         self.probe_prompts = tuple(self.probe_prompts)

@@ -601,12 +601,12 @@ def verify(out: str | Path, model: torch.nn.Module, tokenizer: tok.Tokenizer, wi
 
 
 def export_run_hf(run_dir: str | Path, out: str | Path, check: bool = True,
-                  say: Callable[[str], None] = print) -> str:
-    """`lmlab export RUN OUT --format hf`: the run's newest checkpoint as a transformers folder, then checked by
-    transformers itself (unless check is False). Returns the class's name."""
+                  say: Callable[[str], None] = print, which: str | int = "best") -> str:
+    """`lmlab export RUN OUT --format hf`: the run's best checkpoint (or `which`) as a transformers folder, then
+    checked by transformers itself (unless check is False). Returns the class's name."""
     from .checkpoint import load_run
 
-    run = load_run(run_dir, "cpu")
+    run = load_run(run_dir, "cpu", which)
     architecture(run.model.cfg)  # refuse before writing anything
     arch = write_hf(run.model, run.tokenizer, out)
     say(f"exported {run_dir} ({run.checkpoint.path.name}) to {out} as {arch}")

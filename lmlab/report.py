@@ -163,10 +163,40 @@ def loss_figure(runs: list[RunLogs], x: str = "step", log: bool = False) -> Figu
         if xs:
             ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=4, linewidth=1.2,
                     label=f"{run.name} val")
+        over = [r for r in run.evals if r.get("overfitting")]
+        ox, oy = _finite([r.get(x) for r in over], [r["val_loss"] for r in over], log and by_tokens, log)
+        if ox:
+            ax.scatter(ox, oy, marker="x", color="#c00", s=40, zorder=4,
+                       label=f"{run.name} val rising, train falling: overfitting")
+        best = best_eval(run)
+        bx, by = _finite([best.get(x)] if best else [], [best["val_loss"]] if best else [], log and by_tokens, log)
+        if bx:
+            ax.scatter(bx, by, marker="*", color=color, s=120, zorder=4, edgecolors="black", linewidths=0.5,
+                       label=f"{run.name} best (the checkpoint used)")
         if not by_tokens:
             for rb in run.rollbacks:
                 ax.axvline(rb["step"], color=color, linestyle=":", alpha=0.7)
     return _finish(fig, ax, log_x=log and by_tokens, log_y=log)
+
+
+def best_eval(run: RunLogs) -> Optional[dict]:
+    """The evaluation with the lowest finite validation loss (the later of equals), or None."""
+    finite = [r for r in run.evals if isinstance(r.get("val_loss"), (int, float)) and math.isfinite(r["val_loss"])]
+    return min(reversed(finite), key=lambda r: r["val_loss"]) if finite else None
+
+
+def overfitting_note(run: RunLogs) -> str:
+    """One sentence when the run overfitted: from which step, after how many passes, and which model is kept."""
+    first = next((r for r in run.evals if r.get("overfitting")), None)
+    best = best_eval(run)
+    if first is None or best is None:
+        return ""
+    passes = f" ({first['passes']:.1f} passes over the training text)" if isinstance(first.get("passes"),
+                                                                                    (int, float)) else ""
+    return (f"<p class=warn><b>{html.escape(run.name)} overfitted</b>: from step {first['step']}{passes} its "
+            f"validation loss rose while its training loss fell, so it was memorising its training text. The best "
+            f"evaluation, at step {best['step']} (val loss {best['val_loss']:.4f}), has the checkpoint that sample, "
+            f"eval, export and serve load by default.</p>")
 
 
 def accuracy_figure(runs: list[RunLogs]) -> Figure:
@@ -300,7 +330,9 @@ def _loss_section(runs: list[RunLogs], images: _Images, log: bool) -> str:
                         + '<div id="accuracy"></div>')
     scale = " (log scale)" if log else ""
     parts = ['<p>Train loss per step (faint: raw, solid: smoothed) and validation loss at each eval (dashed, dots). '
-             'Triangles mark loss spikes, dotted vertical lines rollbacks.</p>', '<div class="charts">',
+             'A star marks the best evaluation (its checkpoint is the one used), red crosses evaluations where '
+             'validation loss rose while training loss fell (overfitting), triangles loss spikes, dotted vertical '
+             'lines rollbacks.</p>', *filter(None, map(overfitting_note, runs)), '<div class="charts">',
              images.chart("loss_steps.png", loss_figure(runs, "step", log), f"loss against steps{scale}")]
     if any(r.evals for r in runs):
         parts.append(images.chart("accuracy.png", accuracy_figure(runs), "validation accuracy against steps",
@@ -692,6 +724,7 @@ pre.config { font-size: 12px; }
 .charts.wide { grid-template-columns: 1fr; }
 table.lens td:first-child { white-space: nowrap; color: #444; }
 h4 { font-size: 14px; margin: 12px 0 4px; font-weight: 600; }
+p.warn { background: #fff4e5; border-left: 4px solid #e8a33d; padding: 6px 10px; }
 """
 
 SECTIONS = [("loss", "loss"), ("schedule", "schedule"), ("gradients", "gradients"), ("throughput", "throughput"),

@@ -23,6 +23,7 @@ import errno
 import hmac
 import ipaddress
 import json
+import math
 import re
 import socket
 import sys
@@ -148,7 +149,9 @@ def run_summary(name: str, run_dir: Path, tails: Tails) -> dict:
     """One line of the dashboard's run list: status, latest step and losses, checkpoint, model shape."""
     _, records = tails(run_dir / rundir.METRICS).read()
     last_train = next((r for r in reversed(records) if "train_loss" in r), {})
-    val_losses = [r["val_loss"] for r in records if isinstance(r.get("val_loss"), (int, float))]
+    evals = [r for r in records if isinstance(r.get("val_loss"), (int, float)) and math.isfinite(r["val_loss"])]
+    val_losses = [r["val_loss"] for r in evals]
+    best = min(reversed(evals), key=lambda r: r["val_loss"]) if evals else {}
     try:
         config = rundir.read_config(run_dir)
     except LmlabError:
@@ -168,6 +171,8 @@ def run_summary(name: str, run_dir: Path, tails: Tails) -> dict:
         "val_loss": val_losses[-1] if val_losses else None,
         "val_stride": next((r.get("val_stride") for r in reversed(records) if "val_loss" in r), None),
         "best_val_loss": min(val_losses) if val_losses else None,
+        "best_step": best.get("step"),
+        "overfitting_step": next((r.get("step") for r in evals if r.get("overfitting")), None),
         "checkpoint_step": int(checkpoints[-1].name.split("_")[-1]) if checkpoints else None,
         "preset": config.get("preset"),
         "tokenizer": (config.get("data") or {}).get("tokenizer"),
@@ -188,11 +193,12 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 class Models:
-    """Loaded runs, reloaded when a newer checkpoint appears (checked on each request: one directory listing).
+    """Loaded runs (each from its best checkpoint, or the last), reloaded when a newer checkpoint appears (checked on
+    each request: one directory listing).
     A generation keeps the model it started with; the next request gets the new one."""
 
-    def __init__(self, device: str | torch.device = "cpu"):
-        self.device = device
+    def __init__(self, device: str | torch.device = "cpu", checkpoint: str = "best"):
+        self.device, self.checkpoint = device, checkpoint
         self._loaded: dict[Path, tuple[Path, LoadedRun]] = {}  # run -> (newest checkpoint seen, what loaded)
         self._lock = threading.Lock()
 
@@ -206,7 +212,7 @@ class Models:
             if seen is not None and seen[0] == checkpoints[-1]:
                 return seen[1]
             try:
-                run = load_run(run_dir, self.device)
+                run = load_run(run_dir, self.device, self.checkpoint)
             except LmlabError as e:
                 if seen is None:
                     raise ApiError(409, f"run {name!r} cannot be loaded: {e}", "model", "model_not_ready") from None
@@ -658,9 +664,9 @@ class Backend:
     """What the routes share: the runs, their loaded models and log tails, the limits, and the slots of requests
     that run a model (all of them share one cap, --max-concurrent)."""
 
-    def __init__(self, runs: RunSet, limits: Limits, device: str | torch.device):
+    def __init__(self, runs: RunSet, limits: Limits, device: str | torch.device, checkpoint: str = "best"):
         self.runs, self.limits = runs, limits
-        self.models = Models(device)
+        self.models = Models(device, checkpoint)
         self.tails = Tails()
         self.slots = threading.BoundedSemaphore(limits.max_concurrent)
         self.max_body = 12 * limits.max_prompt_chars + 65536  # a character is at most 12 bytes of JSON ("\ud83d\ude00")
@@ -800,7 +806,8 @@ def add_openai_routes(app: FastAPI, backend: Backend) -> None:
 
 
 def create_app(runs: RunSet, limits: Limits = Limits(), device: str | torch.device = "cpu",
-               allowed_hosts: Optional[list[str]] = None, *, api_key: Optional[str] = None) -> FastAPI:
+               allowed_hosts: Optional[list[str]] = None, *, api_key: Optional[str] = None,
+               checkpoint: str = "best") -> FastAPI:
     """The web app. allowed_hosts (Host header names) guards against DNS rebinding; with api_key, everything but
     the page itself needs `Authorization: Bearer API_KEY`."""
     from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -809,7 +816,7 @@ def create_app(runs: RunSet, limits: Limits = Limits(), device: str | torch.devi
     app.add_middleware(ApiGuard, api_key=api_key)
     if allowed_hosts:  # added last, so it runs first: a request for a foreign host name gets no further
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
-    backend = Backend(runs, limits, device)
+    backend = Backend(runs, limits, device, checkpoint)
     app.state.generations = backend.slots
     add_error_handlers(app)
     add_dashboard_routes(app, backend)
@@ -916,15 +923,16 @@ def check_exposure(host: str, api_key: Optional[str], extra_hosts: list[str] | t
 
 def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
           device: str | torch.device = "cpu", api_key: Optional[str] = None,
-          allowed_hosts: list[str] | tuple[str, ...] = ()) -> None:
-    """Serve the runs until Ctrl-C. A non-loopback host needs an API key."""
+          allowed_hosts: list[str] | tuple[str, ...] = (), checkpoint: str = "best") -> None:
+    """Serve the runs until Ctrl-C, each from its best checkpoint (or the last). A non-loopback host needs an API
+    key."""
     import uvicorn
 
     check_exposure(host, api_key, allowed_hosts)
     runs = RunSet(sources)
     sock = listen_socket(host, port)
     names_allowed = allowed_host_names(host, allowed_hosts)
-    app = create_app(runs, limits, device, names_allowed, api_key=api_key)
+    app = create_app(runs, limits, device, names_allowed, api_key=api_key, checkpoint=checkpoint)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}/"
     names = list(runs.current())

@@ -91,6 +91,46 @@ class SpikeDetector:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
+OVERFIT_EVALS = 2  # evaluations in a row with validation loss up and training loss down: the run says it overfits
+
+
+class EvalHistory:
+    """Watches for overfitting: each evaluation's validation loss beside the mean training loss of the steps since
+    the evaluation before it. `evaluation` returns how many evaluations in a row (up to this one) saw validation loss
+    rise while training loss fell."""
+
+    def __init__(self, keep: int = 32):
+        self.keep = keep
+        self.train_sum, self.train_n = 0.0, 0
+        self.evals: list[list] = []  # [val_loss, mean train loss since the evaluation before (None at step 0)]
+        self.said = False  # the console line is said once a run
+
+    def train(self, loss: float) -> None:
+        self.train_sum, self.train_n = self.train_sum + loss, self.train_n + 1
+
+    def evaluation(self, val_loss: float) -> int:
+        if not math.isfinite(val_loss):
+            return 0
+        self.evals = (self.evals + [[val_loss, self.train_sum / self.train_n if self.train_n else None]])[-self.keep:]
+        self.train_sum, self.train_n = 0.0, 0
+        return self.rising()
+
+    def rising(self) -> int:
+        count = 0
+        for (val0, train0), (val1, train1) in zip(self.evals[-2::-1], self.evals[::-1]):  # newest pair first
+            if train0 is None or train1 is None or not (val1 > val0 and train1 < train0):
+                break
+            count += 1
+        return count
+
+    def state_dict(self) -> dict:
+        return {"train_sum": self.train_sum, "train_n": self.train_n, "evals": self.evals, "said": self.said}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_sum, self.train_n = state["train_sum"], state["train_n"]
+        self.evals, self.said = [list(e) for e in state["evals"]][-self.keep:], state["said"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Weight snapshots for the landscape trajectory
 

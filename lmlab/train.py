@@ -25,7 +25,8 @@ import torch
 from . import distributed as dist_
 from . import rundir
 from . import tokenizer as tok
-from .checkpoint import check_tokenizer, latest_good_checkpoint, load_newest, load_tokenizer, save_checkpoint
+from .checkpoint import (check_tokenizer, chosen_checkpoints, latest_good_checkpoint, load_newest, load_tokenizer,
+                         save_checkpoint)
 from .common import (LmlabError, default_dtype, fmt_count, keep_freed_memory, resolve_device, resolve_dtype,
                      seed_everything)
 from .config import TrainConfig, apply_budget
@@ -39,7 +40,8 @@ from .model import ModelConfig, build_model, count_params
 from .optim import build_optimizer, clip_grad_norm, lr_multiplier, set_lr
 from .rundir import RunLock, write_status  # noqa: F401 - RunLock is part of this module's interface
 from .sample import default_probe_prompts, generate, probe, prompt_ids, stream_text
-from .telemetry import GradientTelemetry, SpikeDetector, TensorBoard, prune_snapshots_after, save_snapshot
+from .telemetry import (OVERFIT_EVALS, EvalHistory, GradientTelemetry, SpikeDetector, TensorBoard,
+                        prune_snapshots_after, save_snapshot)
 
 
 class Interrupted(Exception):
@@ -95,6 +97,7 @@ class TrainState:
     skipped: int = 0
     rollbacks: int = 0
     spikes: SpikeDetector = field(default_factory=SpikeDetector)
+    evals: EvalHistory = field(default_factory=EvalHistory)
 
     def state_dict(self) -> dict:
         """The counters (JSON, in state.json) and the RNG states (tensors); model and optimizer save themselves."""
@@ -103,6 +106,7 @@ class TrainState:
             rng["cuda"] = torch.cuda.get_rng_state()
         counters = {"tokens": self.tokens, "elapsed_s": self.elapsed, "lr_scale": self.lr_scale,
                     "skipped_steps": self.skipped, "spikes": self.spikes.state_dict(), "rollbacks": self.rollbacks,
+                    "evals": self.evals.state_dict(),
                     "best_val_loss": self.best_val if math.isfinite(self.best_val) else None}
         return {"step": self.step, "counters": counters, "rng": rng}
 
@@ -121,6 +125,8 @@ class TrainState:
         self.rollbacks = counters.get("rollbacks", 0)
         if "spikes" in counters:
             self.spikes.load_state_dict(counters["spikes"])
+        if "evals" in counters:
+            self.evals.load_state_dict(counters["evals"])
 
 
 def accumulation_steps(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -380,8 +386,12 @@ class Recorder:
             setup.splits.val, setup.tokenizer, cfg.model.block_size), setup.splits.val, cfg.model.block_size,
             cfg.batch_size) if cfg.inside and d.main else None
         self.inside_seconds, self.started = 0.0, time.perf_counter()
+        self.history = state.evals
         self.metrics = self.open_log()
         self.last_val: Optional[Metrics] = None
+        self.last_val_step = -1
+        self.overfitting = 0  # evaluations in a row where validation loss rose while training loss fell
+        self.warning = ""  # said after the evaluation's line
         self.bar = None
         if cfg.progress and sys.stderr.isatty() and d.main:
             from tqdm import tqdm
@@ -404,6 +414,8 @@ class Recorder:
             record.update(skipped=True, skipped_total=state.skipped)
         if self.cfg.optim.grad_clip and result.grad_norm > self.cfg.optim.grad_clip:
             record["clipped"] = True
+        if result.finite:
+            self.history.train(result.loss)
         spike = state.spikes.update(result.loss)
         if spike is not None:
             record["spike_z"] = round(spike, 2)
@@ -417,17 +429,30 @@ class Recorder:
             self.bar.set_postfix_str(f"loss {result.loss:.4f} | {fmt_count(record['tokens_per_s'])} tok/s | "
                                      f"{state.elapsed:.0f}s")
 
-    def evaluation(self, state: TrainState) -> Metrics:
-        """Validation loss, then the probe, what the model learnt inside, and a weight snapshot (rank 0)."""
+    def evaluation(self, state: TrainState) -> bool:
+        """Validation loss, then the probe, what the model learnt inside, and a weight snapshot (rank 0). True when
+        this is the best validation loss so far."""
         setup, cfg = self.setup, self.cfg
         stride = window_stride(cfg.eval_stride, cfg.model.block_size)
         m = evaluate(unwrap(state.model), setup.splits.val, setup.token_bytes, cfg.model.block_size, cfg.batch_size,
                      cfg.eval_tokens, setup.dtype, self.d, stride=stride)
+        best = m.loss < state.best_val
         state.best_val = min(state.best_val, m.loss)
-        self.last_val = m
-        self.write({"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 3),
-                    "val_loss": m.loss, "val_bits_per_byte": m.bits_per_byte, "val_accuracy": m.accuracy,
-                    "val_perplexity": m.perplexity, "val_tokens": m.tokens, "val_stride": stride})
+        self.last_val, self.last_val_step = m, state.step
+        self.overfitting = self.history.evaluation(m.loss)
+        passes = state.tokens / len(setup.splits.train)
+        record = {"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 3),
+                  "val_loss": m.loss, "val_bits_per_byte": m.bits_per_byte, "val_accuracy": m.accuracy,
+                  "val_perplexity": m.perplexity, "val_tokens": m.tokens, "val_stride": stride,
+                  "passes": round(passes, 4), "best": best}
+        self.warning = ""
+        if self.overfitting >= OVERFIT_EVALS:
+            record["overfitting"] = self.overfitting
+            if not self.history.said:
+                self.history.said = True
+                self.warning = (f"validation loss has risen for {self.overfitting} evaluations while training loss "
+                                f"fell: the model is memorising the training text; passes so far: {passes:.1f}")
+        self.write(record)
         self.board.scalars(state.step, {"val/loss": m.loss, "val/bits_per_byte": m.bits_per_byte,
                                         "val/accuracy": m.accuracy})
         view = self.viewer.get() if self.probe_prompts or cfg.trajectory_snapshots or cfg.inside else None  # rank 0
@@ -442,7 +467,17 @@ class Recorder:
             self.inside_seconds += record["seconds"]
         if view is not None and cfg.trajectory_snapshots:
             save_snapshot(setup.run_dir, view, state.step, cfg.trajectory_snapshots)
-        return m
+        return best
+
+    def val_at(self, step: int) -> Optional[float]:
+        """The validation loss of the evaluation at this step, if there was one."""
+        return self.last_val.loss if self.last_val is not None and self.last_val_step == step else None
+
+    def say_line(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            say(self.d, line)
 
     def say_evaluation(self, state: TrainState, train_loss: Optional[float]) -> None:
         m = self.last_val
@@ -452,10 +487,9 @@ class Recorder:
         else:
             line = (f"step {state.step}: train {train_loss:.4f}, val {m.loss:.4f} ({m.bits_per_byte:.3f} bits/byte), "
                     f"{state.elapsed:.1f}s")
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
-        else:
-            say(self.d, line)
+        self.say_line(line)
+        if self.warning:
+            self.say_line(self.warning)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -471,6 +505,8 @@ def checkpoint(setup: Setup, state: TrainState, recorder: Recorder) -> None:
     if setup.d.main:
         os.fsync(recorder.metrics.fileno())
     sd = state.state_dict()
+    val = recorder.val_at(state.step)
+    sd["counters"]["val_loss"] = val if val is not None and math.isfinite(val) else None  # --checkpoint best's key
     try:
         save_checkpoint(setup.run_dir, state.step, state.model, state.optimizer, sd["rng"], sd["counters"],
                         setup.cfg.keep_checkpoints, setup.d)
@@ -646,12 +682,18 @@ def run(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool]) -> dict:
                     bad_in_row = 0
                     continue
                 done = progress(cfg, state) >= 1.0
+                best = False
                 if state.step % cfg.eval_interval == 0 or done:
-                    recorder.evaluation(state)
+                    best = recorder.evaluation(state)
                     recorder.say_evaluation(state, result.loss)
-                if (state.step % cfg.checkpoint_interval == 0 or done) and bad_in_row == 0:
+                    if cfg.stop_when_overfitting and recorder.overfitting >= OVERFIT_EVALS:
+                        say(d, "stopping: --stop-when-overfitting (the best checkpoint is kept)")
+                        done = True
+                if (state.step % cfg.checkpoint_interval == 0 or done or best) and bad_in_row == 0:
                     checkpoint(setup, state, recorder)  # never while bad steps pile up: a rollback needs good weights
                     last_saved = state.step
+                if done:
+                    break
         except KeyboardInterrupt:
             stop_with_checkpoint(setup, state, recorder, last_saved)
         finally:
@@ -692,8 +734,23 @@ def finish(setup: Setup, state: TrainState, recorder: Recorder) -> dict:
                f"of the run's {wall:.0f}s")
     view = recorder.viewer.get() if cfg.sample_tokens else None  # rank 0 only
     if view is not None:
-        summary["sample"] = final_sample(setup, view.eval(), state.step)
+        best = best_model(setup, state)
+        if best is not None:
+            view, step = best
+            say(d, f"the sample comes from the best checkpoint (step {step}), as sample, eval, export and serve use "
+                   f"by default (--checkpoint last for the last)")
+        summary["sample"] = final_sample(setup, view.eval(), best[1] if best else state.step)
     return summary
+
+
+def best_model(setup: Setup, state: TrainState) -> Optional[tuple[torch.nn.Module, int]]:
+    """The model at the best checkpoint and its step, when that is not the model as it is now; else None."""
+    path = next(chosen_checkpoints(setup.run_dir, "best", warn=lambda m: None), None)
+    if path is None or int(path.name[len("step_"):]) == state.step:
+        return None
+    model = build_model(setup.cfg.model, setup.tokenizer.vocab_size).to(setup.device)
+    ckpt = load_newest(setup.run_dir, model, None, setup.device, warn=lambda m: say(setup.d, m), which="best")
+    return (model, ckpt.step) if ckpt is not None else None
 
 
 def final_sample(setup: Setup, model: torch.nn.Module, step: int) -> str:

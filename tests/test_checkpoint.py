@@ -248,11 +248,12 @@ def test_resume_after_losing_the_last_checkpoint_replays_exactly(reference_run, 
     run_c = tmp_path / "C"
     shutil.copytree(run_a, run_c)
     (run_c / ".lock").unlink(missing_ok=True)
-    assert [p.name for p in checkpoint_dirs(run_c)] == ["step_00000010", "step_00000020", "step_00000030"]
+    # every 10 steps, and at each new best evaluation (every 5 steps here): the newest 3 are kept
+    assert [p.name for p in checkpoint_dirs(run_c)] == ["step_00000020", "step_00000025", "step_00000030"]
     _flip_byte(run_c / "checkpoints" / "step_00000030" / "model.safetensors")
     summary = train(_config(corpus, "", resume=str(run_c), checkpoint_interval=10))
     assert summary["steps"] == 2 * N
-    assert _records(run_c) == _records(run_a)  # records after step 20 were dropped and written again, identically
+    assert _records(run_c) == _records(run_a)  # records after step 25 were dropped and written again, identically
     wa, wc = _final_weights(run_a), _final_weights(run_c)
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
 
@@ -279,15 +280,15 @@ def test_settings_changed_on_resume_take_effect(reference_run, tmp_path, capsys)
     run = tmp_path / "R"
     shutil.copytree(run_a, run)
     shutil.rmtree(run / "checkpoints" / "step_00000030")
-    shutil.rmtree(run / "checkpoints" / "step_00000020")
+    start = int(checkpoint_dirs(run)[-1].name[5:])  # the newest left (25: the best evaluations have checkpoints)
     new_lr, new_wd, new_time = 7e-4, 0.03, 1e6
     rc = main(["train", "--resume", str(run), "--lr", str(new_lr), "--weight-decay", str(new_wd), "--max-time",
                str(new_time), "--schedule", "cosine", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     config = json.loads((run / "config.json").read_text())
     assert (config["optim"]["lr"], config["optim"]["weight_decay"], config["max_time"]) == (new_lr, new_wd, new_time)
-    resumed = [r for r in read_jsonl(run / "metrics.jsonl") if "train_loss" in r and r["step"] > 10]
-    assert [r["step"] for r in resumed] == list(range(11, 2 * N + 1))
+    resumed = [r for r in read_jsonl(run / "metrics.jsonl") if "train_loss" in r and r["step"] > start]
+    assert [r["step"] for r in resumed] == list(range(start + 1, 2 * N + 1))
     for r in resumed:  # progress is the share of the step budget done (the time budget is far away)
         multiplier = lr_multiplier("cosine", r["step"] - 1, (r["step"] - 1) / (2 * N), 5, 0.4, 0.0, 0.1)
         assert r["lr"] == pytest.approx(new_lr * multiplier, rel=1e-9), r

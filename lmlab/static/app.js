@@ -5,7 +5,8 @@
 const POLL_MS = 2000;
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
 const CHARTS = [  // one uPlot per figure: the metrics.jsonl keys it draws, per run
-  {id: "loss", series: [{key: "train_loss", label: "train"}, {key: "val_loss", label: "val", dots: true}]},
+  {id: "loss", series: [{key: "train_loss", label: "train"}, {key: "val_loss", label: "val", dots: true},
+                        {key: "val_loss", label: "overfitting", dots: true, only: "overfitting", color: "#cc0000"}]},
   {id: "accuracy", series: [{key: "val_accuracy", label: "val", dots: true}]},
   {id: "lr", series: [{key: "lr", label: "lr"}]},
   {id: "grad_norm", series: [{key: "grad_norm", label: "grad norm"}]},
@@ -154,11 +155,16 @@ function renderRuns() {
     return el("tr", {"data-run": run.name},
       el("td", {}, box),
       el("td", {}, el("span", {class: "dot", style: `background:${colorOf(run.name)}`}), run.name),
-      el("td", {}, el("span", {class: `status ${run.status}`, title: run.error || ""}, run.status)),
+      el("td", {}, el("span", {class: `status ${run.status}`, title: run.error || ""}, run.status),
+        run.overfitting_step === null || run.overfitting_step === undefined ? null :
+          el("span", {class: "overfit", title: "validation loss rose while training loss fell: the model is " +
+                      "memorising its training text; the best checkpoint is the one used"},
+             ` overfitting since step ${run.overfitting_step}`)),
       el("td", {class: "num"}, run.step), el("td", {class: "num"}, fmtCount(run.tokens)),
       el("td", {class: "num"}, fmt(run.train_loss)),
       el("td", {class: "num", title: measuredWith(run)}, fmt(run.val_loss)),
-      el("td", {class: "num"}, fmt(run.best_val_loss)),
+      el("td", {class: "num", title: run.best_step === null ? "" : `at step ${run.best_step}`},
+         fmt(run.best_val_loss)),
       el("td", {class: "num"}, run.checkpoint_step === null ? "none yet" : run.checkpoint_step),
       el("td", {class: "muted"}, `${run.preset || ""} · ${shape} · ${run.tokenizer || ""} (${run.vocab_size})`));
   }));
@@ -189,9 +195,10 @@ async function pollLog(run, file) {
   return body.records.length > 0 || body.start === 0;
 }
 
-function seriesPoints(records, xKey, yKey) {
+function seriesPoints(records, xKey, yKey, only) {  // only: a key the record must hold (e.g. overfitting)
   const xs = [], ys = [];
   for (const r of records) {
+    if (only && !r[only]) continue;
     const x = r[xKey], y = r[yKey];
     if (typeof x === "number" && typeof y === "number" && Number.isFinite(y)) { xs.push(x); ys.push(y); }
   }
@@ -203,7 +210,7 @@ function chartData(spec, runs, xKey) {
   for (const run of runs) {
     const records = (state.logs[`${run}|metrics`] || {records: []}).records;
     for (const s of spec.series) {
-      const points = seriesPoints(records, xKey, s.key);
+      const points = seriesPoints(records, xKey, s.key, s.only);
       if (!points[0].length) continue;
       tables.push(points);
       series.push({run, ...s});
@@ -223,9 +230,9 @@ function makePlot(figure, spec, series, xKey, logY) {
     cursor: {drag: {x: true, y: false}},
     hooks: {setSelect: [u => { if (u.select.width > 0) u.zoomed = true; }]},  // new data then keeps the zoom
     series: [{label: xKey}].concat(series.map(s => ({
-      label: `${s.run} ${s.label}`, stroke: colorOf(s.run), width: s.dots ? 0 : 1.5, spanGaps: true,
+      label: `${s.run} ${s.label}`, stroke: s.color || colorOf(s.run), width: s.dots ? 0 : 1.5, spanGaps: true,
       paths: s.dots ? () => null : undefined,
-      points: s.dots ? {show: true, size: 6, fill: colorOf(s.run)} : {show: false},
+      points: s.dots ? {show: true, size: s.only ? 9 : 6, fill: s.color || colorOf(s.run)} : {show: false},
     }))),
   };
   const plot = new uPlot(opts, [[]].concat(series.map(() => [])), box);
@@ -240,7 +247,7 @@ function refreshCharts() {
   for (const spec of CHARTS) {
     const figure = document.querySelector(`figure[data-chart="${spec.id}"]`);
     const {data, series} = chartData(spec, runs, xKey);
-    const signature = JSON.stringify([xKey, logY, series.map(s => [s.run, s.key])]);
+    const signature = JSON.stringify([xKey, logY, series.map(s => [s.run, s.key, s.label])]);
     let chart = state.charts[spec.id];
     if (!chart || chart.signature !== signature) {
       if (chart) chart.plot.destroy();
