@@ -145,6 +145,7 @@ class TrainConfig:
                 raise LmlabError(f"the run config has no {section!r} section")
         config = from_dict(cls, fields)
         unset = config.model.unset() + [n for n in ("lr", "muon_momentum") if getattr(config.optim, n) is None]
+        unset += ["dropout"] if config.model.dropout is None else []
         if unset:
             raise LmlabError(f"the run config leaves {', '.join(unset)} unset")
         return config
@@ -215,7 +216,7 @@ def tiny() -> TrainConfig:
     bought."""
     return TrainConfig(
         preset="tiny",
-        model=ModelConfig(block_size=None, n_layer=None, n_head=None, n_embd=None),
+        model=ModelConfig(block_size=None, n_layer=None, n_head=None, n_embd=None, dropout=None, attn_dropout=0.0),
         optim=OptimConfig(optimizer="muon", lr=None, muon_lr=0.02, muon_momentum=None, schedule="wsd", warmup=50,
                           decay_fraction=0.4, decay_shape="sqrt"),
         batch_size=32,
@@ -374,6 +375,37 @@ def apply_budget(cfg: TrainConfig) -> tuple[TrainConfig, str]:
         notes.append(f"budget of {cfg.max_time:g} s: the tiny recipe's short-budget settings, {' '.join(changed)} "
                      f"(set them to override)")
     return cfg, "\n".join(notes)
+
+
+# The tiny recipe and the size of the corpus: how many passes over the training text the budget makes decides the
+# dropout (on the residual branches and embeddings; attention dropout stays off, which keeps the fused attention
+# kernels: the same step time). docs/performance.md, "Small corpora", has the sweeps behind these numbers.
+DROPOUT_FREE_PASSES = 4.0  # up to this many passes no dropout: there is too little repetition to memorise
+DROPOUT_PER_DOUBLING = 0.1  # then this much more for every doubling of the passes
+DROPOUT_MAX = 0.4
+
+
+def corpus_dropout(passes: float) -> float:
+    """The tiny recipe's dropout for a budget that makes `passes` passes over the training text."""
+    if passes <= DROPOUT_FREE_PASSES:
+        return 0.0
+    return round(min(DROPOUT_MAX, DROPOUT_PER_DOUBLING * math.log2(passes / DROPOUT_FREE_PASSES)), 2)
+
+
+def needs_corpus(cfg: TrainConfig) -> bool:
+    """Whether settings are left to the size of the corpus (the tiny preset's dropout)."""
+    return cfg.model.dropout is None
+
+
+def fit_to_corpus(cfg: TrainConfig, train_tokens: int, budget_tokens: float) -> tuple[TrainConfig, str]:
+    """The config with the settings left to the corpus filled in, for a budget that trains on about budget_tokens
+    tokens of a training split of train_tokens; returns it and a note saying what was chosen and why."""
+    if not needs_corpus(cfg):
+        return cfg, ""
+    passes = budget_tokens / max(1, train_tokens)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=corpus_dropout(passes)))
+    return cfg, (f"corpus of {train_tokens:,} training tokens; the budget makes about {passes:.1f} passes over it: "
+                 f"dropout {cfg.model.dropout:g} (set --dropout to override)")
 
 
 def get_preset(name: str) -> TrainConfig:

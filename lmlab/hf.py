@@ -300,27 +300,28 @@ def hf_config(arch: str, cfg: ModelConfig, vocab_size: int) -> dict:
     rotated in GPT-NeoX), and no bos/eos id, so that generation never stops at an ordinary character."""
     C, H, L = cfg.n_embd, cfg.n_head, cfg.n_layer
     hidden, eps = mlp_width(cfg, vocab_size), norm_eps(cfg)
+    attn_p = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
     out: dict[str, Any] = {"architectures": [arch], "model_type": MODEL_TYPES[arch], "vocab_size": vocab_size,
                            "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": None,
                            "pad_token_id": None, "use_cache": True, "dtype": "float32", "initializer_range": 0.02}
     if arch == GPT2:
         return {**out, "n_embd": C, "n_layer": L, "n_head": H, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
                 "n_inner": hidden, "activation_function": ACTIVATIONS[cfg.mlp], "layer_norm_epsilon": eps,
-                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": attn_p,
                 "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                 "reorder_and_upcast_attn": False, "add_cross_attention": False}
     rope = {"rope_type": "default", "rope_theta": cfg.rope_base}
     if arch == NEOX:
         return {**out, "hidden_size": C, "num_hidden_layers": L, "num_attention_heads": H, "intermediate_size": hidden,
                 "hidden_act": ACTIVATIONS[cfg.mlp], "max_position_embeddings": cfg.block_size, "layer_norm_eps": eps,
-                "use_parallel_residual": False, "attention_bias": cfg.bias, "attention_dropout": cfg.dropout,
+                "use_parallel_residual": False, "attention_bias": cfg.bias, "attention_dropout": attn_p,
                 "hidden_dropout": cfg.dropout, "rotary_pct": 1.0, "rotary_emb_base": cfg.rope_base,
                 "rope_scaling": None, "rope_parameters": {**rope, "partial_rotary_factor": 1.0}}
     out.update({"hidden_size": C, "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": H,
                 "head_dim": cfg.head_dim, "intermediate_size": hidden, "hidden_act": ACTIVATIONS[cfg.mlp],
                 "max_position_embeddings": cfg.block_size, "rms_norm_eps": eps, "rope_theta": cfg.rope_base,
                 "rope_scaling": None, "rope_parameters": rope, "attention_bias": cfg.bias,
-                "attention_dropout": cfg.dropout})
+                "attention_dropout": attn_p})
     if arch in (LLAMA, ARCEE):
         out["mlp_bias"] = cfg.bias
     if arch == QWEN3:
@@ -435,7 +436,8 @@ def read_hf_config(c: Any, where: str, run: Optional[ModelConfig] = None) -> Spe
     try:
         model = ModelConfig(block_size=positions, n_layer=L, n_head=H, n_embd=C, pos=pos, norm=norm, mlp=mlp,
                             mlp_hidden=hidden, norm_eps=eps, qk_norm=qk_norm, tie_embeddings=tie, bias=True,
-                            dropout=run.dropout, rope_base=theta, zero_init_proj=run.zero_init_proj)
+                            dropout=run.dropout, attn_dropout=run.attn_dropout, rope_base=theta,
+                            zero_init_proj=run.zero_init_proj)
     except LmlabError as e:  # its checks speak of lmlab's options, which here come from the config
         raise LmlabError(f"{where} ({arch}) does not fit lmlab's model: {e}") from None
     return Spec(arch, model, vocab, hf_bias)

@@ -62,8 +62,12 @@ class ModelConfig:
     """Share the input embedding with the output head."""
     bias: bool = False
     """Biases in linear layers and LayerNorm."""
-    dropout: float = 0.0
-    """Dropout on attention weights and residual branches while training."""
+    dropout: Optional[float] = 0.0
+    """Dropout on the embeddings and the residual branches (and, unless --attn-dropout says otherwise, the
+    attention weights) while training (None: picked for the size of the corpus, see `lmlab train --help`)."""
+    attn_dropout: Optional[float] = None
+    """Dropout on the attention weights while training (None: the same as --dropout). 0 keeps the fast fused
+    attention kernels, which a nonzero value replaces by a slower path on CPU."""
     rope_base: float = 10000.0
     """RoPE frequency base."""
     zero_init_proj: bool = True
@@ -85,8 +89,10 @@ class ModelConfig:
                 raise LmlabError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
             if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
                 raise LmlabError(f"RoPE needs an even head size; n_embd/n_head = {self.n_embd // self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise LmlabError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.attn_dropout is not None and not 0.0 <= self.attn_dropout < 1.0:
+            raise LmlabError(f"--attn-dropout must be in [0, 1), got {self.attn_dropout}")
         if self.mlp_ratio <= 0:
             raise LmlabError(f"--mlp-ratio must be positive, got {self.mlp_ratio}")
         if self.mlp_hidden is not None and self.mlp_hidden <= 0:
@@ -270,7 +276,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         D = self.cfg.head_dim
         q, k, v = self.heads(x, rope, ve)  # (B, H, T, D)
-        dropout = self.cfg.dropout if self.training else 0.0
+        dropout = (self.cfg.dropout or 0.0) if self.training else 0.0
+        attn_dropout = ((self.cfg.dropout or 0.0) if self.cfg.attn_dropout is None else self.cfg.attn_dropout) \
+            if self.training else 0.0
         if pos is not None:  # static decode step: the query at pos sees cache slots 0..pos
             k, v = cache.write(layer, pos, k, v)  # (B, H, block_size, D)
             visible = (torch.arange(k.size(2), device=x.device) <= pos)[None]  # (1, block_size)
@@ -284,12 +292,12 @@ class CausalSelfAttention(nn.Module):
                 past = cache.pos
                 k, v = cache.append(layer, k, v)  # (B, H, past+T, D)
             if past == 0:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=attn_dropout)
             elif T == 1:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_dropout)
             else:  # queries at past..past+T-1 see keys up to their own position
                 mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn_dropout)
         y = self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
         return F.dropout(y, dropout, True) if dropout else y
 
@@ -306,7 +314,7 @@ class MLP(nn.Module):
             hidden = cfg.mlp_hidden or hidden
             self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.dropout = cfg.dropout
+        self.dropout = cfg.dropout or 0.0
         self.fused = self.kind == "relu2" and not cfg.bias  # training in eager mode takes _ReLU2MLPFunction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from .checkpoint import (check_tokenizer, chosen_checkpoints, latest_good_checkp
                          save_checkpoint)
 from .common import (LmlabError, default_dtype, fmt_count, keep_freed_memory, resolve_device, resolve_dtype,
                      seed_everything)
-from .config import TrainConfig, apply_budget
+from .config import TrainConfig, apply_budget, fit_to_corpus, needs_corpus
 from .data import BatchSampler, Splits, load_splits
 from .distributed import Dist, all_reduce_sum, barrier, unwrap
 from .evaluate import autocast_context, evaluate, window_stride
@@ -259,6 +259,35 @@ def resume_point(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Optional[tok
     return tokenizer, False
 
 
+COMPILED_STEP = 0.85  # a compiled tiny step takes about this share of an eager one (docs/performance.md)
+
+
+def budget_steps(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: torch.dtype, d: Dist,
+                 grad_accum: int = 1) -> float:
+    """The optimizer steps the budget will make: --max-steps, or for a time budget an estimate from a few timed steps
+    of this model on this machine (rank 0's, for every rank). Leaves the random number generators as they were."""
+    if not cfg.max_time:
+        return float(cfg.max_steps)
+    seconds = ""
+    if d.main:
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(dataclasses.replace(cfg.model, dropout=0.0), vocab_size).to(device)
+            optimizer = build_optimizer(model, cfg.optim)
+            x = torch.randint(0, vocab_size, (cfg.batch_size, cfg.model.block_size + 1), device=device)
+            batch = [(x[:, :-1], x[:, 1:])] * grad_accum
+            times = []
+            for _ in range(4):  # the first warms up
+                t = time.perf_counter()
+                train_step(model, optimizer, batch, cfg.loss, cfg.optim.grad_clip, autocast_context(device, dtype))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            seconds = repr(sorted(times[1:])[1] * (COMPILED_STEP if cfg.compile else 1.0))
+    per_step = float(dist_.broadcast_str(seconds, d))
+    steps = cfg.max_time / max(per_step, 1e-6)
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
 def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState, bool]:
     """Device, dtype, data, model and optimizer, in the order that makes a run reproducible from its seed."""
     device = dist_.rank_device(resolve_device(cfg.device), d)
@@ -282,10 +311,15 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
     if len(splits.val) < 2:
         raise LmlabError(f"the validation split has {len(splits.val)} tokens; use more text or --val-data")
     grad_accum, global_batch = accumulation_steps(cfg, d.world)
+    sampler = BatchSampler(splits.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device, grad_accum, d.rank,
+                           d.world)  # (refuses a training split shorter than a block)
+    if needs_corpus(cfg):  # the tiny preset's dropout follows the passes the budget makes over the training text
+        steps = budget_steps(cfg, splits.tokenizer.vocab_size, device, resolve_dtype(cfg.dtype, device), d,
+                             grad_accum)
+        cfg, note = fit_to_corpus(cfg, len(splits.train), steps * global_batch * cfg.model.block_size)
+        say(d, note)
     setup = Setup(cfg, d, run_dir, device, resolve_dtype(cfg.dtype, device), splits.tokenizer, splits, grad_accum,
                   global_batch)
-    sampler = BatchSampler(splits.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device, grad_accum, d.rank,
-                           d.world)
     with default_dtype(torch.float64 if setup.dtype == torch.float64 else torch.get_default_dtype()):
         model = build_model(cfg.model, setup.tokenizer.vocab_size)  # float64 draws its init in float64 too
     if weights is not None:
