@@ -551,3 +551,69 @@ def test_train_with_a_short_budget_records_the_recipe_it_used(tmp_path):
     _ok(proc)
     config = json.loads((tmp_path / "given" / "config.json").read_text())
     assert config["model"]["block_size"] == 32 and config["optim"]["lr"] == 2e-2 and "--block-size" not in proc.stderr
+
+
+def test_the_tiny_recipe_picks_its_dropout_from_the_passes_over_the_corpus():
+    """No dropout up to DROPOUT_FREE_PASSES passes over the training text, then DROPOUT_PER_DOUBLING more for every
+    doubling of the passes, up to DROPOUT_MAX; a --dropout of the caller's own is kept."""
+    import dataclasses
+
+    from lmlab import config as config_
+
+    free, per, top = config_.DROPOUT_FREE_PASSES, config_.DROPOUT_PER_DOUBLING, config_.DROPOUT_MAX
+    assert [config_.corpus_dropout(p) for p in (0.5, free, 2 * free, 4 * free)] == [0.0, 0.0, per, 2 * per]
+    assert config_.corpus_dropout(1e6) == top
+    tiny = config_.apply_budget(config_.get_preset("tiny"))[0]
+    cfg, note = config_.fit_to_corpus(tiny, 1000, 4 * free * 1000)
+    assert cfg.model.dropout == 2 * per and cfg.model.attn_dropout == 0.0 and tiny.model.dropout is None
+    assert f"about {4 * free:.1f} passes" in note and f"dropout {2 * per:g}" in note
+    own = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, dropout=0.05))
+    assert config_.fit_to_corpus(own, 1000, 1e9) == (own, "")
+
+
+def test_a_time_budget_estimates_its_steps_without_touching_the_random_streams():
+    import torch
+
+    from lmlab.config import apply_budget, get_preset
+    from lmlab.distributed import Dist
+    from lmlab.train import budget_steps
+
+    cfg = apply_budget(get_preset("tiny"))[0]
+    cfg.model.block_size, cfg.batch_size, cfg.compile = 16, 2, False
+    assert budget_steps(dataclasses_replace(cfg, max_time=0.0, max_steps=77), 50, torch.device("cpu"),
+                        torch.float32, Dist()) == 77
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    steps = budget_steps(dataclasses_replace(cfg, max_time=10.0, max_steps=0), 50, torch.device("cpu"),
+                         torch.float32, Dist())
+    assert torch.equal(torch.get_rng_state(), before)
+    assert 0 < steps < float("inf")
+    capped = budget_steps(dataclasses_replace(cfg, max_time=1e6, max_steps=5), 50, torch.device("cpu"),
+                          torch.float32, Dist())
+    assert capped == 5
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_train_says_and_records_the_dropout_it_chose(tmp_path):
+    write_corpus(tmp_path / "corpus.txt", 30, seed=3)
+    proc = run_cli(["train", "--data", "corpus.txt", "--out", "run", "--max-steps", "40", "--max-time", "0",
+                    "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "8",
+                    "--sample-tokens", "0", "--eval-interval", "40"], cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    passes = 40 * 8 * 16 / config_train_tokens(tmp_path / "run")
+    from lmlab.config import corpus_dropout
+
+    assert config["model"]["dropout"] == corpus_dropout(passes) > 0
+    assert f"passes over it: dropout {config['model']['dropout']:g}" in proc.stderr
+
+
+def config_train_tokens(run) -> int:
+    """The training split's size, from the passes the run logged at its last evaluation."""
+    last = [r for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r][-1]
+    return round(last["tokens"] / last["passes"])
