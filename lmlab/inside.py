@@ -1,9 +1,9 @@
-"""Looking inside the model as it trains: attention weights and the residual stream of every layer (by running the
-blocks one at a time), head scores on a repeated random sequence, the loss by position in the window, and the logit
-lens. Training records them at every evaluation (one line of inside.jsonl); `lmlab inside` and the report read them.
+"""Looking inside the model as it trains: attention weights and the residual stream of every layer, head scores on a
+repeated random sequence, the loss by position in the window, and the logit lens. Training records them at every
+evaluation (one line of inside.jsonl); `lmlab inside` and the report read them.
 
-The training forward uses fused attention, which never forms the weights; `trace` computes them explicitly with the
-model's own layers, and a test checks that it gives the model's logits.
+Everything here comes from the model's own forward, through its hook points (model.capture): the training forward
+uses fused attention, which never forms the weights, and a capture asks it to write them out.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ POSITION_TOKENS = 8192  # validation predictions behind the loss by position (64
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Running the blocks one at a time
+# One forward, captured
 
 
 @dataclass
@@ -46,33 +46,21 @@ class Trace:
     """L + 1 tensors (B, T, C): the stream before the first block (the embeddings) and after each block."""
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) with every position after the query masked out: (B, H, T, T) from (B, H, T, D)."""
-    T = q.size(-2)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return scores.masked_fill(future, float("-inf")).softmax(-1)
+def has_layers(model: nn.Module) -> bool:
+    """Whether the model has attention layers to look into (the bigram has none)."""
+    return "blocks.0.attn.weights" in model.hook_points()
 
 
 @torch.no_grad()
 def trace(model: nn.Module, idx: torch.Tensor) -> Trace:
-    """Run a GPT on idx (B, T) block by block, keeping each layer's attention weights and residual stream. The same
-    layers as model(idx) in eval mode, with the attention written out instead of fused: the same logits, to rounding."""
-    B, T = idx.shape
-    x, rope = model.embed(idx, slice(0, T))  # (B, T, C)
-    residual, attention, skips = [x], [], []
-    ves = model.value_embeds(idx)  # each (B, T, C), or None
-    for layer, block in enumerate(model.blocks):
-        x = model.skip_in(layer, x, skips)
-        q, k, v = block.attn.heads(block.norm1(x), rope, ves[layer])  # each (B, H, T, D)
-        weights = causal_attention(q, k)  # (B, H, T, T)
-        mixed = (weights @ v).transpose(1, 2).reshape(B, T, -1)  # (B, T, C)
-        x = x + block.attn.proj(mixed)
-        x = x + block.mlp(block.norm2(x))
-        model.skip_out(layer, x, skips)
-        attention.append(weights)
-        residual.append(x)
-    return Trace(logit_lens(model, x), attention, residual)
+    """Run a GPT on idx (B, T) once, keeping each layer's attention weights and residual stream: model(idx) in
+    eval mode, with the attention written out instead of fused (the same logits, to rounding)."""
+    layers = range(model.cfg.n_layer)
+    weights = [f"blocks.{i}.attn.weights" for i in layers]
+    streams = ["blocks.0.resid_in"] + [f"blocks.{i}.resid_out" for i in layers]
+    with model.capture(*weights, *streams, "logits") as seen:
+        model(idx)
+    return Trace(seen["logits"], [seen[name] for name in weights], [seen[name] for name in streams])
 
 
 def logit_lens(model: nn.Module, stream: torch.Tensor) -> torch.Tensor:
@@ -167,7 +155,7 @@ class InsideRecorder:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        looked_inside = len(model.blocks) > 0  # the bigram has no attention and no layers to look into
+        looked_inside = has_layers(model)
         record: dict = {"step": step}
         idx = self.repeated.to(device)
         if looked_inside:

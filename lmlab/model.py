@@ -6,10 +6,9 @@ What other modules may use of a model, and nothing more (both architectures have
 - `model.cfg` (a ModelConfig; `cfg.block_size` is the longest context), `model.vocab_size`,
   `model.make_cache(batch)` (a KVCache).
 - `model.blocks`: the transformer blocks, in order (distributed.py shards each; empty for the bigram).
-- The GPT's parts, for running its blocks one at a time to look inside (inside.py): `model.embed(idx, positions)`,
-  `model.value_embeds(idx)` (each layer's value embedding, None when off), `model.skip_in` and `model.skip_out`
-  (the U-net skips around each block), each block's `norm1`, `attn.heads(x, rope, ve)` (queries, keys, values),
-  `attn.proj`, `norm2` and `mlp`, and `model.head(x)` (final norm, output head, soft cap).
+- Looking inside (inside.py): `with model.capture(*names) as seen:` keeps the named activations of the forwards
+  run in the block (`model.hook_points()` lists the names), and `model.head(x)` turns a residual stream into
+  logits (the logit lens).
 - Parameters by name only through the helpers below: `unique_parameters` (tied weights once), `layer_of`
   (embed / block.N / head, for telemetry), `is_hidden_matrix` (Muon's share), `count_params`, `matmul_params`.
 """
@@ -17,8 +16,9 @@ What other modules may use of a model, and nothing more (both architectures have
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -137,6 +137,59 @@ class KVCache:
         keys[:, :, pos] = k
         values[:, :, pos] = v
         return keys, values
+
+
+class Capture(dict):
+    """The activations that a `with model.capture(*names)` block asked for, by hook name. Each holds its value from
+    the latest forward run in the block; a name whose hook point has not run yet is missing. The tensors are the
+    forward's own, not copies, and keep their autograd history when gradients are on."""
+
+    def __init__(self, names: Iterable[str]):
+        super().__init__()
+        self.names = frozenset(names)
+
+    def keep(self, name: str, value: torch.Tensor) -> None:
+        """Called by the forward at each hook point it reaches while capturing."""
+        if name in self.names:
+            self[name] = value
+
+
+class HookedModel(nn.Module):
+    """What both architectures share for looking inside: named activations (hook points) that a caller captures,
+    in the spirit of TransformerLens's run_with_cache. Outside a capture nothing is kept and no attention weights
+    are formed: a forward only checks, at each hook point, that no capture is on."""
+
+    def __init__(self):
+        super().__init__()
+        self._capture: Optional[Capture] = None  # set by capture() for the duration of its block
+
+    def hook_points(self) -> list[str]:
+        """The names capture() takes, in the order a forward reaches them."""
+        raise NotImplementedError
+
+    @contextmanager
+    def capture(self, *names: str) -> Iterator[Capture]:
+        """Keep the named activations (see hook_points) of the forwards run inside the block, in the Capture it
+        yields:
+
+            with torch.no_grad(), model.capture("blocks.0.attn.weights", "logits") as seen:
+                model(idx)
+            seen["blocks.0.attn.weights"]  # (B, H, T, T)
+
+        Attention weights are written out (softmax(q k^T / sqrt(D)), masked) only in the layers whose weights are
+        asked for; the other layers keep the fused kernel. One capture at a time per model, so not for threads that
+        share a model."""
+        points = self.hook_points()
+        unknown = [name for name in names if name not in points]
+        if unknown:
+            raise ValueError(f"no hook point {', '.join(map(repr, unknown))}; this model has {', '.join(points)}")
+        if self._capture is not None:
+            raise RuntimeError("this model is capturing already (captures do not nest)")
+        self._capture = Capture(names)
+        try:
+            yield self._capture
+        finally:
+            self._capture = None
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -272,26 +325,39 @@ class CausalSelfAttention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, rope, cache: Optional[KVCache], layer: int, pos: Optional[torch.Tensor] = None,
-                ve: Optional[torch.Tensor] = None) -> torch.Tensor:
+                ve: Optional[torch.Tensor] = None, hooks: Optional[Capture] = None) -> torch.Tensor:
+        """x: (B, T, C), already normalised. hooks: the model's capture, if one is on (HookedModel.capture); when it
+        asks for this layer's attention weights, they are written out instead of fused."""
         B, T, C = x.shape
         D = self.cfg.head_dim
         q, k, v = self.heads(x, rope, ve)  # (B, H, T, D)
         dropout = (self.cfg.dropout or 0.0) if self.training else 0.0
         attn_dropout = ((self.cfg.dropout or 0.0) if self.cfg.attn_dropout is None else self.cfg.attn_dropout) \
             if self.training else 0.0
+        weights_name = f"blocks.{layer}.attn.weights" if hooks is not None else None
+        explicit = hooks is not None and weights_name in hooks.names
         if pos is not None:  # static decode step: the query at pos sees cache slots 0..pos
             k, v = cache.write(layer, pos, k, v)  # (B, H, block_size, D)
             visible = (torch.arange(k.size(2), device=x.device) <= pos)[None]  # (1, block_size)
             # the (B, H, block_size) scores of one query, written out as products and sums, which inductor fuses
             # into one loop: an SDPA call would cost more in overhead than this arithmetic
             scores = (q * k).sum(-1).mul_(1.0 / math.sqrt(D)).masked_fill_(~visible, float("-inf"))
-            y = (scores.softmax(-1).unsqueeze(-1) * v).sum(-2, keepdim=True)  # (B, H, 1, D)
+            weights = scores.softmax(-1)  # (B, H, block_size)
+            if explicit:
+                hooks.keep(weights_name, weights.unsqueeze(-2))  # (B, H, 1, block_size)
+            y = (weights.unsqueeze(-1) * v).sum(-2, keepdim=True)  # (B, H, 1, D)
         else:
             past = 0
             if cache is not None:
                 past = cache.pos
                 k, v = cache.append(layer, k, v)  # (B, H, past+T, D)
-            if past == 0:
+            if explicit:  # the weights written out: query past+t sees the keys up to its own position
+                visible = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (B, H, T, past+T)
+                weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+                hooks.keep(weights_name, weights)
+                y = (F.dropout(weights, attn_dropout, True) if attn_dropout else weights) @ v  # (B, H, T, D)
+            elif past == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=attn_dropout)
             elif T == 1:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_dropout)
@@ -343,12 +409,12 @@ class Block(nn.Module):
         self.norm2 = norm_layer(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, cache, layer, pos=None, ve=None):
-        x = x + self.attn(self.norm1(x), rope, cache, layer, pos, ve)
+    def forward(self, x, rope, cache, layer, pos=None, ve=None, hooks=None):
+        x = x + self.attn(self.norm1(x), rope, cache, layer, pos, ve, hooks)
         return x + self.mlp(self.norm2(x))
 
 
-class GPT(nn.Module):
+class GPT(HookedModel):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         if vocab_size <= 0:
@@ -408,13 +474,13 @@ class GPT(nn.Module):
             device or p.device, dtype or p.dtype,
         )
 
-    def embed(self, idx: torch.Tensor, positions) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
-        """The residual stream before the first block, (B, T, C), and the rotary tables at these positions (a slice
-        or a tensor), or None with learned positions, which are added to the stream instead."""
-        x = self.wte(idx)  # (B, T, C)
-        if self.wpe is not None:
-            return x + self.wpe.weight[positions], None
-        return x, (self.rope_cos[positions], self.rope_sin[positions])
+    def hook_points(self) -> list[str]:
+        """The names capture() takes, in the order a forward reaches them: for each block, the residual stream
+        going in (with the U-net skip joined) and coming out, (B, T, C), and its attention weights (B, H, T, keys:
+        row t is how much position t attends to each position, zero after t); then the final norm's output
+        (B, T, C) and the logits (B, T, V)."""
+        per_block = ("resid_in", "attn.weights", "resid_out")
+        return [f"blocks.{i}.{p}" for i in range(self.cfg.n_layer) for p in per_block] + ["final_norm", "logits"]
 
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
                 pos: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -434,46 +500,48 @@ class GPT(nn.Module):
             if past + T > self.cfg.block_size:
                 raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.cfg.block_size}")
             positions = slice(past, past + T)
-        x, rope = self.embed(idx, positions)  # (B, T, C)
+        hooks = self._capture  # the capture on (HookedModel.capture); None, the usual case, costs a check per hook
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:  # learned positions join the stream; rotary ones turn queries and keys instead
+            x, rope = x + self.wpe.weight[positions], None
+        else:
+            rope = (self.rope_cos[positions], self.rope_sin[positions])  # each (T, D/2)
         if self.cfg.dropout and self.training:
             x = F.dropout(x, self.cfg.dropout, True)
-        ves = self.value_embeds(idx)
-        skips: list[torch.Tensor] = []
+        ve = self.vte(idx) if self.vte is not None else None  # (B, T, C): the value embedding, weighted per layer
+        half = self.cfg.n_layer // 2
+        mirrored = self.cfg.n_layer - half  # U-net skips: blocks from here on get their mirror's output added
+        skips: list[torch.Tensor] = []  # the outputs of the first half's blocks
         for layer, block in enumerate(self.blocks):
-            x = self.skip_in(layer, x, skips)
-            x = block(x, rope, cache, layer, pos, ves[layer])
-            self.skip_out(layer, x, skips)
+            if self.skip_weights is not None and layer >= mirrored:
+                x = x + self.skip_weights[layer - mirrored] * skips.pop()
+            if hooks is not None:
+                hooks.keep(f"blocks.{layer}.resid_in", x)
+            x = block(x, rope, cache, layer, pos, None if ve is None else self.ve_weights[layer] * ve, hooks)
+            if hooks is not None:
+                hooks.keep(f"blocks.{layer}.resid_out", x)
+            if self.skip_weights is not None and layer < half:
+                skips.append(x)
         if cache is not None and pos is None:
             cache.pos += T
-        return self.head(x)  # (B, T, V)
+        return self.head(x, hooks)  # (B, T, V)
 
-    def value_embeds(self, idx: torch.Tensor) -> list[Optional[torch.Tensor]]:
-        """Each layer's value embedding, weighted, (B, T, C) for the tokens idx (B, T); all None when it is off."""
-        if self.vte is None:
-            return [None] * self.cfg.n_layer
-        ve = self.vte(idx)
-        return [w * ve for w in self.ve_weights]
-
-    def skip_out(self, layer: int, x: torch.Tensor, skips: list[torch.Tensor]) -> None:
-        """U-net skips: keep the output of each block of the first half."""
-        if self.skip_weights is not None and layer < self.cfg.n_layer // 2:
-            skips.append(x)
-
-    def skip_in(self, layer: int, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        """U-net skips: a block of the second half gets its mirror's output added to its input, weighted."""
-        first_mirrored = self.cfg.n_layer - self.cfg.n_layer // 2
-        if self.skip_weights is None or layer < first_mirrored:
-            return x
-        return x + self.skip_weights[layer - first_mirrored] * skips.pop()
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits from a residual stream (B, T, C): the final norm, the output head, and the soft cap if any."""
-        logits = self.lm_head(self.norm_f(x))
+    def head(self, x: torch.Tensor, hooks: Optional[Capture] = None) -> torch.Tensor:
+        """Logits (B, T, V) from a residual stream (B, T, C): the final norm, the output head, and the soft cap if
+        any. On a block's output other than the last, these are the logit lens's (inside.py)."""
+        x = self.norm_f(x)  # (B, T, C)
+        if hooks is not None:
+            hooks.keep("final_norm", x)
+        logits = self.lm_head(x)  # (B, T, V)
         cap = self.cfg.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap else logits
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        if hooks is not None:
+            hooks.keep("logits", logits)
+        return logits
 
 
-class Bigram(nn.Module):
+class Bigram(HookedModel):
     """Next-token logits that depend on the current token only: a learned VxV table."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
@@ -494,12 +562,18 @@ class Bigram(nn.Module):
     def make_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         return KVCache(0, batch, 1, self.cfg.block_size, 1, device or self.table.weight.device, dtype or torch.float32)
 
+    def hook_points(self) -> list[str]:
+        return ["logits"]
+
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
                 pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx: (B, T) token ids. Returns the logits (B, T, V); a cache only counts the positions."""
         if cache is not None and pos is None:
             cache.pos += idx.size(1)
-        return self.table(idx)  # (B, T, V)
+        logits = self.table(idx)  # (B, T, V)
+        if self._capture is not None:
+            self._capture.keep("logits", logits)
+        return logits
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:

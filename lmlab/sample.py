@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -117,8 +117,10 @@ class SampleConfig:
 
 
 def _step(model: torch.nn.Module, tokens: torch.Tensor, pos: Optional[torch.Tensor], cache,
-          u: Optional[torch.Tensor], temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Feed tokens (1, T) through the cache and return the next token (1, 1), drawn with u (None when greedy).
+          u: Optional[torch.Tensor], temperature: float, top_k: int, top_p: float
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed tokens (1, T) through the cache and return the next token (1, 1), drawn with u (None when greedy), and
+    the logits (1, V) it was drawn from.
 
     With pos, a (1,) tensor, this is one decode step at that position, with the same shapes at every position
     (KVCache.write), and pos advances; without, the tokens continue from cache.pos (the window's encoding).
@@ -127,22 +129,23 @@ def _step(model: torch.nn.Module, tokens: torch.Tensor, pos: Optional[torch.Tens
     token = draw(logits, u, temperature, top_k, top_p)
     if pos is not None:
         pos.add_(1)
-    return token.view(1, 1)
+    return token.view(1, 1), logits
 
 
 DECODE_CHUNK = 8  # decode steps per compiled call (_decode)
 
 
 def _decode(model: torch.nn.Module, token: torch.Tensor, pos: torch.Tensor, cache, u: Optional[torch.Tensor], n: int,
-            temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+            temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n decode steps from token (1, 1) at pos, the i-th drawn with u[:, i] (u (1, n), None when greedy): the n new
-    tokens (1, n), and the last one as (1, 1) for the next call. Compiled, the loop unrolls into one graph, so n
-    tokens cost one call's overhead."""
-    tokens = []
+    tokens (1, n), the last one as (1, 1) for the next call, and the logits (n, V) each was drawn from. Compiled,
+    the loop unrolls into one graph, so n tokens cost one call's overhead."""
+    tokens, logits = [], []
     for i in range(n):
-        token = _step(model, token, pos, cache, None if u is None else u[:, i : i + 1], temperature, top_k, top_p)
+        token, row = _step(model, token, pos, cache, None if u is None else u[:, i : i + 1], temperature, top_k, top_p)
         tokens.append(token)
-    return torch.cat(tokens, dim=1), token
+        logits.append(row)
+    return torch.cat(tokens, dim=1), token, torch.cat(logits)
 
 
 @functools.cache
@@ -156,8 +159,11 @@ def _compiled(fn):
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-             use_cache: bool = True, compile: bool = False) -> Iterator[int]:
-    """Yield up to max_new_tokens token ids continuing `prompt` (see the module docstring for the window).
+             use_cache: bool = True, compile: bool = False,
+             with_logits: bool = False) -> Iterator[Union[int, tuple[int, torch.Tensor]]]:
+    """Yield up to max_new_tokens token ids continuing `prompt` (see the module docstring for the window); with
+    with_logits, (token id, logits) pairs instead, the logits (V,) being the model's raw ones (before temperature
+    and filters) that the token was drawn from, e.g. for its log-probability.
 
     With the cache, the window is encoded in one forward and each further token is one decode step (_step).
     compile=True runs both through torch.compile, with runs of DECODE_CHUNK decode steps in one call (_decode) where
@@ -172,9 +178,9 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
     window = list(prompt[-block:])
     if not use_cache:
         for _ in range(max_new_tokens):
-            logits = model(torch.tensor([window], device=device))
-            token = int(next_token(logits[:, -1, :], temperature, top_k, top_p, generator)[0])
-            yield token
+            logits = model(torch.tensor([window], device=device))[:, -1]  # (1, V)
+            token = int(next_token(logits, temperature, top_k, top_p, generator)[0])
+            yield (token, logits[0]) if with_logits else token
             window.append(token)
             if len(window) > block:
                 window = window[-keep:]
@@ -194,7 +200,8 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
             u = uniforms(1, generator) if temperature else None  # the draw next_token would make
             cache.pos = 0
             encode = step if len(window) == keep else _step  # compiled for the re-encode, whose length is fixed
-            last = encode(model, torch.tensor([window], device=device), None, cache, u, temperature, top_k, top_p)
+            last, logits = encode(model, torch.tensor([window], device=device), None, cache, u, temperature, top_k,
+                                  top_p)
             if pos is not None:
                 pos.fill_(len(window))
             new = [int(last)]
@@ -203,13 +210,14 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
             n = chunk if min(block + 1 - len(window), max_new_tokens - produced) >= chunk else 1
             u = uniforms(1, generator, n) if temperature else None  # the same numbers as n draws of one
             if n > 1:
-                tokens, last = _call(_compiled(_decode), warm, model, last, pos, cache, u, n, temperature, top_k, top_p)
+                tokens, last, logits = _call(_compiled(_decode), warm, model, last, pos, cache, u, n, temperature,
+                                             top_k, top_p)
                 new = tokens[0].tolist()
             else:
-                last = _call(step, warm, model, last, pos, cache, u, temperature, top_k, top_p)
+                last, logits = _call(step, warm, model, last, pos, cache, u, temperature, top_k, top_p)
                 new = [int(last)]
-        for token in new:
-            yield token
+        for token, row in zip(new, logits):  # logits: (len(new), V)
+            yield (token, row) if with_logits else token
             produced += 1
             window.append(token)
         if len(window) > block:

@@ -343,23 +343,6 @@ def encode_prompt(run: LoadedRun, prompt: str) -> list[int]:
 # Generating completions
 
 
-class LogitsTap:
-    """Stands in for the model inside sample.generate and keeps the logits of its newest forward, which are the
-    ones the token just yielded was drawn from (generate runs one forward per token)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.last: Optional[torch.Tensor] = None  # (V,)
-
-    def __getattr__(self, name: str):
-        return getattr(self.model, name)
-
-    def __call__(self, *args, **kwargs):
-        logits = self.model(*args, **kwargs)
-        self.last = logits[0, -1]
-        return logits
-
-
 def token_label(tokenizer, token_id: int) -> str:
     """A token's text for the logprobs lists; a token that is not whole UTF-8 characters is written as its bytes,
     the way OpenAI does: "bytes:\\xe2\\x80"."""
@@ -409,17 +392,16 @@ def completion_chunks(run: LoadedRun, ids: list[int], prompt_chars: int, req: Co
     be. The last chunk says why generation ended ("stop" or "length") and lists every token generated, including
     those that made up the stop string (which is not part of the text). Once cancel is set, ClientGone is raised
     before the next token is generated."""
-    tap = LogitsTap(run.model)
     decoder = run.tokenizer.stream_decoder()
     s = req.sampling
-    tokens = generate(tap, ids, req.max_tokens, s.temperature, s.top_k, s.top_p, generator)
+    tokens = generate(run.model, ids, req.max_tokens, s.temperature, s.top_k, s.top_p, generator, with_logits=True)
     sent = 0  # characters of the completion already yielded
     held, held_tokens = "", []
     try:
-        for token_id in tokens:
+        for token_id, logits in tokens:
             if cancel is not None and cancel.is_set():
                 raise ClientGone()
-            held_tokens.append(_token_info(run.tokenizer, tap.last, token_id, prompt_chars + sent + len(held),
+            held_tokens.append(_token_info(run.tokenizer, logits, token_id, prompt_chars + sent + len(held),
                                            req.logprobs))
             held += decoder.push(token_id)
             cut = find_stop(held, req.stop)
@@ -491,9 +473,9 @@ def complete(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]], h
 def sample_next(run: LoadedRun, prompt: str, s: Sampling, generator: torch.Generator) -> dict:
     """Draw one next token the way generation does, with its probability under the sampling settings and under
     the plain model."""
-    tap = LogitsTap(run.model)
-    token = next(generate(tap, encode_prompt(run, prompt), 1, s.temperature, s.top_k, s.top_p, generator))
-    logits = tap.last.float()
+    token, logits = next(generate(run.model, encode_prompt(run, prompt), 1, s.temperature, s.top_k, s.top_p, generator,
+                                  with_logits=True))
+    logits = logits.float()
     sampled = float(sampling_probs(logits, s.temperature, s.top_k, s.top_p)[token])
     return {"token_id": token, "text": run.tokenizer.decode([token]), "probability": sampled,
             "model_probability": float(logits.softmax(-1)[token])}

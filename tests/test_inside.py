@@ -1,13 +1,16 @@
-"""Looking inside the model (lmlab/inside.py) and the synthetic corpora (lmlab/synthetic.py): the step-by-step forward
-against the model's own, head scores against a naive loop on hand-built attention patterns, the logit lens against
-the model's output and the probe, the loss by position against evaluate, the stated entropy rates against a Monte-Carlo
-estimate, and what training records, `lmlab inside`, `lmlab eval` and the report make of it."""
+"""Looking inside the model (lmlab/inside.py) and the synthetic corpora (lmlab/synthetic.py): the traced forward
+against the model's own, what inside computes against the values of the earlier hand-wired trace, head scores
+against a naive loop on hand-built attention patterns, the logit lens against the model's output and the probe, the
+loss by position against evaluate, the stated entropy rates against a Monte-Carlo estimate, and what training
+records, `lmlab inside`, `lmlab eval` and the report make of it."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +34,7 @@ def small_model(seed: int = 0, vocab: int = 23, **kw) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The step-by-step forward
+# The traced forward
 
 
 @pytest.mark.parametrize("kw", [
@@ -54,7 +57,8 @@ def test_trace_gives_the_models_logits_and_causal_attention(kw):
         torch.testing.assert_close(weights.sum(-1), torch.ones(3, n_head, 24))
         assert (weights.triu(1) == 0).all()  # nothing attends to a later position
     with torch.no_grad():
-        torch.testing.assert_close(seen.residual[0], model.embed(idx, slice(0, 24))[0])
+        embedding = model.wte(idx) + (model.wpe.weight[:24] if model.wpe is not None else 0)
+        torch.testing.assert_close(seen.residual[0], embedding)
 
 
 def test_trace_on_a_trained_run_matches_fused_attention_on_a_prefix():
@@ -73,6 +77,179 @@ def test_the_training_forward_is_not_changed_by_tracing():
     trace(model, idx)
     assert model.training
     torch.testing.assert_close(model(idx).sum(), before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What inside computes, against the values of the hand-wired trace it replaced
+
+# Head scores, repeat losses (first, second) and the logit lens's top 5 at the last token of LENS_PROMPT, from the
+# blocks' wiring written out in inside.trace before it captured the model's own forward (commit 5c52c05), on the
+# models of seeded_model with the configurations of GOLDEN_CONFIGS, in float64.
+TODAYS_VALUES = {
+    "rope": {
+        "previous_token": [  # layer by layer, head by head
+            [0.1343822764, 0.1248218522],
+            [0.1187349997, 0.104625232],
+        ],
+        "induction": [  # layer by layer, head by head
+            [0.0572585311, 0.0596388744],
+            [0.0419850953, 0.0488071415],
+        ],
+        "duplicate_token": [  # layer by layer, head by head
+            [0.0495416996, 0.0508052563],
+            [0.0436008018, 0.0533522774],
+        ],
+        "repeat_loss": [3.8831154936, 3.6070878537],
+        "lens": [  # stream by stream: the top 5 (token, probability)
+            [[8, 0.2402318461], [10, 0.1045380468], [20, 0.095058203], [6, 0.0704882482], [21, 0.0640969723]],
+            [[21, 0.29293197], [14, 0.094038641], [15, 0.0838203967], [7, 0.0761457589], [11, 0.0748876235]],
+            [[20, 0.2016396034], [15, 0.1222316597], [8, 0.1102403026], [21, 0.1029443357], [14, 0.0782074379]],
+        ],
+    },
+    "learned": {
+        "previous_token": [  # layer by layer, head by head
+            [0.1039038579, 0.1288236643],
+            [0.1188401042, 0.1022719725],
+        ],
+        "induction": [  # layer by layer, head by head
+            [0.0518130499, 0.0485760005],
+            [0.0785315058, 0.0688570523],
+        ],
+        "duplicate_token": [  # layer by layer, head by head
+            [0.0517559389, 0.0437640657],
+            [0.0641536918, 0.0740053177],
+        ],
+        "repeat_loss": [4.3530641381, 4.2390929924],
+        "lens": [  # stream by stream: the top 5 (token, probability)
+            [[9, 0.250025815], [16, 0.1380883182], [20, 0.1040729631], [22, 0.0783631215], [3, 0.0731127549]],
+            [[16, 0.1508755295], [0, 0.1358872827], [9, 0.0942393404], [7, 0.0787646067], [15, 0.0744504893]],
+            [[3, 0.3778275954], [9, 0.1339667221], [0, 0.1338109981], [16, 0.0620865546], [15, 0.0486299465]],
+        ],
+    },
+    "ve_unet": {
+        "previous_token": [  # layer by layer, head by head
+            [0.1370122043, 0.1478254611],
+            [0.0887209699, 0.1150945807],
+            [0.1064630211, 0.0980756195],
+            [0.1253278427, 0.1637698536],
+        ],
+        "induction": [  # layer by layer, head by head
+            [0.0668576754, 0.0634981622],
+            [0.1025736201, 0.0534282792],
+            [0.0708016002, 0.060365453],
+            [0.0440452183, 0.0457851598],
+        ],
+        "duplicate_token": [  # layer by layer, head by head
+            [0.0477106504, 0.0358643749],
+            [0.0908313359, 0.0397112716],
+            [0.0554139957, 0.0445304905],
+            [0.0359529293, 0.0406973963],
+        ],
+        "repeat_loss": [3.4547528987, 3.5884100371],
+        "lens": [  # stream by stream: the top 5 (token, probability)
+            [[18, 0.120209016], [9, 0.098199803], [2, 0.0811295444], [13, 0.0781232438], [3, 0.0748760401]],
+            [[13, 0.1465673953], [9, 0.1138220949], [11, 0.0710830292], [4, 0.0629764804], [6, 0.0605217702]],
+            [[9, 0.1457929101], [13, 0.1225267195], [11, 0.0888016957], [6, 0.0750517782], [4, 0.0574619455]],
+            [[9, 0.1352442657], [13, 0.1288416315], [11, 0.0924923896], [6, 0.067586383], [10, 0.0574020943]],
+            [[9, 0.1338766205], [13, 0.1140425404], [10, 0.0813584889], [11, 0.0726921669], [18, 0.0617254105]],
+        ],
+    },
+    "unet_odd": {
+        "previous_token": [  # layer by layer, head by head
+            [0.1740224826, 0.1311635761],
+            [0.1382322063, 0.1434956648],
+            [0.1122629124, 0.1034924769],
+        ],
+        "induction": [  # layer by layer, head by head
+            [0.0775081781, 0.0468912114],
+            [0.0293938107, 0.0568539454],
+            [0.0573036816, 0.0769118367],
+        ],
+        "duplicate_token": [  # layer by layer, head by head
+            [0.0291789952, 0.0205624578],
+            [0.0569079116, 0.0534129239],
+            [0.0819992707, 0.0622979877],
+        ],
+        "repeat_loss": [3.6269716288, 3.6856356243],
+        "lens": [  # stream by stream: the top 5 (token, probability)
+            [[14, 0.895692824], [10, 0.0175310131], [9, 0.0144679771], [22, 0.0123222878], [5, 0.0110634196]],
+            [[21, 0.5012658407], [7, 0.069259884], [4, 0.0650682729], [5, 0.062429147], [11, 0.0466418366]],
+            [[21, 0.5473820737], [5, 0.116636177], [18, 0.1026632843], [14, 0.0326334348], [11, 0.0302239657]],
+            [[21, 0.6743509152], [5, 0.0811534566], [18, 0.0406714158], [16, 0.0223331931], [12, 0.0215775249]],
+        ],
+    },
+}
+
+GOLDEN_CONFIGS = {
+    "rope": {},
+    "learned": {"pos": "learned", "norm": "layernorm", "bias": True},
+    "ve_unet": {"value_embed": True, "unet_skips": True, "logit_softcap": 3.0, "n_layer": 4},
+    "unet_odd": {"unet_skips": True, "n_layer": 3, "mlp": "swiglu", "qk_norm": False, "tie_embeddings": True},
+}
+LENS_PROMPT = [5, 3, 17, 8, 8, 2, 11, 20, 0, 14]
+
+
+def seeded_model(seed: int, **kw) -> torch.nn.Module:
+    """A float64 model of 23 tokens whose every parameter is moved by normal(0, 0.3) noise from a fixed seed."""
+    torch.manual_seed(seed)
+    cfg = dict(block_size=24, n_layer=2, n_head=2, n_embd=16)
+    model = build_model(ModelConfig(**{**cfg, **kw}), 23).double().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    return model
+
+
+@pytest.mark.parametrize("seed,name", list(enumerate(GOLDEN_CONFIGS)))
+def test_inside_computes_what_the_hand_wired_trace_did(seed, name):
+    """To 1e-6 from the functions the recorder uses, and to its rounding in the record itself."""
+    model, stored = seeded_model(seed, **GOLDEN_CONFIGS[name]), TODAYS_VALUES[name]
+    length = 12
+    idx = repeated_sequences(23, length, 4)
+    seen = trace(model, idx)
+    scores = [head_scores(w, length) for w in seen.attention]
+    for score in SCORES:
+        expected = torch.tensor(stored[score], dtype=torch.float64)  # (L, H)
+        torch.testing.assert_close(torch.stack([s[score] for s in scores]), expected, atol=1e-6, rtol=0)
+    assert list(repeat_losses(seen.logits, idx, length)) == pytest.approx(stored["repeat_loss"], abs=1e-6, rel=0)
+    seen = trace(model, torch.tensor([LENS_PROMPT]))
+    assert len(seen.residual) == len(stored["lens"])
+    for stream, top in zip(seen.residual, stored["lens"]):
+        probs, ids = logit_lens(model, stream[0, -1]).softmax(-1).topk(5)
+        assert ids.tolist() == [i for i, _ in top]
+        assert probs.tolist() == pytest.approx([p for _, p in top], abs=1e-6, rel=0)
+
+    tokenizer = CharTokenizer(set("abcdefghijklmnopqrstuvw"))  # 23 symbols, ids in alphabetical order
+    prompt = tokenizer.decode(LENS_PROMPT)
+    val = np.array(tokenizer.encode("abcdefghijklmnopqrstuvw" * 8))
+    record = InsideRecorder(tokenizer, [prompt], val, 24, 4).record(model, 0)
+    for score in SCORES:
+        expected = torch.tensor(stored[score], dtype=torch.float64)
+        recorded = torch.tensor(record["heads"][score], dtype=torch.float64)  # rounded to 4 digits
+        torch.testing.assert_close(recorded, expected, atol=1e-4, rtol=0)
+    repeat = record["repeat_loss"]
+    assert [repeat["first"], repeat["second"]] == pytest.approx(stored["repeat_loss"], abs=1e-4, rel=0)
+    assert record["lens"][0]["prompt"] == prompt
+    for recorded, top in zip(record["lens"][0]["top"], stored["lens"], strict=True):
+        assert [t for t, _ in recorded] == [tokenizer.decode([i]) for i, _ in top]
+        assert [p for _, p in recorded] == pytest.approx([p for _, p in top], abs=1e-4, rel=0)
+
+
+# the model's parts that make up its wiring: inside reads none of them, only the forward's hook points
+WIRING = {"blocks", "wte", "wpe", "vte", "ve_weights", "skip_weights", "norm1", "norm2", "attn", "mlp", "qkv", "proj",
+          "heads", "q_norm", "k_norm", "norm_f", "lm_head", "rope_cos", "rope_sin", "embed", "value_embeds",
+          "skip_in", "skip_out"}
+
+
+def test_inside_holds_no_block_wiring():
+    """inside.py touches none of the model's parts and runs no block: it calls the model, captures, and applies
+    model.head for the lens."""
+    source = Path(__file__).parent.parent / "lmlab" / "inside.py"
+    tree = ast.parse(source.read_text())
+    touched = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert not touched & WIRING, f"inside.py reads the model's parts {sorted(touched & WIRING)}"
+    assert {"capture", "head"} <= touched
 
 
 # ---------------------------------------------------------------------------------------------------------------

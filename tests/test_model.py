@@ -1,4 +1,5 @@
-"""The transformer: causality, shapes and loss, attention against a naive implementation, learning, KV cache, init."""
+"""The transformer: causality, shapes and loss, attention against a naive implementation, learning, KV cache, init,
+and the hook points that look inside its forward."""
 
 import math
 
@@ -9,7 +10,7 @@ import torch.nn as nn
 from lmlab.common import LmlabError
 from lmlab.loss import cross_entropy
 from lmlab.model import (
-    GPT, Bigram, CausalSelfAttention, ModelConfig, apply_rotary, build_model, count_params, is_hidden_matrix,
+    GPT, Bigram, Capture, CausalSelfAttention, ModelConfig, apply_rotary, build_model, count_params, is_hidden_matrix,
     layer_of, matmul_params, rotary_tables, unique_parameters,
 )
 from lmlab.optim import OptimConfig, build_optimizer
@@ -146,6 +147,7 @@ def naive_rmsnorm(x, weight, eps=1e-6):
 
 
 def naive_attention(attn: CausalSelfAttention, x, angles=None):
+    """The attention's output (B, T, C) and its weights (B, H, T, T), head by head."""
     cfg = attn.cfg
     B, T, C = x.shape
     H, D = cfg.n_head, cfg.n_embd // cfg.n_head
@@ -164,23 +166,26 @@ def naive_attention(attn: CausalSelfAttention, x, angles=None):
     if angles is not None:
         q, k = naive_rotate(q, angles), naive_rotate(k, angles)
     y = torch.zeros(B, T, H, D, dtype=x.dtype)
+    weights = torch.zeros(B, H, T, T, dtype=x.dtype)
     for b in range(B):
         for h in range(H):
             scores = q[b, :, h] @ k[b, :, h].T / math.sqrt(D)  # (T, T)
             mask = torch.ones(T, T, dtype=torch.bool).triu(diagonal=1)  # j > i is the future
-            scores = scores.masked_fill(mask, float("-inf"))
-            y[b, :, h] = scores.softmax(-1) @ v[b, :, h]
+            weights[b, h] = scores.masked_fill(mask, float("-inf")).softmax(-1)
+            y[b, :, h] = weights[b, h] @ v[b, :, h]
     y = y.reshape(B, T, C) @ attn.proj.weight.T
     if attn.proj.bias is not None:
         y = y + attn.proj.bias
-    return y
+    return y, weights
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("use_rope", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
-def test_attention_matches_naive(qk_norm, use_rope, bias, norm):
+@pytest.mark.parametrize("explicit", [False, True], ids=["fused", "weights-asked"])
+def test_attention_matches_naive(qk_norm, use_rope, bias, norm, explicit):
+    """Fused, and with its weights written out because a capture asks for them."""
     cfg = make_cfg(n_embd=24, n_head=3, qk_norm=qk_norm, bias=bias, pos="rope" if use_rope else "learned", norm=norm)
     torch.manual_seed(8)
     attn = CausalSelfAttention(cfg).double().eval()
@@ -191,10 +196,15 @@ def test_attention_matches_naive(qk_norm, use_rope, bias, norm):
     if use_rope:
         cos, sin, angles = naive_rope_tables(T, cfg.head_dim, cfg.rope_base)
         rope = (cos, sin)
+    keep = Capture(["blocks.3.attn.weights"] if explicit else [])
     with torch.no_grad():
-        ours = attn(x, rope, None, 0)
-        ref = naive_attention(attn, x, angles)
+        ours = attn(x, rope, None, 3, hooks=keep)
+        ref, weights = naive_attention(attn, x, angles)
     torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-9)
+    if explicit:
+        torch.testing.assert_close(keep["blocks.3.attn.weights"], weights, atol=1e-12, rtol=0)
+    else:
+        assert not keep
 
 
 def test_model_rope_tables_match_formula():
@@ -594,7 +604,7 @@ def test_unet_skips_and_value_embeddings_match_a_hand_written_forward(n_layer):
     model = tiny_gpt(seed=24, n_layer=n_layer, value_embed=True, unet_skips=True)
     idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(25))
     with torch.no_grad():
-        x, rope = model.embed(idx, slice(0, 12))
+        x, rope = model.wte(idx), (model.rope_cos[:12], model.rope_sin[:12])
         ve = model.vte(idx)
         outputs = []
         for i, block in enumerate(model.blocks):
@@ -630,3 +640,169 @@ def test_value_embedding_table_counts_as_an_embedding():
     assert count_params(with_ve) == count_params(plain) + VOCAB * 16 + n_layer
     assert count_params(with_ve, non_embedding=True) == count_params(plain, non_embedding=True) + n_layer
     assert layer_of("vte.weight") == "embed" and not is_hidden_matrix("vte.weight", with_ve.vte.weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hook points: model.capture keeps named activations of the forward
+
+HOOK_CONFIGS = [
+    dict(pos="rope"), dict(pos="learned", norm="layernorm", bias=True, mlp="swiglu"),
+    dict(value_embed=True, unet_skips=True, logit_softcap=3.0, n_layer=4), dict(unet_skips=True, n_layer=3),
+]
+HOOK_IDS = ["rope", "learned", "ve-unet", "unet-odd"]
+
+
+def streams_and_logits(model) -> list[str]:
+    return [name for name in model.hook_points() if not name.endswith("attn.weights")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kw", HOOK_CONFIGS, ids=HOOK_IDS)
+def test_captured_logits_and_streams_are_the_forwards_bit_for_bit(kw, dtype):
+    """Captured without attention weights, the forward is the plain one: the same logits, bit for bit, and each
+    stream is what the plain forward computes from the one before."""
+    model = tiny_gpt(seed=30, dtype=dtype, **kw)
+    idx = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(31))
+    L = model.cfg.n_layer
+    with torch.no_grad():
+        plain = model(idx)
+        with model.capture(*streams_and_logits(model)) as seen:
+            out = model(idx)
+        assert set(seen) == set(streams_and_logits(model)) and seen["logits"] is out
+        assert torch.equal(seen["logits"], plain)
+        embedding = model.wte(idx) + (model.wpe.weight[:12] if model.wpe is not None else 0)
+        assert torch.equal(seen["blocks.0.resid_in"], embedding)
+        assert torch.equal(seen["final_norm"], model.norm_f(seen[f"blocks.{L - 1}.resid_out"]))
+        assert torch.equal(model.head(seen[f"blocks.{L - 1}.resid_out"]), plain)
+        rope = (model.rope_cos[:12], model.rope_sin[:12]) if model.wpe is None else None
+        for i, block in enumerate(model.blocks):
+            ve = model.ve_weights[i] * model.vte(idx) if model.vte is not None else None
+            block_out = block(seen[f"blocks.{i}.resid_in"], rope, None, i, None, ve)
+            assert torch.equal(seen[f"blocks.{i}.resid_out"], block_out)
+            mirror = L - 1 - i
+            if i and not (model.skip_weights is not None and mirror < L // 2):  # no U-net skip joins here
+                assert torch.equal(seen[f"blocks.{i}.resid_in"], seen[f"blocks.{i - 1}.resid_out"])
+            elif i:
+                skip = model.skip_weights[i - (L - L // 2)] * seen[f"blocks.{mirror}.resid_out"]
+                joined = seen[f"blocks.{i - 1}.resid_out"] + skip
+                assert torch.equal(seen[f"blocks.{i}.resid_in"], joined)
+
+
+def test_capturing_in_training_keeps_the_gradients():
+    """A capture while training changes neither the loss nor the gradients, and its tensors carry autograd."""
+    model = tiny_gpt(seed=32, n_layer=3, value_embed=True, unet_skips=True).train()
+    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(33))
+    plain = torch.autograd.grad(model(idx).square().mean(), list(model.parameters()))
+    with model.capture(*streams_and_logits(model)) as seen:
+        loss = model(idx).square().mean()
+    assert seen["blocks.1.resid_out"].requires_grad
+    for a, b in zip(plain, torch.autograd.grad(loss, list(model.parameters()))):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kw", HOOK_CONFIGS, ids=HOOK_IDS)
+def test_captured_attention_weights_match_a_naive_attention(kw):
+    """Every layer's weights, from its captured input by the naive loop; the forward that writes them out gives the
+    plain forward's logits to rounding."""
+    model = tiny_gpt(seed=34, **kw)
+    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(35))
+    angles = None
+    if model.wpe is None:  # the naive angles in float64, in the model's tables too (computed there in float32)
+        cos, sin, angles = naive_rope_tables(12, model.cfg.head_dim, model.cfg.rope_base)
+        model.rope_cos[:12], model.rope_sin[:12] = cos, sin
+    with torch.no_grad():
+        plain = model(idx)
+        with model.capture(*model.hook_points()) as seen:
+            model(idx)
+        torch.testing.assert_close(seen["logits"], plain, atol=1e-12, rtol=0)
+        for i, block in enumerate(model.blocks):
+            weights = seen[f"blocks.{i}.attn.weights"]
+            assert weights.shape == (2, model.cfg.n_head, 12, 12)
+            _, expected = naive_attention(block.attn, block.norm1(seen[f"blocks.{i}.resid_in"]), angles)
+            torch.testing.assert_close(weights, expected, atol=1e-12, rtol=0)
+
+
+def test_attention_weights_are_formed_only_where_asked(monkeypatch):
+    """The fused kernel runs in every layer whose weights are not asked for, and only there."""
+    model = tiny_gpt(seed=36, n_layer=3)
+    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(37))
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or fused(*a, **k))
+
+    def fused_layers(*names):
+        calls.clear()
+        with torch.no_grad(), model.capture(*names) as seen:
+            model(idx)
+        return len(calls), sorted(seen)
+
+    assert fused_layers() == (3, [])
+    assert fused_layers(*streams_and_logits(model)) == (3, sorted(streams_and_logits(model)))
+    assert fused_layers("blocks.1.attn.weights") == (2, ["blocks.1.attn.weights"])
+    assert fused_layers(*[f"blocks.{i}.attn.weights" for i in range(3)])[0] == 0
+
+
+@pytest.mark.parametrize("kw", [dict(pos="rope"), dict(pos="learned", value_embed=True, unet_skips=True, n_layer=4)],
+                         ids=["rope", "learned-ve-unet"])
+def test_capture_through_the_kv_cache(kw):
+    """Cached decoding captures too: a prefix's weights over its keys, a step's over the keys so far (the static
+    decode step's over the whole buffer, zero after its position), each row the full forward's."""
+    model = tiny_gpt(seed=38, **kw)
+    T = model.cfg.block_size
+    idx = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(39))
+    name = f"blocks.{model.cfg.n_layer - 1}.attn.weights"
+    with torch.no_grad(), model.capture(name, "logits") as seen:
+        model(idx)
+        full = seen[name]  # (B, H, T, T)
+        cache = model.make_cache(2)
+        model(idx[:, :5], cache=cache)
+        torch.testing.assert_close(seen[name], full[:, :, :5, :5], atol=1e-12, rtol=0)
+        model(idx[:, 5:6], cache=cache)
+        torch.testing.assert_close(seen[name], full[:, :, 5:6, :6], atol=1e-12, rtol=0)
+        for t in range(6, T):
+            model(idx[:, t : t + 1], cache=cache, pos=torch.tensor([t]))
+            torch.testing.assert_close(seen[name], full[:, :, t : t + 1], atol=1e-12, rtol=0)
+
+
+def test_capture_names_scope_and_the_bigram():
+    model = tiny_gpt(seed=40)
+    idx = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(41))
+    assert model.hook_points()[:3] == ["blocks.0.resid_in", "blocks.0.attn.weights", "blocks.0.resid_out"]
+    assert model.hook_points()[-2:] == ["final_norm", "logits"] and len(model.hook_points()) == 3 * 2 + 2
+    with pytest.raises(ValueError, match="'blocks.2.resid_in'.*blocks.1.resid_out"):
+        with model.capture("blocks.2.resid_in"):
+            pass
+    with torch.no_grad():
+        with model.capture("logits") as seen:
+            with pytest.raises(RuntimeError, match="capturing already"):
+                with model.capture("logits"):
+                    pass
+            kept = model(idx)
+        model((idx + 1) % VOCAB)  # after the block, nothing is kept
+        assert seen["logits"] is kept
+        with pytest.raises(KeyError):  # an error inside the block ends the capture too
+            with model.capture("final_norm"):
+                raise KeyError
+        with model.capture("final_norm") as seen:
+            model(idx)
+        assert list(seen) == ["final_norm"]
+        bigram = build_model(ModelConfig(arch="bigram", block_size=12), VOCAB)
+        assert bigram.hook_points() == ["logits"]
+        with bigram.capture("logits") as seen:
+            out = bigram(idx)
+        assert torch.equal(seen["logits"], bigram(idx)) and seen["logits"] is out
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(value_embed=True, unet_skips=True, n_layer=3)], ids=["plain", "ve-unet"])
+def test_hook_points_keep_the_forward_one_graph(kw):
+    """Outside a capture the hooks leave nothing for torch.compile to break on: the training forward (with its
+    backward) and the static decode step each trace to one graph (dynamo alone, no compiler needed)."""
+    model = tiny_gpt(seed=42, dtype=torch.float32, **kw).train()
+    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(43))
+    explained = torch._dynamo.explain(model)(idx)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    model.eval()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(idx[:1, :1], cache=model.make_cache(1), pos=torch.tensor([0]))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)

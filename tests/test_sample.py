@@ -291,6 +291,39 @@ def test_generate_cache_equals_no_cache_sampling(pos):
     assert run(True) == run(False)
 
 
+@torch.no_grad()
+def window_logits(model, prompt, tokens):
+    """The plain forward's next-token logits (len(tokens), V) before each of the tokens, on the window of the
+    documented context policy (recomputed whole every time)."""
+    block = model.cfg.block_size
+    window = list(prompt[-block:])
+    rows = []
+    for token in tokens:
+        rows.append(model(torch.tensor([window]))[0, -1])
+        window.append(token)
+        if len(window) > block:
+            window = window[-(block // 2):]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_generate_hands_out_the_logits_each_token_was_drawn_from(use_cache):
+    """with_logits: the same tokens, each with the raw logits of its draw, across window cuts."""
+    model = tiny_gpt(block_size=8, seed=28)
+    prompt = [3, 1, 4]
+
+    def run(**kw):
+        gen = torch.Generator().manual_seed(29)
+        return list(generate(model, prompt, 30, temperature=0.9, top_k=5, generator=gen, use_cache=use_cache, **kw))
+
+    pairs = run(with_logits=True)
+    tokens = [token for token, _ in pairs]
+    assert tokens == run() and len(set(tokens)) > 1
+    assert all(logits.shape == (VOCAB,) for _, logits in pairs)
+    torch.testing.assert_close(torch.stack([logits for _, logits in pairs]), window_logits(model, prompt, tokens),
+                               atol=1e-10, rtol=0)
+
+
 def test_generate_bigram_cache_equals_no_cache():
     model = build_model(ModelConfig(arch="bigram", block_size=8), VOCAB)
     with torch.no_grad():
@@ -477,3 +510,8 @@ def test_generate_compiled_equals_no_cache(monkeypatch):
     assert compiled == run(use_cache=False)
     assert compiled == run(use_cache=True)
     assert len(set(compiled)) > 1
+    # the compiled decoder hands out each token's logits too (the graphs above serve: nothing compiles again)
+    pairs = run(use_cache=True, compile=True, with_logits=True)
+    assert [token for token, _ in pairs] == compiled
+    torch.testing.assert_close(torch.stack([logits for _, logits in pairs]), window_logits(model, prompt, compiled),
+                               atol=1e-5, rtol=1e-5)
