@@ -826,10 +826,11 @@ def write_report(runs: list[str | Path], out: str | Path = "report.html", log: b
         folder.mkdir(parents=True, exist_ok=True)
         for name in written.keys() - files.keys():  # charts of an earlier report that this one no longer has
             _remove_if_unchanged(folder / name, written[name])
-        for name, data in files.items():
-            atomic_write_bytes(folder / name, data)
+        # the record first: a chart whose writing fails half-way is still lmlab's to overwrite next time
         atomic_write_json(folder / WRITTEN, {"files": {name: hashlib.sha256(data).hexdigest()
                                                        for name, data in files.items()}})
+        for name, data in files.items():
+            atomic_write_bytes(folder / name, data)
         atomic_write_bytes(out, page.encode("utf-8"))
         mode = _file_mode()  # atomic writes create private (0600) files; a report is made to be shared
         for path in [out, *(folder / name for name in files)]:

@@ -650,6 +650,7 @@ def check_data_paths(run_dir: Path, config: dict, sources: list[tuple[str, Optio
         if source and is_path(source) and source not in made_here:
             raise LmlabError(
                 f"{Path(run_dir) / CONFIG} names the corpus {source} ({option}), a path on this machine; lmlab opens "
-                f"a path from a run's config only for a run made here, in this folder, and this one was copied, "
-                f"moved or made elsewhere. Name the data: {command} {shlex.quote(str(run_dir))} {option} PATH (that "
-                f"path or another), or add --trust-data-path to read {source}")
+                f"a path from a run's config only for a run it made here, in this folder, and it has no record of "
+                f"making this one (a copy, a moved folder, a run from elsewhere or from before such records). Name "
+                f"the data: {command} {shlex.quote(str(run_dir))} {option} PATH (that path or another), or add "
+                f"--trust-data-path to read {source}")
