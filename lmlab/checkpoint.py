@@ -36,16 +36,17 @@ from safetensors.torch import load_model, save_file, save_model
 
 from . import rundir
 from . import tokenizer as tok
-from .common import SCHEMA_VERSION, LmlabError, atomic_write_json, sha256_file
+from .common import SCHEMA_VERSION, LmlabError, atomic_write_json, check_new_folder, sha256_file
 from .config import TrainConfig
 from .distributed import Dist, barrier, is_sharded, like, unwrap
-from .model import unique_parameters
+from .model import check_fits, unique_parameters
 from .rundir import CHECKPOINTS
 
 PREFIX = "step_"
 SINGLE_FILES = ("model.safetensors", "optimizer.safetensors")
-_SHARD = re.compile(r"shard_(\d{5})\.safetensors")
-_DCP_FILE = re.compile(r"dcp/(\.metadata|__\d+_\d+\.distcp)")
+_SHARD = re.compile(r"shard_([0-9]{5})\.safetensors")
+_DCP_FILE = re.compile(r"dcp/(\.metadata|__[0-9]+_[0-9]+\.distcp)")
+_STEP_DIR = re.compile(r"step_[0-9]+")  # ASCII digits only: str.isdigit() and \d also take "²", which int() refuses
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -53,11 +54,22 @@ class PickleCheckpoint(LmlabError):
     """A checkpoint in the old torch.distributed.checkpoint format, which only loads by unpickling."""
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Checkpoint folders of a run, oldest first (a link named like one is listed, and refused when read)."""
-    entries = rundir.list_dir(run_dir, CHECKPOINTS)
-    dirs = [Path(e.path) for e in entries if e.name.startswith(PREFIX) and e.name[len(PREFIX):].isdigit()
-            and (e.is_dir(follow_symlinks=False) or e.is_symlink())]
+_named_once: set[str] = set()  # damaged entries already reported by this process
+
+
+def checkpoint_dirs(run_dir: Path, warn: Optional[Callable[[str], None]] = None) -> list[Path]:
+    """Checkpoint folders of a run, oldest first (a link named like one is listed, and refused when read). An entry
+    that starts like one but is not step_ and ASCII digits (a folder from elsewhere, "step_²") is skipped, and named
+    once per process."""
+    dirs = []
+    for e in rundir.list_dir(run_dir, CHECKPOINTS):
+        if not e.name.startswith(PREFIX) or not (e.is_dir(follow_symlinks=False) or e.is_symlink()):
+            continue
+        if _STEP_DIR.fullmatch(e.name):
+            dirs.append(Path(e.path))
+        elif e.path not in _named_once:
+            _named_once.add(e.path)
+            (warn or _warn)(f"warning: skipping {e.path}: not a checkpoint folder name (step_ and digits 0-9)")
     return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -151,7 +163,7 @@ def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 
 
 def _param_index(idx: str, params: list) -> int:
-    if not idx.isdigit() or int(idx) >= len(params):
+    if not (idx.isascii() and idx.isdigit()) or int(idx) >= len(params):
         raise ValueError(f"state for parameter {idx!r}, but the optimizer has {len(params)}")
     return int(idx)
 
@@ -622,7 +634,7 @@ def _load_sharded(path: Path, state: dict, model: torch.nn.Module, optimizer: Op
         for name, entry in index.items():
             if name.startswith("optimizer."):
                 idx = name.split(".")[2]
-                p = params[_param_index(idx, params)] if idx.isdigit() and int(idx) < len(params) else None
+                p = params[int(idx)] if idx.isascii() and idx.isdigit() and int(idx) < len(params) else None
                 like_param = p is not None and list(p.shape) == entry["shape"]
                 opt_tensors[name[len("optimizer."):]] = (torch.zeros_like(p) if like_param else
                                                          torch.zeros(entry["shape"], device=device))
@@ -770,7 +782,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", which: str
     config = read_run_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     check_tokenizer(config, tokenizer, run_dir)
-    model = build_model(TrainConfig.from_json(config).model, tokenizer.vocab_size).to(device)
+    cfg = TrainConfig.from_json(config).model
+    check_fits(cfg, tokenizer.vocab_size, f"run {run_dir}")
+    model = build_model(cfg, tokenizer.vocab_size).to(device)
     ckpt = load_newest(run_dir, model, None, device, which=which)
     if ckpt is None:
         if checkpoint_dirs(run_dir):
@@ -793,11 +807,11 @@ def export_run(run_dir: str | Path, out: str | Path, trust_pickle: bool = False,
 
     run_dir, out = Path(run_dir), Path(out)
     config = read_run_config(run_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LmlabError(f"{out} already exists and is not empty; choose another --out")
+    check_new_folder(out)
     tokenizer = load_tokenizer(run_dir)
     check_tokenizer(config, tokenizer, run_dir)
     cfg = TrainConfig.from_json(config)
+    check_fits(cfg.model, tokenizer.vocab_size, f"run {run_dir}", training=True)  # weights and optimizer state
     model = build_model(cfg.model, tokenizer.vocab_size)
     optimizer = build_optimizer(model, cfg.optim)
     path = next(good_checkpoints(run_dir, warn, allow_pickle=trust_pickle), None)
@@ -817,4 +831,7 @@ def export_run(run_dir: str | Path, out: str | Path, trust_pickle: bool = False,
     internal = {"schema_version", "step", "optimizer", "optimizer_tensors", "files", "format", "world_size", "tensors"}
     kept = {k: v for k, v in ckpt.state.items() if k not in internal}
     _save_single(out, ckpt.step, model, optimizer, ckpt.rng, kept, keep=1)
+    made_here = rundir.sources_made_here(run_dir, config.get(rundir.RUN_ID))
+    if made_here:  # lmlab's own copy, made here: it reads the corpus paths its source read
+        rundir.remember_sources(out, config[rundir.RUN_ID], sorted(made_here), warn)
     return checkpoint_path(out, ckpt.step)

@@ -84,6 +84,12 @@ def _bool_flag(argv: list[str], option: str) -> list[str]:
     return out
 
 
+def _given(argv: list[str], option: str) -> bool:
+    """Whether the command line sets `option` (--val-data X, --val-data=X or --val_data X)."""
+    names = {option, "--" + option[2:].replace("-", "_")}
+    return any(arg.split("=", 1)[0] in names for arg in argv)
+
+
 def cmd_train(argv: list[str]) -> int:
     from .config import PRESETS, TrainConfig, get_preset
     from .train import train
@@ -104,6 +110,13 @@ def cmd_train(argv: list[str]) -> int:
             "with --resume, the run's own settings are the defaults. A setting shown as None is picked for the time "
             "budget (--max-time).")
     cfg = parse(TrainConfig, _bool_flag(argv, "--compile"), "lmlab train", default=base, description=desc)
+    if known.resume:  # the corpus paths that come from the run's config, not from this command line
+        from .rundir import check_data_paths, read_config
+
+        sources = (("--data", cfg.data.data), ("--val-data", cfg.data.val_data))
+        from_run = [(option, value) for option, value in sources if not _given(argv, option)]
+        check_data_paths(Path(known.resume), read_config(Path(known.resume)), from_run, "lmlab train --resume",
+                         cfg.trust_data_path)
     summary = train(cfg)  # which applies the budget rules
     if summary["rank"] == 0:
         print(f"run saved in {summary['run_dir']}", file=sys.stderr)
@@ -209,6 +222,9 @@ class EvalArgs:
     perplexities are measured; block_size: non-overlapping windows, as training logs val_loss)."""
     data: Optional[str] = None
     """Text to evaluate (a file, folder, glob or corpus name); default: the run's validation split."""
+    trust_data_path: bool = False
+    """Read the corpus path that the run's config names although the run was not made here, in this folder (it was
+    copied, moved or shared); without it such a run needs --data."""
     json: bool = False
     """Print one JSON object (loss, bits_per_byte, perplexity, accuracy, tokens)."""
     batch_size: int = 32
@@ -226,24 +242,32 @@ def eval_stride(stride: Optional[int], block_size: int) -> int:
     return stride
 
 
+def text_tokens(run, data: Optional[str], trust: bool, command: str):
+    """The tokens to measure a run on: those of `data`, else the run's validation split, whose corpus paths are
+    read only for a run made here, in this folder, or with --trust-data-path (rundir.check_data_paths)."""
+    from .config import TrainConfig
+    from .data import load_splits, prepare, resolve_source
+    from .rundir import check_data_paths
+
+    if data:
+        return prepare(resolve_source(data), run.tokenizer.kind, tokenizer=run.tokenizer).tokens
+    saved = TrainConfig.from_json(run.config).data
+    check_data_paths(run.run_dir, run.config, [("--data", saved.data), ("--data", saved.val_data)], command, trust)
+    return load_splits(saved, tokenizer=run.tokenizer).val
+
+
 def cmd_eval(argv: list[str]) -> int:
     import torch
 
     from .checkpoint import load_run
     from .common import resolve_device
-    from .data import load_splits, prepare, resolve_source
     from .config import TrainConfig
     from .evaluate import evaluate
 
     args = parse(EvalArgs, argv, "lmlab eval")
     run = load_run(args.run, resolve_device(args.device), args.checkpoint)
-    if args.data:
-        tokens = prepare(resolve_source(args.data), run.tokenizer.kind, tokenizer=run.tokenizer).tokens
-        source = args.data
-    else:
-        cfg = TrainConfig.from_json(run.config)
-        tokens = load_splits(cfg.data, tokenizer=run.tokenizer).val
-        source = "validation split"
+    tokens = text_tokens(run, args.data, args.trust_data_path, "lmlab eval")
+    source = args.data or "validation split"
     if len(tokens) < 2:
         raise LmlabError(f"{source} has fewer than 2 tokens; nothing to evaluate")
     token_bytes = torch.from_numpy(run.tokenizer.byte_lengths())
@@ -457,6 +481,12 @@ class LandscapeArgs:
     """Validation windows in the fixed batch."""
     seed: int = 0
     """Seed of the random directions."""
+    data: Optional[str] = None
+    """Text whose windows make the batch (a file, folder, glob or corpus name); default: the run's validation
+    split."""
+    trust_data_path: bool = False
+    """Read the corpus path that the run's config names although the run was not made here, in this folder (it was
+    copied, moved or shared); without it such a run needs --data."""
     out: Optional[str] = None
     """Folder for landscape.json and the PNGs (default: RUN/landscape)."""
     device: str = "cpu"
@@ -466,16 +496,14 @@ class LandscapeArgs:
 def cmd_landscape(argv: list[str]) -> int:
     from .checkpoint import load_run
     from .common import resolve_device
-    from .data import load_splits
     from . import rundir
-    from .config import TrainConfig
     from .landscape import landscape
 
     args = parse(LandscapeArgs, argv, "lmlab landscape")
     if args.points < 3 or args.span <= 0 or args.batch_size <= 0:
         raise LmlabError("--points must be >= 3, --span and --batch-size positive")
     run = load_run(args.run, resolve_device(args.device), args.checkpoint)
-    val = load_splits(TrainConfig.from_json(run.config).data, tokenizer=run.tokenizer).val
+    val = text_tokens(run, args.data, args.trust_data_path, "lmlab landscape")
     out_dir = Path(args.out) if args.out else run.run_dir / rundir.LANDSCAPE
     result = landscape(run.run_dir, run.model, val, args.two_d, args.points, args.span, args.batch_size, args.seed,
                        out_dir)

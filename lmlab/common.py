@@ -12,7 +12,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -49,6 +49,106 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+
+
+MEMORY_ENV = "LMLAB_MAX_MEMORY"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "123", "64G", "1.5T" or "512MB" (powers of 1024)."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    try:
+        size = float(value[: len(value) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        size = math.nan
+    if not 0 < size < 1 << 62:
+        raise LmlabError(f"{MEMORY_ENV}={text!r} is not a size; give bytes or a number with K, M, G or T (e.g. 64G)")
+    return int(size)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.3g} {unit}" if unit != "bytes" else f"{int(n)} bytes"
+        n /= 1024
+    return f"{n:,.3g} TiB"
+
+
+def _read_int(path: str) -> Optional[int]:
+    """The integer in a /proc or /sys file ("max" and absurd values, meaning no limit, read None)."""
+    try:
+        with open(path) as f:
+            value = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return value if value < 1 << 60 else None
+
+
+def _cgroup_room() -> Optional[int]:
+    """What the memory cgroup of this process (v2 or v1) still lets it use: its limit less its current use."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        if controllers == "":  # v2
+            folders, names = ("/sys/fs/cgroup" + path, "/sys/fs/cgroup"), ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):  # v1
+            folders = ("/sys/fs/cgroup/memory" + path, "/sys/fs/cgroup/memory")
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        for folder in folders:
+            limit = _read_int(os.path.join(folder, names[0]))
+            if limit is not None:
+                return max(0, limit - (_read_int(os.path.join(folder, names[1])) or 0))
+    return None
+
+
+def _proc_bytes(path: str, key: str) -> Optional[int]:
+    """A "Key:  N kB" line of /proc/meminfo or /proc/self/status, in bytes."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_limit() -> tuple[int, str]:
+    """How many more bytes this process may allocate, and what sets that: the smallest of the machine's available
+    memory, the address space its RLIMIT_AS (ulimit -v) leaves, and what its memory cgroup (a container's limit)
+    leaves. $LMLAB_MAX_MEMORY replaces them all, for a model the user knows fits (in swap, say)."""
+    if os.environ.get(MEMORY_ENV):
+        return parse_size(os.environ[MEMORY_ENV]), f"${MEMORY_ENV}"
+    limits = []
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    if available is None:
+        try:
+            available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = None
+    if available is not None:
+        limits.append((available, "the machine's available memory"))
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            mapped = _proc_bytes("/proc/self/status", "VmSize") or 0
+            limits.append((max(0, soft - mapped), "its address-space limit (ulimit -v) less what it maps"))
+    except (ImportError, OSError, ValueError):
+        pass
+    room = _cgroup_room()
+    if room is not None:
+        limits.append((room, "its memory cgroup's limit (a container's) less what the group uses"))
+    return min(limits) if limits else (1 << 62, "no limit known")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,6 +228,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def check_new_folder(out: str | os.PathLike) -> None:
+    """Refuse an output folder that is a link (even one to nothing) or a folder that holds anything: an export
+    writes only into a new or empty folder of its own."""
+    if os.path.islink(out):
+        raise LmlabError(f"{out} is a symbolic link; give a new or empty folder")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise LmlabError(f"{out} already exists and is not empty; give a new or empty folder")
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -20,7 +20,8 @@ from .loss import LossConfig
 from .model import ModelConfig
 from .optim import OptimConfig
 
-META_KEYS = ("schema_version", "lmlab_version", "vocab_size", "tokenizer_fingerprint")
+META_KEYS = ("schema_version", "lmlab_version", "vocab_size", "tokenizer_fingerprint", "run_id")
+COMMAND_ONLY = ("trust_data_path",)  # options of one command, never saved in config.json nor read from one
 
 
 @dataclass
@@ -106,6 +107,9 @@ class TrainConfig:
     stop_when_overfitting: bool = False
     """Stop once validation loss has risen for 2 evaluations in a row while training loss fell (the model is
     memorising the training text); the best checkpoint is what sample, eval, export and serve load by default."""
+    trust_data_path: bool = False
+    """With --resume: read the corpus paths that the run's config.json names although the run was not made here, in
+    this folder (it was copied, moved or shared); never saved. Without it such a run needs --data PATH again."""
 
     def __post_init__(self) -> None:
         self.probe_prompts = tuple(self.probe_prompts)
@@ -126,7 +130,8 @@ class TrainConfig:
             raise LmlabError("--eval-tokens, --eval-stride, --sample-tokens and --threads must be >= 0")
 
     def to_json(self) -> dict:
-        return {"schema_version": SCHEMA_VERSION, "lmlab_version": __version__, **dataclasses.asdict(self)}
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in COMMAND_ONLY}
+        return {"schema_version": SCHEMA_VERSION, "lmlab_version": __version__, **settings}
 
     @classmethod
     def from_json(cls, obj: Any) -> "TrainConfig":
@@ -136,10 +141,11 @@ class TrainConfig:
         version = obj.get("schema_version")
         if not isinstance(version, int) or isinstance(version, bool) or version > SCHEMA_VERSION:
             raise LmlabError(f"the run config has schema version {version!r}; this lmlab reads up to {SCHEMA_VERSION}")
-        for name, kind in (("vocab_size", int), ("tokenizer_fingerprint", str), ("lmlab_version", str)):
+        for name, kind in (("vocab_size", int), ("tokenizer_fingerprint", str), ("lmlab_version", str),
+                           ("run_id", str)):
             if obj.get(name) is not None and (not isinstance(obj[name], kind) or isinstance(obj[name], bool)):
                 raise LmlabError(f"the run config's {name} must be {kind.__name__}, got {obj[name]!r}")
-        fields = {k: v for k, v in obj.items() if k not in META_KEYS}
+        fields = {k: v for k, v in obj.items() if k not in META_KEYS + COMMAND_ONLY}
         for section in ("data", "model", "optim"):  # not loss: runs from before it train with its defaults
             if section not in fields:
                 raise LmlabError(f"the run config has no {section!r} section")
@@ -193,6 +199,9 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
     if hint is bool and isinstance(value, bool):
         return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        if not -(1 << 63) <= value < 1 << 63:  # beyond what any size or count can be, and what torch can take
+            raise LmlabError(f"{name} must be an integer that fits in 64 bits, got {str(value)[:20]}... "
+                             f"({len(str(value))} digits)")
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -80,11 +80,15 @@ class DataConfig:
 # Sources
 
 
+def is_path(src: str) -> bool:
+    """Whether a source names files on this machine (a file, folder or glob), not a corpus lmlab makes or fetches
+    itself ('builtin', a named corpus, synthetic:NAME)."""
+    return not (src == BUILTIN or src in NAMED_CORPORA or synthetic.is_synthetic(src))
+
+
 def absolute_source(src: str) -> str:
     """File, folder and glob sources become absolute, so a saved run finds its text from any working directory."""
-    if src == BUILTIN or src in NAMED_CORPORA or synthetic.is_synthetic(src):
-        return src
-    return os.path.abspath(os.path.expanduser(src))
+    return os.path.abspath(os.path.expanduser(src)) if is_path(src) else src
 
 
 @dataclass
@@ -96,6 +100,15 @@ class Corpus:
 
     def num_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
+
+    def describe(self) -> str:
+        """What is read, in a few words: the files (the first, and how many more) and the corpus's name."""
+        where = str(self.files[0]) + (f" and {len(self.files) - 1} more files" if len(self.files) > 1 else "")
+        return where if self.name in (where, str(self.files[0])) else f"{self.name}: {where}"
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def builtin_text() -> str:
@@ -159,8 +172,15 @@ def _looks_binary(path: Path) -> bool:
         return b"\0" in f.read(8192)
 
 
-def resolve_source(src: str) -> Corpus:
-    """Turn a --data value into a Corpus, failing with one clear line when it names nothing usable."""
+def resolve_source(src: str, say: Callable[[str], None] = _say) -> Corpus:
+    """Turn a --data value into a Corpus, failing with one clear line when it names nothing usable. What is read
+    is said: a path may come from a run's config, and the user sees every file lmlab opens."""
+    corpus = _resolve(src)
+    say(f"reading corpus {corpus.describe()}")
+    return corpus
+
+
+def _resolve(src: str) -> Corpus:
     if src == BUILTIN:
         return builtin_corpus()
     if src in NAMED_CORPORA:
@@ -373,12 +393,12 @@ class Splits:
     val_meta: dict
 
 
-def load_splits(cfg: DataConfig, tokenizer: tok.Tokenizer | None = None) -> Splits:
+def load_splits(cfg: DataConfig, tokenizer: tok.Tokenizer | None = None, say: Callable[[str], None] = _say) -> Splits:
     """Prepare the training corpus (and validation corpus) and return train/val token arrays."""
-    corpus = resolve_source(cfg.data)
+    corpus = resolve_source(cfg.data, say)
     prepared = prepare(corpus, cfg.tokenizer, cfg.vocab_size, tokenizer=tokenizer)
     if cfg.val_data:
-        val_prepared = prepare(resolve_source(cfg.val_data), cfg.tokenizer, tokenizer=prepared.tokenizer)
+        val_prepared = prepare(resolve_source(cfg.val_data, say), cfg.tokenizer, tokenizer=prepared.tokenizer)
         return Splits(prepared.tokens, val_prepared.tokens, prepared.tokenizer, prepared.meta, val_prepared.meta)
     n_val = int(len(prepared) * cfg.val_fraction)
     cut = len(prepared) - n_val

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,9 @@ import torch
 
 from . import rundir
 from . import tokenizer as tok
-from .common import LmlabError, atomic_write_bytes, atomic_write_json
+from .common import LmlabError, atomic_write_bytes, atomic_write_json, check_new_folder
 from .config import TrainConfig
-from .model import NORM_EPS, ModelConfig, build_model
+from .model import NORM_EPS, ModelConfig, build_model, check_fits
 
 # The files of a Hugging Face model folder (a folder of its own, not a run folder: rundir names those)
 HF_CONFIG = "config.json"
@@ -101,10 +102,6 @@ def architecture(cfg: ModelConfig) -> str:
 
 def norm_eps(cfg: ModelConfig) -> float:
     return NORM_EPS[cfg.norm] if cfg.norm_eps is None else cfg.norm_eps
-
-
-def mlp_width(cfg: ModelConfig, vocab_size: int) -> int:
-    return _lm_shapes(cfg, vocab_size)["blocks.0.mlp.proj.weight"][1]
 
 
 def _lm_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
@@ -262,22 +259,38 @@ def _block(state: dict[str, torch.Tensor], p: Piece) -> torch.Tensor:
     return t if p.rows is None else t[p.rows[0] : p.rows[1]]
 
 
+def check_shapes(pieces: list[Piece], shapes: dict[str, tuple[int, ...]], arch: str, tied: bool, where: str) -> None:
+    """Every tensor of the class is there in the shape its config.json says, and there is no other (buffers
+    aside): checked on the safetensors headers, before a tensor is read or lmlab's model is built."""
+    for name, group in _groups(pieces).items():
+        if name not in shapes:
+            raise LmlabError(f"{where} has no tensor {name}")
+        want = (sum(p.shape[0] for p in group), *group[0].shape[1:])  # as lmlab stores it
+        op, got = group[0].op, tuple(shapes[name])
+        if op == "T":
+            want = want[::-1]
+        fits = (len(got) == len(want) and got[0] >= want[0] and got[1:] == want[1:]) if op == "prefix" else got == want
+        if not fits:
+            raise LmlabError(f"{where}: {name} has shape {got}; its config.json says {want}")
+    used = {p.hf for p in pieces} | ({HEAD[arch]} if tied else set())
+    extra = sorted(n for n in shapes if n not in used and not IGNORED.match(n))
+    if extra:
+        raise LmlabError(f"{where} holds tensors that a plain {arch} of this config has no place for: "
+                         f"{', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
+
+
 def from_hf(pieces: list[Piece], tensors: dict[str, torch.Tensor], head_dim: int, shapes: dict[str, tuple],
             where: str) -> dict[str, torch.Tensor]:
-    """lmlab's state dict from the class's tensors (float32); whatever does not fit is an error naming it."""
+    """lmlab's state dict from the class's tensors (float32), whose shapes check_shapes has checked; a tensor
+    lmlab's model has no place for must be zero."""
     inverse = torch.argsort(_rope_order(head_dim))
     state = {name: torch.zeros(shape) for name, shape in shapes.items()}
     for name, group in _groups(pieces).items():
-        if name not in tensors:
-            raise LmlabError(f"{where} has no tensor {name}")
         t = tensors[name].float()
         if group[0].op == "T":
             t = t.t()
         elif group[0].op == "prefix":
             t = t[: group[0].shape[0]]
-        want = (sum(p.shape[0] for p in group), *group[0].shape[1:])
-        if tuple(t.shape) != want:
-            raise LmlabError(f"{where}: {name} has shape {tuple(t.shape)}; its config.json says {want}")
         for p, part in zip(group, t.split([p.shape[0] for p in group])):
             if p.op == "rope":
                 part = _reorder_heads(part, inverse)
@@ -299,7 +312,7 @@ def hf_config(arch: str, cfg: ModelConfig, vocab_size: int) -> dict:
     from class to class (head_dim 128 in Qwen3, llama3 RoPE scaling and xIELU in Apertus, a quarter of each head
     rotated in GPT-NeoX), and no bos/eos id, so that generation never stops at an ordinary character."""
     C, H, L = cfg.n_embd, cfg.n_head, cfg.n_layer
-    hidden, eps = mlp_width(cfg, vocab_size), norm_eps(cfg)
+    hidden, eps = cfg.mlp_width, norm_eps(cfg)
     attn_p = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
     out: dict[str, Any] = {"architectures": [arch], "model_type": MODEL_TYPES[arch], "vocab_size": vocab_size,
                            "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": None,
@@ -356,10 +369,13 @@ def read_hf_config(c: Any, where: str, run: Optional[ModelConfig] = None) -> Spe
         raise LmlabError(f"{where} is not a JSON object")
     names = c.get("architectures") or []
     arch = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
+    model_type = c.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise LmlabError(f"{where}: model_type must be a string, got {model_type!r:.80}")
     if arch not in MODEL_TYPES:
-        arch = {t: a for a, t in MODEL_TYPES.items()}.get(c.get("model_type"), arch)
+        arch = {t: a for a, t in MODEL_TYPES.items()}.get(model_type, arch)
     if arch not in MODEL_TYPES:
-        raise LmlabError(f"{where} describes a {arch or c.get('model_type') or 'model of unknown class'}; lmlab "
+        raise LmlabError(f"{where} describes a {arch or model_type or 'model of unknown class'}; lmlab "
                          f"imports {', '.join(MODEL_TYPES)}")
 
     def get(key, default, kind=int):
@@ -367,10 +383,12 @@ def read_hf_config(c: Any, where: str, run: Optional[ModelConfig] = None) -> Spe
         if value is None and default is None:
             return None
         ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
+        if kind is float:
+            ok = _finite_number(value)
+            value = float(value) if ok else value
         if not ok:
-            raise LmlabError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+            what = "a finite number" if kind is float else kind.__name__
+            raise LmlabError(f"{where}: {key} must be {what}, got {value!r:.40}")
         return value
 
     def refuse(what: str, why: str):
@@ -443,6 +461,16 @@ def read_hf_config(c: Any, where: str, run: Optional[ModelConfig] = None) -> Spe
     return Spec(arch, model, vocab, hf_bias)
 
 
+def _finite_number(value: Any) -> bool:
+    """An int or float that is a finite float (JSON may hold Infinity, NaN, or an int too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _rope(c: dict, arch: str, where: str) -> tuple[float, Optional[str], float]:
     """RoPE's base, scaling type and rotated fraction, from the config's newer rope_parameters or the older
     rope_theta / rope_scaling / rotary_pct fields, with each class's defaults."""
@@ -455,8 +483,8 @@ def _rope(c: dict, arch: str, where: str) -> tuple[float, Optional[str], float]:
                                                         c.get("rotary_pct", 0.25 if arch == NEOX else 1.0)))
     kind = params.get("rope_type", params.get("type"))
     for name, value in (("rope_theta", theta), ("partial_rotary_factor", partial)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise LmlabError(f"{where}: {name} must be a positive number, got {value!r}")
+        if not _finite_number(value) or value <= 0:
+            raise LmlabError(f"{where}: {name} must be a positive finite number, got {value!r:.40}")
     return float(theta), kind, float(partial)
 
 
@@ -545,8 +573,7 @@ def write_hf(model: torch.nn.Module, tokenizer: tok.Tokenizer, out: str | Path) 
     cfg, vocab = model.cfg, model.vocab_size
     arch = architecture(cfg)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LmlabError(f"{out} already exists and is not empty; choose another folder")
+    check_new_folder(out)
     pieces = plan(arch, cfg, vocab, hf_bias_of(arch, cfg.bias))
     tensors = to_hf(pieces, model.state_dict(), cfg.head_dim, arch)
     out.mkdir(parents=True, exist_ok=True)
@@ -672,10 +699,8 @@ def download(repo_id: str) -> Path:
                          f"({detail})") from None
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of model.safetensors, or of the files a model.safetensors.index.json lists. Never a pickle."""
-    from safetensors.torch import load_file
-
+def weight_files(folder: Path) -> list[str]:
+    """model.safetensors, or the files a model.safetensors.index.json lists. Never a pickle."""
     if (folder / HF_WEIGHTS_INDEX).is_file():
         index = _read_json(folder / HF_WEIGHTS_INDEX)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -690,10 +715,45 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise LmlabError(f"{folder}: {found}; lmlab reads weights from safetensors only, since loading a pickle can "
                          f"run code from it (convert it where you trust it: transformers' save_pretrained writes "
                          f"safetensors)")
-    tensors: dict[str, torch.Tensor] = {}
     for name in files:
         if Path(name).name != name or not name.endswith(".safetensors"):
             raise LmlabError(f"{folder}: {name!r} is not a safetensors file in that folder")
+    return files
+
+
+MAX_HEADER = 100 << 20  # bytes of a safetensors header at most (the library's own limit)
+
+
+def header_shapes(folder: Path, files: list[str]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the JSON headers of the safetensors files alone (8 bytes of length, then the
+    header): a few KB read, whatever the size of the weights."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = rundir.parse_json(f.read(size), str(path)) if 0 < size <= MAX_HEADER else None
+        except OSError as e:
+            raise LmlabError(f"cannot read {path}: {e.strerror}") from None
+        if not isinstance(header, dict):
+            raise LmlabError(f"{path} is not a valid safetensors file (its header is not a JSON object)")
+        for tensor, info in header.items():
+            if tensor == "__metadata__":
+                continue
+            shape = info.get("shape") if isinstance(info, dict) else None
+            if not isinstance(shape, list) or not all(type(n) is int and 0 <= n for n in shape):
+                raise LmlabError(f"{path} is not a valid safetensors file (tensor {tensor!r:.80} has no shape)")
+            shapes[tensor] = tuple(shape)
+    return shapes
+
+
+def read_weights(folder: Path, files: list[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files (weight_files) of a model folder."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
         try:
             tensors.update(load_file(str(folder / name)))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
@@ -702,7 +762,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _normalise_names(tensors: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+def _normalise_names(tensors: dict[str, Any], arch: str) -> dict[str, Any]:
     """Checkpoints of the base model alone name tensors without its prefix (the hub's gpt2: "h.0..."), and
     GPT-NeoX's head is embed_out in older files and lm_head in newer ones."""
     base, heads = BASE[arch], ("lm_head.weight", "embed_out.weight")
@@ -726,12 +786,17 @@ def load_hf(source: str, run: Optional[ModelConfig] = None) -> Imported:
     if tokenizer.vocab_size != spec.vocab_size:
         raise LmlabError(f"{folder}: the model has {spec.vocab_size} token embeddings and its tokenizer "
                          f"{tokenizer.vocab_size} tokens; lmlab needs one embedding per token")
-    tensors = _normalise_names(read_weights(folder), spec.arch)
     positions = spec.model.block_size
     block = min(run.block_size, positions) if run is not None and run.block_size else positions
     cfg = dataclasses.replace(spec.model, block_size=block)
     where, D = str(folder), cfg.head_dim
-    biases = [p.hf for p in plan(spec.arch, cfg, spec.vocab_size, spec.hf_bias) if p.hf and p.hf.endswith(".bias")]
+    check_fits(cfg, spec.vocab_size, where)  # before the model's shapes are listed, or a tensor read
+    files = weight_files(folder)
+    pieces = plan(spec.arch, cfg, spec.vocab_size, spec.hf_bias)  # biases on: the class's tensors are the same
+    check_shapes(pieces, _normalise_names(header_shapes(folder, files), spec.arch), spec.arch, cfg.tie_embeddings,
+                 where)
+    tensors = _normalise_names(read_weights(folder, files), spec.arch)
+    biases = [p.hf for p in pieces if p.hf and p.hf.endswith(".bias")]
     cfg.bias = any(tensors[name].any() for name in biases if name in tensors)  # all zero: a model without biases
     pieces = plan(spec.arch, cfg, spec.vocab_size, spec.hf_bias)
     shapes = _lm_shapes(cfg, spec.vocab_size)
@@ -739,11 +804,6 @@ def load_hf(source: str, run: Optional[ModelConfig] = None) -> Imported:
                                           not cfg.tie_embeddings}, where)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["wte.weight"]
-    used = {p.hf for p in pieces} | ({HEAD[spec.arch]} if cfg.tie_embeddings else set())
-    extra = sorted(n for n in tensors if n not in used and not IGNORED.match(n))
-    if extra:
-        raise LmlabError(f"{where} holds tensors that a plain {spec.arch} of this config has no place for: "
-                         f"{', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
     return Imported(spec.arch, cfg, tokenizer, state, positions)
 
 
@@ -760,4 +820,9 @@ def init_from(cfg: TrainConfig, say: Callable[[str], None] = print
     say(f"initialised from {cfg.init_from} ({imported.arch}): {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
         f"context {m.block_size} of its {imported.positions} tokens (--block-size); its {t.kind} tokenizer "
         f"({t.vocab_size} tokens) encodes the data")
-    return dataclasses.replace(cfg, model=m, data=data), t, imported.state
+    cfg = dataclasses.replace(cfg, model=m, data=data)
+    try:  # what the run's config.json will say must read back: a value lmlab refuses to read is refused now
+        TrainConfig.from_json(cfg.to_json())
+    except LmlabError as e:
+        raise LmlabError(f"--init-from {cfg.init_from}: {e}") from None
+    return cfg, t, imported.state

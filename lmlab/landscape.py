@@ -155,7 +155,7 @@ def plot_1d(land: Landscape, path: Path, title: str) -> None:
     ax.axvline(0.0, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("step along a filter-normalised random direction")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)  # the run's folder name: "$" in it is not math
     fig.tight_layout()
     _save_png(fig, path)
     plt.close(fig)
@@ -181,7 +181,7 @@ def plot_2d(land: Landscape, path: Path, title: str, xlabel: str, ylabel: str,
     ax.plot([0], [0], "*", color="black", ms=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)  # the run's folder name: "$" in it is not math
     fig.tight_layout()
     _save_png(fig, path)
     plt.close(fig)

@@ -24,10 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import LmlabError
+from .common import MEMORY_ENV, LmlabError, fmt_bytes, memory_limit
 
 
 SIZES = ("block_size", "n_layer", "n_head", "n_embd")
+# No size (a count of layers, heads or tokens, a width) above this: the bytes of every tensor then fit in int64, so
+# shapes can be counted on the meta device. What fits in memory is a much smaller bound, checked before anything is
+# allocated (check_fits).
+MAX_SIZE = 1 << 28
 
 
 @dataclass
@@ -81,24 +85,28 @@ class ModelConfig:
     block n_layer-1-i of the second half."""
 
     def __post_init__(self) -> None:
-        for name in SIZES:
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise LmlabError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in (*SIZES, "mlp_hidden"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= MAX_SIZE:
+                raise LmlabError(f"--{name.replace('_', '-')} must be between 1 and {MAX_SIZE:,}, got {value!r:.40}")
         if not self.unset():  # else the budget rules fill them in (config.apply_budget), then these checks run
             if self.n_embd % self.n_head:
                 raise LmlabError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
             if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
                 raise LmlabError(f"RoPE needs an even head size; n_embd/n_head = {self.n_embd // self.n_head}")
+            if not 0 < self.mlp_width <= MAX_SIZE:
+                raise LmlabError(f"the MLP width (--mlp-ratio x --n-embd, or --mlp-hidden) must be between 1 and "
+                                 f"{MAX_SIZE:,}, got {self.mlp_width:,}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise LmlabError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.attn_dropout is not None and not 0.0 <= self.attn_dropout < 1.0:
             raise LmlabError(f"--attn-dropout must be in [0, 1), got {self.attn_dropout}")
-        if self.mlp_ratio <= 0:
-            raise LmlabError(f"--mlp-ratio must be positive, got {self.mlp_ratio}")
-        if self.mlp_hidden is not None and self.mlp_hidden <= 0:
-            raise LmlabError(f"--mlp-hidden must be positive, got {self.mlp_hidden}")
-        if self.logit_softcap < 0:
+        if not 0 < self.mlp_ratio <= 1024:
+            raise LmlabError(f"--mlp-ratio must be positive and at most 1024, got {self.mlp_ratio}")
+        if not 0 <= self.logit_softcap < math.inf:
             raise LmlabError(f"--logit-softcap must be >= 0 (0: off), got {self.logit_softcap}")
+        if not 0 < self.rope_base < math.inf:
+            raise LmlabError(f"--rope-base must be a positive finite number, got {self.rope_base}")
         if self.norm_eps is not None and not 0 < self.norm_eps < 1:
             raise LmlabError(f"--norm-eps must be in (0, 1), got {self.norm_eps}")
 
@@ -109,6 +117,14 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden width (for SwiGLU, that of the gate and of the value each)."""
+        hidden = int(self.mlp_ratio * self.n_embd)
+        if self.mlp == "swiglu":
+            return self.mlp_hidden or int(2 * hidden / 3)
+        return self.mlp_hidden or hidden
 
 
 class KVCache:
@@ -372,13 +388,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = cfg.mlp
-        hidden = int(cfg.mlp_ratio * cfg.n_embd)
-        if self.kind == "swiglu":
-            hidden = cfg.mlp_hidden or int(2 * hidden / 3)
-            self.fc = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)  # gate and value in one matmul
-        else:
-            hidden = cfg.mlp_hidden or hidden
-            self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        hidden = cfg.mlp_width
+        gates = 2 if self.kind == "swiglu" else 1  # SwiGLU: gate and value in one matmul
+        self.fc = nn.Linear(cfg.n_embd, gates * hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout or 0.0
         self.fused = self.kind == "relu2" and not cfg.bias  # training in eager mode takes _ReLU2MLPFunction
@@ -574,6 +586,57 @@ class Bigram(HookedModel):
         if self._capture is not None:
             self._capture.keep("logits", logits)
         return logits
+
+
+def parameter_count(cfg: ModelConfig, vocab_size: int) -> int:
+    """Elements of the model's parameters and buffers (GPT.__init__'s list), counted without allocating them: one
+    block and the final norm are built on the meta device (shapes only), the tables are counted."""
+    if cfg.arch == "bigram":
+        return vocab_size * vocab_size
+    with torch.device("meta"):
+        block = sum(p.numel() for p in Block(cfg).parameters())
+        final_norm = sum(p.numel() for p in norm_layer(cfg, cfg.n_embd).parameters())
+    C, T = cfg.n_embd, cfg.block_size
+    tables = (1 + (not cfg.tie_embeddings) + cfg.value_embed) * vocab_size * C  # token, head, value embedding
+    positions = T * C if cfg.pos == "learned" else T * cfg.head_dim  # a learned table, or RoPE's cos and sin
+    scalars = cfg.n_layer * cfg.value_embed + cfg.n_layer // 2 * cfg.unet_skips
+    return cfg.n_layer * block + final_norm + tables + positions + scalars
+
+
+BLOCK_OVERHEAD = 64 << 10  # bytes of Python objects per transformer block (about 40 KiB measured), whatever its size
+
+
+def memory_needed(cfg: ModelConfig, vocab_size: int, training: bool = False, batch: int = 1,
+                  value_bytes: int = 4) -> int:
+    """A lower bound on the bytes a model of `cfg` takes: its weights (twice while a checkpoint loads into them),
+    or, to train it, weights, gradients and two optimizer moments; plus the activations of a batch of `batch`
+    windows (those a backward pass keeps, when training) and the logits."""
+    weights = parameter_count(cfg, vocab_size) * value_bytes
+    tokens = batch * cfg.block_size
+    if cfg.arch == "bigram":
+        per_token = 3 * vocab_size
+    elif training:  # kept for the backward pass: about 7 widths and 2 MLP widths a block, and the logits 3 times
+        per_token = cfg.n_layer * (7 * cfg.n_embd + 2 * cfg.mlp_width) + 3 * vocab_size
+    else:  # one block's activations at a time, a key and a value cache per block, and the logits
+        per_token = 8 * cfg.n_embd + 2 * cfg.mlp_width + 2 * cfg.n_layer * cfg.n_embd + 2 * vocab_size
+    return ((4 if training else 2) * weights + tokens * per_token * value_bytes
+            + (cfg.n_layer if cfg.arch == "gpt" else 0) * BLOCK_OVERHEAD)
+
+
+def check_fits(cfg: ModelConfig, vocab_size: int, what: str, training: bool = False, batch: int = 1,
+               value_bytes: int = 4) -> None:
+    """Refuse, before anything is allocated, a model that cannot fit in the memory this process may use (see
+    common.memory_limit): one line with the need, the limit and how to raise it, instead of the kernel's
+    out-of-memory killer or an allocation error halfway through."""
+    needed = memory_needed(cfg, vocab_size, training, batch, value_bytes)
+    limit, source = memory_limit()
+    if needed > limit:
+        use = f"to train with batches of {batch} x {cfg.block_size} tokens" if training else "to load and run"
+        raise LmlabError(
+            f"{what}: a model of {cfg.n_layer:,} layer{'s' * (cfg.n_layer != 1)}, {cfg.n_embd:,} wide, context "
+            f"{cfg.block_size:,} and vocabulary {vocab_size:,} needs at least {fmt_bytes(needed)} {use}, more than "
+            f"the {fmt_bytes(limit)} this process may use, set by {source}; for a real model that big, free memory "
+            f"or set {MEMORY_ENV}=SIZE (e.g. {MEMORY_ENV}={-(-needed // (1 << 30))}G) to go ahead")
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:

@@ -4,6 +4,8 @@ probes, samples, loss landscape and config, for one run or several side by side.
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import html
 import io
 import json
@@ -11,11 +13,13 @@ import math
 import os
 import re
 import shlex
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import matplotlib
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -25,7 +29,7 @@ from . import __version__
 from . import rundir
 from .inside import SCORES, head_rows, read_records
 from .rundir import run_names
-from .common import LmlabError, atomic_write_bytes, fmt_count
+from .common import LmlabError, atomic_write_bytes, atomic_write_json, fmt_count, sha256_file
 from .tokenizer import visible
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -242,7 +246,7 @@ def grad_norm_figure(runs: list[RunLogs]) -> Figure:
 def _layer_key(name: str) -> tuple:
     if name == "embed":
         return (0, 0)
-    m = re.fullmatch(r"block\.(\d+)", name)
+    m = re.fullmatch(r"block\.([0-9]+)", name)
     return (1, int(m.group(1))) if m else (2, 0)
 
 
@@ -473,6 +477,8 @@ SCORE_TITLES = {"previous_token": "previous-token score (t -> t-1)", "induction"
                 "duplicate_token": "duplicate-token score (L+i -> i)"}
 HEAD_STYLES = ["-", "--", ":", "-."]
 MAX_DRAWN = 256  # positions of a heatmap drawn at most (training records 32; a run from elsewhere may hold anything)
+MAX_GRID = 8  # layers, and heads, of attention heatmaps drawn at most: 64 panels, a figure of at most 21 x 21 inches
+MAX_LINES = 64  # heads drawn at most in the head-score chart (the table lists every one)
 
 
 def head_score_figure(run: RunLogs) -> Figure:
@@ -480,14 +486,17 @@ def head_score_figure(run: RunLogs) -> Figure:
     fig = Figure(figsize=(12.8, 3.6), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(SCORES), sharey=True)
-    rows = head_rows(run.inside)
-    heads = sorted({(r["layer"], r["head"]) for r in rows})
+    by_head: dict[tuple[int, int], list[dict]] = {}
+    for r in head_rows(run.inside):
+        by_head.setdefault((r["layer"], r["head"]), []).append(r)
+    heads = sorted(by_head)[:MAX_LINES]
+    left_out = f" ({len(heads)} of {len(by_head)} heads drawn)" if len(by_head) > len(heads) else ""
     for ax, name in zip(axes, SCORES):
-        ax.set_title(f"{run.name}: {SCORE_TITLES[name]}", fontsize=10)
+        ax.set_title(f"{run.name}: {SCORE_TITLES[name]}{left_out}", fontsize=10)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
         for layer, head in heads:
-            mine = [r for r in rows if (r["layer"], r["head"]) == (layer, head)]
+            mine = by_head[(layer, head)]
             xs, ys = _finite([r["step"] for r in mine], [r[name] for r in mine])
             ax.plot(xs, ys, color=COLORS[layer % len(COLORS)], linestyle=HEAD_STYLES[head % len(HEAD_STYLES)],
                     linewidth=1.3, label=f"layer {layer} head {head}")
@@ -535,16 +544,20 @@ def position_figure(run: RunLogs, step: Optional[int] = None) -> Figure:
     return _finish(fig, ax)
 
 
-def attention_figure(run: RunLogs, record: dict, prompt_index: int = 0) -> Optional[Figure]:
-    """Every head's attention on one probe prompt at one step: a grid of heatmaps, layers down, heads across."""
+def attention_figure(run: RunLogs, record: dict, prompt_index: int = 0) -> Optional[tuple[Figure, str]]:
+    """Every head's attention on one probe prompt at one step: a grid of heatmaps, layers down, heads across (at
+    most MAX_GRID of each); and what was left out ("" when nothing was)."""
     entries = record.get("attention") or []
     if not 0 <= prompt_index < len(entries):
         return None
     entry = entries[prompt_index]
     grids, tokens = entry.get("percent") or [], [visible(t) for t in (entry.get("tokens") or [])[:MAX_DRAWN]]
-    n_layer, n_head, T = len(grids), max((len(g) for g in grids), default=0), len(tokens)
+    all_layers, all_heads = len(grids), max((len(g) for g in grids), default=0)
+    n_layer, n_head, T = min(all_layers, MAX_GRID), min(all_heads, MAX_GRID), len(tokens)
     if not n_layer or not n_head or not T:
         return None
+    left_out = (f"layers 0-{n_layer - 1} of {all_layers} and heads 0-{n_head - 1} of {all_heads} drawn (lmlab "
+                f"inside RUN --json has them all)" if (n_layer, n_head) != (all_layers, all_heads) else "")
     fig = Figure(figsize=(2.6 * n_head + 0.6, 2.6 * n_layer + 0.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(n_layer, n_head, squeeze=False)
@@ -563,7 +576,7 @@ def attention_figure(run: RunLogs, record: dict, prompt_index: int = 0) -> Optio
             ticks = list(range(T)) if T <= 32 else []
             ax.set_xticks(ticks, [tokens[i] for i in ticks], fontsize=5, rotation=90)
             ax.set_yticks(ticks, [tokens[i] for i in ticks], fontsize=5)
-    return fig
+    return fig, left_out
 
 
 def _score_cell(value) -> str:
@@ -628,11 +641,13 @@ def inside_run_html(run: RunLogs, images: _Images, step: Optional[int] = None) -
         parts.append(f"<p>loss on the first copy {_fmt(repeat.get('first'), '.3f')}, on the second "
                      f"{_fmt(repeat.get('second'), '.3f')} nats/token (sequences of {repeat.get('length')} "
                      f"tokens).</p>")
-    figure = attention_figure(run, record)
-    if figure is not None:
+    drawn = attention_figure(run, record)
+    if drawn is not None:
+        figure, left_out = drawn
         parts.append(f"<h3>{html.escape(run.name)}, step {record['step']}: attention on the first probe prompt</h3>")
         parts.append(images.chart(f"{slug}_attention_{record['step']}.png", figure,
-                                  f"{run.name}: every head's attention at step {record['step']}"))
+                                  f"{run.name}: every head's attention at step {record['step']}"
+                                  + (f"; {left_out}" if left_out else "")))
     parts.append(f"<h3>{html.escape(run.name)}, step {record['step']}: the logit lens</h3>")
     parts.append(lens_table_html(record))
     return "\n".join(parts)
@@ -643,6 +658,19 @@ def _inside_section(runs: list[RunLogs], images: _Images) -> str:
     return _section("inside", "Inside the model: attention, induction heads, in-context learning", body)
 
 
+def plain_text(draw):
+    """`draw` with every text drawn as it is: run names, prompts, tokens and layer names come from runs, and
+    matplotlib would parse $...$ in them as math (failing on a word such as \\foo)."""
+
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn
+
+
+@plain_text
 def write_inside_page(run_dir: str | Path, out: str | Path, step: Optional[int] = None) -> Path:
     """A self-contained page with one run's inside section (`lmlab inside RUN --html OUT`)."""
     run = load_run_logs(run_dir)
@@ -732,6 +760,7 @@ SECTIONS = [("loss", "loss"), ("schedule", "schedule"), ("gradients", "gradients
             ("config", "config")]
 
 
+@plain_text
 def build_page(runs: list[RunLogs], log: bool = False) -> tuple[str, dict[str, bytes]]:
     """The HTML page and its PNGs (file name -> bytes) for these runs."""
     images = _Images()
@@ -788,11 +817,18 @@ def write_report(runs: list[str | Path], out: str | Path = "report.html", log: b
     if out.is_dir():
         raise LmlabError(f"--out {out} is a directory; give a file name such as {out / 'report.html'}")
     folder = out.with_name(f"{out.stem}_files")
+    written = _written_before(folder)
+    clash = sorted(name for name in files if os.path.lexists(folder / name) and name not in written)
+    if clash:  # a browser's "Save page as" folder, say: never overwrite or delete what lmlab did not write
+        raise LmlabError(f"{folder / clash[0]} is not a chart lmlab wrote there ({folder / WRITTEN} does not list it); "
+                         f"choose another --out, or move that file")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob("*.png"):  # charts of an earlier report that this one no longer has
-            if stale.name not in files:
-                stale.unlink()
+        for name in written.keys() - files.keys():  # charts of an earlier report that this one no longer has
+            _remove_if_unchanged(folder / name, written[name])
+        # the record first: a chart whose writing fails half-way is still lmlab's to overwrite next time
+        atomic_write_json(folder / WRITTEN, {"files": {name: hashlib.sha256(data).hexdigest()
+                                                       for name, data in files.items()}})
         for name, data in files.items():
             atomic_write_bytes(folder / name, data)
         atomic_write_bytes(out, page.encode("utf-8"))
@@ -802,3 +838,28 @@ def write_report(runs: list[str | Path], out: str | Path = "report.html", log: b
     except OSError as e:
         raise LmlabError(f"cannot write the report to {out}: {e.strerror or e}") from None
     return out
+
+
+WRITTEN = ".lmlab-report.json"  # in a report's files folder: the charts lmlab wrote there, with their SHA-256
+
+
+def _written_before(folder: Path) -> dict[str, str]:
+    """The charts an earlier report wrote into `folder` (name -> SHA-256), as its record says; {} without one."""
+    try:
+        record = rundir.parse_json((folder / WRITTEN).read_bytes(), str(folder / WRITTEN))
+    except (OSError, LmlabError):
+        return {}
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):
+        return {}
+    return {name: digest for name, digest in files.items()
+            if isinstance(digest, str) and Path(name).name == name and name.endswith(".png")}
+
+
+def _remove_if_unchanged(path: Path, digest: str) -> None:
+    """Delete a chart lmlab wrote, if it is still the regular file with the bytes it wrote."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode) and sha256_file(path) == digest:
+            path.unlink()
+    except OSError:
+        pass

@@ -4,26 +4,32 @@ A run folder may come from someone else (a zip, a shared drive, a model hub), so
 - nothing inside it is reached through a symbolic link, for reading or for writing (the run path itself may be one);
 - JSON is parsed with its depth bounded, and a malformed file is a one-line error, never a traceback;
 - a JSONL line that does not parse as an object is skipped;
-- lmlab deletes only the temporary files it makes itself.
+- lmlab deletes only the temporary files it makes itself;
+- a corpus path its config.json names is opened only when lmlab wrote it there, in this folder, on this machine (a
+  record in the user's cache says so), or when the user names the data again or says to trust it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import itertools
 import json
 import os
 import re
+import secrets
+import shlex
 import shutil
 import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
-from .common import LmlabError, atomic_write_bytes
+from .common import LmlabError, atomic_write_bytes, atomic_write_json, cache_dir
 from .config import TrainConfig
+from .data import is_path
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -49,7 +55,7 @@ MAX_JSON_DEPTH = 64  # lmlab writes at most a few levels; deeper is not ours (an
 
 # Temporary names lmlab makes: atomic writes (".NAME.RANDOM.tmp"), checkpoint folders (".step_N.RANDOM.tmp",
 # ".step_N.shards.tmp"; ".step_N.dcp.tmp" from older versions) and weight snapshots (".step_N.safetensors.tmp").
-_TEMP = re.compile(r"\.(?:(?:%s)\.[A-Za-z0-9_]+|step_\d{8}\.[A-Za-z0-9_.]+)\.tmp" % "|".join(
+_TEMP = re.compile(r"\.(?:(?:%s)\.[A-Za-z0-9_]+|step_[0-9]{8}\.[A-Za-z0-9_.]+)\.tmp" % "|".join(
     re.escape(n) for n in (*RUN_FILES, "meta.json", "landscape.json")))
 
 
@@ -268,9 +274,23 @@ def well_formed(name: str, records: list[dict]) -> list[dict]:
             and all(check(r[k]) for k, check in shape.items() if k in r)]
 
 
+APPENDED = (*STEP_LOGS, SAMPLES_TXT, SAMPLES_JSONL)  # the files lmlab appends to (the others it replaces whole)
+
+
+def _hard_link_error(path: Path, links: int) -> LmlabError:
+    return LmlabError(f"{path} has {links} hard links (other names of the same file, maybe outside the run); "
+                      f"lmlab appends to it, which would change them too: replace it with a copy of its own "
+                      f"(cp {shlex.quote(str(path))} x && mv x {shlex.quote(str(path))})")
+
+
 def open_append(run_dir: str | os.PathLike, rel: str | os.PathLike):
-    """RUN/rel opened for appending text (created if missing), never through a link."""
-    return os.fdopen(_open_file(run_dir, rel, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
+    """RUN/rel opened for appending text (created if missing), never through a link, symbolic or hard."""
+    fd = _open_file(run_dir, rel, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    links = os.fstat(fd).st_nlink
+    if links > 1:
+        os.close(fd)
+        raise _hard_link_error(check_path(run_dir, rel), links)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def append_text(run_dir: str | os.PathLike, rel: str | os.PathLike, text: str) -> None:
@@ -327,11 +347,14 @@ def list_dir(run_dir: str | os.PathLike, rel: str | os.PathLike) -> list[os.DirE
 
 
 def check_no_links(run_dir: str | os.PathLike) -> None:
-    """Refuse a run folder that holds a link anywhere lmlab reads or writes (before a resume writes anything)."""
+    """Refuse a run folder that holds a link anywhere lmlab reads or writes, or a hard link where it appends
+    (before a resume writes anything)."""
     for rel in (".", CHECKPOINTS, TRAJECTORY, LANDSCAPE):
         for entry in list_dir(run_dir, rel):
             if entry.is_symlink():
                 raise _link_error(Path(entry.path))
+            if rel == "." and entry.name in APPENDED and entry.stat(follow_symlinks=False).st_nlink > 1:
+                raise _hard_link_error(Path(entry.path), entry.stat(follow_symlinks=False).st_nlink)
             if rel == CHECKPOINTS and entry.is_dir(follow_symlinks=False):
                 for inner in list_dir(run_dir, Path(CHECKPOINTS, entry.name)):
                     if inner.is_symlink():
@@ -343,7 +366,7 @@ def snapshot_paths(run_dir: Path) -> list[Path]:
     return [Path(e.path) for e in list_dir(run_dir, TRAJECTORY) if SNAPSHOT.fullmatch(e.name)]
 
 
-SNAPSHOT = re.compile(r"step_\d{8}\.safetensors")  # a weight snapshot in RUN/trajectory
+SNAPSHOT = re.compile(r"step_[0-9]{8}\.safetensors")  # a weight snapshot in RUN/trajectory
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -548,16 +571,86 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     return stale
 
 
-OWN_NAMES = (LOCK, STATUS, TOKENIZER)  # what a run that died before writing its config can hold
+OWN_NAMES = (LOCK, STATUS, TOKENIZER)  # what a run that died before writing its config can hold (.lock first)
 
 
 def check_new_run_dir(run_dir: Path) -> None:
-    """Refuse to start a run in a folder that holds a run already, or anything lmlab did not put there."""
+    """Refuse to start a run in a folder that holds a run already, or anything lmlab did not put there (a
+    tokenizer.json or status.json is lmlab's only beside the .lock that a run makes before anything else)."""
     if exists(run_dir, CONFIG):
         raise LmlabError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
     if not run_dir.is_dir():
         return
-    foreign = [e.name for e in list_dir(run_dir, ".") if e.name not in OWN_NAMES and not is_own_temp(e.name)]
+    names = [e.name for e in list_dir(run_dir, ".")]
+    own = OWN_NAMES if LOCK in names else ()
+    foreign = [name for name in names if name not in own and not is_own_temp(name)]
     if foreign:
         raise LmlabError(f"{run_dir} is not empty and is not an lmlab run (it holds {foreign[0]!r}); "
                          f"choose an empty or new folder for --out")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs made here: the corpus paths a run's config may name
+#
+# A run folder from elsewhere may name any file in its config.json ("data": "~/.aws/credentials"); training on it
+# would copy pieces of that file into the run's probes, samples and token cache. So a path read from a run's config
+# is opened only when lmlab itself wrote it there, in this folder, on this machine: a record in the user's cache,
+# outside every run folder, keyed by the folder's resolved path and the random id that config.json carries. A copy
+# keeps the id but not the path, a moved folder changes its path, and a run from elsewhere has neither.
+
+RUN_ID = "run_id"  # a meta key of config.json
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(16)
+
+
+def _record_path(run_dir: Path, run_id: str) -> Path:
+    key = hashlib.sha256(f"{Path(run_dir).resolve()}\0{run_id}".encode()).hexdigest()[:32]
+    return cache_dir() / "runs" / f"{key}.json"
+
+
+def sources_made_here(run_dir: Path, run_id: Any) -> set[str]:
+    """The corpus paths lmlab wrote into the config of the run with this id, in this folder, on this machine ({}
+    for a run copied, moved or made elsewhere)."""
+    if not isinstance(run_id, str) or not run_id:
+        return set()
+    try:
+        with open(_record_path(run_dir, run_id), "rb") as f:
+            record = parse_json(f.read(), "the record of a run")
+    except (OSError, LmlabError):
+        return set()
+    if (not isinstance(record, dict) or record.get("path") != str(Path(run_dir).resolve())
+            or record.get(RUN_ID) != run_id or not isinstance(record.get("sources"), list)):
+        return set()
+    return {s for s in record["sources"] if isinstance(s, str)}
+
+
+def remember_sources(run_dir: Path, run_id: str, sources: list[Optional[str]],
+                     warn: Callable[[str], None] = lambda m: None) -> None:
+    """Record in the user's cache that lmlab wrote these corpus paths into this run's config, in this folder."""
+    paths = sources_made_here(run_dir, run_id) | {s for s in sources if s and is_path(s)}
+    path = _record_path(run_dir, run_id)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"path": str(Path(run_dir).resolve()), RUN_ID: run_id, "sources": sorted(paths)})
+    except OSError as e:
+        warn(f"warning: cannot record the run in {path.parent} ({e.strerror or e}); resuming it will need --data")
+
+
+def check_data_paths(run_dir: Path, config: dict, sources: list[tuple[str, Optional[str]]], command: str,
+                     trust: bool = False) -> None:
+    """Refuse to open a corpus path taken from a run's config (each (option, source) in `sources`) unless lmlab
+    wrote it there, in this folder, on this machine, or `trust` (--trust-data-path); the error says how to name
+    the data instead. Named corpora, 'builtin' and synthetic:NAME are not paths, and always allowed."""
+    if trust:
+        return
+    made_here = sources_made_here(run_dir, config.get(RUN_ID))
+    for option, source in sources:
+        if source and is_path(source) and source not in made_here:
+            raise LmlabError(
+                f"{Path(run_dir) / CONFIG} names the corpus {source} ({option}), a path on this machine; lmlab opens "
+                f"a path from a run's config only for a run it made here, in this folder, and it has no record of "
+                f"making this one (a copy, a moved folder, a run from elsewhere or from before such records). Name "
+                f"the data: {command} {shlex.quote(str(run_dir))} {option} PATH (that path or another), or add "
+                f"--trust-data-path to read {source}")

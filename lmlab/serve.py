@@ -213,9 +213,11 @@ class Models:
                 return seen[1]
             try:
                 run = load_run(run_dir, self.device, self.checkpoint)
-            except LmlabError as e:
+            except (LmlabError, RuntimeError, MemoryError) as e:  # what is in a run folder is never a 500
                 if seen is None:
-                    raise ApiError(409, f"run {name!r} cannot be loaded: {e}", "model", "model_not_ready") from None
+                    detail = str(e) if isinstance(e, LmlabError) else f"{type(e).__name__}: {e}"
+                    raise ApiError(409, f"run {name!r} cannot be loaded: {detail.splitlines()[0][:500]}", "model",
+                                   "model_not_ready") from None
                 run = seen[1]  # keep serving the checkpoint we have
             self._loaded[run_dir] = (checkpoints[-1], run)
             return run

@@ -145,7 +145,7 @@ def parse(src: str) -> tuple[str, int]:
     if name not in SYNTHETIC:
         raise LmlabError(f"unknown synthetic corpus {src!r}; choose from "
                          f"{', '.join(PREFIX + n for n in SYNTHETIC)} (optionally :SEED)")
-    if seed and not (seed.isdigit() and len(seed) <= 18):
+    if seed and not (seed.isascii() and seed.isdigit() and len(seed) <= 18):
         raise LmlabError(f"the seed in {src!r} must be a non-negative whole number")
     return name, int(seed or 0)
 

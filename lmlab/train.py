@@ -36,7 +36,7 @@ from .evaluate import autocast_context, evaluate, window_stride
 from .hf import init_from
 from .inside import InsideRecorder
 from .loss import LossConfig, Metrics, training_loss
-from .model import ModelConfig, build_model, count_params
+from .model import ModelConfig, build_model, check_fits, count_params
 from .optim import build_optimizer, clip_grad_norm, lr_multiplier, set_lr
 from .rundir import RunLock, write_status  # noqa: F401 - RunLock is part of this module's interface
 from .sample import default_probe_prompts, generate, probe, prompt_ids, stream_text
@@ -230,7 +230,8 @@ RESUME_FIXED = {"seed": "--seed", "preset": "--preset", "data.tokenizer": "--tok
 
 def check_resume_settings(saved: TrainConfig, cfg: TrainConfig, run_dir: Path) -> None:
     """Every setting changed on resume must take effect; refuse those that cannot. The model and tokenizer are the
-    checkpoint's, the seed's streams are restored from it, and another optimizer has no state to go on from."""
+    checkpoint's, the seed's streams are restored from it, another optimizer has no state to go on from, the run
+    goes on in its own folder, and its weights come from its checkpoint, not from --init-from."""
     if dataclasses.asdict(saved.model) != dataclasses.asdict(cfg.model):
         raise LmlabError(f"the model settings differ from those of the run in {run_dir}; they cannot change on resume")
     for path, option in RESUME_FIXED.items():
@@ -240,6 +241,45 @@ def check_resume_settings(saved: TrainConfig, cfg: TrainConfig, run_dir: Path) -
         if old != new and not (path == "data.vocab_size" and cfg.data.tokenizer != "bpe"):
             raise LmlabError(f"{option} cannot change on resume (the run in {run_dir} has {old!r}, not {new!r}); "
                              f"start a new run to change it")
+    if cfg.out not in ("", saved.out) and Path(cfg.out).resolve() != run_dir.resolve():
+        raise LmlabError(f"--out {cfg.out} cannot be given with --resume: the run goes on in {run_dir}, its own "
+                         f"folder; to go on in another, copy the folder there and resume the copy (with --data)")
+    if cfg.init_from != saved.init_from:
+        raise LmlabError(f"--init-from cannot change on resume: the run goes on from its own checkpoint (it started "
+                         f"from {saved.init_from or 'its own initialisation'}); start a new run to import a model")
+
+
+def resume_batch(saved: TrainConfig, cfg: TrainConfig, world: int) -> tuple[TrainConfig, str]:
+    """The global batch stays the run's on resume (it is what the step sizes and the data order were made with):
+    --batch-size or --grad-accum, given, split it anew, the other one derived, and a split that does not divide it
+    is refused naming the option given. Returns the config with the split, and a line saying it when it changed."""
+    total = saved.global_batch or saved.batch_size * saved.grad_accum
+    if cfg.global_batch not in (0, total):
+        raise LmlabError(f"--global-batch cannot change on resume (the run's is {total} sequences a step, which its "
+                         f"learning rates and data order were made with); start a new run to change it")
+    batch, accum = cfg.batch_size, cfg.grad_accum
+    batch_given, accum_given = batch != saved.batch_size, accum != saved.grad_accum
+    if batch_given and accum_given:
+        if batch * accum * world != total:
+            raise LmlabError(f"--batch-size {batch} x --grad-accum {accum} x {world} process(es) = "
+                             f"{batch * accum * world} sequences a step, but the run's global batch is {total}, "
+                             f"which cannot change on resume")
+    elif accum_given:
+        if total % (accum * world):
+            raise LmlabError(f"--grad-accum {accum} x {world} process(es) does not divide the run's global batch of "
+                             f"{total} sequences a step, which cannot change on resume")
+        batch = total // (accum * world)
+    else:
+        if total % (batch * world):
+            given = f"--batch-size {batch}" if batch_given else f"the run's batch of {batch}"
+            raise LmlabError(f"{given} x {world} process(es) does not divide the run's global batch of {total} "
+                             f"sequences a step, which cannot change on resume; set --batch-size or --grad-accum")
+        accum = total // (batch * world)
+    note = ""
+    if (batch, accum) != (saved.batch_size, saved.grad_accum):
+        note = (f"resuming with the run's global batch of {total} sequences a step: --batch-size {batch} x "
+                f"{accum} accumulation step(s) x {world} process(es)")
+    return dataclasses.replace(cfg, batch_size=batch, grad_accum=accum, global_batch=total), note
 
 
 def resume_point(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Optional[tok.Tokenizer], bool]:
@@ -248,7 +288,6 @@ def resume_point(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Optional[tok
     if not cfg.resume:
         return None, False
     saved_json = rundir.read_config(run_dir)
-    check_resume_settings(TrainConfig.from_json(saved_json), cfg, run_dir)
     tokenizer = load_tokenizer(run_dir)
     check_tokenizer(saved_json, tokenizer, run_dir)
     if latest_good_checkpoint(run_dir, warn=lambda m: say(d, m)) is not None:
@@ -305,7 +344,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
         cfg, tokenizer, weights = init_from(cfg, lambda m: say(d, m))
     if not d.main:
         barrier(d)  # rank 0 tokenizes and fills the cache first; the others then read it
-    splits = load_splits(cfg.data, tokenizer=tokenizer)
+    splits = load_splits(cfg.data, tokenizer=tokenizer, say=lambda m: say(d, m))
     if d.main:
         barrier(d)
     if len(splits.val) < 2:
@@ -313,13 +352,14 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
     grad_accum, global_batch = accumulation_steps(cfg, d.world)
     sampler = BatchSampler(splits.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device, grad_accum, d.rank,
                            d.world)  # (refuses a training split shorter than a block)
+    dtype = resolve_dtype(cfg.dtype, device)
+    check_fits(cfg.model, splits.tokenizer.vocab_size, f"run {run_dir}", training=not d.sharded,  # fsdp: shards
+               batch=cfg.batch_size, value_bytes=8 if dtype == torch.float64 else 4)  # before any model is built
     if needs_corpus(cfg):  # the tiny preset's dropout follows the passes the budget makes over the training text
-        steps = budget_steps(cfg, splits.tokenizer.vocab_size, device, resolve_dtype(cfg.dtype, device), d,
-                             grad_accum)
+        steps = budget_steps(cfg, splits.tokenizer.vocab_size, device, dtype, d, grad_accum)
         cfg, note = fit_to_corpus(cfg, len(splits.train), steps * global_batch * cfg.model.block_size)
         say(d, note)
-    setup = Setup(cfg, d, run_dir, device, resolve_dtype(cfg.dtype, device), splits.tokenizer, splits, grad_accum,
-                  global_batch)
+    setup = Setup(cfg, d, run_dir, device, dtype, splits.tokenizer, splits, grad_accum, global_batch)
     with default_dtype(torch.float64 if setup.dtype == torch.float64 else torch.get_default_dtype()):
         model = build_model(cfg.model, setup.tokenizer.vocab_size)  # float64 draws its init in float64 too
     if weights is not None:
@@ -346,16 +386,19 @@ def restore(setup: Setup, state: TrainState) -> Path:
 
 
 def write_run_files(setup: Setup, resumed: bool) -> None:
-    """config.json says what the run uses, as it uses it; status.json says it is running."""
+    """config.json says what the run uses, as it uses it; status.json says it is running. The user's cache records
+    that this folder's run, with its id, reads the corpus paths its config names (rundir.check_data_paths)."""
     if not setup.d.main:
         return
-    cfg, tokenizer = setup.cfg, setup.tokenizer
+    cfg, tokenizer, run_dir = setup.cfg, setup.tokenizer, setup.run_dir
     if not resumed:
-        rundir.write_json(setup.run_dir, rundir.TOKENIZER, tokenizer.to_json())
+        rundir.write_json(run_dir, rundir.TOKENIZER, tokenizer.to_json())
+    run_id = (rundir.read_config(run_dir).get(rundir.RUN_ID) if cfg.resume else None) or rundir.new_run_id()
     saved = dataclasses.replace(cfg, global_batch=setup.global_batch, grad_accum=setup.grad_accum)
-    rundir.write_json(setup.run_dir, rundir.CONFIG, {**saved.to_json(), "vocab_size": tokenizer.vocab_size,
-                                                     "tokenizer_fingerprint": tokenizer.fingerprint()})
-    write_status(setup.run_dir, "running", world_size=setup.d.world)
+    rundir.write_json(run_dir, rundir.CONFIG, {**saved.to_json(), "vocab_size": tokenizer.vocab_size,
+                                               "tokenizer_fingerprint": tokenizer.fingerprint(), rundir.RUN_ID: run_id})
+    rundir.remember_sources(run_dir, run_id, [cfg.data.data, cfg.data.val_data], lambda m: say(setup.d, m))
+    write_status(run_dir, "running", world_size=setup.d.world)
 
 
 def describe(setup: Setup, state: TrainState) -> None:
@@ -638,10 +681,16 @@ def train(cfg: TrainConfig) -> dict:
     cfg, note = apply_budget(cfg)
     d = dist_.setup(cfg.parallel, resolve_device(cfg.device), cfg.dist_timeout)
     try:
-        accumulation_steps(cfg, d.world)  # refuse a global batch that does not divide before touching any file
         if dist_.restart_count() and cfg.out and not cfg.resume and (Path(cfg.out) / rundir.CONFIG).exists():
             cfg = dataclasses.replace(cfg, resume=cfg.out)  # an elastic restart: go on from the last checkpoint
             say(d, f"restart {dist_.restart_count()}: resuming {cfg.out}")
+        if cfg.resume:  # every option given is applied or refused, before any file is touched
+            saved = TrainConfig.from_json(rundir.read_config(Path(cfg.resume)))
+            check_resume_settings(saved, cfg, Path(cfg.resume))
+            cfg, batch_note = resume_batch(saved, cfg, d.world)
+            cfg = dataclasses.replace(cfg, out=cfg.resume)  # config.json says where the run is
+            note = "\n".join(n for n in (note, batch_note) if n)
+        accumulation_steps(cfg, d.world)  # refuse a global batch that does not divide before touching any file
         if note:
             say(d, note)
         with ExitStack() as stack:

@@ -283,7 +283,7 @@ def test_settings_changed_on_resume_take_effect(reference_run, tmp_path, capsys)
     start = int(checkpoint_dirs(run)[-1].name[5:])  # the newest left (25: the best evaluations have checkpoints)
     new_lr, new_wd, new_time = 7e-4, 0.03, 1e6
     rc = main(["train", "--resume", str(run), "--lr", str(new_lr), "--weight-decay", str(new_wd), "--max-time",
-               str(new_time), "--schedule", "cosine", "--no-progress"])
+               str(new_time), "--schedule", "cosine", "--no-progress", "--data", str(corpus)])  # a copy: --data
     assert rc == 0, capsys.readouterr().err
     config = json.loads((run / "config.json").read_text())
     assert (config["optim"]["lr"], config["optim"]["weight_decay"], config["max_time"]) == (new_lr, new_wd, new_time)
@@ -306,7 +306,7 @@ def test_settings_that_cannot_change_on_resume_are_refused(reference_run, tmp_pa
     run = tmp_path / "R"
     shutil.copytree(run_a, run)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    rc = main(["train", "--resume", str(run), option, value, "--no-progress"])
+    rc = main(["train", "--resume", str(run), option, value, "--no-progress", "--data", str(corpus)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and option in err[0] and "cannot change on resume" in err[0], err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -191,6 +191,7 @@ def test_eval_of_a_run_does_not_depend_on_the_working_directory(trained, tmp_pat
         assert set(other) <= set(trained.text) and other != trained.text
         (tmp_path / "corpus.txt").write_text(other, encoding="utf-8")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LMLAB_CACHE", str(trained.cache))  # the user who trained it: it reads the corpus it names
     rc = main(["eval", str(trained.run), "--json", "--stride", "16"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -294,8 +295,9 @@ def test_training_twice_into_the_same_out_is_refused(trained, tmp_path):
 def test_cli_resume_continues_the_run(trained, tmp_path, monkeypatch, capsys):
     shutil.copy(trained.corpus, tmp_path / "corpus.txt")
     shutil.copytree(trained.run, tmp_path / "RUN")
-    monkeypatch.chdir(tmp_path)  # the run's config names corpus.txt relative to where it was trained
-    assert main(["train", "--resume", "RUN", "--max-steps", "25", "--sample-tokens", "0"]) == 0
+    monkeypatch.chdir(tmp_path)
+    # a copy is not the run made here: its data is named again
+    assert main(["train", "--resume", "RUN", "--max-steps", "25", "--sample-tokens", "0", "--data", "corpus.txt"]) == 0
     records = read_jsonl(tmp_path / "RUN" / "metrics.jsonl")
     assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 26))
     assert [r["step"] for r in records if "val_loss" in r] == [0, 10, 20, 25]
@@ -311,7 +313,8 @@ def test_cli_resume_continues_the_run(trained, tmp_path, monkeypatch, capsys):
 
 
 def _assert_one_line_error(rc: int, stderr: str, expect: str | None = None) -> None:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    """One line besides what lmlab said it reads ("reading corpus PATH")."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("reading corpus ")]
     assert rc == 2, f"exit code {rc}, stderr:\n{stderr}"
     assert "Traceback" not in stderr
     assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
@@ -528,6 +531,7 @@ def test_python_and_the_cli_apply_the_same_budget_rules(tmp_path):
     configs = [json.loads((tmp_path / name / "config.json").read_text()) for name in ("python", "cli")]
     for config in configs:
         config.pop("out")
+        config.pop("run_id")  # each run's own
     assert configs[0] == configs[1]
     assert (configs[0]["model"]["n_layer"], configs[0]["model"]["block_size"]) == (2, 64)  # the short budget's
     losses = [[r.get("train_loss", r.get("val_loss")) for r in read_jsonl(tmp_path / name / "metrics.jsonl")]

@@ -142,7 +142,9 @@ def test_checkpoints_resume_across_world_sizes(workdir, cache, reference):
 
     # 2 FSDP processes resume from the sharded checkpoint at step 10
     shutil.rmtree(workdir / "two-to-two" / "checkpoints" / "step_00000020")
-    _ok(_train(workdir, cache, 2, "--resume", "two-to-two", "--parallel", "fsdp", "--batch-size", "4"))
+    # (a copy is not the run made there: it names its data again)
+    _ok(_train(workdir, cache, 2, "--resume", "two-to-two", "--parallel", "fsdp", "--batch-size", "4", "--data",
+               "corpus.txt"))
     train, _ = _records(workdir / "two-to-two")
     assert [r["step"] for r in train] == list(range(1, 21))
     _assert_close([r["train_loss"] for r in train[10:]], tail, 1e-4)
@@ -152,7 +154,8 @@ def test_checkpoints_resume_across_world_sizes(workdir, cache, reference):
     one_fsdp = workdir / "one-to-two-fsdp"
     shutil.copytree(reference, one_fsdp)
     shutil.rmtree(one_fsdp / "checkpoints" / "step_00000020")
-    _ok(_train(workdir, cache, 2, "--resume", "one-to-two-fsdp", "--parallel", "fsdp", "--batch-size", "4"))
+    _ok(_train(workdir, cache, 2, "--resume", "one-to-two-fsdp", "--parallel", "fsdp", "--batch-size", "4", "--data",
+               "corpus.txt"))
     train, _ = _records(one_fsdp)
     _assert_close([r["train_loss"] for r in train[10:]], tail, 1e-4)
 
@@ -160,7 +163,8 @@ def test_checkpoints_resume_across_world_sizes(workdir, cache, reference):
     one = workdir / "one-to-two"
     shutil.copytree(reference, one)
     shutil.rmtree(one / "checkpoints" / "step_00000020")
-    _ok(_train(workdir, cache, 2, "--resume", "one-to-two", "--parallel", "ddp", "--batch-size", "4"))
+    _ok(_train(workdir, cache, 2, "--resume", "one-to-two", "--parallel", "ddp", "--batch-size", "4", "--data",
+               "corpus.txt"))
     train, _ = _records(one)
     assert [r["step"] for r in train] == list(range(1, 21))
     _assert_close([r["train_loss"] for r in train[10:]], tail, 1e-4)

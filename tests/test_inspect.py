@@ -136,7 +136,8 @@ def test_landscape_at_offset_zero_is_the_models_loss(run_dir):
     assert torch.count_nonzero(d["blocks.0.norm1.weight"]) == 0
 
 
-def test_landscape_cli_2d_with_trajectory(run_dir, tmp_path):
+def test_landscape_cli_2d_with_trajectory(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMLAB_CACHE", str(run_dir.parent / "cache"))  # the user who trained it, reading its corpus
     out = tmp_path / "land"
     code = main(["landscape", str(run_dir), "--2d", "--points", "5", "--out", str(out)])
     assert code == 0

@@ -57,9 +57,10 @@ def _scrub(text: str) -> str:
 
 
 def _assert_clean_error(rc: int, err: str, *expect: str, one_line: bool = True) -> str:
-    """Non-zero exit, no traceback, exactly one stderr line with 'error' (the only line when one_line) naming
+    """Non-zero exit, no traceback, exactly one stderr line with 'error' (the only line but those saying which
+    corpus is read, when one_line) naming
     each of `expect` (words are looked for outside paths, paths as they are); returns that line."""
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("reading corpus ")]
     assert rc != 0, f"exit code {rc}, stderr:\n{err}"
     assert "Traceback" not in err, err
     errors = [ln for ln in lines if "error" in _scrub(ln)]
@@ -122,6 +123,12 @@ def run(base_run, tmp_path) -> Path:
     dst = tmp_path / "RUN"
     shutil.copytree(base_run, dst)
     return dst
+
+
+@pytest.fixture
+def data(base_run) -> list[str]:
+    """--data for the base run's corpus: commands that read a copied run's data name it (it was not made there)."""
+    return ["--data", str(base_run.parent / "corpus.txt")]
 
 
 SAMPLE = ["--max-new-tokens", "24", "--temperature", "0", "--prompt", "the "]
@@ -225,7 +232,7 @@ def test_resume_after_signal_continues_from_the_checkpoint_step(stopped_runs, si
     shutil.copytree(s.run, run)
     n = verify_checkpoint(checkpoint_dirs(run)[-1])["step"]
     before = _train_steps(run)
-    rc, _, err = _cli(capsys, "train", "--resume", run, "--max-steps", n + 3)
+    rc, _, err = _cli(capsys, "train", "--resume", run, "--max-steps", n + 3, "--data", s.corpus)
     assert rc == 0, err
     assert f"step_{n:08d}" in err
     after = _train_steps(run)
@@ -241,7 +248,7 @@ def test_resume_after_signal_equals_an_uninterrupted_run(stopped_runs, signame, 
     run = tmp_path / "RUN"
     shutil.copytree(s.run, run)
     n = verify_checkpoint(checkpoint_dirs(run)[-1])["step"]
-    rc, _, err = _cli(capsys, "train", "--resume", run, "--max-steps", n + 3)
+    rc, _, err = _cli(capsys, "train", "--resume", run, "--max-steps", n + 3, "--data", s.corpus)
     assert rc == 0, err
     ref = tmp_path / "REF"
     rc, _, err = _cli(capsys, "train", "--data", s.corpus, "--out", ref, "--max-steps", n + 3,
@@ -415,12 +422,12 @@ def test_truncated_newest_checkpoint_sample_falls_back_with_a_warning(run, tmp_p
     assert "warning" in _scrub(err).lower() and "step_00000006" in err  # the warning goes to stderr
 
 
-def test_truncated_newest_checkpoint_eval_json_stays_parseable(run, tmp_path, capsys):
+def test_truncated_newest_checkpoint_eval_json_stays_parseable(run, data, tmp_path, capsys):
     oracle = _without_newest(run, tmp_path / "ORACLE")
-    rc, expected, err = _cli(capsys, "eval", oracle, "--json")
+    rc, expected, err = _cli(capsys, "eval", oracle, "--json", *data)
     assert rc == 0, err
     _truncate(run / "checkpoints" / "step_00000006" / "model.safetensors")
-    rc, out, err = _cli(capsys, "eval", run, "--json")
+    rc, out, err = _cli(capsys, "eval", run, "--json", *data)
     assert rc == 0, err
     assert json.loads(out) == json.loads(expected)
 
@@ -755,7 +762,7 @@ def test_zero_and_negative_sizes(tmp_path, capsys, option, value):
     assert not out.exists()
 
 
-def test_unknown_device(tmp_path, run, capsys):
+def test_unknown_device(tmp_path, run, data, capsys):
     corpus = write_corpus(tmp_path / "corpus.txt")
     out = tmp_path / "out"
     rc, _, err = _cli(capsys, "train", "--data", corpus, "--out", out, *MODEL_ARGS, "--max-steps", "2",
@@ -764,33 +771,33 @@ def test_unknown_device(tmp_path, run, capsys):
     assert not (out / "config.json").exists()
     before = _snapshot(run)
     for argv in (["sample", run, "--device", "tpu"], ["eval", run, "--device", "tpu"],
-                 ["train", "--resume", run, "--max-steps", "10", "--device", "tpu"]):
+                 ["train", "--resume", run, "--max-steps", "10", "--device", "tpu", *data]):
         rc, _, err = _cli(capsys, *argv)
         _assert_clean_error(rc, err, "tpu")
     assert _snapshot(run) == before
 
 
-def test_cuda_when_not_available_does_not_touch_the_run(run, capsys):
+def test_cuda_when_not_available_does_not_touch_the_run(run, data, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here, so --device cuda is not an error")
     before = _snapshot(run)
     for argv in (["sample", run, "--device", "cuda"], ["train", "--resume", run, "--max-steps", "10",
-                                                       "--device", "cuda"]):
+                                                       "--device", "cuda", *data]):
         rc, _, err = _cli(capsys, *argv)
         _assert_clean_error(rc, err, "cuda")
     assert _snapshot(run) == before
 
 
-def test_second_training_on_a_locked_run_is_refused(run, capsys):
+def test_second_training_on_a_locked_run_is_refused(run, data, capsys):
     before = _snapshot(run)
     with RunLock(run):
-        rc, _, err = _cli(capsys, "train", "--resume", run, "--max-steps", "10")
+        rc, _, err = _cli(capsys, "train", "--resume", run, "--max-steps", "10", *data)
         _assert_clean_error(rc, err, "locked")
         assert _snapshot(run) == before
         rc, out, err = _cli(capsys, "sample", run, *SAMPLE)  # reading a run that is being trained is fine
         assert rc == 0, err
     assert _snapshot(run) == before
-    rc, _, err = _cli(capsys, "train", "--resume", run, "--max-steps", "8")  # the lock is gone with its holder
+    rc, _, err = _cli(capsys, "train", "--resume", run, "--max-steps", "8", *data)  # the lock is gone with its holder
     assert rc == 0, err
 
 
@@ -833,7 +840,7 @@ def _plant(path: Path, marker: Path, as_torch: bool = False) -> None:
 
 
 @pytest.mark.parametrize("how", ["replace", "replace-rehash", "optimizer-rehash", "beside"])
-def test_pickle_payloads_in_a_run_are_never_executed(run, tmp_path, capsys, how):
+def test_pickle_payloads_in_a_run_are_never_executed(run, data, tmp_path, capsys, how):
     marker = tmp_path / "PWNED"
     oracle = tmp_path / "ORACLE"
     shutil.copytree(run, oracle)
@@ -854,7 +861,7 @@ def test_pickle_payloads_in_a_run_are_never_executed(run, tmp_path, capsys, how)
     assert marker.exists()
     marker.unlink()
 
-    for cmd, extra in (("sample", SAMPLE), ("eval", ["--json"])):
+    for cmd, extra in (("sample", SAMPLE), ("eval", ["--json", *data])):
         rc, out, err = _cli(capsys, cmd, run, *extra)
         assert not marker.exists(), f"`lmlab {cmd}` executed code from the run"
         assert "Traceback" not in err

@@ -173,17 +173,19 @@ PLANTS = [plant_pickles_everywhere, plant_rehashed_pickle_checkpoints, plant_dcp
           link_trajectory_and_landscape]
 
 
-def commands(run: Path, out: Path) -> dict[str, list[str]]:
+def commands(run: Path, out: Path, corpus: Path) -> dict[str, list[str]]:
+    """Every command on the run; those that read its data name it (a copy is not the run made here)."""
+    data = ["--data", str(corpus)]
     return {
         "sample": ["sample", str(run), "--max-new-tokens", "8", "--temperature", "0", "--prompt", "the "],
-        "eval": ["eval", str(run), "--json"],
+        "eval": ["eval", str(run), "--json", *data],
         "next": ["next", str(run), "the ", "--json"],
         "surprisal": ["surprisal", str(run), "--text", "the cat sees", "--json"],
-        "landscape": ["landscape", str(run), "--points", "3", "--batch-size", "1", "--2d"],
+        "landscape": ["landscape", str(run), "--points", "3", "--batch-size", "1", "--2d", *data],
         "report": ["report", str(run), "--out", str(out / "report.html")],
         "export": ["export", str(run), str(out / "export")],
         "resume": ["train", "--resume", str(run), "--max-steps", str(STEPS + 2), "--sample-tokens", "4",
-                   "--no-progress"],
+                   "--no-progress", *data],
     }
 
 
@@ -223,12 +225,13 @@ def serve_requests(run: Path) -> list[tuple[str, int]]:
 
 
 @pytest.mark.parametrize("plant", PLANTS, ids=lambda f: f.__name__)
-def test_planted_runs_never_run_code_or_touch_files_outside(env, capsys, plant):
+def test_planted_runs_never_run_code_or_touch_files_outside(base, env, capsys, plant):
     run, outside, marker = env
+    corpus = base.parent / "corpus.txt"
     plant(run, outside, marker)
     before = _snapshot(outside)
     results = {}
-    for name, argv in commands(run, run.parent / f"out-{plant.__name__}").items():
+    for name, argv in commands(run, run.parent / f"out-{plant.__name__}", corpus).items():
         rc, out, err = _cli(capsys, argv)
         assert not marker.exists(), f"`lmlab {name}` ran code from the run"
         assert_contract(rc, err, name)
@@ -286,7 +289,7 @@ def test_export_trust_pickle_converts_an_old_dcp_checkpoint_after_a_warning(env,
     assert converted.name == ckpt.name
     again = load_file(str(converted / "model.safetensors"))
     assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
-    rc, _, err = _cli(capsys, ["eval", str(run.parent / "converted"), "--json"])
+    rc, _, err = _cli(capsys, ["eval", str(run.parent / "converted"), "--json", "--trust-data-path"])
     assert rc == 0, err
 
 
@@ -306,7 +309,7 @@ def test_out_never_deletes_what_lmlab_did_not_make(base, tmp_path, capsys):
     for p in ours + theirs:
         p.write_text("x")
     rc, _, err = _cli(capsys, ["train", "--resume", str(run), "--max-steps", str(STEPS + 1), "--sample-tokens", "0",
-                               "--no-progress"])
+                               "--no-progress", "--data", str(base.parent / "corpus.txt")])
     assert rc == 0, err
     assert not any(p.exists() for p in ours)
     assert all(p.read_text() == "x" for p in theirs)
@@ -404,12 +407,12 @@ def test_fuzzed_files_fall_back_or_fail_cleanly(fuzzed_runs, rel, capsys, base, 
             _check_status(run)
             continue
         for name in ("eval", "sample") + (("report",) if rel == "config.json" else ()):
-            rc, _, err = _cli(capsys, commands(run, out)[name])
+            rc, _, err = _cli(capsys, commands(run, out, base.parent / "corpus.txt")[name])
             assert_contract(rc, err, f"{name} with a damaged {rel} ({run.name})")
             if rel.endswith("state.json"):
                 assert rc == 0, f"{name} with a damaged {rel} ({run.name}) did not fall back:\n{err}"
         if rel.endswith("state.json") and i % 4 == 0:
-            rc, _, err = _cli(capsys, commands(run, out)["resume"])
+            rc, _, err = _cli(capsys, commands(run, out, base.parent / "corpus.txt")["resume"])
             assert rc == 0, f"resume with a damaged {rel} ({run.name}) did not fall back:\n{err}"
 
 
