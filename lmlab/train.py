@@ -686,6 +686,8 @@ def train(cfg: TrainConfig) -> dict:
             say(d, f"restart {dist_.restart_count()}: resuming {cfg.out}")
         if cfg.resume:  # every option given is applied or refused, before any file is touched
             saved = TrainConfig.from_json(rundir.read_config(Path(cfg.resume)))
+            if needs_corpus(cfg):  # left to the corpus (an elastic restart's command line): the run's choice stands
+                cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=saved.model.dropout))
             check_resume_settings(saved, cfg, Path(cfg.resume))
             cfg, batch_note = resume_batch(saved, cfg, d.world)
             cfg = dataclasses.replace(cfg, out=cfg.resume)  # config.json says where the run is

@@ -36,7 +36,8 @@ from lmlab.train import RunLock, train
 REPO = Path(__file__).resolve().parents[1]
 
 # Tiny model settings for CLI training runs in this file.
-MODEL_ARGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4"]
+MODEL_ARGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+              "--dropout", "0"]  # not left to the corpus: runs with other step budgets are compared
 
 
 # ---------------------------------------------------------------------------------------------------------------
