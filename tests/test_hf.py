@@ -262,7 +262,7 @@ def test_import_refuses_what_lmlab_cannot_express(tmp_path, bpe):
     ]
     base = dict(vocab_size=bpe.vocab_size, hidden_size=16, intermediate_size=40, num_hidden_layers=1,
                 num_attention_heads=2, num_key_value_heads=2, architectures=["LlamaForCausalLM"], model_type="llama")
-    for i, (change, message) in enumerate(cases):
+    for change, message in cases:
         with pytest.raises(LmlabError, match=message):
             hf.read_hf_config({**base, **change}, "config.json")
     with pytest.raises(LmlabError, match="lmlab imports GPT2LMHeadModel"):

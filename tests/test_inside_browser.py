@@ -75,7 +75,7 @@ def check_view(view: dict, records: list[dict], index: int, prompt: int) -> None
             assert curves[r["step"]] == r["loss_by_position"]["loss"]
 
 
-def test_the_inside_panel_follows_the_scrubber(browser, inside_run, tmp_path):
+def test_the_inside_panel_follows_the_scrubber(browser, inside_run, tmp_path):  # noqa: F811 - the fixture
     url, run = inside_run
     records = read_jsonl(run / "inside.jsonl")
     assert [r["step"] for r in records] == [0, 10, 20, 30]

@@ -525,8 +525,8 @@ def test_decode_step_at_position_tensor_matches_full_forward(kw, dtype, atol):
     idx = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(25))
     with torch.no_grad():
         full = model(idx)
+        cache = model.make_cache(2)
         for round_ in range(2):  # the second round reuses the buffer, whose later slots hold stale entries
-            cache = model.make_cache(2) if round_ == 0 else cache
             cache.pos = 0
             prefill = 3 + round_
             out = model(idx[:, :prefill], cache=cache)

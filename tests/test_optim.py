@@ -65,7 +65,7 @@ def _run_side_by_side(make_ours, make_ref, groups_of):
             _toy_loss(params, x, y).backward()
             opt.step()
         for a, b in zip(ours_p, ref_p):
-            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m: f"step {step}: {m}")
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m, step=step: f"step {step}: {m}")
     # the params really moved (a no-op optimizer would not pass as a match of a no-op reference)
     assert max((a - b).abs().max() for a, b in zip(ours_p, init)) > 1e-3
 
@@ -154,7 +154,7 @@ def test_adamw_with_intermittent_grads_matches_torch(skipped):
                 params[skipped].grad = None  # e.g. a parameter unused by this step's forward
             opt.step()
         for i, (a, b) in enumerate(zip(ours_p, ref_p)):
-            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m: f"step {step}, param {i}: {m}")
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m, step=step, i=i: f"step {step}, param {i}: {m}")
 
 
 def test_params_without_grad_are_left_alone():
