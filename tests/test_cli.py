@@ -72,9 +72,9 @@ def test_config_and_tokenizer_record_the_settings(trained):
     assert (trained.workdir / config["data"]["data"]).resolve() == trained.corpus.resolve()
     assert config["data"]["tokenizer"] == "char"
     chars = sorted(set(trained.text))
-    assert config["vocab_size"] == len(chars)
+    assert config["vocab_size"] == len(chars) + len(tok.SPECIAL_TOKENS)  # the characters, then the special tokens
     t = tok.load(trained.run / "tokenizer.json")
-    assert t.kind == "char" and t.vocab_size == len(chars)
+    assert t.kind == "char" and t.vocab_size == len(chars) + len(tok.SPECIAL_TOKENS)
     assert t.decode(t.encode(trained.text)) == trained.text
 
 
@@ -96,7 +96,7 @@ def test_metrics_jsonl_records(trained):
         assert EVAL_KEYS <= r.keys(), r
         assert math.isfinite(r["val_loss"])
     # before any learning the model is close to the uniform guess, ln(vocab)
-    vocab = len(set(trained.text))
+    vocab = len(set(trained.text)) + 5  # the characters and the special tokens
     assert evals[0]["val_loss"] == pytest.approx(math.log(vocab), abs=0.1)
     elapsed = [r["elapsed_s"] for r in trains]
     assert elapsed == sorted(elapsed)
