@@ -11,6 +11,9 @@ For the stages that use them (supervised fine-tuning, `lmlab chat`, serve's chat
 - `render(tokenizer, messages, add_generation_prompt=..., max_tokens=...)` -> `Rendered(ids, mask, turns_cut)`,
   cut at turn boundaries to fit; `render_all` renders a dataset and counts what was cut and dropped;
   `render_text` is the template's text, what transformers' apply_chat_template(tokenize=False) gives.
+Elsewhere: data.load_conversations turns a --data value (a file, synthetic:chat) into train and held-out
+conversations; synthetic.verify checks an answer to a synthetic:chat prompt; a base from before the special tokens
+gets them from tokenizer.add_special_tokens, and its model the rows for them from model.grow_vocab.
 
 The template is Jinja, rendered as transformers renders `chat_template` (a sandboxed environment with trim_blocks
 and lstrip_blocks, `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`, `{% generation
@@ -242,14 +245,16 @@ def read_parquet(path: Path) -> list[Conversation]:
             for index in np.flatnonzero(np.nan_to_num(lengths.astype(float)) > MAX_CONTENT_CHARS):
                 oversized.setdefault(int(parents[index]), f"a message of {int(lengths[index]):,} characters, more "
                                                           f"than {MAX_CONTENT_CHARS:,}")
-            for row, messages in enumerate(column.to_pylist()):
-                number = first + row
+            keep = np.ones(len(column), dtype=bool)
+            keep[list(oversized)] = False
+            found = list(oversized.items())  # (row in the batch, what is wrong), named in row order below
+            for row, messages in zip(np.flatnonzero(keep).tolist(), column.filter(pa.array(keep)).to_pylist()):
                 try:
-                    if row in oversized:
-                        raise LmlabError(oversized[row])
-                    conversations.append(Conversation(check_messages(messages), where=f"row {number}"))
+                    conversations.append(Conversation(check_messages(messages), where=f"row {first + row}"))
                 except LmlabError as e:
-                    problems.add(number, str(e))
+                    found.append((row, str(e)))
+            for row, problem in sorted(found):
+                problems.add(first + row, problem)
             first += len(column)
     except LmlabError:
         raise

@@ -354,6 +354,10 @@ def test_parquet_files_are_read_whole_or_refused_as_a_whole(tmp_path):
     with_name[2][0]["name"] = "bob"
     with pytest.raises(LmlabError, match="row 3: message 1 has \"name\""):
         chat.read_conversations(write_parquet(tmp_path / "named.parquet", with_name, wide))
+    # an oversized row (found before any Python object is made for it) after a malformed one: the first is named
+    many = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 129
+    with pytest.raises(LmlabError, match="row 3: messages is empty \\(and 1 more malformed rows\\)"):
+        chat.read_conversations(write_parquet(tmp_path / "mixed.parquet", rows[:2] + [[]] + rows[:2] + [many]))
     # a column that is not a list of {role, content} text structs, no messages column, not Parquet at all
     strings = write_parquet(tmp_path / "strings.parquet", ["hi"] * 2, pa.string())
     with pytest.raises(LmlabError, match="the messages column is string, not a list of"):
@@ -366,6 +370,19 @@ def test_parquet_files_are_read_whole_or_refused_as_a_whole(tmp_path):
     (tmp_path / "fake.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(LmlabError, match="is not a readable Parquet file"):
         chat.read_conversations(tmp_path / "fake.parquet")
+
+
+def test_a_file_with_too_many_conversations_is_refused_before_they_are_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(chat, "MAX_CONVERSATIONS", 4)
+    jsonl = write_jsonl(tmp_path / "chats.jsonl", [GOOD] * 5)
+    parquet = write_parquet(tmp_path / "chats.parquet", [GOOD["messages"]] * 5)
+    for path in (jsonl, parquet):
+        with pytest.raises(LmlabError, match="more than 4 conversations; split it"):
+            chat.read_conversations(path)
+    assert len(chat.read_conversations(write_jsonl(tmp_path / "four.jsonl", [GOOD] * 4))) == 4
+    monkeypatch.setattr(chat, "MAX_PARQUET_BYTES", 100)  # the messages column, uncompressed, from the file's metadata
+    with pytest.raises(LmlabError, match="its messages column is .* bytes uncompressed, more than 100"):
+        chat.read_conversations(write_parquet(tmp_path / "four.parquet", [GOOD["messages"]] * 4))
 
 
 def test_data_names_conversation_sources_and_splits_a_file(tmp_path):

@@ -256,6 +256,9 @@ def test_text_that_spells_a_special_token_is_encoded_as_text(kind, bpe):
         assert not specials & {int(i) for a in t.encode_many([text, name]) for i in a}
     # decoding a special id shows its string (what a sampled one prints)
     assert t.decode([t.special_tokens[tok.USER]]) == tok.USER
+    # sampling an answer stops at the end of a turn or of a text
+    assert t.stop_ids == sorted([t.special_tokens[tok.END], t.special_tokens[tok.ENDOFTEXT]])
+    assert (t.bos_token, t.eos_token, t.chat_template) == (tok.ENDOFTEXT, tok.END, tok.CHAT_TEMPLATE)
     assert sorted(t.ordinary_ids().tolist() + sorted(specials)) == list(range(t.vocab_size))
 
 
