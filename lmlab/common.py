@@ -253,6 +253,48 @@ def read_json(path: str | os.PathLike) -> Any:
         raise LmlabError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+MAX_JSON_DEPTH = 64  # lmlab writes at most a few levels; deeper is not ours (and would exhaust the parser's stack)
+
+
+def parse_json(data: bytes | str, what: str) -> Any:
+    """JSON from untrusted bytes: too deep, not UTF-8 or not JSON is one LmlabError naming `what`."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError:
+        raise LmlabError(f"{what} is not UTF-8 text") from None
+    if _depth(text) > MAX_JSON_DEPTH:
+        raise LmlabError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        detail = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        raise LmlabError(f"{what} is not valid JSON ({detail})") from None
+
+
+def _depth(text: str) -> int:
+    """How deeply brackets nest in a JSON text, counting only those outside strings (a bound, not a parse)."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return 0
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def json_safe(value: Any) -> Any:
     """`value` with every NaN or infinity as null: JSON has no such numbers (a skipped step logs a NaN loss), and
     a browser's JSON.parse refuses them."""

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Literal, Optional
 import numpy as np
 import torch
 
-from . import synthetic
+from . import chat, synthetic
 from . import tokenizer as tok
 from .common import LmlabError, atomic_write_json, cache_dir, read_json, sha256_file
 
@@ -57,9 +57,10 @@ class DataConfig:
     """Corpus: a text file, a folder, a glob, 'builtin' (Python's own docs), a named corpus or synthetic:NAME
     (see `lmlab data list`)."""
     tokenizer: Literal["char", "byte", "bpe"] = "char"
-    """char: one id per distinct character; byte: 256 byte values; bpe: byte-level BPE trained on the corpus."""
+    """char: one id per distinct character; byte: 256 byte values; bpe: byte-level BPE trained on the corpus. Each
+    reserves the chat special tokens too (<|endoftext|>, <|system|>, <|user|>, <|assistant|>, <|end|>)."""
     vocab_size: int = 2048
-    """Vocabulary size of a bpe tokenizer (ignored for char and byte)."""
+    """Vocabulary size of a bpe tokenizer, its special tokens included (ignored for char and byte)."""
     val_data: Optional[str] = None
     """A separate validation corpus; by default the last val_fraction of the token stream is held out."""
     val_fraction: float = 0.1
@@ -70,8 +71,8 @@ class DataConfig:
         self.val_data = absolute_source(self.val_data) if self.val_data else self.val_data
         if self.tokenizer not in tok.KINDS:
             raise LmlabError(f"unknown tokenizer {self.tokenizer!r}; use char, byte or bpe")
-        if self.tokenizer == "bpe" and self.vocab_size < 257:
-            raise LmlabError(f"--vocab-size must be at least 257 for bpe, got {self.vocab_size}")
+        if self.tokenizer == "bpe" and self.vocab_size < tok.MIN_BPE_VOCAB:
+            raise LmlabError(f"--vocab-size must be at least {tok.MIN_BPE_VOCAB} for bpe, got {self.vocab_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise LmlabError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
 
@@ -348,7 +349,8 @@ def prepare(corpus: Corpus, kind: str, vocab_size: int = 2048, tokenizer: tok.To
     corpus_hash = corpus_fingerprint(corpus)
     if corpus_hash == hashlib.sha256(b"").hexdigest():
         raise LmlabError(f"corpus {corpus.name} is empty")
-    spec = {"kind": kind, "vocab_size": vocab_size if kind == "bpe" else None}
+    # the schema: a tokenizer built now has the special tokens, one cached before them has not
+    spec = {"kind": kind, "vocab_size": vocab_size if kind == "bpe" else None, "schema": tok.SCHEMA}
     if tokenizer is not None:
         spec = {"tokenizer": tokenizer.fingerprint()}
     key = hashlib.sha256(json.dumps({"corpus": corpus_hash, **spec}, sort_keys=True).encode()).hexdigest()[:24]
@@ -403,6 +405,48 @@ def load_splits(cfg: DataConfig, tokenizer: tok.Tokenizer | None = None, say: Ca
     n_val = int(len(prepared) * cfg.val_fraction)
     cut = len(prepared) - n_val
     return Splits(prepared.tokens[:cut], prepared.tokens[cut:], prepared.tokenizer, prepared.meta, prepared.meta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversations
+
+
+def is_conversations(src: str) -> bool:
+    """Whether a --data value names conversations (a .jsonl or .parquet file, synthetic:chat) rather than text."""
+    return synthetic.is_chat(src) or chat.is_conversation_file(src)
+
+
+@dataclass
+class ConversationSplits:
+    """The conversations to fine-tune on and those held out to validate on."""
+
+    train: list[chat.Conversation]
+    val: list[chat.Conversation]
+    source: str
+    """What they were read from, for messages."""
+
+
+def load_conversations(src: str, val_data: Optional[str] = None, val_fraction: float = 0.1,
+                       seed: int = 0) -> ConversationSplits:
+    """The conversations a --data value names: synthetic:chat[:SEED] (its train and held-out splits, each
+    conversation with its skill), or a .jsonl or .parquet file (chat.read_conversations: the whole file checked
+    first). A file's held-out conversations are val_data's, else a val_fraction of its own drawn with `seed` (at
+    least one, and at least one left to train on)."""
+    if synthetic.is_chat(src):
+        _, chat_seed = synthetic.parse(src)
+        splits = ([chat.Conversation(t.messages, t.skill, f"{split} conversation {i + 1}")
+                   for i, t in enumerate(synthetic.chat_tasks(chat_seed, split))] for split in ("train", "heldout"))
+        return ConversationSplits(*splits, src)
+    conversations = chat.read_conversations(src)
+    if val_data:
+        return ConversationSplits(conversations, chat.read_conversations(val_data), src)
+    if len(conversations) < 2:
+        raise LmlabError(f"{src} holds {len(conversations)} conversation; hold some out with --val-data, or give more")
+    n_val = min(max(1, round(len(conversations) * val_fraction)), len(conversations) - 1)
+    order = np.random.default_rng(seed).permutation(len(conversations))
+    held = set(order[:n_val].tolist())
+    return ConversationSplits([c for i, c in enumerate(conversations) if i not in held],
+                              [c for i, c in enumerate(conversations) if i in held], src)
 
 
 # ---------------------------------------------------------------------------------------------------------------

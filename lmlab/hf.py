@@ -31,6 +31,7 @@ HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 HF_TOKENIZER = "tokenizer.json"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_GENERATION_CONFIG = "generation_config.json"
+HF_CHAT_TEMPLATE = "chat_template.jinja"  # where newer transformers save a tokenizer's chat template
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 TOLERANCE = 1e-4  # the largest |logit difference| an export may show against transformers (float32)
@@ -493,8 +494,9 @@ def _rope(c: dict, arch: str, where: str) -> tuple[float, Optional[str], float]:
 
 
 def hf_tokenizer(tokenizer: tok.Tokenizer):
-    """The tokenizer as a Hugging Face `tokenizers.Tokenizer` with the same ids and the same decoding."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    """The tokenizer as a Hugging Face `tokenizers.Tokenizer` with the same ids and the same decoding; its special
+    tokens are special added tokens there too."""
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
     if tokenizer.kind == "bpe":
         return HFTokenizer.from_str(tokenizer.hf.to_str())
@@ -502,24 +504,40 @@ def hf_tokenizer(tokenizer: tok.Tokenizer):
         hf = HFTokenizer(models.WordLevel({c: i for i, c in enumerate(tokenizer.chars)}, unk_token="<unk>"))
         hf.pre_tokenizer = pre_tokenizers.Split(Regex(ONE_CHARACTER), behavior="isolated")
         hf.decoder = decoders.Fuse()
-        return hf
-    if tokenizer.kind == "byte":  # id b is byte b, under byte-level BPE's printable stand-in for it, and no merges
+    elif tokenizer.kind == "byte":  # id b is byte b, under byte-level BPE's printable stand-in for it, and no merges
         hf = HFTokenizer(models.BPE({ch: b for ch, b in tok._byte_level_alphabet().items()}, []))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         hf.decoder = decoders.ByteLevel()
-        return hf
-    raise LmlabError(f"no tokenizer.json for a {tokenizer.kind!r} tokenizer")
+    else:
+        raise LmlabError(f"no tokenizer.json for a {tokenizer.kind!r} tokenizer")
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokenizer.special_tokens])
+    return hf
 
 
-def tokenizer_from_hf(obj: Any, where: str) -> tok.Tokenizer:
+def _special_added_tokens(obj: dict, first: int, where: str) -> list[str]:
+    """The added tokens of an lmlab char or byte export: special tokens with ids first, first + 1, ..."""
+    added = obj.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(a, dict) for a in added):
+        raise LmlabError(f"{where}: added_tokens must be a list of objects")
+    added = sorted(added, key=lambda a: a.get("id") if type(a.get("id")) is int else -1)
+    if [a.get("id") for a in added] != list(range(first, first + len(added))) or not all(
+            a.get("special") is True and isinstance(a.get("content"), str) for a in added):
+        raise LmlabError(f"{where}: the added tokens of a char or byte tokenizer must be special tokens with the ids "
+                         f"after its {first} ordinary ones")
+    return [a["content"] for a in added]
+
+
+def tokenizer_from_hf(obj: Any, where: str, config: Any = None) -> tok.Tokenizer:
     """An lmlab tokenizer with the same ids as a tokenizer.json: lmlab's own char and byte exports, or any
-    byte-level BPE (GPT-2's, Llama 3's, lmlab's). lmlab encodes text as it is: no BOS or EOS is added."""
+    byte-level BPE (GPT-2's, Llama 3's, lmlab's). lmlab encodes text as it is: no BOS or EOS is added. A BPE
+    tokenizer keeps the chat template of its tokenizer_config.json (`config`), if it has one other than lmlab's,
+    with its bos and eos tokens."""
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise LmlabError(f"{where} is not a tokenizer.json")
     model, pre, decoder = (obj.get(k) if isinstance(obj.get(k), dict) else {} for k in
                            ("model", "pre_tokenizer", "decoder"))
     vocab = model.get("vocab")
-    plain = not obj.get("added_tokens") and obj.get("normalizer") is None
+    plain = obj.get("normalizer") is None
     if (model.get("type") == "WordLevel" and isinstance(vocab, dict) and plain and decoder.get("type") == "Fuse"
             and pre.get("type") == "Split" and pre.get("pattern") == {"Regex": ONE_CHARACTER}):
         chars = sorted(vocab, key=lambda c: vocab[c]) if all(type(i) is int for i in vocab.values()) else []
@@ -527,7 +545,7 @@ def tokenizer_from_hf(obj: Any, where: str) -> tok.Tokenizer:
                 or chars != sorted(chars)):
             raise LmlabError(f"{where}: a one-character-per-token vocabulary must hold single characters with ids "
                              f"0..n-1 in code-point order, as lmlab's char tokenizer numbers them")
-        return tok.CharTokenizer(chars)
+        return tok.CharTokenizer(chars, _special_added_tokens(obj, len(chars), where))
     if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel" or model.get("byte_fallback"):
         raise LmlabError(f"{where} is a {model.get('type')} tokenizer that is not byte-level BPE; lmlab reads "
                          f"byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) and its own char and byte exports, whose "
@@ -535,7 +553,7 @@ def tokenizer_from_hf(obj: Any, where: str) -> tok.Tokenizer:
     alphabet = tok._byte_level_alphabet()
     if (vocab == {ch: b for ch, b in alphabet.items()} and not model.get("merges") and plain
             and pre.get("type") == "ByteLevel" and not pre.get("use_regex", True)):
-        return tok.ByteTokenizer()
+        return tok.ByteTokenizer(_special_added_tokens(obj, 256, where))
     obj = {**obj, "post_processor": None, "padding": None, "truncation": None}  # text in, its tokens out: no BOS
     try:
         from tokenizers import Tokenizer as HFTokenizer
@@ -547,10 +565,34 @@ def tokenizer_from_hf(obj: Any, where: str) -> tok.Tokenizer:
     ids = hf.get_vocab()
     if sorted(ids.values()) != list(range(len(ids))):
         raise LmlabError(f"{where}: the token ids are not 0..{len(ids) - 1} without gaps")
+    special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}  # spelled as they are
     for token in ids:
-        if any(ch not in alphabet for ch in token):
+        if token not in special and any(ch not in alphabet for ch in token):
             raise LmlabError(f"{where}: token {token!r} is not a byte string in byte-level BPE's alphabet")
-    return tok.BPETokenizer(hf)
+    template, bos, eos = chat_template_of(config, where)
+    if template == tok.CHAT_TEMPLATE:  # lmlab's own, from its special tokens
+        template = bos = eos = None
+    return tok.BPETokenizer(hf, template, bos, eos)
+
+
+def chat_template_of(config: Any, where: str) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """(chat template, bos token, eos token) of a tokenizer_config.json: its chat_template (a string, or the one
+    named "default" of a list), and its bos_token and eos_token (a string, or an added token's "content"); Nones
+    where there are none."""
+    if not isinstance(config, dict):
+        return None, None, None
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is not None and not isinstance(template, str):
+        raise LmlabError(f"{where}: chat_template must be a string, or a list of named templates")
+
+    def token(value: Any) -> Optional[str]:
+        value = value.get("content") if isinstance(value, dict) else value
+        return value if isinstance(value, str) else None
+
+    return template, token(config.get("bos_token")), token(config.get("eos_token"))
 
 
 def tokenizer_config(block_size: int) -> dict:
@@ -612,7 +654,8 @@ def verify(out: str | Path, model: torch.nn.Module, tokenizer: tok.Tokenizer, wi
                 ours = model(ids.to(device)).float().cpu()
                 theirs = hf_model(ids).logits.float()
                 worst = max(worst, float((ours - theirs).abs().max()))
-        text = tokenizer.decode(torch.randint(tokenizer.vocab_size, (400,), generator=g).tolist())
+        ordinary = tokenizer.ordinary_ids()  # a text that spells no special token: both encode it alike
+        text = tokenizer.decode(ordinary[torch.randint(len(ordinary), (400,), generator=g).numpy()].tolist())
         ids = tokenizer.encode(text)
         same_tokens = hf_tok(text, add_special_tokens=False)["input_ids"] == ids and hf_tok.decode(ids) == text
     finally:
@@ -692,7 +735,7 @@ def download(repo_id: str) -> Path:
                          f"'lmlab[hf]'); or give a local folder") from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=[HF_CONFIG, HF_TOKENIZER, HF_TOKENIZER_CONFIG,
-                                                               HF_WEIGHTS_INDEX, "*.safetensors"]))
+                                                               HF_CHAT_TEMPLATE, HF_WEIGHTS_INDEX, "*.safetensors"]))
     except Exception as e:  # noqa: BLE001 - network, authentication and missing-repository errors alike
         detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise LmlabError(f"--init-from {repo_id}: no such folder here, and the hub did not give it "
@@ -773,6 +816,26 @@ def _normalise_names(tensors: dict[str, Any], arch: str) -> dict[str, Any]:
     return tensors
 
 
+MAX_TEMPLATE_BYTES = 1 << 20
+
+
+def tokenizer_config_of(folder: Path) -> Optional[dict]:
+    """A model folder's tokenizer_config.json (None without one), with the chat template of its
+    chat_template.jinja, where newer transformers keep it, when the config has none."""
+    config = _read_json(folder / HF_TOKENIZER_CONFIG) if (folder / HF_TOKENIZER_CONFIG).is_file() else None
+    if not isinstance(config, dict):
+        return None
+    jinja = folder / HF_CHAT_TEMPLATE
+    if config.get("chat_template") is None and jinja.is_file():
+        if jinja.stat().st_size > MAX_TEMPLATE_BYTES:
+            raise LmlabError(f"{jinja} is more than {MAX_TEMPLATE_BYTES:,} bytes; not a chat template")
+        try:
+            config = {**config, "chat_template": jinja.read_text(encoding="utf-8")}
+        except (OSError, UnicodeDecodeError) as e:
+            raise LmlabError(f"cannot read {jinja} as UTF-8 text ({type(e).__name__})") from None
+    return config
+
+
 def load_hf(source: str, run: Optional[ModelConfig] = None) -> Imported:
     """Read a transformers model folder (or hub id) of a supported class as lmlab's model, tokenizer and weights.
     The context is the run's block_size, up to the model's own; dropout and zero_init_proj are the run's."""
@@ -782,7 +845,8 @@ def load_hf(source: str, run: Optional[ModelConfig] = None) -> Imported:
     if not (folder / HF_TOKENIZER).is_file():
         raise LmlabError(f"{folder} has no {HF_TOKENIZER} (lmlab reads the fast tokenizer's file only)")
     spec = read_hf_config(_read_json(folder / HF_CONFIG), str(folder / HF_CONFIG), run)
-    tokenizer = tokenizer_from_hf(_read_json(folder / HF_TOKENIZER), str(folder / HF_TOKENIZER))
+    tokenizer = tokenizer_from_hf(_read_json(folder / HF_TOKENIZER), str(folder / HF_TOKENIZER),
+                                  tokenizer_config_of(folder))
     if tokenizer.vocab_size != spec.vocab_size:
         raise LmlabError(f"{folder}: the model has {spec.vocab_size} token embeddings and its tokenizer "
                          f"{tokenizer.vocab_size} tokens; lmlab needs one embedding per token")

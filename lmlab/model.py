@@ -9,6 +9,7 @@ What other modules may use of a model, and nothing more (both architectures have
 - Looking inside (inside.py): `with model.capture(*names) as seen:` keeps the named activations of the forwards
   run in the block (`model.hook_points()` lists the names), and `model.head(x)` turns a residual stream into
   logits (the logit lens).
+- `grow_vocab(model, vocab_size)`: room for new token ids (special tokens added to a tokenizer from before them).
 - Parameters by name only through the helpers below: `unique_parameters` (tied weights once), `layer_of`
   (embed / block.N / head, for telemetry), `is_hidden_matrix` (Muon's share), `count_params`, `matmul_params`.
 """
@@ -645,6 +646,45 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         raise LmlabError(f"the model's {', '.join(cfg.unset())} are left to the budget rules; apply them first "
                          f"(lmlab.config.apply_budget)")
     return Bigram(cfg, vocab_size) if cfg.arch == "bigram" else GPT(cfg, vocab_size)
+
+
+@torch.no_grad()
+def grow_vocab(model: nn.Module, vocab_size: int) -> int:
+    """Grow a model in place to `vocab_size` token ids, for ids appended to its tokenizer (tokenizer.
+    add_special_tokens): each new row of the token table, of an untied output head and of the value embedding
+    starts as the mean of that table's existing rows (the bigram's table grows new rows and columns, each the mean
+    of the existing ones), so a new token starts as an average token rather than a random one. A tied head stays
+    tied. Call it before the optimizer is built: the grown tensors are new parameters. Returns how many rows were
+    added (0 when the model is that size already)."""
+    added = vocab_size - model.vocab_size
+    if added < 0:
+        raise LmlabError(f"cannot shrink a model's vocabulary from {model.vocab_size} to {vocab_size}")
+    if added == 0:
+        return 0
+
+    def grown(weight: torch.Tensor, dim: int = 0) -> torch.Tensor:  # `added` more rows (dim 0) or columns (dim 1)
+        return torch.cat([weight, weight.mean(dim, keepdim=True).expand(*((added, -1) if dim == 0 else (-1, added)))],
+                         dim)
+
+    def parameter(weight: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+        return nn.Parameter(weight.contiguous(), requires_grad=like.requires_grad)
+
+    if isinstance(model, Bigram):
+        old = model.table.weight  # (V, V): row = the current token, column = the next one's logit
+        model.table.weight = parameter(grown(grown(old), 1), old)
+        model.table.num_embeddings = vocab_size
+    else:
+        tied = model.lm_head.weight is model.wte.weight
+        model.wte.weight = parameter(grown(model.wte.weight), model.wte.weight)
+        model.wte.num_embeddings = vocab_size
+        model.lm_head.weight = model.wte.weight if tied else parameter(grown(model.lm_head.weight),
+                                                                       model.lm_head.weight)
+        model.lm_head.out_features = vocab_size
+        if model.vte is not None:
+            model.vte.weight = parameter(grown(model.vte.weight), model.vte.weight)
+            model.vte.num_embeddings = vocab_size
+    model.vocab_size = vocab_size
+    return added
 
 
 # Parameter names, for the modules that treat parameters by role (telemetry, optim)

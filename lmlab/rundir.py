@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
 
-from .common import LmlabError, atomic_write_bytes, atomic_write_json, cache_dir
+from .common import LmlabError, atomic_write_bytes, atomic_write_json, cache_dir, parse_json
 from .config import TrainConfig
 from .data import is_path
 
@@ -51,7 +51,6 @@ RUN_FILES = (CONFIG, TOKENIZER, STATUS, METRICS, PROBES, TELEMETRY, INSIDE, SAMP
              SAMPLES_JSONL)  # what export copies
 STATUSES = ("running", "finished", "interrupted", "failed")
 
-MAX_JSON_DEPTH = 64  # lmlab writes at most a few levels; deeper is not ours (and would exhaust the parser's stack)
 
 # Temporary names lmlab makes: atomic writes (".NAME.RANDOM.tmp"), checkpoint folders (".step_N.RANDOM.tmp",
 # ".step_N.shards.tmp"; ".step_N.dcp.tmp" from older versions) and weight snapshots (".step_N.safetensors.tmp").
@@ -121,45 +120,6 @@ def read_bytes(run_dir: str | os.PathLike, rel: str | os.PathLike) -> bytes:
 def read_text(run_dir: str | os.PathLike, rel: str | os.PathLike) -> str:
     """The file as text; bytes that are not UTF-8 become U+FFFD."""
     return read_bytes(run_dir, rel).decode("utf-8", errors="replace")
-
-
-def parse_json(data: bytes | str, what: str) -> Any:
-    """JSON from untrusted bytes: too deep, not UTF-8 or not JSON is one LmlabError naming `what`."""
-    try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-    except UnicodeDecodeError:
-        raise LmlabError(f"{what} is not UTF-8 text") from None
-    if _depth(text) > MAX_JSON_DEPTH:
-        raise LmlabError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:
-        detail = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else type(e).__name__
-        raise LmlabError(f"{what} is not valid JSON ({detail})") from None
-
-
-def _depth(text: str) -> int:
-    """How deeply brackets nest in a JSON text, counting only those outside strings (a bound, not a parse)."""
-    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
-        return 0
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
 
 
 def read_json(run_dir: str | os.PathLike, rel: str | os.PathLike) -> Any:

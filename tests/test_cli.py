@@ -72,9 +72,9 @@ def test_config_and_tokenizer_record_the_settings(trained):
     assert (trained.workdir / config["data"]["data"]).resolve() == trained.corpus.resolve()
     assert config["data"]["tokenizer"] == "char"
     chars = sorted(set(trained.text))
-    assert config["vocab_size"] == len(chars)
+    assert config["vocab_size"] == len(chars) + len(tok.SPECIAL_TOKENS)  # the characters, then the special tokens
     t = tok.load(trained.run / "tokenizer.json")
-    assert t.kind == "char" and t.vocab_size == len(chars)
+    assert t.kind == "char" and t.vocab_size == len(chars) + len(tok.SPECIAL_TOKENS)
     assert t.decode(t.encode(trained.text)) == trained.text
 
 
@@ -96,7 +96,7 @@ def test_metrics_jsonl_records(trained):
         assert EVAL_KEYS <= r.keys(), r
         assert math.isfinite(r["val_loss"])
     # before any learning the model is close to the uniform guess, ln(vocab)
-    vocab = len(set(trained.text))
+    vocab = len(set(trained.text)) + 5  # the characters and the special tokens
     assert evals[0]["val_loss"] == pytest.approx(math.log(vocab), abs=0.1)
     elapsed = [r["elapsed_s"] for r in trains]
     assert elapsed == sorted(elapsed)
@@ -605,12 +605,12 @@ def dataclasses_replace(cfg, **changes):
 
 def test_train_says_and_records_the_dropout_it_chose(tmp_path):
     write_corpus(tmp_path / "corpus.txt", 30, seed=3)
-    proc = run_cli(["train", "--data", "corpus.txt", "--out", "run", "--max-steps", "40", "--max-time", "0",
+    proc = run_cli(["train", "--data", "corpus.txt", "--out", "run", "--max-steps", "100", "--max-time", "0",
                     "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "8",
-                    "--sample-tokens", "0", "--eval-interval", "40"], cwd=tmp_path, cache=tmp_path / "cache")
+                    "--sample-tokens", "0", "--eval-interval", "100"], cwd=tmp_path, cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    passes = 40 * 8 * 16 / config_train_tokens(tmp_path / "run")
+    passes = 100 * 8 * 16 / config_train_tokens(tmp_path / "run")
     from lmlab.config import corpus_dropout
 
     assert config["model"]["dropout"] == corpus_dropout(passes) > 0

@@ -24,6 +24,7 @@ transformers.logging.set_verbosity_error()
 
 TEXT = "Naïve café — 日本語 😀\nline two,\ttabs  and  spaces\r\n\n"
 CHARS = sorted(set(TEXT + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'-"))
+VOCAB = len(CHARS) + 5  # the characters, then lmlab's special tokens
 
 
 @torch.no_grad()
@@ -40,7 +41,7 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.
     return model
 
 
-def lmlab_model(seed=0, vocab=len(CHARS), **kw) -> GPT:
+def lmlab_model(seed=0, vocab=VOCAB, **kw) -> GPT:
     cfg = ModelConfig(**{**dict(block_size=16, n_layer=2, n_head=2, n_embd=16, zero_init_proj=True), **kw})
     return randomize(build_model(cfg, vocab), seed).eval()
 
@@ -152,10 +153,13 @@ def test_pipeline_generates_greedy_text_equal_to_lmlabs(tmp_path):
     tokenizer = CharTokenizer(CHARS)
     hf.write_hf(model, tokenizer, tmp_path)
     prompt = "the "
-    expected = tokenizer.decode(generate(model, tokenizer.encode(prompt), 12, temperature=0.0))
+    ids = list(generate(model, tokenizer.encode(prompt), 12, temperature=0.0))
+    # the pipeline's text leaves out special tokens (this random model writes some)
+    expected = tokenizer.decode(i for i in ids if i not in tokenizer.special_tokens.values())
     pipe = transformers.pipeline("text-generation", model=str(tmp_path))
     out = pipe(prompt, max_new_tokens=12, do_sample=False, return_full_text=False)
     assert out[0]["generated_text"] == expected
+    assert set(ids) & set(tokenizer.special_tokens.values())  # so the comparison above covers them
 
 
 def test_verification_fails_on_a_wrong_export_and_says_when_transformers_is_missing(tmp_path, monkeypatch):
@@ -214,7 +218,16 @@ def hf_llama(folder: Path, tokenizer) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def bpe():
-    return bpe_tokenizer()
+    """A byte-level BPE trained by `tokenizers` itself, without lmlab's special tokens, as GPT-2's and Llama's are."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf_tokenizer = Tokenizer(models.BPE())
+    hf_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    hf_tokenizer.train_from_iterator([TEXT * 20 + "the cat sat on the mat. " * 50], trainer=trainer)
+    return BPETokenizer(hf_tokenizer)
 
 
 @pytest.mark.parametrize("make,arch", [(hf_gpt2, hf.GPT2), (hf_llama, hf.LLAMA)])
@@ -352,3 +365,41 @@ def test_every_command_works_on_an_imported_run(tmp_path, bpe, capsys):
     loaded = load_run(run)
     assert len(next_token_view(loaded, "the cat", Sampling(), 5, False, 0)["rows"]) == 5
     assert surprisal_view(loaded, "the cat sees a dog.")["per_token"]
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+          "{% endif %}")
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config", "named_list", "chat_template.jinja"])
+def test_an_imported_tokenizer_keeps_its_chat_template_and_renders_as_transformers_does(tmp_path, bpe, where):
+    from tokenizers import Tokenizer
+
+    from lmlab import chat
+    from lmlab.tokenizer import from_json
+
+    inner = Tokenizer.from_str(bpe.hf.to_str())
+    inner.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    inner.save(str(tmp_path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None,
+              "eos_token": {"__type": "AddedToken", "content": "<|im_end|>", "special": True}}  # older configs
+    if where == "tokenizer_config":
+        config["chat_template"] = CHATML
+    elif where == "named_list":
+        config["chat_template"] = [{"name": "tool_use", "template": "{{ 1 }}"}, {"name": "default", "template": CHATML}]
+    else:
+        (tmp_path / "chat_template.jinja").write_text(CHATML)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = hf.tokenizer_from_hf(json.loads((tmp_path / "tokenizer.json").read_text()), "tokenizer.json",
+                                hf.tokenizer_config_of(tmp_path))
+    assert ours.chat_template == CHATML and ours.eos_token == "<|im_end|>" and ours.bos_token is None
+    assert ours.stop_ids == [inner.token_to_id("<|im_end|>")]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat?"},
+                {"role": "assistant", "content": "sat on the mat."}, {"role": "user", "content": "and then?"}]
+    expected = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert chat.render(ours, messages, add_generation_prompt=True).ids.tolist() == expected
+    back = from_json(json.loads(json.dumps(ours.to_json())))  # as a run folder keeps it
+    assert back.chat_template == CHATML and back.fingerprint() == ours.fingerprint()
+    assert chat.render(back, messages, add_generation_prompt=True).ids.tolist() == expected

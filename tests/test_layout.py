@@ -7,6 +7,7 @@ from pathlib import Path
 #   -> sample / evaluate / inspect -> report / serve. Where the training loop needs it, a module moves left:
 ORDER = [
     "common", "tokenizer",
+    "chat",  # conversations and the tokenizer's chat template: token ids and loss masks, a source of data
     "synthetic",  # synthetic corpora, a source of data
     "data", "model", "loss",
     "distributed",  # before optim: Muon orthogonalises sharded (FSDP) matrices through its helpers

@@ -45,21 +45,25 @@ def test_byte_level_tokenizers_round_trip_unseen_text(tokenizers, kind):
     assert t.decode(t.encode(text)) == text
 
 
-def test_char_ids_are_the_sorted_distinct_characters():
+def test_char_ids_are_the_sorted_distinct_characters_then_the_special_tokens():
     t = tok.CharTokenizer(CORPUS)
     chars = sorted(set(CORPUS))
-    assert t.vocab_size == len(chars)
+    assert t.vocab_size == len(chars) + len(tok.SPECIAL_TOKENS)
     assert t.encode("".join(chars)) == list(range(len(chars)))
+    assert t.special_tokens == {s: len(chars) + i for i, s in enumerate(tok.SPECIAL_TOKENS)}
 
 
-def test_byte_ids_are_utf8_bytes():
+def test_byte_ids_are_utf8_bytes_then_the_special_tokens():
     t = tok.ByteTokenizer()
-    assert t.vocab_size == 256
+    assert t.vocab_size == 256 + 5
     assert t.encode("aé🙂") == list("aé🙂".encode("utf-8"))
+    assert t.special_tokens == {"<|endoftext|>": 256, "<|system|>": 257, "<|user|>": 258, "<|assistant|>": 259,
+                                "<|end|>": 260}
 
 
 def test_bpe_learns_merges_and_respects_vocab_size(bpe):
-    assert 257 <= bpe.vocab_size <= 300
+    assert tok.MIN_BPE_VOCAB <= bpe.vocab_size <= 300
+    assert bpe.special_tokens == {s: i for i, s in enumerate(tok.SPECIAL_TOKENS)}  # reserved at training
     # Every id decodes to a distinct, non-empty byte string, and all 256 single bytes are present.
     assert all(len(b) > 0 for b in bpe.token_bytes)
     assert len(set(bpe.token_bytes)) == bpe.vocab_size
@@ -69,8 +73,8 @@ def test_bpe_learns_merges_and_respects_vocab_size(bpe):
 
 
 def test_bpe_rejects_too_small_vocab():
-    with pytest.raises(LmlabError, match="257"):
-        tok.BPETokenizer.train(iter([CORPUS]), 100)
+    with pytest.raises(LmlabError, match="262"):
+        tok.BPETokenizer.train(iter([CORPUS]), 261)
 
 
 @pytest.mark.parametrize("unseen", ["Z", "ü", "国中", "😀"])
@@ -140,7 +144,7 @@ def test_dtype_is_wider_for_huge_vocabularies():
     assert t.vocab_size > 65536
     assert t.dtype == np.uint32
     ids = t.encode(chars[-1] + chars[0])
-    assert ids == [t.vocab_size - 1, 0]
+    assert ids == [len(chars) - 1, 0] and t.vocab_size == len(chars) + len(tok.SPECIAL_TOKENS)
 
 
 @pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
@@ -179,3 +183,109 @@ def test_loading_a_non_tokenizer_file_is_an_lmlab_error(tmp_path, content):
 def test_loading_a_missing_tokenizer_file_is_an_lmlab_error(tmp_path):
     with pytest.raises(LmlabError, match="missing"):
         tok.load(tmp_path / "nope.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Special tokens
+
+
+def _old_bpe_json() -> dict:
+    """A BPE tokenizer.json as lmlab wrote it before special tokens: trained without any."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator([CORPUS], trainer=trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[], show_progress=False))
+    return {"kind": "bpe", "hf": json.loads(hf.to_str())}
+
+
+# tokenizer.json files as lmlab wrote them before special tokens (schema 1), and the fingerprint runs recorded
+OLD_FILES = {"char": {"kind": "char", "chars": sorted(set(CORPUS))}, "byte": {"kind": "byte"}}
+
+
+def old_fingerprint(obj: dict) -> str:
+    """How lmlab fingerprinted a tokenizer then (config.json's tokenizer_fingerprint of every run)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
+def test_an_old_tokenizer_file_loads_unchanged_and_can_be_grown(tmp_path, kind):
+    old = OLD_FILES[kind] if kind != "bpe" else _old_bpe_json()
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(old))
+    t = tok.load(path)
+    ordinary = {"char": len(set(CORPUS)), "byte": 256}.get(kind) or len(old["hf"]["model"]["vocab"])
+    assert t.vocab_size == ordinary and t.special_tokens == {} and t.chat_template is None
+    assert t.to_json() == old and t.fingerprint() == old_fingerprint(old)  # so an old run's check still passes
+    ids = t.encode(PROBE)
+    grown, added = tok.add_special_tokens(t)
+    assert added == list(tok.SPECIAL_TOKENS)
+    assert grown.vocab_size == ordinary + 5 and grown.encode(PROBE) == ids  # the old ids stay
+    assert grown.special_tokens == {s: ordinary + i for i, s in enumerate(tok.SPECIAL_TOKENS)}
+    assert grown.token_bytes[:ordinary] == t.token_bytes and grown.chat_template == tok.CHAT_TEMPLATE
+    assert tok.add_special_tokens(grown) == (grown, [])
+    grown.save(path)  # and the grown one is a schema 2 file that loads as it was
+    assert tok.load(path).fingerprint() == grown.fingerprint() and tok.load(path).special_tokens == grown.special_tokens
+
+
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_a_new_tokenizer_file_has_the_schema_and_its_special_tokens(tokenizers, kind, tmp_path):
+    obj = tokenizers[kind].to_json()
+    assert obj["schema"] == tok.SCHEMA == 2 and obj["special_tokens"] == list(tok.SPECIAL_TOKENS)
+    for bad in ({**obj, "schema": 3}, {**obj, "special_tokens": "<|end|>"}, {**obj, "special_tokens": ["<|a|>"] * 2},
+                {**obj, "special_tokens": ["x"]}):
+        (tmp_path / "t.json").write_text(json.dumps(bad))
+        with pytest.raises(LmlabError) as info:
+            tok.load(tmp_path / "t.json")
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
+def test_text_that_spells_a_special_token_is_encoded_as_text(kind, bpe):
+    t = {"char": tok.CharTokenizer(CORPUS + "".join(tok.SPECIAL_TOKENS)), "byte": tok.ByteTokenizer(), "bpe": bpe}[kind]
+    specials = set(t.special_tokens.values())
+    assert len(specials) == 5 and len(t.special_tokens) == 5
+    for name in tok.SPECIAL_TOKENS:
+        text = f"the cat {name} sees{name}"
+        ids = t.encode(text)
+        assert not specials & set(ids) and t.decode(ids) == text
+        assert not specials & {int(i) for a in t.encode_many([text, name]) for i in a}
+    # decoding a special id shows its string (what a sampled one prints)
+    assert t.decode([t.special_tokens[tok.USER]]) == tok.USER
+    # sampling an answer stops at the end of a turn or of a text
+    assert t.stop_ids == sorted([t.special_tokens[tok.END], t.special_tokens[tok.ENDOFTEXT]])
+    assert (t.bos_token, t.eos_token, t.chat_template) == (tok.ENDOFTEXT, tok.END, tok.CHAT_TEMPLATE)
+    assert sorted(t.ordinary_ids().tolist() + sorted(specials)) == list(range(t.vocab_size))
+
+
+def test_an_imported_bpe_keeps_its_own_special_tokens_and_they_stay_text_in_encode():
+    from tokenizers import Tokenizer
+
+    old = _old_bpe_json()
+    hf = Tokenizer.from_str(json.dumps(old["hf"]))
+    hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    t = tok.BPETokenizer(hf, "{{ messages }}", None, "<|im_end|>")
+    assert t.special_tokens == {"<|im_start|>": 300, "<|im_end|>": 301}
+    assert not {300, 301} & set(t.encode("a <|im_start|> b<|im_end|>"))
+    assert t.chat_template == "{{ messages }}" and t.eos_token == "<|im_end|>" and t.stop_ids == [301]
+    back = tok.from_json(json.loads(json.dumps(t.to_json())))
+    assert (back.chat_template, back.bos_token, back.eos_token) == ("{{ messages }}", None, "<|im_end|>")
+    assert back.fingerprint() == t.fingerprint()
+    grown, added = tok.add_special_tokens(t)  # lmlab's five join its own; its template stays its own
+    assert added == list(tok.SPECIAL_TOKENS) and grown.special_tokens[tok.END] == 306
+    assert grown.chat_template == "{{ messages }}"
+
+
+def test_offsets_name_the_characters_of_each_token(tokenizers):
+    text = "naïve 🙂 café"
+    for kind, t in tokenizers.items():
+        ids, starts, ends = t.encode_offsets(text)
+        assert ids.tolist() == t.encode(text), kind
+        # the characters each token spans, put back in order, are the text: each token's bytes come from them
+        for i, s, e in zip(ids.tolist(), starts.tolist(), ends.tolist()):
+            assert t.token_bytes[i] in text[s:e].encode("utf-8"), (kind, i, s, e)
+        assert starts[0] == 0 and ends[-1] == len(text)

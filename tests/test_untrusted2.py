@@ -266,10 +266,10 @@ def hf_folder(tmp_path):
     from lmlab.model import ModelConfig, build_model
     from lmlab.tokenizer import CharTokenizer
 
-    chars = sorted(set("abcdefghijklmnopqrstuvwxyz .,\n"))
+    tokenizer = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyz .,\n")))
     model = build_model(ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=16, mlp="swiglu", qk_norm=False),
-                        len(chars))
-    hf.write_hf(model, CharTokenizer(chars), tmp_path / "hf")
+                        tokenizer.vocab_size)
+    hf.write_hf(model, tokenizer, tmp_path / "hf")
     write_corpus(tmp_path / "corpus.txt", 100)
     return tmp_path / "hf"
 
