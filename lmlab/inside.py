@@ -146,8 +146,9 @@ class InsideRecorder:
         keep = min(ATTENTION_TOKENS, block_size)
         self.prompts = [(p, ids[-keep:]) for p in prompts if (ids := tokenizer.encode(p))]
         self.val_tokens, self.block_size, self.batch_size = val_tokens, block_size, batch_size
-        self.length = min(block_size // 2, tokenizer.vocab_size, REPEAT_LENGTH)
-        self.repeated = repeated_sequences(tokenizer.vocab_size, self.length, REPEAT_SEQUENCES)
+        ordinary = torch.from_numpy(tokenizer.ordinary_ids())  # special tokens never occur in the text
+        self.length = min(block_size // 2, len(ordinary), REPEAT_LENGTH)
+        self.repeated = ordinary[repeated_sequences(len(ordinary), self.length, REPEAT_SEQUENCES)]
 
     @torch.no_grad()
     def record(self, model: nn.Module, step: int) -> dict:

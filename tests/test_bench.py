@@ -14,6 +14,7 @@ import pytest
 from helpers import HANG_S, run_cli, write_corpus
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_and_writes_valid_json(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", n_lines=3000)
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
@@ -109,6 +110,7 @@ STAND_IN = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_nanogpt_comparison_alternates_in_one_process(tmp_path):
     import statistics
 
@@ -127,6 +129,7 @@ def test_nanogpt_comparison_alternates_in_one_process(tmp_path):
     assert len(g["ratios"]) == 3 and g["lmlab"]["tokens_per_s"] > 0 and g["nanogpt"]["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_py, message", [
     (None, "no train.py there"),
     ("raise ImportError('broken checkout')\n", "cannot use its model.py"),
@@ -161,6 +164,7 @@ print(mapped, kept)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_keep_freed_memory_keeps_a_steps_activations_for_the_next():
     """With glibc's defaults a large tensor gets a mapping of its own that goes back to the kernel when it is freed
@@ -174,6 +178,7 @@ def test_keep_freed_memory_keeps_a_steps_activations_for_the_next():
     assert seen == {"default": ["True", "False"], "keep": ["False", "True"]}
 
 
+@pytest.mark.slow
 def test_step_bench_script_compares_each_speed_up(tmp_path):
     """scripts/step_bench.py runs both sides of each comparison (a few steps of the small nanoGPT shape) and prints
     the fault counts and ratios (what keep_freed_memory does is tested above)."""

@@ -43,6 +43,7 @@ def _evals(run):
     return [r for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
 
 
+@pytest.mark.slow
 def test_the_best_evaluation_has_a_checkpoint_that_pruning_keeps(overfit):
     root, _ = overfit
     evals = _evals(root / "run")
@@ -57,6 +58,7 @@ def test_the_best_evaluation_has_a_checkpoint_that_pruning_keeps(overfit):
     assert load_run(root / "run", which="last").checkpoint.step == 300
 
 
+@pytest.mark.slow
 def test_sample_eval_and_export_use_the_best_checkpoint_by_default(overfit):
     root, _ = overfit
     best = min(_evals(root / "run"), key=lambda r: r["val_loss"])["step"]
@@ -75,6 +77,7 @@ def test_sample_eval_and_export_use_the_best_checkpoint_by_default(overfit):
     assert proc.returncode == 0 and f"step_{best:08d}" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_a_missing_or_malformed_checkpoint_choice_is_one_line(overfit):
     root, _ = overfit
     for choice, message in (("7", "has no checkpoint at step 7"), ("newest", "is not best (the lowest")):
@@ -82,6 +85,7 @@ def test_a_missing_or_malformed_checkpoint_choice_is_one_line(overfit):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_overfitting_is_said_once_and_marked_in_the_log(overfit):
     root, proc = overfit
     assert proc.stderr.count(MESSAGE) == 1
@@ -94,6 +98,7 @@ def test_overfitting_is_said_once_and_marked_in_the_log(overfit):
     assert "sample comes from the best checkpoint" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_goes_on_from_the_last_checkpoint_not_the_best(overfit, tmp_path):
     root, _ = overfit
     import shutil
@@ -107,6 +112,7 @@ def test_resume_goes_on_from_the_last_checkpoint_not_the_best(overfit, tmp_path)
     assert steps == list(range(1, 351))
 
 
+@pytest.mark.slow
 def test_stop_when_overfitting_stops_there(tmp_path):
     _random_letters(tmp_path / "letters.txt")
     proc = run_cli(["train", "--data", "letters.txt", "--out", "run", "--max-steps", "300", "--sample-tokens", "0",

@@ -13,6 +13,8 @@ from helpers import HANG_S, read_jsonl
 from lmlab.checkpoint import load_run
 from lmlab.inspect import next_token_distribution
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # every test here
+
 PROMPT = "the cat "
 ROWS = 20  # bars the playground shows
 

@@ -221,6 +221,7 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(checkpoint_dirs(run_dir)[-1] / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_exact_resume_matches_an_uninterrupted_run(reference_run, tmp_path):
     corpus, run_a = reference_run
     run_b = tmp_path / "B"

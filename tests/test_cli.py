@@ -47,6 +47,7 @@ def _ok(proc) -> None:
 # train
 
 
+@pytest.mark.slow
 def test_train_writes_a_complete_run(trained):
     _ok(trained.proc)
     run = trained.run
@@ -106,6 +107,7 @@ def test_metrics_jsonl_records(trained):
 # sample
 
 
+@pytest.mark.slow
 def test_sample_greedy_is_deterministic_and_starts_with_the_prompt(trained):
     args = ["sample", "RUN", "--prompt", PROMPT, "--max-new-tokens", "30", "--temperature", "0"]
     first = run_cli(args, cwd=trained.workdir, cache=trained.cache)
@@ -405,6 +407,7 @@ def bad_results(bad_inputs, tmp_path_factory):
         return dict(pool.map(one, [(name, cases[name]) for name in SUBPROCESS_CASES]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
 def test_bad_input_subprocess(bad_inputs, bad_results, case):
     _skip_if_cuda(case)
@@ -509,6 +512,7 @@ def test_long_time_budgets_compile_the_tiny_recipe(monkeypatch):
         assert parse(TrainConfig, _bool_flag(argv, "--compile"), "lmlab train", default=tiny).compile is expected
 
 
+@pytest.mark.slow
 def test_python_and_the_cli_apply_the_same_budget_rules(tmp_path):
     """train(config) from Python and `lmlab train` with the same settings write the same config.json and log the
     same losses: the budget rules run inside train()."""
@@ -539,6 +543,7 @@ def test_python_and_the_cli_apply_the_same_budget_rules(tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 4 + 3
 
 
+@pytest.mark.slow
 def test_train_with_a_short_budget_records_the_recipe_it_used(tmp_path):
     write_corpus(tmp_path / "corpus.txt", 200)
     small = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--sample-tokens", "0", "--eval-interval", "5"]
@@ -603,6 +608,7 @@ def dataclasses_replace(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
+@pytest.mark.slow
 def test_train_says_and_records_the_dropout_it_chose(tmp_path):
     write_corpus(tmp_path / "corpus.txt", 30, seed=3)
     proc = run_cli(["train", "--data", "corpus.txt", "--out", "run", "--max-steps", "100", "--max-time", "0",

@@ -21,6 +21,8 @@ import torch
 
 from helpers import HANG_S, write_corpus
 
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # every test here
+
 ARGS = [
     "--tokenizer", "char", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
     "--max-steps", "20", "--max-time", "0", "--eval-interval", "10", "--checkpoint-interval", "10",

@@ -96,6 +96,7 @@ def trained_run(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_a_smaller_stride_is_at_or_below_a_larger_one_where_context_pays(trained_run):
     from lmlab.checkpoint import load_run
 
@@ -108,6 +109,7 @@ def test_a_smaller_stride_is_at_or_below_a_larger_one_where_context_pays(trained
     assert losses[64] < losses[128] - 0.005, losses  # the first tokens of each window are no longer blind
 
 
+@pytest.mark.slow
 def test_eval_stride_on_the_command_line_and_in_the_training_log(trained_run):
     results = {}
     for stride in (64, 128):

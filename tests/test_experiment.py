@@ -132,6 +132,7 @@ def _recomputed(result: dict) -> None:
     assert result["conclusion"] == experiment.conclusion(result)
 
 
+@pytest.mark.slow
 def test_loss_experiment(results):
     result, out = results["loss"]
     _written(out, result)
@@ -155,6 +156,7 @@ def test_loss_experiment(results):
     assert objectives["accuracy"]["val_accuracy"] == objectives["accuracy"]["val_accuracy_at_step_0"]
 
 
+@pytest.mark.slow
 def test_descent_experiment(results):
     result, out = results["descent"]
     _written(out, result)
@@ -189,6 +191,7 @@ def test_full_batch_gradient_is_the_mean_of_equal_chunks():
     assert whole.numel() == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_patterns_experiment(results):
     result, out = results["patterns"]
     _written(out, result)
@@ -209,6 +212,7 @@ def test_patterns_experiment(results):
             assert (n_false == 0) if r == 0 else (n_false == r * n_true), (f, n_true, n_false)
 
 
+@pytest.mark.slow
 def test_completion_probability_is_the_product_of_next_token_probabilities(results):
     from lmlab.checkpoint import load_run
 
@@ -236,6 +240,7 @@ def test_facts_are_distinct_and_false_answers_are_false():
 # Conclusions follow the numbers: change a number and the conclusion changes with it
 
 
+@pytest.mark.slow
 def test_conclusions_change_with_the_numbers(results):
     loss = copy.deepcopy(results["loss"][0])
     acc = next(o for o in loss["objectives"] if o["name"] == "accuracy")
@@ -270,6 +275,7 @@ def test_conclusions_change_with_the_numbers(results):
 # The command
 
 
+@pytest.mark.slow
 def test_command_prints_the_result_and_is_reproducible(results, tmp_path, capsys, monkeypatch):
     from lmlab.cli import main
 

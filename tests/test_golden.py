@@ -117,6 +117,7 @@ def test_golden_losses(tmp_path):
     assert _losses(tmp_path / "run") == uninterrupted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [("--muon-lr", repr(0.02 * (1 + 2**-23))), ("--seed", "6")],
                          ids=["muon-lr-one-float32-ulp", "seed"])
 def test_golden_catches_a_one_ulp_change(tmp_path, change):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import HANG_S
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
@@ -17,6 +19,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=HANG_S)
 
 
+@pytest.mark.slow
 def test_the_dry_run_checks_every_step():
     proc = _run("--dry-run", "--out", "somewhere")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -341,6 +341,7 @@ def test_init_from_starts_at_transformers_loss_and_fine_tunes(tmp_path, bpe, mak
     assert m.loss == pytest.approx(evals[0]["val_loss"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_every_command_works_on_an_imported_run(tmp_path, bpe, capsys):
     import shutil
 

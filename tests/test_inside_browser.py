@@ -10,6 +10,8 @@ import pytest
 from helpers import ServerThread, http, read_jsonl, tiny_config, write_corpus
 from test_browser import browser, open_page  # noqa: F401 - the shared chromium fixture
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # every test here
+
 SCORES = ("previous_token", "induction", "duplicate_token")
 
 

@@ -63,6 +63,7 @@ def test_next_token_marks_what_sampling_keeps(run_dir):
     assert [r.kept for r in greedy] == [True, False, False, False, False]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride", [12, 24])  # block 24: sliding windows, and non-overlapping ones
 def test_surprisal_totals_equal_eval(run_dir, tmp_path, stride):
     text = "the old man watches the river.\nA small bird finds a letter near the house.\n" * 3
@@ -90,6 +91,7 @@ def test_surprisal_totals_equal_eval(run_dir, tmp_path, stride):
         assert tokens[j].bits == pytest.approx(tokens[j].nats / math.log(2))
 
 
+@pytest.mark.slow
 def test_surprisal_cli_html_and_json(run_dir, tmp_path):
     html_path = tmp_path / "heat.html"
     code = main(["surprisal", str(run_dir), "--text", "the cat likes the ball.", "--html", str(html_path)])

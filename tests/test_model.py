@@ -794,6 +794,7 @@ def test_capture_names_scope_and_the_bigram():
         assert torch.equal(seen["logits"], bigram(idx)) and seen["logits"] is out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(), dict(value_embed=True, unet_skips=True, n_layer=3)], ids=["plain", "ve-unet"])
 def test_hook_points_keep_the_forward_one_graph(kw):
     """Outside a capture the hooks leave nothing for torch.compile to break on: the training forward (with its

@@ -602,6 +602,7 @@ def test_fused_adamw_kernel_equals_the_written_out_update(monkeypatch, dtype, to
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
+@pytest.mark.slow
 def test_optimizers_do_not_import_dynamo(tmp_path):
     """torch.optim.Optimizer's wrapped methods import torch._dynamo (about 70 MB) on first call; lmlab's optimizers
     call them unwrapped. A fresh process builds each optimizer, steps it, zeroes the grads and round-trips its state,

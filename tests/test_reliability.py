@@ -139,6 +139,7 @@ SAMPLE = ["--max-new-tokens", "24", "--temperature", "0", "--prompt", "the "]
 # 1. SIGKILL at random moments, some inside a checkpoint write
 
 
+@pytest.mark.slow
 def test_crash_test_script_passes(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "crash_test.py"), "--kills", "3", "--steps", "60",
@@ -208,6 +209,7 @@ def stopped_runs(tmp_path_factory):
 SIGNALS = ["SIGTERM", "SIGINT"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame", SIGNALS)
 def test_signal_writes_a_checkpoint_and_says_how_to_resume(stopped_runs, signame):
     s = stopped_runs[signame]
@@ -226,6 +228,7 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(stopped_runs, signame
     assert not [p for p in s.run.rglob("*") if ".tmp" in p.name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame", SIGNALS)
 def test_resume_after_signal_continues_from_the_checkpoint_step(stopped_runs, signame, tmp_path, capsys):
     s = stopped_runs[signame]
@@ -242,6 +245,7 @@ def test_resume_after_signal_continues_from_the_checkpoint_step(stopped_runs, si
     assert after == list(range(1, n + 4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame", SIGNALS)
 def test_resume_after_signal_equals_an_uninterrupted_run(stopped_runs, signame, tmp_path, capsys):
     """Stop + resume must lose nothing: the same losses, bit for bit, as a run that was never stopped."""
@@ -700,6 +704,7 @@ def _unprivileged():
     return _as_root_without_dac_override, "root without CAP_DAC_OVERRIDE"
 
 
+@pytest.mark.slow
 def test_read_only_output_as_an_unprivileged_user(world_dir):
     if os.geteuid() != 0:
         pytest.skip("needs root, to run the command as user nobody or as root without CAP_DAC_OVERRIDE")
@@ -889,6 +894,7 @@ def _dotted(node: ast.AST) -> str:
     return "?"
 
 
+@pytest.mark.slow
 def test_source_never_unpickles():
     """No module loads pickles; torch.load only ever with weights_only=True; numpy never with allow_pickle."""
     modules = sorted((REPO / "lmlab").rglob("*.py"))

@@ -82,6 +82,7 @@ def embedded_pngs(text: str) -> list[bytes]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_section_is_there_with_a_heading(reports):
     page = reports.page
     for sid in SECTION_IDS:
@@ -92,6 +93,7 @@ def test_every_section_is_there_with_a_heading(reports):
     assert re.search(r'<section id="loss">.*id="accuracy".*</section>\s*<section id="schedule">', page, re.S)
 
 
+@pytest.mark.slow
 def test_images_are_embedded_pngs_and_saved_beside_the_page(reports):
     import matplotlib.image
 
@@ -110,6 +112,7 @@ def test_images_are_embedded_pngs_and_saved_beside_the_page(reports):
     assert 'id="accuracy"><img src="data:image/png;base64,' in reports.page
 
 
+@pytest.mark.slow
 def test_page_needs_nothing_from_outside(reports):
     page = reports.page
     refs = re.findall(r'(?:src|href)\s*=\s*["\']?([^"\'\s>]*)', page, re.I)
@@ -120,6 +123,7 @@ def test_page_needs_nothing_from_outside(reports):
     assert not re.search(r"(?i)<script|<link|<iframe|@import|url\(", page)
 
 
+@pytest.mark.slow
 def test_probe_tables_follow_every_eval_with_visible_tokens(reports):
     probes = section(reports.page, "probes")
     for run in (reports.alpha, reports.beta):
@@ -138,6 +142,7 @@ def test_probe_tables_follow_every_eval_with_visible_tokens(reports):
             assert html.escape(p["continuation"]) in row and html.escape(PROMPT) in row
 
 
+@pytest.mark.slow
 def test_config_section_shows_each_config_and_a_summary(reports):
     config = section(reports.page, "config")
     text = html.unescape(config)
@@ -157,6 +162,7 @@ def test_config_section_shows_each_config_and_a_summary(reports):
         assert cells[7] == f"{last_train['elapsed_s']:.1f}"
 
 
+@pytest.mark.slow
 def test_samples_and_landscape_sections(reports):
     samples = section(reports.page, "samples")
     for run in (reports.alpha, reports.beta):
@@ -169,6 +175,7 @@ def test_samples_and_landscape_sections(reports):
                      r"--2d</code>", landscape)
 
 
+@pytest.mark.slow
 def test_several_runs_share_charts_and_log_puts_axes_on_log_scale(reports):
     runs = [load_run_logs(reports.alpha), load_run_logs(reports.beta)]
     for x in ("step", "tokens"):
@@ -196,6 +203,7 @@ def test_smoothing_is_light_and_unbiased():
     assert np.std(smooth(noisy)[50:]) < 0.2 * np.std(noisy)
 
 
+@pytest.mark.slow
 def test_cli_log_report_and_a_run_with_no_metrics_yet(reports, tmp_path, capsys):
     assert main(["report", str(reports.alpha), "--out", str(tmp_path / "log.html"), "--log"]) == 0
     page = (tmp_path / "log.html").read_text(encoding="utf-8")
@@ -219,6 +227,7 @@ def test_cli_log_report_and_a_run_with_no_metrics_yet(reports, tmp_path, capsys)
     assert '"lr": 0.003' in html.unescape(section(page, "config"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["missing", "not a run"])
 def test_bad_run_is_one_line_and_exit_2(reports, tmp_path, capsys, kind):
     bad = tmp_path / "nope"
@@ -239,6 +248,7 @@ def _chromium() -> str | None:
     return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
 
 
+@pytest.mark.slow
 def test_report_renders_in_a_real_browser(reports, tmp_path):
     browser = _chromium()
     if browser is None:

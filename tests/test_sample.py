@@ -488,6 +488,7 @@ requires_compiler = pytest.mark.skipif(
     reason="torch.compile on CPU needs a C++ compiler")
 
 
+@pytest.mark.slow
 @requires_compiler
 def test_generate_compiled_equals_no_cache(monkeypatch):
     """Crosses the window cut several times: the compiled re-encode, single decode steps and runs of decode steps in

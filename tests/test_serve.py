@@ -556,6 +556,7 @@ def test_jsonl_tail_reads_complete_lines_and_restarts_on_a_rewrite(tmp_path):
     assert epoch2 != epoch1 and records == [{"step": 1}]
 
 
+@pytest.mark.slow
 def test_dashboard_follows_a_training_while_it_runs(tmp_path, served):
     """A real training in a thread: the log endpoint of a server that was already running sees its new records
     while the run's status reads running, and the finished run's whole log at the end."""
@@ -673,6 +674,7 @@ def test_cli_refuses_to_listen_beyond_this_machine_without_an_api_key(runs_root,
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_server_beyond_this_machine_checks_host_names_and_the_key(tmp_path, runs_root):
     env = {**cli_env(), "LMLAB_API_KEY": KEY}  # the key from the environment, as --api-key is not given
     proc = subprocess.Popen(lmlab_cmd("serve", str(runs_root), "--host", "0.0.0.0", "--port", "0",
@@ -697,6 +699,7 @@ def test_a_server_beyond_this_machine_checks_host_names_and_the_key(tmp_path, ru
             proc.wait()
 
 
+@pytest.mark.slow
 def test_lmlab_serve_command_serves_and_stops_on_ctrl_c(tmp_path, runs_root):
     env = cli_env()
     env.pop("LMLAB_API_KEY", None)  # a key in the caller's environment would be asked for

@@ -224,6 +224,7 @@ def serve_requests(run: Path) -> list[tuple[str, int]]:
     return answers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plant", PLANTS, ids=lambda f: f.__name__)
 def test_planted_runs_never_run_code_or_touch_files_outside(base, env, capsys, plant):
     run, outside, marker = env
@@ -385,6 +386,7 @@ def fuzzed_runs(base, tmp_path_factory) -> dict[str, list[Path]]:
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rel", FUZZED)
 def test_fuzzed_files_fall_back_or_fail_cleanly(fuzzed_runs, rel, capsys, base, monkeypatch):
     """Item by item: a damaged state.json falls back to the previous checkpoint; a damaged config.json or
@@ -428,6 +430,7 @@ def _check_status(run: Path) -> None:
         assert status == "unknown", (run.name, status)
 
 
+@pytest.mark.slow
 def test_fuzzed_runs_served(fuzzed_runs):
     """One server over every fuzzed run: each request is answered, never with a 500."""
     from lmlab.serve import Limits, RunSet, create_app
@@ -483,6 +486,7 @@ def test_links_are_never_written_through(tmp_path):
         rundir.read_text(run, "checkpoints/victim")
 
 
+@pytest.mark.slow
 def test_only_the_trust_pickle_export_reaches_torch_distributed_checkpoint():
     """An AST scan: torch.distributed.checkpoint (which unpickles) is imported in one function of the package, the
     one `lmlab export --trust-pickle` calls, and that function is called from one place, behind the flag."""

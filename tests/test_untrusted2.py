@@ -149,6 +149,7 @@ def test_a_shared_run_never_reads_a_path_its_config_names(copied, tmp_path, monk
             assert not any(piece in data for piece in pieces), f"{folder / path} holds the private file's bytes"
 
 
+@pytest.mark.slow
 def test_the_run_made_here_reads_its_corpus_and_says_so(tmp_path, capsys):
     """A run trained here, in this folder, resumes, evaluates and scans its landscape without --data, each saying
     the path it reads; a named corpus is not a path and needs nothing either."""
@@ -209,6 +210,7 @@ def _oversize(run: Path, sizes: dict) -> None:
     _edit_config(run, lambda config: config["model"].update(sizes))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", SIZES)
 def test_a_run_too_big_for_memory_is_refused_before_anything_is_allocated(copied, what):
     """Sample, eval and resume of a run whose config names sizes that cannot fit: exit 2 with one line that states
@@ -278,6 +280,7 @@ HF_SIZES = {"num_hidden_layers": 10**6, "intermediate_size": 2**40, "hidden_size
             "max_position_embeddings": 2**40, "vocab_size": 2**40, "num_attention_heads": 2**40}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field", HF_SIZES)
 def test_an_hf_folder_too_big_for_memory_is_refused_before_anything_is_allocated(hf_folder, field):
     config = json.loads((hf_folder / "config.json").read_text())
@@ -328,6 +331,7 @@ def _serve(folder: Path, env: dict):
     raise AssertionError(f"the server did not start:\n{seen}")
 
 
+@pytest.mark.slow
 def test_serve_answers_409_for_a_run_too_big_and_200_for_the_others(copied, tmp_path):
     run, _ = copied
     folder = tmp_path / "runs"
@@ -355,6 +359,7 @@ def test_serve_answers_409_for_a_run_too_big_and_200_for_the_others(copied, tmp_
 # 3. Damaged entries
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_entry_is_skipped_and_named_once(copied, tmp_path, capsys):
     """checkpoints/step_² (and a trajectory snapshot and a telemetry layer with such digits): every command works on
     the run's good checkpoints, the entry is named in a warning, and the server lists the run."""
@@ -415,6 +420,7 @@ def test_hf_values_lmlab_would_refuse_are_refused_at_import(hf_folder, capsys, f
 # 4. lmlab report and the files beside its page
 
 
+@pytest.mark.slow
 def test_report_deletes_and_overwrites_only_the_charts_it_wrote(made, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LMLAB_CACHE", str(made / "cache"))
     run = made / "run"
@@ -477,6 +483,7 @@ def test_resume_applies_every_option_or_refuses_it_naming_it(copied, tmp_path, c
 # 6. Text as text, bounded pages, links
 
 
+@pytest.mark.slow
 def test_run_text_is_never_parsed_as_markup(made, tmp_path, monkeypatch, capsys):
     """The run's probe prompt is TeX-like; a run folder's name holds dollars: report and inside --html draw them."""
     monkeypatch.setenv("LMLAB_CACHE", str(made / "cache"))
@@ -488,6 +495,7 @@ def test_run_text_is_never_parsed_as_markup(made, tmp_path, monkeypatch, capsys)
     assert "$\\foo{x}$" in (tmp_path / "in.html").read_text(encoding="utf-8")  # drawn, and listed as it is
 
 
+@pytest.mark.slow
 def test_an_inside_page_draws_a_bounded_grid_and_says_what_it_left_out(copied, tmp_path):
     run, _ = copied
     record = json.loads((run / "inside.jsonl").read_text().splitlines()[-1])
