@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -19,21 +20,46 @@ from .common import LmlabError
 from .experiment import ExperimentConfig
 from .sample import SampleConfig
 
-SUBCOMMANDS = {
-    "train": "train a model (default: the tiny preset on the built-in corpus, about 5 minutes on a CPU)",
-    "sample": "generate text from a trained run, streamed to the terminal",
-    "eval": "loss, bits/byte, perplexity and accuracy of a run on its validation split or any text",
-    "data": "list the built-in and named corpora, or prepare (tokenize and cache) a corpus",
-    "next": "the next-token distribution after a prompt, and which tokens sampling settings keep",
-    "surprisal": "per-token loss of a text, coloured in the terminal or as an HTML heatmap",
-    "landscape": "the loss around the trained weights along random directions, and the training trajectory",
-    "inside": "what the model learnt inside it over training: head scores, induction, loss by position, logit lens",
-    "report": "one self-contained HTML page (and PNGs) with the curves, probes, samples and config of runs",
-    "experiment": "how language models learn, measured: loss (why not accuracy), descent (step size, batch noise, "
-                  "optimizers), patterns (frequency, not truth)",
-    "export": "copy a run as single files (e.g. from sharded FSDP checkpoints), or as a transformers model (--format hf)",
-    "bench": "measure hardware peak, training throughput and MFU, time to quality, generation and data speed",
-    "serve": "a local web app (live training charts, next-token playground) and an OpenAI-compatible API",
+
+@dataclass(frozen=True)
+class Command:
+    """One `lmlab` command: its line in `lmlab --help`, and its handler, a function of the command's arguments that
+    returns the exit code. The handler is named, not imported ("serve.cli:cmd_serve" is lmlab/serve/cli.py's
+    cmd_serve): a command loads its application only when it runs."""
+
+    help: str
+    handler: str
+
+    def load(self) -> Callable[[list[str]], int]:
+        module, _, name = self.handler.partition(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+COMMANDS = {
+    "train": Command("train a model (default: the tiny preset on the built-in corpus, about 5 minutes on a CPU)",
+                     "cli:cmd_train"),
+    "sample": Command("generate text from a trained run, streamed to the terminal", "cli:cmd_sample"),
+    "eval": Command("loss, bits/byte, perplexity and accuracy of a run on its validation split or any text",
+                    "cli:cmd_eval"),
+    "data": Command("list the built-in and named corpora, or prepare (tokenize and cache) a corpus", "cli:cmd_data"),
+    "next": Command("the next-token distribution after a prompt, and which tokens sampling settings keep",
+                    "cli:cmd_next"),
+    "surprisal": Command("per-token loss of a text, coloured in the terminal or as an HTML heatmap",
+                         "cli:cmd_surprisal"),
+    "landscape": Command("the loss around the trained weights along random directions, and the training trajectory",
+                         "cli:cmd_landscape"),
+    "inside": Command("what the model learnt inside it over training: head scores, induction, loss by position, "
+                      "logit lens", "cli:cmd_inside"),
+    "report": Command("one self-contained HTML page (and PNGs) with the curves, probes, samples and config of runs",
+                      "cli:cmd_report"),
+    "experiment": Command("how language models learn, measured: loss (why not accuracy), descent (step size, batch "
+                          "noise, optimizers), patterns (frequency, not truth)", "cli:cmd_experiment"),
+    "export": Command("copy a run as single files (e.g. from sharded FSDP checkpoints), or as a transformers model "
+                      "(--format hf)", "cli:cmd_export"),
+    "bench": Command("measure hardware peak, training throughput and MFU, time to quality, generation and data speed",
+                     "cli:cmd_bench"),
+    "serve": Command("a local web app (live training charts, next-token playground) and an OpenAI-compatible API",
+                     "serve.cli:cmd_serve"),
 }
 
 
@@ -628,60 +654,9 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
-@dataclass
-class ServeArgs:
-    """Serve runs in a local web app (dashboard and playground) and as an OpenAI-compatible completions API."""
-
-    runs: Annotated[list[str], tyro.conf.Positional, tyro.conf.arg(metavar="[RUNS_DIR | RUN ...]")] = field(
-        default_factory=lambda: ["runs"])
-    """Run directories, or folders whose subfolders are runs (new runs in them show up as they start)."""
-    host: str = "127.0.0.1"
-    """Address to listen on; the default is reachable from this machine only (any other needs --api-key)."""
-    port: int = 8000
-    """Port to listen on (0: any free port)."""
-    api_key: Annotated[Optional[str], tyro.conf.arg(metavar="KEY")] = None
-    """A key every API request must send (Authorization: Bearer KEY); default: $LMLAB_API_KEY, else none."""
-    allowed_host: Annotated[list[str], tyro.conf.UseAppendAction, tyro.conf.arg(metavar="NAME")] = field(
-        default_factory=list)
-    """A host name clients reach the server by, answered besides the address listened on."""
-    max_tokens: int = 512
-    """The most tokens one completion may generate."""
-    max_prompt_chars: int = 20_000
-    """The most characters of prompt (or of text to score) one request may send."""
-    max_concurrent: int = 4
-    """Requests running a model at the same time; one more is refused with HTTP 429."""
-    checkpoint: Literal["best", "last"] = "best"
-    """Which checkpoint of each run to serve: best (the lowest validation loss) or last (the newest)."""
-    device: str = "cpu"
-    """auto, cpu, cuda or mps."""
-
-
-def cmd_serve(argv: list[str]) -> int:
-    from .common import resolve_device
-    from .serve import Limits, serve
-
-    args = parse(ServeArgs, argv, "lmlab serve")
-    if not 0 <= args.port <= 65535:
-        raise LmlabError(f"--port must be in 0..65535, got {args.port}")
-    if min(args.max_tokens, args.max_prompt_chars, args.max_concurrent) <= 0:
-        raise LmlabError("--max-tokens, --max-prompt-chars and --max-concurrent must be positive")
-    api_key = args.api_key if args.api_key is not None else os.environ.get("LMLAB_API_KEY") or None
-    serve(args.runs, args.host, args.port, Limits(args.max_tokens, args.max_prompt_chars, args.max_concurrent),
-          resolve_device(args.device), api_key, args.allowed_host, args.checkpoint)
-    return 0
-
-
-COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "data": cmd_data, "next": cmd_next,
-    "surprisal": cmd_surprisal, "landscape": cmd_landscape, "bench": cmd_bench,
-    "report": cmd_report, "export": cmd_export, "serve": cmd_serve, "inside": cmd_inside,
-    "experiment": cmd_experiment,
-}
-
-
 def usage() -> str:
     lines = ["usage: lmlab COMMAND [OPTIONS]   (lmlab COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name:8s} {text}" for name, text in SUBCOMMANDS.items() if name in COMMANDS]
+    lines += [f"  {name:8s} {command.help}" for name, command in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -702,7 +677,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"lmlab: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        return COMMANDS[name](rest)
+        return COMMANDS[name].load()(rest)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     except LmlabError as e:

@@ -42,7 +42,8 @@ def browser():
 def served(tmp_path_factory):
     from test_serve import LIMITS, ServerThread, tiny_runs
 
-    from lmlab.serve import RunSet, create_app
+    from lmlab.serve.app import create_app
+    from lmlab.serve.runs import RunSet
 
     root = tiny_runs(tmp_path_factory)
     with ServerThread(create_app(RunSet([root / "alpha", root / "beta"]), LIMITS)) as url:
@@ -154,7 +155,8 @@ def test_dashboard_and_playground(browser, served, tmp_path):
 def keyed(tmp_path_factory):
     from test_serve import KEY, LIMITS, ServerThread, tiny_runs
 
-    from lmlab.serve import RunSet, create_app
+    from lmlab.serve.app import create_app
+    from lmlab.serve.runs import RunSet
 
     root = tiny_runs(tmp_path_factory)
     with ServerThread(create_app(RunSet([root / "alpha", root / "beta"]), LIMITS, api_key=KEY)) as url:
