@@ -19,13 +19,19 @@ CORE = [
     "telemetry",  # what the loop records about itself (gradients, spikes, weight snapshots)
     "hf",  # transformers models out and in: train starts a run from one (--init-from)
     "train",
+    "predict",  # what a trained model predicts: the next-token distribution, the surprisal of a text
 ]
-FLAT_YET = ["inspect", "landscape", "report", "experiment", "bench"]  # applications not moved into subpackages yet
+FLAT_YET = ["bench"]  # applications not moved into subpackages yet
 # The applications, after the core: the command first (its table names every command's handler, and the handlers in
 # the subpackages parse their options with it), then each subpackage's modules in their own order.
 APPLICATIONS = [
     *FLAT_YET,
     "cli",
+    # the one chart style and the one page shell, below every page and chart (the report imports the inside page)
+    "report.chart", "report.page", "report.logs", "report.curves", "report.inside_page", "report.surprisal",
+    "report.landscape", "report.experiment_page", "report.report_page", "report.cli",
+    "experiments.base",  # trains with train(), measures with evaluate and the landscape, draws in the chart style
+    "experiments.loss", "experiments.descent", "experiments.patterns", "experiments.registry", "experiments.cli",
     "serve.request",  # limits and refusals (ApiError), which the guard, the run set and the routes all use
     "serve.runs", "serve.guard", "serve.completions", "serve.playground", "serve.app", "serve.cli",
     "__main__",

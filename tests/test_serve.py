@@ -493,7 +493,7 @@ def test_a_loopback_server_refuses_foreign_host_names(runs_root):
 
 
 def test_next_token_view_matches_inspect_and_sampling(served, alpha):
-    from lmlab.inspect import next_token_distribution
+    from lmlab.predict import next_token_distribution
 
     payload = {"model": "alpha", "prompt": PROMPT, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "top": 8,
                "sample": True, "seed": 9}
@@ -513,7 +513,7 @@ def test_next_token_view_matches_inspect_and_sampling(served, alpha):
 
 
 def test_surprisal_view_matches_inspect(served, alpha):
-    from lmlab.inspect import surprisal
+    from lmlab.predict import surprisal
 
     status, view = http(served[0] + "/api/surprisal", {"model": "alpha", "text": "the dog sees a book."})
     tokens, metrics, first = surprisal(alpha.model, alpha.tokenizer, "the dog sees a book.")

@@ -67,7 +67,6 @@ async def until_disconnected(request: Request, work: Callable, *args) -> Any:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its ClientGone is expected
 
 
-
 class Backend:
     """What the routes share: the runs, their loaded models and log tails, the limits, and the slots of requests
     that run a model (all of them share one cap, --max-concurrent)."""
@@ -231,7 +230,6 @@ def create_app(runs: RunSet, limits: Limits = Limits(), device: str | torch.devi
     add_playground_routes(app, backend)
     add_openai_routes(app, backend)
     return app
-
 
 
 # ---------------------------------------------------------------------------------------------------------------

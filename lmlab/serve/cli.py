@@ -54,4 +54,3 @@ def cmd_serve(argv: list[str]) -> int:
     serve(args.runs, args.host, args.port, Limits(args.max_tokens, args.max_prompt_chars, args.max_concurrent),
           resolve_device(args.device), api_key, args.allowed_host, args.checkpoint)
     return 0
-

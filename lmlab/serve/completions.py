@@ -59,7 +59,6 @@ KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", 
          "stream_options", "logprobs", "user", *NEUTRAL}
 
 
-
 def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
     """Check a /v1/completions body against OpenAI's schema and the server's limits."""
     if not isinstance(body, dict):
@@ -99,7 +98,8 @@ def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
     return CompletionRequest(
         model=model, prompts=prompts, sampling=parse_sampling(body), max_tokens=max_tokens, n=n,
         stop=tuple(s for s in stops if s),
-        seed=number_param(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True), stream=stream, include_usage=include_usage,
+        seed=number_param(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True), stream=stream,
+        include_usage=include_usage,
         logprobs=number_param(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True),
     )
 
@@ -278,4 +278,3 @@ async def stream_completion(run: LoadedRun, req: CompletionRequest, encoded: lis
         yield _sse(error.body())
     finally:
         chunks.close()  # a cancelled stream is only cancelled once the token in the threadpool is done
-

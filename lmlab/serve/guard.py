@@ -77,7 +77,6 @@ class ApiGuard:
         await self.app(scope, receive, send)
 
 
-
 def is_loopback(host: str) -> bool:
     """Whether an address to listen on is reachable from this machine only."""
     if host.lower() == "localhost":

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint import LoadedRun
 from ..common import LmlabError
-from ..inspect import next_token_distribution, surprisal
+from ..predict import next_token_distribution, surprisal
 from ..sample import generate, sampling_probs
 from .completions import Sampling, encode_prompt, make_generator
 from .request import ApiError
@@ -31,7 +31,7 @@ def sample_next(run: LoadedRun, prompt: str, s: Sampling, generator: torch.Gener
 
 
 def next_token_view(run: LoadedRun, prompt: str, s: Sampling, top: int, sample: bool, seed: Optional[int]) -> dict:
-    """The top tokens after the prompt (inspect.next_token_distribution) and, when asked, one token drawn the way
+    """The top tokens after the prompt (predict.next_token_distribution) and, when asked, one token drawn the way
     generation draws it."""
     try:
         rows = next_token_distribution(run.model, run.tokenizer, prompt, top, s.temperature, s.top_k, s.top_p)
@@ -51,4 +51,3 @@ def surprisal_view(run: LoadedRun, text: str) -> dict:
         raise ApiError(400, str(e), "text") from None
     return {"first": first, "per_token": [{"text": t.text, "nats": t.nats, "bits": t.bits, "top": t.top}
                                           for t in tokens], **metrics.as_dict()}
-

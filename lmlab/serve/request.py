@@ -123,4 +123,3 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
         return json.loads(data)
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
-

@@ -110,7 +110,6 @@ def has_checkpoint(run_dir: Path) -> bool:
         return False
 
 
-
 class Models:
     """Loaded runs (each from its best checkpoint, or the last), reloaded when a newer checkpoint appears (checked on
     each request: one directory listing).
@@ -140,4 +139,3 @@ class Models:
                 run = seen[1]  # keep serving the checkpoint we have
             self._loaded[run_dir] = (checkpoints[-1], run)
             return run
-
