@@ -56,7 +56,7 @@ COMMANDS = {
     "export": Command("copy a run as single files (e.g. from sharded FSDP checkpoints), or as a transformers model "
                       "(--format hf)", "cli:cmd_export"),
     "bench": Command("measure hardware peak, training throughput and MFU, time to quality, generation and data speed",
-                     "cli:cmd_bench"),
+                     "bench.cli:cmd_bench"),
     "serve": Command("a local web app (live training charts, next-token playground) and an OpenAI-compatible API",
                      "serve.cli:cmd_serve"),
 }
@@ -425,26 +425,6 @@ def cmd_next(argv: list[str]) -> int:
     for r in rows:
         print(f"{r.rank:>4}  {r.token:<12} {r.probability:8.2%} {r.cumulative:8.2%} {r.logit:8.3f}  "
               f"{'*' if r.kept else ' ':<4} {r.renormalized:8.2%}")
-    return 0
-
-
-def cmd_bench(argv: list[str]) -> int:
-    from .bench import BenchConfig, print_table, run_bench
-
-    cfg = parse(BenchConfig, argv, "lmlab bench")
-    out = run_bench(cfg)
-    print_table(out)
-    if cfg.json:
-        from .common import atomic_write_json
-
-        atomic_write_json(cfg.json, out)
-        print(f"figures written to {cfg.json}", file=sys.stderr)
-    if cfg.markdown:
-        from .bench import to_markdown
-        from .common import atomic_write_bytes
-
-        atomic_write_bytes(cfg.markdown, to_markdown(out).encode())
-        print(f"Markdown tables written to {cfg.markdown}", file=sys.stderr)
     return 0
 
 

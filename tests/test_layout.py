@@ -21,17 +21,17 @@ CORE = [
     "train",
     "predict",  # what a trained model predicts: the next-token distribution, the surprisal of a text
 ]
-FLAT_YET = ["bench"]  # applications not moved into subpackages yet
 # The applications, after the core: the command first (its table names every command's handler, and the handlers in
 # the subpackages parse their options with it), then each subpackage's modules in their own order.
 APPLICATIONS = [
-    *FLAT_YET,
     "cli",
     # the one chart style and the one page shell, below every page and chart (the report imports the inside page)
     "report.chart", "report.page", "report.logs", "report.curves", "report.inside_page", "report.surprisal",
     "report.landscape", "report.experiment_page", "report.report_page", "report.cli",
     "experiments.base",  # trains with train(), measures with evaluate and the landscape, draws in the chart style
     "experiments.loss", "experiments.descent", "experiments.patterns", "experiments.registry", "experiments.cli",
+    "bench.measure",  # times the loop's own train_step
+    "bench.nanogpt", "bench.tables", "bench.suite", "bench.cli",
     "serve.request",  # limits and refusals (ApiError), which the guard, the run set and the routes all use
     "serve.runs", "serve.guard", "serve.completions", "serve.playground", "serve.app", "serve.cli",
     "__main__",
@@ -109,7 +109,7 @@ def test_subpackages_only_describe_themselves():
 
 def test_no_application_file_is_long():
     """An application file past a few hundred lines is two things (STYLE.md)."""
-    long = {name: n for name in APPLICATIONS if name not in [*FLAT_YET, "cli"]
+    long = {name: n for name in APPLICATIONS if name != "cli"
             if (n := len(modules()[name].read_text().splitlines())) > MAX_APPLICATION_LINES}
     assert not long, f"application files over {MAX_APPLICATION_LINES} lines: {long}"
 
