@@ -1,4 +1,8 @@
-"""The `lmlab` command: one subcommand per stage, options generated from the config dataclasses by tyro."""
+"""The `lmlab` command: one subcommand per stage, options generated from the config dataclasses by tyro.
+
+COMMANDS is the one table of commands. The core's commands (train, sample, eval, data, next, export) are handled
+here; an application's commands next to it (serve/cli.py, report/cli.py, experiments/cli.py, bench/cli.py), each
+loaded only when it runs, and parsing its options with parse() from here."""
 
 from __future__ import annotations
 
@@ -258,36 +262,13 @@ class EvalArgs:
     """auto, cpu, cuda or mps."""
 
 
-def eval_stride(stride: Optional[int], block_size: int) -> int:
-    """--stride, checked; None: half the context."""
-    if stride is None:
-        return max(1, block_size // 2)
-    if not 1 <= stride <= block_size:
-        raise LmlabError(f"--stride must be between 1 and the context length {block_size}, got {stride}")
-    return stride
-
-
-def text_tokens(run, data: Optional[str], trust: bool, command: str):
-    """The tokens to measure a run on: those of `data`, else the run's validation split, whose corpus paths are
-    read only for a run made here, in this folder, or with --trust-data-path (rundir.check_data_paths)."""
-    from .config import TrainConfig
-    from .data import load_splits, prepare, resolve_source
-    from .rundir import check_data_paths
-
-    if data:
-        return prepare(resolve_source(data), run.tokenizer.kind, tokenizer=run.tokenizer).tokens
-    saved = TrainConfig.from_json(run.config).data
-    check_data_paths(run.run_dir, run.config, [("--data", saved.data), ("--data", saved.val_data)], command, trust)
-    return load_splits(saved, tokenizer=run.tokenizer).val
-
-
 def cmd_eval(argv: list[str]) -> int:
     import torch
 
     from .checkpoint import load_run
     from .common import resolve_device
     from .config import TrainConfig
-    from .evaluate import evaluate
+    from .evaluate import entropy_excess, eval_stride, evaluate, text_tokens
 
     args = parse(EvalArgs, argv, "lmlab eval")
     run = load_run(args.run, resolve_device(args.device), args.checkpoint)
@@ -316,18 +297,6 @@ def cmd_eval(argv: list[str]) -> int:
             print(f"  the source's entropy rate is {result['entropy_rate']:.4f} nats/token: the model is "
                   f"{result['excess']:.4f} above it (some of that because it sees a window, not the whole past)")
     return 0
-
-
-def entropy_excess(source: str, m) -> dict:
-    """For a source whose entropy rate is known exactly (synthetic:NAME), the rate in nats per token of the text
-    scored (nats per character x characters per token; the corpora are ASCII, a byte per character) and the
-    model's loss above it; {} for any other text."""
-    from .synthetic import entropy_rate, is_synthetic
-
-    if not is_synthetic(source) or not m.tokens:
-        return {}
-    rate = entropy_rate(source) * m.bytes / m.tokens
-    return {"entropy_rate": rate, "excess": m.loss - rate}
 
 
 # ---------------------------------------------------------------------------------------------------------------

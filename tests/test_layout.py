@@ -2,7 +2,13 @@
 applications live in their own subpackages, which the core never imports, and no application file grows long."""
 
 import ast
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 # STYLE.md's pipeline: common -> tokenizer -> data -> model -> loss -> optim -> distributed -> train -> checkpoint
 #   -> sample / evaluate -> applications. Where the training loop needs it, a module moves left:
@@ -39,7 +45,8 @@ APPLICATIONS = [
 ORDER = CORE + APPLICATIONS
 SUBPACKAGES = sorted({name.split(".")[0] for name in APPLICATIONS if "." in name})
 MAX_APPLICATION_LINES = 450
-PACKAGE = Path(__file__).resolve().parents[1] / "lmlab"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lmlab"
 
 
 def module_name(path: Path) -> str:
@@ -109,7 +116,7 @@ def test_subpackages_only_describe_themselves():
 
 def test_no_application_file_is_long():
     """An application file past a few hundred lines is two things (STYLE.md)."""
-    long = {name: n for name in APPLICATIONS if name != "cli"
+    long = {name: n for name in APPLICATIONS
             if (n := len(modules()[name].read_text().splitlines())) > MAX_APPLICATION_LINES}
     assert not long, f"application files over {MAX_APPLICATION_LINES} lines: {long}"
 
@@ -149,3 +156,25 @@ def test_only_the_run_folder_module_spells_a_run_files_name():
                     and node.right.value in RUN_FOLDERS):
                 found.append(f"{name}:{node.lineno}: / {node.right.value!r}")
     assert not found, found
+
+
+def test_a_wheel_ships_every_module_and_the_web_apps_files(tmp_path):
+    """What `pip install .` installs: a wheel built from a copy of the source (so nothing of an earlier build in the
+    checkout can slip in) holds every module of every subpackage and the files of serve's web app."""
+    setuptools = pytest.importorskip("setuptools")
+    if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) < (70, 1):
+        pytest.importorskip("wheel", reason="setuptools before 70.1 builds wheels with the wheel package")
+    source = tmp_path / "source"
+    shutil.copytree(PACKAGE, source / "lmlab", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                           "--quiet", "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("lmlab-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    expected = {p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*")
+                if p.is_file() and (p.suffix == ".py" or p.parent == PACKAGE / "serve" / "static")}
+    assert {f"lmlab/{package}/__init__.py" for package in SUBPACKAGES} <= expected
+    assert len([p for p in expected if p.startswith("lmlab/serve/static/")]) >= 6
+    assert not expected - shipped, f"missing from the wheel: {sorted(expected - shipped)}"

@@ -494,7 +494,7 @@ def test_only_the_trust_pickle_export_reaches_torch_distributed_checkpoint():
 
     package = Path(__file__).resolve().parents[1] / "lmlab"
     places, callers = [], []
-    for path in sorted(package.glob("*.py")):
+    for path in sorted(package.rglob("*.py")):
         tree = ast.parse(path.read_text())
         for func in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
             for node in ast.walk(func):

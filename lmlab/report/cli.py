@@ -12,8 +12,9 @@ from typing import Optional
 import tyro
 from typing_extensions import Annotated
 
-from ..cli import eval_stride, parse, text_tokens
+from ..cli import parse
 from ..common import LmlabError
+from ..evaluate import eval_stride, text_tokens
 
 
 @dataclass
