@@ -1,5 +1,5 @@
 """`lmlab serve` in a real browser: headless Debian chromium driven by Playwright opens the dashboard and the
-playground, and what the page shows is checked against the run's files and lmlab.inspect. Skipped, with the
+playground, and what the page shows is checked against the run's files and lmlab.predict. Skipped, with the
 reason, where chromium or Playwright is missing."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from helpers import HANG_S, read_jsonl
 from lmlab.checkpoint import load_run
-from lmlab.inspect import next_token_distribution
+from lmlab.predict import next_token_distribution
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # every test here
 
@@ -44,7 +44,8 @@ def browser():
 def served(tmp_path_factory):
     from test_serve import LIMITS, ServerThread, tiny_runs
 
-    from lmlab.serve import RunSet, create_app
+    from lmlab.serve.app import create_app
+    from lmlab.serve.runs import RunSet
 
     root = tiny_runs(tmp_path_factory)
     with ServerThread(create_app(RunSet([root / "alpha", root / "beta"]), LIMITS)) as url:
@@ -58,7 +59,7 @@ def bars(page) -> list[dict]:
 
 
 def wait_for_bars(page, rows) -> None:
-    """Until the bars show these rows of lmlab.inspect.next_token_distribution (slider moves send several requests;
+    """Until the bars show these rows of lmlab.predict.next_token_distribution (slider moves send several requests;
     the page keeps only the newest answer)."""
     page.wait_for_function("""expected => {
         const shown = [...document.querySelectorAll('#bars .bar-row')];
@@ -97,7 +98,7 @@ def test_dashboard_and_playground(browser, served, tmp_path):
     assert page.locator("#probes .probe tbody tr").count() == sum(len(r["probes"]) for r in probes)
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
 
-    # (3) the playground: bars for the prompt, and the temperature slider changes them as lmlab.inspect says
+    # (3) the playground: bars for the prompt, and the temperature slider changes them as lmlab.predict says
     alpha = load_run(root / "alpha")
     page.goto(url + "/#playground")
     page.select_option("#model", "alpha")
@@ -156,7 +157,8 @@ def test_dashboard_and_playground(browser, served, tmp_path):
 def keyed(tmp_path_factory):
     from test_serve import KEY, LIMITS, ServerThread, tiny_runs
 
-    from lmlab.serve import RunSet, create_app
+    from lmlab.serve.app import create_app
+    from lmlab.serve.runs import RunSet
 
     root = tiny_runs(tmp_path_factory)
     with ServerThread(create_app(RunSet([root / "alpha", root / "beta"]), LIMITS, api_key=KEY)) as url:

@@ -32,11 +32,13 @@ from lmlab.sample import generate
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install -e '.[test]')")
 uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install -e .)")
 
-import lmlab.serve  # noqa: E402
-from lmlab.serve import (  # noqa: E402
-    MAX_JSON_DEPTH, EventStream, JsonlTail, Limits, RunSet, allowed_host_names, create_app, is_json_media_type,
-    json_depth, listen_socket, origin_matches_host, run_status,
-)
+import lmlab.serve.completions  # noqa: E402
+from lmlab.rundir import JsonlTail, run_status  # noqa: E402
+from lmlab.serve.app import create_app, listen_socket  # noqa: E402
+from lmlab.serve.completions import EventStream  # noqa: E402
+from lmlab.serve.guard import allowed_host_names, origin_matches_host  # noqa: E402
+from lmlab.serve.request import MAX_JSON_DEPTH, Limits, is_json_media_type, json_depth  # noqa: E402
+from lmlab.serve.runs import RunSet  # noqa: E402
 
 LIMITS = Limits(max_tokens=64, max_prompt_chars=200, max_concurrent=4)
 PROMPT = "the cat "
@@ -336,7 +338,7 @@ def test_a_completion_that_is_not_streamed_stops_when_its_client_hangs_up(served
             yield token
             time.sleep(0.25 if hung_up.is_set() else 0.05)
 
-    monkeypatch.setattr(lmlab.serve, "generate", slow_generate)
+    monkeypatch.setattr(lmlab.serve.completions, "generate", slow_generate)
     body = json.dumps({"model": "alpha", "prompt": PROMPT, "max_tokens": LIMITS.max_tokens}).encode()
     host, port = url.removeprefix("http://").split(":")
     conn = socket.create_connection((host, int(port)), timeout=HANG_S)
@@ -491,7 +493,7 @@ def test_a_loopback_server_refuses_foreign_host_names(runs_root):
 
 
 def test_next_token_view_matches_inspect_and_sampling(served, alpha):
-    from lmlab.inspect import next_token_distribution
+    from lmlab.predict import next_token_distribution
 
     payload = {"model": "alpha", "prompt": PROMPT, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "top": 8,
                "sample": True, "seed": 9}
@@ -511,7 +513,7 @@ def test_next_token_view_matches_inspect_and_sampling(served, alpha):
 
 
 def test_surprisal_view_matches_inspect(served, alpha):
-    from lmlab.inspect import surprisal
+    from lmlab.predict import surprisal
 
     status, view = http(served[0] + "/api/surprisal", {"model": "alpha", "text": "the dog sees a book."})
     tokens, metrics, first = surprisal(alpha.model, alpha.tokenizer, "the dog sees a book.")
