@@ -12,7 +12,7 @@ indexes them (each tensor's global shape, and where each piece sits in it):
 
 Both kinds load into any layout (one process, DDP or FSDP, any number of ranks): each rank reads the parts of the
 pieces it needs. Loading reads only JSON and safetensors. Checkpoints that older versions wrote with
-torch.distributed.checkpoint (whose metadata is a pickle) are refused; `lmlab export RUN OUT --trust-pickle`
+torch.distributed.checkpoint (whose metadata is a pickle) are refused; `lmlab export RUN --out OUT --trust-pickle`
 converts one from a source you trust.
 """
 
@@ -353,7 +353,7 @@ def verify_checkpoint(path: Path, allow_pickle: bool = False) -> dict:
         raise PickleCheckpoint(
             f"checkpoint {path} is in the torch.distributed.checkpoint format of older lmlab versions, which loads "
             f"by unpickling (running code from the file); lmlab never loads it implicitly. If you trust where the run "
-            f"came from, convert it: lmlab export {path.parent.parent} OUT --trust-pickle")
+            f"came from, convert it: lmlab export {path.parent.parent} --out OUT --trust-pickle")
     for name, digest in state["files"].items():
         f = _file(path, name)
         if not os.path.lexists(f):

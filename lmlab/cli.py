@@ -1,8 +1,12 @@
 """The `lmlab` command: one subcommand per stage, options generated from the config dataclasses by tyro.
 
-COMMANDS is the one table of commands. The core's commands (train, sample, eval, data, next, export) are handled
-here; an application's commands next to it (serve/cli.py, report/cli.py, experiments/cli.py, bench/cli.py), each
-loaded only when it runs, and parsing its options with parse() from here."""
+COMMANDS is the one table of commands: it drives dispatch and `lmlab --help`, which lists them by stage. The core's
+commands (train, sample, eval, data, next, export) are handled here; an application's commands next to it
+(serve/cli.py, report/cli.py, experiments/cli.py, bench/cli.py), each loaded only when it runs, and parsing its
+options with parse() from here. Importing this module imports no torch: every handler imports what it needs.
+
+One vocabulary across commands: the run is the positional argument, --device defaults to auto, --json is a bool
+that prints JSON on stdout, and --out is where the command writes."""
 
 from __future__ import annotations
 
@@ -20,16 +24,16 @@ from typing import Callable, Literal, Optional
 import tyro
 from typing_extensions import Annotated
 
-from .common import LmlabError
-from .sample import SampleConfig
+STAGES = ("data and training", "use a model", "look inside", "share", "measure")
 
 
 @dataclass(frozen=True)
 class Command:
-    """One `lmlab` command: its line in `lmlab --help`, and its handler, a function of the command's arguments that
-    returns the exit code. The handler is named, not imported ("serve.cli:cmd_serve" is lmlab/serve/cli.py's
-    cmd_serve): a command loads its application only when it runs."""
+    """One `lmlab` command: its stage (one of STAGES) and line in `lmlab --help`, and its handler, a function of the
+    command's arguments that returns the exit code. The handler is named, not imported ("serve.cli:cmd_serve" is
+    lmlab/serve/cli.py's cmd_serve): a command loads its application only when it runs."""
 
+    stage: str
     help: str
     handler: str
 
@@ -38,31 +42,34 @@ class Command:
         return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
+DATA, USE, INSIDE, SHARE, MEASURE = STAGES
 COMMANDS = {
-    "train": Command("train a model (default: the tiny preset on the built-in corpus, about 5 minutes on a CPU)",
+    "data": Command(DATA, "list the built-in and named corpora, or prepare (tokenize and cache) a corpus",
+                    "cli:cmd_data"),
+    "train": Command(DATA, "train a model (default: the tiny preset on the built-in corpus, about 5 minutes on a CPU)",
                      "cli:cmd_train"),
-    "sample": Command("generate text from a trained run, streamed to the terminal", "cli:cmd_sample"),
-    "eval": Command("loss, bits/byte, perplexity and accuracy of a run on its validation split or any text",
-                    "cli:cmd_eval"),
-    "data": Command("list the built-in and named corpora, or prepare (tokenize and cache) a corpus", "cli:cmd_data"),
-    "next": Command("the next-token distribution after a prompt, and which tokens sampling settings keep",
+    "sample": Command(USE, "generate text from a trained run, streamed to the terminal", "cli:cmd_sample"),
+    "next": Command(USE, "the next-token distribution after a prompt, and which tokens sampling settings keep",
                     "cli:cmd_next"),
-    "surprisal": Command("per-token loss of a text, coloured in the terminal or as an HTML heatmap",
-                         "report.cli:cmd_surprisal"),
-    "landscape": Command("the loss around the trained weights along random directions, and the training trajectory",
-                         "report.cli:cmd_landscape"),
-    "inside": Command("what the model learnt inside it over training: head scores, induction, loss by position, "
-                      "logit lens", "report.cli:cmd_inside"),
-    "report": Command("one self-contained HTML page (and PNGs) with the curves, probes, samples and config of runs",
-                      "report.cli:cmd_report"),
-    "experiment": Command("how language models learn, measured: loss (why not accuracy), descent (step size, batch "
-                          "noise, optimizers), patterns (frequency, not truth)", "experiments.cli:cmd_experiment"),
-    "export": Command("copy a run as single files (e.g. from sharded FSDP checkpoints), or as a transformers model "
-                      "(--format hf)", "cli:cmd_export"),
-    "bench": Command("measure hardware peak, training throughput and MFU, time to quality, generation and data speed",
-                     "bench.cli:cmd_bench"),
-    "serve": Command("a local web app (live training charts, next-token playground) and an OpenAI-compatible API",
+    "serve": Command(USE, "a local web app (live training charts, next-token playground) and an OpenAI-compatible API",
                      "serve.cli:cmd_serve"),
+    "inside": Command(INSIDE, "what the model learnt inside it over training: head scores, induction, loss by "
+                      "position, logit lens", "report.cli:cmd_inside"),
+    "surprisal": Command(INSIDE, "per-token loss of a text, coloured in the terminal or as an HTML heatmap",
+                         "report.cli:cmd_surprisal"),
+    "landscape": Command(INSIDE, "the loss around the trained weights along random directions, and the training "
+                         "trajectory", "report.cli:cmd_landscape"),
+    "report": Command(SHARE, "one self-contained HTML page (and PNGs) with the curves, probes, samples and config of "
+                      "runs", "report.cli:cmd_report"),
+    "export": Command(SHARE, "copy a run as single files (e.g. from sharded FSDP checkpoints), or as a transformers "
+                      "model (--format hf)", "cli:cmd_export"),
+    "eval": Command(MEASURE, "loss, bits/byte, perplexity and accuracy of a run on its validation split or any text",
+                    "cli:cmd_eval"),
+    "bench": Command(MEASURE, "measure hardware peak, training throughput and MFU, time to quality, generation and "
+                     "data speed", "bench.cli:cmd_bench"),
+    "experiment": Command(MEASURE, "how language models learn, measured: loss (why not accuracy), descent (step "
+                          "size, batch noise, optimizers), patterns (frequency, not truth)",
+                          "experiments.cli:cmd_experiment"),
 }
 
 
@@ -92,6 +99,8 @@ def parse(cls, args: list[str], prog: str, default=None, description: Optional[s
         if e.code in (0, None):
             sys.stdout.write(out.getvalue())
             raise
+        from .common import LmlabError
+
         raise LmlabError(f"{_one_line(err.getvalue() or out.getvalue())} (see {prog} --help)") from None
 
 
@@ -156,23 +165,12 @@ def cmd_train(argv: list[str]) -> int:
 # sample
 
 
-@dataclass
-class SampleArgs:
-    """Generate text from a trained run."""
-
-    run: Annotated[str, tyro.conf.Positional]
-    """The run directory."""
-    checkpoint: str = "best"
-    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
-    settings: SampleConfig = field(default_factory=SampleConfig)
-
-
 def cmd_sample(argv: list[str]) -> int:
     import torch
 
     from .checkpoint import load_run
     from .common import resolve_device
-    from .sample import generate, prompt_ids, stream_text
+    from .sample import SampleArgs, generate, prompt_ids, stream_text
 
     args = parse(SampleArgs, argv, "lmlab sample")
     settings = args.settings
@@ -201,7 +199,7 @@ class ExportArgs:
 
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
-    out: Annotated[str, tyro.conf.Positional]
+    out: str
     """Where to write the copy (a new or empty directory)."""
     checkpoint: str = "best"
     """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
@@ -217,6 +215,7 @@ class ExportArgs:
 
 def cmd_export(argv: list[str]) -> int:
     from .checkpoint import export_run
+    from .common import LmlabError
 
     args = parse(ExportArgs, argv, "lmlab export")
     if args.format == "hf":
@@ -258,7 +257,7 @@ class EvalArgs:
     """Print one JSON object (loss, bits_per_byte, perplexity, accuracy, tokens)."""
     batch_size: int = 32
     """Windows per forward pass."""
-    device: str = "cpu"
+    device: str = "auto"
     """auto, cpu, cuda or mps."""
 
 
@@ -266,7 +265,7 @@ def cmd_eval(argv: list[str]) -> int:
     import torch
 
     from .checkpoint import load_run
-    from .common import resolve_device
+    from .common import LmlabError, resolve_device
     from .config import TrainConfig
     from .evaluate import entropy_excess, eval_stride, evaluate, text_tokens
 
@@ -318,7 +317,7 @@ class DataArgs:
 
 
 def cmd_data(argv: list[str]) -> int:
-    from .common import cache_dir
+    from .common import LmlabError, cache_dir
     from .data import BUILTIN, NAMED_CORPORA, builtin_text, prepare, resolve_source
 
     args = parse(DataArgs, argv, "lmlab data")
@@ -365,7 +364,7 @@ class NextArgs:
     """Top-p filter whose effect is shown (1: off)."""
     json: bool = False
     """Print JSON instead of a table."""
-    device: str = "cpu"
+    device: str = "auto"
     """auto, cpu, cuda or mps."""
 
 
@@ -373,7 +372,7 @@ def cmd_next(argv: list[str]) -> int:
     import dataclasses as dc
 
     from .checkpoint import load_run
-    from .common import resolve_device
+    from .common import LmlabError, resolve_device
     from .predict import next_token_distribution
     from .sample import SampleConfig
 
@@ -398,14 +397,23 @@ def cmd_next(argv: list[str]) -> int:
 
 
 def usage() -> str:
-    lines = ["usage: lmlab COMMAND [OPTIONS]   (lmlab COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name:8s} {command.help}" for name, command in COMMANDS.items()]
+    """`lmlab --help`: the commands of COMMANDS by stage, in its order."""
+    lines = ["usage: lmlab COMMAND [OPTIONS]   (lmlab COMMAND --help for its options)"]
+    width = max(map(len, COMMANDS)) + 1
+    for stage in STAGES:
+        lines += ["", f"{stage}:"]
+        lines += [f"  {name:{width}s} {command.help}" for name, command in COMMANDS.items() if command.stage == stage]
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from .train import Interrupted
+def _interrupted(e: BaseException) -> bool:
+    """Whether `e` is the training loop's Interrupted (Ctrl-C or SIGTERM, a checkpoint written), without importing
+    the loop: a command that never loaded it cannot have raised it."""
+    train = sys.modules.get(f"{__package__}.train")
+    return train is not None and isinstance(e, train.Interrupted)
 
+
+def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -419,6 +427,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if name not in COMMANDS:
         print(f"lmlab: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from .common import LmlabError  # the handlers' refusals (common imports torch, as every handler does)
+
     try:
         return COMMANDS[name].load()(rest)
     except SystemExit as e:
@@ -426,8 +436,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except LmlabError as e:
         print(f"lmlab {name}: error: {e}", file=sys.stderr)
         return 2
-    except Interrupted:
-        return 130
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -435,6 +443,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"lmlab {name}: error: out of memory; use a smaller model, --batch-size or --block-size", file=sys.stderr)
         return 1
     except Exception as e:  # last resort: still one line, never a traceback unless asked for
+        if _interrupted(e):
+            return 130
         if os.environ.get("LMLAB_DEBUG"):
             raise
         msg = str(e).splitlines()[0] if str(e) else ""

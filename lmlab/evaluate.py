@@ -34,12 +34,14 @@ def window_stride(stride: int, block_size: int) -> int:
     return block_size if stride <= 0 or stride > block_size else stride
 
 
-def eval_stride(stride: Optional[int], block_size: int) -> int:
-    """`--stride` of `lmlab eval` and `lmlab surprisal`, checked; None: half the context."""
+def eval_stride(stride: Optional[int], block_size: int, option: str = "--stride") -> int:
+    """The one stride rule, of `lmlab eval --stride`, `lmlab surprisal --stride` and `lmlab train --eval-stride`
+    (whose 0, block_size, train passes as such): a stride from 1 to block_size, anything else refused in one line
+    that names the option. None: half the context, the default of eval and surprisal."""
     if stride is None:
         return max(1, block_size // 2)
     if not 1 <= stride <= block_size:
-        raise LmlabError(f"--stride must be between 1 and the context length {block_size}, got {stride}")
+        raise LmlabError(f"{option} must be between 1 and the context length {block_size}, got {stride}")
     return stride
 
 

@@ -674,7 +674,7 @@ def verify(out: str | Path, model: torch.nn.Module, tokenizer: tok.Tokenizer, wi
 
 def export_run_hf(run_dir: str | Path, out: str | Path, check: bool = True,
                   say: Callable[[str], None] = print, which: str | int = "best") -> str:
-    """`lmlab export RUN OUT --format hf`: the run's best checkpoint (or `which`) as a transformers folder, then
+    """`lmlab export RUN --out OUT --format hf`: the run's best checkpoint (or `which`) as a transformers folder, then
     checked by transformers itself (unless check is False). Returns the class's name."""
     from .checkpoint import load_run
 

@@ -10,13 +10,15 @@ so their outputs are identical.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import tyro
+from typing_extensions import Annotated
 
 from .common import LmlabError
 
@@ -102,7 +104,7 @@ class SampleConfig:
     compile: bool = False
     """Compile the cached decode steps with torch.compile: about 3x the tokens/s at batch 1 on CPU, after a first
     compile of one to two minutes (seconds once torch's compile cache on disk holds it)."""
-    device: str = "cpu"
+    device: str = "auto"
     """auto, cpu, cuda or mps."""
 
     def __post_init__(self) -> None:
@@ -114,6 +116,18 @@ class SampleConfig:
             raise LmlabError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise LmlabError(f"--top-k must be >= 0, got {self.top_k}")
+
+
+# `lmlab sample`'s options: beside the settings they hold, so that the table of commands (cli.py) needs no torch
+@dataclass
+class SampleArgs:
+    """Generate text from a trained run."""
+
+    run: Annotated[str, tyro.conf.Positional]
+    """The run directory."""
+    checkpoint: str = "best"
+    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
+    settings: SampleConfig = field(default_factory=SampleConfig)
 
 
 def _step(model: torch.nn.Module, tokens: torch.Tensor, pos: Optional[torch.Tensor], cache,

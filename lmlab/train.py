@@ -32,7 +32,7 @@ from .common import (LmlabError, default_dtype, fmt_count, keep_freed_memory, re
 from .config import TrainConfig, apply_budget, fit_to_corpus, needs_corpus
 from .data import BatchSampler, Splits, load_splits
 from .distributed import Dist, all_reduce_sum, barrier, unwrap
-from .evaluate import autocast_context, evaluate, window_stride
+from .evaluate import autocast_context, eval_stride, evaluate, window_stride
 from .hf import init_from
 from .inside import InsideRecorder
 from .loss import LossConfig, Metrics, training_loss
@@ -693,6 +693,7 @@ def train(cfg: TrainConfig) -> dict:
             cfg = dataclasses.replace(cfg, out=cfg.resume)  # config.json says where the run is
             note = "\n".join(n for n in (note, batch_note) if n)
         accumulation_steps(cfg, d.world)  # refuse a global batch that does not divide before touching any file
+        eval_stride(cfg.eval_stride or cfg.model.block_size, cfg.model.block_size, "--eval-stride")  # 0: block_size
         if note:
             say(d, note)
         with ExitStack() as stack:

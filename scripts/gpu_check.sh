@@ -43,8 +43,7 @@ fi
 TRAIN=(-m lmlab train --parallel fsdp --device cuda --preset gpt2-124m --tokenizer char --block-size 256
        --batch-size 16 --max-steps 40 --max-time 0 --eval-interval 20 --eval-tokens 20000 --checkpoint-interval 20
        --sample-tokens 0 --no-progress --trajectory-snapshots 0)
-BENCH=(-m lmlab bench --device cuda --only peak throughput --steps 20 --json "$OUT/bench.json"
-       --markdown "$OUT/bench.md")
+BENCH=(-m lmlab bench --device cuda --only peak throughput --steps 20 --out "$OUT")  # bench.json, bench.md
 
 if [ "$DRY" = 1 ]; then
     step "dry run: checking the steps"

@@ -1,4 +1,4 @@
-"""`lmlab bench`: the quick version runs and writes valid JSON (benchmarks are not tests: no timing is asserted),
+"""`lmlab bench`: the quick version runs and prints valid JSON (benchmarks are not tests: no timing is asserted),
 the nanoGPT comparison alternates the two in one process, and its own run is parsed from a checkout's output."""
 
 from __future__ import annotations
@@ -15,13 +15,17 @@ from helpers import HANG_S, run_cli, write_corpus
 
 
 @pytest.mark.slow
-def test_bench_quick_runs_and_writes_valid_json(tmp_path):
+def test_bench_quick_prints_json_on_stdout_and_writes_its_files(tmp_path):
+    """--json: one JSON object on stdout and everything else on stderr (`lmlab bench --json > out.json` works);
+    --out DIR: the same figures in DIR/bench.json, and as Markdown tables in DIR/bench.md."""
     corpus = write_corpus(tmp_path / "corpus.txt", n_lines=3000)
-    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
-    proc = run_cli(["bench", "--quick", "--data", str(corpus), "--json", str(out), "--markdown", str(md)],
-                   cwd=tmp_path, timeout=HANG_S)
+    folder = tmp_path / "figures"
+    proc = run_cli(["bench", "--quick", "--data", str(corpus), "--json", "--out", str(folder)], cwd=tmp_path,
+                   timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    data = json.loads(out.read_text())
+    data = json.loads(proc.stdout)
+    assert json.dumps(data, sort_keys=True) == json.dumps(json.loads((folder / "bench.json").read_text()),
+                                                          sort_keys=True)
     assert data["quick"] is True
     assert data["peak_gflops"]["float32"] > 0 and data["peak_gflops"]["bfloat16"] > 0
     rows = data["throughput"]
@@ -34,8 +38,8 @@ def test_bench_quick_runs_and_writes_valid_json(tmp_path):
     assert {t["tokenizer"] for t in data["tokenizers"]} == {"char", "bpe"}
     assert data["memory"]["peak_rss_mb"] > 50
     assert math.isfinite(data["time_to_target"]["final_val_loss"])
-    assert "hardware peak" in proc.stdout and "tok/s" in proc.stdout
-    text = md.read_text()
+    assert "hardware peak" in proc.stderr and "tok/s" in proc.stderr  # the table, on stderr beside the JSON
+    text = (folder / "bench.md").read_text()
     assert "| training config |" in text and "| generation" in text
 
 

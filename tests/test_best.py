@@ -73,7 +73,7 @@ def test_sample_eval_and_export_use_the_best_checkpoint_by_default(overfit):
     evaluated = run_cli(["eval", "run", "--json"], cwd=root, cache=root / "cache")
     last = run_cli(["eval", "run", "--json", "--checkpoint", "last"], cwd=root, cache=root / "cache")
     assert json.loads(evaluated.stdout)["loss"] < json.loads(last.stdout)["loss"]
-    proc = run_cli(["export", "run", "copy"], cwd=root, cache=root / "cache")
+    proc = run_cli(["export", "run", "--out", "copy"], cwd=root, cache=root / "cache")
     assert proc.returncode == 0 and f"step_{best:08d}" in proc.stderr, proc.stderr
 
 

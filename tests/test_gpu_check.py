@@ -25,7 +25,7 @@ def test_the_dry_run_checks_every_step():
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "would run:" in out and "tests/test_gpu.py" in out
-    assert "bench --device cuda --only peak throughput" in out and "somewhere/bench.json" in out
+    assert "bench --device cuda --only peak throughput --steps 20 --out somewhere" in out
     assert "--nproc-per-node 1 -m lmlab train --parallel fsdp --device cuda" in out
     assert out.strip().endswith("dry run: every step is in place")
 

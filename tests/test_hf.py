@@ -357,11 +357,11 @@ def test_every_command_works_on_an_imported_run(tmp_path, bpe, capsys):
                  ["eval", str(run), "--json"], ["next", str(run), "the cat", "--json"],
                  ["surprisal", str(run), "--text", "the cat sees a dog.", "--json"],
                  ["report", str(run), "--out", str(tmp_path / "report.html")],
-                 ["export", str(run), str(tmp_path / "hf"), "--format", "hf"]):
+                 ["export", str(run), "--out", str(tmp_path / "hf"), "--format", "hf"]):
         assert main(args) == 0, (args, capsys.readouterr().err[-2000:])
     err = capsys.readouterr().err
     assert "verified with transformers" in err and "GPT2LMHeadModel" in err
-    assert main(["export", str(run), str(tmp_path / "unchecked"), "--format", "hf", "--no-verify"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "unchecked"), "--format", "hf", "--no-verify"]) == 0
     assert "verified" not in capsys.readouterr().err and (tmp_path / "unchecked" / "model.safetensors").exists()
     assert read_jsonl(run / "metrics.jsonl")[-1]["step"] == 14
     loaded = load_run(run)

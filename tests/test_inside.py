@@ -581,7 +581,7 @@ def test_lmlab_inside_html_and_the_report_section(recorded, tmp_path, capsys):
 
     root, _ = recorded
     out = tmp_path / "inside.html"
-    assert main(["inside", str(root / "run"), "--step", "10", "--html", str(out)]) == 0
+    assert main(["inside", str(root / "run"), "--step", "10", "--out", str(out)]) == 0
     page = out.read_text()
     assert "step 10: head scores" in page and page.count("<img") == 4  # scores, repeat loss, positions, heatmaps
     report, files = build_page([load_run_logs(root / "run"), load_run_logs(root / "off")])

@@ -94,7 +94,7 @@ def test_surprisal_totals_equal_eval(run_dir, tmp_path, stride):
 @pytest.mark.slow
 def test_surprisal_cli_html_and_json(run_dir, tmp_path):
     html_path = tmp_path / "heat.html"
-    code = main(["surprisal", str(run_dir), "--text", "the cat likes the ball.", "--html", str(html_path)])
+    code = main(["surprisal", str(run_dir), "--text", "the cat likes the ball.", "--out", str(html_path)])
     assert code == 0
     page = html_path.read_text()
     assert page.count('class="t"') == len("the cat likes the ball.") - 1  # one span per predicted char

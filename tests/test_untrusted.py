@@ -183,7 +183,7 @@ def commands(run: Path, out: Path, corpus: Path) -> dict[str, list[str]]:
         "surprisal": ["surprisal", str(run), "--text", "the cat sees", "--json"],
         "landscape": ["landscape", str(run), "--points", "3", "--batch-size", "1", "--2d", *data],
         "report": ["report", str(run), "--out", str(out / "report.html")],
-        "export": ["export", str(run), str(out / "export")],
+        "export": ["export", str(run), "--out", str(out / "export")],
         "resume": ["train", "--resume", str(run), "--max-steps", str(STEPS + 2), "--sample-tokens", "4",
                    "--no-progress", *data],
     }
@@ -283,9 +283,9 @@ def test_export_trust_pickle_converts_an_old_dcp_checkpoint_after_a_warning(env,
                  files={n: sha256_file(ckpt / n) for n in names})
     (ckpt / "state.json").write_text(json.dumps(state))
 
-    rc, _, err = _cli(capsys, ["export", str(run), str(run.parent / "refused")])
+    rc, _, err = _cli(capsys, ["export", str(run), "--out", str(run.parent / "refused")])
     assert rc == 2 and "--trust-pickle" in err and not (run.parent / "refused").exists()
-    rc, _, err = _cli(capsys, ["export", str(run), str(run.parent / "converted"), "--trust-pickle"])
+    rc, _, err = _cli(capsys, ["export", str(run), "--out", str(run.parent / "converted"), "--trust-pickle"])
     assert rc == 0, err
     assert err.index("warning") < err.index("exported") and "run code" in err
     converted = checkpoint_dirs(run.parent / "converted")[-1]
@@ -403,7 +403,7 @@ def test_fuzzed_files_fall_back_or_fail_cleanly(fuzzed_runs, rel, capsys, base, 
         for run in runs:
             assert all(isinstance(r.get("step", 0), int) for r in rundir.read_jsonl(run, rel))
             if rel == "inside.jsonl":
-                for argv in (["inside", str(run), "--json"], ["inside", str(run), "--html", str(out / "inside.html")]):
+                for argv in (["inside", str(run), "--json"], ["inside", str(run), "--out", str(out / "inside.html")]):
                     assert_contract(*_cli(capsys, argv)[::2], f"{argv[0]} with a damaged {rel} ({run.name})")
         return
     for i, run in enumerate(runs):

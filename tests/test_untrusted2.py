@@ -186,13 +186,13 @@ def test_a_copied_or_moved_run_reads_its_corpus_once_named_again(copied, tmp_pat
     _one_error(*_cli(capsys, "eval", moved)[::2], "--data")
     rc, _, err = _cli(capsys, "eval", moved, "--trust-data-path")
     assert rc == 0 and f"reading corpus {corpus}" in err, err
-    rc, _, err = _cli(capsys, "export", moved, tmp_path / "export")
+    rc, _, err = _cli(capsys, "export", moved, "--out", tmp_path / "export")
     assert rc == 0, err
     _one_error(*_cli(capsys, "eval", tmp_path / "export")[::2], "--data")  # exported from a run not made here
     made_here = tmp_path / "again"
     rc, _, err = _cli(capsys, "train", "--resume", moved, "--max-steps", "12", "--no-progress", "--data", corpus)
     assert rc == 0, err
-    rc, _, err = _cli(capsys, "export", moved, made_here)
+    rc, _, err = _cli(capsys, "export", moved, "--out", made_here)
     assert rc == 0, err
     rc, _, err = _cli(capsys, "eval", made_here)
     assert rc == 0, err
@@ -378,7 +378,7 @@ def test_a_damaged_checkpoint_entry_is_skipped_and_named_once(copied, tmp_path, 
     for argv in (["sample", run, "--max-new-tokens", "4"], ["eval", run, "--data", corpus],
                  ["next", run, "the "], ["surprisal", run, "--text", "the cat"],
                  ["landscape", run, "--points", "3", "--2d", "--data", corpus], ["inside", run],
-                 ["report", run, "--out", out / "report.html"], ["export", run, out / "export"],
+                 ["report", run, "--out", out / "report.html"], ["export", run, "--out", out / "export"],
                  ["train", "--resume", run, "--data", corpus, "--max-steps", "10", "--no-progress"]):
         rc, _, err = _cli(capsys, *argv)
         assert rc == 0 and "Traceback" not in err, (argv[0], err)
@@ -487,11 +487,11 @@ def test_resume_applies_every_option_or_refuses_it_naming_it(copied, tmp_path, c
 
 @pytest.mark.slow
 def test_run_text_is_never_parsed_as_markup(made, tmp_path, monkeypatch, capsys):
-    """The run's probe prompt is TeX-like; a run folder's name holds dollars: report and inside --html draw them."""
+    """The run's probe prompt is TeX-like; a run folder's name holds dollars: report and inside --out draw them."""
     monkeypatch.setenv("LMLAB_CACHE", str(made / "cache"))
     run = tmp_path / "my $\\bar{run}$"
     shutil.copytree(made / "run", run)
-    for argv in (["report", run, "--out", tmp_path / "report.html"], ["inside", run, "--html", tmp_path / "in.html"]):
+    for argv in (["report", run, "--out", tmp_path / "report.html"], ["inside", run, "--out", tmp_path / "in.html"]):
         rc, _, err = _cli(capsys, *argv)
         assert rc == 0, err
     assert "$\\foo{x}$" in (tmp_path / "in.html").read_text(encoding="utf-8")  # drawn, and listed as it is
@@ -503,7 +503,7 @@ def test_an_inside_page_draws_a_bounded_grid_and_says_what_it_left_out(copied, t
     record = json.loads((run / "inside.jsonl").read_text().splitlines()[-1])
     record["attention"] = [{"prompt": "ab", "tokens": ["a", "b"], "percent": [[[[100], [50, 50]]] * 40] * 40}]
     (run / "inside.jsonl").write_text(json.dumps(record) + "\n")
-    rc, err, peak = run_capped("inside", run, "--html", tmp_path / "inside.html", cwd=tmp_path)
+    rc, err, peak = run_capped("inside", run, "--out", tmp_path / "inside.html", cwd=tmp_path)
     assert rc == 0, err
     assert peak < 1024, f"peak RSS {peak:.0f} MiB"
     assert "layers 0-7 of 40 and heads 0-7 of 40 drawn" in (tmp_path / "inside.html").read_text(encoding="utf-8")
@@ -523,7 +523,7 @@ def test_resume_never_appends_to_a_hard_linked_file(copied, tmp_path, capsys):
 def test_export_to_a_dangling_link_is_one_error(copied, tmp_path, capsys, fmt):
     run, _ = copied
     (tmp_path / "out").symlink_to(tmp_path / "nowhere")
-    _one_error(*_cli(capsys, "export", run, tmp_path / "out", "--format", fmt, "--no-verify")[::2], "link")
+    _one_error(*_cli(capsys, "export", run, "--out", tmp_path / "out", "--format", fmt, "--no-verify")[::2], "link")
     assert not (tmp_path / "nowhere").exists()
 
 

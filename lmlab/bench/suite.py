@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..common import LmlabError, resolve_device
-from ..data import resolve_source
+from ..data import BUILTIN, resolve_source
 from .measure import (generation_label, generation_speed, matmul_peak, quality_run, throughput, tokenizer_speed,
                       training_rss)
 from .nanogpt import alternated_generation, alternated_throughput, nanogpt_process, twin_models
@@ -23,12 +23,13 @@ class BenchConfig:
 
     quick: bool = False
     """A small version that finishes in under 2 minutes."""
-    json: Optional[str] = None
-    """Also write all figures to this JSON file."""
-    data: str = "tinyshakespeare"
-    """Corpus for time-to-quality and tokenizer speed (a file path works offline)."""
-    device: str = "cpu"
-    """cpu, cuda or mps."""
+    json: bool = False
+    """Print all figures as one JSON object on stdout (the table and the progress go to stderr)."""
+    data: str = BUILTIN
+    """Corpus for time-to-quality and tokenizer speed: a file, folder, glob, 'builtin' or a corpus name (the figures
+    in docs/performance.md are on tinyshakespeare)."""
+    device: str = "auto"
+    """auto, cpu, cuda or mps."""
     nanogpt: Optional[str] = None
     """A nanoGPT checkout to measure side by side (optional). Its code runs here: lmlab imports PATH/model.py and,
     without --quick, runs PATH/train.py; give only a checkout you trust."""
@@ -42,8 +43,8 @@ class BenchConfig:
     """Budget (s) of the run that times the target."""
     only: tuple[str, ...] = ()
     """Run only these sections: peak, throughput, quality, generation, data, nanogpt."""
-    markdown: Optional[str] = None
-    """Also write the figures as Markdown tables to this file."""
+    out: Optional[str] = None
+    """Folder to write the figures to: bench.json (all of them) and bench.md (as Markdown tables)."""
 
 
 def say(msg: str) -> None:

@@ -48,7 +48,7 @@ class ExperimentConfig:
     """Seed of every run: initial weights, batches, generated statements."""
     quick: bool = False
     """A micro budget of a few seconds (for tests): a tiny model and a few steps, whose numbers show little."""
-    device: str = "cpu"
+    device: str = "auto"
     """auto, cpu, cuda or mps."""
 
 

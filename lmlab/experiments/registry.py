@@ -3,6 +3,7 @@ the command) and its page in DIR, and the table and conclusion for the terminal.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import time
@@ -12,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import __version__
-from ..common import LmlabError, atomic_write_json
+from ..common import LmlabError, atomic_write_json, resolve_device
 from ..report.experiment_page import write_experiment_page
 from . import descent, loss, patterns
 from .base import RUNS, Context, ExperimentConfig, cpu_name, prepare_out
@@ -27,6 +28,7 @@ def run_experiment(name: str, cfg: ExperimentConfig, say: Callable[[str], None] 
     if name not in REGISTRY:
         raise LmlabError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     experiment = REGISTRY[name]
+    cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # auto: the device it picks, recorded
     out = Path(cfg.out or os.path.join("experiments", name))
     prepare_out(out)
     ctx = Context(name, cfg, out, say)

@@ -31,11 +31,11 @@ class SurprisalArgs:
     """A text file to score (or use --text)."""
     text: Optional[str] = None
     """The text to score."""
-    html: Optional[str] = None
+    out: Optional[str] = None
     """Write an HTML heatmap here (hover a token for the model's top-5 predictions)."""
     json: bool = False
     """Print JSON (every token with nats and bits, and the totals)."""
-    device: str = "cpu"
+    device: str = "auto"
     """auto, cpu, cuda or mps."""
 
 
@@ -59,10 +59,10 @@ def cmd_surprisal(argv: list[str]) -> int:
     run = load_run(args.run, resolve_device(args.device), args.checkpoint)
     stride = eval_stride(args.stride, run.model.cfg.block_size)
     tokens, metrics, first = surprisal(run.model, run.tokenizer, text, stride=stride)
-    if args.html:
+    if args.out:
         page = surprisal_html(first, tokens, metrics, f"surprisal under {run.run_dir}")
-        atomic_write_bytes(args.html, page.encode("utf-8"))
-        print(f"heatmap written to {args.html}", file=sys.stderr)
+        atomic_write_bytes(args.out, page.encode("utf-8"))
+        print(f"heatmap written to {args.out}", file=sys.stderr)
     if args.json:
         print(json.dumps({**metrics.as_dict(), "stride": stride, "first": first,
                           "per_token": [{"token": t.text, "nats": t.nats, "bits": t.bits, "top": t.top}
@@ -94,7 +94,7 @@ class LandscapeArgs:
     """Scan from -span to +span along each direction (1 = the size of the weights, filter by filter)."""
     batch_size: int = 8
     """Validation windows in the fixed batch."""
-    seed: int = 0
+    seed: int = 1337
     """Seed of the random directions."""
     data: Optional[str] = None
     """Text whose windows make the batch (a file, folder, glob or corpus name); default: the run's validation
@@ -104,7 +104,7 @@ class LandscapeArgs:
     copied, moved or shared); without it such a run needs --data."""
     out: Optional[str] = None
     """Folder for landscape.json and the PNGs (default: RUN/landscape)."""
-    device: str = "cpu"
+    device: str = "auto"
     """auto, cpu, cuda or mps."""
 
 
@@ -145,7 +145,7 @@ class InsideArgs:
     """Only this evaluation step (default: the table at the last one; with --json, every step)."""
     json: bool = False
     """Print one JSON object: heads (step, layer, head and the three scores), repeat_loss, loss_by_position."""
-    html: Optional[str] = None
+    out: Optional[str] = None
     """Also write a self-contained HTML page here: the scores over steps, heatmaps and the logit lens."""
 
 
@@ -160,11 +160,11 @@ def cmd_inside(argv: list[str]) -> int:
         why = "it was trained with --no-inside" if config.get("inside") is False else "it has no evaluation yet"
         raise LmlabError(f"nothing was recorded inside the model of {args.run}: {why}")
     chosen = at_step(records, args.step)
-    if args.html:
+    if args.out:
         from .inside_page import write_inside_page
 
-        write_inside_page(args.run, args.html, chosen[-1]["step"])
-        print(f"page written to {args.html}", file=sys.stderr)
+        write_inside_page(args.run, args.out, chosen[-1]["step"])
+        print(f"page written to {args.out}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary(chosen)))
     else:

@@ -1,6 +1,6 @@
 """Inside the model, as training recorded it (inside.jsonl): head scores over steps, the loss on a repeated random
 sequence, the loss by position in the window, every head's attention and the logit lens; a section of the report,
-and a page of its own (`lmlab inside RUN --html OUT`)."""
+and a page of its own (`lmlab inside RUN --out OUT`)."""
 
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ def inside_section(runs: list[RunLogs], images: Images) -> str:
 
 @plain_text
 def write_inside_page(run_dir: str | Path, out: str | Path, step: Optional[int] = None) -> Path:
-    """A self-contained page with one run's inside section (`lmlab inside RUN --html OUT`)."""
+    """A self-contained page with one run's inside section (`lmlab inside RUN --out OUT`)."""
     run = load_run_logs(run_dir)
     body = f"<h1>Inside {html.escape(run.name)}</h1>\n{INSIDE_INTRO}{inside_run_html(run, Images(), step)}"
     return write_shared(Path(out), page(f"lmlab inside: {run.name}", body))

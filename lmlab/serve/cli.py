@@ -37,7 +37,7 @@ class ServeArgs:
     """Requests running a model at the same time; one more is refused with HTTP 429."""
     checkpoint: Literal["best", "last"] = "best"
     """Which checkpoint of each run to serve: best (the lowest validation loss) or last (the newest)."""
-    device: str = "cpu"
+    device: str = "auto"
     """auto, cpu, cuda or mps."""
 
 
