@@ -172,7 +172,7 @@ def cmd_sample(argv: list[str]) -> int:
 
     from .checkpoint import load_run
     from .common import resolve_device
-    from .sample import generate, prompt_ids, stream_text
+    from .sample import generate, prompt_ids, stream_text, text_banned
 
     args = parse(SampleArgs, argv, "lmlab sample")
     settings = args.settings
@@ -180,7 +180,8 @@ def cmd_sample(argv: list[str]) -> int:
     ids = prompt_ids(run.tokenizer, settings.prompt)
     generator = torch.Generator().manual_seed(settings.seed)
     tokens = generate(run.model, ids, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
-                      generator, use_cache=not settings.no_cache, compile=settings.compile)
+                      generator, use_cache=not settings.no_cache, compile=settings.compile,
+                      banned=text_banned(run.tokenizer))
     sys.stdout.write(settings.prompt)
     sys.stdout.flush()
     for piece in stream_text(run.tokenizer, tokens, settings.stop):

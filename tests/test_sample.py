@@ -324,6 +324,40 @@ def test_generate_hands_out_the_logits_each_token_was_drawn_from(use_cache):
                                atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_banned_ids_are_never_drawn_and_the_rest_are_drawn_as_renormalised(use_cache):
+    """banned: a model that puts most of its mass on two ids never draws them; the other draws are those of the
+    same numbers from the logits with the banned ids at -inf (a hand-made filter), and greedy picks the best of the
+    rest."""
+    model = tiny_gpt(block_size=8, seed=30)
+    favourite = [2, 5]
+    bump = torch.zeros(VOCAB, dtype=torch.float64)
+    bump[favourite] = 8.0  # most of the mass on the favourites
+    model.register_forward_hook(lambda module, args, logits: logits + bump)
+
+    def run(banned, **kw):
+        gen = torch.Generator().manual_seed(31)
+        return list(generate(model, [3, 1, 4], 30, generator=gen, use_cache=use_cache, banned=banned, **kw))
+
+    pairs = run(favourite, temperature=1.0, with_logits=True)
+    tokens = [t for t, _ in pairs]
+    assert not set(tokens) & set(favourite) and len(set(tokens)) > 1
+    plain = window_logits(model, [3, 1, 4], tokens)
+    expected = plain.clone()
+    expected[:, favourite] = float("-inf")
+    torch.testing.assert_close(torch.stack([row for _, row in pairs]), expected, atol=1e-10, rtol=0)
+    greedy = run(favourite, temperature=0.0)
+    assert greedy[0] == int(expected[0].argmax()) and not set(greedy) & set(favourite)
+
+
+def test_text_banned_is_every_special_token():
+    from lmlab.sample import text_banned
+
+    tok = CharTokenizer("ab")
+    assert text_banned(tok) == sorted(tok.special_tokens.values()) and len(text_banned(tok)) == 5
+    assert text_banned(ByteTokenizer()) == list(range(256, 261))
+
+
 def test_generate_bigram_cache_equals_no_cache():
     model = build_model(ModelConfig(arch="bigram", block_size=8), VOCAB)
     with torch.no_grad():
