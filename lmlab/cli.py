@@ -376,6 +376,7 @@ def cmd_next(argv: list[str]) -> int:
     from .checkpoint import load_run
     from .common import resolve_device
     from .predict import next_token_distribution
+    from .sample import text_banned
     from .sample import SampleConfig
 
     args = parse(NextArgs, argv, "lmlab next")
@@ -384,7 +385,7 @@ def cmd_next(argv: list[str]) -> int:
         raise LmlabError(f"--top must be positive, got {args.top}")
     run = load_run(args.run, resolve_device(args.device), args.checkpoint)
     rows = next_token_distribution(run.model, run.tokenizer, args.prompt, args.top, args.temperature, args.top_k,
-                                   args.top_p)
+                                   args.top_p, text_banned(run.tokenizer))
     if args.json:
         print(json.dumps({"prompt": args.prompt, "temperature": args.temperature, "top_k": args.top_k,
                           "top_p": args.top_p, "tokens": [dc.asdict(r) for r in rows]}))

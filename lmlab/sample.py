@@ -132,13 +132,13 @@ def _step(model: torch.nn.Module, tokens: torch.Tensor, pos: Optional[torch.Tens
           u: Optional[torch.Tensor], temperature: float, top_k: int, top_p: float,
           banned: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed tokens (1, T) through the cache and return the next token (1, 1), drawn with u (None when greedy), and
-    the logits (1, V) it was drawn from (banned ids, a (V,) bool mask, at -inf).
+    the model's logits (1, V) it was drawn from (the banned ids, a (V,) bool mask, are never drawn).
 
     With pos, a (1,) tensor, this is one decode step at that position, with the same shapes at every position
     (KVCache.write), and pos advances; without, the tokens continue from cache.pos (the window's encoding).
     """
-    logits = ban(model(tokens, cache=cache, pos=pos)[:, -1], banned)  # (1, V)
-    token = draw(logits, u, temperature, top_k, top_p)
+    logits = model(tokens, cache=cache, pos=pos)[:, -1]  # (1, V)
+    token = draw(ban(logits, banned), u, temperature, top_k, top_p)
     if pos is not None:
         pos.add_(1)
     return token.view(1, 1), logits
@@ -177,9 +177,10 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
              with_logits: bool = False, banned: Optional[list[int]] = None
              ) -> Iterator[Union[int, tuple[int, torch.Tensor]]]:
     """Yield up to max_new_tokens token ids continuing `prompt` (see the module docstring for the window); with
-    with_logits, (token id, logits) pairs instead, the logits (V,) being the model's ones (before temperature
-    and filters) that the token was drawn from, e.g. for its log-probability. `banned` ids are never drawn: their
-    logits are -inf (text_banned(tokenizer): the special tokens, in a continuation of plain text).
+    with_logits, (token id, logits) pairs instead, the logits (V,) being the model's raw ones (before temperature,
+    filters and bans) that the token was drawn from, e.g. for its log-probability. `banned` ids are never drawn: they
+    are left out of the draw like tokens outside top-k (text_banned(tokenizer): the special tokens, in a
+    continuation of plain text).
 
     With the cache, the window is encoded in one forward and each further token is one decode step (_step).
     compile=True runs both through torch.compile, with runs of DECODE_CHUNK decode steps in one call (_decode) where
@@ -199,8 +200,8 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
                           device=device)] = True
     if not use_cache:
         for _ in range(max_new_tokens):
-            logits = ban(model(torch.tensor([window], device=device))[:, -1], mask)  # (1, V)
-            token = int(next_token(logits, temperature, top_k, top_p, generator)[0])
+            logits = model(torch.tensor([window], device=device))[:, -1]  # (1, V)
+            token = int(next_token(ban(logits, mask), temperature, top_k, top_p, generator)[0])
             yield (token, logits[0]) if with_logits else token
             window.append(token)
             if len(window) > block:

@@ -22,10 +22,13 @@ MAX_TOP = 100  # bars of the playground's distribution
 def sample_next(run: LoadedRun, prompt: str, s: Sampling, generator: torch.Generator) -> dict:
     """Draw one next token the way generation does, with its probability under the sampling settings and under
     the plain model."""
+    banned = text_banned(run.tokenizer)
     token, logits = next(generate(run.model, encode_prompt(run, prompt), 1, s.temperature, s.top_k, s.top_p, generator,
-                                  with_logits=True, banned=text_banned(run.tokenizer)))
+                                  with_logits=True, banned=banned))
     logits = logits.float()
-    sampled = float(sampling_probs(logits, s.temperature, s.top_k, s.top_p)[token])
+    drawn = logits.clone()
+    drawn[banned] = float("-inf")
+    sampled = float(sampling_probs(drawn, s.temperature, s.top_k, s.top_p)[token])
     return {"token_id": token, "text": run.tokenizer.decode([token]), "probability": sampled,
             "model_probability": float(logits.softmax(-1)[token])}
 
