@@ -170,7 +170,7 @@ def cmd_sample(argv: list[str]) -> int:
 
     from .checkpoint import load_run
     from .common import resolve_device
-    from .sample import SampleArgs, generate, prompt_ids, stream_text
+    from .sample import SampleArgs, generate, prompt_ids, stream_text, text_banned
 
     args = parse(SampleArgs, argv, "lmlab sample")
     settings = args.settings
@@ -178,7 +178,8 @@ def cmd_sample(argv: list[str]) -> int:
     ids = prompt_ids(run.tokenizer, settings.prompt)
     generator = torch.Generator().manual_seed(settings.seed)
     tokens = generate(run.model, ids, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
-                      generator, use_cache=not settings.no_cache, compile=settings.compile)
+                      generator, use_cache=not settings.no_cache, compile=settings.compile,
+                      banned=text_banned(run.tokenizer))
     sys.stdout.write(settings.prompt)
     sys.stdout.flush()
     for piece in stream_text(run.tokenizer, tokens, settings.stop):
@@ -374,7 +375,7 @@ def cmd_next(argv: list[str]) -> int:
     from .checkpoint import load_run
     from .common import LmlabError, resolve_device
     from .predict import next_token_distribution
-    from .sample import SampleConfig
+    from .sample import SampleConfig, text_banned
 
     args = parse(NextArgs, argv, "lmlab next")
     SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # validates the settings
@@ -382,7 +383,7 @@ def cmd_next(argv: list[str]) -> int:
         raise LmlabError(f"--top must be positive, got {args.top}")
     run = load_run(args.run, resolve_device(args.device), args.checkpoint)
     rows = next_token_distribution(run.model, run.tokenizer, args.prompt, args.top, args.temperature, args.top_k,
-                                   args.top_p)
+                                   args.top_p, text_banned(run.tokenizer))
     if args.json:
         print(json.dumps({"prompt": args.prompt, "temperature": args.temperature, "top_k": args.top_k,
                           "top_p": args.top_p, "tokens": [dc.asdict(r) for r in rows]}))

@@ -5,6 +5,7 @@ averages). `lmlab next`, `lmlab surprisal` and the playground of `lmlab serve` s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -32,17 +33,22 @@ class NextTokenRow:
 
 @torch.no_grad()
 def next_token_distribution(model, tokenizer, prompt: str, top: int = 10, temperature: float = 1.0,
-                            top_k: int = 0, top_p: float = 1.0) -> list[NextTokenRow]:
+                            top_k: int = 0, top_p: float = 1.0,
+                            banned: Optional[list[int]] = None) -> list[NextTokenRow]:
     """The model's distribution over the token after `prompt`: the `top` most likely tokens, most likely first.
 
     `probability` is the plain softmax of the logits; `renormalized` is what sampling with the given temperature,
-    top-k and top-p would draw from (temperature 0 keeps only the most likely token).
+    top-k and top-p would draw from (temperature 0 keeps only the most likely token), the `banned` ids never
+    (sample.generate's: text_banned for a continuation of text).
     """
     ids = prompt_ids(tokenizer, prompt)[-model.cfg.block_size:]
     device = next(model.parameters()).device
     logits = model(torch.tensor([ids], device=device))[0, -1].float().cpu()
     probs = logits.softmax(-1)
-    sampled = sampling_probs(logits, temperature, top_k, top_p)
+    drawn = logits.clone()
+    if banned:
+        drawn[[i for i in banned if 0 <= i < drawn.numel()]] = float("-inf")
+    sampled = sampling_probs(drawn, temperature, top_k, top_p)
     order = torch.argsort(probs, descending=True)[: max(1, top)]
     cumulative = probs[order].cumsum(0)
     rows = []

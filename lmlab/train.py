@@ -39,7 +39,7 @@ from .loss import LossConfig, Metrics, training_loss
 from .model import ModelConfig, build_model, check_fits, count_params
 from .optim import build_optimizer, clip_grad_norm, lr_multiplier, set_lr
 from .rundir import RunLock, write_status  # noqa: F401 - RunLock is part of this module's interface
-from .sample import default_probe_prompts, generate, probe, prompt_ids, stream_text
+from .sample import default_probe_prompts, generate, probe, prompt_ids, stream_text, text_banned
 from .telemetry import (OVERFIT_EVALS, EvalHistory, GradientTelemetry, SpikeDetector, TensorBoard,
                         prune_snapshots_after, save_snapshot)
 
@@ -845,7 +845,8 @@ def final_sample(setup: Setup, model: torch.nn.Module, step: int) -> str:
     say(setup.d, f"sample ({cfg.sample_tokens} tokens, temperature 0.8):")
     text = cfg.sample_prompt
     sys.stdout.write(cfg.sample_prompt)
-    tokens = generate(model, prompt_ids(tokenizer, cfg.sample_prompt), cfg.sample_tokens, 0.8, 0, 1.0, gen)
+    tokens = generate(model, prompt_ids(tokenizer, cfg.sample_prompt), cfg.sample_tokens, 0.8, 0, 1.0, gen,
+                      banned=text_banned(tokenizer))
     for piece in stream_text(tokenizer, tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -12,11 +12,16 @@ import pytest
 from helpers import HANG_S, read_jsonl
 from lmlab.checkpoint import load_run
 from lmlab.predict import next_token_distribution
+from lmlab.sample import text_banned
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # every test here
 
 PROMPT = "the cat "
 ROWS = 20  # bars the playground shows
+
+
+def BANNED(run):  # noqa: N802
+    return text_banned(run.tokenizer)  # what the playground never draws
 
 
 def chromium_path() -> str:
@@ -103,7 +108,7 @@ def test_dashboard_and_playground(browser, served, tmp_path):
     page.goto(url + "/#playground")
     page.select_option("#model", "alpha")
     page.fill("#prompt", PROMPT)
-    expected = next_token_distribution(alpha.model, alpha.tokenizer, PROMPT, ROWS)
+    expected = next_token_distribution(alpha.model, alpha.tokenizer, PROMPT, ROWS, banned=BANNED(alpha))
     wait_for_bars(page, expected)
     before = bars(page)
     assert [b["token"] for b in before] == [r.token for r in expected]
@@ -112,7 +117,8 @@ def test_dashboard_and_playground(browser, served, tmp_path):
     for _ in range(10):  # 1.0 -> 0.5 in steps of 0.05, as a user with the keyboard
         page.keyboard.press("ArrowLeft")
     assert page.input_value("#temperature") == "0.5"
-    cooler = next_token_distribution(alpha.model, alpha.tokenizer, PROMPT, ROWS, temperature=0.5)
+    cooler = next_token_distribution(alpha.model, alpha.tokenizer, PROMPT, ROWS, temperature=0.5,
+                                    banned=BANNED(alpha))
     wait_for_bars(page, cooler)
     after = bars(page)
     assert [b["renormalized"] for b in after] == pytest.approx([r.renormalized for r in cooler], abs=1e-6)

@@ -16,7 +16,7 @@ from starlette.responses import StreamingResponse
 
 from ..checkpoint import LoadedRun
 from ..common import LmlabError
-from ..sample import find_stop, generate, prompt_ids, stop_prefix_length
+from ..sample import find_stop, generate, prompt_ids, stop_prefix_length, text_banned
 from .request import ApiError, ClientGone, Limits, check_length, choice_param, number_param
 
 MAX_CHOICES = 16  # prompts x n in one request
@@ -166,7 +166,8 @@ def completion_chunks(run: LoadedRun, ids: list[int], prompt_chars: int, req: Co
     before the next token is generated."""
     decoder = run.tokenizer.stream_decoder()
     s = req.sampling
-    tokens = generate(run.model, ids, req.max_tokens, s.temperature, s.top_k, s.top_p, generator, with_logits=True)
+    tokens = generate(run.model, ids, req.max_tokens, s.temperature, s.top_k, s.top_p, generator, with_logits=True,
+                      banned=text_banned(run.tokenizer))
     sent = 0  # characters of the completion already yielded
     held, held_tokens = "", []
     try:
