@@ -263,26 +263,14 @@ class EvalArgs:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    import torch
-
     from .checkpoint import load_run
-    from .common import LmlabError, resolve_device
-    from .config import TrainConfig
-    from .evaluate import entropy_excess, eval_stride, evaluate, text_tokens
+    from .common import resolve_device
+    from .evaluate import evaluate_run
 
     args = parse(EvalArgs, argv, "lmlab eval")
     run = load_run(args.run, resolve_device(args.device), args.checkpoint)
-    tokens = text_tokens(run, args.data, args.trust_data_path, "lmlab eval")
-    source = args.data or "validation split"
-    if len(tokens) < 2:
-        raise LmlabError(f"{source} has fewer than 2 tokens; nothing to evaluate")
-    token_bytes = torch.from_numpy(run.tokenizer.byte_lengths())
-    stride = eval_stride(args.stride, run.model.cfg.block_size)
-    m = evaluate(run.model, tokens, token_bytes, run.model.cfg.block_size, args.batch_size, stride=stride)
-    result = {"loss": m.loss, "bits_per_byte": m.bits_per_byte, "perplexity": m.perplexity,
-              "accuracy": m.accuracy, "tokens": m.tokens, "stride": stride}
-    data = TrainConfig.from_json(run.config).data
-    result.update(entropy_excess(args.data or data.val_data or data.data, m))
+    m, result = evaluate_run(run, args.data, args.stride, args.batch_size, args.trust_data_path, "lmlab eval")
+    source, stride = args.data or "validation split", result["stride"]
     if args.json:
         print(json.dumps(result))
     else:
@@ -418,7 +406,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
-        return 0 if argv else 0
+        return 0
     if argv[0] in ("-V", "--version"):
         from . import __version__
 

@@ -61,7 +61,8 @@ class TrainConfig:
     eval_stride: int = 0
     """Evaluation windows of block_size tokens start every this many tokens, and each scores only what the windows
     before it did not (0: block_size, non-overlapping windows: the cheapest; a smaller stride gives every scored
-    token more context, like `lmlab eval`, at block_size / stride times the cost)."""
+    token more context, like `lmlab eval`, at block_size / stride times the cost; above block_size: refused, as
+    `lmlab eval --stride` refuses it)."""
     eval_tokens: int = 1_000_000
     """Tokens of the validation split to evaluate, taken from its start (0: all of it)."""
     checkpoint_interval: int = 1000

@@ -43,6 +43,26 @@ def test_bench_quick_prints_json_on_stdout_and_writes_its_files(tmp_path):
     assert "| training config |" in text and "| generation" in text
 
 
+def test_bench_json_is_all_of_stdout_and_out_is_a_folder(tmp_path, capsys):
+    """A section that takes seconds (peak): with --json, stdout is one JSON object, the figures that --out DIR also
+    writes to DIR/bench.json, and the table goes to stderr; without it, the table is on stdout, as it was."""
+    from lmlab.cli import main
+
+    folder = tmp_path / "figures"
+    assert main(["bench", "--quick", "--only", "peak", "--json", "--out", str(folder)]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data == json.loads((folder / "bench.json").read_text())
+    assert data["quick"] is True and data["peak_gflops"]["float32"] > 0
+    assert "hardware peak" in captured.err and "hardware peak" in (folder / "bench.md").read_text()
+    assert main(["bench", "--quick", "--only", "peak"]) == 0
+    captured = capsys.readouterr()
+    assert "hardware peak" in captured.out and "{" not in captured.out
+    (tmp_path / "file").write_text("")
+    assert main(["bench", "--out", str(tmp_path / "file")]) == 2  # refused before anything is measured
+    assert capsys.readouterr().err.strip() == f"lmlab bench: error: --out {tmp_path / 'file'} is a file; give a folder"
+
+
 def test_nanogpt_process_parses_a_checkout(tmp_path):
     """A stand-in checkout with nanoGPT's file layout and log format (not nanoGPT's code)."""
     from lmlab.bench.nanogpt import nanogpt_process
