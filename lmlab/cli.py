@@ -255,7 +255,7 @@ class EvalArgs:
     """Read the corpus path that the run's config names although the run was not made here, in this folder (it was
     copied, moved or shared); without it such a run needs --data."""
     json: bool = False
-    """Print one JSON object (loss, bits_per_byte, perplexity, accuracy, tokens)."""
+    """Print one JSON object on stdout (loss, bits_per_byte, perplexity, accuracy, tokens, stride)."""
     batch_size: int = 32
     """Windows per forward pass."""
     device: str = "auto"
