@@ -298,7 +298,8 @@ def resume_point(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Optional[tok
     return tokenizer, False
 
 
-COMPILED_STEP = 0.85  # a compiled tiny step takes about this share of an eager one (docs/performance.md)
+BUDGET_WARMUP = 2  # untimed steps before the estimate's: the first two of a tiny model take 1.5-5 s on 2 cores
+BUDGET_TIMED = 5
 
 
 def budget_steps(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: torch.dtype, d: Dist,
@@ -315,13 +316,16 @@ def budget_steps(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype:
             x = torch.randint(0, vocab_size, (cfg.batch_size, cfg.model.block_size + 1), device=device)
             batch = [(x[:, :-1], x[:, 1:])] * grad_accum
             times = []
-            for _ in range(4):  # the first warms up
+            for _ in range(BUDGET_WARMUP + BUDGET_TIMED):
                 t = time.perf_counter()
                 train_step(model, optimizer, batch, cfg.loss, cfg.optim.grad_clip, autocast_context(device, dtype))
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
-            seconds = repr(sorted(times[1:])[1] * (COMPILED_STEP if cfg.compile else 1.0))
+            # the fastest timed eager step: whatever else wakes up at the start (compile workers, a browser) slows
+            # some steps by seconds, never speeds one up. A compiled run's steps take about as long: compiling saves
+            # about what the loop adds (batches, logs, telemetry) on 2 cores (docs/performance.md, Small corpora)
+            seconds = repr(min(times[BUDGET_WARMUP:]))
     per_step = float(dist_.broadcast_str(seconds, d))
     steps = cfg.max_time / max(per_step, 1e-6)
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
