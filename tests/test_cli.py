@@ -602,6 +602,33 @@ def test_a_time_budget_estimates_its_steps_without_touching_the_random_streams()
     assert capped == 5
 
 
+def test_a_slow_step_at_the_start_does_not_fool_the_estimate(monkeypatch):
+    """Steps made slow by something else starting at the same time (here: a fake clock that adds 3 s to three of the five
+    timed steps) leave the estimate at the quiet steps' pace: the fastest timed step counts."""
+    import types
+
+    import torch
+
+    import lmlab.train as train_
+    from lmlab.config import apply_budget, get_preset
+    from lmlab.distributed import Dist
+
+    clock = {"t": 0.0, "calls": 0}
+    monkeypatch.setattr(train_, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"]))
+
+    def fake_step(*args, **kwargs):
+        clock["calls"] += 1
+        clock["t"] += 3.0 if clock["calls"] in (3, 4, 6) else 0.25  # three of the five timed steps slowed
+
+    monkeypatch.setattr(train_, "train_step", fake_step)
+    cfg = apply_budget(get_preset("tiny"))[0]
+    cfg.model.block_size, cfg.batch_size, cfg.compile = 16, 2, False
+    steps = train_.budget_steps(dataclasses_replace(cfg, max_time=100.0, max_steps=0), 50, torch.device("cpu"),
+                                torch.float32, Dist())
+    assert clock["calls"] == train_.BUDGET_WARMUP + train_.BUDGET_TIMED
+    assert steps == pytest.approx(100.0 / 0.25)
+
+
 def dataclasses_replace(cfg, **changes):
     import dataclasses
 
