@@ -42,6 +42,7 @@ COMMANDS = {
     "train": Command("train a model (default: the tiny preset on the built-in corpus, about 5 minutes on a CPU)",
                      "cli:cmd_train"),
     "sample": Command("generate text from a trained run, streamed to the terminal", "cli:cmd_sample"),
+    "chat": Command("talk with a chat model (a run fine-tuned on conversations) in the terminal", "chat_cli:cmd_chat"),
     "eval": Command("loss, bits/byte, perplexity and accuracy of a run on its validation split or any text",
                     "cli:cmd_eval"),
     "data": Command("list the built-in and named corpora, or prepare (tokenize and cache) a corpus", "cli:cmd_data"),
@@ -177,6 +178,10 @@ def cmd_sample(argv: list[str]) -> int:
     args = parse(SampleArgs, argv, "lmlab sample")
     settings = args.settings
     run = load_run(args.run, resolve_device(settings.device), args.checkpoint)
+    if settings.chat is not None:  # the answer of a chat model
+        from .converse import sample_answer
+
+        return sample_answer(run, settings, sys.stdout)
     ids = prompt_ids(run.tokenizer, settings.prompt)
     generator = torch.Generator().manual_seed(settings.seed)
     tokens = generate(run.model, ids, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
