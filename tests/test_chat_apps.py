@@ -15,7 +15,6 @@ import pty
 import random
 import select
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import HANG_S, ServerThread, cli_env, http, lmlab_cmd, tiny_config, write_corpus
+from helpers import HANG_S, cli_env, http, lmlab_cmd, openai_client, request_under_way, serving, tiny_config, write_corpus
 from lmlab import chat
 from lmlab import tokenizer as tok
 from lmlab.checkpoint import load_run
@@ -35,9 +34,7 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install -e .)")
 
 import lmlab.converse  # noqa: E402
-from lmlab.serve.app import create_app  # noqa: E402
 from lmlab.serve.request import Limits  # noqa: E402
-from lmlab.serve.runs import RunSet  # noqa: E402
 
 LIMITS = Limits(max_tokens=48, max_prompt_chars=400, max_concurrent=3)
 KEY = "sk-lmlab-chat-key"
@@ -128,14 +125,13 @@ def seeded(seed: int) -> torch.Generator:
 
 @pytest.fixture(scope="module")
 def served(runs):
-    app = create_app(RunSet([runs]), LIMITS)
-    with ServerThread(app) as url:
+    with serving(runs, LIMITS) as (url, app):
         yield url, app
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(served[0])
 
 
 def ask(client, **kw):
@@ -312,17 +308,12 @@ def test_an_answer_that_is_not_streamed_stops_when_its_client_hangs_up(served, m
             time.sleep(0.25 if hung_up.is_set() else 0.05)
 
     monkeypatch.setattr(lmlab.converse, "generate", slow_generate)
-    body = json.dumps({"model": "chat", "messages": QUESTION, "max_tokens": LIMITS.max_tokens}).encode()
-    host, port = url.removeprefix("http://").split(":")
-    conn = socket.create_connection((host, int(port)), timeout=HANG_S)
-    conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (url[7:].encode(), len(body), body))
-    deadline = time.monotonic() + HANG_S
-    while len(produced) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(produced) >= 3
-    conn.close()
+    payload = {"model": "chat", "messages": QUESTION, "max_tokens": LIMITS.max_tokens}
+    conn = request_under_way(url, "/v1/chat/completions", payload, lambda: len(produced) >= 3)
+    assert len(produced) >= 3 and free_slots(app.state.generations) == LIMITS.max_concurrent - 1
+    conn.close()  # the client hangs up
     hung_up.set()
+    deadline = time.monotonic() + HANG_S
     while free_slots(app.state.generations) < LIMITS.max_concurrent and time.monotonic() < deadline:
         time.sleep(0.01)
     assert free_slots(app.state.generations) == LIMITS.max_concurrent
@@ -332,13 +323,10 @@ def test_an_answer_that_is_not_streamed_stops_when_its_client_hangs_up(served, m
 
 
 def test_with_an_api_key_chat_needs_it(runs):
-    app = create_app(RunSet([runs]), LIMITS, api_key=KEY)
-    with ServerThread(app) as url:
-        stranger = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=60)
+    with serving(runs, LIMITS, api_key=KEY) as (url, _):
         with pytest.raises(openai.AuthenticationError):
-            ask(stranger)
-        keyed = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-        assert ask(keyed).choices[0].finish_reason in ("stop", "length")
+            ask(openai_client(url, "wrong"))
+        assert ask(openai_client(url, KEY)).choices[0].finish_reason in ("stop", "length")
 
 
 # ---------------------------------------------------------------------------------------------------------------
