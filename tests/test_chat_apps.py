@@ -494,3 +494,44 @@ def test_a_text_models_export_has_the_template_but_does_not_stop_at_special_toke
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert generation["eos_token_id"] is None and config["chat_template"] == tok.CHAT_TEMPLATE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The playground's chat tab
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_the_chat_tab_talks_to_a_chat_model_keeping_the_history(runs, model):
+    from test_browser import chromium_path, open_page
+
+    chromium = pytest.importorskip("playwright.sync_api")
+
+    with chromium.sync_playwright() as playwright, serving(runs, LIMITS) as (url, _):
+        try:
+            browser = playwright.chromium.launch(executable_path=chromium_path())
+        except Exception as e:  # noqa: BLE001 - a chromium that cannot start here
+            pytest.skip(f"chromium does not start under Playwright: {str(e).splitlines()[0]}")
+        page, errors = open_page(browser)
+        page.goto(url + "/#chat")
+        page.wait_for_selector('#chat-model option[value="chat"]', state="attached")
+        assert page.get_attribute('#chat-model option[value="text"]', "disabled") is not None  # a text model
+        assert page.input_value("#chat-model") == "chat"
+        page.fill("#chat-temperature", "0")
+        page.fill("#chat-max-tokens", "20")
+        history = []
+        for turn, question in enumerate(("the cat", "a dog"), 1):
+            page.fill("#chat-input", question)
+            page.press("#chat-input", "Enter")
+            page.wait_for_function(f"document.querySelectorAll('#chat-log .assistant').length === {turn} && "
+                                   f"!document.getElementById('chat-send').disabled")
+            messages = [*history, {"role": "user", "content": question}]
+            ids, answer, finish = oracle(model, messages, 20, 0.0)
+            text = model.tokenizer.decode(answer)
+            assert page.locator("#chat-log .assistant").nth(turn - 1).text_content() == text
+            assert page.text_content("#chat-info").startswith(f"{len(ids)} prompt + {len(answer) + (finish == 'stop')}")
+            history = [*messages, {"role": "assistant", "content": text}]
+        page.click("#chat-reset")
+        assert page.locator("#chat-log .message").count() == 0
+        assert errors == []
+        browser.close()
