@@ -367,6 +367,24 @@ def test_lmlab_chat_answers_piped_turns_keeping_the_history(runs, model):
     assert "starts again" in proc.stderr
 
 
+def test_lmlab_chat_leaves_out_the_oldest_turns_that_no_longer_fit_and_says_so(runs, model):
+    question = "the cat sees the ball near the house."
+    proc = chat_cli(runs / "chat", f"{question}\n" * 4, "--temperature", "0", "--max-new-tokens", "64")
+    assert proc.returncode == 0, proc.stderr
+    budget = 128 - 64  # the context less room for the answer
+    history, expected, sizes = [], [], []
+    for _ in range(4):
+        messages = [*history, {"role": "user", "content": question}]
+        while len(chat.render(model.tokenizer, messages, add_generation_prompt=True).ids) > budget:
+            messages = messages[2:]  # the oldest turn: a question and its answer
+        ids, answer, _ = oracle(model, messages, 64, 0.0)
+        expected.append(model.tokenizer.decode(answer))
+        sizes.append(len(ids))
+        history = [*messages, {"role": "assistant", "content": expected[-1]}]
+    assert proc.stdout == "".join(text + "\n" for text in expected) and prompt_sizes(proc.stderr) == sizes
+    assert "no longer fit the 128-token context" in proc.stderr
+
+
 def test_lmlab_chat_and_sample_chat_refuse_a_text_model(runs):
     proc = chat_cli(runs / "text", "hello\n")
     assert proc.returncode == 2 and proc.stdout == ""
@@ -456,6 +474,29 @@ def random_conversation(rng: random.Random, alphabet: str) -> list[dict]:
     for _ in range(rng.randint(0, 3)):
         messages += [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
     return [*messages, {"role": "user", "content": text()}]
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
+def test_every_tokenizer_kinds_export_renders_conversations_as_lmlab_does(kind, tmp_path):
+    """From the files, as AutoTokenizer reads them: the chat template, and the template's special tokens (lmlab's
+    BPE tokenizer encodes their strings as text; its export must split them out of the template's text)."""
+    transformers = pytest.importorskip("transformers")
+    from lmlab import hf
+    from lmlab.model import ModelConfig, build_model
+
+    text = "the cat sees a dog. a bird sees the cat!\n" * 20
+    tokenizer = {"char": lambda: tok.CharTokenizer(sorted(set(text))), "byte": tok.ByteTokenizer,
+                 "bpe": lambda: tok.BPETokenizer.train(iter([text]), 300)}[kind]()
+    model = build_model(ModelConfig(block_size=64, n_layer=1, n_head=2, n_embd=16), tokenizer.vocab_size)
+    hf.write_hf(model, tokenizer, tmp_path, chat=True)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    rng = random.Random(1)
+    for _ in range(20):
+        messages = random_conversation(rng, "the cat sees a dog.!\n")
+        assert (theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+                == chat.render(tokenizer, messages, add_generation_prompt=True).ids.tolist())
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tokenizer.special_tokens[tok.END], tokenizer.special_tokens[tok.ENDOFTEXT]]
 
 
 @pytest.mark.slow
