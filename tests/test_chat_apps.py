@@ -392,6 +392,9 @@ def test_lmlab_chat_and_sample_chat_refuse_a_text_model(runs):
     proc = subprocess.run(lmlab_cmd("sample", str(runs / "text"), "--chat", "hello"), env=cli_env(),
                           capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    proc = chat_cli(runs / "chat", "hello\n", "--temperature", "-1")  # a bad setting: one line, before any answer
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.strip().splitlines() == [
+        "lmlab chat: error: --temperature must be >= 0, got -1.0"]
 
 
 def test_sample_chat_prints_the_greedy_answer(runs, model, capsys):
