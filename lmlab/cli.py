@@ -49,6 +49,8 @@ COMMANDS = {
     "train": Command(DATA, "train a model (default: the tiny preset on the built-in corpus, about 5 minutes on a CPU)",
                      "cli:cmd_train"),
     "sample": Command(USE, "generate text from a trained run, streamed to the terminal", "cli:cmd_sample"),
+    "chat": Command(USE, "talk with a chat model (a run fine-tuned on conversations) in the terminal",
+                    "chat_cli:cmd_chat"),
     "next": Command(USE, "the next-token distribution after a prompt, and which tokens sampling settings keep",
                     "cli:cmd_next"),
     "serve": Command(USE, "a local web app (live training charts, next-token playground) and an OpenAI-compatible API",
@@ -175,6 +177,10 @@ def cmd_sample(argv: list[str]) -> int:
     args = parse(SampleArgs, argv, "lmlab sample")
     settings = args.settings
     run = load_run(args.run, resolve_device(settings.device), args.checkpoint)
+    if settings.chat is not None:  # the answer of a chat model
+        from .converse import sample_answer
+
+        return sample_answer(run, settings, sys.stdout)
     ids = prompt_ids(run.tokenizer, settings.prompt)
     generator = torch.Generator().manual_seed(settings.seed)
     tokens = generate(run.model, ids, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,

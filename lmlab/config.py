@@ -38,6 +38,11 @@ class TrainConfig:
     """Run directory (default: runs/PRESET-DATE-TIME)."""
     resume: Optional[str] = None
     """Continue the run in this directory from its newest good checkpoint."""
+    stage: Literal["pretrain", "sft"] = "pretrain"
+    """pretrain: learn to predict the next token of a text (--data: a corpus). sft: supervised fine-tuning of the
+    --init-from model on conversations (--data: a .jsonl or .parquet file of {"messages": [...]}, or
+    synthetic:chat), packed into blocks, training only what the assistant writes; `lmlab train --stage sft --help`
+    shows its defaults (SFT_DEFAULTS). Kept on resume."""
     init_from: Optional[str] = None
     """Start from a transformers model (a folder, or a hub id such as gpt2): its architecture, weights and tokenizer."""
     max_steps: int = 0

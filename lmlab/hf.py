@@ -595,21 +595,45 @@ def chat_template_of(config: Any, where: str) -> tuple[Optional[str], Optional[s
     return template, token(config.get("bos_token")), token(config.get("eos_token"))
 
 
-def tokenizer_config(block_size: int) -> dict:
-    """tokenizer_config.json: the fast tokenizer class as it is, no special tokens added, spaces never "cleaned"."""
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-            "model_max_length": block_size, "add_bos_token": False, "add_eos_token": False, "bos_token": None,
-            "eos_token": None, "unk_token": None, "pad_token": None,
-            "model_input_names": ["input_ids", "attention_mask"]}
+def tokenizer_config(block_size: int, tokenizer: Optional[tok.Tokenizer] = None) -> dict:
+    """tokenizer_config.json: the fast tokenizer class as it is, no special tokens added to a text, spaces never
+    "cleaned"; where the tokenizer has a chat template, the template and its bos, eos and pad tokens, so that
+    apply_chat_template gives lmlab's ids (chat.render)."""
+    out = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+           "model_max_length": block_size, "add_bos_token": False, "add_eos_token": False, "bos_token": None,
+           "eos_token": None, "unk_token": None, "pad_token": None,
+           "model_input_names": ["input_ids", "attention_mask"]}
+    if tokenizer is not None and tokenizer.chat_template is not None:
+        out.update(chat_template=tokenizer.chat_template, bos_token=tokenizer.bos_token,
+                   eos_token=tokenizer.eos_token, pad_token=pad_token(tokenizer))
+    return out
+
+
+def pad_token(tokenizer: tok.Tokenizer) -> Optional[str]:
+    """The token that pads a batch: the end of a text where the tokenizer has lmlab's, else its eos token."""
+    return tok.ENDOFTEXT if tok.ENDOFTEXT in tokenizer.special_tokens else tokenizer.eos_token
+
+
+def generation_config(tokenizer: tok.Tokenizer, chat: bool) -> dict:
+    """generation_config.json: greedy by default; the bos and pad ids of the chat template's tokens; for a chat
+    model (chat), the eos ids that end its turn: the end of a turn and the end of a text (tokenizer.stop_ids, the
+    eos token first). A text model's generation never stops at a special token (lmlab never draws one in text)."""
+    ids = tokenizer.special_tokens
+    eos = list(dict.fromkeys(ids[t] for t in (tokenizer.eos_token, tok.END, tok.ENDOFTEXT) if t in ids))
+    if tokenizer.chat_template is None:
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "do_sample": False}
+    return {"bos_token_id": ids.get(tokenizer.bos_token), "eos_token_id": eos if chat and eos else None,
+            "pad_token_id": ids.get(pad_token(tokenizer)), "do_sample": False}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Export
 
 
-def write_hf(model: torch.nn.Module, tokenizer: tok.Tokenizer, out: str | Path) -> str:
+def write_hf(model: torch.nn.Module, tokenizer: tok.Tokenizer, out: str | Path, chat: bool = False) -> str:
     """Write model and tokenizer as a transformers folder (config.json, model.safetensors, tokenizer.json,
-    tokenizer_config.json, generation_config.json). Returns the class's name."""
+    tokenizer_config.json with the chat template, generation_config.json, which for a chat model (chat) ends
+    generation at the end of a turn). Returns the class's name."""
     from safetensors.torch import save
 
     cfg, vocab = model.cfg, model.vocab_size
@@ -622,9 +646,8 @@ def write_hf(model: torch.nn.Module, tokenizer: tok.Tokenizer, out: str | Path) 
     atomic_write_bytes(out / HF_WEIGHTS, save(tensors, metadata={"format": "pt"}))
     atomic_write_json(out / HF_CONFIG, hf_config(arch, cfg, vocab))
     atomic_write_bytes(out / HF_TOKENIZER, hf_tokenizer(tokenizer).to_str(pretty=True).encode())
-    atomic_write_json(out / HF_TOKENIZER_CONFIG, tokenizer_config(cfg.block_size))
-    atomic_write_json(out / HF_GENERATION_CONFIG, {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-                                                   "do_sample": False})
+    atomic_write_json(out / HF_TOKENIZER_CONFIG, tokenizer_config(cfg.block_size, tokenizer))
+    atomic_write_json(out / HF_GENERATION_CONFIG, generation_config(tokenizer, chat))
     return arch
 
 
@@ -658,6 +681,14 @@ def verify(out: str | Path, model: torch.nn.Module, tokenizer: tok.Tokenizer, wi
         text = tokenizer.decode(ordinary[torch.randint(len(ordinary), (400,), generator=g).numpy()].tolist())
         ids = tokenizer.encode(text)
         same_tokens = hf_tok(text, add_special_tokens=False)["input_ids"] == ids and hf_tok.decode(ids) == text
+        if tokenizer.chat_template is not None:  # and the chat template renders a conversation as lmlab does
+            from .chat import render
+
+            cuts = sorted(torch.randint(len(text) + 1, (3,), generator=g).tolist())
+            messages = [{"role": role, "content": text[a:b]} for role, a, b in
+                        zip(("system", "user", "assistant", "user"), [0, *cuts], [*cuts, len(text)])]
+            same_tokens &= (hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+                            ["input_ids"] == render(tokenizer, messages, add_generation_prompt=True).ids.tolist())
     finally:
         logging.set_verbosity(verbosity)
         if bars:
@@ -668,8 +699,9 @@ def verify(out: str | Path, model: torch.nn.Module, tokenizer: tok.Tokenizer, wi
     if not same_tokens:
         raise LmlabError(f"the export in {out} does not match: transformers' tokenizer gives other ids or text "
                          f"than lmlab's")
+    chat = "; the same chat template ids" if tokenizer.chat_template is not None else ""
     return (f"verified with transformers {transformers.__version__}: largest |logit difference| {worst:.1e} over "
-            f"{windows} windows of {model.cfg.block_size} tokens; the same token ids and text")
+            f"{windows} windows of {model.cfg.block_size} tokens; the same token ids and text{chat}")
 
 
 def export_run_hf(run_dir: str | Path, out: str | Path, check: bool = True,
@@ -680,8 +712,10 @@ def export_run_hf(run_dir: str | Path, out: str | Path, check: bool = True,
 
     run = load_run(run_dir, "cpu", which)
     architecture(run.model.cfg)  # refuse before writing anything
-    arch = write_hf(run.model, run.tokenizer, out)
-    say(f"exported {run_dir} ({run.checkpoint.path.name}) to {out} as {arch}")
+    chat = rundir.run_stage(run.config) == "sft"
+    arch = write_hf(run.model, run.tokenizer, out, chat)
+    turn = ", a chat model: generation ends at the end of its turn" if chat else ""
+    say(f"exported {run_dir} ({run.checkpoint.path.name}) to {out} as {arch}{turn}")
     if check:
         summary = verify(out, run.model, run.tokenizer)
         say(summary or "transformers is not installed: the export was not verified (pip install 'lmlab[hf]')")

@@ -361,6 +361,12 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     return config
 
 
+def run_stage(config: dict) -> str:
+    """What a run was trained for, from its config (read_config): "pretrain" (continuing text) or "sft" (answering
+    in conversations). Runs from before the stage was recorded are "pretrain"."""
+    return config.get("stage") or "pretrain"
+
+
 def write_status(run_dir: str | os.PathLike, status: str, **extra) -> None:
     """RUN/status.json says whether the run is running, finished, interrupted or failed (a dashboard reads it).
 

@@ -111,6 +111,9 @@ class SampleConfig:
     """Seed of the sampling generator (same seed, same text)."""
     stop: Optional[str] = None
     """Stop when this string has been generated (it is not printed)."""
+    chat: Optional[str] = None
+    """Instead of continuing --prompt, ask a chat model (a run fine-tuned on conversations) this question and print
+    its answer, which ends where the model ends its turn."""
     no_cache: bool = False
     """Recompute the whole window for every token instead of using the KV cache."""
     compile: bool = False
@@ -128,6 +131,8 @@ class SampleConfig:
             raise LmlabError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise LmlabError(f"--top-k must be >= 0, got {self.top_k}")
+        if self.chat is not None and self.prompt:
+            raise LmlabError("--chat asks a chat model a question and --prompt gives a text to continue; give one")
 
 
 # `lmlab sample`'s options: beside the settings they hold, so that the table of commands (cli.py) needs no torch

@@ -141,3 +141,44 @@ def http(url: str, payload=None, data: bytes | None = None, headers: dict | None
     except urllib.error.HTTPError as e:
         body = e.read()
         return e.code, json.loads(body) if body.startswith(b"{") else {"text": body.decode()}
+
+
+def serving(root, limits, **kw):
+    """`with serving(root, limits) as (url, app):` lmlab serve's app for the runs in root, in a ServerThread."""
+    import contextlib
+
+    from lmlab.serve.app import create_app
+    from lmlab.serve.runs import RunSet
+
+    @contextlib.contextmanager
+    def context():
+        app = create_app(RunSet([root]), limits, **kw)
+        with ServerThread(app) as url:
+            yield url, app
+
+    return context()
+
+
+def openai_client(url: str, api_key: str = "unused"):
+    """The official openai client for a test server, which never retries."""
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+def request_under_way(url: str, path: str, payload: dict, started):
+    """POST payload to url + path over a raw connection and wait until started() says the work is under way; the
+    connection is returned, for the test to close: a client that hangs up before its answer."""
+    import json
+    import socket
+    import time
+
+    body = json.dumps(payload).encode()
+    host, port = url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=HANG_S)
+    conn.sendall(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), url[7:].encode(), len(body), body))
+    deadline = time.monotonic() + HANG_S
+    while not started() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return conn

@@ -22,6 +22,7 @@ CORE = [
     "config",  # after optim: a run's config is made of the data, model, loss and optimizer sections
     "rundir",  # the run folder, then checkpoint, sample and evaluate: the loop checkpoints, probes, samples and
     "checkpoint", "sample", "evaluate",  # evaluates as it goes, so they come before train
+    "converse",  # a chat model's answers: the chat template's prompt, then sampling to the end of the turn
     "inside",  # what the loop records inside the model at each evaluation
     "telemetry",  # what the loop records about itself (gradients, spikes, weight snapshots)
     "hf",  # transformers models out and in: train starts a run from one (--init-from)
@@ -32,6 +33,7 @@ CORE = [
 # the subpackages parse their options with it), then each subpackage's modules in their own order.
 APPLICATIONS = [
     "cli",
+    "chat_cli",  # `lmlab chat`, a command of its own
     # the one chart style and the one page shell, below every page and chart (the report imports the inside page)
     "report.chart", "report.page", "report.logs", "report.curves", "report.inside_page", "report.surprisal",
     "report.landscape", "report.experiment_page", "report.report_page", "report.cli",
@@ -40,7 +42,8 @@ APPLICATIONS = [
     "bench.measure",  # times the loop's own train_step
     "bench.nanogpt", "bench.tables", "bench.suite", "bench.cli",
     "serve.request",  # limits and refusals (ApiError), which the guard, the run set and the routes all use
-    "serve.runs", "serve.guard", "serve.completions", "serve.playground", "serve.app", "serve.cli",
+    "serve.runs", "serve.guard", "serve.completions", "serve.chat_completions", "serve.playground", "serve.app",
+    "serve.cli",
     "__main__",
 ]
 ORDER = CORE + APPLICATIONS

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -24,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import HANG_S, ServerThread, cli_env, http, lmlab_cmd, read_jsonl, tiny_config, write_corpus
+from helpers import (HANG_S, ServerThread, cli_env, request_under_way, http, lmlab_cmd, openai_client, read_jsonl,
+                     serving, tiny_config, write_corpus)
 from lmlab.checkpoint import load_run
 from lmlab.cli import main
 from lmlab.sample import generate, text_banned
@@ -107,14 +107,13 @@ def runs_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(runs_root):
-    app = create_app(RunSet([runs_root]), LIMITS)
-    with ServerThread(app) as url:
+    with serving(runs_root, LIMITS) as (url, app):
         yield url, app
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(served[0])
 
 
 @pytest.fixture(scope="module")
@@ -340,14 +339,8 @@ def test_a_completion_that_is_not_streamed_stops_when_its_client_hangs_up(served
             time.sleep(0.25 if hung_up.is_set() else 0.05)
 
     monkeypatch.setattr(lmlab.serve.completions, "generate", slow_generate)
-    body = json.dumps({"model": "alpha", "prompt": PROMPT, "max_tokens": LIMITS.max_tokens}).encode()
-    host, port = url.removeprefix("http://").split(":")
-    conn = socket.create_connection((host, int(port)), timeout=HANG_S)
-    conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (url[7:].encode(), len(body), body))
-    deadline = time.monotonic() + HANG_S
-    while len(produced) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    payload = {"model": "alpha", "prompt": PROMPT, "max_tokens": LIMITS.max_tokens}
+    conn = request_under_way(url, "/v1/completions", payload, lambda: len(produced) >= 3)
     assert len(produced) >= 3 and free_slots(app.state.generations) == LIMITS.max_concurrent - 1
     conn.close()  # the client hangs up
     hung_up.set()

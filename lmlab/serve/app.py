@@ -9,9 +9,10 @@ next-token prediction, plus an OpenAI-compatible completions API. It reads run f
     POST /api/surprisal       per-token surprisal of a text
     GET  /v1/models           the runs that have a checkpoint, as OpenAI models (id = run name)
     POST /v1/completions      OpenAI's completions schema, streamed as server-sent events when asked
+    POST /v1/chat/completions OpenAI's chat completions, for runs fine-tuned on conversations; streamed when asked
 
-This module builds the app from its parts (request: limits and refusals; runs; guard; completions; playground) and
-runs it.
+This module builds the app from its parts (request: limits and refusals; runs; guard; completions; chat_completions;
+playground) and runs it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from starlette.exceptions import HTTPException
 from .. import rundir
 from ..checkpoint import LoadedRun
 from ..common import LmlabError, json_safe
+from .chat_completions import complete_chat, parse_chat_request, prompt_of, stream_chat
 from .completions import (EventStream, complete, encode_prompt, parse_completion_request, parse_sampling,
                           stream_completion)
 from .guard import ApiGuard, allowed_host_names, check_exposure, is_loopback
@@ -180,7 +182,7 @@ def add_playground_routes(app: FastAPI, backend: Backend) -> None:
 
 
 def add_openai_routes(app: FastAPI, backend: Backend) -> None:
-    """OpenAI's models and completions endpoints."""
+    """OpenAI's models, completions and chat completions endpoints."""
     runs = backend.runs
 
     def model_json(name: str, path: Path) -> dict:
@@ -196,6 +198,17 @@ def add_openai_routes(app: FastAPI, backend: Backend) -> None:
     def retrieve_model(model: str):
         return model_json(model, runs.find(model))
 
+    async def respond(request: Request, stream: bool, events, whole: Callable, *args):
+        """Answer with the events of a stream, or with whole(*args) run until its client hangs up; a slot of
+        --max-concurrent is held until either is over."""
+        backend.take_slot()
+        if stream:  # the stream gives the slot back when it ends, however it ends
+            return EventStream(events(*args), backend.slots.release)
+        try:
+            return await until_disconnected(request, whole, *args)
+        finally:
+            backend.slots.release()
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = parse_completion_request(await read_json_body(request, backend.max_body), backend.limits)
@@ -203,13 +216,16 @@ def add_openai_routes(app: FastAPI, backend: Backend) -> None:
         encoded = [encode_prompt(run, p) for p in req.prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model, "system_fingerprint": run.checkpoint.path.name}
-        backend.take_slot()
-        if req.stream:  # the stream gives the slot back when it ends, however it ends
-            return EventStream(stream_completion(run, req, encoded, head), backend.slots.release)
-        try:
-            return await until_disconnected(request, complete, run, req, encoded, head)
-        finally:
-            backend.slots.release()
+        return await respond(request, req.stream, stream_completion, complete, run, req, encoded, head)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_chat_request(await read_json_body(request, backend.max_body), backend.limits)
+        run = await run_in_threadpool(backend.loaded, req.model)
+        prompt = await run_in_threadpool(prompt_of, run, req)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model,
+                "system_fingerprint": run.checkpoint.path.name, "turns_dropped": prompt.turns_dropped}
+        return await respond(request, req.stream, stream_chat, complete_chat, run, req, prompt, head)
 
 
 def create_app(runs: RunSet, limits: Limits = Limits(), device: str | torch.device = "cpu",

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from starlette.concurrency import run_in_threadpool
@@ -16,6 +16,7 @@ from starlette.responses import StreamingResponse
 
 from ..checkpoint import LoadedRun
 from ..common import LmlabError
+from ..converse import Answer
 from ..sample import find_stop, generate, prompt_ids, stop_prefix_length, text_banned
 from .request import ApiError, ClientGone, Limits, check_length, choice_param, number_param
 
@@ -39,9 +40,10 @@ def parse_sampling(body: dict) -> Sampling:
 
 
 @dataclass(frozen=True)
-class CompletionRequest:
+class GenerationRequest:
+    """What a completion and a chat completion ask alike (generation_params)."""
+
     model: str
-    prompts: list[str]
     sampling: Sampling
     max_tokens: int = 16
     n: int = 1
@@ -50,6 +52,12 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: Optional[int] = None
+    """How many of the most likely tokens to list at each position; None: no logprobs."""
+
+
+@dataclass(frozen=True)
+class CompletionRequest(GenerationRequest):
+    prompts: list[str] = field(default_factory=list)
 
 
 # Parameters of OpenAI's schema that lmlab does not implement, with the one value that means "not used".
@@ -59,32 +67,33 @@ KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", 
          "stream_options", "logprobs", "user", *NEUTRAL}
 
 
-def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
-    """Check a /v1/completions body against OpenAI's schema and the server's limits."""
+def check_names(body: Any, known: set[str], neutral: dict) -> dict:
+    """The body as a JSON object whose parameters lmlab knows, those it does not implement at their neutral value."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - KNOWN)
+    unknown = sorted(set(body) - known)
     if unknown:
         raise ApiError(400, f"unrecognized request argument: {unknown[0]}", unknown[0])
-    for name, neutral in NEUTRAL.items():
+    for name, value_when_unused in neutral.items():
         value = body.get(name)
-        if value is not None and value != neutral:
-            raise ApiError(400, f"{name} is not supported by lmlab serve (only {json.dumps(neutral)})", name)
+        if value is not None and value != value_when_unused:
+            raise ApiError(400, f"{name} is not supported by lmlab serve (only {json.dumps(value_when_unused)})",
+                           name)
+    return body
+
+
+def generation_params(body: dict, limits: Limits, max_tokens_name: str = "max_tokens",
+                      default_max_tokens: int = 16) -> dict:
+    """What a completion and a chat completion ask alike: the model, the sampling, the most tokens per choice
+    (body[max_tokens_name]), n, stop strings, seed, and whether and how to stream."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model is required: the name of a run (GET /v1/models lists them)", "model")
-    prompt = body.get("prompt", "")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ApiError(400, "prompt must be a string or a non-empty list of strings", "prompt")
-    check_length("prompt", sum(len(p) for p in prompts), limits)
-    max_tokens = number_param(body, "max_tokens", 16, 0, 1 << 31, integer=True)
+    max_tokens = number_param(body, max_tokens_name, default_max_tokens, 0, 1 << 31, integer=True)
     if max_tokens > limits.max_tokens:
-        raise ApiError(400, f"max_tokens is {max_tokens:,}; this server generates at most {limits.max_tokens:,} "
-                            f"tokens per completion (lmlab serve --max-tokens)", "max_tokens", "max_tokens_too_large")
-    n = number_param(body, "n", 1, 1, MAX_CHOICES, integer=True)
-    if n * len(prompts) > MAX_CHOICES:
-        raise ApiError(400, f"{len(prompts)} prompts x n={n} asks for more than {MAX_CHOICES} completions", "n")
+        raise ApiError(400, f"{max_tokens_name} is {max_tokens:,}; this server generates at most "
+                            f"{limits.max_tokens:,} tokens per completion (lmlab serve --max-tokens)", max_tokens_name,
+                       "max_tokens_too_large")
     stop = body.get("stop")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
@@ -93,15 +102,27 @@ def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
     options = choice_param(body, "stream_options", dict, {}, "an object")
     if options and not stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
-    include_usage = choice_param(options, "include_usage", bool, False, "true or false")
     choice_param(body, "user", str, None, "a string")
-    return CompletionRequest(
-        model=model, prompts=prompts, sampling=parse_sampling(body), max_tokens=max_tokens, n=n,
-        stop=tuple(s for s in stops if s),
-        seed=number_param(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True), stream=stream,
-        include_usage=include_usage,
-        logprobs=number_param(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True),
-    )
+    return dict(model=model, sampling=parse_sampling(body), max_tokens=max_tokens,
+                n=number_param(body, "n", 1, 1, MAX_CHOICES, integer=True), stop=tuple(s for s in stops if s),
+                seed=number_param(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True), stream=stream,
+                include_usage=choice_param(options, "include_usage", bool, False, "true or false"))
+
+
+def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
+    """Check a /v1/completions body against OpenAI's schema and the server's limits."""
+    body = check_names(body, KNOWN, NEUTRAL)
+    params = generation_params(body, limits)
+    prompt = body.get("prompt", "")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ApiError(400, "prompt must be a string or a non-empty list of strings", "prompt")
+    check_length("prompt", sum(len(p) for p in prompts), limits)
+    if params["n"] * len(prompts) > MAX_CHOICES:
+        raise ApiError(400, f"{len(prompts)} prompts x n={params['n']} asks for more than {MAX_CHOICES} completions",
+                       "n")
+    return CompletionRequest(prompts=prompts, logprobs=number_param(body, "logprobs", None, 0, MAX_LOGPROBS,
+                                                                    integer=True), **params)
 
 
 def encode_prompt(run: LoadedRun, prompt: str) -> list[int]:
@@ -133,6 +154,9 @@ class TokenInfo:
     logprob: Optional[float] = None
     """ln p(token) under the model (temperature 1, no filters); only when logprobs were asked for."""
     top: Optional[dict[str, float]] = None
+    token_id: int = -1
+    top_ids: Optional[list[tuple[int, float]]] = None
+    """The most likely tokens as (id, logprob), most likely first (top has them by label)."""
 
 
 @dataclass
@@ -143,31 +167,37 @@ class Chunk:
     text: str
     tokens: list[TokenInfo]
     finish_reason: Optional[str] = None
+    hidden: int = 0
+    """Tokens generated that are neither text nor in tokens: the end of a chat model's turn."""
 
 
 @torch.inference_mode()
 def _token_info(tokenizer, logits: torch.Tensor, token_id: int, offset: int, top: Optional[int]) -> TokenInfo:
-    info = TokenInfo(token_label(tokenizer, token_id), offset)
+    info = TokenInfo(token_label(tokenizer, token_id), offset, token_id=token_id)
     if top is not None:
         logp = logits.float().log_softmax(-1)
         values, ids = logp.topk(min(top, logp.numel()))
         info.logprob = float(logp[token_id])
-        info.top = {token_label(tokenizer, int(i)): float(v) for v, i in zip(values, ids)}
+        info.top_ids = [(int(i), float(v)) for v, i in zip(values, ids)]
+        info.top = {token_label(tokenizer, i): v for i, v in info.top_ids}
     return info
 
 
 def completion_chunks(run: LoadedRun, ids: list[int], prompt_chars: int, req: CompletionRequest,
                       generator: torch.Generator, index: int = 0,
-                      cancel: Optional[threading.Event] = None) -> Iterator[Chunk]:
+                      cancel: Optional[threading.Event] = None, chat: bool = False) -> Iterator[Chunk]:
     """One completion as chunks; joined, they are the completion. Chunks end on token boundaries, except where a
     stop string cuts the text; text that could be the start of a stop string is held back until it is known not to
     be. The last chunk says why generation ended ("stop" or "length") and lists every token generated, including
     those that made up the stop string (which is not part of the text). Once cancel is set, ClientGone is raised
-    before the next token is generated."""
+    before the next token is generated. With chat, this is a chat model's answer (converse.Answer): special tokens
+    may be drawn, and the end of its turn ends it ("stop"), counted in the last chunk's `hidden`."""
     decoder = run.tokenizer.stream_decoder()
     s = req.sampling
-    tokens = generate(run.model, ids, req.max_tokens, s.temperature, s.top_k, s.top_p, generator, with_logits=True,
-                      banned=text_banned(run.tokenizer))
+    answer = Answer(run.model, run.tokenizer, ids, req.max_tokens, s.temperature, s.top_k, s.top_p, generator,
+                    with_logits=True) if chat else None
+    tokens = iter(answer) if chat else generate(run.model, ids, req.max_tokens, s.temperature, s.top_k, s.top_p,
+                                                generator, with_logits=True, banned=text_banned(run.tokenizer))
     sent = 0  # characters of the completion already yielded
     held, held_tokens = "", []
     try:
@@ -189,7 +219,9 @@ def completion_chunks(run: LoadedRun, ids: list[int], prompt_chars: int, req: Co
         tokens.close()
     held += decoder.flush()
     cut = find_stop(held, req.stop)
-    yield Chunk(index, held if cut is None else held[:cut], held_tokens, "length" if cut is None else "stop")
+    ended = chat and answer.finish_reason == "stop"
+    yield Chunk(index, held if cut is None else held[:cut], held_tokens,
+                "length" if cut is None and not ended else "stop", int(ended))
 
 
 def make_generator(seed: Optional[int]) -> torch.Generator:
@@ -203,12 +235,14 @@ def make_generator(seed: Optional[int]) -> torch.Generator:
 
 
 def all_chunks(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]],
-               cancel: Optional[threading.Event] = None) -> Iterator[Chunk]:
-    """Every choice's chunks: prompt by prompt, n choices each, all from one generator seeded once."""
+               cancel: Optional[threading.Event] = None, chat: bool = False) -> Iterator[Chunk]:
+    """Every choice's chunks: prompt by prompt, n choices each, all from one generator seeded once (with chat, the
+    answers of a chat model to its one prompt, whose text has no offsets)."""
     generator = make_generator(req.seed)
-    for p, (prompt, ids) in enumerate(zip(req.prompts, encoded)):
+    for p, ids in enumerate(encoded):
         for j in range(req.n):
-            yield from completion_chunks(run, ids, len(prompt), req, generator, p * req.n + j, cancel)
+            yield from completion_chunks(run, ids, 0 if chat else len(req.prompts[p]), req, generator,
+                                         p * req.n + j, cancel, chat)
 
 
 def choice_json(chunk: Chunk, logprobs: bool) -> dict:
@@ -225,17 +259,29 @@ def usage_json(encoded: list[list[int]], completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def complete(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]], head: dict,
-             cancel: Optional[threading.Event] = None) -> dict:
-    """The response to a request that is not streamed: the chunks a stream would send, joined per choice."""
+def joined_chunks(chunks: Iterator[Chunk]) -> list[Chunk]:
+    """The chunks a stream would send, joined per choice: each choice's whole text, tokens and finish reason."""
     choices: dict[int, Chunk] = {}
-    for chunk in all_chunks(run, req, encoded, cancel):
+    for chunk in chunks:
         choice = choices.setdefault(chunk.index, Chunk(chunk.index, "", []))
         choice.text += chunk.text
         choice.tokens += chunk.tokens
         choice.finish_reason = chunk.finish_reason or choice.finish_reason
-    return {**head, "choices": [choice_json(c, req.logprobs is not None) for c in choices.values()],
-            "usage": usage_json(encoded, sum(len(c.tokens) for c in choices.values()))}
+        choice.hidden += chunk.hidden
+    return list(choices.values())
+
+
+def generated(chunks: list[Chunk]) -> int:
+    """The tokens generated for the chunks, for the usage."""
+    return sum(len(c.tokens) + c.hidden for c in chunks)
+
+
+def complete(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]], head: dict,
+             cancel: Optional[threading.Event] = None) -> dict:
+    """The response to a request that is not streamed."""
+    choices = joined_chunks(all_chunks(run, req, encoded, cancel))
+    return {**head, "choices": [choice_json(c, req.logprobs is not None) for c in choices],
+            "usage": usage_json(encoded, generated(choices))}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,17 +308,24 @@ class EventStream(StreamingResponse):
             self.on_close()
 
 
-async def stream_completion(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]], head: dict):
-    """Server-sent events: one per chunk, then usage when asked, then [DONE]. Each token is generated in the
-    threadpool, so the server keeps answering while it generates."""
-    chunks = all_chunks(run, req, encoded)
-    generated = 0
+def stream_completion(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]], head: dict):
+    """Server-sent events: one per chunk, then usage when asked, then [DONE]."""
+    return stream_chunks(all_chunks(run, req, encoded), lambda chunk: [choice_json(chunk, req.logprobs is not None)],
+                         req.include_usage, encoded, head)
+
+
+async def stream_chunks(chunks: Iterator[Chunk], choices: Callable[[Chunk], list[dict]], include_usage: bool,
+                        encoded: list[list[int]], head: dict):
+    """Server-sent events: for each chunk, one per item of choices(chunk), then usage when asked, then [DONE].
+    Each token is generated in the threadpool, so the server keeps answering while it generates."""
+    count = 0  # tokens generated
     try:
         while (chunk := await run_in_threadpool(next, chunks, None)) is not None:
-            generated += len(chunk.tokens)
-            yield _sse({**head, "choices": [choice_json(chunk, req.logprobs is not None)]})
-        if req.include_usage:
-            yield _sse({**head, "choices": [], "usage": usage_json(encoded, generated)})
+            count += generated([chunk])
+            for choice in choices(chunk):
+                yield _sse({**head, "choices": [choice]})
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": usage_json(encoded, count)})
         yield "data: [DONE]\n\n"
     except Exception as e:  # the headers are sent: the error goes into the stream, as OpenAI's does
         error = e if isinstance(e, ApiError) else ApiError(500, f"{type(e).__name__}: {e}", kind="server_error")

@@ -97,6 +97,7 @@ def run_summary(name: str, run_dir: Path, tails: Tails) -> dict:
         "overfitting_step": next((r.get("step") for r in evals if r.get("overfitting")), None),
         "checkpoint_step": int(checkpoints[-1].name.split("_")[-1]) if checkpoints else None,
         "preset": config.get("preset"),
+        "stage": rundir.run_stage(config),
         "tokenizer": (config.get("data") or {}).get("tokenizer"),
         "vocab_size": config.get("vocab_size"),
         "model": {k: model.get(k) for k in ("arch", "n_layer", "n_head", "n_embd", "block_size")},

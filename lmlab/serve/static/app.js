@@ -135,6 +135,7 @@ async function pollRuns() {
   if (state.shown === null && state.runs.length) state.shown = new Set(state.runs.slice(0, 4).map(r => r.name));
   renderRuns();
   renderModelChoice();
+  renderChatModels();
 }
 
 // How a run's val loss was measured: windows of the context length, every val_stride tokens
@@ -596,6 +597,25 @@ async function nextToken() {
   }
 }
 
+async function* events(response) {  // the chunks of a stream of server-sent events, until [DONE]
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {  // one server-sent event per blank line
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
+      const chunk = JSON.parse(event.slice(6));
+      if (chunk.error) throw new Error(chunk.error.message);
+      yield chunk;
+    }
+  }
+}
+
 async function generateStream() {
   const s = settings();
   const prompt = document.getElementById("prompt");
@@ -610,22 +630,9 @@ async function generateStream() {
                   top_p: s.top_p, top_k: s.top_k, stream: true};
     if (s.seed !== null) body.seed = s.seed;
     const response = await postJSON("/v1/completions", body, play.abort.signal);
-    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "";
-    for (;;) {
-      const {value, done} = await reader.read();
-      if (done) break;
-      buffer += value;
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {  // one server-sent event per blank line
-        const event = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
-        const chunk = JSON.parse(event.slice(6));
-        if (chunk.error) throw new Error(chunk.error.message);
-        for (const choice of chunk.choices) prompt.value += choice.text;
-        prompt.scrollTop = prompt.scrollHeight;
-      }
+    for await (const chunk of events(response)) {
+      for (const choice of chunk.choices) prompt.value += choice.text;
+      prompt.scrollTop = prompt.scrollHeight;
     }
     sampled.textContent = `generated ${maxTokens} tokens`;
   } catch (e) {
@@ -668,16 +675,100 @@ async function showSurprisal() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
+// Chat: a conversation with a run fine-tuned on conversations, through /v1/chat/completions
+
+const talk = {messages: [], abort: null};  // the user's and the assistant's messages so far
+
+function renderChatModels() {
+  const select = document.getElementById("chat-model");
+  const chosen = select.value;
+  const usable = state.runs.filter(r => r.checkpoint_step !== null && r.stage === "sft");
+  const options = state.runs.map(r => el("option", {value: r.name, disabled: !usable.includes(r)},
+    r.checkpoint_step === null ? `${r.name} (no checkpoint yet)` : r.stage !== "sft" ? `${r.name} (a text model)`
+                               : r.name));
+  if ([...select.options].map(o => o.value + o.disabled).join() !== options.map(o => o.value + o.disabled).join()) {
+    select.replaceChildren(...options);
+    const keep = usable.find(r => r.name === chosen) || usable[0];
+    if (keep) select.value = keep.name;
+  }
+}
+
+function chatLine(kind, text) {
+  const log = document.getElementById("chat-log");
+  const line = el("div", {class: `message ${kind}`}, text);
+  log.append(line);
+  line.scrollIntoView({block: "nearest"});
+  return line;
+}
+
+async function sendChat(e) {
+  e.preventDefault();
+  const input = document.getElementById("chat-input");
+  const text = input.value;
+  if (!text.trim() || talk.abort) return;
+  const info = document.getElementById("chat-info");
+  const system = document.getElementById("chat-system").value;
+  const asked = [...talk.messages, {role: "user", content: text}];
+  const body = {model: document.getElementById("chat-model").value, stream: true,
+                stream_options: {include_usage: true},
+                messages: system ? [{role: "system", content: system}, ...asked] : asked,
+                temperature: Number(document.getElementById("chat-temperature").value),
+                max_tokens: Number(document.getElementById("chat-max-tokens").value) || 256};
+  input.value = "";
+  chatLine("user", text);
+  const answer = chatLine("assistant", "…");
+  talk.abort = new AbortController();
+  document.getElementById("chat-send").disabled = true;
+  document.getElementById("chat-stop").disabled = false;
+  let content = "", finish = null, usage = null, dropped = 0;
+  try {
+    const response = await postJSON("/v1/chat/completions", body, talk.abort.signal);
+    for await (const chunk of events(response)) {
+      dropped = chunk.turns_dropped || dropped;
+      if (chunk.usage) usage = chunk.usage;
+      for (const choice of chunk.choices) {
+        content += choice.delta.content || "";
+        finish = choice.finish_reason || finish;
+      }
+      answer.textContent = content;
+    }
+    if (dropped) {  // as lmlab chat does: the turns left out are forgotten, and said so
+      chatLine("note", `the ${dropped} oldest turn${dropped > 1 ? "s" : ""} no longer fit the context and ` +
+                       `${dropped > 1 ? "are" : "is"} left out`);
+    }
+    talk.messages = [...asked.slice(2 * dropped), {role: "assistant", content}];
+    info.textContent = `${usage ? `${usage.prompt_tokens} prompt + ${usage.completion_tokens} answer tokens · ` : ""}` +
+                       (finish === "stop" ? "the model ended its turn" : "stopped at the most tokens asked for");
+  } catch (err) {
+    answer.remove();
+    info.textContent = err.name === "AbortError" ? "stopped: this turn is not kept" : "error: " + err.message;
+  } finally {
+    talk.abort = null;
+    document.getElementById("chat-send").disabled = false;
+    document.getElementById("chat-stop").disabled = true;
+  }
+}
+
+function resetChat() {
+  if (talk.abort) talk.abort.abort();
+  talk.messages = [];
+  document.getElementById("chat-log").replaceChildren();
+  document.getElementById("chat-info").textContent = "a new conversation";
+}
+
+// ------------------------------------------------------------------------------------------------------------
 // Tabs and start-up
 
 function showTab() {
-  const tab = location.hash === "#playground" ? "playground" : "dashboard";
-  for (const name of ["dashboard", "playground"]) {
+  const tab = {"#playground": "playground", "#chat": "chat"}[location.hash] || "dashboard";
+  for (const name of ["dashboard", "playground", "chat"]) {
     document.getElementById(name).hidden = name !== tab;
     document.getElementById(`tab-${name}`).classList.toggle("active", name === tab);
   }
   if (tab === "playground") {
     refreshDistribution();
+  } else if (tab === "chat") {
+    renderChatModels();
   } else {
     refreshCharts();
     resizeCharts();  // charts made while the dashboard was hidden had no width to measure
@@ -725,6 +816,12 @@ function start() {
   document.getElementById("generate").addEventListener("click", generateStream);
   document.getElementById("stop").addEventListener("click", () => play.abort && play.abort.abort());
   document.getElementById("color-surprisal").addEventListener("change", showSurprisal);
+  document.getElementById("chat-form").addEventListener("submit", sendChat);
+  document.getElementById("chat-input").addEventListener("keydown", e => {
+    if (e.key === "Enter" && !e.shiftKey) sendChat(e);
+  });
+  document.getElementById("chat-stop").addEventListener("click", () => talk.abort && talk.abort.abort());
+  document.getElementById("chat-reset").addEventListener("click", resetChat);
   document.getElementById("key-button").addEventListener("click", async () => {
     auth.declined = false;
     if (await askForKey(false)) pollDashboard();
