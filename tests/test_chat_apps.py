@@ -506,7 +506,7 @@ def test_every_tokenizer_kinds_export_renders_conversations_as_lmlab_does(kind, 
 def test_the_export_renders_conversations_and_ends_turns_as_lmlab_does(fluent, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
-    assert main(["export", str(fluent / "chat"), str(out), "--format", "hf"]) == 0
+    assert main(["export", str(fluent / "chat"), "--out", str(out), "--format", "hf"]) == 0
     run = load_run(fluent / "chat")
     ids = run.tokenizer.special_tokens
     generation = json.loads((out / "generation_config.json").read_text())
@@ -534,7 +534,7 @@ def test_the_export_renders_conversations_and_ends_turns_as_lmlab_does(fluent, t
 
 
 def test_a_text_models_export_has_the_template_but_does_not_stop_at_special_tokens(runs, tmp_path):
-    assert main(["export", str(runs / "text"), str(tmp_path / "hf"), "--format", "hf", "--no-verify"]) == 0
+    assert main(["export", str(runs / "text"), "--out", str(tmp_path / "hf"), "--format", "hf", "--no-verify"]) == 0
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert generation["eos_token_id"] is None and config["chat_template"] == tok.CHAT_TEMPLATE

@@ -15,12 +15,12 @@ from lmlab.cli import COMMANDS, STAGES, Command, main
 
 BY_STAGE = {  # issue 27: data and training · use a model · look inside · share · measure
     "data and training": ["data", "train"],
-    "use a model": ["sample", "next", "serve"],
+    "use a model": ["sample", "chat", "next", "serve"],
     "look inside": ["inside", "surprisal", "landscape"],
     "share": ["report", "export"],
     "measure": ["eval", "bench", "experiment"],
 }
-RUN_MODEL = {"train", "sample", "next", "serve", "surprisal", "landscape", "eval", "bench", "experiment"}  # --device
+RUN_MODEL = {"train", "sample", "chat", "next", "serve", "surprisal", "landscape", "eval", "bench", "experiment"}  # --device
 
 
 @pytest.fixture(scope="module")
