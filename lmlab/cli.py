@@ -97,6 +97,7 @@ def cmd_train(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="tiny")
     pre.add_argument("--resume", default=None)
+    pre.add_argument("--stage", default="pretrain")  # whose defaults to start from (config.for_stage)
     known, _ = pre.parse_known_args(argv)
     if known.resume:
         from .rundir import read_config
@@ -105,7 +106,7 @@ def cmd_train(argv: list[str]) -> int:
         base.resume = known.resume
         base.parallel = "none"  # how to launch is chosen anew each time: a run may resume on another world size
     else:
-        base = get_preset(known.preset)
+        base = get_preset(known.preset, known.stage)
     desc = ("Train a language model. Presets: " + ", ".join(PRESETS) + ". Every option below overrides the preset; "
             "with --resume, the run's own settings are the defaults. A setting shown as None is picked for the time "
             "budget (--max-time).")

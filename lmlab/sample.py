@@ -319,16 +319,19 @@ def default_probe_prompts(val_tokens: np.ndarray, tokenizer, block_size: int, co
 
 
 @torch.no_grad()
-def probe(model: nn.Module, tokenizer, prompts: list[str], top: int = 5, continuation: int = 40) -> list[dict]:
-    """For each prompt: the top next-token predictions and a short greedy continuation."""
+def probe(model: nn.Module, tokenizer, prompts: list[Union[str, list[int]]], top: int = 5,
+          continuation: int = 40) -> list[dict]:
+    """For each prompt (a text, or token ids, shown decoded): the top next-token predictions and a short greedy
+    continuation."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     results = []
     for prompt in prompts:
-        ids = tokenizer.encode(prompt)[-model.cfg.block_size:]
+        ids = (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))[-model.cfg.block_size:]
         if not ids:
             continue
+        prompt = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
         logits = model(torch.tensor([ids], device=device))
         probs = logits[0, -1].float().softmax(-1)
         p, idx = probs.topk(min(top, probs.numel()))
