@@ -1,9 +1,14 @@
-"""The `lmlab` command: one subcommand per stage, options generated from the config dataclasses by tyro."""
+"""The `lmlab` command: one subcommand per stage, options generated from the config dataclasses by tyro.
+
+COMMANDS is the one table of commands. The core's commands (train, sample, eval, data, next, export) are handled
+here; an application's commands next to it (serve/cli.py, report/cli.py, experiments/cli.py, bench/cli.py), each
+loaded only when it runs, and parsing its options with parse() from here."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -16,24 +21,48 @@ import tyro
 from typing_extensions import Annotated
 
 from .common import LmlabError
-from .experiment import ExperimentConfig
 from .sample import SampleConfig
 
-SUBCOMMANDS = {
-    "train": "train a model (default: the tiny preset on the built-in corpus, about 5 minutes on a CPU)",
-    "sample": "generate text from a trained run, streamed to the terminal",
-    "eval": "loss, bits/byte, perplexity and accuracy of a run on its validation split or any text",
-    "data": "list the built-in and named corpora, or prepare (tokenize and cache) a corpus",
-    "next": "the next-token distribution after a prompt, and which tokens sampling settings keep",
-    "surprisal": "per-token loss of a text, coloured in the terminal or as an HTML heatmap",
-    "landscape": "the loss around the trained weights along random directions, and the training trajectory",
-    "inside": "what the model learnt inside it over training: head scores, induction, loss by position, logit lens",
-    "report": "one self-contained HTML page (and PNGs) with the curves, probes, samples and config of runs",
-    "experiment": "how language models learn, measured: loss (why not accuracy), descent (step size, batch noise, "
-                  "optimizers), patterns (frequency, not truth)",
-    "export": "copy a run as single files (e.g. from sharded FSDP checkpoints), or as a transformers model (--format hf)",
-    "bench": "measure hardware peak, training throughput and MFU, time to quality, generation and data speed",
-    "serve": "a local web app (live training charts, next-token playground) and an OpenAI-compatible API",
+
+@dataclass(frozen=True)
+class Command:
+    """One `lmlab` command: its line in `lmlab --help`, and its handler, a function of the command's arguments that
+    returns the exit code. The handler is named, not imported ("serve.cli:cmd_serve" is lmlab/serve/cli.py's
+    cmd_serve): a command loads its application only when it runs."""
+
+    help: str
+    handler: str
+
+    def load(self) -> Callable[[list[str]], int]:
+        module, _, name = self.handler.partition(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+COMMANDS = {
+    "train": Command("train a model (default: the tiny preset on the built-in corpus, about 5 minutes on a CPU)",
+                     "cli:cmd_train"),
+    "sample": Command("generate text from a trained run, streamed to the terminal", "cli:cmd_sample"),
+    "eval": Command("loss, bits/byte, perplexity and accuracy of a run on its validation split or any text",
+                    "cli:cmd_eval"),
+    "data": Command("list the built-in and named corpora, or prepare (tokenize and cache) a corpus", "cli:cmd_data"),
+    "next": Command("the next-token distribution after a prompt, and which tokens sampling settings keep",
+                    "cli:cmd_next"),
+    "surprisal": Command("per-token loss of a text, coloured in the terminal or as an HTML heatmap",
+                         "report.cli:cmd_surprisal"),
+    "landscape": Command("the loss around the trained weights along random directions, and the training trajectory",
+                         "report.cli:cmd_landscape"),
+    "inside": Command("what the model learnt inside it over training: head scores, induction, loss by position, "
+                      "logit lens", "report.cli:cmd_inside"),
+    "report": Command("one self-contained HTML page (and PNGs) with the curves, probes, samples and config of runs",
+                      "report.cli:cmd_report"),
+    "experiment": Command("how language models learn, measured: loss (why not accuracy), descent (step size, batch "
+                          "noise, optimizers), patterns (frequency, not truth)", "experiments.cli:cmd_experiment"),
+    "export": Command("copy a run as single files (e.g. from sharded FSDP checkpoints), or as a transformers model "
+                      "(--format hf)", "cli:cmd_export"),
+    "bench": Command("measure hardware peak, training throughput and MFU, time to quality, generation and data speed",
+                     "bench.cli:cmd_bench"),
+    "serve": Command("a local web app (live training charts, next-token playground) and an OpenAI-compatible API",
+                     "serve.cli:cmd_serve"),
 }
 
 
@@ -144,7 +173,7 @@ def cmd_sample(argv: list[str]) -> int:
 
     from .checkpoint import load_run
     from .common import resolve_device
-    from .sample import generate, prompt_ids, stream_text
+    from .sample import generate, prompt_ids, stream_text, text_banned
 
     args = parse(SampleArgs, argv, "lmlab sample")
     settings = args.settings
@@ -152,7 +181,8 @@ def cmd_sample(argv: list[str]) -> int:
     ids = prompt_ids(run.tokenizer, settings.prompt)
     generator = torch.Generator().manual_seed(settings.seed)
     tokens = generate(run.model, ids, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
-                      generator, use_cache=not settings.no_cache, compile=settings.compile)
+                      generator, use_cache=not settings.no_cache, compile=settings.compile,
+                      banned=text_banned(run.tokenizer))
     sys.stdout.write(settings.prompt)
     sys.stdout.flush()
     for piece in stream_text(run.tokenizer, tokens, settings.stop):
@@ -234,36 +264,13 @@ class EvalArgs:
     """auto, cpu, cuda or mps."""
 
 
-def eval_stride(stride: Optional[int], block_size: int) -> int:
-    """--stride, checked; None: half the context."""
-    if stride is None:
-        return max(1, block_size // 2)
-    if not 1 <= stride <= block_size:
-        raise LmlabError(f"--stride must be between 1 and the context length {block_size}, got {stride}")
-    return stride
-
-
-def text_tokens(run, data: Optional[str], trust: bool, command: str):
-    """The tokens to measure a run on: those of `data`, else the run's validation split, whose corpus paths are
-    read only for a run made here, in this folder, or with --trust-data-path (rundir.check_data_paths)."""
-    from .config import TrainConfig
-    from .data import load_splits, prepare, resolve_source
-    from .rundir import check_data_paths
-
-    if data:
-        return prepare(resolve_source(data), run.tokenizer.kind, tokenizer=run.tokenizer).tokens
-    saved = TrainConfig.from_json(run.config).data
-    check_data_paths(run.run_dir, run.config, [("--data", saved.data), ("--data", saved.val_data)], command, trust)
-    return load_splits(saved, tokenizer=run.tokenizer).val
-
-
 def cmd_eval(argv: list[str]) -> int:
     import torch
 
     from .checkpoint import load_run
     from .common import resolve_device
     from .config import TrainConfig
-    from .evaluate import evaluate
+    from .evaluate import entropy_excess, eval_stride, evaluate, text_tokens
 
     args = parse(EvalArgs, argv, "lmlab eval")
     run = load_run(args.run, resolve_device(args.device), args.checkpoint)
@@ -292,18 +299,6 @@ def cmd_eval(argv: list[str]) -> int:
             print(f"  the source's entropy rate is {result['entropy_rate']:.4f} nats/token: the model is "
                   f"{result['excess']:.4f} above it (some of that because it sees a window, not the whole past)")
     return 0
-
-
-def entropy_excess(source: str, m) -> dict:
-    """For a source whose entropy rate is known exactly (synthetic:NAME), the rate in nats per token of the text
-    scored (nats per character x characters per token; the corpora are ASCII, a byte per character) and the
-    model's loss above it; {} for any other text."""
-    from .synthetic import entropy_rate, is_synthetic
-
-    if not is_synthetic(source) or not m.tokens:
-        return {}
-    rate = entropy_rate(source) * m.bytes / m.tokens
-    return {"entropy_rate": rate, "excess": m.loss - rate}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -381,7 +376,8 @@ def cmd_next(argv: list[str]) -> int:
 
     from .checkpoint import load_run
     from .common import resolve_device
-    from .inspect import next_token_distribution
+    from .predict import next_token_distribution
+    from .sample import text_banned
     from .sample import SampleConfig
 
     args = parse(NextArgs, argv, "lmlab next")
@@ -390,7 +386,7 @@ def cmd_next(argv: list[str]) -> int:
         raise LmlabError(f"--top must be positive, got {args.top}")
     run = load_run(args.run, resolve_device(args.device), args.checkpoint)
     rows = next_token_distribution(run.model, run.tokenizer, args.prompt, args.top, args.temperature, args.top_k,
-                                   args.top_p)
+                                   args.top_p, text_banned(run.tokenizer))
     if args.json:
         print(json.dumps({"prompt": args.prompt, "temperature": args.temperature, "top_k": args.top_k,
                           "top_p": args.top_p, "tokens": [dc.asdict(r) for r in rows]}))
@@ -404,285 +400,9 @@ def cmd_next(argv: list[str]) -> int:
     return 0
 
 
-@dataclass
-class SurprisalArgs:
-    """Per-token surprisal (loss) of a text under a trained run; the totals equal `lmlab eval` on that text."""
-
-    run: Annotated[str, tyro.conf.Positional]
-    """The run directory."""
-    checkpoint: str = "best"
-    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
-    stride: Optional[int] = None
-    """Windows start every this many tokens, as in `lmlab eval --stride` (default: block_size / 2)."""
-    file: Annotated[Optional[str], tyro.conf.Positional] = None
-    """A text file to score (or use --text)."""
-    text: Optional[str] = None
-    """The text to score."""
-    html: Optional[str] = None
-    """Write an HTML heatmap here (hover a token for the model's top-5 predictions)."""
-    json: bool = False
-    """Print JSON (every token with nats and bits, and the totals)."""
-    device: str = "cpu"
-    """auto, cpu, cuda or mps."""
-
-
-def cmd_surprisal(argv: list[str]) -> int:
-    from .checkpoint import load_run
-    from .common import atomic_write_bytes, resolve_device
-    from .data import Corpus, iter_text
-    from .inspect import surprisal, surprisal_html, terminal_colored
-
-    args = parse(SurprisalArgs, argv, "lmlab surprisal")
-    if (args.text is None) == (args.file is None):
-        raise LmlabError("give either --text TEXT or a FILE")
-    if args.file is not None:
-        path = Path(args.file)
-        if not path.is_file():
-            raise LmlabError(f"no such file: {args.file}")
-        text = "".join(iter_text(Corpus(args.file, [path])))
-    else:
-        text = args.text
-    run = load_run(args.run, resolve_device(args.device), args.checkpoint)
-    stride = eval_stride(args.stride, run.model.cfg.block_size)
-    tokens, metrics, first = surprisal(run.model, run.tokenizer, text, stride=stride)
-    if args.html:
-        page = surprisal_html(first, tokens, metrics, f"surprisal under {run.run_dir}")
-        atomic_write_bytes(args.html, page.encode("utf-8"))
-        print(f"heatmap written to {args.html}", file=sys.stderr)
-    if args.json:
-        print(json.dumps({**metrics.as_dict(), "stride": stride, "first": first,
-                          "per_token": [{"token": t.text, "nats": t.nats, "bits": t.bits, "top": t.top}
-                                        for t in tokens]}))
-        return 0
-    if sys.stdout.isatty():
-        print(terminal_colored(first, tokens))
-    else:
-        for t in tokens:
-            print(f"{t.nats:8.3f} nats {t.bits:8.3f} bits  {t.text!r}")
-    print(f"{metrics.tokens:,} tokens: loss {metrics.loss:.4f} nats/token, {metrics.bits_per_token:.4f} bits/token, "
-          f"{metrics.bits_per_byte:.4f} bits/byte, perplexity {metrics.perplexity:.3f}, accuracy {metrics.accuracy:.1%}")
-    return 0
-
-
-@dataclass
-class LandscapeArgs:
-    """Plot the loss around a run's trained weights on a fixed validation batch."""
-
-    run: Annotated[str, tyro.conf.Positional]
-    """The run directory."""
-    checkpoint: str = "best"
-    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
-    two_d: Annotated[bool, tyro.conf.arg(name="2d")] = False
-    """Also scan a 2-D plane (contour plot) and draw the training trajectory."""
-    points: int = 21
-    """Grid points per direction."""
-    span: float = 1.0
-    """Scan from -span to +span along each direction (1 = the size of the weights, filter by filter)."""
-    batch_size: int = 8
-    """Validation windows in the fixed batch."""
-    seed: int = 0
-    """Seed of the random directions."""
-    data: Optional[str] = None
-    """Text whose windows make the batch (a file, folder, glob or corpus name); default: the run's validation
-    split."""
-    trust_data_path: bool = False
-    """Read the corpus path that the run's config names although the run was not made here, in this folder (it was
-    copied, moved or shared); without it such a run needs --data."""
-    out: Optional[str] = None
-    """Folder for landscape.json and the PNGs (default: RUN/landscape)."""
-    device: str = "cpu"
-    """auto, cpu, cuda or mps."""
-
-
-def cmd_landscape(argv: list[str]) -> int:
-    from .checkpoint import load_run
-    from .common import resolve_device
-    from . import rundir
-    from .landscape import landscape
-
-    args = parse(LandscapeArgs, argv, "lmlab landscape")
-    if args.points < 3 or args.span <= 0 or args.batch_size <= 0:
-        raise LmlabError("--points must be >= 3, --span and --batch-size positive")
-    run = load_run(args.run, resolve_device(args.device), args.checkpoint)
-    val = text_tokens(run, args.data, args.trust_data_path, "lmlab landscape")
-    out_dir = Path(args.out) if args.out else run.run_dir / rundir.LANDSCAPE
-    result = landscape(run.run_dir, run.model, val, args.two_d, args.points, args.span, args.batch_size, args.seed,
-                       out_dir)
-    one = result["one_d"]
-    print(f"loss at the trained weights: {one['center_loss']:.4f}; along a random direction it ranges "
-          f"{min(one['losses']):.4f} .. {max(one['losses']):.4f} over [-{args.span:g}, {args.span:g}]")
-    if "trajectory" in result:
-        t = result["trajectory"]
-        print(f"trajectory: {len(t['steps'])} snapshots; its 2 principal directions explain "
-              f"{sum(t['explained_variance']):.0%} of its variance")
-    print(f"written to {out_dir}: " + ", ".join(sorted(p.name for p in out_dir.glob("*"))))
-    return 0
-
-
-@dataclass
-class InsideArgs:
-    """What the model learnt inside it, as training recorded it at every evaluation: head scores on a random sequence
-    repeated twice (previous-token, induction, duplicate-token), the loss on each copy, the loss by position in the
-    window, attention patterns and the logit lens."""
-
-    run: Annotated[str, tyro.conf.Positional]
-    """The run directory."""
-    step: Optional[int] = None
-    """Only this evaluation step (default: the table at the last one; with --json, every step)."""
-    json: bool = False
-    """Print one JSON object: heads (step, layer, head and the three scores), repeat_loss, loss_by_position."""
-    html: Optional[str] = None
-    """Also write a self-contained HTML page here: the scores over steps, heatmaps and the logit lens."""
-
-
-def cmd_inside(argv: list[str]) -> int:
-    from .inside import at_step, head_table, read_records, summary
-    from .rundir import read_config
-
-    args = parse(InsideArgs, argv, "lmlab inside")
-    config = read_config(Path(args.run))
-    records = read_records(args.run)
-    if not records:
-        why = "it was trained with --no-inside" if config.get("inside") is False else "it has no evaluation yet"
-        raise LmlabError(f"nothing was recorded inside the model of {args.run}: {why}")
-    chosen = at_step(records, args.step)
-    if args.html:
-        from .report import write_inside_page
-
-        write_inside_page(args.run, args.html, chosen[-1]["step"])
-        print(f"page written to {args.html}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(summary(chosen)))
-    else:
-        print(head_table(chosen[-1]))
-    return 0
-
-
-@dataclass
-class ReportArgs:
-    """One self-contained HTML page (and its PNGs) with the curves, probes, samples and config of one or more runs."""
-
-    runs: Annotated[list[str], tyro.conf.Positional, tyro.conf.arg(metavar="RUN [RUN ...]")]
-    """Run directories (at least one); several go on shared charts, one line per run."""
-    out: str = "report.html"
-    """Where to write the page; its PNGs go to a folder beside it named <out-stem>_files."""
-    log: bool = False
-    """Loss on a log y-axis (and tokens on a log x-axis)."""
-
-
-def cmd_report(argv: list[str]) -> int:
-    from .report import write_report
-
-    args = parse(ReportArgs, argv, "lmlab report")
-    out = write_report(args.runs, args.out, args.log)
-    print(f"report written to {out} (PNGs in {out.with_name(out.stem + '_files')})", file=sys.stderr)
-    return 0
-
-
-@dataclass
-class ExperimentArgs:
-    """Run a measured experiment on how language models learn, in under 3 minutes on a 2-core CPU: loss (the same
-    model trained on cross-entropy, squared error and accuracy), descent (a learning-rate sweep, gradient noise per
-    batch size, four optimizers on one landscape) or patterns (statements whose false answer is the frequent one).
-    Prints a table and the conclusion computed from the measurements; writes DIR/index.html and DIR/result.json."""
-
-    name: Annotated[Literal["loss", "descent", "patterns"], tyro.conf.Positional]
-    """The experiment: loss, descent or patterns."""
-    settings: ExperimentConfig = field(default_factory=ExperimentConfig)
-
-
-def cmd_experiment(argv: list[str]) -> int:
-    import shlex
-
-    from .experiment import run_experiment, summary
-
-    args = parse(ExperimentArgs, argv, "lmlab experiment")
-    command = "lmlab experiment " + " ".join(shlex.quote(a) for a in argv)
-    result = run_experiment(args.name, args.settings, say=lambda m: print(m, file=sys.stderr, flush=True),
-                            command=command)
-    print(summary(result), file=sys.stderr if args.settings.json else sys.stdout)
-    out = args.settings.out or os.path.join("experiments", args.name)
-    print(f"{result['wall_time_s']:.0f} s; page and result written to {out}/index.html and {out}/result.json",
-          file=sys.stderr)
-    if args.settings.json:
-        print(json.dumps(result))
-    return 0
-
-
-def cmd_bench(argv: list[str]) -> int:
-    from .bench import BenchConfig, print_table, run_bench
-
-    cfg = parse(BenchConfig, argv, "lmlab bench")
-    out = run_bench(cfg)
-    print_table(out)
-    if cfg.json:
-        from .common import atomic_write_json
-
-        atomic_write_json(cfg.json, out)
-        print(f"figures written to {cfg.json}", file=sys.stderr)
-    if cfg.markdown:
-        from .bench import to_markdown
-        from .common import atomic_write_bytes
-
-        atomic_write_bytes(cfg.markdown, to_markdown(out).encode())
-        print(f"Markdown tables written to {cfg.markdown}", file=sys.stderr)
-    return 0
-
-
-@dataclass
-class ServeArgs:
-    """Serve runs in a local web app (dashboard and playground) and as an OpenAI-compatible completions API."""
-
-    runs: Annotated[list[str], tyro.conf.Positional, tyro.conf.arg(metavar="[RUNS_DIR | RUN ...]")] = field(
-        default_factory=lambda: ["runs"])
-    """Run directories, or folders whose subfolders are runs (new runs in them show up as they start)."""
-    host: str = "127.0.0.1"
-    """Address to listen on; the default is reachable from this machine only (any other needs --api-key)."""
-    port: int = 8000
-    """Port to listen on (0: any free port)."""
-    api_key: Annotated[Optional[str], tyro.conf.arg(metavar="KEY")] = None
-    """A key every API request must send (Authorization: Bearer KEY); default: $LMLAB_API_KEY, else none."""
-    allowed_host: Annotated[list[str], tyro.conf.UseAppendAction, tyro.conf.arg(metavar="NAME")] = field(
-        default_factory=list)
-    """A host name clients reach the server by, answered besides the address listened on."""
-    max_tokens: int = 512
-    """The most tokens one completion may generate."""
-    max_prompt_chars: int = 20_000
-    """The most characters of prompt (or of text to score) one request may send."""
-    max_concurrent: int = 4
-    """Requests running a model at the same time; one more is refused with HTTP 429."""
-    checkpoint: Literal["best", "last"] = "best"
-    """Which checkpoint of each run to serve: best (the lowest validation loss) or last (the newest)."""
-    device: str = "cpu"
-    """auto, cpu, cuda or mps."""
-
-
-def cmd_serve(argv: list[str]) -> int:
-    from .common import resolve_device
-    from .serve import Limits, serve
-
-    args = parse(ServeArgs, argv, "lmlab serve")
-    if not 0 <= args.port <= 65535:
-        raise LmlabError(f"--port must be in 0..65535, got {args.port}")
-    if min(args.max_tokens, args.max_prompt_chars, args.max_concurrent) <= 0:
-        raise LmlabError("--max-tokens, --max-prompt-chars and --max-concurrent must be positive")
-    api_key = args.api_key if args.api_key is not None else os.environ.get("LMLAB_API_KEY") or None
-    serve(args.runs, args.host, args.port, Limits(args.max_tokens, args.max_prompt_chars, args.max_concurrent),
-          resolve_device(args.device), api_key, args.allowed_host, args.checkpoint)
-    return 0
-
-
-COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "data": cmd_data, "next": cmd_next,
-    "surprisal": cmd_surprisal, "landscape": cmd_landscape, "bench": cmd_bench,
-    "report": cmd_report, "export": cmd_export, "serve": cmd_serve, "inside": cmd_inside,
-    "experiment": cmd_experiment,
-}
-
-
 def usage() -> str:
     lines = ["usage: lmlab COMMAND [OPTIONS]   (lmlab COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name:8s} {text}" for name, text in SUBCOMMANDS.items() if name in COMMANDS]
+    lines += [f"  {name:8s} {command.help}" for name, command in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -703,7 +423,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"lmlab: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        return COMMANDS[name](rest)
+        return COMMANDS[name].load()(rest)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     except LmlabError as e:

@@ -1,5 +1,6 @@
 """Evaluation: the loss of every token of a stream (`stream_losses`, which `lmlab surprisal` and the landscape use
-too), and the loss, bits/byte, perplexity and accuracy over it.
+too), and the loss, bits/byte, perplexity and accuracy over it; the text a run is measured on, the stride of its
+windows and, for a synthetic source, how far the loss is above the source's entropy rate.
 
 Every token after the first is predicted exactly once. Windows of block_size tokens start every `stride` tokens: the
 first window scores all its predictions, each later one only those the previous windows did not reach (its last
@@ -17,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .common import LmlabError
 from .distributed import Dist, all_reduce_sum
 from .loss import Metrics, cross_entropy
 
@@ -30,6 +32,15 @@ def autocast_context(device: torch.device, dtype: torch.dtype):
 def window_stride(stride: int, block_size: int) -> int:
     """The stride the evaluation windows use: `stride`, or block_size (non-overlapping) for 0 or anything larger."""
     return block_size if stride <= 0 or stride > block_size else stride
+
+
+def eval_stride(stride: Optional[int], block_size: int) -> int:
+    """`--stride` of `lmlab eval` and `lmlab surprisal`, checked; None: half the context."""
+    if stride is None:
+        return max(1, block_size // 2)
+    if not 1 <= stride <= block_size:
+        raise LmlabError(f"--stride must be between 1 and the context length {block_size}, got {stride}")
+    return stride
 
 
 def eval_windows(n_tokens: int, block_size: int, max_tokens: int = 0, stride: int = 0):
@@ -149,3 +160,29 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tens
         all_reduce_sum(totals, d)
         metrics = Metrics(float(totals[0]), int(totals[1]), int(totals[2]), int(totals[3]))
     return metrics
+
+
+def entropy_excess(source: str, m: Metrics) -> dict:
+    """For a source whose entropy rate is known exactly (synthetic:NAME), the rate in nats per token of the text
+    scored (nats per character x characters per token; the corpora are ASCII, a byte per character) and the
+    model's loss above it; {} for any other text."""
+    from .synthetic import entropy_rate, is_synthetic
+
+    if not is_synthetic(source) or not m.tokens:
+        return {}
+    rate = entropy_rate(source) * m.bytes / m.tokens
+    return {"entropy_rate": rate, "excess": m.loss - rate}
+
+
+def text_tokens(run, data: Optional[str], trust: bool, command: str):
+    """The tokens to measure a run on: those of `data`, else the run's validation split, whose corpus paths are
+    read only for a run made here, in this folder, or with --trust-data-path (rundir.check_data_paths)."""
+    from .config import TrainConfig
+    from .data import load_splits, prepare, resolve_source
+    from .rundir import check_data_paths
+
+    if data:
+        return prepare(resolve_source(data), run.tokenizer.kind, tokenizer=run.tokenizer).tokens
+    saved = TrainConfig.from_json(run.config).data
+    check_data_paths(run.run_dir, run.config, [("--data", saved.data), ("--data", saved.val_data)], command, trust)
+    return load_splits(saved, tokenizer=run.tokenizer).val

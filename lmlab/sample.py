@@ -10,6 +10,7 @@ so their outputs are identical.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
@@ -56,6 +57,18 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     """Pick the next token for each row of logits (B, V) with the generator's numbers (none spent when greedy)."""
     u = uniforms(logits.size(0), generator) if temperature else None
     return draw(logits, u, temperature, top_k, top_p)
+
+
+def ban(logits: torch.Tensor, banned: Optional[torch.Tensor]) -> torch.Tensor:
+    """logits (..., V) with the ids of `banned`, a (V,) bool mask, at -inf; unchanged when banned is None."""
+    return logits if banned is None else logits.masked_fill(banned, float("-inf"))
+
+
+def text_banned(tokenizer) -> list[int]:
+    """The ids a continuation of plain text never draws: every special token (the end of a text, the chat roles'
+    markers). A model trained on text never saw them; one fine-tuned on conversations ends its turns with them, in
+    chat (where they stop generation), not in text."""
+    return sorted(tokenizer.special_tokens.values())
 
 
 def uniforms(rows: int, generator: Optional[torch.Generator], draws: int = 1) -> torch.Tensor:
@@ -117,16 +130,16 @@ class SampleConfig:
 
 
 def _step(model: torch.nn.Module, tokens: torch.Tensor, pos: Optional[torch.Tensor], cache,
-          u: Optional[torch.Tensor], temperature: float, top_k: int, top_p: float
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+          u: Optional[torch.Tensor], temperature: float, top_k: int, top_p: float,
+          banned: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed tokens (1, T) through the cache and return the next token (1, 1), drawn with u (None when greedy), and
-    the logits (1, V) it was drawn from.
+    the model's logits (1, V) it was drawn from (the banned ids, a (V,) bool mask, are never drawn).
 
     With pos, a (1,) tensor, this is one decode step at that position, with the same shapes at every position
     (KVCache.write), and pos advances; without, the tokens continue from cache.pos (the window's encoding).
     """
     logits = model(tokens, cache=cache, pos=pos)[:, -1]  # (1, V)
-    token = draw(logits, u, temperature, top_k, top_p)
+    token = draw(ban(logits, banned), u, temperature, top_k, top_p)
     if pos is not None:
         pos.add_(1)
     return token.view(1, 1), logits
@@ -136,13 +149,15 @@ DECODE_CHUNK = 8  # decode steps per compiled call (_decode)
 
 
 def _decode(model: torch.nn.Module, token: torch.Tensor, pos: torch.Tensor, cache, u: Optional[torch.Tensor], n: int,
-            temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            temperature: float, top_k: int, top_p: float,
+            banned: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n decode steps from token (1, 1) at pos, the i-th drawn with u[:, i] (u (1, n), None when greedy): the n new
     tokens (1, n), the last one as (1, 1) for the next call, and the logits (n, V) each was drawn from. Compiled,
     the loop unrolls into one graph, so n tokens cost one call's overhead."""
     tokens, logits = [], []
     for i in range(n):
-        token, row = _step(model, token, pos, cache, None if u is None else u[:, i : i + 1], temperature, top_k, top_p)
+        token, row = _step(model, token, pos, cache, None if u is None else u[:, i : i + 1], temperature, top_k, top_p,
+                           banned)
         tokens.append(token)
         logits.append(row)
     return torch.cat(tokens, dim=1), token, torch.cat(logits)
@@ -160,10 +175,13 @@ def _compiled(fn):
 def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
              use_cache: bool = True, compile: bool = False,
-             with_logits: bool = False) -> Iterator[Union[int, tuple[int, torch.Tensor]]]:
+             with_logits: bool = False, banned: Optional[list[int]] = None
+             ) -> Iterator[Union[int, tuple[int, torch.Tensor]]]:
     """Yield up to max_new_tokens token ids continuing `prompt` (see the module docstring for the window); with
-    with_logits, (token id, logits) pairs instead, the logits (V,) being the model's raw ones (before temperature
-    and filters) that the token was drawn from, e.g. for its log-probability.
+    with_logits, (token id, logits) pairs instead, the logits (V,) being the model's raw ones (before temperature,
+    filters and bans) that the token was drawn from, e.g. for its log-probability. `banned` ids are never drawn: they
+    are left out of the draw like tokens outside top-k (text_banned(tokenizer): the special tokens, in a
+    continuation of plain text).
 
     With the cache, the window is encoded in one forward and each further token is one decode step (_step).
     compile=True runs both through torch.compile, with runs of DECODE_CHUNK decode steps in one call (_decode) where
@@ -176,10 +194,15 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
     keep = max(1, block // 2)
     device = next(model.parameters()).device
     window = list(prompt[-block:])
+    mask = None
+    if banned:
+        mask = torch.zeros(model.vocab_size, dtype=torch.bool, device=device)
+        mask[torch.tensor(sorted({i for i in banned if 0 <= i < model.vocab_size}), dtype=torch.long,
+                          device=device)] = True
     if not use_cache:
         for _ in range(max_new_tokens):
             logits = model(torch.tensor([window], device=device))[:, -1]  # (1, V)
-            token = int(next_token(logits, temperature, top_k, top_p, generator)[0])
+            token = int(next_token(ban(logits, mask), temperature, top_k, top_p, generator)[0])
             yield (token, logits[0]) if with_logits else token
             window.append(token)
             if len(window) > block:
@@ -201,7 +224,7 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
             cache.pos = 0
             encode = step if len(window) == keep else _step  # compiled for the re-encode, whose length is fixed
             last, logits = encode(model, torch.tensor([window], device=device), None, cache, u, temperature, top_k,
-                                  top_p)
+                                  top_p, mask)
             if pos is not None:
                 pos.fill_(len(window))
             new = [int(last)]
@@ -211,10 +234,10 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
             u = uniforms(1, generator, n) if temperature else None  # the same numbers as n draws of one
             if n > 1:
                 tokens, last, logits = _call(_compiled(_decode), warm, model, last, pos, cache, u, n, temperature,
-                                             top_k, top_p)
+                                             top_k, top_p, mask)
                 new = tokens[0].tolist()
             else:
-                last, logits = _call(step, warm, model, last, pos, cache, u, temperature, top_k, top_p)
+                last, logits = _call(step, warm, model, last, pos, cache, u, temperature, top_k, top_p, mask)
                 new = [int(last)]
         for token, row in zip(new, logits):  # logits: (len(new), V)
             yield (token, row) if with_logits else token
@@ -321,21 +344,27 @@ def default_probe_prompts(val_tokens: np.ndarray, tokenizer, block_size: int, co
 @torch.no_grad()
 def probe(model: nn.Module, tokenizer, prompts: list[Union[str, list[int]]], top: int = 5,
           continuation: int = 40) -> list[dict]:
-    """For each prompt (a text, or token ids, shown decoded): the top next-token predictions and a short greedy
-    continuation."""
+    """For each prompt: the top next-token predictions and a short greedy continuation. A text prompt is continued
+    as text (text_banned: no special token); token ids (a rendered chat prompt, shown decoded) are answered as chat
+    is, free to end the turn, and the continuation stops at the end of the turn (tokenizer.stop_ids)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    stops = set(tokenizer.stop_ids)
     results = []
     for prompt in prompts:
         ids = (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))[-model.cfg.block_size:]
         if not ids:
             continue
-        prompt = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+        is_text = isinstance(prompt, str)
+        prompt = prompt if is_text else tokenizer.decode(prompt)
         logits = model(torch.tensor([ids], device=device))
         probs = logits[0, -1].float().softmax(-1)
         p, idx = probs.topk(min(top, probs.numel()))
-        greedy = tokenizer.decode(list(generate(model, ids, continuation, temperature=0.0)))
+        tokens = generate(model, ids, continuation, temperature=0.0, banned=text_banned(tokenizer) if is_text else None)
+        if not is_text:
+            tokens = itertools.takewhile(lambda t: t not in stops, tokens)
+        greedy = tokenizer.decode(list(tokens))
         results.append({
             "prompt": prompt,
             "top": [[tokenizer.decode([int(i)]), float(q)] for q, i in zip(p, idx)],

@@ -41,7 +41,7 @@ from .loss import LossConfig, Metrics, masked_loss, training_loss
 from .model import ModelConfig, build_model, check_fits, count_params, grow_vocab
 from .optim import build_optimizer, clip_grad_norm, lr_multiplier, set_lr
 from .rundir import RunLock, write_status  # noqa: F401 - RunLock is part of this module's interface
-from .sample import default_probe_prompts, generate, probe, prompt_ids, stream_text
+from .sample import default_probe_prompts, generate, probe, prompt_ids, stream_text, text_banned
 from .telemetry import (OVERFIT_EVALS, EvalHistory, GradientTelemetry, SpikeDetector, TensorBoard,
                         prune_snapshots_after, save_snapshot)
 
@@ -940,7 +940,8 @@ def final_sample(setup: Setup, model: torch.nn.Module, step: int) -> str:
     cfg, tokenizer = setup.cfg, setup.tokenizer
     gen = torch.Generator().manual_seed(cfg.seed)
     prompt, ids = cfg.sample_prompt, prompt_ids(tokenizer, cfg.sample_prompt)
-    if setup.chat is not None and setup.chat.prompts and not cfg.sample_prompt:  # an answer to a held-out prompt
+    chat_answer = setup.chat is not None and bool(setup.chat.prompts) and not cfg.sample_prompt
+    if chat_answer:  # an answer to a held-out prompt: it may end its turn (a stop id), where it stops
         ids = setup.chat.prompts[0]
         prompt = tokenizer.decode(ids)
         say(setup.d, f"sample (an answer to a held-out prompt, up to {cfg.sample_tokens} tokens, temperature 0.8):")
@@ -948,9 +949,11 @@ def final_sample(setup: Setup, model: torch.nn.Module, step: int) -> str:
         say(setup.d, f"sample ({cfg.sample_tokens} tokens, temperature 0.8):")
     text = prompt
     sys.stdout.write(prompt)
-    tokens = generate(model, ids, cfg.sample_tokens, 0.8, 0, 1.0, gen)
-    if setup.chat is not None:
-        tokens = itertools.takewhile(lambda t: t not in tokenizer.stop_ids, tokens)
+    tokens = generate(model, ids, cfg.sample_tokens, 0.8, 0, 1.0, gen,
+                      banned=None if chat_answer else text_banned(tokenizer))
+    if chat_answer:
+        stops = set(tokenizer.stop_ids)
+        tokens = itertools.takewhile(lambda t: t not in stops, tokens)
     for piece in stream_text(tokenizer, tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -16,8 +16,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import ServerThread  # noqa: E402 - after the path is set
 from lmlab.inside import read_records  # noqa: E402
-from lmlab.report import write_report  # noqa: E402
-from lmlab.serve import RunSet, create_app  # noqa: E402
+from lmlab.report.report_page import write_report  # noqa: E402
+from lmlab.serve.app import create_app  # noqa: E402
+from lmlab.serve.runs import RunSet  # noqa: E402
 
 
 def main() -> None:

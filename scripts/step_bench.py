@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from lmlab.bench import _alternate, _ratios, training_step
+from lmlab.bench.measure import training_step
+from lmlab.bench.nanogpt import alternated_medians, block_ratios
 from lmlab.common import keep_freed_memory
 from lmlab.config import apply_budget, get_preset
 
@@ -70,7 +71,7 @@ def page_faults(preset: str, rounds: int, steps: int) -> None:
 
 
 def report(title: str, medians: dict, slow: str, fast: str) -> None:
-    r = _ratios(medians, slow, fast)
+    r = block_ratios(medians, slow, fast)
     print(f"{title}: " + ", ".join(f"{name} {statistics.median(m) * 1e3:.1f} ms" for name, m in medians.items())
           + f"; {slow} / {fast}: {r['ratio_median']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
 
@@ -88,8 +89,8 @@ def fused_mlp(preset: str, blocks: int, per_block: int) -> None:
 
     for i in range(3):
         step(i)
-    report("fused MLP", _alternate({"plain": with_fused(False), "fused": with_fused(True)}, blocks, per_block),
-           "plain", "fused")
+    medians = alternated_medians({"plain": with_fused(False), "fused": with_fused(True)}, blocks, per_block)
+    report("fused MLP", medians, "plain", "fused")
 
 
 def compiled(preset: str, blocks: int, per_block: int) -> None:
@@ -101,7 +102,8 @@ def compiled(preset: str, blocks: int, per_block: int) -> None:
     for i in range(3):
         eager(i)
         comp(i)
-    report("compile", _alternate({"eager": eager, "compiled": comp}, blocks, per_block), "eager", "compiled")
+    report("compile", alternated_medians({"eager": eager, "compiled": comp}, blocks, per_block), "eager",
+           "compiled")
 
 
 def main() -> None:

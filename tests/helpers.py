@@ -103,7 +103,7 @@ class ServerThread:
     def __init__(self, app):
         import uvicorn
 
-        from lmlab.serve import listen_socket
+        from lmlab.serve.app import listen_socket
 
         self.sock = listen_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

@@ -41,7 +41,7 @@ def test_bench_quick_runs_and_writes_valid_json(tmp_path):
 
 def test_nanogpt_process_parses_a_checkout(tmp_path):
     """A stand-in checkout with nanoGPT's file layout and log format (not nanoGPT's code)."""
-    from lmlab.bench import nanogpt_process
+    from lmlab.bench.nanogpt import nanogpt_process
 
     root = tmp_path / "fake-nanogpt"
     (root / "config").mkdir(parents=True)
@@ -116,7 +116,7 @@ def test_nanogpt_comparison_alternates_in_one_process(tmp_path):
 
     import torch
 
-    from lmlab.bench import alternated_generation, alternated_throughput
+    from lmlab.bench.nanogpt import alternated_generation, alternated_throughput
 
     (tmp_path / "model.py").write_text(STAND_IN.replace("EXTRA", "0"))
     r = alternated_throughput(str(tmp_path), torch.device("cpu"), False, peak_gflops=100.0, blocks=3, per_block=2)

@@ -1,5 +1,5 @@
 """`lmlab serve` in a real browser: headless Debian chromium driven by Playwright opens the dashboard and the
-playground, and what the page shows is checked against the run's files and lmlab.inspect. Skipped, with the
+playground, and what the page shows is checked against the run's files and lmlab.predict. Skipped, with the
 reason, where chromium or Playwright is missing."""
 
 from __future__ import annotations
@@ -11,12 +11,17 @@ import pytest
 
 from helpers import HANG_S, read_jsonl
 from lmlab.checkpoint import load_run
-from lmlab.inspect import next_token_distribution
+from lmlab.predict import next_token_distribution
+from lmlab.sample import text_banned
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # every test here
 
 PROMPT = "the cat "
 ROWS = 20  # bars the playground shows
+
+
+def BANNED(run):  # noqa: N802
+    return text_banned(run.tokenizer)  # what the playground never draws
 
 
 def chromium_path() -> str:
@@ -44,7 +49,8 @@ def browser():
 def served(tmp_path_factory):
     from test_serve import LIMITS, ServerThread, tiny_runs
 
-    from lmlab.serve import RunSet, create_app
+    from lmlab.serve.app import create_app
+    from lmlab.serve.runs import RunSet
 
     root = tiny_runs(tmp_path_factory)
     with ServerThread(create_app(RunSet([root / "alpha", root / "beta"]), LIMITS)) as url:
@@ -58,7 +64,7 @@ def bars(page) -> list[dict]:
 
 
 def wait_for_bars(page, rows) -> None:
-    """Until the bars show these rows of lmlab.inspect.next_token_distribution (slider moves send several requests;
+    """Until the bars show these rows of lmlab.predict.next_token_distribution (slider moves send several requests;
     the page keeps only the newest answer)."""
     page.wait_for_function("""expected => {
         const shown = [...document.querySelectorAll('#bars .bar-row')];
@@ -97,12 +103,12 @@ def test_dashboard_and_playground(browser, served, tmp_path):
     assert page.locator("#probes .probe tbody tr").count() == sum(len(r["probes"]) for r in probes)
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
 
-    # (3) the playground: bars for the prompt, and the temperature slider changes them as lmlab.inspect says
+    # (3) the playground: bars for the prompt, and the temperature slider changes them as lmlab.predict says
     alpha = load_run(root / "alpha")
     page.goto(url + "/#playground")
     page.select_option("#model", "alpha")
     page.fill("#prompt", PROMPT)
-    expected = next_token_distribution(alpha.model, alpha.tokenizer, PROMPT, ROWS)
+    expected = next_token_distribution(alpha.model, alpha.tokenizer, PROMPT, ROWS, banned=BANNED(alpha))
     wait_for_bars(page, expected)
     before = bars(page)
     assert [b["token"] for b in before] == [r.token for r in expected]
@@ -111,7 +117,8 @@ def test_dashboard_and_playground(browser, served, tmp_path):
     for _ in range(10):  # 1.0 -> 0.5 in steps of 0.05, as a user with the keyboard
         page.keyboard.press("ArrowLeft")
     assert page.input_value("#temperature") == "0.5"
-    cooler = next_token_distribution(alpha.model, alpha.tokenizer, PROMPT, ROWS, temperature=0.5)
+    cooler = next_token_distribution(alpha.model, alpha.tokenizer, PROMPT, ROWS, temperature=0.5,
+                                    banned=BANNED(alpha))
     wait_for_bars(page, cooler)
     after = bars(page)
     assert [b["renormalized"] for b in after] == pytest.approx([r.renormalized for r in cooler], abs=1e-6)
@@ -156,7 +163,8 @@ def test_dashboard_and_playground(browser, served, tmp_path):
 def keyed(tmp_path_factory):
     from test_serve import KEY, LIMITS, ServerThread, tiny_runs
 
-    from lmlab.serve import RunSet, create_app
+    from lmlab.serve.app import create_app
+    from lmlab.serve.runs import RunSet
 
     root = tiny_runs(tmp_path_factory)
     with ServerThread(create_app(RunSet([root / "alpha", root / "beta"]), LIMITS, api_key=KEY)) as url:

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from helpers import write_corpus
 from lmlab import rundir
 from lmlab.common import LmlabError
-from lmlab.experiment import (
-    BATCH_SIZES, COPIES, FULL_BATCH_WINDOWS, OPTIMIZER_LRS, RATIOS, REGISTRY, SWEEP_LRS, ExperimentConfig,
-    completion_probability, flat_grad, make_facts, run_experiment,
-)
+from lmlab.experiments.base import ExperimentConfig
+from lmlab.experiments.descent import BATCH_SIZES, FULL_BATCH_WINDOWS, OPTIMIZER_LRS, SWEEP_LRS, flat_grad
+from lmlab.experiments.patterns import COPIES, RATIOS, completion_probability, make_facts
+from lmlab.experiments.registry import REGISTRY, run_experiment
 from lmlab.loss import LossConfig, training_loss
 
 # ---------------------------------------------------------------------------------------------------------------

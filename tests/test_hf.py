@@ -351,7 +351,8 @@ def test_every_command_works_on_an_imported_run(tmp_path, bpe, capsys):
 
     from lmlab.checkpoint import load_run
     from lmlab.cli import main
-    from lmlab.serve import Sampling, next_token_view, surprisal_view
+    from lmlab.serve.completions import Sampling
+    from lmlab.serve.playground import next_token_view, surprisal_view
 
     run, source, _ = fine_tune(tmp_path, bpe, hf_gpt2)
     shutil.rmtree(source)  # a resume goes on from the run's checkpoint

@@ -576,7 +576,8 @@ def test_lmlab_inside_json_and_step(recorded, capsys):
 
 @pytest.mark.slow
 def test_lmlab_inside_html_and_the_report_section(recorded, tmp_path, capsys):
-    from lmlab.report import build_page, load_run_logs
+    from lmlab.report.logs import load_run_logs
+    from lmlab.report.report_page import build_page
 
     root, _ = recorded
     out = tmp_path / "inside.html"

@@ -18,7 +18,8 @@ SCORES = ("previous_token", "induction", "duplicate_token")
 @pytest.fixture(scope="module")
 def inside_run(tmp_path_factory):
     """A 2-layer, 2-head run with 4 evaluations (steps 0, 10, 20, 30), served."""
-    from lmlab.serve import RunSet, create_app
+    from lmlab.serve.app import create_app
+    from lmlab.serve.runs import RunSet
     from lmlab.train import train
 
     root = tmp_path_factory.mktemp("inside-browser")

@@ -14,8 +14,8 @@ from helpers import run_cli, tiny_config, write_corpus
 from lmlab.checkpoint import load_run
 from lmlab.cli import main
 from lmlab.data import encode_text
-from lmlab.inspect import next_token_distribution, surprisal
-from lmlab.landscape import filter_normalized_direction, fixed_tokens, scan
+from lmlab.predict import next_token_distribution, surprisal
+from lmlab.report.landscape import filter_normalized_direction, fixed_tokens, scan
 from lmlab.model import unique_parameters
 from lmlab.train import train
 

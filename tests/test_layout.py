@@ -1,11 +1,18 @@
-"""The package reads like the pipeline: a module imports only from modules to its left (STYLE.md)."""
+"""The package reads like the pipeline (STYLE.md): a flat core, a module imports only from modules to its left, the
+applications live in their own subpackages, which the core never imports, and no application file grows long."""
 
 import ast
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
+import pytest
+
 # STYLE.md's pipeline: common -> tokenizer -> data -> model -> loss -> optim -> distributed -> train -> checkpoint
-#   -> sample / evaluate / inspect -> report / serve. Where the training loop needs it, a module moves left:
-ORDER = [
+#   -> sample / evaluate -> applications. Where the training loop needs it, a module moves left:
+CORE = [
     "common", "tokenizer",
     "chat",  # conversations and the tokenizer's chat template: token ids and loss masks, a source of data
     "synthetic",  # synthetic corpora, a source of data
@@ -19,42 +26,108 @@ ORDER = [
     "telemetry",  # what the loop records about itself (gradients, spikes, weight snapshots)
     "hf",  # transformers models out and in: train starts a run from one (--init-from)
     "train",
-    "inspect", "landscape", "report",
-    "experiment",  # trains with train(), measures with evaluate and landscape, draws with report
-    "bench",  # times the loop's own train_step
-    "serve", "cli", "__main__",
+    "predict",  # what a trained model predicts: the next-token distribution, the surprisal of a text
 ]
-PACKAGE = Path(__file__).resolve().parents[1] / "lmlab"
+# The applications, after the core: the command first (its table names every command's handler, and the handlers in
+# the subpackages parse their options with it), then each subpackage's modules in their own order.
+APPLICATIONS = [
+    "cli",
+    # the one chart style and the one page shell, below every page and chart (the report imports the inside page)
+    "report.chart", "report.page", "report.logs", "report.curves", "report.inside_page", "report.surprisal",
+    "report.landscape", "report.experiment_page", "report.report_page", "report.cli",
+    "experiments.base",  # trains with train(), measures with evaluate and the landscape, draws in the chart style
+    "experiments.loss", "experiments.descent", "experiments.patterns", "experiments.registry", "experiments.cli",
+    "bench.measure",  # times the loop's own train_step
+    "bench.nanogpt", "bench.tables", "bench.suite", "bench.cli",
+    "serve.request",  # limits and refusals (ApiError), which the guard, the run set and the routes all use
+    "serve.runs", "serve.guard", "serve.completions", "serve.playground", "serve.app", "serve.cli",
+    "__main__",
+]
+ORDER = CORE + APPLICATIONS
+SUBPACKAGES = sorted({name.split(".")[0] for name in APPLICATIONS if "." in name})
+MAX_APPLICATION_LINES = 450
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lmlab"
 
 
-def imported_siblings(path: Path) -> set[str]:
+def module_name(path: Path) -> str:
+    """lmlab/serve/app.py -> "serve.app"; a package's __init__.py -> its own name ("" for lmlab)."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package by name, packages (their __init__.py) left out."""
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if p.name != "__init__.py"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The package's modules that a file imports, anywhere in it (functions too), by name."""
+    here = module_name(path).split(".")[:-1] if path.name != "__init__.py" else module_name(path).split(".")
+    here = [p for p in here if p]
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                names.add(node.module.split(".")[0])
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - (node.level - 1)] if node.level > 1 else list(here)
+            elif (node.module or "").split(".")[0] == "lmlab":
+                base = []
             else:
-                names.update(alias.name for alias in node.names)
-    return names - {"__version__"}
+                continue
+            module = (node.module or "").split(".")
+            if not node.level:
+                module = module[1:]
+            target = [*base, *(m for m in module if m)]
+            for alias in node.names:  # `from .. import rundir`, `from . import runs`: modules; else attributes
+                candidate = ".".join([*target, alias.name])
+                names.add(candidate if candidate in modules() else ".".join(target))
+        elif isinstance(node, ast.Import):
+            names |= {a.name.removeprefix("lmlab.") for a in node.names if a.name.startswith("lmlab.")}
+    return names - {""}
 
 
 def test_every_module_is_placed_in_the_pipeline():
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    assert modules == set(ORDER), f"place new modules in ORDER: {sorted(modules ^ set(ORDER))}"
+    found = set(modules())
+    assert found == set(ORDER), f"place new modules in CORE or APPLICATIONS: {sorted(found ^ set(ORDER))}"
 
 
 def test_imports_point_left_to_right():
     for name in ORDER:
-        for dep in imported_siblings(PACKAGE / f"{name}.py"):
-            assert ORDER.index(dep) < ORDER.index(name), f"lmlab/{name}.py imports {dep}, which comes after it"
+        for dep in imported_modules(modules()[name]):
+            assert dep in ORDER, f"lmlab/{name} imports {dep}, which is not a module"
+            assert ORDER.index(dep) < ORDER.index(name), f"lmlab/{name} imports {dep}, which comes after it"
 
 
-def test_the_core_never_imports_report_or_optional_dependencies():
-    core = ORDER[: ORDER.index("train") + 1]
-    for name in core:
-        source = (PACKAGE / f"{name}.py").read_text()
-        assert "import report" not in source and "from .report" not in source
-        assert "import matplotlib" not in source and "from matplotlib" not in source, name
+def test_the_core_is_flat_and_never_imports_applications_or_optional_dependencies():
+    for name in CORE:
+        path = modules()[name]
+        assert path.parent == PACKAGE, f"{name} is core: it belongs in lmlab/, not in a subpackage"
+        assert not imported_modules(path) & set(APPLICATIONS), name
+        source = path.read_text()
+        for optional in ("matplotlib", "fastapi", "uvicorn", "starlette"):
+            assert f"import {optional}" not in source and f"from {optional}" not in source, (name, optional)
+
+
+def test_subpackages_only_describe_themselves():
+    """A subpackage's __init__.py is its docstring: importing one module of an application loads no other."""
+    for package in SUBPACKAGES:
+        tree = ast.parse((PACKAGE / package / "__init__.py").read_text())
+        assert len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr), f"lmlab/{package}/__init__.py"
+
+
+def test_no_application_file_is_long():
+    """An application file past a few hundred lines is two things (STYLE.md)."""
+    long = {name: n for name in APPLICATIONS
+            if (n := len(modules()[name].read_text().splitlines())) > MAX_APPLICATION_LINES}
+    assert not long, f"application files over {MAX_APPLICATION_LINES} lines: {long}"
+
+
+def test_every_command_names_a_handler_that_loads():
+    from lmlab.cli import COMMANDS
+
+    for name, command in COMMANDS.items():
+        assert command.handler.split(":")[0] in APPLICATIONS, name
+        assert callable(command.load()), name
 
 
 RUN_FILES = ("config.json", "tokenizer.json", "status.json", "metrics.jsonl", "probes.jsonl", "telemetry.jsonl",
@@ -71,16 +144,38 @@ def test_only_the_run_folder_module_spells_a_run_files_name():
     """rundir owns the run folder: no other module writes a run file's name as a string, or joins a path with the
     name of one of the run's folders (docstrings and comments may mention them)."""
     found = []
-    for path in sorted(PACKAGE.glob("*.py")):
-        if path.stem == "rundir":
+    for name, path in modules().items():
+        if name == "rundir":
             continue
         tree = ast.parse(path.read_text())
         docs = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
-                found += [f"{path.name}:{node.lineno}: {name!r}" for name in RUN_FILES
-                          if name in node.value and (path.stem, name) not in ELSEWHERE]
+                found += [f"{name}:{node.lineno}: {file!r}" for file in RUN_FILES
+                          if file in node.value and (name, file) not in ELSEWHERE]
             if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
                     and node.right.value in RUN_FOLDERS):
-                found.append(f"{path.name}:{node.lineno}: / {node.right.value!r}")
+                found.append(f"{name}:{node.lineno}: / {node.right.value!r}")
     assert not found, found
+
+
+def test_a_wheel_ships_every_module_and_the_web_apps_files(tmp_path):
+    """What `pip install .` installs: a wheel built from a copy of the source (so nothing of an earlier build in the
+    checkout can slip in) holds every module of every subpackage and the files of serve's web app."""
+    setuptools = pytest.importorskip("setuptools")
+    if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) < (70, 1):
+        pytest.importorskip("wheel", reason="setuptools before 70.1 builds wheels with the wheel package")
+    source = tmp_path / "source"
+    shutil.copytree(PACKAGE, source / "lmlab", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                           "--quiet", "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("lmlab-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    expected = {p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*")
+                if p.is_file() and (p.suffix == ".py" or p.parent == PACKAGE / "serve" / "static")}
+    assert {f"lmlab/{package}/__init__.py" for package in SUBPACKAGES} <= expected
+    assert len([p for p in expected if p.startswith("lmlab/serve/static/")]) >= 6
+    assert not expected - shipped, f"missing from the wheel: {sorted(expected - shipped)}"

@@ -18,9 +18,10 @@ import pytest
 
 from helpers import HANG_S, read_jsonl, tiny_config, write_corpus
 from lmlab.cli import main
-from lmlab.report import (
-    PNG_SIGNATURE, grad_norm_figure, load_run_logs, loss_figure, png_bytes, smooth, write_report,
-)
+from lmlab.report.chart import PNG_SIGNATURE, png_bytes, smooth
+from lmlab.report.curves import grad_norm_figure, loss_figure
+from lmlab.report.logs import load_run_logs
+from lmlab.report.report_page import write_report
 from lmlab.tokenizer import visible
 
 SECTION_IDS = ["loss", "accuracy", "schedule", "gradients", "throughput", "probes", "samples", "landscape", "config"]
@@ -273,6 +274,6 @@ def test_report_renders_in_a_real_browser(reports, tmp_path):
 
 
 def test_runs_with_the_same_folder_name_get_distinct_labels():
-    from lmlab.report import run_names
+    from lmlab.rundir import run_names
 
     assert run_names([Path("/a/x/run"), Path("/b/x/run"), Path("/c/other")]) == ["a/x/run", "b/x/run", "other"]

@@ -324,6 +324,41 @@ def test_generate_hands_out_the_logits_each_token_was_drawn_from(use_cache):
                                atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_banned_ids_are_never_drawn_and_the_rest_are_drawn_as_renormalised(use_cache):
+    """banned: a model that puts most of its mass on two ids never draws them; the logits handed out are the
+    model's own; greedy picks the best of the rest."""
+    model = tiny_gpt(block_size=8, seed=30)
+    favourite = [2, 5]
+    bump = torch.zeros(VOCAB, dtype=torch.float64)
+    bump[favourite] = 8.0  # most of the mass on the favourites
+    model.register_forward_hook(lambda module, args, logits: logits + bump)
+
+    def run(banned, **kw):
+        gen = torch.Generator().manual_seed(31)
+        return list(generate(model, [3, 1, 4], 30, generator=gen, use_cache=use_cache, banned=banned, **kw))
+
+    pairs = run(favourite, temperature=1.0, with_logits=True)
+    tokens = [t for t, _ in pairs]
+    assert not set(tokens) & set(favourite) and len(set(tokens)) > 1
+    plain = window_logits(model, [3, 1, 4], tokens)
+    torch.testing.assert_close(torch.stack([row for _, row in pairs]), plain, atol=1e-10, rtol=0)
+    assert set(plain[0].topk(2).indices.tolist()) == set(favourite)  # the model's favourites, never drawn
+    greedy = run(favourite, temperature=0.0)
+    allowed = plain[0].clone()
+    allowed[favourite] = float("-inf")
+    assert greedy[0] == int(allowed.argmax()) and not set(greedy) & set(favourite)
+    assert set(run(None, temperature=1.0)) & set(favourite)  # without the ban they are drawn
+
+
+def test_text_banned_is_every_special_token():
+    from lmlab.sample import text_banned
+
+    tok = CharTokenizer("ab")
+    assert text_banned(tok) == sorted(tok.special_tokens.values()) and len(text_banned(tok)) == 5
+    assert text_banned(ByteTokenizer()) == list(range(256, 261))
+
+
 def test_generate_bigram_cache_equals_no_cache():
     model = build_model(ModelConfig(arch="bigram", block_size=8), VOCAB)
     with torch.no_grad():
@@ -504,10 +539,12 @@ def test_generate_compiled_equals_no_cache(monkeypatch):
 
     def run(**kw):
         gen = torch.Generator().manual_seed(27)
-        return list(generate(model, prompt, 30, temperature=1.0, top_k=5, top_p=0.9, generator=gen, **kw))
+        return list(generate(model, prompt, 30, temperature=1.0, top_k=5, top_p=0.9, generator=gen, banned=[0],
+                             **kw))
 
     compiled = run(use_cache=True, compile=True)
-    assert 9 in runs and 8 in runs  # both kinds of decode call ran (_decode takes n, _step does not)
+    assert 10 in runs and 9 in runs  # both kinds of decode call ran (_decode takes n, _step does not)
+    assert 0 not in compiled  # banned inside the compiled graph too
     assert compiled == run(use_cache=False)
     assert compiled == run(use_cache=True)
     assert len(set(compiled)) > 1

@@ -27,16 +27,18 @@ import torch
 from helpers import HANG_S, ServerThread, cli_env, http, lmlab_cmd, read_jsonl, tiny_config, write_corpus
 from lmlab.checkpoint import load_run
 from lmlab.cli import main
-from lmlab.sample import generate
+from lmlab.sample import generate, text_banned
 
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install -e '.[test]')")
 uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install -e .)")
 
-import lmlab.serve  # noqa: E402
-from lmlab.serve import (  # noqa: E402
-    MAX_JSON_DEPTH, EventStream, JsonlTail, Limits, RunSet, allowed_host_names, create_app, is_json_media_type,
-    json_depth, listen_socket, origin_matches_host, run_status,
-)
+import lmlab.serve.completions  # noqa: E402
+from lmlab.rundir import JsonlTail, run_status  # noqa: E402
+from lmlab.serve.app import create_app, listen_socket  # noqa: E402
+from lmlab.serve.completions import EventStream  # noqa: E402
+from lmlab.serve.guard import allowed_host_names, origin_matches_host  # noqa: E402
+from lmlab.serve.request import MAX_JSON_DEPTH, Limits, is_json_media_type, json_depth  # noqa: E402
+from lmlab.serve.runs import RunSet  # noqa: E402
 
 LIMITS = Limits(max_tokens=64, max_prompt_chars=200, max_concurrent=4)
 PROMPT = "the cat "
@@ -153,7 +155,8 @@ def test_models_lists_the_runs_that_have_a_checkpoint(client):
 def test_completion_is_what_generate_gives_with_the_same_seed(client, alpha):
     out = completion(client, temperature=0.9, top_k=10, top_p=0.95, seed=42, max_tokens=30)
     ids = alpha.tokenizer.encode(PROMPT)
-    expected = list(generate(alpha.model, ids, 30, 0.9, 10, 0.95, torch.Generator().manual_seed(42)))
+    expected = list(generate(alpha.model, ids, 30, 0.9, 10, 0.95, torch.Generator().manual_seed(42),
+                             banned=text_banned(alpha.tokenizer)))
     choice = out.choices[0]
     assert choice.text == alpha.tokenizer.decode(expected)
     assert choice.finish_reason == "length"
@@ -336,7 +339,7 @@ def test_a_completion_that_is_not_streamed_stops_when_its_client_hangs_up(served
             yield token
             time.sleep(0.25 if hung_up.is_set() else 0.05)
 
-    monkeypatch.setattr(lmlab.serve, "generate", slow_generate)
+    monkeypatch.setattr(lmlab.serve.completions, "generate", slow_generate)
     body = json.dumps({"model": "alpha", "prompt": PROMPT, "max_tokens": LIMITS.max_tokens}).encode()
     host, port = url.removeprefix("http://").split(":")
     conn = socket.create_connection((host, int(port)), timeout=HANG_S)
@@ -491,17 +494,18 @@ def test_a_loopback_server_refuses_foreign_host_names(runs_root):
 
 
 def test_next_token_view_matches_inspect_and_sampling(served, alpha):
-    from lmlab.inspect import next_token_distribution
+    from lmlab.predict import next_token_distribution
 
     payload = {"model": "alpha", "prompt": PROMPT, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "top": 8,
                "sample": True, "seed": 9}
     status, view = http(served[0] + "/api/next", payload)
     assert status == 200
-    rows = next_token_distribution(alpha.model, alpha.tokenizer, PROMPT, 8, 0.7, 5, 0.9)
+    rows = next_token_distribution(alpha.model, alpha.tokenizer, PROMPT, 8, 0.7, 5, 0.9, text_banned(alpha.tokenizer))
     assert [r["token"] for r in view["rows"]] == [r.token for r in rows]
     assert [r["renormalized"] for r in view["rows"]] == pytest.approx([r.renormalized for r in rows], abs=1e-6)
     ids = alpha.tokenizer.encode(PROMPT)
-    drawn = next(generate(alpha.model, ids, 1, 0.7, 5, 0.9, torch.Generator().manual_seed(9)))
+    drawn = next(generate(alpha.model, ids, 1, 0.7, 5, 0.9, torch.Generator().manual_seed(9),
+                         banned=text_banned(alpha.tokenizer)))
     sampled = view["sampled"]
     assert sampled["token_id"] == drawn and sampled["text"] == alpha.tokenizer.decode([drawn])
     row = next(r for r in rows if r.token_id == drawn)  # top-k 5 keeps only rows among the top 8
@@ -511,7 +515,7 @@ def test_next_token_view_matches_inspect_and_sampling(served, alpha):
 
 
 def test_surprisal_view_matches_inspect(served, alpha):
-    from lmlab.inspect import surprisal
+    from lmlab.predict import surprisal
 
     status, view = http(served[0] + "/api/surprisal", {"model": "alpha", "text": "the dog sees a book."})
     tokens, metrics, first = surprisal(alpha.model, alpha.tokenizer, "the dog sees a book.")
@@ -636,7 +640,8 @@ def test_a_newer_checkpoint_is_loaded_on_the_next_request(tmp_path, runs_root):
     assert (before["system_fingerprint"], after["system_fingerprint"]) == ("step_00000020", "step_00000030")
     fresh = load_run(run)
     ids = fresh.tokenizer.encode(PROMPT)
-    tokens = generate(fresh.model, ids, 20, 1.0, 0, 1.0, torch.Generator().manual_seed(3))
+    tokens = generate(fresh.model, ids, 20, 1.0, 0, 1.0, torch.Generator().manual_seed(3),
+                      banned=text_banned(fresh.tokenizer))
     expected = fresh.tokenizer.decode(list(tokens))
     assert after["choices"][0]["text"] == expected != before["choices"][0]["text"]
 

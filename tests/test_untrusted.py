@@ -207,7 +207,9 @@ def assert_contract(rc: int, err: str, what: str) -> None:
 
 def serve_requests(run: Path) -> list[tuple[str, int]]:
     """Every kind of request that reads a run, against a real server; (what, HTTP status)."""
-    from lmlab.serve import Limits, RunSet, create_app
+    from lmlab.serve.app import create_app
+    from lmlab.serve.request import Limits
+    from lmlab.serve.runs import RunSet
 
     answers = []
     with ServerThread(create_app(RunSet([run]), Limits(max_tokens=8, max_prompt_chars=200))) as url:
@@ -433,7 +435,9 @@ def _check_status(run: Path) -> None:
 @pytest.mark.slow
 def test_fuzzed_runs_served(fuzzed_runs):
     """One server over every fuzzed run: each request is answered, never with a 500."""
-    from lmlab.serve import Limits, RunSet, create_app
+    from lmlab.serve.app import create_app
+    from lmlab.serve.request import Limits
+    from lmlab.serve.runs import RunSet
 
     folders = sorted({p.parent for runs in fuzzed_runs.values() for p in runs})
     with ServerThread(create_app(RunSet(folders), Limits(max_tokens=4, max_prompt_chars=200))) as url:
@@ -494,7 +498,7 @@ def test_only_the_trust_pickle_export_reaches_torch_distributed_checkpoint():
 
     package = Path(__file__).resolve().parents[1] / "lmlab"
     places, callers = [], []
-    for path in sorted(package.glob("*.py")):
+    for path in sorted(package.rglob("*.py")):
         tree = ast.parse(path.read_text())
         for func in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
             for node in ast.walk(func):

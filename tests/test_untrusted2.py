@@ -365,7 +365,9 @@ def test_a_damaged_checkpoint_entry_is_skipped_and_named_once(copied, tmp_path, 
     the run's good checkpoints, the entry is named in a warning, and the server lists the run."""
     from helpers import ServerThread
 
-    from lmlab.serve import Limits, RunSet, create_app
+    from lmlab.serve.app import create_app
+    from lmlab.serve.request import Limits
+    from lmlab.serve.runs import RunSet
 
     run, corpus = copied
     (run / "checkpoints" / "step_²").mkdir()

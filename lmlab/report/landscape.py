@@ -1,9 +1,9 @@
 """The loss around the trained weights: along filter-normalised random directions (Li et al., 2018), as a 1-D curve
-or a 2-D contour, and the training trajectory (weight snapshots) projected on its two principal directions."""
+or a 2-D contour, and the training trajectory (weight snapshots) projected on its two principal directions; measured
+here, drawn in the chart style of every lmlab chart."""
 
 from __future__ import annotations
 
-import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +13,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 
-from . import rundir
-from .common import LmlabError, atomic_write_bytes, atomic_write_json
-from .evaluate import stream_losses
-from .model import unique_parameters
-from .rundir import LANDSCAPE, TRAJECTORY, snapshot_paths
+from .. import rundir
+from ..common import LmlabError, atomic_write_bytes, atomic_write_json
+from ..evaluate import stream_losses
+from ..model import unique_parameters
+from ..rundir import LANDSCAPE, TRAJECTORY, snapshot_paths
+from .chart import color, figure, finish, plain_text, png_bytes
 
 
 def fixed_tokens(tokens: np.ndarray, block_size: int, batch: int) -> np.ndarray:
@@ -137,54 +138,28 @@ def trajectory_plane(model, snapshots: list[dict[str, torch.Tensor]]) -> tuple[l
     return directions, coords, ratio
 
 
-def _save_png(fig, path: Path) -> None:
-    """Render, then replace the file atomically: a link at `path` is replaced, never written through."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(path, buf.getvalue())
-
-
+@plain_text  # the run's folder name is in the title: "$" in it is not math
 def plot_1d(land: Landscape, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(land.coords, land.losses, color="tab:blue")
+    fig, ax = figure(title, "step along a filter-normalised random direction", "loss (nats/token)")
+    ax.plot(land.coords, land.losses, color=color(0))
     ax.axvline(0.0, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("step along a filter-normalised random direction")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title, parse_math=False)  # the run's folder name: "$" in it is not math
-    fig.tight_layout()
-    _save_png(fig, path)
-    plt.close(fig)
+    atomic_write_bytes(path, png_bytes(finish(fig)))  # replaced whole: a link at `path` is never written through
 
 
+@plain_text
 def plot_2d(land: Landscape, path: Path, title: str, xlabel: str, ylabel: str,
             points: np.ndarray | None = None, labels: list[str] | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     grid = np.array(land.losses)
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = figure(title, xlabel, ylabel, size=(6.4, 5.2))
     levels = np.linspace(grid.min(), min(grid.max(), grid.min() + 3 * (np.median(grid) - grid.min() + 1e-6)), 25)
     cs = ax.contour(land.coords, land.coords, grid, levels=levels, cmap="viridis")
     ax.clabel(cs, inline=True, fontsize=7, fmt="%.2f")
     if points is not None:
-        ax.plot(points[:, 0], points[:, 1], "o-", color="tab:red", ms=4, lw=1.2, label="training trajectory")
+        ax.plot(points[:, 0], points[:, 1], "o-", color=color(1), ms=4, lw=1.2, label="training trajectory")
         for (px, py), label in zip(points, labels or []):
             ax.annotate(label, (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.legend(loc="upper right", fontsize=8)
     ax.plot([0], [0], "*", color="black", ms=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, parse_math=False)  # the run's folder name: "$" in it is not math
-    fig.tight_layout()
-    _save_png(fig, path)
-    plt.close(fig)
+    atomic_write_bytes(path, png_bytes(finish(fig, legend="upper right")))
 
 
 def landscape(run_dir: Path, model, val_tokens: np.ndarray, two_d: bool, points: int, span: float, batch: int,

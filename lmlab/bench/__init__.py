@@ -1,0 +1,1 @@
+"""`lmlab bench`: measure -> nanogpt (the comparison) -> tables -> suite (the sections) -> cli."""

@@ -1,0 +1,183 @@
+"""`lmlab bench`: what to measure (BenchConfig), and the sections that measure it, each adding its figures to one
+result: hardware peak, data, training throughput and MFU, generation, time to quality, and nanoGPT side by side."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..common import LmlabError, resolve_device
+from ..data import resolve_source
+from .measure import (generation_label, generation_speed, matmul_peak, quality_run, throughput, tokenizer_speed,
+                      training_rss)
+from .nanogpt import alternated_generation, alternated_throughput, nanogpt_process, twin_models
+
+
+@dataclass
+class BenchConfig:
+    """What to measure."""
+
+    quick: bool = False
+    """A small version that finishes in under 2 minutes."""
+    json: Optional[str] = None
+    """Also write all figures to this JSON file."""
+    data: str = "tinyshakespeare"
+    """Corpus for time-to-quality and tokenizer speed (a file path works offline)."""
+    device: str = "cpu"
+    """cpu, cuda or mps."""
+    nanogpt: Optional[str] = None
+    """A nanoGPT checkout to measure side by side (optional). Its code runs here: lmlab imports PATH/model.py and,
+    without --quick, runs PATH/train.py; give only a checkout you trust."""
+    steps: int = 0
+    """Measured steps per throughput config (0: 30, or 8 with --quick)."""
+    budgets: tuple[float, ...] = (60.0, 180.0, 300.0)
+    """Training budgets (s) for the val-loss-after-time figures."""
+    target: float = 1.88
+    """The val loss whose time-to-reach is reported."""
+    target_budget: float = 20.0
+    """Budget (s) of the run that times the target."""
+    only: tuple[str, ...] = ()
+    """Run only these sections: peak, throughput, quality, generation, data, nanogpt."""
+    markdown: Optional[str] = None
+    """Also write the figures as Markdown tables to this file."""
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """The sections asked for (all by default), in an order where each can use the figures before it."""
+    device = resolve_device(cfg.device)
+    sections = set(cfg.only) or {"peak", "throughput", "quality", "generation", "data", "nanogpt"}
+    check_inputs(cfg, sections, device)
+    out: dict = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                 "quick": cfg.quick}
+    if "peak" in sections or "throughput" in sections:
+        bench_peak(cfg, device, out)
+    if "data" in sections:
+        bench_data(cfg, out)
+    if "throughput" in sections:
+        bench_throughput(cfg, device, out)
+    if "generation" in sections:
+        bench_generation(cfg, device, out)
+    if "quality" in sections:
+        bench_quality(cfg, out)
+    if cfg.nanogpt:  # asked for by giving the checkout, whatever --only says
+        bench_nanogpt(cfg, device, out)
+    return out
+
+
+def check_inputs(cfg: BenchConfig, sections: set, device: torch.device) -> None:
+    """Refuse a bad nanoGPT checkout or corpus before anything is measured, so a refusal comes at once."""
+    if cfg.nanogpt:
+        if not Path(cfg.nanogpt).is_dir():
+            raise LmlabError(f"--nanogpt {cfg.nanogpt}: no such folder (give the root of a nanoGPT checkout)")
+        if not cfg.quick and not (Path(cfg.nanogpt) / "train.py").is_file():
+            raise LmlabError(f"--nanogpt {cfg.nanogpt}: no train.py there (give the root of a nanoGPT checkout)")
+        twin_models(cfg.nanogpt, device)  # imports its model.py and checks the architecture: a second or less
+    if sections & {"data", "quality"} or (cfg.nanogpt and not cfg.quick):
+        resolve_source(cfg.data)
+
+
+def bench_peak(cfg: BenchConfig, device: torch.device, out: dict) -> None:
+    n = 8192 if device.type == "cuda" else 1024 if cfg.quick else 2048  # a GPU needs large matmuls to reach its peak
+    out["peak_gflops"] = {"float32": matmul_peak(torch.float32, device, n),
+                          "bfloat16": matmul_peak(torch.bfloat16, device, n)}
+    say(f"peak: {out['peak_gflops']['float32']:.0f} GFLOP/s fp32, {out['peak_gflops']['bfloat16']:.0f} bf16")
+
+
+def bench_data(cfg: BenchConfig, out: dict) -> None:
+    out["tokenizers"] = [tokenizer_speed(cfg.data, "char"), tokenizer_speed(cfg.data, "bpe", 1024)]
+    for r in out["tokenizers"]:
+        say(f"tokenize {r['tokenizer']}: {r['encode_mb_per_s']:.1f} MB/s (building took {r['build_s']:.2f}s)")
+    out["memory"] = training_rss(cfg.data, "nanogpt-char-cpu", 20 if cfg.quick else 100)
+    say(f"peak RSS of training nanogpt-char-cpu: {out['memory']['peak_rss_mb']:.0f} MB")
+
+
+def bench_throughput(cfg: BenchConfig, device: torch.device, out: dict) -> None:
+    steps = cfg.steps or (8 if cfg.quick else 30)
+    rows = []
+    bf16_pays = out["peak_gflops"]["bfloat16"] > out["peak_gflops"]["float32"]
+    if not bf16_pays:
+        say("bf16 matmuls are slower than fp32 on this CPU (no native bf16): bf16 is measured on the small config only")
+    combos = [("nanogpt-char-cpu", torch.float32, False), ("nanogpt-char-cpu", torch.bfloat16, False)]
+    if device.type == "cuda":  # a GPU: the GPT-2 small shape in bf16, the figure GPU users compare
+        combos = [("gpt2-124m", torch.bfloat16, False)] + ([] if cfg.quick else [("gpt2-124m", torch.bfloat16, True)])
+    elif not cfg.quick:
+        combos += [("nanogpt-char-cpu", torch.float32, True), ("nanogpt-char-cpu", torch.bfloat16, True),
+                   ("nanogpt-char", torch.float32, False), ("nanogpt-char", torch.float32, True)]
+        if bf16_pays:
+            combos += [("nanogpt-char", torch.bfloat16, False), ("nanogpt-char", torch.bfloat16, True)]
+    for preset, dtype, comp in combos:
+        big = preset == "nanogpt-char" and device.type != "cuda"
+        vocab = 50257 if preset == "gpt2-124m" else 65
+        r = throughput(preset, device, dtype, comp, 3 if big else steps, warmup=2 if big else 3, vocab=vocab)
+        for peak_name, peak in out["peak_gflops"].items():
+            r[f"mfu_vs_{peak_name}"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
+        rows.append(r)
+        peak_name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+        say(f"throughput {preset} {r['dtype']} compile={comp}: {r['tokens_per_s']:,.0f} tok/s, "
+            f"{r['step_ms']:.1f} ms/step, MFU {r[f'mfu_vs_{peak_name}']:.0%} of the measured {peak_name} peak "
+            f"(first step {r['first_step_s']:.1f}s)")
+    out["throughput"] = rows
+
+
+def bench_generation(cfg: BenchConfig, device: torch.device, out: dict) -> None:
+    out["generation"] = []
+    # compiled decoding is left out of --quick: its first compile takes one to two minutes with a cold cache
+    paths = ((True, False), (False, False)) if cfg.quick else ((True, False), (True, True), (False, False))
+    for n in ((500,) if cfg.quick else (500, 2000)):
+        for cache, comp in paths:
+            r = generation_speed(device, n, cache, comp)
+            out["generation"].append(r)
+            say(f"generation {n} tokens, {generation_label(r)}: {r['tokens_per_s']:,.0f} tok/s"
+                + (f" (compiling and warm-up: {r['first_s']:.1f} s)" if comp else ""))
+
+
+def bench_quality(cfg: BenchConfig, out: dict) -> None:
+    budgets = (15.0,) if cfg.quick else tuple(cfg.budgets)
+    target_run = quality_run(cfg.data, cfg.target_budget if not cfg.quick else 15.0, cfg.device, 10)
+    reached = [t for t, v in target_run["curve"] if v <= cfg.target]
+    out["time_to_target"] = {"target": cfg.target, "budget_s": target_run["budget_s"],
+                             "seconds": reached[0] if reached else None, "final_val_loss": target_run["val_loss"]}
+    say(f"time to val {cfg.target}: {f'{reached[0]:.1f} s' if reached else 'not reached'} "
+        f"(run of {target_run['budget_s']:.0f} s ended at {target_run['val_loss']:.4f})")
+    out["quality"] = []
+    for b in budgets if not cfg.quick else ():
+        r = quality_run(cfg.data, b, cfg.device, 100)
+        out["quality"].append(r)
+        say(f"val loss after {b:.0f} s: {r['val_loss']:.4f} ({r['steps']} steps)")
+
+
+def bench_nanogpt(cfg: BenchConfig, device: torch.device, out: dict) -> None:
+    """nanoGPT side by side: training and generation speed alternated in one process, peak memory of its own run."""
+    if "peak_gflops" not in out:
+        bench_peak(cfg, device, out)
+    blocks, per_block = (3, 5) if cfg.quick else (5, 10)
+    ng: dict = {"throughput": [], "generation": []}
+    out["nanogpt"] = ng
+    for comp in (False,) if cfg.quick else (False, True):
+        r = alternated_throughput(cfg.nanogpt, device, comp, out["peak_gflops"]["float32"], blocks, per_block)
+        ng["throughput"].append(r)
+        say(f"against nanoGPT, training {'compiled' if comp else 'eager'}: {_ratio_text(r)}; lmlab "
+            f"{r['lmlab']['step_ms']:.1f} ms/step (MFU {r['lmlab']['mfu_vs_float32']:.0%}), nanoGPT "
+            f"{r['nanogpt']['step_ms']:.1f} ms/step (MFU {r['nanogpt']['mfu_vs_float32']:.0%})")
+    for n, comp in ((500, False),) if cfg.quick else ((500, False), (2000, False), (2000, True)):
+        r = alternated_generation(cfg.nanogpt, device, n, comp, blocks=3 if cfg.quick else 5)
+        ng["generation"].append(r)
+        say(f"against nanoGPT, generating {n} tokens ({generation_label({'kv_cache': True, 'compiled': comp})}): "
+            f"{_ratio_text(r)}; lmlab {r['lmlab']['tokens_per_s']:,.0f} tok/s, nanoGPT "
+            f"{r['nanogpt']['tokens_per_s']:,.0f} tok/s")
+    if not cfg.quick:
+        ng["process"] = nanogpt_process(cfg.nanogpt, cfg.data, 300)
+        say(f"nanoGPT's own CPU-config run: peak RSS {ng['process']['peak_rss_mb']:.0f} MB")
+
+
+def _ratio_text(r: dict) -> str:
+    return (f"lmlab is {r['ratio_median']:.2f}x nanoGPT's speed (median of {r['blocks']} alternated blocks; "
+            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f})")

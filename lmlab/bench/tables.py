@@ -1,0 +1,116 @@
+"""What `lmlab bench` found, as a table for the terminal and as Markdown tables (for docs/performance.md)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .measure import generation_label
+
+
+def print_table(out: dict) -> None:
+    lines = []
+    p = out.get("peak_gflops")
+    if p:
+        lines.append(f"{'hardware peak':34s} fp32 {p['float32']:7.0f} GFLOP/s   bf16 {p['bfloat16']:7.0f} GFLOP/s")
+    for r in out.get("throughput", []):
+        lines.append(f"{'train ' + r['preset'] + ' ' + r['dtype'] + (' compiled' if r['compile'] else ''):34s} "
+                     f"{r['tokens_per_s']:9,.0f} tok/s  {r['step_ms']:8.1f} ms/step  MFU {r['mfu_vs_float32']:5.1%} "
+                     f"(fp32 peak) {r['mfu_vs_bfloat16']:5.1%} (bf16 peak)  first step {r['first_step_s']:.1f}s")
+    t = out.get("time_to_target")
+    if t:
+        reached = f"{t['seconds']:.1f} s" if t["seconds"] is not None else "not reached"
+        lines.append(f"{'time to val ' + str(t['target']):34s} {reached}  (run of {t['budget_s']:.0f} s ended at "
+                     f"{t['final_val_loss']:.4f})")
+    for r in out.get("quality", []):
+        lines.append(f"{'val loss after %.0f s' % r['budget_s']:34s} {r['val_loss']:.4f}  ({r['steps']} steps)")
+    for r in out.get("generation", []):
+        lines.append(f"{'generate %d, %s' % (r['new_tokens'], generation_label(r)):34s} {r['tokens_per_s']:9,.0f} tok/s"
+                     + (f"  (compiling and warm-up {r['first_s']:.1f} s)" if r.get("compiled") else ""))
+    for r in out.get("tokenizers", []):
+        lines.append(f"{'tokenize ' + r['tokenizer']:34s} {r['encode_mb_per_s']:9.1f} MB/s")
+    if "memory" in out:
+        lines.append(f"{'peak RSS, training ' + out['memory']['preset']:34s} {out['memory']['peak_rss_mb']:9.0f} MB")
+    lines += _nanogpt_lines(out.get("nanogpt"))
+    print("\n".join(lines))
+
+
+def _nanogpt_lines(ng: Optional[dict]) -> list[str]:
+    if not ng:
+        return []
+    lines = []
+    for r in ng["throughput"]:
+        lines.append(f"{'vs nanoGPT, train ' + ('compiled' if r['compile'] else 'eager'):34s} {r['ratio_median']:9.2f}x "
+                     f"(blocks {r['ratio_min']:.2f}-{r['ratio_max']:.2f})  lmlab {r['lmlab']['step_ms']:.1f} / "
+                     f"nanoGPT {r['nanogpt']['step_ms']:.1f} ms/step  MFU {r['lmlab']['mfu_vs_float32']:.0%} / "
+                     f"{r['nanogpt']['mfu_vs_float32']:.0%}")
+    for r in ng["generation"]:
+        label = f"vs nanoGPT, generate {r['new_tokens']}" + (" compiled" if r["compiled"] else "")
+        lines.append(f"{label:34s} {r['ratio_median']:9.2f}x (blocks {r['ratio_min']:.2f}-{r['ratio_max']:.2f})  "
+                     f"lmlab {r['lmlab']['tokens_per_s']:,.0f} / nanoGPT {r['nanogpt']['tokens_per_s']:,.0f} tok/s")
+    if "process" in ng:
+        lines.append(f"{'nanoGPT peak RSS (its own run)':34s} {ng['process']['peak_rss_mb']:9.0f} MB")
+    return lines
+
+
+def to_markdown(out: dict) -> str:
+    """The figures as Markdown tables (for docs/performance.md)."""
+    md = [f"Measured with torch {out['torch']} on {out['device']}, {out['threads']} threads.", ""]
+    p = out.get("peak_gflops")
+    if p:
+        md += ["| hardware peak (matmul) | GFLOP/s |", "|---|---|",
+               f"| fp32 | {p['float32']:.0f} |", f"| bf16 | {p['bfloat16']:.0f} |", ""]
+    if out.get("throughput"):
+        md += ["| training config | dtype | compiled | tokens/s | ms/step | MFU (fp32 peak) | MFU (bf16 peak) "
+               "| first step (s) |", "|---|---|---|---|---|---|---|---|"]
+        for r in out["throughput"]:
+            md.append(f"| {r['preset']} ({r['batch']}x{r['block']}) | {r['dtype']} | {'yes' if r['compile'] else 'no'} "
+                      f"| {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['mfu_vs_float32']:.1%} "
+                      f"| {r['mfu_vs_bfloat16']:.1%} | {r['first_step_s']:.1f} |")
+        md.append("")
+    t = out.get("time_to_target")
+    if t or out.get("quality"):
+        md += ["| time to quality (Tiny Shakespeare, char, full validation split) | figure |", "|---|---|"]
+        if t:
+            reached = f"{t['seconds']:.1f} s" if t["seconds"] is not None else "not reached"
+            md.append(f"| seconds of training to val loss {t['target']} (run with a {t['budget_s']:.0f} s budget) "
+                      f"| {reached} (final {t['final_val_loss']:.4f}) |")
+        for r in out.get("quality", []):
+            md.append(f"| val loss after {r['budget_s']:.0f} s of training ({r['steps']} steps, "
+                      f"{r['wall_s']:.0f} s wall with evals) | {r['val_loss']:.4f} |")
+        md.append("")
+    if out.get("generation"):
+        md += ["| generation, batch 1 (nanogpt-char-cpu shape) | tokens/s | compiling and warm-up (s) |",
+               "|---|---|---|"]
+        for r in out["generation"]:
+            first = f"{r['first_s']:.1f}" if r.get("compiled") else "-"
+            md.append(f"| {r['new_tokens']} new tokens, {generation_label(r)} | {r['tokens_per_s']:,.0f} | {first} |")
+        md.append("")
+    if out.get("tokenizers"):
+        md += ["| data | figure |", "|---|---|"]
+        for r in out["tokenizers"]:
+            md.append(f"| tokenize with {r['tokenizer']} (vocab {r['vocab_size']}) | {r['encode_mb_per_s']:.1f} MB/s "
+                      f"(building it: {r['build_s']:.2f} s) |")
+        if "memory" in out:
+            m = out["memory"]
+            md.append(f"| peak RSS of `lmlab train --preset {m['preset']}` | {m['peak_rss_mb']:.0f} MB |")
+        md.append("")
+    ng = out.get("nanogpt")
+    if ng:
+        md += ["| against nanoGPT (its CPU shape, alternated in one process) | lmlab / nanoGPT (median) | spread "
+               "over blocks | lmlab | nanoGPT |", "|---|---|---|---|---|"]
+        for r in ng["throughput"]:
+            md.append(f"| training, {'compiled' if r['compile'] else 'eager'}, fp32 ({r['blocks']} blocks of "
+                      f"{r['steps_per_block']} steps) | {r['ratio_median']:.2f}x | {r['ratio_min']:.2f}-"
+                      f"{r['ratio_max']:.2f} | {r['lmlab']['step_ms']:.1f} ms/step, MFU "
+                      f"{r['lmlab']['mfu_vs_float32']:.0%} | {r['nanogpt']['step_ms']:.1f} ms/step, MFU "
+                      f"{r['nanogpt']['mfu_vs_float32']:.0%} |")
+        for r in ng["generation"]:
+            label = generation_label({"kv_cache": True, "compiled": r["compiled"]})
+            md.append(f"| generation, {r['new_tokens']} tokens, batch 1 ({label}; nanoGPT recomputes its window) "
+                      f"| {r['ratio_median']:.2f}x | "
+                      f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['lmlab']['tokens_per_s']:,.0f} tok/s | "
+                      f"{r['nanogpt']['tokens_per_s']:,.0f} tok/s |")
+        if "process" in ng:
+            md.append(f"| peak RSS, nanoGPT's own CPU-config run | | | | {ng['process']['peak_rss_mb']:.0f} MB |")
+        md.append("")
+    return "\n".join(md)

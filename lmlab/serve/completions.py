@@ -1,0 +1,281 @@
+"""OpenAI's completions for `lmlab serve` (POST /v1/completions): the request checked against OpenAI's schema and the
+server's limits, then each choice generated as chunks of text (held back where a stop string may begin), with
+logprobs when asked, answered whole or streamed as server-sent events. Each request samples with its own
+torch.Generator and KV cache; the model is shared read-only."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import StreamingResponse
+
+from ..checkpoint import LoadedRun
+from ..common import LmlabError
+from ..sample import find_stop, generate, prompt_ids, stop_prefix_length, text_banned
+from .request import ApiError, ClientGone, Limits, check_length, choice_param, number_param
+
+MAX_CHOICES = 16  # prompts x n in one request
+MAX_LOGPROBS = 20
+MAX_STOPS = 4
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def parse_sampling(body: dict) -> Sampling:
+    """temperature in [0, 2] (0: greedy), top_k >= 0 (0: off), top_p in (0, 1] (1: off)."""
+    return Sampling(float(number_param(body, "temperature", 1.0, 0.0, 2.0)),
+                    number_param(body, "top_k", 0, 0, 1 << 31, integer=True),
+                    float(number_param(body, "top_p", 1.0, 0.0, 1.0, low_open=True)))
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    prompts: list[str]
+    sampling: Sampling
+    max_tokens: int = 16
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: Optional[int] = None
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: Optional[int] = None
+
+
+# Parameters of OpenAI's schema that lmlab does not implement, with the one value that means "not used".
+NEUTRAL = {"echo": False, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+           "suffix": None}
+KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
+         "stream_options", "logprobs", "user", *NEUTRAL}
+
+
+def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
+    """Check a /v1/completions body against OpenAI's schema and the server's limits."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - KNOWN)
+    if unknown:
+        raise ApiError(400, f"unrecognized request argument: {unknown[0]}", unknown[0])
+    for name, neutral in NEUTRAL.items():
+        value = body.get(name)
+        if value is not None and value != neutral:
+            raise ApiError(400, f"{name} is not supported by lmlab serve (only {json.dumps(neutral)})", name)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required: the name of a run (GET /v1/models lists them)", "model")
+    prompt = body.get("prompt", "")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ApiError(400, "prompt must be a string or a non-empty list of strings", "prompt")
+    check_length("prompt", sum(len(p) for p in prompts), limits)
+    max_tokens = number_param(body, "max_tokens", 16, 0, 1 << 31, integer=True)
+    if max_tokens > limits.max_tokens:
+        raise ApiError(400, f"max_tokens is {max_tokens:,}; this server generates at most {limits.max_tokens:,} "
+                            f"tokens per completion (lmlab serve --max-tokens)", "max_tokens", "max_tokens_too_large")
+    n = number_param(body, "n", 1, 1, MAX_CHOICES, integer=True)
+    if n * len(prompts) > MAX_CHOICES:
+        raise ApiError(400, f"{len(prompts)} prompts x n={n} asks for more than {MAX_CHOICES} completions", "n")
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
+        raise ApiError(400, f"stop must be a string or a list of at most {MAX_STOPS} strings", "stop")
+    stream = choice_param(body, "stream", bool, False, "true or false")
+    options = choice_param(body, "stream_options", dict, {}, "an object")
+    if options and not stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+    include_usage = choice_param(options, "include_usage", bool, False, "true or false")
+    choice_param(body, "user", str, None, "a string")
+    return CompletionRequest(
+        model=model, prompts=prompts, sampling=parse_sampling(body), max_tokens=max_tokens, n=n,
+        stop=tuple(s for s in stops if s),
+        seed=number_param(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True), stream=stream,
+        include_usage=include_usage,
+        logprobs=number_param(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True),
+    )
+
+
+def encode_prompt(run: LoadedRun, prompt: str) -> list[int]:
+    try:
+        return prompt_ids(run.tokenizer, prompt)
+    except LmlabError as e:
+        raise ApiError(400, f"the prompt cannot be encoded by this run's tokenizer: {e}", "prompt") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generating completions
+
+
+def token_label(tokenizer, token_id: int) -> str:
+    """A token's text for the logprobs lists; a token that is not whole UTF-8 characters is written as its bytes,
+    the way OpenAI does: "bytes:\\xe2\\x80"."""
+    raw = tokenizer.decode_bytes([token_id])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+@dataclass
+class TokenInfo:
+    label: str
+    offset: int
+    """Where its text starts in prompt + completion (OpenAI's text_offset)."""
+    logprob: Optional[float] = None
+    """ln p(token) under the model (temperature 1, no filters); only when logprobs were asked for."""
+    top: Optional[dict[str, float]] = None
+
+
+@dataclass
+class Chunk:
+    """A piece of one choice's text with the tokens generated for it; the last piece has a finish_reason."""
+
+    index: int
+    text: str
+    tokens: list[TokenInfo]
+    finish_reason: Optional[str] = None
+
+
+@torch.inference_mode()
+def _token_info(tokenizer, logits: torch.Tensor, token_id: int, offset: int, top: Optional[int]) -> TokenInfo:
+    info = TokenInfo(token_label(tokenizer, token_id), offset)
+    if top is not None:
+        logp = logits.float().log_softmax(-1)
+        values, ids = logp.topk(min(top, logp.numel()))
+        info.logprob = float(logp[token_id])
+        info.top = {token_label(tokenizer, int(i)): float(v) for v, i in zip(values, ids)}
+    return info
+
+
+def completion_chunks(run: LoadedRun, ids: list[int], prompt_chars: int, req: CompletionRequest,
+                      generator: torch.Generator, index: int = 0,
+                      cancel: Optional[threading.Event] = None) -> Iterator[Chunk]:
+    """One completion as chunks; joined, they are the completion. Chunks end on token boundaries, except where a
+    stop string cuts the text; text that could be the start of a stop string is held back until it is known not to
+    be. The last chunk says why generation ended ("stop" or "length") and lists every token generated, including
+    those that made up the stop string (which is not part of the text). Once cancel is set, ClientGone is raised
+    before the next token is generated."""
+    decoder = run.tokenizer.stream_decoder()
+    s = req.sampling
+    tokens = generate(run.model, ids, req.max_tokens, s.temperature, s.top_k, s.top_p, generator, with_logits=True,
+                      banned=text_banned(run.tokenizer))
+    sent = 0  # characters of the completion already yielded
+    held, held_tokens = "", []
+    try:
+        for token_id, logits in tokens:
+            if cancel is not None and cancel.is_set():
+                raise ClientGone()
+            held_tokens.append(_token_info(run.tokenizer, logits, token_id, prompt_chars + sent + len(held),
+                                           req.logprobs))
+            held += decoder.push(token_id)
+            cut = find_stop(held, req.stop)
+            if cut is not None:
+                yield Chunk(index, held[:cut], held_tokens, "stop")
+                return
+            if not stop_prefix_length(held, req.stop):
+                yield Chunk(index, held, held_tokens)
+                sent += len(held)
+                held, held_tokens = "", []
+    finally:
+        tokens.close()
+    held += decoder.flush()
+    cut = find_stop(held, req.stop)
+    yield Chunk(index, held if cut is None else held[:cut], held_tokens, "length" if cut is None else "stop")
+
+
+def make_generator(seed: Optional[int]) -> torch.Generator:
+    """A request's own random numbers: from its seed (any 64-bit integer), else from the OS."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed % (1 << 64))
+    return generator
+
+
+def all_chunks(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]],
+               cancel: Optional[threading.Event] = None) -> Iterator[Chunk]:
+    """Every choice's chunks: prompt by prompt, n choices each, all from one generator seeded once."""
+    generator = make_generator(req.seed)
+    for p, (prompt, ids) in enumerate(zip(req.prompts, encoded)):
+        for j in range(req.n):
+            yield from completion_chunks(run, ids, len(prompt), req, generator, p * req.n + j, cancel)
+
+
+def choice_json(chunk: Chunk, logprobs: bool) -> dict:
+    return {"index": chunk.index, "text": chunk.text, "finish_reason": chunk.finish_reason,
+            "logprobs": {"tokens": [t.label for t in chunk.tokens],
+                         "token_logprobs": [t.logprob for t in chunk.tokens],
+                         "top_logprobs": [t.top for t in chunk.tokens],
+                         "text_offset": [t.offset for t in chunk.tokens]} if logprobs else None}
+
+
+def usage_json(encoded: list[list[int]], completion_tokens: int) -> dict:
+    prompt_tokens = sum(len(ids) for ids in encoded)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def complete(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]], head: dict,
+             cancel: Optional[threading.Event] = None) -> dict:
+    """The response to a request that is not streamed: the chunks a stream would send, joined per choice."""
+    choices: dict[int, Chunk] = {}
+    for chunk in all_chunks(run, req, encoded, cancel):
+        choice = choices.setdefault(chunk.index, Chunk(chunk.index, "", []))
+        choice.text += chunk.text
+        choice.tokens += chunk.tokens
+        choice.finish_reason = chunk.finish_reason or choice.finish_reason
+    return {**head, "choices": [choice_json(c, req.logprobs is not None) for c in choices.values()],
+            "usage": usage_json(encoded, sum(len(c.tokens) for c in choices.values()))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that call on_close when the response is over, however it ends: finished, failed, or
+    cut off by a client that went away (even before the first event)."""
+
+    def __init__(self, events, on_close):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def stream_completion(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]], head: dict):
+    """Server-sent events: one per chunk, then usage when asked, then [DONE]. Each token is generated in the
+    threadpool, so the server keeps answering while it generates."""
+    chunks = all_chunks(run, req, encoded)
+    generated = 0
+    try:
+        while (chunk := await run_in_threadpool(next, chunks, None)) is not None:
+            generated += len(chunk.tokens)
+            yield _sse({**head, "choices": [choice_json(chunk, req.logprobs is not None)]})
+        if req.include_usage:
+            yield _sse({**head, "choices": [], "usage": usage_json(encoded, generated)})
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # the headers are sent: the error goes into the stream, as OpenAI's does
+        error = e if isinstance(e, ApiError) else ApiError(500, f"{type(e).__name__}: {e}", kind="server_error")
+        yield _sse(error.body())
+    finally:
+        chunks.close()  # a cancelled stream is only cancelled once the token in the threadpool is done
