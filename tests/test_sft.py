@@ -299,6 +299,27 @@ def test_answers_are_checked_by_the_verifier_and_counted_when_they_end_their_tur
     assert result == {"exact_match": dict(sorted(right.items())), "ended_turn": 4 / 6}
 
 
+def test_a_chat_answer_may_end_its_turn_and_stops_there_where_a_text_continuation_never_draws_a_special_token():
+    """A bigram whose every next token is the end of a turn (else "a"): validation's answers and the probe of a chat
+    prompt stop at once, having ended the turn; the probe of a text prompt, banned from special tokens, writes "a"s."""
+    from lmlab.sample import probe
+
+    tokenizer = tok.ByteTokenizer()
+    model = build_model(ModelConfig(arch="bigram", block_size=64), tokenizer.vocab_size).eval()
+    with torch.no_grad():
+        model.table.weight.zero_()
+        model.table.weight[:, tokenizer.special_tokens[tok.END]] = 10.0
+        model.table.weight[:, ord("a")] = 5.0
+    question = synthetic.chat_tasks(0, "heldout", 1)[0]
+    task = sft.Task(question.skill, list(question.prompt),
+                    chat.render(tokenizer, list(question.prompt), True).ids.tolist())
+    assert sft.answer(model, tokenizer, task) == sft.Answer("", True, False)
+    assert sft.answer_tasks(model, tokenizer, [task])["ended_turn"] == 1.0
+    chat_probe, text_probe = probe(model, tokenizer, [task.ids, "Copy"], continuation=10)
+    assert chat_probe["continuation"] == "" and text_probe["continuation"] == "a" * 10
+    assert chat_probe["top"][0][0] == tok.END
+
+
 def test_tasks_spread_over_the_skills():
     conversations = [chat.Conversation(t.messages, t.skill) for t in synthetic.chat_tasks(0, "heldout", 200)]
     tasks = sft.choose_tasks(tok.ByteTokenizer(), conversations, 128, count=20)
@@ -371,6 +392,19 @@ def test_synthetic_chat_logs_exact_match_by_skill_and_ended_turns(base, tmp_path
     assert probes[0]["probes"][0]["prompt"].endswith(tok.ASSISTANT)  # a held-out prompt, ready to be answered
     assert len(read_jsonl(run / "inside.jsonl")) == len(evals)
     assert read_jsonl(run / "samples.jsonl")[0]["prompt"].endswith(tok.ASSISTANT)
+    # the report draws them: one line per skill and the ended turns, for an SFT run only
+    from lmlab.report.curves import answers_figure
+    from lmlab.report.logs import load_run_logs
+    from lmlab.report.page import slug
+    from lmlab.report.report_page import build_page
+
+    logs = load_run_logs(run)
+    lines = {line.get_label(): list(line.get_ydata()) for line in answers_figure(logs).axes[0].lines}
+    for skill in synthetic.SKILLS:
+        assert lines[f"{skill} exact match"] == [100 * r["exact_match"][skill] for r in evals]
+    assert lines["ended their turn"] == [100 * r["ended_turn"] for r in evals]
+    assert f"{slug(logs.name)}_answers.png" in build_page([logs])[1]
+    assert not any(name.endswith("_answers.png") for name in build_page([load_run_logs(base)])[1])
 
 
 def strip_special_tokens(run: Path) -> None:
