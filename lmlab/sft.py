@@ -33,7 +33,7 @@ from .evaluate import autocast_context
 from .loss import Metrics, cross_entropy
 from .sample import generate
 
-TASKS = 64  # held-out prompts answered at each evaluation, spread evenly over the skills
+TASKS = 100  # held-out prompts answered at each evaluation, spread evenly over the skills
 ANSWER_TOKENS = 32  # at most this many tokens an answer; one that has not ended its turn by then has run on
 PROBES = 3  # held-out prompts for the probe and the inside records
 

@@ -20,7 +20,7 @@ from helpers import HANG_S, cli_env, read_jsonl, tiny_config, write_corpus
 from lmlab import chat, sft, synthetic
 from lmlab import tokenizer as tok
 from lmlab.common import LmlabError
-from lmlab.config import SFT_DEFAULTS, TINY_RECIPE, TrainConfig, apply_budget, get_preset
+from lmlab.config import SFT_DEFAULTS, TrainConfig, apply_budget, get_preset
 from lmlab.distributed import Dist
 from lmlab.loss import LossConfig, cross_entropy, masked_loss
 from lmlab.model import ModelConfig, Packing, build_model
@@ -335,7 +335,8 @@ def test_tasks_spread_over_the_skills():
 def test_the_stage_is_part_of_the_config_and_has_its_own_defaults():
     cfg = get_preset("tiny", "sft")
     assert cfg.stage == "sft" and cfg.optim.lr == SFT_DEFAULTS["lr"] and cfg.optim.warmup == SFT_DEFAULTS["warmup"]
-    assert cfg.optim.lr < TINY_RECIPE["lr"] and cfg.optim.muon_lr < get_preset("tiny").optim.muon_lr
+    assert cfg.optim.muon_lr == SFT_DEFAULTS["muon_lr"] and cfg.optim.warmup < get_preset("tiny").optim.warmup
+    assert cfg.eval_interval == SFT_DEFAULTS["eval_interval"] and cfg.max_time == SFT_DEFAULTS["max_time"]
     assert cfg.model.dropout == 0.0
     filled, _ = apply_budget(dataclasses.replace(cfg, init_from="x"))
     assert filled.model.unset() == ["block_size", "n_layer", "n_head", "n_embd"]  # the base's, when it is read
