@@ -42,8 +42,8 @@ COMMANDS = {
     "train": Command("train a model (default: the tiny preset on the built-in corpus, about 5 minutes on a CPU)",
                      "cli:cmd_train"),
     "sample": Command("generate text from a trained run, streamed to the terminal", "cli:cmd_sample"),
-    "eval": Command("loss, bits/byte, perplexity and accuracy of a run on its validation split or any text",
-                    "cli:cmd_eval"),
+    "eval": Command("loss, bits/byte, perplexity and accuracy of a run on its validation split or any text (a "
+                    "fine-tuned run: on conversations, with exact match)", "cli:cmd_eval"),
     "data": Command("list the built-in and named corpora, or prepare (tokenize and cache) a corpus", "cli:cmd_data"),
     "next": Command("the next-token distribution after a prompt, and which tokens sampling settings keep",
                     "cli:cmd_next"),
@@ -252,7 +252,8 @@ class EvalArgs:
     so every scored token has at least block_size - stride tokens of context (default: block_size / 2, as published
     perplexities are measured; block_size: non-overlapping windows, as training logs val_loss)."""
     data: Optional[str] = None
-    """Text to evaluate (a file, folder, glob or corpus name); default: the run's validation split."""
+    """Text to evaluate (a file, folder, glob or corpus name); default: the run's validation split. A fine-tuned run
+    (--stage sft) is measured on conversations: its held-out ones, or --data's (.jsonl, .parquet, synthetic:chat)."""
     trust_data_path: bool = False
     """Read the corpus path that the run's config names although the run was not made here, in this folder (it was
     copied, moved or shared); without it such a run needs --data."""
@@ -270,10 +271,14 @@ def cmd_eval(argv: list[str]) -> int:
     from .checkpoint import load_run
     from .common import resolve_device
     from .config import TrainConfig
+    from . import sft
     from .evaluate import entropy_excess, eval_stride, evaluate, text_tokens
 
     args = parse(EvalArgs, argv, "lmlab eval")
     run = load_run(args.run, resolve_device(args.device), args.checkpoint)
+    if sft.evaluates_conversations(run.config, args.data):  # a fine-tuned run: masked loss, answers (sft.py)
+        print(sft.describe_eval(sft.evaluate_run(run, args.data, args.batch_size, args.trust_data_path), args.json))
+        return 0
     tokens = text_tokens(run, args.data, args.trust_data_path, "lmlab eval")
     source = args.data or "validation split"
     if len(tokens) < 2:
@@ -291,10 +296,8 @@ def cmd_eval(argv: list[str]) -> int:
         print(f"{source} of {run.run_dir} ({run.checkpoint.path.name}): {m.tokens:,} tokens predicted, windows of "
               f"{run.model.cfg.block_size} every {stride} (each token sees at least "
               f"{run.model.cfg.block_size - stride} tokens of context)")
-        print(f"  loss        {m.loss:.4f} nats/token ({m.bits_per_token:.4f} bits/token)")
-        print(f"  bits/byte   {m.bits_per_byte:.4f}")
-        print(f"  perplexity  {m.perplexity:.3f}")
-        print(f"  accuracy    {m.accuracy:.2%} (top-1)")
+        print(f"  loss        {m.loss:.4f} nats/token ({m.bits_per_token:.4f} bits/token)\n  bits/byte   "
+              f"{m.bits_per_byte:.4f}\n  perplexity  {m.perplexity:.3f}\n  accuracy    {m.accuracy:.2%} (top-1)")
         if "entropy_rate" in result:
             print(f"  the source's entropy rate is {result['entropy_rate']:.4f} nats/token: the model is "
                   f"{result['excess']:.4f} above it (some of that because it sees a window, not the whole past)")

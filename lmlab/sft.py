@@ -13,10 +13,12 @@ side and the evaluation that differ:
 - `evaluate_chat`: the masked loss (and bits/byte, accuracy) of the held-out conversations, packed the same way.
 - `answer_tasks`: greedy answers to fixed held-out prompts, checked by the data's verifier: exact match by skill,
   and the share of answers that end their turn.
+- `evaluate_run`: `lmlab eval` of a fine-tuned run: the same measures on its held-out conversations, or a file's.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -24,10 +26,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import chat, synthetic
+from . import chat, rundir, synthetic
 from . import tokenizer as tok
 from .common import LmlabError
-from .data import ConversationSplits, load_conversations
+from .config import TrainConfig
+from .data import ConversationSplits, is_conversations, load_conversations
 from .distributed import Dist, all_reduce_sum
 from .evaluate import autocast_context
 from .loss import Metrics, cross_entropy
@@ -106,9 +109,10 @@ def load_chat_data(splits: ConversationSplits, val_data: Optional[str], tokenize
 
 
 def choose_tasks(tokenizer: tok.Tokenizer, conversations: Sequence[chat.Conversation], block_size: int,
-                 count: int = TASKS) -> list[Task]:
-    """Up to `count` held-out prompts with a verifier, as evenly spread over the skills as the data allows: in the
-    conversations' order, a skill's next prompt is taken while it has fewer than count / skills."""
+                 count: Optional[int] = None) -> list[Task]:
+    """Up to `count` (default TASKS) held-out prompts with a verifier, as evenly spread over the skills as the data
+    allows: in the conversations' order, a skill's next prompt is taken while it has fewer than count / skills."""
+    count = TASKS if count is None else count
     skills = sorted({c.skill for c in conversations if c.skill is not None})
     if not skills:
         return []
@@ -370,3 +374,64 @@ def answer_tasks(model: torch.nn.Module, tokenizer: tok.Tokenizer, tasks: Sequen
     model.train(was_training)
     return {"exact_match": {skill: right[skill] / asked[skill] for skill in sorted(asked)},
             "ended_turn": ended / max(1, len(tasks))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lmlab eval
+
+
+def pad_id(tokenizer: tok.Tokenizer) -> int:
+    """The id that fills the end of a block of packed conversations (never trained, never attended to from a
+    conversation): the end of text."""
+    return tokenizer.special_tokens.get(tok.ENDOFTEXT, 0)
+
+
+def evaluates_conversations(config: dict, data: Optional[str]) -> bool:
+    """Whether `lmlab eval` of a run measures conversations: a fine-tuned run (its stage is sft), on its own held-out
+    conversations or --data's conversations (a text --data measures text, as for any run)."""
+    return config.get("stage") == "sft" and (not data or is_conversations(data))
+
+
+def evaluate_run(run, data: Optional[str], batch_size: int = 32, trust: bool = False) -> dict:
+    """A fine-tuned run (checkpoint.load_run's) on conversations: --data's (every conversation of a file, or the
+    held-out split of synthetic:chat), else the run's own held-out ones (its data, split as training split it; a path
+    from its config is read only as rundir.check_data_paths allows). The masked loss, bits/byte and accuracy of what
+    the assistant writes, and, where there is a verifier, the exact match by skill and the share of ended turns."""
+    tokenizer, model = run.tokenizer, run.model
+    block = model.cfg.block_size
+    if data and not synthetic.is_chat(data):
+        conversations, source = chat.read_conversations(data), data
+    else:
+        saved = TrainConfig.from_json(run.config)
+        if not data:
+            rundir.check_data_paths(run.run_dir, run.config, [("--data", saved.data.data),
+                                                             ("--val-data", saved.data.val_data)], "lmlab eval", trust)
+        source = data or saved.data.val_data or saved.data.data
+        conversations = read_chat_data(data or saved.data.data, None if data else saved.data.val_data,
+                                       saved.data.val_fraction, saved.seed).val
+    chat.check_characters(tokenizer, conversations, source)
+    done = chat.render_all(tokenizer, conversations, block + 1)
+    if not done.rendered:
+        raise LmlabError(f"none of the conversations of {source} fits the context of {block} tokens")
+    m = evaluate_chat(model, validation_blocks(done.rendered, block, 0, pad_id(tokenizer)),
+                      torch.from_numpy(tokenizer.byte_lengths()), batch_size)
+    tasks = choose_tasks(tokenizer, [conversations[i] for i in done.kept], block)
+    result = {"source": source, "conversations": len(done.rendered), "loss": m.loss,
+              "bits_per_byte": m.bits_per_byte, "perplexity": m.perplexity, "accuracy": m.accuracy,
+              "tokens": m.tokens}
+    return {**result, **(answer_tasks(model, tokenizer, tasks) if tasks else {}), "answers": len(tasks)}
+
+
+def describe_eval(result: dict, as_json: bool = False) -> str:
+    """evaluate_run's result as lines for a terminal, or as one JSON object."""
+    if as_json:
+        return json.dumps(result)
+    lines = [f"{result['conversations']:,} conversations of {result['source']}: {result['tokens']:,} tokens that "
+             f"the assistant writes predicted",
+             f"  masked loss {result['loss']:.4f} nats/token, {result['bits_per_byte']:.4f} bits/byte, accuracy "
+             f"{result['accuracy']:.2%} (top-1)"]
+    if "exact_match" in result:
+        lines.append(f"  {result['answers']} held-out prompts answered greedily: exact match "
+                     + ", ".join(f"{k} {v:.0%}" for k, v in result["exact_match"].items())
+                     + f"; {result['ended_turn']:.0%} ended their turn")
+    return "\n".join(lines)

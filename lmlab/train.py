@@ -384,7 +384,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
     if cfg.stage == "sft":
         splits, chat_data, val_blocks = load_chat(cfg, tokenizer, conversations, d)
         sampler = sft.PackedSampler(chat_data.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device,
-                                    grad_accum, d.rank, d.world, pad_id(tokenizer))
+                                    grad_accum, d.rank, d.world, sft.pad_id(tokenizer))
     else:
         if not d.main:
             barrier(d)  # rank 0 tokenizes and fills the cache first; the others then read it
@@ -417,12 +417,6 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
     return setup, state, resuming
 
 
-def pad_id(tokenizer: tok.Tokenizer) -> int:
-    """The id that fills the end of a block of packed conversations (never trained, never attended to from a
-    conversation): the end of text."""
-    return tokenizer.special_tokens.get(tok.ENDOFTEXT, 0)
-
-
 def load_chat(cfg: TrainConfig, tokenizer: tok.Tokenizer, conversations, d: Dist
               ) -> tuple[Splits, sft.ChatData, tuple]:
     """--stage sft: the conversations rendered for the tokenizer, their token streams as the run's splits (what the
@@ -432,7 +426,7 @@ def load_chat(cfg: TrainConfig, tokenizer: tok.Tokenizer, conversations, d: Dist
     meta = {"corpus": cfg.data.data, "conversations": len(chat_data.train)}
     splits = Splits(chat_data.stream("train"), chat_data.stream("val"), tokenizer, meta,
                     {"corpus": cfg.data.val_data or cfg.data.data, "conversations": len(chat_data.val)})
-    val_blocks = sft.validation_blocks(chat_data.val, cfg.model.block_size, cfg.eval_tokens, pad_id(tokenizer))
+    val_blocks = sft.validation_blocks(chat_data.val, cfg.model.block_size, cfg.eval_tokens, sft.pad_id(tokenizer))
     return splits, chat_data, val_blocks
 
 

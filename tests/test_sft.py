@@ -350,7 +350,7 @@ def test_the_stage_is_part_of_the_config_and_has_its_own_defaults():
         get_preset("tiny", "rl")
 
 
-def test_an_sft_run_starts_from_the_base_and_trains_only_what_the_assistant_writes(base, tmp_path):
+def test_an_sft_run_starts_from_the_base_and_trains_only_what_the_assistant_writes(base, tmp_path, capsys):
     from lmlab.checkpoint import load_run
     from lmlab.train import train
 
@@ -374,6 +374,17 @@ def test_an_sft_run_starts_from_the_base_and_trains_only_what_the_assistant_writ
                                torch.from_numpy(loaded.tokenizer.byte_lengths()))
     assert evals[0]["val_loss"] == pytest.approx(oracle.loss, rel=1e-5)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    # lmlab eval knows the stage: the masked loss of the same held-out conversations at the best checkpoint
+    from lmlab.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert result["loss"] == pytest.approx(best["val_loss"], rel=1e-5) and result["tokens"] == best["val_tokens"]
+    assert result["conversations"] == 12 and "exact_match" not in result  # a file's tenth; no verifier
+    assert main(["eval", str(run), "--data", str(data), "--json"]) == 0  # every conversation of a file
+    assert json.loads(capsys.readouterr().out)["conversations"] == 120
 
 
 def test_synthetic_chat_logs_exact_match_by_skill_and_ended_turns(base, tmp_path, monkeypatch):
@@ -389,6 +400,14 @@ def test_synthetic_chat_logs_exact_match_by_skill_and_ended_turns(base, tmp_path
     for record in evals:
         assert set(record["exact_match"]) == set(synthetic.SKILLS) and 0 <= record["ended_turn"] <= 1
         assert "val_stride" not in record
+    # lmlab eval answers the same prompts with the best checkpoint
+    from lmlab.checkpoint import load_run
+
+    result = sft.evaluate_run(load_run(run), None)
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert result["answers"] == 10 and result["conversations"] == 40
+    assert (result["exact_match"], result["ended_turn"]) == (best["exact_match"], best["ended_turn"])
+    assert result["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     probes = read_jsonl(run / "probes.jsonl")
     assert probes[0]["probes"][0]["prompt"].endswith(tok.ASSISTANT)  # a held-out prompt, ready to be answered
     assert len(read_jsonl(run / "inside.jsonl")) == len(evals)
