@@ -18,6 +18,7 @@ converts one from a source you trust.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -792,6 +793,43 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", which: str
         raise LmlabError(f"run {run_dir} has no checkpoint yet; train it first (lmlab train --resume {run_dir})")
     model.eval()
     return LoadedRun(run_dir, config, tokenizer, model, ckpt)
+
+
+def is_lmlab_run(source: str) -> bool:
+    """Whether an --init-from source names an lmlab run folder (its config.json is lmlab's: a schema version and a
+    model section) rather than a transformers model folder or a hub id."""
+    path = Path(source).expanduser()
+    if not (path.is_dir() and rundir.is_run(path)):
+        return False
+    try:
+        config = rundir.read_json(path, rundir.CONFIG)
+    except LmlabError:
+        return False
+    return isinstance(config, dict) and "schema_version" in config and isinstance(config.get("model"), dict)
+
+
+def init_from_run(cfg: TrainConfig, say: Callable[[str], None] = _warn
+                  ) -> tuple[TrainConfig, tok.Tokenizer, dict[str, torch.Tensor]]:
+    """`lmlab train --init-from RUN`: the new run's config with the base run's model (its architecture and sizes;
+    the context is the new run's block_size up to the base's, dropout the new run's), the base's tokenizer, and the
+    weights of its best checkpoint (load_run: the run folder is read as untrusted input, JSON and safetensors only,
+    and a model too big for memory is refused before it is built)."""
+    loaded = load_run(cfg.init_from, "cpu", which="best")
+    base = TrainConfig.from_json(loaded.config).model
+    block = min(cfg.model.block_size, base.block_size) if cfg.model.block_size else base.block_size
+    model = dataclasses.replace(base, block_size=block, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout)
+    weights = loaded.model.state_dict()
+    if model.pos == "learned" and block < base.block_size:  # the first rows of the position table
+        weights["wpe.weight"] = weights["wpe.weight"][:block].clone()
+    t = loaded.tokenizer
+    data = dataclasses.replace(cfg.data, tokenizer=t.kind, vocab_size=t.vocab_size if t.kind == "bpe"
+                               else cfg.data.vocab_size)
+    val = loaded.checkpoint.state.get("val_loss")
+    say(f"initialised from run {cfg.init_from}, its best checkpoint ({loaded.checkpoint.path.name}"
+        f"{f', val loss {val:.4f}' if isinstance(val, (int, float)) else ''}): {model.arch} {model.n_layer}L/"
+        f"{model.n_head}H/{model.n_embd}d, context {block} of its {base.block_size}; its {t.kind} tokenizer "
+        f"({t.vocab_size} tokens) encodes the data")
+    return dataclasses.replace(cfg, model=model, data=data), t, weights
 
 
 def export_run(run_dir: str | Path, out: str | Path, trust_pickle: bool = False,

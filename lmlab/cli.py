@@ -65,8 +65,8 @@ COMMANDS = {
                       "runs", "report.cli:cmd_report"),
     "export": Command(SHARE, "copy a run as single files (e.g. from sharded FSDP checkpoints), or as a transformers "
                       "model (--format hf)", "cli:cmd_export"),
-    "eval": Command(MEASURE, "loss, bits/byte, perplexity and accuracy of a run on its validation split or any text",
-                    "cli:cmd_eval"),
+    "eval": Command(MEASURE, "loss, bits/byte, perplexity and accuracy of a run on its validation split or any text (a "
+                    "fine-tuned run: on conversations, with exact match)", "cli:cmd_eval"),
     "bench": Command(MEASURE, "measure hardware peak, training throughput and MFU, time to quality, generation and "
                      "data speed", "bench.cli:cmd_bench"),
     "experiment": Command(MEASURE, "how language models learn, measured: loss (why not accuracy), descent (step "
@@ -137,6 +137,7 @@ def cmd_train(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="tiny")
     pre.add_argument("--resume", default=None)
+    pre.add_argument("--stage", default="pretrain")  # whose defaults to start from (config.for_stage)
     known, _ = pre.parse_known_args(argv)
     if known.resume:
         from .rundir import read_config
@@ -145,7 +146,7 @@ def cmd_train(argv: list[str]) -> int:
         base.resume = known.resume
         base.parallel = "none"  # how to launch is chosen anew each time: a run may resume on another world size
     else:
-        base = get_preset(known.preset)
+        base = get_preset(known.preset, known.stage)
     desc = ("Train a language model. Presets: " + ", ".join(PRESETS) + ". Every option below overrides the preset; "
             "with --resume, the run's own settings are the defaults. A setting shown as None is picked for the time "
             "budget (--max-time).")
@@ -172,14 +173,13 @@ def cmd_sample(argv: list[str]) -> int:
 
     from .checkpoint import load_run
     from .common import resolve_device
+    from .converse import sample_answer
     from .sample import SampleArgs, generate, prompt_ids, stream_text, text_banned
 
     args = parse(SampleArgs, argv, "lmlab sample")
     settings = args.settings
     run = load_run(args.run, resolve_device(settings.device), args.checkpoint)
     if settings.chat is not None:  # the answer of a chat model
-        from .converse import sample_answer
-
         return sample_answer(run, settings, sys.stdout)
     ids = prompt_ids(run.tokenizer, settings.prompt)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -256,7 +256,8 @@ class EvalArgs:
     so every scored token has at least block_size - stride tokens of context (default: block_size / 2, as published
     perplexities are measured; block_size: non-overlapping windows, as training logs val_loss)."""
     data: Optional[str] = None
-    """Text to evaluate (a file, folder, glob or corpus name); default: the run's validation split."""
+    """Text to evaluate (a file, folder, glob or corpus name); default: the run's validation split. A fine-tuned run
+    (--stage sft) is measured on conversations: its held-out ones, or --data's (.jsonl, .parquet, synthetic:chat)."""
     trust_data_path: bool = False
     """Read the corpus path that the run's config names although the run was not made here, in this folder (it was
     copied, moved or shared); without it such a run needs --data."""
@@ -271,10 +272,14 @@ class EvalArgs:
 def cmd_eval(argv: list[str]) -> int:
     from .checkpoint import load_run
     from .common import resolve_device
+    from . import sft
     from .evaluate import evaluate_run
 
     args = parse(EvalArgs, argv, "lmlab eval")
     run = load_run(args.run, resolve_device(args.device), args.checkpoint)
+    if sft.evaluates_conversations(run.config, args.data):  # a fine-tuned run: masked loss, answers (sft.py)
+        print(sft.describe_eval(sft.evaluate_run(run, args.data, args.batch_size, args.trust_data_path), args.json))
+        return 0
     m, result = evaluate_run(run, args.data, args.stride, args.batch_size, args.trust_data_path, "lmlab eval")
     source, stride = args.data or "validation split", result["stride"]
     if args.json:
@@ -283,10 +288,8 @@ def cmd_eval(argv: list[str]) -> int:
         print(f"{source} of {run.run_dir} ({run.checkpoint.path.name}): {m.tokens:,} tokens predicted, windows of "
               f"{run.model.cfg.block_size} every {stride} (each token sees at least "
               f"{run.model.cfg.block_size - stride} tokens of context)")
-        print(f"  loss        {m.loss:.4f} nats/token ({m.bits_per_token:.4f} bits/token)")
-        print(f"  bits/byte   {m.bits_per_byte:.4f}")
-        print(f"  perplexity  {m.perplexity:.3f}")
-        print(f"  accuracy    {m.accuracy:.2%} (top-1)")
+        print(f"  loss        {m.loss:.4f} nats/token ({m.bits_per_token:.4f} bits/token)\n  bits/byte   "
+              f"{m.bits_per_byte:.4f}\n  perplexity  {m.perplexity:.3f}\n  accuracy    {m.accuracy:.2%} (top-1)")
         if "entropy_rate" in result:
             print(f"  the source's entropy rate is {result['entropy_rate']:.4f} nats/token: the model is "
                   f"{result['excess']:.4f} above it (some of that because it sees a window, not the whole past)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -141,10 +141,13 @@ class InsideRecorder:
     training: the probe prompts, random sequences drawn from a fixed seed, and the first POSITION_TOKENS predictions
     of the validation split."""
 
-    def __init__(self, tokenizer, prompts: list[str], val_tokens: np.ndarray, block_size: int, batch_size: int):
+    def __init__(self, tokenizer, prompts: list[Union[str, list[int]]], val_tokens: np.ndarray, block_size: int,
+                 batch_size: int):
+        """prompts: texts, or token ids (shown decoded)."""
         self.tokenizer = tokenizer
         keep = min(ATTENTION_TOKENS, block_size)
-        self.prompts = [(p, ids[-keep:]) for p in prompts if (ids := tokenizer.encode(p))]
+        encoded = [(p, tokenizer.encode(p)) if isinstance(p, str) else (tokenizer.decode(p), list(p)) for p in prompts]
+        self.prompts = [(p, ids[-keep:]) for p, ids in encoded if ids]
         self.val_tokens, self.block_size, self.batch_size = val_tokens, block_size, batch_size
         ordinary = torch.from_numpy(tokenizer.ordinary_ids())  # special tokens never occur in the text
         self.length = min(block_size // 2, len(ordinary), REPEAT_LENGTH)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,20 @@ def training_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: LossConfig) 
     if cfg.objective == "accuracy":
         return top1_error(logits, targets)
     return cross_entropy(logits, targets, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: LossConfig, mask: torch.Tensor,
+                count: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fine-tuning loss: cross_entropy per token (reduction "none", with cfg's z-loss and label smoothing),
+    summed over the trained targets (mask True) and divided by `count`, by default how many there are: the mean over
+    the trained tokens, the others (a user's or system's tokens, padding) adding nothing, not even to the gradient.
+    Training passes the count of the whole optimizer step's trained tokens (spread over its micro-batches and
+    processes), so that a step's loss is the mean over all of them. Cross-entropy only."""
+    if cfg.objective != "cross_entropy":
+        raise LmlabError(f"fine-tuning on conversations trains cross_entropy, not {cfg.objective}")
+    nats = cross_entropy(logits, targets, reduction="none", z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
+    total = torch.where(mask, nats, torch.zeros((), dtype=nats.dtype, device=nats.device)).sum()
+    return total / (mask.sum().clamp(min=1) if count is None else count)
 
 
 @dataclass

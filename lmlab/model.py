@@ -2,7 +2,9 @@
 
 What other modules may use of a model, and nothing more (both architectures have all of it):
 - `build_model(cfg, vocab_size)`; `model(idx)` -> logits (B, T, V) for every position (the loss is loss.py's);
-  `model(idx, cache=cache)` and `model(idx, cache=cache, pos=pos)` for cached decoding (sample.py).
+  `model(idx, cache=cache)` and `model(idx, cache=cache, pos=pos)` for cached decoding (sample.py);
+  `model(idx, documents=docs)` for rows that pack several sequences (fine-tuning on conversations): docs (B, T)
+  says where each sequence starts, no token attends across a boundary and positions restart at each (`Packing`).
 - `model.cfg` (a ModelConfig; `cfg.block_size` is the longest context), `model.vocab_size`,
   `model.make_cache(batch)` (a KVCache).
 - `model.blocks`: the transformer blocks, in order (distributed.py shards each; empty for the bigram).
@@ -156,6 +158,25 @@ class KVCache:
         return keys, values
 
 
+class Packing:
+    """Rows that each hold several sequences one after another (conversations packed for fine-tuning), read from
+    per-token document ids (B, T): a sequence starts at a row's first token and wherever the id changes. What the
+    model makes of it: a token attends only to the earlier tokens of its own sequence (a block-diagonal causal
+    mask), and positions (RoPE's angles, the learned table's rows) restart at 0 at each sequence's first token. So
+    every sequence gets the logits it would get alone in a row of its own."""
+
+    def __init__(self, documents: torch.Tensor):
+        B, T = documents.shape
+        starts = torch.ones(B, T, dtype=torch.bool, device=documents.device)
+        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+        index = torch.arange(T, device=documents.device).expand(B, T)
+        first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T): where each token's sequence starts
+        self.positions = index - first  # (B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+        self.mask = (first[:, :, None] == first[:, None, :]) & causal  # (B, T, T): query t sees key s
+        self.mask = self.mask.unsqueeze(1)  # (B, 1, T, T), for every head
+
+
 class Capture(dict):
     """The activations that a `with model.capture(*names)` block asked for, by hook name. Each holds its value from
     the latest forward run in the block; a name whose hook point has not run yet is missing. The tensors are the
@@ -306,15 +327,15 @@ def rotary_tables(block_size: int, head_dim: int, base: float) -> tuple[torch.Te
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the pairs (x_{2i}, x_{2i+1}) of each head by position-dependent angles, as one complex product.
 
-    x: (B, T, H, D); cos/sin: (T, D/2).
+    x: (B, T, H, D); cos/sin: (T, D/2), or (B, T, D/2) for positions that differ between rows (packed sequences).
     """
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     if torch.compiler.is_compiling():  # inductor has no complex kernels: the same product in real arithmetic
         re, im = x.to(work).unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, H, D/2)
-        c, s = cos.to(work)[:, None, :], sin.to(work)[:, None, :]
+        c, s = cos.to(work)[..., None, :], sin.to(work)[..., None, :]
         return torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).to(x.dtype)
     z = torch.view_as_complex(x.to(work).reshape(*x.shape[:-1], -1, 2))  # (B, T, H, D/2)
-    rot = torch.complex(cos.to(work), sin.to(work))[:, None, :]  # (T, 1, D/2)
+    rot = torch.complex(cos.to(work), sin.to(work))[..., None, :]  # (T, 1, D/2) or (B, T, 1, D/2)
     return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
 
 
@@ -342,9 +363,11 @@ class CausalSelfAttention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, rope, cache: Optional[KVCache], layer: int, pos: Optional[torch.Tensor] = None,
-                ve: Optional[torch.Tensor] = None, hooks: Optional[Capture] = None) -> torch.Tensor:
+                ve: Optional[torch.Tensor] = None, hooks: Optional[Capture] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, T, C), already normalised. hooks: the model's capture, if one is on (HookedModel.capture); when it
-        asks for this layer's attention weights, they are written out instead of fused."""
+        asks for this layer's attention weights, they are written out instead of fused. mask: packed sequences'
+        (B, 1, T, T) mask (Packing.mask), instead of the plain causal one; None: causal, with no mask tensor."""
         B, T, C = x.shape
         D = self.cfg.head_dim
         q, k, v = self.heads(x, rope, ve)  # (B, H, T, D)
@@ -369,11 +392,14 @@ class CausalSelfAttention(nn.Module):
                 past = cache.pos
                 k, v = cache.append(layer, k, v)  # (B, H, past+T, D)
             if explicit:  # the weights written out: query past+t sees the keys up to its own position
-                visible = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                visible = mask if mask is not None else torch.ones(T, past + T, dtype=torch.bool,
+                                                                   device=x.device).tril(diagonal=past)
                 scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (B, H, T, past+T)
                 weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
                 hooks.keep(weights_name, weights)
                 y = (F.dropout(weights, attn_dropout, True) if attn_dropout else weights) @ v  # (B, H, T, D)
+            elif mask is not None:  # packed sequences: each token sees the earlier tokens of its own only
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn_dropout)
             elif past == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=attn_dropout)
             elif T == 1:
@@ -422,8 +448,8 @@ class Block(nn.Module):
         self.norm2 = norm_layer(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, cache, layer, pos=None, ve=None, hooks=None):
-        x = x + self.attn(self.norm1(x), rope, cache, layer, pos, ve, hooks)
+    def forward(self, x, rope, cache, layer, pos=None, ve=None, hooks=None, mask=None):
+        x = x + self.attn(self.norm1(x), rope, cache, layer, pos, ve, hooks, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -496,15 +522,25 @@ class GPT(HookedModel):
         return [f"blocks.{i}.{p}" for i in range(self.cfg.n_layer) for p in per_block] + ["final_norm", "logits"]
 
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
-                pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+                pos: Optional[torch.Tensor] = None, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx: (B, T) token ids. Returns the next-token logits (B, T, V) at every position.
 
         With a cache, idx holds only the new tokens; positions continue from cache.pos.
         With a cache and pos, a (1,) tensor: one decode step, idx (B, 1) at position pos, with the same shapes at
         every position (see KVCache.write); cache.pos is left alone, the caller keeps pos.
+        With documents, (B, T) ids: each row packs several sequences (Packing); no cache. Without, nothing of this
+        runs: the plain causal path.
         """
         B, T = idx.shape
-        if pos is not None:
+        mask = None
+        if documents is not None:
+            if cache is not None or documents.shape != idx.shape:
+                raise ValueError("packed sequences take document ids shaped like idx, and no cache")
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
+            packing = Packing(documents)
+            positions, mask = packing.positions, packing.mask  # (B, T) and (B, 1, T, T)
+        elif pos is not None:
             if cache is None or T != 1:
                 raise ValueError("a decode step at a position tensor takes one token per row and a cache")
             positions = pos  # (1,)
@@ -518,7 +554,7 @@ class GPT(HookedModel):
         if self.wpe is not None:  # learned positions join the stream; rotary ones turn queries and keys instead
             x, rope = x + self.wpe.weight[positions], None
         else:
-            rope = (self.rope_cos[positions], self.rope_sin[positions])  # each (T, D/2)
+            rope = (self.rope_cos[positions], self.rope_sin[positions])  # each (T, D/2), or (B, T, D/2) packed
         if self.cfg.dropout and self.training:
             x = F.dropout(x, self.cfg.dropout, True)
         ve = self.vte(idx) if self.vte is not None else None  # (B, T, C): the value embedding, weighted per layer
@@ -530,7 +566,7 @@ class GPT(HookedModel):
                 x = x + self.skip_weights[layer - mirrored] * skips.pop()
             if hooks is not None:
                 hooks.keep(f"blocks.{layer}.resid_in", x)
-            x = block(x, rope, cache, layer, pos, None if ve is None else self.ve_weights[layer] * ve, hooks)
+            x = block(x, rope, cache, layer, pos, None if ve is None else self.ve_weights[layer] * ve, hooks, mask)
             if hooks is not None:
                 hooks.keep(f"blocks.{layer}.resid_out", x)
             if self.skip_weights is not None and layer < half:
@@ -579,8 +615,9 @@ class Bigram(HookedModel):
         return ["logits"]
 
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
-                pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """idx: (B, T) token ids. Returns the logits (B, T, V); a cache only counts the positions."""
+                pos: Optional[torch.Tensor] = None, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: (B, T) token ids. Returns the logits (B, T, V); a cache only counts the positions. Packed sequences
+        (documents) change nothing: a logit depends on its own token only."""
         if cache is not None and pos is None:
             cache.pos += idx.size(1)
         logits = self.table(idx)  # (B, T, V)

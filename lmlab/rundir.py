@@ -213,7 +213,8 @@ _METRIC_NUMBERS = ("train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
                    "val_accuracy", "val_perplexity", "spike_z", "lr_scale")
 SHAPES: dict[str, dict[str, Any]] = {
     METRICS: {"step": _count, "tokens": _count, "val_tokens": _count, "val_stride": _count, "rollback": _count, "skipped_total": _count,
-              **{k: _number for k in _METRIC_NUMBERS}, "skipped": lambda v: isinstance(v, bool),
+              **{k: _number for k in _METRIC_NUMBERS}, "exact_match": _numbers_by_name, "ended_turn": _number,
+              "skipped": lambda v: isinstance(v, bool),
               "clipped": lambda v: isinstance(v, bool)},
     PROBES: {"step": _count, "probes": _probe_results},
     TELEMETRY: {"step": _count, "grad_norm": _numbers_by_name, "update_ratio": _numbers_by_name},

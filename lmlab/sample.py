@@ -10,6 +10,7 @@ so their outputs are identical.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
@@ -360,21 +361,29 @@ def default_probe_prompts(val_tokens: np.ndarray, tokenizer, block_size: int, co
 
 
 @torch.no_grad()
-def probe(model: nn.Module, tokenizer, prompts: list[str], top: int = 5, continuation: int = 40) -> list[dict]:
-    """For each prompt: the top next-token predictions and a short greedy continuation."""
+def probe(model: nn.Module, tokenizer, prompts: list[Union[str, list[int]]], top: int = 5,
+          continuation: int = 40) -> list[dict]:
+    """For each prompt: the top next-token predictions and a short greedy continuation. A text prompt is continued
+    as text (text_banned: no special token); token ids (a rendered chat prompt, shown decoded) are answered as chat
+    is, free to end the turn, and the continuation stops at the end of the turn (tokenizer.stop_ids)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    stops = set(tokenizer.stop_ids)
     results = []
     for prompt in prompts:
-        ids = tokenizer.encode(prompt)[-model.cfg.block_size:]
+        ids = (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))[-model.cfg.block_size:]
         if not ids:
             continue
+        is_text = isinstance(prompt, str)
+        prompt = prompt if is_text else tokenizer.decode(prompt)
         logits = model(torch.tensor([ids], device=device))
         probs = logits[0, -1].float().softmax(-1)
         p, idx = probs.topk(min(top, probs.numel()))
-        greedy = tokenizer.decode(list(generate(model, ids, continuation, temperature=0.0,
-                                                banned=text_banned(tokenizer))))
+        tokens = generate(model, ids, continuation, temperature=0.0, banned=text_banned(tokenizer) if is_text else None)
+        if not is_text:
+            tokens = itertools.takewhile(lambda t: t not in stops, tokens)
+        greedy = tokenizer.decode(list(tokens))
         results.append({
             "prompt": prompt,
             "top": [[tokenizer.decode([int(i)]), float(q)] for q, i in zip(p, idx)],

@@ -8,6 +8,7 @@ changes as training runs lives in one `TrainState`, which a checkpoint saves and
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -25,18 +26,19 @@ import torch
 from . import distributed as dist_
 from . import rundir
 from . import tokenizer as tok
-from .checkpoint import (check_tokenizer, chosen_checkpoints, latest_good_checkpoint, load_newest, load_tokenizer,
-                         save_checkpoint)
+from . import sft
+from .checkpoint import (check_tokenizer, chosen_checkpoints, init_from_run, is_lmlab_run, latest_good_checkpoint,
+                         load_newest, load_tokenizer, save_checkpoint)
 from .common import (LmlabError, default_dtype, fmt_count, keep_freed_memory, resolve_device, resolve_dtype,
                      seed_everything)
 from .config import TrainConfig, apply_budget, fit_to_corpus, needs_corpus
-from .data import BatchSampler, Splits, load_splits
+from .data import BatchSampler, Splits, is_conversations, load_splits
 from .distributed import Dist, all_reduce_sum, barrier, unwrap
 from .evaluate import autocast_context, eval_stride, evaluate, window_stride
 from .hf import init_from
 from .inside import InsideRecorder
-from .loss import LossConfig, Metrics, training_loss
-from .model import ModelConfig, build_model, check_fits, count_params
+from .loss import LossConfig, Metrics, masked_loss, training_loss
+from .model import ModelConfig, build_model, check_fits, count_params, grow_vocab
 from .optim import build_optimizer, clip_grad_norm, lr_multiplier, set_lr
 from .rundir import RunLock, write_status  # noqa: F401 - RunLock is part of this module's interface
 from .sample import default_probe_prompts, generate, probe, prompt_ids, stream_text, text_banned
@@ -71,6 +73,10 @@ class Setup:
     splits: Splits
     grad_accum: int
     global_batch: int
+    chat: Optional[sft.ChatData] = None
+    """--stage sft: the conversations (splits then holds their token streams, for the inside records)."""
+    val_blocks: Optional[tuple] = None
+    """--stage sft: the held-out conversations packed into blocks, the same at every evaluation."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -88,7 +94,7 @@ class TrainState:
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    sampler: BatchSampler
+    sampler: BatchSampler | sft.PackedSampler
     step: int = 0
     tokens: int = 0
     elapsed: float = 0.0
@@ -129,6 +135,22 @@ class TrainState:
             self.evals.load_state_dict(counters["evals"])
 
 
+def check_stage(cfg: TrainConfig) -> None:
+    """Refuse what the stage cannot train: fine-tuning needs a model to start from and conversations."""
+    if cfg.stage != "sft":
+        return
+    if not cfg.init_from and not cfg.resume:
+        raise LmlabError("--stage sft fine-tunes a model: give --init-from RUN (an lmlab run folder) or a "
+                         "transformers model folder or hub id")
+    for option, source in (("--data", cfg.data.data), ("--val-data", cfg.data.val_data)):
+        if source and not is_conversations(source):
+            raise LmlabError(f"--stage sft trains on conversations: {option} must be a .jsonl or .parquet file of "
+                             f"{{\"messages\": [...]}} records, or synthetic:chat, not {source}")
+    if cfg.loss.objective != "cross_entropy":
+        raise LmlabError(f"--stage sft trains cross_entropy on the assistant's tokens, not --objective "
+                         f"{cfg.loss.objective}")
+
+
 def accumulation_steps(cfg: TrainConfig, world: int) -> tuple[int, int]:
     """(grad_accum, global batch): processes x micro-batch x accumulation steps = the global batch."""
     if not cfg.global_batch:
@@ -165,13 +187,20 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
                telemetry: Optional[GradientTelemetry] = None) -> StepResult:
     """forward -> loss -> backward on every micro-batch, clip, then the optimizer step, skipped when the loss or the
     gradient norm is not finite (one bad batch must not wreck the weights). `model` may be compiled or wrapped;
-    telemetry, when given, looks at the weights just before the update."""
+    telemetry, when given, looks at the weights just before the update. A micro-batch is (x, y), or packed
+    conversations (sft.PackedBatch), whose objective (masked_loss) takes the mask of trained targets and their
+    count."""
     batches = list(batches)
     loss_sum = None
-    for micro, (x, y) in enumerate(batches):
+    for micro, batch in enumerate(batches):
         with dist_.no_sync(model, d, last_micro_step=micro == len(batches) - 1):
             with autocast:
-                loss = objective(model(x), y, loss_cfg)
+                if isinstance(batch, sft.PackedBatch):
+                    logits = model(batch.x, documents=batch.documents)
+                    loss = objective(logits, batch.y, loss_cfg, batch.mask, batch.count)
+                else:
+                    x, y = batch
+                    loss = objective(model(x), y, loss_cfg)
             (loss / len(batches)).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     grad_norm = clip_grad_norm([p for p in unwrap(model).parameters() if p.requires_grad], grad_clip)
@@ -224,7 +253,7 @@ def lock_run_dir(cfg: TrainConfig, d: Dist, stack: ExitStack) -> Path:
     return Path(message)
 
 
-RESUME_FIXED = {"seed": "--seed", "preset": "--preset", "data.tokenizer": "--tokenizer",
+RESUME_FIXED = {"seed": "--seed", "preset": "--preset", "stage": "--stage", "data.tokenizer": "--tokenizer",
                 "data.vocab_size": "--vocab-size", "optim.optimizer": "--optimizer"}
 
 
@@ -343,19 +372,33 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed)
     tokenizer, resuming = resume_point(cfg, run_dir, d)
-    weights = None
-    if cfg.init_from and not resuming:  # a transformers model's architecture, tokenizer and weights (hf.py)
-        cfg, tokenizer, weights = init_from(cfg, lambda m: say(d, m))
-    if not d.main:
-        barrier(d)  # rank 0 tokenizes and fills the cache first; the others then read it
-    splits = load_splits(cfg.data, tokenizer=tokenizer, say=lambda m: say(d, m))
-    if d.main:
-        barrier(d)
-    if len(splits.val) < 2:
-        raise LmlabError(f"the validation split has {len(splits.val)} tokens; use more text or --val-data")
+    conversations = sft.read_chat_data(cfg.data.data, cfg.data.val_data, cfg.data.val_fraction, cfg.seed) \
+        if cfg.stage == "sft" else None  # a malformed file is refused before the base is read
+    weights, base_vocab = None, None
+    if cfg.init_from and not resuming:  # an lmlab run's, or a transformers model's, architecture, tokenizer, weights
+        cfg, tokenizer, weights = (init_from_run if is_lmlab_run(cfg.init_from) else init_from)(
+            cfg, lambda m: say(d, m))
+        if cfg.stage == "sft" and tokenizer.chat_template is None:  # a base from before the special tokens
+            base_vocab = tokenizer.vocab_size
+            tokenizer, added = tok.add_special_tokens(tokenizer)
+            say(d, f"the base has no chat template: added the special tokens {' '.join(added)} (ids {base_vocab}-"
+                   f"{tokenizer.vocab_size - 1}), their embedding and output rows starting as the mean of the others")
     grad_accum, global_batch = accumulation_steps(cfg, d.world)
-    sampler = BatchSampler(splits.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device, grad_accum, d.rank,
-                           d.world)  # (refuses a training split shorter than a block)
+    chat_data, val_blocks = None, None
+    if cfg.stage == "sft":
+        splits, chat_data, val_blocks = load_chat(cfg, tokenizer, conversations, d)
+        sampler = sft.PackedSampler(chat_data.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device,
+                                    grad_accum, d.rank, d.world, sft.pad_id(tokenizer))
+    else:
+        if not d.main:
+            barrier(d)  # rank 0 tokenizes and fills the cache first; the others then read it
+        splits = load_splits(cfg.data, tokenizer=tokenizer, say=lambda m: say(d, m))
+        if d.main:
+            barrier(d)
+        if len(splits.val) < 2:
+            raise LmlabError(f"the validation split has {len(splits.val)} tokens; use more text or --val-data")
+        sampler = BatchSampler(splits.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device, grad_accum,
+                               d.rank, d.world)  # (refuses a training split shorter than a block)
     dtype = resolve_dtype(cfg.dtype, device)
     check_fits(cfg.model, splits.tokenizer.vocab_size, f"run {run_dir}", training=not d.sharded,  # fsdp: shards
                batch=cfg.batch_size, value_bytes=8 if dtype == torch.float64 else 4)  # before any model is built
@@ -363,16 +406,32 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
         steps = budget_steps(cfg, splits.tokenizer.vocab_size, device, dtype, d, grad_accum)
         cfg, note = fit_to_corpus(cfg, len(splits.train), steps * global_batch * cfg.model.block_size)
         say(d, note)
-    setup = Setup(cfg, d, run_dir, device, dtype, splits.tokenizer, splits, grad_accum, global_batch)
+    setup = Setup(cfg, d, run_dir, device, dtype, splits.tokenizer, splits, grad_accum, global_batch, chat_data,
+                  val_blocks)
     with default_dtype(torch.float64 if setup.dtype == torch.float64 else torch.get_default_dtype()):
-        model = build_model(cfg.model, setup.tokenizer.vocab_size)  # float64 draws its init in float64 too
+        model = build_model(cfg.model, base_vocab or setup.tokenizer.vocab_size)  # float64: its init in float64 too
     if weights is not None:
         model.load_state_dict(weights)
+    if base_vocab is not None:  # before the optimizer is built: the grown tables are new parameters
+        grow_vocab(model, setup.tokenizer.vocab_size)
     model = dist_.wrap(model.to(device), d, device)  # same on all ranks
     state = TrainState(model, build_optimizer(unwrap(model), cfg.optim), sampler)
     if d.rank:
         torch.manual_seed(cfg.seed + 1_000_003 * d.rank)  # dropout differs between ranks
     return setup, state, resuming
+
+
+def load_chat(cfg: TrainConfig, tokenizer: tok.Tokenizer, conversations, d: Dist
+              ) -> tuple[Splits, sft.ChatData, tuple]:
+    """--stage sft: the conversations rendered for the tokenizer, their token streams as the run's splits (what the
+    inside records and the pass count read), and the held-out ones packed for validation."""
+    chat_data = sft.load_chat_data(conversations, cfg.data.val_data, tokenizer, cfg.model.block_size,
+                                   lambda m: say(d, m))
+    meta = {"corpus": cfg.data.data, "conversations": len(chat_data.train)}
+    splits = Splits(chat_data.stream("train"), chat_data.stream("val"), tokenizer, meta,
+                    {"corpus": cfg.data.val_data or cfg.data.data, "conversations": len(chat_data.val)})
+    val_blocks = sft.validation_blocks(chat_data.val, cfg.model.block_size, cfg.eval_tokens, sft.pad_id(tokenizer))
+    return splits, chat_data, val_blocks
 
 
 def restore(setup: Setup, state: TrainState) -> Path:
@@ -409,9 +468,13 @@ def describe(setup: Setup, state: TrainState) -> None:
     """What the run chose and why: model, data, device, dtype, batch layout, budget."""
     cfg, d, tokenizer, splits = setup.cfg, setup.d, setup.tokenizer, setup.splits
     m = cfg.model
+    data = (f"train {fmt_count(len(splits.train))} / val {fmt_count(len(splits.val))} tokens" if setup.chat is None
+            else f"fine-tuning on {len(setup.chat.train):,} conversations ({fmt_count(len(splits.train))} tokens), "
+                 f"validating on {len(setup.chat.val):,}" + (f" and {len(setup.chat.tasks)} prompts answered"
+                                                            if setup.chat.tasks else ""))
     say(d, f"run {setup.run_dir}: {m.arch} {m.n_layer}L/{m.n_head}H/{m.n_embd}d, "
            f"{fmt_count(count_params(state.model))} params; {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}; "
-           f"train {fmt_count(len(splits.train))} / val {fmt_count(len(splits.val))} tokens")
+           f"{data}")
     say(d, f"device {setup.device} ({'asked for' if cfg.device != 'auto' else 'auto-selected'}), autocast "
            f"{str(setup.dtype)[6:]}, {setup.tokens_per_step:,} tokens/step ({setup.global_batch} sequences x "
            f"{m.block_size}), optimizer {cfg.optim.optimizer}, schedule {cfg.optim.schedule}, "
@@ -458,19 +521,19 @@ class Recorder:
     def __init__(self, setup: Setup, state: TrainState):
         cfg, d = setup.cfg, setup.d
         self.setup, self.cfg, self.d = setup, cfg, d
-        self.probe_prompts = ((list(cfg.probe_prompts) or default_probe_prompts(
-            setup.splits.val, setup.tokenizer, cfg.model.block_size)) if cfg.probe else [])
+        self.probe_prompts = ((list(cfg.probe_prompts) or self.default_prompts()) if cfg.probe else [])
         self.telemetry = GradientTelemetry(unwrap(state.model), cfg.telemetry_interval if d.main and not d.sharded else 0)
         self.board = TensorBoard(setup.run_dir, cfg.tensorboard and d.main)
         self.viewer = Viewer(state.model, d, cfg.model, setup.tokenizer.vocab_size)
-        self.inside = InsideRecorder(setup.tokenizer, self.probe_prompts or default_probe_prompts(
-            setup.splits.val, setup.tokenizer, cfg.model.block_size), setup.splits.val, cfg.model.block_size,
-            cfg.batch_size) if cfg.inside and d.main else None
+        self.inside = InsideRecorder(setup.tokenizer, self.probe_prompts or self.default_prompts(),
+                                     setup.splits.val, cfg.model.block_size, cfg.batch_size) \
+            if cfg.inside and d.main else None
         self.inside_seconds, self.started = 0.0, time.perf_counter()
         self.history = state.evals
         self.metrics = self.open_log()
         self.last_val: Optional[Metrics] = None
         self.last_val_step = -1
+        self.answers: Optional[dict] = None  # sft: the last evaluation's exact match by skill and ended turns
         self.overfitting = 0  # evaluations in a row where validation loss rose while training loss fell
         self.warning = ""  # said after the evaluation's line
         self.bar = None
@@ -479,6 +542,14 @@ class Recorder:
 
             total = cfg.max_steps if cfg.max_steps and not cfg.max_time else None
             self.bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def default_prompts(self) -> list:
+        """The probe's prompts: 3 cut from the validation text; for sft, 3 held-out prompts rendered to be
+        answered (as token ids: they hold special tokens)."""
+        setup = self.setup
+        if setup.chat is not None:
+            return list(setup.chat.prompts)
+        return default_probe_prompts(setup.splits.val, setup.tokenizer, self.cfg.model.block_size)
 
     def open_log(self):
         return rundir.open_append(self.setup.run_dir, rundir.METRICS) if self.d.main else open(os.devnull, "a")
@@ -515,8 +586,12 @@ class Recorder:
         this is the best validation loss so far."""
         setup, cfg = self.setup, self.cfg
         stride = window_stride(cfg.eval_stride, cfg.model.block_size)
-        m = evaluate(unwrap(state.model), setup.splits.val, setup.token_bytes, cfg.model.block_size, cfg.batch_size,
-                     cfg.eval_tokens, setup.dtype, self.d, stride=stride)
+        if setup.chat is not None:  # the trained (assistant) tokens of the held-out conversations
+            m = sft.evaluate_chat(unwrap(state.model), setup.val_blocks, setup.token_bytes, cfg.batch_size,
+                                  setup.dtype, self.d)
+        else:
+            m = evaluate(unwrap(state.model), setup.splits.val, setup.token_bytes, cfg.model.block_size,
+                         cfg.batch_size, cfg.eval_tokens, setup.dtype, self.d, stride=stride)
         best = m.loss < state.best_val
         state.best_val = min(state.best_val, m.loss)
         self.last_val, self.last_val_step = m, state.step
@@ -526,6 +601,13 @@ class Recorder:
                   "val_loss": m.loss, "val_bits_per_byte": m.bits_per_byte, "val_accuracy": m.accuracy,
                   "val_perplexity": m.perplexity, "val_tokens": m.tokens, "val_stride": stride,
                   "passes": round(passes, 4), "best": best}
+        tasks = setup.chat.tasks if setup.chat is not None else []
+        if setup.chat is not None:
+            del record["val_stride"]  # whole conversations, not windows of a stream
+        view = self.viewer.get() if self.probe_prompts or cfg.trajectory_snapshots or cfg.inside or tasks \
+            else None  # rank 0's model (under fsdp every rank calls get)
+        self.answers = sft.answer_tasks(view, setup.tokenizer, tasks) if view is not None and tasks else None
+        record.update(self.answers or {})
         self.warning = ""
         if self.overfitting >= OVERFIT_EVALS:
             record["overfitting"] = self.overfitting
@@ -536,7 +618,9 @@ class Recorder:
         self.write(record)
         self.board.scalars(state.step, {"val/loss": m.loss, "val/bits_per_byte": m.bits_per_byte,
                                         "val/accuracy": m.accuracy})
-        view = self.viewer.get() if self.probe_prompts or cfg.trajectory_snapshots or cfg.inside else None  # rank 0
+        if self.answers is not None:
+            self.board.scalars(state.step, {"val/ended_turn": self.answers["ended_turn"], **{
+                f"val/exact_match/{skill}": share for skill, share in self.answers["exact_match"].items()}})
         if view is not None and self.probe_prompts:
             results = probe(view, setup.tokenizer, self.probe_prompts)
             rundir.append_jsonl(setup.run_dir, rundir.PROBES, {"step": state.step, "probes": results})
@@ -562,12 +646,18 @@ class Recorder:
 
     def say_evaluation(self, state: TrainState, train_loss: Optional[float]) -> None:
         m = self.last_val
-        if train_loss is None:
+        if train_loss is None and self.setup.chat is not None:
+            line = f"step 0: val loss {m.loss:.4f} on the assistant's tokens, before fine-tuning"
+        elif train_loss is None:
             line = (f"step 0: val loss {m.loss:.4f} (uniform guess: "
                     f"{math.log(self.setup.tokenizer.vocab_size):.4f})")
         else:
             line = (f"step {state.step}: train {train_loss:.4f}, val {m.loss:.4f} ({m.bits_per_byte:.3f} bits/byte), "
                     f"{state.elapsed:.1f}s")
+        if self.answers is not None:
+            shares = self.answers["exact_match"]
+            line += (f"; exact match {', '.join(f'{k} {v:.0%}' for k, v in shares.items())}, "
+                     f"ended turn {self.answers['ended_turn']:.0%}")
         self.say_line(line)
         if self.warning:
             self.say_line(self.warning)
@@ -682,6 +772,7 @@ def train(cfg: TrainConfig) -> dict:
     """
     if cfg.max_steps == 0 and cfg.max_time == 0:
         raise LmlabError("set a budget: --max-steps N and/or --max-time SECONDS")
+    check_stage(cfg)
     cfg, note = apply_budget(cfg)
     d = dist_.setup(cfg.parallel, resolve_device(cfg.device), cfg.dist_timeout)
     try:
@@ -740,7 +831,8 @@ def run(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool]) -> dict:
     describe(setup, state)
     model = torch.compile(state.model) if cfg.compile else state.model
     # compiled too, the loss fuses the float32 upcast of the logits into its softmax instead of writing a copy
-    objective = torch.compile(training_loss) if cfg.compile else training_loss
+    objective = masked_loss if cfg.stage == "sft" else training_loss
+    objective = torch.compile(objective) if cfg.compile else objective
     recorder = Recorder(setup, state)
     autocast = autocast_context(setup.device, setup.dtype)
     last_saved, bad_in_row, stop_all = state.step, 0, False
@@ -846,17 +938,27 @@ def best_model(setup: Setup, state: TrainState) -> Optional[tuple[torch.nn.Modul
 def final_sample(setup: Setup, model: torch.nn.Module, step: int) -> str:
     cfg, tokenizer = setup.cfg, setup.tokenizer
     gen = torch.Generator().manual_seed(cfg.seed)
-    say(setup.d, f"sample ({cfg.sample_tokens} tokens, temperature 0.8):")
-    text = cfg.sample_prompt
-    sys.stdout.write(cfg.sample_prompt)
-    tokens = generate(model, prompt_ids(tokenizer, cfg.sample_prompt), cfg.sample_tokens, 0.8, 0, 1.0, gen,
-                      banned=text_banned(tokenizer))
+    prompt, ids = cfg.sample_prompt, prompt_ids(tokenizer, cfg.sample_prompt)
+    chat_answer = setup.chat is not None and bool(setup.chat.prompts) and not cfg.sample_prompt
+    if chat_answer:  # an answer to a held-out prompt: it may end its turn (a stop id), where it stops
+        ids = setup.chat.prompts[0]
+        prompt = tokenizer.decode(ids)
+        say(setup.d, f"sample (an answer to a held-out prompt, up to {cfg.sample_tokens} tokens, temperature 0.8):")
+    else:
+        say(setup.d, f"sample ({cfg.sample_tokens} tokens, temperature 0.8):")
+    text = prompt
+    sys.stdout.write(prompt)
+    tokens = generate(model, ids, cfg.sample_tokens, 0.8, 0, 1.0, gen,
+                      banned=None if chat_answer else text_banned(tokenizer))
+    if chat_answer:
+        stops = set(tokenizer.stop_ids)
+        tokens = itertools.takewhile(lambda t: t not in stops, tokens)
     for piece in stream_text(tokenizer, tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()
         text += piece
     sys.stdout.write("\n")
     rundir.append_text(setup.run_dir, rundir.SAMPLES_TXT, f"--- step {step} ---\n{text}\n")
-    rundir.append_jsonl(setup.run_dir, rundir.SAMPLES_JSONL, {"step": step, "prompt": cfg.sample_prompt,
+    rundir.append_jsonl(setup.run_dir, rundir.SAMPLES_JSONL, {"step": step, "prompt": prompt,
                                                               "temperature": 0.8, "text": text})
     return text

@@ -7,6 +7,8 @@ after each kill, and check that nothing was lost:
 3. no temporary files are left behind.
 
     python scripts/crash_test.py --kills 20          # prints a summary line; exit 0 when every check passed
+    python scripts/crash_test.py --stage sft         # the same for supervised fine-tuning: a base run is trained
+                                                     # first, then fine-tuned on conversations (killed, resumed)
 """
 
 from __future__ import annotations
@@ -23,9 +25,25 @@ import tempfile
 import time
 from pathlib import Path
 
-TRAIN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
-         "--eval-interval", "25", "--checkpoint-interval", "5", "--keep-checkpoints", "2", "--sample-tokens", "0",
-         "--max-time", "0", "--no-progress", "--schedule", "cosine", "--warmup", "10", "--threads", "1"]
+MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32"]
+TRAIN = ["--batch-size", "8", "--eval-interval", "25", "--checkpoint-interval", "5", "--keep-checkpoints", "2",
+         "--sample-tokens", "0", "--max-time", "0", "--no-progress", "--schedule", "cosine", "--warmup", "10",
+         "--threads", "1"]
+# --stage sft: the base it fine-tunes (byte tokens, which encode any conversation; a context that fits them), and
+# the conversations, synthetic:chat's in a JSONL file (reading the 21,000 of synthetic:chat itself takes seconds at
+# every restart)
+SFT_BASE = ["--tokenizer", "byte", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "96",
+            "--max-steps", "10", "--max-time", "0", "--batch-size", "8", "--sample-tokens", "0", "--no-progress",
+            "--threads", "1"]
+SFT_CONVERSATIONS = 400
+
+
+def conversations(path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lmlab import synthetic
+
+    path.write_text("".join(json.dumps({"messages": task.messages}) + "\n"
+                            for task in synthetic.chat_tasks(0, "train", SFT_CONVERSATIONS)))
 
 
 def corpus(path: Path) -> None:
@@ -85,6 +103,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--stage", choices=("pretrain", "sft"), default="pretrain",
+                    help="sft: kill and resume a fine-tuning run (of a base trained first) on conversations")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lmlab-crash-"))
@@ -92,7 +112,17 @@ def main() -> int:
     data = work / "corpus.txt"
     corpus(data)
     env = {**os.environ, "LMLAB_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
-    base = [sys.executable, "-m", "lmlab", "train", "--data", str(data), "--max-steps", str(args.steps), *TRAIN]
+    lmlab_train = [sys.executable, "-m", "lmlab", "train"]
+    base = [*lmlab_train, "--data", str(data), "--max-steps", str(args.steps), *MODEL, *TRAIN]
+    if args.stage == "sft":
+        pretrained = work / "base"
+        if not (pretrained / "config.json").exists():
+            subprocess.run([*lmlab_train, "--data", str(data), *SFT_BASE, "--out", str(pretrained)], env=env,
+                           check=True, capture_output=True)
+        chats = work / "chats.jsonl"
+        conversations(chats)
+        base = [*lmlab_train, "--stage", "sft", "--init-from", str(pretrained), "--data", str(chats), "--max-steps",
+                str(args.steps), *TRAIN]
 
     ref = work / "reference"
     subprocess.run([*base, "--out", str(ref)], env=env, check=True, capture_output=True)
@@ -161,7 +191,7 @@ def main() -> int:
     left = temp_files(run)
     if left:
         problems.append(f"temporary files left: {left}")
-    summary = (f"{kills} kills ({during_checkpoint} during a checkpoint write), {len(resumes)} resumes, "
+    summary = (f"{args.stage}: {kills} kills ({during_checkpoint} during a checkpoint write), {len(resumes)} resumes, "
                f"{len(final)} steps compared with an uninterrupted run")
     if problems:
         print("FAIL: " + "; ".join(problems) + f" [{summary}]")

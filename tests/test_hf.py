@@ -218,6 +218,10 @@ def hf_llama(folder: Path, tokenizer) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def bpe():
+    return plain_bpe()
+
+
+def plain_bpe() -> BPETokenizer:
     """A byte-level BPE trained by `tokenizers` itself, without lmlab's special tokens, as GPT-2's and Llama's are."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

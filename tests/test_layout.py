@@ -26,6 +26,7 @@ CORE = [
     "inside",  # what the loop records inside the model at each evaluation
     "telemetry",  # what the loop records about itself (gradients, spikes, weight snapshots)
     "hf",  # transformers models out and in: train starts a run from one (--init-from)
+    "sft",  # what the loop does differently for conversations (--stage sft): packing, masked validation, answers
     "train",
     "predict",  # what a trained model predicts: the next-token distribution, the surprisal of a text
 ]

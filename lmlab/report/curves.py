@@ -1,5 +1,6 @@
 """The charts of training, one line per run: loss against steps and tokens, validation accuracy, the learning rate,
-gradient norms (global and per layer), update-to-weight ratios and throughput."""
+gradient norms (global and per layer), update-to-weight ratios and throughput; for a fine-tuning run on
+conversations with a verifier (synthetic:chat), its held-out answers' exact match by skill and ended turns."""
 
 from __future__ import annotations
 
@@ -62,6 +63,23 @@ def accuracy_figure(runs: list[RunLogs]) -> Figure:
             ax.plot(xs, [100 * y for y in ys], color=color(i), marker="o", markersize=4,
                     label=run.name)
     ax.set_ylabel("accuracy (%)")
+    return finish(fig)
+
+
+def answers_figure(run: RunLogs) -> Figure:
+    """One SFT run's greedy answers to held-out prompts at each evaluation: exact match by skill (solid) and the
+    share of answers that ended their turn (dashed, black)."""
+    fig, ax = figure(f"{run.name}: held-out answers", "step", "share of answers (%)")
+    skills = sorted({skill for r in run.evals for skill in (r.get("exact_match") or {})})
+    for j, skill in enumerate(skills):
+        rows = [r for r in run.evals if skill in (r.get("exact_match") or {})]
+        xs, ys = finite_points([r["step"] for r in rows], [r["exact_match"][skill] for r in rows])
+        if xs:
+            ax.plot(xs, [100 * y for y in ys], color=color(j), marker="o", markersize=3, label=f"{skill} exact match")
+    xs, ys = finite_points([r["step"] for r in run.evals], [r.get("ended_turn") for r in run.evals])
+    if xs:
+        ax.plot(xs, [100 * y for y in ys], color="black", linestyle="--", label="ended their turn")
+    ax.set_ylim(-2, 102)
     return finish(fig)
 
 

@@ -19,7 +19,8 @@ from ..common import LmlabError, atomic_write_bytes, atomic_write_json, fmt_coun
 from ..rundir import run_names
 from ..tokenizer import visible
 from .chart import PNG_SIGNATURE, plain_text
-from .curves import accuracy_figure, grad_norm_figure, layer_figure, loss_figure, lr_figure, throughput_figure
+from .curves import (accuracy_figure, answers_figure, grad_norm_figure, layer_figure, loss_figure, lr_figure,
+                     throughput_figure)
 from .inside_page import inside_section
 from .logs import RunLogs, best_eval, load_run_logs
 from .page import Images, fmt, none, page, section, shared_file_mode, slug, top_cell
@@ -63,6 +64,10 @@ def _loss_section(runs: list[RunLogs], images: Images, log: bool) -> str:
     else:
         parts.append('<div id="accuracy">' + none("no evaluation yet, so no accuracy") + "</div>")
     parts.append(images.chart("loss_tokens.png", loss_figure(runs, "tokens", log), f"loss against tokens{scale}"))
+    for run in runs:  # fine-tuning on conversations with a verifier: its held-out answers
+        if any("exact_match" in r for r in run.evals):
+            parts.append(images.chart(f"{slug(run.name)}_answers.png", answers_figure(run),
+                                      f"{run.name}: exact match of held-out answers by skill, and ended turns"))
     parts.append("</div>")
     parts.append(_missing(runs, lambda r: r.train, "training steps logged"))
     parts.append(_missing(runs, lambda r: r.evals, "evaluations logged"))
