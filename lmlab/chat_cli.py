@@ -38,7 +38,7 @@ class ChatArgs:
     """Keep the smallest set of tokens whose probability reaches p (1: off)."""
     seed: int = 1337
     """Seed of the sampling generator (same seed and messages, same answers)."""
-    device: str = "cpu"
+    device: str = "auto"
     """auto, cpu, cuda or mps."""
 
 

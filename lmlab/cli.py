@@ -141,7 +141,6 @@ def cmd_train(argv: list[str]) -> int:
     known, _ = pre.parse_known_args(argv)
     if known.resume:
         from .rundir import read_config
-
         base = TrainConfig.from_json(read_config(Path(known.resume)))
         base.resume = known.resume
         base.parallel = "none"  # how to launch is chosen anew each time: a run may resume on another world size

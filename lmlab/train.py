@@ -788,7 +788,8 @@ def train(cfg: TrainConfig) -> dict:
             cfg = dataclasses.replace(cfg, out=cfg.resume)  # config.json says where the run is
             note = "\n".join(n for n in (note, batch_note) if n)
         accumulation_steps(cfg, d.world)  # refuse a global batch that does not divide before touching any file
-        eval_stride(cfg.eval_stride or cfg.model.block_size, cfg.model.block_size, "--eval-stride")  # 0: block_size
+        if cfg.model.block_size is not None:  # None: --stage sft, whose context is the base's (window_stride caps)
+            eval_stride(cfg.eval_stride or cfg.model.block_size, cfg.model.block_size, "--eval-stride")  # 0: block
         if note:
             say(d, note)
         with ExitStack() as stack:
