@@ -98,6 +98,7 @@ def test_dashboard_and_playground(browser, served, tmp_path):
     page.wait_for_function(f"document.querySelector('figure[data-chart=loss]').dataset.points == {logged}")
     assert int(page.get_attribute('figure[data-chart="lr"]', "data-points")) > 0
     assert page.locator("figure[data-chart=loss] canvas").count() == 1
+    assert not page.locator("figure[data-chart=answers]").is_visible()  # no SFT run: no held-out answers
     probes = read_jsonl(root / "alpha" / "probes.jsonl")
     page.wait_for_selector("#probes .probe")
     assert page.locator("#probes .probe tbody tr").count() == sum(len(r["probes"]) for r in probes)
@@ -222,3 +223,29 @@ def test_a_wrong_key_is_asked_for_again(browser, keyed):
     page.wait_for_selector('#runs tr[data-run="beta"]')
     assert page.get_attribute("#key-dialog", "data-asked") == "2"
     context.close()
+
+
+def test_an_sft_run_shows_its_held_out_answers(browser, tmp_path):
+    """The held-out answers chart: hidden for pretraining runs, and for an SFT run one line per skill plus the share
+    that ended their turn, every logged value drawn; its val loss is labelled as the masked loss."""
+    from test_serve import LIMITS, ServerThread
+    from test_serve_sft import sft_run
+
+    from lmlab.serve.app import create_app
+    from lmlab.serve.runs import RunSet
+
+    run = sft_run(tmp_path / "runs")
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if "exact_match" in r]
+    with ServerThread(create_app(RunSet([run]), LIMITS)) as url:
+        page, errors = open_page(browser)
+        page.goto(url + "/#dashboard")
+        expected = sum(len(r["exact_match"]) + 1 for r in evals)
+        page.wait_for_function(f"document.querySelector('figure[data-chart=answers]').dataset.points == {expected}")
+        figure = page.locator("figure[data-chart=answers]")
+        assert figure.is_visible() and figure.locator("canvas").count() == 1
+        legend = figure.locator(".u-legend").inner_text()
+        assert all(f"chat {skill} exact match" in legend for skill in evals[0]["exact_match"])
+        assert "chat ended turn" in legend
+        assert "chat masked val" in page.locator("figure[data-chart=loss] .u-legend").inner_text()
+        page.close()
+    assert errors == []

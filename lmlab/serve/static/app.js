@@ -8,6 +8,7 @@ const CHARTS = [  // one uPlot per figure: the metrics.jsonl keys it draws, per 
   {id: "loss", series: [{key: "train_loss", label: "train"}, {key: "val_loss", label: "val", dots: true},
                         {key: "val_loss", label: "overfitting", dots: true, only: "overfitting", color: "#cc0000"}]},
   {id: "accuracy", series: [{key: "val_accuracy", label: "val", dots: true}]},
+  {id: "answers", skills: "exact_match", series: [{key: "ended_turn", label: "ended turn", dash: [2, 3], marks: true}]},
   {id: "lr", series: [{key: "lr", label: "lr"}]},
   {id: "grad_norm", series: [{key: "grad_norm", label: "grad norm"}]},
   {id: "tokens_per_s", series: [{key: "tokens_per_s", label: "tokens/s"}]},
@@ -196,25 +197,39 @@ async function pollLog(run, file) {
   return body.records.length > 0 || body.start === 0;
 }
 
-function seriesPoints(records, xKey, yKey, only) {  // only: a key the record must hold (e.g. overfitting)
-  const xs = [], ys = [];
+function seriesPoints(records, xKey, yKey, only, sub) {  // only: a key the record must hold (e.g. overfitting)
+  const xs = [], ys = [];  // sub: the entry of an object-valued key to draw (a skill of exact_match)
   for (const r of records) {
     if (only && !r[only]) continue;
-    const x = r[xKey], y = r[yKey];
+    const x = r[xKey], y = sub === undefined ? r[yKey] : (r[yKey] || {})[sub];
     if (typeof x === "number" && typeof y === "number" && Number.isFinite(y)) { xs.push(x); ys.push(y); }
   }
   return [xs, ys];
+}
+
+const SKILL_DASH = [undefined, [7, 3], [9, 3, 2, 3], [4, 2], [12, 4]];  // line style per skill; colour per run
+
+function skillSeries(spec, records) {  // one line per key of an object-valued key (the skills of exact_match)
+  if (!spec.skills) return [];
+  const skills = new Set();
+  for (const r of records) {
+    const value = r[spec.skills];
+    if (value && typeof value === "object") Object.keys(value).forEach(k => skills.add(k));
+  }
+  return [...skills].sort().map((skill, i) => ({key: spec.skills, sub: skill, label: `${skill} exact match`,
+                                                dash: SKILL_DASH[i % SKILL_DASH.length], marks: true}));
 }
 
 function chartData(spec, runs, xKey) {
   const tables = [], series = [];
   for (const run of runs) {
     const records = (state.logs[`${run}|metrics`] || {records: []}).records;
-    for (const s of spec.series) {
-      const points = seriesPoints(records, xKey, s.key, s.only);
+    const sft = (state.runs.find(r => r.name === run) || {}).stage === "sft";
+    for (const s of skillSeries(spec, records).concat(spec.series)) {
+      const points = seriesPoints(records, xKey, s.key, s.only, s.sub);
       if (!points[0].length) continue;
       tables.push(points);
-      series.push({run, ...s});
+      series.push({run, ...s, label: sft && s.key === "val_loss" && !s.only ? "masked val" : s.label});
     }
   }
   return {data: tables.length ? uPlot.join(tables) : [[]], series};
@@ -232,8 +247,10 @@ function makePlot(figure, spec, series, xKey, logY) {
     hooks: {setSelect: [u => { if (u.select.width > 0) u.zoomed = true; }]},  // new data then keeps the zoom
     series: [{label: xKey}].concat(series.map(s => ({
       label: `${s.run} ${s.label}`, stroke: s.color || colorOf(s.run), width: s.dots ? 0 : 1.5, spanGaps: true,
+      dash: s.dash,
       paths: s.dots ? () => null : undefined,
-      points: s.dots ? {show: true, size: s.only ? 9 : 6, fill: s.color || colorOf(s.run)} : {show: false},
+      points: s.dots ? {show: true, size: s.only ? 9 : 6, fill: s.color || colorOf(s.run)}
+                     : {show: Boolean(s.marks), size: 5, fill: s.color || colorOf(s.run)},
     }))),
   };
   const plot = new uPlot(opts, [[]].concat(series.map(() => [])), box);
@@ -248,7 +265,8 @@ function refreshCharts() {
   for (const spec of CHARTS) {
     const figure = document.querySelector(`figure[data-chart="${spec.id}"]`);
     const {data, series} = chartData(spec, runs, xKey);
-    const signature = JSON.stringify([xKey, logY, series.map(s => [s.run, s.key, s.label])]);
+    if (spec.skills) figure.hidden = !series.length;  // shown once an SFT run has answered
+    const signature = JSON.stringify([xKey, logY, series.map(s => [s.run, s.key, s.sub, s.label])]);
     let chart = state.charts[spec.id];
     if (!chart || chart.signature !== signature) {
       if (chart) chart.plot.destroy();
