@@ -217,3 +217,27 @@ def test_step_bench_script_compares_each_speed_up(tmp_path):
               for mode in ("default", "keep") if line.startswith(f"page faults, malloc {mode}")}
     assert set(faults) == {"default", "keep"} and min(faults.values()) >= 0, out  # counts vary with huge pages
     assert "default / keep:" in out and "fused MLP: plain" in out and "plain / fused:" in out, out
+
+
+def test_chat_answer_timing_fills_three_quarters_of_the_context_and_renders_a_row():
+    """The chat figure: a conversation rendered to 3/4 of the tiny preset's context, a fixed number of new tokens,
+    positive times (their values are not asserted), a line in the table and a row in the Markdown."""
+    import contextlib
+    import io
+
+    import torch
+
+    from lmlab.bench.measure import chat_speed
+    from lmlab.bench.tables import print_table, to_markdown
+
+    r = chat_speed(torch.device("cpu"), new_tokens=4, repeats=1)
+    assert r["preset"] == "tiny" and r["new_tokens"] == 4
+    assert abs(r["prompt_tokens"] - 0.75 * r["block"]) <= 3
+    assert r["first_token_ms"] > 0 and r["tokens_per_s"] > 0
+    out = {"torch": torch.__version__, "device": "cpu", "threads": 1, "chat": r}
+    md = to_markdown(out)
+    assert "| chat answer, batch 1 (tiny" in md and f"| {r['prompt_tokens']} |" in md
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_table(out)
+    assert "chat answer" in buf.getvalue() and "first token" in buf.getvalue()

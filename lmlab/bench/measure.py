@@ -215,3 +215,66 @@ def quality_run(data: str, budget: float, device: str, eval_every: int) -> dict:
         evals = [r for r in rundir.read_jsonl(Path(d) / "run", rundir.METRICS) if "val_loss" in r]
     return {"budget_s": budget, "val_loss": summary["val_loss"], "steps": summary["steps"], "wall_s": wall,
             "curve": [(e["elapsed_s"], e["val_loss"]) for e in evals]}
+
+
+def chat_conversation(tokenizer, target: int, seed: int = 0) -> list[dict]:
+    """User and assistant turns of random letters whose rendering with the generation prompt is `target` tokens
+    (a char tokenizer: one token a letter), the last user message's length making up the difference."""
+    from .. import chat
+
+    rng = torch.Generator().manual_seed(seed)
+
+    def letters(n: int) -> str:
+        return "".join(chr(ord("a") + int(i)) for i in torch.randint(0, 26, (n,), generator=rng))
+
+    def length(msgs: list[dict]) -> int:
+        return len(chat.render(tokenizer, msgs, add_generation_prompt=True).ids)
+
+    messages = [{"role": "user", "content": "a"}]
+    while True:  # whole turns while they fit, each a user message and its answer of 4 to 16 letters
+        more = [{"role": "user", "content": letters(4 + int(torch.randint(0, 13, (1,), generator=rng)))},
+                {"role": "assistant", "content": letters(4 + int(torch.randint(0, 13, (1,), generator=rng)))}]
+        if length(more + messages) > target:
+            break
+        messages = messages[:-1] + more + messages[-1:]
+    messages[-1]["content"] = letters(max(1, 1 + target - length(messages)))
+    return messages
+
+
+def chat_speed(device: torch.device, new_tokens: int = 32, repeats: int = 5, fill: float = 0.75,
+               preset: str = "tiny") -> dict:
+    """A chat answer (batch 1, KV cache, temperature 1) from a random-init `preset` model with a char tokenizer,
+    after a conversation that fills `fill` of its context: time to first token (rendering and encoding the
+    conversation, the prompt's forward and the first draw) and tokens/s over the rest of the answer. A fixed
+    new_tokens are drawn (no stop id ends it: sample.generate on the rendered ids). Medians over `repeats`, after a
+    warm-up answer."""
+    from .. import chat
+    from ..sample import generate
+    from ..tokenizer import CharTokenizer
+
+    if new_tokens < 2:
+        raise LmlabError("a chat answer's tokens/s needs at least 2 new tokens")
+    cfg, _ = apply_budget(get_preset(preset))
+    tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tokenizer.vocab_size).to(device).eval()
+    block = cfg.model.block_size
+    messages = chat_conversation(tokenizer, round(block * fill))
+    gen = torch.Generator().manual_seed(0)
+    firsts, rates = [], []
+    for i in range(repeats + 1):  # the first is the warm-up
+        t = time.perf_counter()
+        ids = chat.render(tokenizer, messages, add_generation_prompt=True).ids.tolist()
+        tokens = generate(model, ids, new_tokens, 1.0, 0, 1.0, gen)
+        next(tokens)
+        sync(device)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        n = sum(1 for _ in tokens)
+        sync(device)
+        if i:
+            firsts.append(first)
+            rates.append(n / (time.perf_counter() - t))
+    return {"preset": preset, "block": block, "prompt_tokens": len(ids), "new_tokens": new_tokens,
+            "repeats": repeats, "first_token_ms": statistics.median(firsts) * 1000,
+            "tokens_per_s": statistics.median(rates)}

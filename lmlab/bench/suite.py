@@ -12,8 +12,8 @@ import torch
 
 from ..common import LmlabError, resolve_device
 from ..data import BUILTIN, resolve_source
-from .measure import (generation_label, generation_speed, matmul_peak, quality_run, throughput, tokenizer_speed,
-                      training_rss)
+from .measure import (chat_speed, generation_label, generation_speed, matmul_peak, quality_run, throughput,
+                      tokenizer_speed, training_rss)
 from .nanogpt import alternated_generation, alternated_throughput, nanogpt_process, twin_models
 
 
@@ -42,7 +42,8 @@ class BenchConfig:
     target_budget: float = 20.0
     """Budget (s) of the run that times the target."""
     only: tuple[str, ...] = ()
-    """Run only these sections: peak, throughput, quality, generation, data, nanogpt."""
+    """Run only these sections: peak, throughput, quality, generation, data, nanogpt; or chat (only the chat answer
+    of the generation section)."""
     out: Optional[str] = None
     """Folder to write the figures to: bench.json (all of them) and bench.md (as Markdown tables)."""
 
@@ -66,6 +67,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         bench_throughput(cfg, device, out)
     if "generation" in sections:
         bench_generation(cfg, device, out)
+    if "generation" in sections or "chat" in sections:
+        bench_chat(cfg, device, out)
     if "quality" in sections:
         bench_quality(cfg, out)
     if cfg.nanogpt:  # asked for by giving the checkout, whatever --only says
@@ -138,6 +141,14 @@ def bench_generation(cfg: BenchConfig, device: torch.device, out: dict) -> None:
             out["generation"].append(r)
             say(f"generation {n} tokens, {generation_label(r)}: {r['tokens_per_s']:,.0f} tok/s"
                 + (f" (compiling and warm-up: {r['first_s']:.1f} s)" if comp else ""))
+
+
+def bench_chat(cfg: BenchConfig, device: torch.device, out: dict) -> None:
+    """A chat answer after a conversation filling three quarters of the tiny preset's context (a second or so)."""
+    r = chat_speed(device, repeats=3 if cfg.quick else 10)
+    out["chat"] = r
+    say(f"chat answer after {r['prompt_tokens']} of {r['block']} tokens ({r['preset']}): first token in "
+        f"{r['first_token_ms']:.1f} ms, then {r['tokens_per_s']:,.0f} tok/s")
 
 
 def bench_quality(cfg: BenchConfig, out: dict) -> None:

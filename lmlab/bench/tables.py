@@ -26,6 +26,10 @@ def print_table(out: dict) -> None:
     for r in out.get("generation", []):
         lines.append(f"{'generate %d, %s' % (r['new_tokens'], generation_label(r)):34s} {r['tokens_per_s']:9,.0f} tok/s"
                      + (f"  (compiling and warm-up {r['first_s']:.1f} s)" if r.get("compiled") else ""))
+    c = out.get("chat")
+    if c:
+        lines.append(f"{'chat answer, %d-token prompt' % c['prompt_tokens']:34s} {c['tokens_per_s']:9,.0f} tok/s  "
+                     f"first token {c['first_token_ms']:.1f} ms  ({c['preset']}, context {c['block']})")
     for r in out.get("tokenizers", []):
         lines.append(f"{'tokenize ' + r['tokenizer']:34s} {r['encode_mb_per_s']:9.1f} MB/s")
     if "memory" in out:
@@ -85,6 +89,12 @@ def to_markdown(out: dict) -> str:
             first = f"{r['first_s']:.1f}" if r.get("compiled") else "-"
             md.append(f"| {r['new_tokens']} new tokens, {generation_label(r)} | {r['tokens_per_s']:,.0f} | {first} |")
         md.append("")
+    c = out.get("chat")
+    if c:
+        md += [f"| chat answer, batch 1 ({c['preset']}, random init, char tokenizer) | prompt tokens | time to first "
+               "token (ms) | tokens/s |", "|---|---|---|---|",
+               f"| {c['new_tokens']} new tokens after a conversation filling 3/4 of the {c['block']}-token context "
+               f"| {c['prompt_tokens']} | {c['first_token_ms']:.1f} | {c['tokens_per_s']:,.0f} |", ""]
     if out.get("tokenizers"):
         md += ["| data | figure |", "|---|---|"]
         for r in out["tokenizers"]:
