@@ -324,11 +324,11 @@ def cmd_data(argv: list[str]) -> int:
         for name, spec in NAMED_CORPORA.items():
             cached = (cache_dir() / "corpora" / f"{name}.txt").exists()
             print(f"{name:16s} {spec.description}; {'cached' if cached else 'downloaded on first use'} from {spec.url}")
-        from .synthetic import PREFIX, SYNTHETIC
-
+        from .synthetic import PREFIX, SKILLS, SYNTHETIC
         print("synthetic corpora, generated on first use from a seed (synthetic:NAME:SEED for another seed than 0):")
         for name, spec in SYNTHETIC.items():
             print(f"  {PREFIX + name:20s} {spec.description}; entropy rate {spec.entropy_rate(0):.4f} nats/character")
+        print(f"  {PREFIX + 'chat':20s} conversations whose answers a verifier checks ({', '.join(SKILLS)}): --stage sft")
         print(f"cache: {cache_dir()}")
         return 0
     if not args.sources:

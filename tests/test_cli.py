@@ -261,6 +261,7 @@ def test_data_list(tmp_path, isolated_cache):
     proc = run_cli(["data", "list"], cwd=tmp_path)
     _ok(proc)
     assert "builtin" in proc.stdout and "tinyshakespeare" in proc.stdout
+    assert "synthetic:chat" in proc.stdout and "synthetic:induction" in proc.stdout
     assert str(isolated_cache) in proc.stdout
     assert not (Path(isolated_cache) / "corpora" / "tinyshakespeare.txt").exists()  # listing downloads nothing
 
