@@ -112,7 +112,7 @@ def read_message(interactive: bool) -> Optional[str]:
 
 
 def cmd_chat(argv: list[str]) -> int:
-    from .checkpoint import load_run
+    from .run import load_run
     from .common import resolve_device
     from .converse import check_chat_run
     from .sample import SampleConfig

@@ -18,7 +18,6 @@ converts one from a source you trust.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -36,18 +35,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file, save_model
 
 from . import rundir
-from . import tokenizer as tok
-from .common import SCHEMA_VERSION, LmlabError, atomic_write_json, check_new_folder, sha256_file
-from .config import TrainConfig
+from .common import SCHEMA_VERSION, LmlabError, atomic_write_json, parse_json, sha256_file
 from .distributed import Dist, barrier, is_sharded, like, unwrap
-from .model import check_fits, unique_parameters
-from .rundir import CHECKPOINTS
+from .model import unique_parameters
+from .rundir import CHECKPOINTS, CKPT_DCP, CKPT_MODEL, CKPT_OPTIMIZER, CKPT_RNG, CKPT_STATE, shard_name
 
-PREFIX = "step_"
-SINGLE_FILES = ("model.safetensors", "optimizer.safetensors")
-_SHARD = re.compile(r"shard_([0-9]{5})\.safetensors")
+PREFIX = rundir.STEP_PREFIX
+SINGLE_FILES = (CKPT_MODEL, CKPT_OPTIMIZER)
 _DCP_FILE = re.compile(r"dcp/(\.metadata|__[0-9]+_[0-9]+\.distcp)")
-_STEP_DIR = re.compile(r"step_[0-9]+")  # ASCII digits only: str.isdigit() and \d also take "²", which int() refuses
+_STEP_DIR = rundir.STEP_DIR
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -75,7 +71,7 @@ def checkpoint_dirs(run_dir: Path, warn: Optional[Callable[[str], None]] = None)
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
+    return Path(run_dir) / CHECKPOINTS / rundir.checkpoint_name(step)
 
 
 def _file(path: Path, name: str) -> Path:
@@ -192,7 +188,7 @@ def save_checkpoint(
         _save_sharded(run_dir, step, model, optimizer, rng, state, keep, d)
     elif d.main:
         try:
-            _save_single(run_dir, step, unwrap(model), optimizer, rng, state, keep)
+            save_single(run_dir, step, unwrap(model), optimizer, rng, state, keep)
         finally:
             barrier(d)
     else:
@@ -200,16 +196,16 @@ def save_checkpoint(
     return checkpoint_path(run_dir, step)
 
 
-def _save_single(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_single(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  rng: dict[str, torch.Tensor], state: dict, keep: int) -> None:
     final = checkpoint_path(run_dir, step)
     root = rundir.make_dir(run_dir, CHECKPOINTS)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_model(model, str(tmp / CKPT_MODEL))
         opt_tensors, opt_plain = optimizer_to_flat(optimizer)
         opt_tensors.update({f"rng.{k}": v.contiguous() for k, v in rng.items()})
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(opt_tensors, str(tmp / CKPT_OPTIMIZER))
         for name in SINGLE_FILES:
             _fsync_file(tmp / name)
         record = {
@@ -228,7 +224,7 @@ def _save_single(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
 
 def _publish(tmp: Path, final: Path, record: dict) -> None:
     """state.json last, then one rename: a checkpoint folder is either complete or absent."""
-    atomic_write_json(tmp / "state.json", record)
+    atomic_write_json(tmp / CKPT_STATE, record)
     if os.path.lexists(final):
         if final.is_symlink():
             final.unlink()
@@ -282,15 +278,15 @@ def _save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: t
             if local.numel():
                 pieces[name] = local.detach().cpu().contiguous()
                 where[name] = {"offsets": local_offsets(t), "global_shape": list(t.shape)}
-    shard = f"shard_{d.rank:05d}.safetensors"
+    shard = shard_name(d.rank)
     save_file(pieces, str(tmp / shard), metadata={"lmlab_pieces": json.dumps(where)})
     _fsync_file(tmp / shard)
     barrier(d)
     if d.main:
         try:
-            save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-            _fsync_file(tmp / "rng.safetensors")
-            shards = [f"shard_{r:05d}.safetensors" for r in range(d.world)]
+            save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / CKPT_RNG))
+            _fsync_file(tmp / CKPT_RNG)
+            shards = [shard_name(r) for r in range(d.world)]
             record = {
                 "schema_version": SCHEMA_VERSION,
                 "step": step,
@@ -298,7 +294,7 @@ def _save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: t
                 "world_size": d.world,
                 "optimizer": opt_plain,
                 "tensors": _index(tmp, shards),
-                "files": {name: sha256_file(tmp / name) for name in ["rng.safetensors", *shards]},
+                "files": {name: sha256_file(tmp / name) for name in [CKPT_RNG, *shards]},
                 **state,
             }
             _publish(tmp, final, record)
@@ -315,7 +311,7 @@ def _index(folder: Path, shards: list[str]) -> dict:
     index: dict[str, dict] = {}
     for i, shard in enumerate(shards):
         with safe_open(str(folder / shard), framework="pt") as f:
-            where = json.loads((f.metadata() or {}).get("lmlab_pieces", "{}"))
+            where = parse_json((f.metadata() or {}).get("lmlab_pieces", "{}"), f"the metadata of {shard}")
             for name in f.keys():
                 entry = index.setdefault(name, {"shape": where[name]["global_shape"], "pieces": []})
                 entry["pieces"].append({"file": i, "offsets": where[name]["offsets"],
@@ -344,12 +340,12 @@ def verify_checkpoint(path: Path, allow_pickle: bool = False) -> dict:
 
     An old torch.distributed.checkpoint checkpoint raises PickleCheckpoint unless allow_pickle (export only).
     """
-    if not rundir.exists(path.parent.parent, Path(CHECKPOINTS, path.name, "state.json")):
-        raise LmlabError(f"checkpoint {path} has no state.json (incomplete)")
-    state = rundir.read_json(path.parent.parent, Path(CHECKPOINTS, path.name, "state.json"))
+    if not rundir.exists(path.parent.parent, Path(CHECKPOINTS, path.name, CKPT_STATE)):
+        raise LmlabError(f"checkpoint {path} has no {CKPT_STATE} (incomplete)")
+    state = rundir.read_json(path.parent.parent, Path(CHECKPOINTS, path.name, CKPT_STATE))
     problem = _state_problem(state, path)
     if problem:
-        raise LmlabError(f"checkpoint {path} has a malformed state.json ({problem})")
+        raise LmlabError(f"checkpoint {path} has a malformed {CKPT_STATE} ({problem})")
     if state.get("format") == "dcp" and not allow_pickle:
         raise PickleCheckpoint(
             f"checkpoint {path} is in the torch.distributed.checkpoint format of older lmlab versions, which loads "
@@ -431,11 +427,11 @@ def _valid_file_list(kind: Any, names: set[str], world: Any) -> bool:
     if kind == "single":
         return names == set(SINGLE_FILES)
     if kind == "sharded":
-        return _is_int(world) and world >= 1 and names == {"rng.safetensors"} | {
-            f"shard_{r:05d}.safetensors" for r in range(world)}
+        return _is_int(world) and world >= 1 and names == {CKPT_RNG} | {
+            shard_name(r) for r in range(world)}
     if kind == "dcp":
-        rest = names - {"rng.safetensors"}
-        return "rng.safetensors" in names and "dcp/.metadata" in rest and all(_DCP_FILE.fullmatch(n) for n in rest)
+        rest = names - {CKPT_RNG}
+        return CKPT_RNG in names and "dcp/.metadata" in rest and all(_DCP_FILE.fullmatch(n) for n in rest)
     return False
 
 
@@ -486,7 +482,7 @@ def parse_choice(which: str) -> str | int:
 def _quick_state(path: Path) -> Optional[dict]:
     """A checkpoint's state.json if it reads and is well formed (its files are not hashed here), else None."""
     try:
-        state = rundir.read_json(path.parent.parent, Path(CHECKPOINTS, path.name, "state.json"))
+        state = rundir.read_json(path.parent.parent, Path(CHECKPOINTS, path.name, CKPT_STATE))
     except LmlabError:
         return None
     return None if _state_problem(state, path) else state
@@ -566,7 +562,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Optional[torc
         _load_weights_into_shards(path, model)
         return _load_optimizer_file(path, state, optimizer, device)
     try:
-        missing, unexpected = load_model(model, str(_file(path, "model.safetensors")), strict=False,
+        missing, unexpected = load_model(model, str(_file(path, CKPT_MODEL)), strict=False,
                                          device=str(device))
     except (SafetensorError, RuntimeError, OSError, ValueError) as e:
         raise LmlabError(f"cannot load weights from {path}: {_first_line(e)}; was it written with another "
@@ -595,7 +591,7 @@ def _read_safetensors(path: Path, name: str) -> dict[str, torch.Tensor]:
 
 def _load_optimizer_file(path: Path, state: dict, optimizer: Optional[torch.optim.Optimizer],
                          device: str | torch.device) -> Checkpoint:
-    tensors = _read_safetensors(path, "optimizer.safetensors")
+    tensors = _read_safetensors(path, CKPT_OPTIMIZER)
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
     opt_tensors = {k: v.to(device) for k, v in tensors.items() if k.startswith("state.")}
     if optimizer is not None:
@@ -613,7 +609,7 @@ def _aliases(model: torch.nn.Module) -> dict[int, list[str]]:
 
 def _load_weights_into_shards(path: Path, model: torch.nn.Module) -> None:
     """A single-file checkpoint into an FSDP-sharded model: every rank reads the file and keeps its shard."""
-    tensors = _read_safetensors(path, "model.safetensors")
+    tensors = _read_safetensors(path, CKPT_MODEL)
     aliases = _aliases(model)
     with torch.no_grad():
         for name, p in unique_parameters(model):
@@ -656,7 +652,7 @@ def _load_sharded(path: Path, state: dict, model: torch.nn.Module, optimizer: Op
     model.load_state_dict({k: targets[f"model.{k}"] for k in model_sd})
     if optimizer is not None:
         optimizer_from_flat(optimizer, opt_tensors, state["optimizer"], path)
-    rng = _read_safetensors(path, "rng.safetensors")
+    rng = _read_safetensors(path, CKPT_RNG)
     return Checkpoint(path, state, opt_tensors, rng)
 
 
@@ -674,7 +670,7 @@ def _fill(target: torch.Tensor, name: str, entry: dict, path: Path, readers: dic
             continue
         reader = readers.get(piece["file"])
         if reader is None:
-            shard = f"shard_{piece['file']:05d}.safetensors"
+            shard = shard_name(piece['file'])
             reader = readers[piece["file"]] = safe_open(str(_file(path, shard)), framework="pt")
         piece_slice = reader.get_slice(name)
         if list(piece_slice.get_shape()) != piece["shape"]:
@@ -689,7 +685,7 @@ def _fill(target: torch.Tensor, name: str, entry: dict, path: Path, readers: dic
         raise ValueError(f"the pieces of {name} do not cover this rank's part of it")
 
 
-def _load_dcp_trusting_pickle(path: Path, state: dict, model: torch.nn.Module,
+def load_dcp_trusting_pickle(path: Path, state: dict, model: torch.nn.Module,
                               optimizer: torch.optim.Optimizer) -> Checkpoint:
     """An old torch.distributed.checkpoint checkpoint, for `lmlab export --trust-pickle` only: DCP unpickles its
     metadata, which can run code, so nothing else ever calls this."""
@@ -704,7 +700,7 @@ def _load_dcp_trusting_pickle(path: Path, state: dict, model: torch.nn.Module,
     try:
         with warnings.catch_warnings():  # "loading in a single process" is what we mean when there is no group
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(tensors, checkpoint_id=str(path / "dcp"), no_dist=True)
+            dcp.load(tensors, checkpoint_id=str(path / CKPT_DCP), no_dist=True)
     except Exception as e:  # noqa: BLE001 - DCP reports mismatches as several exception types
         raise LmlabError(f"cannot load sharded checkpoint {path}: {_first_line(e)}") from None
     except BaseException as e:  # its CheckpointException is a BaseException
@@ -713,7 +709,7 @@ def _load_dcp_trusting_pickle(path: Path, state: dict, model: torch.nn.Module,
         raise LmlabError(f"cannot load sharded checkpoint {path}: {_first_line(e)}") from None
     model.load_state_dict({k: tensors[f"model.{k}"] for k in model_sd})
     optimizer_from_flat(optimizer, opt_tensors, state["optimizer"], path)
-    return Checkpoint(path, state, opt_tensors, _read_safetensors(path, "rng.safetensors"))
+    return Checkpoint(path, state, opt_tensors, _read_safetensors(path, CKPT_RNG))
 
 
 def load_newest(run_dir: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -737,139 +733,3 @@ def load_newest(run_dir: Path, model: torch.nn.Module, optimizer: Optional[torch
     if errors:
         raise errors[0]
     return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading a finished or running run for sampling / eval
-
-
-def check_tokenizer(config: dict, tokenizer: tok.Tokenizer, run_dir: Path) -> None:
-    """Refuse a tokenizer.json that is not the one the run was trained with."""
-    expected = config.get("vocab_size")
-    if expected is not None and expected != tokenizer.vocab_size:
-        raise LmlabError(
-            f"{rundir.TOKENIZER} of {run_dir} has {tokenizer.vocab_size} symbols but the model expects "
-            f"{expected}; the tokenizer file belongs to another run"
-        )
-    fingerprint = config.get("tokenizer_fingerprint")
-    if fingerprint is not None and fingerprint != tokenizer.fingerprint():
-        raise LmlabError(f"{rundir.TOKENIZER} of {run_dir} is not the tokenizer this run was trained with")
-
-
-def load_tokenizer(run_dir: Path) -> tok.Tokenizer:
-    """RUN/tokenizer.json; missing or malformed is one LmlabError."""
-    return tok.from_json_checked(rundir.read_json(run_dir, rundir.TOKENIZER), run_dir / rundir.TOKENIZER)
-
-
-@dataclass
-class LoadedRun:
-    run_dir: Path
-    config: dict
-    tokenizer: tok.Tokenizer
-    model: torch.nn.Module
-    checkpoint: Checkpoint
-
-
-def read_run_config(run_dir: Path) -> dict:
-    return rundir.read_config(run_dir)
-
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", which: str | int = "best") -> LoadedRun:
-    """Build model + tokenizer from a run folder and load its best good checkpoint (the lowest validation loss; or
-    `which`: 'last', or a step number). Executes no code from it."""
-    from .model import build_model
-
-    run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    tokenizer = load_tokenizer(run_dir)
-    check_tokenizer(config, tokenizer, run_dir)
-    cfg = TrainConfig.from_json(config).model
-    check_fits(cfg, tokenizer.vocab_size, f"run {run_dir}")
-    model = build_model(cfg, tokenizer.vocab_size).to(device)
-    ckpt = load_newest(run_dir, model, None, device, which=which)
-    if ckpt is None:
-        if checkpoint_dirs(run_dir):
-            raise LmlabError(f"every checkpoint of run {run_dir} is damaged; nothing can be loaded")
-        raise LmlabError(f"run {run_dir} has no checkpoint yet; train it first (lmlab train --resume {run_dir})")
-    model.eval()
-    return LoadedRun(run_dir, config, tokenizer, model, ckpt)
-
-
-def is_lmlab_run(source: str) -> bool:
-    """Whether an --init-from source names an lmlab run folder (its config.json is lmlab's: a schema version and a
-    model section) rather than a transformers model folder or a hub id."""
-    path = Path(source).expanduser()
-    if not (path.is_dir() and rundir.is_run(path)):
-        return False
-    try:
-        config = rundir.read_json(path, rundir.CONFIG)
-    except LmlabError:
-        return False
-    return isinstance(config, dict) and "schema_version" in config and isinstance(config.get("model"), dict)
-
-
-def init_from_run(cfg: TrainConfig, say: Callable[[str], None] = _warn
-                  ) -> tuple[TrainConfig, tok.Tokenizer, dict[str, torch.Tensor]]:
-    """`lmlab train --init-from RUN`: the new run's config with the base run's model (its architecture and sizes;
-    the context is the new run's block_size up to the base's, dropout the new run's), the base's tokenizer, and the
-    weights of its best checkpoint (load_run: the run folder is read as untrusted input, JSON and safetensors only,
-    and a model too big for memory is refused before it is built)."""
-    loaded = load_run(cfg.init_from, "cpu", which="best")
-    base = TrainConfig.from_json(loaded.config).model
-    block = min(cfg.model.block_size, base.block_size) if cfg.model.block_size else base.block_size
-    model = dataclasses.replace(base, block_size=block, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout)
-    weights = loaded.model.state_dict()
-    if model.pos == "learned" and block < base.block_size:  # the first rows of the position table
-        weights["wpe.weight"] = weights["wpe.weight"][:block].clone()
-    t = loaded.tokenizer
-    data = dataclasses.replace(cfg.data, tokenizer=t.kind, vocab_size=t.vocab_size if t.kind == "bpe"
-                               else cfg.data.vocab_size)
-    val = loaded.checkpoint.state.get("val_loss")
-    say(f"initialised from run {cfg.init_from}, its best checkpoint ({loaded.checkpoint.path.name}"
-        f"{f', val loss {val:.4f}' if isinstance(val, (int, float)) else ''}): {model.arch} {model.n_layer}L/"
-        f"{model.n_head}H/{model.n_embd}d, context {block} of its {base.block_size}; its {t.kind} tokenizer "
-        f"({t.vocab_size} tokens) encodes the data")
-    return dataclasses.replace(cfg, model=model, data=data), t, weights
-
-
-def export_run(run_dir: str | Path, out: str | Path, trust_pickle: bool = False,
-               warn: Callable[[str], None] = _warn, which: str | int = "best") -> Path:
-    """Copy a run with its best checkpoint (or `which`) as single files (safetensors + JSON), e.g. from a sharded
-    FSDP run.
-
-    The copy needs no process group and resumes, samples and evaluates like any one-process run. trust_pickle lets
-    an old torch.distributed.checkpoint checkpoint be converted, after a warning: loading it unpickles its metadata.
-    """
-    from .model import build_model
-    from .optim import build_optimizer
-
-    run_dir, out = Path(run_dir), Path(out)
-    config = read_run_config(run_dir)
-    check_new_folder(out)
-    tokenizer = load_tokenizer(run_dir)
-    check_tokenizer(config, tokenizer, run_dir)
-    cfg = TrainConfig.from_json(config)
-    check_fits(cfg.model, tokenizer.vocab_size, f"run {run_dir}", training=True)  # weights and optimizer state
-    model = build_model(cfg.model, tokenizer.vocab_size)
-    optimizer = build_optimizer(model, cfg.optim)
-    path = next(good_checkpoints(run_dir, warn, allow_pickle=trust_pickle), None)
-    if path is None:
-        raise LmlabError(f"run {run_dir} has no good checkpoint to export")
-    state = verify_checkpoint(path, allow_pickle=trust_pickle)
-    if state.get("format") == "dcp":  # an old run: its newest checkpoint, converted
-        warn(f"warning: loading {path} with torch.distributed.checkpoint, which unpickles its metadata and can run "
-             f"code from it (--trust-pickle); do this only for runs from a source you trust")
-        ckpt = _load_dcp_trusting_pickle(path, state, model, optimizer)
-    else:
-        ckpt = load_newest(run_dir, model, optimizer, "cpu", warn, which)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in rundir.RUN_FILES:
-        if rundir.exists(run_dir, name):
-            rundir.write_bytes(out, name, rundir.read_bytes(run_dir, name))
-    internal = {"schema_version", "step", "optimizer", "optimizer_tensors", "files", "format", "world_size", "tensors"}
-    kept = {k: v for k, v in ckpt.state.items() if k not in internal}
-    _save_single(out, ckpt.step, model, optimizer, ckpt.rng, kept, keep=1)
-    made_here = rundir.sources_made_here(run_dir, config.get(rundir.RUN_ID))
-    if made_here:  # lmlab's own copy, made here: it reads the corpus paths its source read
-        rundir.remember_sources(out, config[rundir.RUN_ID], sorted(made_here), warn)
-    return checkpoint_path(out, ckpt.step)

@@ -17,8 +17,7 @@ import io
 import json
 import os
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Optional
 
 import tyro
@@ -140,10 +139,10 @@ def cmd_train(argv: list[str]) -> int:
     pre.add_argument("--stage", default="pretrain")  # whose defaults to start from (config.for_stage)
     known, _ = pre.parse_known_args(argv)
     if known.resume:
-        from .rundir import read_config
-        base = TrainConfig.from_json(read_config(Path(known.resume)))
-        base.resume = known.resume
-        base.parallel = "none"  # how to launch is chosen anew each time: a run may resume on another world size
+        from .run import Run
+        run = Run.open(known.resume)
+        # how to launch is chosen anew each time: a run may resume on another world size
+        base = replace(run.config, resume=known.resume, parallel="none")
     else:
         base = get_preset(known.preset, known.stage)
     desc = ("Train a language model. Presets: " + ", ".join(PRESETS) + ". Every option below overrides the preset; "
@@ -151,12 +150,9 @@ def cmd_train(argv: list[str]) -> int:
             "budget (--max-time).")
     cfg = parse(TrainConfig, _bool_flag(argv, "--compile"), "lmlab train", default=base, description=desc)
     if known.resume:  # the corpus paths that come from the run's config, not from this command line
-        from .rundir import check_data_paths, read_config
-
         sources = (("--data", cfg.data.data), ("--val-data", cfg.data.val_data))
         from_run = [(option, value) for option, value in sources if not _given(argv, option)]
-        check_data_paths(Path(known.resume), read_config(Path(known.resume)), from_run, "lmlab train --resume",
-                         cfg.trust_data_path)
+        run.check_data_paths(from_run, "lmlab train --resume", cfg.trust_data_path)
     summary = train(cfg)  # which applies the budget rules
     if summary["rank"] == 0:
         print(f"run saved in {summary['run_dir']}", file=sys.stderr)
@@ -170,7 +166,7 @@ def cmd_train(argv: list[str]) -> int:
 def cmd_sample(argv: list[str]) -> int:
     import torch
 
-    from .checkpoint import load_run
+    from .run import load_run
     from .common import resolve_device
     from .converse import sample_answer
     from .sample import SampleArgs, generate, prompt_ids, stream_text, text_banned
@@ -220,7 +216,7 @@ class ExportArgs:
 
 
 def cmd_export(argv: list[str]) -> int:
-    from .checkpoint import export_run
+    from .run import export_run
     from .common import LmlabError
 
     args = parse(ExportArgs, argv, "lmlab export")
@@ -269,7 +265,7 @@ class EvalArgs:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from .checkpoint import load_run
+    from .run import load_run
     from .common import resolve_device
     from . import sft
     from .evaluate import evaluate_run
@@ -368,7 +364,7 @@ class NextArgs:
 def cmd_next(argv: list[str]) -> int:
     import dataclasses as dc
 
-    from .checkpoint import load_run
+    from .run import load_run
     from .common import LmlabError, resolve_device
     from .predict import next_token_distribution
     from .sample import SampleConfig, text_banned

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -244,25 +245,29 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file the user named (parse_json's bounds apply); missing or malformed is one LmlabError."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise LmlabError(f"missing file: {path}") from None
-    except json.JSONDecodeError as e:
-        raise LmlabError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    return parse_json(data, str(path))
 
 
-MAX_JSON_DEPTH = 64  # lmlab writes at most a few levels; deeper is not ours (and would exhaust the parser's stack)
+# The one bound on how deep JSON from outside may nest, from disk (run folders, data, imported models) and from the
+# network (request bodies) alike: lmlab writes and serves at most a few levels, and Python's parser recurses once per
+# level, so a deeper text could exhaust its stack.
+MAX_JSON_DEPTH = 64
 
 
 def parse_json(data: bytes | str, what: str) -> Any:
     """JSON from untrusted bytes: too deep, not UTF-8 or not JSON is one LmlabError naming `what`."""
     try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-    except UnicodeDecodeError:
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        text = data if isinstance(data, str) else data.decode("utf-8")
+    except UnicodeError:
         raise LmlabError(f"{what} is not UTF-8 text") from None
-    if _depth(text) > MAX_JSON_DEPTH:
+    if json_depth(raw) > MAX_JSON_DEPTH:
         raise LmlabError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
         return json.loads(text)
@@ -271,27 +276,17 @@ def parse_json(data: bytes | str, what: str) -> Any:
         raise LmlabError(f"{what} is not valid JSON ({detail})") from None
 
 
-def _depth(text: str) -> int:
-    """How deeply brackets nest in a JSON text, counting only those outside strings (a bound, not a parse)."""
-    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
-        return 0
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(data: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (brackets inside strings do not count), found without a
+    parser, which would recurse once per level."""
     depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
+    for c in _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
+        depth += 1 if c in b"[{" else -1
+        deepest = max(deepest, depth)
     return deepest
 
 

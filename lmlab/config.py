@@ -163,6 +163,10 @@ class TrainConfig:
             raise LmlabError(f"the run config leaves {', '.join(unset)} unset")
         return config
 
+    def check_reads_back(self) -> None:
+        """Refuse (LmlabError) a config whose config.json lmlab would refuse to read (from_json)."""
+        TrainConfig.from_json(self.to_json())
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The one loader from JSON

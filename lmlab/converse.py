@@ -18,7 +18,7 @@ import torch
 from . import chat
 from . import tokenizer as tok
 from .common import LmlabError
-from .rundir import run_stage
+from .config import TrainConfig
 from .sample import SampleConfig, generate, stream_text
 
 
@@ -26,10 +26,9 @@ class NotAChatModel(LmlabError):
     """The run was trained on text only: it has no notion of a turn."""
 
 
-def check_chat_run(config: dict, name: Union[str, Path], instead: str = "lmlab sample continues text") -> None:
-    """Refuse, with NotAChatModel, a run whose stage (rundir.run_stage) is not sft; `instead` says what the run can
-    do."""
-    stage = run_stage(config)
+def check_chat_run(config: TrainConfig, name: Union[str, Path], instead: str = "lmlab sample continues text") -> None:
+    """Refuse, with NotAChatModel, a run whose stage is not sft; `instead` says what the run can do."""
+    stage = config.stage
     if stage != "sft":
         raise NotAChatModel(f"{name} is a text model (stage {stage}), never fine-tuned on conversations, so it does "
                             f"not answer turns ({instead}); fine-tune it into a chat model first: lmlab train "

@@ -179,14 +179,12 @@ def entropy_excess(source: str, m: Metrics) -> dict:
 def text_tokens(run, data: Optional[str], trust: bool, command: str):
     """The tokens to measure a run on: those of `data`, else the run's validation split, whose corpus paths are
     read only for a run made here, in this folder, or with --trust-data-path (rundir.check_data_paths)."""
-    from .config import TrainConfig
     from .data import load_splits, prepare, resolve_source
-    from .rundir import check_data_paths
 
     if data:
         return prepare(resolve_source(data), run.tokenizer.kind, tokenizer=run.tokenizer).tokens
-    saved = TrainConfig.from_json(run.config).data
-    check_data_paths(run.run_dir, run.config, [("--data", saved.data), ("--data", saved.val_data)], command, trust)
+    saved = run.config.data
+    run.run.check_data_paths([("--data", saved.data), ("--data", saved.val_data)], command, trust)
     return load_splits(saved, tokenizer=run.tokenizer).val
 
 
@@ -195,14 +193,12 @@ def evaluate_run(run, data: Optional[str], stride: Optional[int], batch_size: in
     """`lmlab eval`: a loaded run's metrics on `data` (default: its validation split) from windows every `stride`
     tokens (eval_stride, checked before any text is read), and the figures it prints as JSON: loss, bits_per_byte,
     perplexity, accuracy, tokens, stride and, for a synthetic source, entropy_excess's."""
-    from .config import TrainConfig
-
     block = run.model.cfg.block_size
     stride = eval_stride(stride, block)
     tokens = text_tokens(run, data, trust, command)
     if len(tokens) < 2:
         raise LmlabError(f"{data or 'validation split'} has fewer than 2 tokens; nothing to evaluate")
     m = evaluate(run.model, tokens, torch.from_numpy(run.tokenizer.byte_lengths()), block, batch_size, stride=stride)
-    saved = TrainConfig.from_json(run.config).data
+    saved = run.config.data
     return m, {"loss": m.loss, "bits_per_byte": m.bits_per_byte, "perplexity": m.perplexity, "accuracy": m.accuracy,
                "tokens": m.tokens, "stride": stride, **entropy_excess(data or saved.val_data or saved.data, m)}

@@ -708,11 +708,11 @@ def export_run_hf(run_dir: str | Path, out: str | Path, check: bool = True,
                   say: Callable[[str], None] = print, which: str | int = "best") -> str:
     """`lmlab export RUN --out OUT --format hf`: the run's best checkpoint (or `which`) as a transformers folder, then
     checked by transformers itself (unless check is False). Returns the class's name."""
-    from .checkpoint import load_run
+    from .run import load_run
 
     run = load_run(run_dir, "cpu", which)
     architecture(run.model.cfg)  # refuse before writing anything
-    chat = rundir.run_stage(run.config) == "sft"
+    chat = run.config.stage == "sft"
     arch = write_hf(run.model, run.tokenizer, out, chat)
     turn = ", a chat model: generation ends at the end of its turn" if chat else ""
     say(f"exported {run_dir} ({run.checkpoint.path.name}) to {out} as {arch}{turn}")
@@ -920,7 +920,7 @@ def init_from(cfg: TrainConfig, say: Callable[[str], None] = print
         f"({t.vocab_size} tokens) encodes the data")
     cfg = dataclasses.replace(cfg, model=m, data=data)
     try:  # what the run's config.json will say must read back: a value lmlab refuses to read is refused now
-        TrainConfig.from_json(cfg.to_json())
+        cfg.check_reads_back()
     except LmlabError as e:
         raise LmlabError(f"--init-from {cfg.init_from}: {e}") from None
     return cfg, t, imported.state

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import rundir
 from .common import LmlabError, json_safe
 from .evaluate import eval_windows, stream_losses
 from .loss import cross_entropy
@@ -194,11 +193,6 @@ class InsideRecorder:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading the records back (lmlab inside, the report)
-
-
-def read_records(run_dir) -> list[dict]:
-    """The well-formed records of a run's inside.jsonl, in step order ([] when it has none)."""
-    return sorted(rundir.read_jsonl(run_dir, rundir.INSIDE), key=lambda r: r["step"])
 
 
 def at_step(records: list[dict], step: Optional[int]) -> list[dict]:

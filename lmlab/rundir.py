@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
 
 from .common import LmlabError, atomic_write_bytes, atomic_write_json, cache_dir, parse_json
-from .config import TrainConfig
 from .data import is_path
 
 CONFIG = "config.json"
@@ -322,12 +321,44 @@ def check_no_links(run_dir: str | os.PathLike) -> None:
                         raise _link_error(Path(inner.path))
 
 
-def snapshot_paths(run_dir: Path) -> list[Path]:
-    """The weight snapshots of a run, oldest first."""
-    return [Path(e.path) for e in list_dir(run_dir, TRAJECTORY) if SNAPSHOT.fullmatch(e.name)]
+# ---------------------------------------------------------------------------------------------------------------
+# Inside RUN/checkpoints and RUN/trajectory
+#
+#   RUN/checkpoints/step_00001000/{model.safetensors, optimizer.safetensors, state.json}    (one process, ddp)
+#   RUN/checkpoints/step_00001000/{shard_00000.safetensors, ..., rng.safetensors, state.json}  (fsdp: one per rank)
+#   RUN/trajectory/step_00001000.safetensors                                                (weight snapshots)
 
-
+STEP_PREFIX = "step_"
+CKPT_STATE = "state.json"
+CKPT_MODEL = "model.safetensors"
+CKPT_OPTIMIZER = "optimizer.safetensors"
+CKPT_RNG = "rng.safetensors"
+CKPT_DCP = "dcp"  # older sharded checkpoints (torch.distributed.checkpoint)
+SHARD = re.compile(r"shard_([0-9]{5})\.safetensors")
+STEP_DIR = re.compile(r"step_[0-9]+")  # ASCII digits only: str.isdigit() and \d also take "²", which int() refuses
 SNAPSHOT = re.compile(r"step_[0-9]{8}\.safetensors")  # a weight snapshot in RUN/trajectory
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step of a checkpoint folder (named like STEP_DIR)."""
+    return int(Path(path).name[len(STEP_PREFIX):])
+
+
+def shard_name(rank: int) -> str:
+    return f"shard_{rank:05d}.safetensors"
+
+
+def snapshot_name(step: int) -> str:
+    return f"{checkpoint_name(step)}.safetensors"
+
+
+def snapshot_step(path: str | os.PathLike) -> int:
+    """The step of a weight snapshot (named like SNAPSHOT)."""
+    return int(Path(path).name[len(STEP_PREFIX):].split(".")[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,27 +376,6 @@ def is_run(path: str | os.PathLike) -> bool:
 def created(run_dir: str | os.PathLike) -> float:
     """When the run started (its config.json was written), as a Unix time."""
     return os.lstat(Path(run_dir) / CONFIG).st_mtime
-
-
-def read_config(run_dir: str | os.PathLike) -> dict:
-    """RUN/config.json, checked field by field (TrainConfig.from_json); a missing or malformed one is one error."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise LmlabError(f"no run at {run_dir} (not a directory)")
-    if not exists(run_dir, CONFIG):
-        raise LmlabError(f"{run_dir} is not an lmlab run (no {CONFIG})")
-    config = read_json(run_dir, CONFIG)
-    try:
-        TrainConfig.from_json(config)
-    except LmlabError as e:
-        raise LmlabError(f"{run_dir / CONFIG} is malformed: {e}") from None
-    return config
-
-
-def run_stage(config: dict) -> str:
-    """What a run was trained for, from its config (read_config): "pretrain" (continuing text) or "sft" (answering
-    in conversations). Runs from before the stage was recorded are "pretrain"."""
-    return config.get("stage") or "pretrain"
 
 
 def write_status(run_dir: str | os.PathLike, status: str, **extra) -> None:
@@ -605,14 +615,14 @@ def remember_sources(run_dir: Path, run_id: str, sources: list[Optional[str]],
         warn(f"warning: cannot record the run in {path.parent} ({e.strerror or e}); resuming it will need --data")
 
 
-def check_data_paths(run_dir: Path, config: dict, sources: list[tuple[str, Optional[str]]], command: str,
+def check_data_paths(run_dir: Path, run_id: Optional[str], sources: list[tuple[str, Optional[str]]], command: str,
                      trust: bool = False) -> None:
     """Refuse to open a corpus path taken from a run's config (each (option, source) in `sources`) unless lmlab
     wrote it there, in this folder, on this machine, or `trust` (--trust-data-path); the error says how to name
     the data instead. Named corpora, 'builtin' and synthetic:NAME are not paths, and always allowed."""
     if trust:
         return
-    made_here = sources_made_here(run_dir, config.get(RUN_ID))
+    made_here = sources_made_here(run_dir, run_id)
     for option, source in sources:
         if source and is_path(source) and source not in made_here:
             raise LmlabError(

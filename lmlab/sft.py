@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import chat, rundir, synthetic
+from . import chat, synthetic
 from . import tokenizer as tok
 from .common import LmlabError
 from .config import TrainConfig
@@ -386,14 +386,14 @@ def pad_id(tokenizer: tok.Tokenizer) -> int:
     return tokenizer.special_tokens.get(tok.ENDOFTEXT, 0)
 
 
-def evaluates_conversations(config: dict, data: Optional[str]) -> bool:
+def evaluates_conversations(config: TrainConfig, data: Optional[str]) -> bool:
     """Whether `lmlab eval` of a run measures conversations: a fine-tuned run (its stage is sft), on its own held-out
     conversations or --data's conversations (a text --data measures text, as for any run)."""
-    return config.get("stage") == "sft" and (not data or is_conversations(data))
+    return config.stage == "sft" and (not data or is_conversations(data))
 
 
 def evaluate_run(run, data: Optional[str], batch_size: int = 32, trust: bool = False) -> dict:
-    """A fine-tuned run (checkpoint.load_run's) on conversations: --data's (every conversation of a file, or the
+    """A fine-tuned run (run.load_run's) on conversations: --data's (every conversation of a file, or the
     held-out split of synthetic:chat), else the run's own held-out ones (its data, split as training split it; a path
     from its config is read only as rundir.check_data_paths allows). The masked loss, bits/byte and accuracy of what
     the assistant writes, and, where there is a verifier, the exact match by skill and the share of ended turns."""
@@ -402,10 +402,10 @@ def evaluate_run(run, data: Optional[str], batch_size: int = 32, trust: bool = F
     if data and not synthetic.is_chat(data):
         conversations, source = chat.read_conversations(data), data
     else:
-        saved = TrainConfig.from_json(run.config)
+        saved = run.config
         if not data:
-            rundir.check_data_paths(run.run_dir, run.config, [("--data", saved.data.data),
-                                                             ("--val-data", saved.data.val_data)], "lmlab eval", trust)
+            run.run.check_data_paths([("--data", saved.data.data), ("--val-data", saved.data.val_data)], "lmlab eval",
+                                     trust)
         source = data or saved.data.val_data or saved.data.data
         conversations = read_chat_data(data or saved.data.data, None if data else saved.data.val_data,
                                        saved.data.val_fraction, saved.seed).val
@@ -430,7 +430,7 @@ def describe_eval(result: dict, as_json: bool = False) -> str:
              f"the assistant writes predicted",
              f"  masked loss {result['loss']:.4f} nats/token, {result['bits_per_byte']:.4f} bits/byte, accuracy "
              f"{result['accuracy']:.2%} (top-1)"]
-    if "exact_match" in result:
+    if result["answers"]:
         lines.append(f"  {result['answers']} held-out prompts answered greedily: exact match "
                      + ", ".join(f"{k} {v:.0%}" for k, v in result["exact_match"].items())
                      + f"; {result['ended_turn']:.0%} ended their turn")

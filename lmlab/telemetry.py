@@ -13,7 +13,8 @@ from safetensors.torch import save_model
 
 from . import rundir
 from .model import layer_of, unique_parameters
-from .rundir import TENSORBOARD, TRAJECTORY, snapshot_paths
+from .run import Run
+from .rundir import TENSORBOARD, TRAJECTORY
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,23 +138,23 @@ class EvalHistory:
 def save_snapshot(run_dir: Path, model: nn.Module, step: int, keep: int) -> None:
     """Save the weights at this step; keep at most `keep` snapshots spread over the run (drop every other one)."""
     folder = rundir.make_dir(run_dir, TRAJECTORY)
-    path = folder / f"step_{step:08d}.safetensors"
+    path = folder / rundir.snapshot_name(step)
     tmp = folder / f".{path.name}.tmp"
     save_model(model, str(tmp))
     tmp.replace(path)
-    snaps = snapshot_paths(run_dir)
+    snaps = [s.path for s in Run(run_dir).snapshots()]
     while len(snaps) > keep:
         # drop every other snapshot except the newest, keeping them spread over the run
         for old in snaps[1:-1:2]:
             old.unlink(missing_ok=True)  # a link is removed itself, never what it points to
-        snaps = snapshot_paths(run_dir)
+        snaps = [s.path for s in Run(run_dir).snapshots()]
 
 
 def prune_snapshots_after(run_dir: Path, step: int) -> None:
     """On resume, snapshots newer than the checkpoint belong to a timeline that no longer exists."""
-    for p in snapshot_paths(run_dir):
-        if int(p.stem.split("_")[1]) > step:
-            p.unlink(missing_ok=True)
+    for snapshot in Run(run_dir).snapshots():
+        if snapshot.step > step:
+            snapshot.path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

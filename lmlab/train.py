@@ -27,8 +27,7 @@ from . import distributed as dist_
 from . import rundir
 from . import tokenizer as tok
 from . import sft
-from .checkpoint import (check_tokenizer, chosen_checkpoints, init_from_run, is_lmlab_run, latest_good_checkpoint,
-                         load_newest, load_tokenizer, save_checkpoint)
+from .checkpoint import chosen_checkpoints, latest_good_checkpoint, load_newest, save_checkpoint
 from .common import (LmlabError, default_dtype, fmt_count, keep_freed_memory, resolve_device, resolve_dtype,
                      seed_everything)
 from .config import TrainConfig, apply_budget, fit_to_corpus, needs_corpus
@@ -40,6 +39,7 @@ from .inside import InsideRecorder
 from .loss import LossConfig, Metrics, masked_loss, training_loss
 from .model import ModelConfig, build_model, check_fits, count_params, grow_vocab
 from .optim import build_optimizer, clip_grad_norm, lr_multiplier, set_lr
+from .run import Run, init_from_run, is_lmlab_run
 from .rundir import RunLock, write_status  # noqa: F401 - RunLock is part of this module's interface
 from .sample import default_probe_prompts, generate, probe, prompt_ids, stream_text, text_banned
 from .telemetry import (OVERFIT_EVALS, EvalHistory, GradientTelemetry, SpikeDetector, TensorBoard,
@@ -222,7 +222,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     """The run folder: the one to resume (checked for links), or a new one (refused if it holds anything else)."""
     if cfg.resume:
         run_dir = Path(cfg.resume)
-        rundir.read_config(run_dir)
+        Run.open(run_dir)
         rundir.check_no_links(run_dir)
         return run_dir
     run_dir = Path(cfg.out or os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
@@ -316,9 +316,7 @@ def resume_point(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Optional[tok
     first one starts over, its logs emptied)."""
     if not cfg.resume:
         return None, False
-    saved_json = rundir.read_config(run_dir)
-    tokenizer = load_tokenizer(run_dir)
-    check_tokenizer(saved_json, tokenizer, run_dir)
+    tokenizer = Run.open(run_dir).tokenizer()
     if latest_good_checkpoint(run_dir, warn=lambda m: say(d, m)) is not None:
         return tokenizer, True
     say(d, f"run {run_dir} has no complete checkpoint yet; starting it again from step 0")
@@ -456,7 +454,7 @@ def write_run_files(setup: Setup, resumed: bool) -> None:
     cfg, tokenizer, run_dir = setup.cfg, setup.tokenizer, setup.run_dir
     if not resumed:
         rundir.write_json(run_dir, rundir.TOKENIZER, tokenizer.to_json())
-    run_id = (rundir.read_config(run_dir).get(rundir.RUN_ID) if cfg.resume else None) or rundir.new_run_id()
+    run_id = (Run(run_dir).run_id if cfg.resume else None) or rundir.new_run_id()
     saved = dataclasses.replace(cfg, global_batch=setup.global_batch, grad_accum=setup.grad_accum)
     rundir.write_json(run_dir, rundir.CONFIG, {**saved.to_json(), "vocab_size": tokenizer.vocab_size,
                                                "tokenizer_fingerprint": tokenizer.fingerprint(), rundir.RUN_ID: run_id})
@@ -780,7 +778,7 @@ def train(cfg: TrainConfig) -> dict:
             cfg = dataclasses.replace(cfg, resume=cfg.out)  # an elastic restart: go on from the last checkpoint
             say(d, f"restart {dist_.restart_count()}: resuming {cfg.out}")
         if cfg.resume:  # every option given is applied or refused, before any file is touched
-            saved = TrainConfig.from_json(rundir.read_config(Path(cfg.resume)))
+            saved = Run.open(cfg.resume).config
             if needs_corpus(cfg):  # left to the corpus (an elastic restart's command line): the run's choice stands
                 cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=saved.model.dropout))
             check_resume_settings(saved, cfg, Path(cfg.resume))
@@ -929,7 +927,7 @@ def finish(setup: Setup, state: TrainState, recorder: Recorder) -> dict:
 def best_model(setup: Setup, state: TrainState) -> Optional[tuple[torch.nn.Module, int]]:
     """The model at the best checkpoint and its step, when that is not the model as it is now; else None."""
     path = next(chosen_checkpoints(setup.run_dir, "best", warn=lambda m: None), None)
-    if path is None or int(path.name[len("step_"):]) == state.step:
+    if path is None or rundir.checkpoint_step(path) == state.step:
         return None
     model = build_model(setup.cfg.model, setup.tokenizer.vocab_size).to(setup.device)
     ckpt = load_newest(setup.run_dir, model, None, setup.device, warn=lambda m: say(setup.d, m), which="best")

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import ServerThread  # noqa: E402 - after the path is set
-from lmlab.inside import read_records  # noqa: E402
 from lmlab.report.report_page import write_report  # noqa: E402
+from lmlab.run import Run  # noqa: E402
 from lmlab.serve.app import create_app  # noqa: E402
 from lmlab.serve.runs import RunSet  # noqa: E402
 
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
-    steps = [r["step"] for r in read_records(args.run)]
+    steps = [r["step"] for r in Run(args.run).inside()]
     index = steps.index(args.step) if args.step is not None else len(steps) // 2
     with ServerThread(create_app(RunSet([args.run]))) as url, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium")

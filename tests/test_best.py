@@ -10,7 +10,8 @@ import random
 import pytest
 from helpers import read_jsonl, run_cli
 
-from lmlab.checkpoint import checkpoint_dirs, load_run
+from lmlab.checkpoint import checkpoint_dirs
+from lmlab.run import load_run
 from lmlab.telemetry import EvalHistory
 
 # A 1,800-character training split of random letters: nothing in it generalises, so a 2-layer model memorises it and

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from helpers import HANG_S, read_jsonl
-from lmlab.checkpoint import load_run
+from lmlab.run import load_run
 from lmlab.predict import next_token_distribution
 from lmlab.sample import text_banned
 

@@ -26,7 +26,7 @@ import torch
 from helpers import HANG_S, cli_env, http, lmlab_cmd, openai_client, request_under_way, serving, tiny_config, write_corpus
 from lmlab import chat
 from lmlab import tokenizer as tok
-from lmlab.checkpoint import load_run
+from lmlab.run import load_run
 from lmlab.cli import main
 from lmlab.sample import generate
 
@@ -50,12 +50,12 @@ def make_chat_model(run_dir: Path) -> None:
     line: the head's row for <|end|> becomes 1.5 x the newline's, in every checkpoint (hashes rewritten)."""
     from safetensors.torch import load_file, save_file
 
-    from lmlab.checkpoint import load_tokenizer
     from lmlab.common import sha256_file
+    from lmlab.run import Run
 
     config = json.loads((run_dir / "config.json").read_text())
     (run_dir / "config.json").write_text(json.dumps({**config, "stage": "sft"}))
-    tokenizer = load_tokenizer(run_dir)
+    tokenizer = Run(run_dir).tokenizer()
     end, newline = tokenizer.special_tokens[tok.END], tokenizer.encode("\n")[0]
     for checkpoint in sorted((run_dir / "checkpoints").iterdir()):
         weights = load_file(checkpoint / "model.safetensors")

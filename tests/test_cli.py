@@ -123,7 +123,7 @@ def test_sample_greedy_is_deterministic_and_starts_with_the_prompt(trained):
 @pytest.mark.parametrize("cache_flag", [[], ["--no-cache"]])
 def test_sample_greedy_matches_a_manual_argmax_loop(trained, capsys, cache_flag):
     """Greedy decoding done by hand: feed the whole window, take the most likely next token, repeat."""
-    from lmlab.checkpoint import load_run
+    from lmlab.run import load_run
 
     n_new = 16 - len(PROMPT)  # the whole sequence fits in one block: no window cropping involved
     loaded = load_run(trained.run)

@@ -225,7 +225,7 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(workdir, cache, refere
     _assert_close([r["train_loss"] for r in train], [r["train_loss"] for r in ref_train], 1e-4)
 
     # the sharded run exports to single files holding the same weights, loadable without a process group
-    from lmlab.checkpoint import export_run, load_run
+    from lmlab.run import export_run, load_run
 
     exported = export_run(workdir / "elastic", workdir / "elastic-single")
     assert sorted(p.name for p in exported.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]

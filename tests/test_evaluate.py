@@ -98,7 +98,7 @@ def trained_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_smaller_stride_is_at_or_below_a_larger_one_where_context_pays(trained_run):
-    from lmlab.checkpoint import load_run
+    from lmlab.run import load_run
 
     run = load_run(trained_run / "run")
     tokens = run.tokenizer.encode_array(_periodic_text(repeats=30, seed=5))

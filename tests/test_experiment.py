@@ -214,7 +214,7 @@ def test_patterns_experiment(results):
 
 @pytest.mark.slow
 def test_completion_probability_is_the_product_of_next_token_probabilities(results):
-    from lmlab.checkpoint import load_run
+    from lmlab.run import load_run
 
     _, out = results["patterns"]
     run = load_run(out / "runs" / "patterns")

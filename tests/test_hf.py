@@ -322,7 +322,7 @@ def fine_tune(tmp_path: Path, bpe, make) -> tuple[Path, Path, torch.nn.Module]:
 
 @pytest.mark.parametrize("make,arch", [(hf_gpt2, hf.GPT2), (hf_llama, hf.LLAMA)])
 def test_init_from_starts_at_transformers_loss_and_fine_tunes(tmp_path, bpe, make, arch):
-    from lmlab.checkpoint import load_run
+    from lmlab.run import load_run
     from lmlab.config import TrainConfig
     from lmlab.data import load_splits
     from lmlab.evaluate import evaluate
@@ -349,7 +349,7 @@ def test_init_from_starts_at_transformers_loss_and_fine_tunes(tmp_path, bpe, mak
 def test_every_command_works_on_an_imported_run(tmp_path, bpe, capsys):
     import shutil
 
-    from lmlab.checkpoint import load_run
+    from lmlab.run import load_run
     from lmlab.cli import main
     from lmlab.serve.completions import Sampling
     from lmlab.serve.playground import next_token_view, surprisal_view

@@ -524,15 +524,14 @@ def test_training_records_inside_at_every_evaluation(recorded):
 
 def test_the_recorded_scores_are_those_of_the_saved_model(recorded):
     """Recompute the last record from the checkpoint written at the same step: the same numbers."""
-    from lmlab.checkpoint import load_run
-    from lmlab.config import TrainConfig
+    from lmlab.run import load_run
     from lmlab.data import load_splits
 
     root, _ = recorded
     run = load_run(root / "run")
     last = read_jsonl(root / "run" / "inside.jsonl")[-1]
     assert run.checkpoint.step == last["step"]
-    cfg = TrainConfig.from_json(run.config)
+    cfg = run.config
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMLAB_CACHE", str(root / "cache"))
         val = load_splits(cfg.data, tokenizer=run.tokenizer).val

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import run_cli, tiny_config, write_corpus
-from lmlab.checkpoint import load_run
+from lmlab.run import load_run
 from lmlab.cli import main
 from lmlab.data import encode_text
 from lmlab.predict import next_token_distribution, surprisal
@@ -111,9 +111,8 @@ def test_surprisal_cli_html_and_json(run_dir, tmp_path):
 def test_landscape_at_offset_zero_is_the_models_loss(run_dir):
     run = load_run(run_dir)
     from lmlab.data import load_splits
-    from lmlab.train import TrainConfig
 
-    val = load_splits(TrainConfig.from_json(run.config).data, tokenizer=run.tokenizer).val
+    val = load_splits(run.config.data, tokenizer=run.tokenizer).val
     tokens = fixed_tokens(val, run.model.cfg.block_size, 4)
     assert len(tokens) == 4 * 24 + 1
     # the reference: the first 4 windows of 24 tokens in one forward, -log softmax at each next token, averaged

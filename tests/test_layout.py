@@ -21,7 +21,9 @@ CORE = [
     "optim",
     "config",  # after optim: a run's config is made of the data, model, loss and optimizer sections
     "rundir",  # the run folder, then checkpoint, sample and evaluate: the loop checkpoints, probes, samples and
-    "checkpoint", "sample", "evaluate",  # evaluates as it goes, so they come before train
+    "checkpoint",
+    "run",  # a run folder opened: its config, records, snapshots and checkpoints, loading its model
+    "sample", "evaluate",  # evaluates as it goes, so they come before train
     "converse",  # a chat model's answers: the chat template's prompt, then sampling to the end of the turn
     "inside",  # what the loop records inside the model at each evaluation
     "telemetry",  # what the loop records about itself (gradients, spikes, weight snapshots)
@@ -135,13 +137,15 @@ def test_every_command_names_a_handler_that_loads():
 
 
 RUN_FILES = ("config.json", "tokenizer.json", "status.json", "metrics.jsonl", "probes.jsonl", "telemetry.jsonl",
-             "inside.jsonl",
-             "samples.txt", "samples.jsonl", ".lock")
+             "inside.jsonl", "samples.txt", "samples.jsonl", ".lock",
+             # inside a checkpoint folder (RUN/checkpoints/step_N) and the trajectory's snapshots
+             "state.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "shard_", ".safetensors")
+STEP_PREFIX = "step_"  # checkpoint folders and snapshots: step_00001000 (a string of its own, or an f-string's head)
 RUN_FOLDERS = ("checkpoints", "trajectory", "landscape", "tensorboard")
 # the token cache of data.py is not a run folder; it keeps its tokenizer under the same file name
 ELSEWHERE = {("data", "tokenizer.json"),
              # a transformers model folder is not a run folder either; its files have their own names
-             ("hf", "config.json"), ("hf", "tokenizer.json")}
+             ("hf", "config.json"), ("hf", "tokenizer.json"), ("hf", "model.safetensors"), ("hf", ".safetensors")}
 
 
 def test_only_the_run_folder_module_spells_a_run_files_name():
@@ -157,10 +161,56 @@ def test_only_the_run_folder_module_spells_a_run_files_name():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
                 found += [f"{name}:{node.lineno}: {file!r}" for file in RUN_FILES
                           if file in node.value and (name, file) not in ELSEWHERE]
+                if node.value == STEP_PREFIX or node.value.startswith(STEP_PREFIX + "0"):
+                    found.append(f"{name}:{node.lineno}: {node.value!r}")
             if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
                     and node.right.value in RUN_FOLDERS):
                 found.append(f"{name}:{node.lineno}: / {node.right.value!r}")
     assert not found, found
+
+
+# The fields that tell the kinds of metric records apart, and those only some records hold: which kind a record is,
+# and what it holds, is run.py's to say (metric_record, the record dataclasses); the loop writes them (train.py).
+METRIC_KEYS = {"train_loss", "val_loss", "rollback", "lr_scale", "grad_norm", "tokens_per_s", "skipped",
+               "skipped_total", "clipped", "spike_z", "val_bits_per_byte", "val_accuracy", "val_perplexity",
+               "val_tokens", "val_stride", "passes", "best", "overfitting", "exact_match", "ended_turn"}
+RUN_OWNERS = {"run", "config", "rundir"}  # the Run, the config it parses, the shapes the records are checked against
+
+
+def _key_sniffing(tree: ast.AST) -> list[int]:
+    """Lines that test whether a dict holds a metric record's key: `"val_loss" in r`, `"rollback" not in r`."""
+    return sorted(node.lineno for node in ast.walk(tree)
+                  if isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant)
+                  and node.left.value in METRIC_KEYS and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops))
+
+
+def _config_parsing(tree: ast.AST) -> list[int]:
+    """Lines that parse a run's config themselves: TrainConfig.from_json(...)."""
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_json"
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "TrainConfig"]
+
+
+def test_only_the_run_reads_configs_and_tells_metric_records_apart():
+    """A run's config is parsed in one place (Run.config) and a metric record's kind is told in one place
+    (run.metric_record): no other module calls TrainConfig.from_json or asks whether a record holds a metric key."""
+    found = []
+    for name, path in modules().items():
+        if name in RUN_OWNERS:
+            continue
+        tree = ast.parse(path.read_text())
+        found += [f"{name}:{line}: TrainConfig.from_json" for line in _config_parsing(tree)]
+        found += [f"{name}:{line}: a metric key tested with `in`" for line in _key_sniffing(tree)]
+    assert not found, found
+
+
+def test_the_owner_checks_catch_what_they_forbid():
+    """The two scans above find what they look for (each could fail)."""
+    sniffing = ast.parse('evals = [r for r in records if "val_loss" in r]\nif "rollback" not in r: pass\n')
+    assert _key_sniffing(sniffing) == [1, 2]
+    assert _key_sniffing(ast.parse('if "step" in r: pass\nx = r["val_loss"]\n')) == []
+    assert _config_parsing(ast.parse("cfg = TrainConfig.from_json(read(path))\n")) == [1]
+    assert _config_parsing(ast.parse("cfg = Run.open(path).config\n")) == []
 
 
 def test_a_wheel_ships_every_module_and_the_web_apps_files(tmp_path):

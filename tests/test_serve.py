@@ -25,7 +25,7 @@ import torch
 
 from helpers import (HANG_S, ServerThread, cli_env, request_under_way, http, lmlab_cmd, openai_client, read_jsonl,
                      serving, tiny_config, write_corpus)
-from lmlab.checkpoint import load_run
+from lmlab.run import load_run
 from lmlab.cli import main
 from lmlab.sample import generate, text_banned
 
@@ -617,8 +617,8 @@ def test_a_runs_folder_picks_up_new_runs(tmp_path, runs_root):
 
 
 def test_a_newer_checkpoint_is_loaded_on_the_next_request(tmp_path, runs_root):
-    from lmlab.checkpoint import read_run_config
-    from lmlab.train import TrainConfig, train
+    from lmlab.run import Run
+    from lmlab.train import train
 
     run = tmp_path / "gamma"
     shutil.copytree(runs_root / "alpha", run)
@@ -626,7 +626,7 @@ def test_a_newer_checkpoint_is_loaded_on_the_next_request(tmp_path, runs_root):
     with ServerThread(app) as url:
         ask = {"model": "gamma", "prompt": PROMPT, "max_tokens": 20, "seed": 3}
         before = http(url + "/v1/completions", ask)[1]
-        cfg = dataclasses.replace(TrainConfig.from_json(read_run_config(run)), resume=str(run), max_steps=30,
+        cfg = dataclasses.replace(Run.open(run).config, resume=str(run), max_steps=30,
                                   probe=False)
         train(cfg)
         after = http(url + "/v1/completions", ask)[1]

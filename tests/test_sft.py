@@ -351,7 +351,7 @@ def test_the_stage_is_part_of_the_config_and_has_its_own_defaults():
 
 
 def test_an_sft_run_starts_from_the_base_and_trains_only_what_the_assistant_writes(base, tmp_path, capsys):
-    from lmlab.checkpoint import load_run
+    from lmlab.run import load_run
     from lmlab.train import train
 
     data = chats_file(tmp_path / "chats.jsonl")
@@ -401,7 +401,7 @@ def test_synthetic_chat_logs_exact_match_by_skill_and_ended_turns(base, tmp_path
         assert set(record["exact_match"]) == set(synthetic.SKILLS) and 0 <= record["ended_turn"] <= 1
         assert "val_stride" not in record
     # lmlab eval answers the same prompts with the best checkpoint
-    from lmlab.checkpoint import load_run
+    from lmlab.run import load_run
 
     result = sft.evaluate_run(load_run(run), None)
     best = min(evals, key=lambda r: r["val_loss"])
@@ -458,7 +458,7 @@ def strip_special_tokens(run: Path) -> None:
 def test_a_base_without_special_tokens_gets_them_with_mean_rows(base, tmp_path, capsys):
     import shutil
 
-    from lmlab.checkpoint import load_run
+    from lmlab.run import load_run
     from lmlab.train import prepare
 
     old = tmp_path / "old"

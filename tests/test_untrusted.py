@@ -467,6 +467,22 @@ def test_untrusted_json_is_depth_bounded():
         {"step": 1}, {"step": 2}]
 
 
+def test_one_json_bound_for_disk_and_network(tmp_path):
+    """Files (common.read_json, a run's JSON) and request bodies (serve) are parsed by one reader with one depth
+    limit: one level more than it is refused by each, as one error."""
+    from lmlab import common
+    from lmlab.serve import request
+
+    assert request.MAX_JSON_DEPTH == common.MAX_JSON_DEPTH and request.parse_json is common.parse_json
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * (common.MAX_JSON_DEPTH + 1) + "]" * (common.MAX_JSON_DEPTH + 1))
+    with pytest.raises(common.LmlabError, match="nested more than 64"):
+        common.read_json(deep)
+    deep.write_text("[" * common.MAX_JSON_DEPTH + "]" * common.MAX_JSON_DEPTH)
+    assert common.read_json(deep) is not None
+    assert common.json_depth(rb'{"a": [1, {"b": "]]\"[[["}], "c": "\\"}') == 3
+
+
 def test_links_are_never_written_through(tmp_path):
     """The run folder's own writes refuse a link, or replace the link itself; what it points to never changes."""
     run = tmp_path / "run"
@@ -506,11 +522,11 @@ def test_only_the_trust_pickle_export_reaches_torch_distributed_checkpoint():
                          [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
                 if any(n.startswith("torch.distributed.checkpoint") for n in names):
                     places.append(f"{path.name}:{func.name}")
-                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_load_dcp_trusting_pickle":
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "load_dcp_trusting_pickle":
                     callers.append(f"{path.name}:{func.name}")
         top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         for node in top_level:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             assert not any(n.startswith("torch.distributed.checkpoint") for n in names), path.name
-    assert places == ["checkpoint.py:_load_dcp_trusting_pickle"]
-    assert callers == ["checkpoint.py:export_run"]
+    assert places == ["checkpoint.py:load_dcp_trusting_pickle"]
+    assert callers == ["run.py:export_run"]

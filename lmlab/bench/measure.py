@@ -17,12 +17,12 @@ from typing import Optional
 
 import torch
 
-from .. import rundir
 from ..common import LmlabError
 from ..config import apply_budget, get_preset
 from ..data import resolve_source
 from ..model import build_model, matmul_params
 from ..optim import build_optimizer
+from ..run import Run
 
 
 def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
@@ -212,9 +212,9 @@ def quality_run(data: str, budget: float, device: str, eval_every: int) -> dict:
         t = time.perf_counter()
         summary = train(cfg)
         wall = time.perf_counter() - t
-        evals = [r for r in rundir.read_jsonl(Path(d) / "run", rundir.METRICS) if "val_loss" in r]
+        evals = Run(Path(d) / "run").metrics().evals
     return {"budget_s": budget, "val_loss": summary["val_loss"], "steps": summary["steps"], "wall_s": wall,
-            "curve": [(e["elapsed_s"], e["val_loss"]) for e in evals]}
+            "curve": [(e.elapsed_s, e.val_loss) for e in evals]}
 
 
 def chat_conversation(tokenizer, target: int, seed: int = 0) -> list[dict]:

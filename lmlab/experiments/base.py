@@ -19,13 +19,13 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import rundir
 from ..common import LmlabError, atomic_write_bytes
 from ..config import TrainConfig
 from ..data import BUILTIN, DataConfig
 from ..loss import LossConfig
 from ..model import ModelConfig, unique_parameters
 from ..optim import OptimConfig
+from ..run import EvalRecord, Run, TrainRecord
 from ..report.landscape import readable_snapshots
 from ..train import train
 
@@ -132,10 +132,10 @@ def run_training(ctx: Context, cfg: TrainConfig) -> dict:
         return train(cfg)
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+def read_metrics(run_dir: Path) -> tuple[list[TrainRecord], list[EvalRecord]]:
     """The records of the run's training steps, and of its evaluations."""
-    records = rundir.read_jsonl(run_dir, rundir.METRICS)
-    return [r for r in records if "train_loss" in r], [r for r in records if "val_loss" in r]
+    metrics = Run(run_dir).metrics()
+    return metrics.train, metrics.evals
 
 
 def finite(x) -> Optional[float]:

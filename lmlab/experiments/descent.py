@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_run
+from ..run import load_run
 from ..data import DataConfig, load_splits
 from ..loss import LossConfig, training_loss
 from ..model import unique_parameters
@@ -53,19 +53,19 @@ def experiment_descent(ctx: Context) -> dict:
         ctx.say(f"descent: adamw at learning rate {lr:g} ({i + 1}/{len(SWEEP_LRS[quick])}), {budget.steps} steps")
         run_training(ctx, train_config(ctx, budget, f"lr_{lr:g}", descent_optim("adamw", lr)))
         steps, evals = read_metrics(ctx.run_dir(f"lr_{lr:g}"))
-        initial, final = evals[0]["val_loss"], evals[-1]["val_loss"]
+        initial, final = evals[0].val_loss, evals[-1].val_loss
         sweep.append({"lr": lr, "final_loss": finite(final), "initial_loss": finite(initial),
                       "diverged": not math.isfinite(final) or final > initial,
-                      "curve": {"step": [r["step"] for r in steps],
-                                "train_loss": [finite(r["train_loss"]) for r in steps]}})
+                      "curve": {"step": [r.step for r in steps],
+                                "train_loss": [finite(r.train_loss) for r in steps]}})
     optimizers = []
     for i, (name, lr) in enumerate(OPTIMIZER_LRS.items()):
         ctx.say(f"descent: {name} ({i + 1}/{len(OPTIMIZER_LRS)}), {budget.steps} steps")
         run_training(ctx, train_config(ctx, budget, f"opt_{name}", descent_optim(name, lr), snapshots=snapshots))
         steps, evals = read_metrics(ctx.run_dir(f"opt_{name}"))
-        optimizers.append({"name": name, "val_loss": finite(evals[-1]["val_loss"]), "lr": lr,
-                           "curve": {"step": [r["step"] for r in evals],
-                                     "val_loss": [finite(r["val_loss"]) for r in evals]}})
+        optimizers.append({"name": name, "val_loss": finite(evals[-1].val_loss), "lr": lr,
+                           "curve": {"step": [r.step for r in evals],
+                                     "val_loss": [finite(r.val_loss) for r in evals]}})
     ctx.say("descent: gradient noise per batch size")
     noise = batch_noise(ctx, ctx.run_dir("opt_adamw"), budget)
     ctx.say("descent: the optimizers' paths on one loss landscape")

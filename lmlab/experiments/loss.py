@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from ..checkpoint import load_run
+from ..run import load_run
 from ..loss import OBJECTIVES, LossConfig
 from ..optim import OptimConfig
 from ..report.chart import color, figure, finish
@@ -37,13 +37,13 @@ def experiment_loss(ctx: Context) -> dict:
         cfg = train_config(ctx, budget, name, optim, LossConfig(objective=name), snapshots=2)
         run_training(ctx, cfg)
         steps, evals = read_metrics(ctx.run_dir(name))
-        grad_norms = [r["grad_norm"] for r in steps]
-        accuracies = [r["val_accuracy"] for r in evals]
+        grad_norms = [r.grad_norm for r in steps]
+        accuracies = [r.val_accuracy for r in evals]
         model = load_run(ctx.run_dir(name)).model
         objectives.append({
             "name": name,
-            "val_loss": finite(evals[-1]["val_loss"]),
-            "val_accuracy": finite(evals[-1]["val_accuracy"]),
+            "val_loss": finite(evals[-1].val_loss),
+            "val_accuracy": finite(evals[-1].val_accuracy),
             # autograd's gradient, as train_step measured it: the global norm of every parameter's .grad after
             # backward, before clipping; it is exactly 0 only when every entry of every gradient is 0
             "nonzero_grad_fraction": sum(g != 0 for g in grad_norms) / len(grad_norms),
@@ -52,7 +52,7 @@ def experiment_loss(ctx: Context) -> dict:
             "max_accuracy_drift": finite(max(abs(a - accuracies[0]) for a in accuracies)),
             "mean_grad_norm": finite(float(np.mean(grad_norms))),
             "weight_change": finite(weight_change(ctx.run_dir(name), model)),
-            "curve": {"step": [r["step"] for r in evals], "val_loss": [finite(r["val_loss"]) for r in evals],
+            "curve": {"step": [r.step for r in evals], "val_loss": [finite(r.val_loss) for r in evals],
                       "val_accuracy": [finite(a) for a in accuracies]},
             "grad_norm": [finite(g) for g in grad_norms],
         })

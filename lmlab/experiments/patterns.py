@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..checkpoint import load_run
+from ..run import load_run
 from ..common import atomic_write_bytes
 from ..data import DataConfig, encode_text, iter_text, resolve_source
 from ..evaluate import stream_losses
@@ -123,7 +123,7 @@ def experiment_patterns(ctx: Context) -> dict:
         run_training(ctx, train_config(ctx, budget, "patterns", optim, data=data, steps=done, resume=done > budget.eval_interval))
         losses = read_metrics(ctx.run_dir("patterns"))[1]
         if len(losses) >= 3:  # step 0, then one per chunk: compare the last two chunks
-            before, now = losses[-2]["val_loss"], losses[-1]["val_loss"]
+            before, now = losses[-2].val_loss, losses[-1].val_loss
             plateaued = before - now < PLATEAU * before
     run = load_run(ctx.run_dir("patterns"), ctx.cfg.device)
     scored = []

@@ -40,7 +40,7 @@ class SurprisalArgs:
 
 
 def cmd_surprisal(argv: list[str]) -> int:
-    from ..checkpoint import load_run
+    from ..run import load_run
     from ..common import atomic_write_bytes, resolve_device
     from ..data import Corpus, iter_text
     from ..predict import surprisal
@@ -110,7 +110,7 @@ class LandscapeArgs:
 
 def cmd_landscape(argv: list[str]) -> int:
     from .. import rundir
-    from ..checkpoint import load_run
+    from ..run import load_run
     from ..common import resolve_device
     from .landscape import landscape
 
@@ -150,14 +150,14 @@ class InsideArgs:
 
 
 def cmd_inside(argv: list[str]) -> int:
-    from ..inside import at_step, head_table, read_records, summary
-    from ..rundir import read_config
+    from ..inside import at_step, head_table, summary
+    from ..run import Run
 
     args = parse(InsideArgs, argv, "lmlab inside")
-    config = read_config(Path(args.run))
-    records = read_records(args.run)
+    run = Run.open(args.run)
+    records = run.inside()
     if not records:
-        why = "it was trained with --no-inside" if config.get("inside") is False else "it has no evaluation yet"
+        why = "it was trained with --no-inside" if run.config.inside is False else "it has no evaluation yet"
         raise LmlabError(f"nothing was recorded inside the model of {args.run}: {why}")
     chosen = at_step(records, args.step)
     if args.out:

@@ -20,34 +20,34 @@ def loss_figure(runs: list[RunLogs], x: str = "step", log: bool = False) -> Figu
                      "loss (nats/token)")
     for i, run in enumerate(runs):
         line_color = color(i)
-        xs, ys = finite_points([r.get(x) for r in run.train], [r["train_loss"] for r in run.train],
+        xs, ys = finite_points([getattr(r, x) for r in run.train], [r.train_loss for r in run.train],
                                positive_x=log and by_tokens, positive_y=log)
         if xs:
             ax.plot(xs, ys, color=line_color, alpha=0.25, linewidth=0.8)
             ax.plot(xs, smooth(ys), color=line_color, linewidth=1.6, label=f"{run.name} train")
-        spikes = [r for r in run.train if r.get("spike_z") is not None]
-        sx, sy = finite_points([r.get(x) for r in spikes], [r["train_loss"] for r in spikes], log and by_tokens, log)
+        spikes = [r for r in run.train if r.spike_z is not None]
+        sx, sy = finite_points([getattr(r, x) for r in spikes], [r.train_loss for r in spikes], log and by_tokens, log)
         if sx:
             ax.scatter(sx, sy, marker="^", color=line_color, s=30, zorder=3, label=f"{run.name} loss spike")
-        xs, ys = finite_points([r.get(x) for r in run.evals], [r["val_loss"] for r in run.evals],
+        xs, ys = finite_points([getattr(r, x) for r in run.evals], [r.val_loss for r in run.evals],
                                positive_x=log and by_tokens, positive_y=log)
         if xs:
             ax.plot(xs, ys, color=line_color, linestyle="--", marker="o", markersize=4, linewidth=1.2,
                     label=f"{run.name} val")
-        over = [r for r in run.evals if r.get("overfitting")]
-        ox, oy = finite_points([r.get(x) for r in over], [r["val_loss"] for r in over], log and by_tokens, log)
+        over = [r for r in run.evals if r.overfitting]
+        ox, oy = finite_points([getattr(r, x) for r in over], [r.val_loss for r in over], log and by_tokens, log)
         if ox:
             ax.scatter(ox, oy, marker="x", color="#c00", s=40, zorder=4,
                        label=f"{run.name} val rising, train falling: overfitting")
         best = best_eval(run)
-        bx, by = finite_points([best.get(x)] if best else [], [best["val_loss"]] if best else [], log and by_tokens,
+        bx, by = finite_points([getattr(best, x)] if best else [], [best.val_loss] if best else [], log and by_tokens,
                                log)
         if bx:
             ax.scatter(bx, by, marker="*", color=line_color, s=120, zorder=4, edgecolors="black", linewidths=0.5,
                        label=f"{run.name} best (the checkpoint used)")
         if not by_tokens:
             for rb in run.rollbacks:
-                ax.axvline(rb["step"], color=line_color, linestyle=":", alpha=0.7)
+                ax.axvline(rb.step, color=line_color, linestyle=":", alpha=0.7)
     if log and by_tokens:
         ax.set_xscale("log")
     if log:
@@ -58,10 +58,8 @@ def loss_figure(runs: list[RunLogs], x: str = "step", log: bool = False) -> Figu
 def accuracy_figure(runs: list[RunLogs]) -> Figure:
     fig, ax = figure("validation accuracy (top-1)", "step", "accuracy")
     for i, run in enumerate(runs):
-        xs, ys = finite_points([r["step"] for r in run.evals], [r.get("val_accuracy") for r in run.evals])
-        if xs:
-            ax.plot(xs, [100 * y for y in ys], color=color(i), marker="o", markersize=4,
-                    label=run.name)
+        plot_percent(ax, [r.step for r in run.evals], [r.val_accuracy for r in run.evals], color=color(i),
+                     marker="o", markersize=4, label=run.name)
     ax.set_ylabel("accuracy (%)")
     return finish(fig)
 
@@ -70,23 +68,28 @@ def answers_figure(run: RunLogs) -> Figure:
     """One SFT run's greedy answers to held-out prompts at each evaluation: exact match by skill (solid) and the
     share of answers that ended their turn (dashed, black)."""
     fig, ax = figure(f"{run.name}: held-out answers", "step", "share of answers (%)")
-    skills = sorted({skill for r in run.evals for skill in (r.get("exact_match") or {})})
+    skills = sorted({skill for r in run.evals for skill in r.exact_match})
     for j, skill in enumerate(skills):
-        rows = [r for r in run.evals if skill in (r.get("exact_match") or {})]
-        xs, ys = finite_points([r["step"] for r in rows], [r["exact_match"][skill] for r in rows])
-        if xs:
-            ax.plot(xs, [100 * y for y in ys], color=color(j), marker="o", markersize=3, label=f"{skill} exact match")
-    xs, ys = finite_points([r["step"] for r in run.evals], [r.get("ended_turn") for r in run.evals])
-    if xs:
-        ax.plot(xs, [100 * y for y in ys], color="black", linestyle="--", label="ended their turn")
+        rows = [r for r in run.evals if skill in r.exact_match]
+        plot_percent(ax, [r.step for r in rows], [r.exact_match[skill] for r in rows], color=color(j), marker="o",
+                     markersize=3, label=f"{skill} exact match")
+    plot_percent(ax, [r.step for r in run.evals], [r.ended_turn for r in run.evals], color="black", linestyle="--",
+                 label="ended their turn")
     ax.set_ylim(-2, 102)
     return finish(fig)
+
+
+def plot_percent(ax, xs: list, ys: list, **style) -> None:
+    """The finite points of shares (0 to 1) as a line of percentages."""
+    xs, ys = finite_points(xs, ys)
+    if xs:
+        ax.plot(xs, [100 * y for y in ys], **style)
 
 
 def lr_figure(runs: list[RunLogs]) -> Figure:
     fig, ax = figure("learning rate", "step", "learning rate")
     for i, run in enumerate(runs):
-        xs, ys = finite_points([r["step"] for r in run.train], [r.get("lr") for r in run.train])
+        xs, ys = finite_points([r.step for r in run.train], [r.lr for r in run.train])
         if xs:
             ax.plot(xs, ys, color=color(i), label=run.name)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
@@ -98,15 +101,15 @@ def grad_norm_figure(runs: list[RunLogs]) -> Figure:
     fig, ax = figure("global gradient norm (before clipping)", "step", "grad norm")
     for i, run in enumerate(runs):
         line_color = color(i)
-        xs, ys = finite_points([r["step"] for r in run.train], [r.get("grad_norm") for r in run.train], positive_y=True)
+        xs, ys = finite_points([r.step for r in run.train], [r.grad_norm for r in run.train], positive_y=True)
         if xs:
             ax.plot(xs, ys, color=line_color, linewidth=0.9, label=run.name)
-        clipped = [r for r in run.train if r.get("clipped")]
-        cx, cy = finite_points([r["step"] for r in clipped], [r.get("grad_norm") for r in clipped], positive_y=True)
+        clipped = [r for r in run.train if r.clipped]
+        cx, cy = finite_points([r.step for r in clipped], [r.grad_norm for r in clipped], positive_y=True)
         if cx:
             ax.scatter(cx, cy, marker="x", color=line_color, s=14, linewidths=0.8, zorder=3,
                        label=f"{run.name} clipped ({len(cx)} steps)")
-        clip = run.config.get("optim", {}).get("grad_clip")
+        clip = run.config.optim.grad_clip
         if xs and isinstance(clip, (int, float)) and clip > 0:
             ax.axhline(clip, color=line_color, linestyle="--", linewidth=0.8, alpha=0.6)
     ax.set_yscale("log")
@@ -141,7 +144,7 @@ def throughput_figure(runs: list[RunLogs]) -> Figure:
     fig, ax = figure("training throughput", "step", "tokens / s")
     for i, run in enumerate(runs):
         line_color = color(i)
-        xs, ys = finite_points([r["step"] for r in run.train], [r.get("tokens_per_s") for r in run.train])
+        xs, ys = finite_points([r.step for r in run.train], [r.tokens_per_s for r in run.train])
         if xs:
             ax.plot(xs, ys, color=line_color, alpha=0.25, linewidth=0.8)
             ax.plot(xs, smooth(ys), color=line_color, linewidth=1.5, label=run.name)

@@ -59,7 +59,7 @@ def repeat_loss_figure(run: RunLogs) -> Figure:
                                    ("second", color(1), "second copy (predictable by looking back)")):
         xs, ys = finite_points([r["step"] for r in records], [r["repeat_loss"].get(key) for r in records])
         ax.plot(xs, ys, color=line_color, marker="o", markersize=3, label=label)
-    vocab = run.config.get("vocab_size")
+    vocab = run.run.vocab_size
     if isinstance(vocab, int) and vocab > 1:
         ax.axhline(math.log(vocab), color="#888", linestyle=":", linewidth=1, label=f"uniform guess, ln {vocab}")
     return finish(fig)
@@ -166,7 +166,7 @@ INSIDE_INTRO = (
 def inside_run_html(run: RunLogs, images: Images, step: Optional[int] = None) -> str:
     """One run's part of the inside section; the table, heatmaps and lens at `step` (default: the last step)."""
     if not run.inside:
-        why = " (trained with --no-inside)" if run.config.get("inside") is False else ""
+        why = " (trained with --no-inside)" if run.config.inside is False else ""
         return none(f"{run.name}: nothing recorded inside the model yet{why}")
     record = next((r for r in run.inside if r["step"] == step), None) if step is not None else run.inside[-1]
     if record is None:

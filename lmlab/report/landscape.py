@@ -17,7 +17,8 @@ from .. import rundir
 from ..common import LmlabError, atomic_write_bytes, atomic_write_json
 from ..evaluate import stream_losses
 from ..model import unique_parameters
-from ..rundir import LANDSCAPE, TRAJECTORY, snapshot_paths
+from ..run import Run
+from ..rundir import LANDSCAPE
 from .chart import color, figure, finish, plain_text, png_bytes
 
 
@@ -90,9 +91,10 @@ def readable_snapshots(run_dir: Path, model) -> list[tuple[Path, dict[str, torch
     skipped (a snapshot is a file of the run: it may be damaged, or not what its name says)."""
     params = dict(unique_parameters(model))
     good = []
-    for path in snapshot_paths(run_dir):
+    for snapshot in Run(run_dir).snapshots():
+        path = snapshot.path
         try:
-            tensors = load(rundir.read_bytes(run_dir, Path(TRAJECTORY, path.name)))
+            tensors = load(snapshot.read())
         except (LmlabError, SafetensorError, OSError, ValueError) as e:
             print(f"warning: skipping weight snapshot {path}: {str(e).splitlines()[0] if str(e) else e}",
                   file=sys.stderr)

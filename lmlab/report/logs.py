@@ -1,26 +1,25 @@
-"""What training wrote into a run folder, read once for the pages: its config and its records, by kind."""
+"""What training wrote into a run folder, read once for the pages (through run.Run): its config and its records, by
+kind."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .. import rundir
-from ..inside import read_records
+from ..config import TrainConfig
+from ..run import EvalRecord, Run, RollbackRecord, TrainRecord
 
 
 @dataclass
 class RunLogs:
-    """Everything training wrote into one run folder, as plain records."""
+    """Everything training wrote into one run folder: typed metric records, the other logs as training wrote them."""
 
     name: str
-    path: Path
-    config: dict
-    train: list[dict] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-    rollbacks: list[dict] = field(default_factory=list)
+    run: Run
+    train: list[TrainRecord] = field(default_factory=list)
+    evals: list[EvalRecord] = field(default_factory=list)
+    rollbacks: list[RollbackRecord] = field(default_factory=list)
     probes: list[dict] = field(default_factory=list)
     telemetry: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
@@ -28,30 +27,28 @@ class RunLogs:
     landscape_pngs: list[Path] = field(default_factory=list)
     inside: list[dict] = field(default_factory=list)
 
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.run.config
+
 
 def load_run_logs(path: str | Path, name: Optional[str] = None) -> RunLogs:
     """Read a run folder; raises LmlabError when it does not exist or is not an lmlab run."""
-    path = Path(path)
-    config = rundir.read_config(path)
-    run = RunLogs(name or path.resolve().name, path, config)
-    for record in rundir.read_jsonl(path, rundir.METRICS):
-        if "rollback" in record:
-            run.rollbacks.append(record)
-        elif "val_loss" in record:
-            run.evals.append(record)
-        elif "train_loss" in record:
-            run.train.append(record)
-    run.probes = rundir.read_jsonl(path, rundir.PROBES)
-    run.telemetry = rundir.read_jsonl(path, rundir.TELEMETRY)
-    run.inside = read_records(path)
-    run.samples = rundir.read_jsonl(path, rundir.SAMPLES_JSONL)
-    if not run.samples and rundir.exists(path, rundir.SAMPLES_TXT):
-        run.samples_text = rundir.read_text(path, rundir.SAMPLES_TXT)
-    run.landscape_pngs = [Path(e.path) for e in rundir.list_dir(path, rundir.LANDSCAPE) if e.name.endswith(".png")]
-    return run
+    run = Run.open(path)
+    metrics = run.metrics()
+    logs = RunLogs(name or run.path.resolve().name, run, metrics.train, metrics.evals, metrics.rollbacks,
+                   run.probes(), run.telemetry(), run.samples(), inside=run.inside(),
+                   landscape_pngs=run.landscape_images())
+    if not logs.samples:
+        logs.samples_text = run.samples_text()
+    return logs
 
 
-def best_eval(run: RunLogs) -> Optional[dict]:
+def best_eval(run: RunLogs) -> Optional[EvalRecord]:
     """The evaluation with the lowest finite validation loss (the later of equals), or None."""
-    finite = [r for r in run.evals if isinstance(r.get("val_loss"), (int, float)) and math.isfinite(r["val_loss"])]
-    return min(reversed(finite), key=lambda r: r["val_loss"]) if finite else None
+    finite = [r for r in run.evals if r.finite]
+    return min(reversed(finite), key=lambda r: r.val_loss) if finite else None

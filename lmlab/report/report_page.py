@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import math
 import os
 import shlex
 import stat
@@ -28,15 +27,14 @@ from .page import Images, fmt, none, page, section, shared_file_mode, slug, top_
 
 def overfitting_note(run: RunLogs) -> str:
     """One sentence when the run overfitted: from which step, after how many passes, and which model is kept."""
-    first = next((r for r in run.evals if r.get("overfitting")), None)
+    first = next((r for r in run.evals if r.overfitting), None)
     best = best_eval(run)
     if first is None or best is None:
         return ""
-    passes = (f" ({first['passes']:.1f} passes over the training text)"
-              if isinstance(first.get("passes"), (int, float)) else "")
-    return (f"<p class=warn><b>{html.escape(run.name)} overfitted</b>: from step {first['step']}{passes} its "
+    passes = f" ({first.passes:.1f} passes over the training text)" if first.passes is not None else ""
+    return (f"<p class=warn><b>{html.escape(run.name)} overfitted</b>: from step {first.step}{passes} its "
             f"validation loss rose while its training loss fell, so it was memorising its training text. The best "
-            f"evaluation, at step {best['step']} (val loss {best['val_loss']:.4f}), has the checkpoint that sample, "
+            f"evaluation, at step {best.step} (val loss {best.val_loss:.4f}), has the checkpoint that sample, "
             f"eval, export and serve load by default.</p>")
 
 
@@ -65,7 +63,7 @@ def _loss_section(runs: list[RunLogs], images: Images, log: bool) -> str:
         parts.append('<div id="accuracy">' + none("no evaluation yet, so no accuracy") + "</div>")
     parts.append(images.chart("loss_tokens.png", loss_figure(runs, "tokens", log), f"loss against tokens{scale}"))
     for run in runs:  # fine-tuning on conversations with a verifier: its held-out answers
-        if any("exact_match" in r for r in run.evals):
+        if any(r.exact_match for r in run.evals):
             parts.append(images.chart(f"{slug(run.name)}_answers.png", answers_figure(run),
                                       f"{run.name}: exact match of held-out answers by skill, and ended turns"))
     parts.append("</div>")
@@ -96,8 +94,7 @@ def _gradients_section(runs: list[RunLogs], images: Images) -> str:
                  "step moves its weights relative to their size (||update|| / ||weights||; log scale).</p>")
     for run in runs:
         if not run.telemetry:
-            interval = run.config.get("telemetry_interval")
-            why = " (telemetry is off: --telemetry-interval 0)" if interval == 0 else ""
+            why = " (telemetry is off: --telemetry-interval 0)" if run.config.telemetry_interval == 0 else ""
             parts.append(none(f"{run.name}: no per-layer telemetry yet{why}"))
             continue
         stem = slug(run.name)
@@ -165,7 +162,7 @@ def _landscape_section(runs: list[RunLogs], images: Images) -> str:
         pngs = []
         for path in run.landscape_pngs:
             try:
-                data = rundir.read_bytes(run.path, Path(rundir.LANDSCAPE, path.name))
+                data = run.run.landscape_image(path)
             except (LmlabError, OSError):
                 continue  # not a regular file of the run (a link, a folder): never read through
             if data.startswith(PNG_SIGNATURE):
@@ -182,16 +179,17 @@ def _landscape_section(runs: list[RunLogs], images: Images) -> str:
 
 def summary_row(run: RunLogs) -> dict:
     """The headline numbers of a run, from its last records."""
-    last_train = run.train[-1] if run.train else {}
-    last_eval = run.evals[-1] if run.evals else {}
-    losses = [r["val_loss"] for r in run.evals if isinstance(r.get("val_loss"), (int, float))
-              and math.isfinite(r["val_loss"])]
-    last = max((last_train, last_eval), key=lambda r: r.get("step", -1))
-    return {"run": run.name, "steps": last.get("step"), "tokens": last.get("tokens"),
-            "best_val_loss": min(losses) if losses else None, "last_val_loss": last_eval.get("val_loss"),
-            "val_bits_per_byte": last_eval.get("val_bits_per_byte"), "val_accuracy": last_eval.get("val_accuracy"),
-            "train_time_s": last.get("elapsed_s"), "val_stride": last_eval.get("val_stride"),
-            "block_size": (run.config.get("model") or {}).get("block_size")}
+    last_eval = run.evals[-1] if run.evals else None
+    best = best_eval(run)
+    last = max((r for r in (run.train[-1] if run.train else None, last_eval) if r is not None),
+               key=lambda r: r.step, default=None)
+    return {"run": run.name, "steps": last.step if last else None, "tokens": last.tokens if last else None,
+            "best_val_loss": best.val_loss if best else None,
+            "last_val_loss": last_eval.val_loss if last_eval else None,
+            "val_bits_per_byte": last_eval.val_bits_per_byte if last_eval else None,
+            "val_accuracy": last_eval.val_accuracy if last_eval else None,
+            "train_time_s": last.elapsed_s if last else None, "val_stride": last_eval.val_stride if last_eval else None,
+            "block_size": run.config.model.block_size}
 
 
 def _stride_cell(s: dict) -> str:
@@ -218,7 +216,7 @@ def _config_section(runs: list[RunLogs]) -> str:
              '<th>training time (s)</th></tr></thead><tbody>' + "\n".join(rows) + "</tbody></table>"]
     for run in runs:
         parts.append(f"<h3>{html.escape(run.name)}: {rundir.CONFIG} <span class=file>({html.escape(str(run.path))})"
-                     f"</span></h3><pre class=config>{html.escape(json.dumps(run.config, indent=2))}</pre>")
+                     f"</span></h3><pre class=config>{html.escape(json.dumps(run.run.config_json, indent=2))}</pre>")
     return section("config", "Runs and config", "\n".join(parts))
 
 

@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .. import rundir
-from ..checkpoint import LoadedRun
+from ..run import LoadedRun
 from ..common import LmlabError, json_safe
 from .chat_completions import complete_chat, parse_chat_request, prompt_of, stream_chat
 from .completions import (EventStream, complete, encode_prompt, parse_completion_request, parse_sampling,

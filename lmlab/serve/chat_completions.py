@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..chat import ConversationTooLong, check_messages
-from ..checkpoint import LoadedRun
+from ..run import LoadedRun
 from ..common import LmlabError
 from ..converse import ChatPrompt, NotAChatModel, chat_prompt, check_chat_run
 from .completions import (MAX_LOGPROBS, Chunk, GenerationRequest, TokenInfo, all_chunks, check_names, generated,

@@ -14,7 +14,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
-from ..checkpoint import LoadedRun
+from ..run import LoadedRun
 from ..common import LmlabError
 from ..converse import Answer
 from ..sample import find_stop, generate, prompt_ids, stop_prefix_length, text_banned

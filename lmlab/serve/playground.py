@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint import LoadedRun
+from ..run import LoadedRun
 from ..common import LmlabError
 from ..predict import next_token_distribution, surprisal
 from ..sample import generate, sampling_probs, text_banned

@@ -5,14 +5,13 @@ with ApiError, so it sits here, below them."""
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from starlette.requests import Request
 
-MAX_JSON_DEPTH = 32  # requests nest 2 deep; Python's parser recurses once per level, so a deep body could crash it
+from ..common import MAX_JSON_DEPTH, LmlabError, json_depth, parse_json  # noqa: F401 - the one JSON bound
+
 
 
 @dataclass(frozen=True)
@@ -91,20 +90,6 @@ def is_json_media_type(content_type: str) -> bool:
     return True
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-
-
-def json_depth(data: bytes) -> int:
-    """How deep the arrays and objects of a JSON text nest (brackets inside strings do not count), found without a
-    parser, which would recurse once per level."""
-    depth = deepest = 0
-    for c in _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
-        depth += 1 if c in b"[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
 async def read_json_body(request: Request, max_bytes: int) -> Any:
     """The JSON body of a request, refused when it is not JSON, larger than max_bytes or nested too deep."""
     if not is_json_media_type(request.headers.get("content-type", "")):
@@ -115,11 +100,7 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise ApiError(413, f"the request body is larger than {max_bytes:,} bytes", code="request_too_large")
         parts.append(part)
-    data = b"".join(parts)
-    if json_depth(data) > MAX_JSON_DEPTH:
-        raise ApiError(400, f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} deep",
-                       code="invalid_json")
     try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+        return parse_json(b"".join(parts), "the request body")
+    except LmlabError as e:
+        raise ApiError(400, str(e), code="invalid_json") from None

@@ -4,7 +4,6 @@ when training writes a newer checkpoint. Model names are looked up among these r
 
 from __future__ import annotations
 
-import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,8 @@ from typing import Any
 import torch
 
 from .. import rundir
-from ..checkpoint import LoadedRun, checkpoint_dirs, load_run
 from ..common import LmlabError
+from ..run import LoadedRun, Metrics, Run, load_run
 from ..rundir import JsonlTail, run_names
 from .request import ApiError
 
@@ -70,43 +69,44 @@ class Tails:
 def run_summary(name: str, run_dir: Path, tails: Tails) -> dict:
     """One line of the dashboard's run list: status, latest step and losses, checkpoint, model shape."""
     _, records = tails(run_dir / rundir.METRICS).read()
-    last_train = next((r for r in reversed(records) if "train_loss" in r), {})
-    evals = [r for r in records if isinstance(r.get("val_loss"), (int, float)) and math.isfinite(r["val_loss"])]
-    val_losses = [r["val_loss"] for r in evals]
-    best = min(reversed(evals), key=lambda r: r["val_loss"]) if evals else {}
+    metrics = Metrics.of(records)
+    last_train = metrics.train[-1] if metrics.train else None
+    evals = [r for r in metrics.evals if r.finite]
+    best = metrics.best_eval()
+    run = Run(run_dir)
     try:
-        config = rundir.read_config(run_dir)
+        config = run.config
     except LmlabError:
-        config = {}  # still listed, with what the log says
-    model = config.get("model") or {}
+        config = None  # still listed, with what the log says
     try:
-        checkpoints = checkpoint_dirs(run_dir)
+        checkpoints = run.checkpoints()
     except LmlabError:
         checkpoints = []
+    model = config.model if config is not None else None
     return {
         "name": name,
-        **{k: v for k, v in rundir.run_status(run_dir).items() if k in ("status", "error")},
-        "step": last_train.get("step", 0),
-        "tokens": last_train.get("tokens", 0),
-        "elapsed_s": last_train.get("elapsed_s"),
-        "train_loss": last_train.get("train_loss"),
-        "val_loss": val_losses[-1] if val_losses else None,
-        "val_stride": next((r.get("val_stride") for r in reversed(records) if "val_loss" in r), None),
-        "best_val_loss": min(val_losses) if val_losses else None,
-        "best_step": best.get("step"),
-        "overfitting_step": next((r.get("step") for r in evals if r.get("overfitting")), None),
-        "checkpoint_step": int(checkpoints[-1].name.split("_")[-1]) if checkpoints else None,
-        "preset": config.get("preset"),
-        "stage": rundir.run_stage(config),
-        "tokenizer": (config.get("data") or {}).get("tokenizer"),
-        "vocab_size": config.get("vocab_size"),
-        "model": {k: model.get(k) for k in ("arch", "n_layer", "n_head", "n_embd", "block_size")},
+        **{k: v for k, v in run.status().items() if k in ("status", "error")},
+        "step": last_train.step if last_train else 0,
+        "tokens": last_train.tokens if last_train else 0,
+        "elapsed_s": last_train.elapsed_s if last_train else None,
+        "train_loss": last_train.train_loss if last_train else None,
+        "val_loss": evals[-1].val_loss if evals else None,
+        "val_stride": metrics.evals[-1].val_stride if metrics.evals else None,
+        "best_val_loss": best.val_loss if best else None,
+        "best_step": best.step if best else None,
+        "overfitting_step": next((r.step for r in evals if r.overfitting), None),
+        "checkpoint_step": checkpoints[0].step if checkpoints else None,
+        "preset": config.preset if config else None,
+        "stage": config.stage if config else "pretrain",
+        "tokenizer": config.data.tokenizer if config else None,
+        "vocab_size": run.vocab_size if config else None,
+        "model": {k: getattr(model, k, None) for k in ("arch", "n_layer", "n_head", "n_embd", "block_size")},
     }
 
 
 def has_checkpoint(run_dir: Path) -> bool:
     try:
-        return bool(checkpoint_dirs(run_dir))
+        return bool(Run(run_dir).checkpoints())
     except LmlabError:  # a link where the checkpoints folder should be
         return False
 
@@ -122,13 +122,13 @@ class Models:
         self._lock = threading.Lock()
 
     def get(self, name: str, run_dir: Path) -> LoadedRun:
-        checkpoints = checkpoint_dirs(run_dir)
+        checkpoints = Run(run_dir).checkpoints()  # newest first
         if not checkpoints:
             raise ApiError(409, f"run {name!r} has no checkpoint yet; try again once training has written one",
                            "model", "model_not_ready")
         with self._lock:
             seen = self._loaded.get(run_dir)
-            if seen is not None and seen[0] == checkpoints[-1]:
+            if seen is not None and seen[0] == checkpoints[0].path:
                 return seen[1]
             try:
                 run = load_run(run_dir, self.device, self.checkpoint)
@@ -138,5 +138,5 @@ class Models:
                     raise ApiError(409, f"run {name!r} cannot be loaded: {detail.splitlines()[0][:500]}", "model",
                                    "model_not_ready") from None
                 run = seen[1]  # keep serving the checkpoint we have
-            self._loaded[run_dir] = (checkpoints[-1], run)
+            self._loaded[run_dir] = (checkpoints[0].path, run)
             return run
