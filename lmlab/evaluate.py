@@ -112,6 +112,30 @@ def stream_losses(model: torch.nn.Module, tokens: np.ndarray, block_size: int, b
     Data-parallel: rank r scores batches r, r + world, ..., so each rank returns its share. Under FSDP each forward
     is collective, so a rank without a batch in the last round scores a stand-in batch and drops the result.
     """
+    return TokenLosses(*_window_columns(model, tokens, block_size, batch_size, max_tokens, dtype, d, stride,
+                                        lambda logits, targets: _scored(logits, targets, top)))
+
+
+@torch.no_grad()
+def stream_logprobs(model: torch.nn.Module, tokens, block_size: int, stride: int = 0, top: int = 0,
+                    batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ln p of every prediction of `tokens` (N,), from stream_losses's windows, and the `top` most likely tokens at
+    each position: their ids (N, top) and ln p (N, top), most likely first. All three come from one log_softmax, so
+    the ln p of a token that is the most likely equals the first top value exactly (lm-eval's is_greedy compares
+    them)."""
+    def score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logp = logits.float().log_softmax(-1)  # (N, V)
+        values, ids = logp.topk(min(top, logp.size(-1)), dim=-1)
+        return logp.gather(-1, targets[:, None])[:, 0], ids, values
+
+    return tuple(_window_columns(model, np.asarray(tokens, dtype=np.int64), block_size, batch_size, 0, torch.float32,
+                                 None, stride, score))
+
+
+def _window_columns(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int, max_tokens: int,
+                    dtype: torch.dtype, d: Optional[Dist], stride: int, score) -> list[torch.Tensor]:
+    """score(logits (N, V), targets (N,)) -> columns, over the scored predictions of each batch of windows (see
+    stream_losses), each column concatenated over the batches."""
     d = d or Dist()
     device = next(model.parameters()).device
     was_training = model.training
@@ -130,11 +154,11 @@ def stream_losses(model: torch.nn.Module, tokens: np.ndarray, block_size: int, b
         if i < len(batches):
             first = torch.tensor([w[2] for w in windows], device=device)
             keep = (torch.arange(x.size(1), device=device)[None, :] >= first[:, None]).flatten()  # (B*T,)
-            parts.append(_scored(logits.flatten(0, 1)[keep], y.flatten()[keep], top))
+            parts.append(score(logits.flatten(0, 1)[keep], y.flatten()[keep]))
     model.train(was_training)
     if not parts:  # more ranks than batches: this one scored nothing
-        parts.append(_scored(torch.zeros(0, 1, device=device), torch.zeros(0, dtype=torch.long, device=device), 0))
-    return TokenLosses(*(torch.cat(column) for column in zip(*parts)))
+        parts.append(score(torch.zeros(0, 1, device=device), torch.zeros(0, dtype=torch.long, device=device)))
+    return [torch.cat(column) for column in zip(*parts)]
 
 
 def _scored(logits: torch.Tensor, targets: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:

@@ -595,18 +595,33 @@ def chat_template_of(config: Any, where: str) -> tuple[Optional[str], Optional[s
     return template, token(config.get("bos_token")), token(config.get("eos_token"))
 
 
-def tokenizer_config(block_size: int, tokenizer: Optional[tok.Tokenizer] = None) -> dict:
+def tokenizer_config(block_size: int, tokenizer: Optional[tok.Tokenizer] = None, chat: bool = False) -> dict:
     """tokenizer_config.json: the fast tokenizer class as it is, no special tokens added to a text, spaces never
-    "cleaned"; where the tokenizer has a chat template, the template and its bos, eos and pad tokens, so that
-    apply_chat_template gives lmlab's ids (chat.render)."""
+    "cleaned"; the bos, eos and pad tokens of special_names; where the tokenizer has a chat template, the template,
+    so that apply_chat_template gives lmlab's ids (chat.render)."""
     out = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
            "model_max_length": block_size, "add_bos_token": False, "add_eos_token": False, "bos_token": None,
            "eos_token": None, "unk_token": None, "pad_token": None,
            "model_input_names": ["input_ids", "attention_mask"]}
-    if tokenizer is not None and tokenizer.chat_template is not None:
-        out.update(chat_template=tokenizer.chat_template, bos_token=tokenizer.bos_token,
-                   eos_token=tokenizer.eos_token, pad_token=pad_token(tokenizer))
+    if tokenizer is not None:
+        out.update(special_names(tokenizer, chat))
+        if tokenizer.chat_template is not None:
+            out["chat_template"] = tokenizer.chat_template
     return out
+
+
+def special_names(tokenizer: tok.Tokenizer, chat: bool) -> dict[str, str]:
+    """The bos, eos and pad tokens of an export. Where the tokenizer has lmlab's end of text, it opens a text (the
+    prefix lm-eval scores a text's first token from) and ends it, and pads; a chat model (chat) ends at the end of
+    its turn instead. An imported chat template keeps its own tokens. None of them ({}) for a tokenizer without
+    special tokens (a run older than them): export_run_hf says what lm-eval then needs."""
+    ids = tokenizer.special_tokens
+    if tokenizer.own_template is None and tok.ENDOFTEXT in ids:
+        eos = tok.END if chat and tok.END in ids else tok.ENDOFTEXT
+        return {"bos_token": tok.ENDOFTEXT, "eos_token": eos, "pad_token": tok.ENDOFTEXT}
+    if tokenizer.chat_template is not None:
+        return {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "pad_token": pad_token(tokenizer)}
+    return {}
 
 
 def pad_token(tokenizer: tok.Tokenizer) -> Optional[str]:
@@ -615,15 +630,15 @@ def pad_token(tokenizer: tok.Tokenizer) -> Optional[str]:
 
 
 def generation_config(tokenizer: tok.Tokenizer, chat: bool) -> dict:
-    """generation_config.json: greedy by default; the bos and pad ids of the chat template's tokens; for a chat
-    model (chat), the eos ids that end its turn: the end of a turn and the end of a text (tokenizer.stop_ids, the
-    eos token first). A text model's generation never stops at a special token (lmlab never draws one in text)."""
-    ids = tokenizer.special_tokens
-    eos = list(dict.fromkeys(ids[t] for t in (tokenizer.eos_token, tok.END, tok.ENDOFTEXT) if t in ids))
-    if tokenizer.chat_template is None:
-        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "do_sample": False}
-    return {"bos_token_id": ids.get(tokenizer.bos_token), "eos_token_id": eos if chat and eos else None,
-            "pad_token_id": ids.get(pad_token(tokenizer)), "do_sample": False}
+    """generation_config.json: greedy by default; the ids of special_names' bos, eos and pad tokens; for a chat model
+    (chat), every eos id that ends its turn: the end of a turn and the end of a text (tokenizer.stop_ids, the eos
+    token first). A text model's generation stops at the end of its text (lmlab's own never draws one: it ends at
+    --max-new-tokens)."""
+    ids, names = tokenizer.special_tokens, special_names(tokenizer, chat)
+    bos, eos, pad = (ids.get(names.get(key)) for key in ("bos_token", "eos_token", "pad_token"))
+    if chat:
+        eos = list(dict.fromkeys(ids[t] for t in (names.get("eos_token"), tok.END, tok.ENDOFTEXT) if t in ids)) or None
+    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -632,8 +647,8 @@ def generation_config(tokenizer: tok.Tokenizer, chat: bool) -> dict:
 
 def write_hf(model: torch.nn.Module, tokenizer: tok.Tokenizer, out: str | Path, chat: bool = False) -> str:
     """Write model and tokenizer as a transformers folder (config.json, model.safetensors, tokenizer.json,
-    tokenizer_config.json with the chat template, generation_config.json, which for a chat model (chat) ends
-    generation at the end of a turn). Returns the class's name."""
+    tokenizer_config.json with the bos and eos tokens and the chat template, generation_config.json, which ends
+    generation at the end of a text, or for a chat model (chat) at the end of a turn). Returns the class's name."""
     from safetensors.torch import save
 
     cfg, vocab = model.cfg, model.vocab_size
@@ -646,7 +661,7 @@ def write_hf(model: torch.nn.Module, tokenizer: tok.Tokenizer, out: str | Path, 
     atomic_write_bytes(out / HF_WEIGHTS, save(tensors, metadata={"format": "pt"}))
     atomic_write_json(out / HF_CONFIG, hf_config(arch, cfg, vocab))
     atomic_write_bytes(out / HF_TOKENIZER, hf_tokenizer(tokenizer).to_str(pretty=True).encode())
-    atomic_write_json(out / HF_TOKENIZER_CONFIG, tokenizer_config(cfg.block_size, tokenizer))
+    atomic_write_json(out / HF_TOKENIZER_CONFIG, tokenizer_config(cfg.block_size, tokenizer, chat))
     atomic_write_json(out / HF_GENERATION_CONFIG, generation_config(tokenizer, chat))
     return arch
 
@@ -719,7 +734,25 @@ def export_run_hf(run_dir: str | Path, out: str | Path, check: bool = True,
     if check:
         summary = verify(out, run.model, run.tokenizer)
         say(summary or "transformers is not installed: the export was not verified (pip install 'lmlab[hf]')")
+    note = lm_eval_note(run.tokenizer, out)
+    if note:
+        say(note)
     return arch
+
+
+def lm_eval_note(tokenizer: tok.Tokenizer, out: str | Path) -> Optional[str]:
+    """What lm-eval needs to be told about an export without a bos or eos token (a run older than the special
+    tokens): the token its windows start from, a newline where there is one. None when it needs nothing."""
+    if special_names(tokenizer, False):
+        return None
+    try:
+        newline = tokenizer.encode("\n")
+    except LmlabError:
+        newline = []
+    prefix = newline[0] if len(newline) == 1 else 0
+    return (f"note: this run's tokenizer has no end-of-text token, so the export names no bos or eos token; lm-eval "
+            f"needs the token its texts start from: lm_eval --model hf --model_args "
+            f"pretrained={out},prefix_token_id={prefix} (for log-likelihood and perplexity tasks)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

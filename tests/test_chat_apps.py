@@ -533,11 +533,13 @@ def test_the_export_renders_conversations_and_ends_turns_as_lmlab_does(fluent, t
         assert theirs.decode(generated, skip_special_tokens=True) + "\n" == proc.stdout
 
 
-def test_a_text_models_export_has_the_template_but_does_not_stop_at_special_tokens(runs, tmp_path):
+def test_a_text_models_export_has_the_template_and_stops_at_the_end_of_text_only(runs, tmp_path):
     assert main(["export", str(runs / "text"), "--out", str(tmp_path / "hf"), "--format", "hf", "--no-verify"]) == 0
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
-    assert generation["eos_token_id"] is None and config["chat_template"] == tok.CHAT_TEMPLATE
+    eot = load_run(runs / "text").tokenizer.special_tokens[tok.ENDOFTEXT]
+    assert generation["eos_token_id"] == eot and config["eos_token"] == tok.ENDOFTEXT
+    assert config["chat_template"] == tok.CHAT_TEMPLATE
 
 
 # ---------------------------------------------------------------------------------------------------------------

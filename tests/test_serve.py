@@ -250,7 +250,7 @@ def test_concurrent_requests_give_what_each_gives_alone(client):
     ({"temperature": 2.5}, "temperature"), ({"temperature": -0.1}, "temperature"), ({"top_p": 1.5}, "top_p"),
     ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k"), ({"n": 0}, "n"), ({"logprobs": 21}, "logprobs"),
     ({"max_tokens": LIMITS.max_tokens + 1}, "max_tokens"), ({"max_tokens": -1}, "max_tokens"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"echo": True}, "echo"), ({"prompt": 5}, "prompt"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"echo": "yes"}, "echo"), ({"prompt": 5}, "prompt"),
     ({"prompt": "\u2603 is not in a char vocabulary built from English text"}, "prompt"),
     ({"extra_body": {"frequency_penalty": 0.5}}, "frequency_penalty"), ({"extra_body": {"foo": 1}}, "foo"),
 ])

@@ -40,7 +40,7 @@ from .. import rundir
 from ..run import LoadedRun
 from ..common import LmlabError, json_safe
 from .chat_completions import complete_chat, parse_chat_request, prompt_of, stream_chat
-from .completions import (EventStream, complete, encode_prompt, parse_completion_request, parse_sampling,
+from .completions import (EventStream, complete, encode_prompts, parse_completion_request, parse_sampling,
                           stream_completion)
 from .guard import ApiGuard, allowed_host_names, check_exposure, is_loopback
 from .playground import MAX_TOP, next_token_view, surprisal_view
@@ -213,7 +213,7 @@ def add_openai_routes(app: FastAPI, backend: Backend) -> None:
     async def completions(request: Request):
         req = parse_completion_request(await read_json_body(request, backend.max_body), backend.limits)
         run = await run_in_threadpool(backend.loaded, req.model)
-        encoded = [encode_prompt(run, p) for p in req.prompts]
+        encoded = encode_prompts(run, req)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model, "system_fingerprint": run.checkpoint.path.name}
         return await respond(request, req.stream, stream_completion, complete, run, req, encoded, head)

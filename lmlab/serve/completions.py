@@ -1,13 +1,14 @@
 """OpenAI's completions for `lmlab serve` (POST /v1/completions): the request checked against OpenAI's schema and the
-server's limits, then each choice generated as chunks of text (held back where a stop string may begin), with
-logprobs when asked, answered whole or streamed as server-sent events. Each request samples with its own
-torch.Generator and KV cache; the model is shared read-only."""
+server's limits (prompts as text or as token ids), then each choice generated as chunks of text (held back where a
+stop string may begin), with logprobs when asked, after the prompt and its log-probabilities when echoed (what
+harnesses such as lm-eval score with), answered whole or streamed as server-sent events. Each request samples with
+its own torch.Generator and KV cache; the model is shared read-only."""
 
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -17,6 +18,7 @@ from starlette.responses import StreamingResponse
 from ..run import LoadedRun
 from ..common import LmlabError
 from ..converse import Answer
+from ..evaluate import stream_logprobs
 from ..sample import find_stop, generate, prompt_ids, stop_prefix_length, text_banned
 from .request import ApiError, ClientGone, Limits, check_length, choice_param, number_param
 
@@ -57,14 +59,17 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class CompletionRequest(GenerationRequest):
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[str | list[int]] = field(default_factory=list)
+    """Each prompt as text or as token ids."""
+    echo: bool = False
+    """Whether each choice starts with its prompt (and the prompt's log-probabilities, when logprobs are asked)."""
 
 
 # Parameters of OpenAI's schema that lmlab does not implement, with the one value that means "not used".
-NEUTRAL = {"echo": False, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+NEUTRAL = {"best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
            "suffix": None}
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
-         "stream_options", "logprobs", "user", *NEUTRAL}
+         "stream_options", "logprobs", "echo", "user", *NEUTRAL}
 
 
 def check_names(body: Any, known: set[str], neutral: dict) -> dict:
@@ -113,16 +118,30 @@ def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
     """Check a /v1/completions body against OpenAI's schema and the server's limits."""
     body = check_names(body, KNOWN, NEUTRAL)
     params = generation_params(body, limits)
-    prompt = body.get("prompt", "")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ApiError(400, "prompt must be a string or a non-empty list of strings", "prompt")
-    check_length("prompt", sum(len(p) for p in prompts), limits)
+    prompts = parse_prompts(body.get("prompt", ""))
+    check_length("prompt", sum(len(p) for p in prompts), limits)  # a token id counts as a character
     if params["n"] * len(prompts) > MAX_CHOICES:
         raise ApiError(400, f"{len(prompts)} prompts x n={params['n']} asks for more than {MAX_CHOICES} completions",
                        "n")
     return CompletionRequest(prompts=prompts, logprobs=number_param(body, "logprobs", None, 0, MAX_LOGPROBS,
-                                                                    integer=True), **params)
+                                                                    integer=True),
+                             echo=choice_param(body, "echo", bool, False, "true or false"), **params)
+
+
+def parse_prompts(prompt: Any) -> list[str | list[int]]:
+    """OpenAI's four shapes of prompt as a list of prompts: a string, a list of strings, a list of token ids, or a
+    list of lists of token ids."""
+    def is_ids(p: Any) -> bool:
+        return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+
+    if isinstance(prompt, str):
+        return [prompt]
+    if is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt) or all(map(is_ids, prompt))):
+        return prompt
+    raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists of token "
+                        "ids, none of the lists empty", "prompt")
 
 
 def encode_prompt(run: LoadedRun, prompt: str) -> list[int]:
@@ -130,6 +149,22 @@ def encode_prompt(run: LoadedRun, prompt: str) -> list[int]:
         return prompt_ids(run.tokenizer, prompt)
     except LmlabError as e:
         raise ApiError(400, f"the prompt cannot be encoded by this run's tokenizer: {e}", "prompt") from None
+
+
+def encode_prompts(run: LoadedRun, req: CompletionRequest) -> list[list[int]]:
+    """The token ids of each prompt: a text encoded by the run's tokenizer, token ids checked against its
+    vocabulary (special tokens such as the end of text included)."""
+    vocab = run.tokenizer.vocab_size
+    for ids in (p for p in req.prompts if not isinstance(p, str)):
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"the prompt has token id {bad}, which is not in this run's vocabulary (ids 0 to "
+                                f"{vocab - 1})", "prompt")
+    return [encode_prompt(run, p) if isinstance(p, str) else list(p) for p in req.prompts]
+
+
+def prompt_text(run: LoadedRun, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else run.tokenizer.decode(prompt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,6 +204,14 @@ class Chunk:
     finish_reason: Optional[str] = None
     hidden: int = 0
     """Tokens generated that are neither text nor in tokens: the end of a chat model's turn."""
+    echoed: int = 0
+    """Tokens at the start of tokens that are the prompt's, echoed, not generated."""
+
+
+def _set_logprobs(info: TokenInfo, tokenizer, logprob: float, top_ids: list[int], top_values: list[float]) -> None:
+    info.logprob = logprob
+    info.top_ids = list(zip(top_ids, top_values))
+    info.top = {token_label(tokenizer, i): v for i, v in info.top_ids}
 
 
 @torch.inference_mode()
@@ -177,10 +220,28 @@ def _token_info(tokenizer, logits: torch.Tensor, token_id: int, offset: int, top
     if top is not None:
         logp = logits.float().log_softmax(-1)
         values, ids = logp.topk(min(top, logp.numel()))
-        info.logprob = float(logp[token_id])
-        info.top_ids = [(int(i), float(v)) for v, i in zip(values, ids)]
-        info.top = {token_label(tokenizer, i): v for i, v in info.top_ids}
+        _set_logprobs(info, tokenizer, float(logp[token_id]), ids.tolist(), values.tolist())
     return info
+
+
+def echo_chunk(run: LoadedRun, ids: list[int], text: str, top: Optional[int],
+               cancel: Optional[threading.Event] = None) -> Chunk:
+    """The prompt at the start of a choice that echoes it: its text, and its tokens with their offsets in it and, when
+    logprobs are asked for (top is not None), their log-probabilities under the model, the first token's null (nothing
+    predicts it). A prompt longer than the context is scored in windows of the context, each token once, by
+    evaluate's rule for `lmlab eval --stride BLOCK` (stride = context: lm-eval's own hf backend windows so)."""
+    if cancel is not None and cancel.is_set():
+        raise ClientGone()
+    decoder, tokens, offset = run.tokenizer.stream_decoder(), [], 0
+    for token_id in ids:
+        tokens.append(TokenInfo(token_label(run.tokenizer, token_id), offset, token_id=token_id))
+        offset += len(decoder.push(token_id))
+    if top is not None and len(ids) > 1:
+        block = run.model.cfg.block_size
+        logp, top_ids, top_values = (c.tolist() for c in stream_logprobs(run.model, ids, block, block, top))
+        for info, *scores in zip(tokens[1:], logp, top_ids, top_values):
+            _set_logprobs(info, run.tokenizer, *scores)
+    return Chunk(0, text, tokens, echoed=len(tokens))
 
 
 def completion_chunks(run: LoadedRun, ids: list[int], prompt_chars: int, req: CompletionRequest,
@@ -236,13 +297,17 @@ def make_generator(seed: Optional[int]) -> torch.Generator:
 
 def all_chunks(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]],
                cancel: Optional[threading.Event] = None, chat: bool = False) -> Iterator[Chunk]:
-    """Every choice's chunks: prompt by prompt, n choices each, all from one generator seeded once (with chat, the
-    answers of a chat model to its one prompt, whose text has no offsets)."""
+    """Every choice's chunks: prompt by prompt, n choices each, all from one generator seeded once, each after its
+    prompt when echoed (with chat, the answers of a chat model to its one prompt, whose text has no offsets).
+    Generation after a prompt longer than the context sees its last block_size tokens, as sample.generate does."""
     generator = make_generator(req.seed)
     for p, ids in enumerate(encoded):
+        text = "" if chat else prompt_text(run, req.prompts[p])
+        echoed = echo_chunk(run, ids if text else [], text, req.logprobs, cancel) if not chat and req.echo else None
         for j in range(req.n):
-            yield from completion_chunks(run, ids, 0 if chat else len(req.prompts[p]), req, generator,
-                                         p * req.n + j, cancel, chat)
+            if echoed is not None:
+                yield replace(echoed, index=p * req.n + j)
+            yield from completion_chunks(run, ids, len(text), req, generator, p * req.n + j, cancel, chat)
 
 
 def choice_json(chunk: Chunk, logprobs: bool) -> dict:
@@ -268,12 +333,13 @@ def joined_chunks(chunks: Iterator[Chunk]) -> list[Chunk]:
         choice.tokens += chunk.tokens
         choice.finish_reason = chunk.finish_reason or choice.finish_reason
         choice.hidden += chunk.hidden
+        choice.echoed += chunk.echoed
     return list(choices.values())
 
 
 def generated(chunks: list[Chunk]) -> int:
     """The tokens generated for the chunks, for the usage."""
-    return sum(len(c.tokens) + c.hidden for c in chunks)
+    return sum(len(c.tokens) - c.echoed + c.hidden for c in chunks)
 
 
 def complete(run: LoadedRun, req: CompletionRequest, encoded: list[list[int]], head: dict,
