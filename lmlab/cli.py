@@ -1,9 +1,9 @@
 """The `lmlab` command: one subcommand per stage, options generated from the config dataclasses by tyro.
 
 COMMANDS is the one table of commands: it drives dispatch and `lmlab --help`, which lists them by stage. The core's
-commands (train, sample, eval, data, next, export) are handled here; an application's commands next to it
-(serve/cli.py, report/cli.py, experiments/cli.py, bench/cli.py), each loaded only when it runs, and parsing its
-options with parse() from here. Importing this module imports no torch: every handler imports what it needs.
+commands (train, sample, data, next, export) are handled here; an application's commands next to it
+(chat_cli.py, eval_cli.py, serve/cli.py, report/cli.py, experiments/cli.py, bench/cli.py), each loaded only when it
+runs, and parsing its options with parse() from here. Importing this module imports no torch: every handler imports what it needs.
 
 One vocabulary across commands: the run is the positional argument, --device defaults to auto, --json is a bool
 that prints JSON on stdout, and --out is where the command writes."""
@@ -65,7 +65,8 @@ COMMANDS = {
     "export": Command(SHARE, "copy a run as single files (e.g. from sharded FSDP checkpoints), or as a transformers "
                       "model (--format hf)", "cli:cmd_export"),
     "eval": Command(MEASURE, "loss, bits/byte, perplexity and accuracy of a run on its validation split or any text (a "
-                    "fine-tuned run: on conversations, with exact match)", "cli:cmd_eval"),
+                    "fine-tuned run: on conversations, with exact match); lm-evaluation-harness tasks (--tasks)",
+                    "eval_cli:cmd_eval"),
     "bench": Command(MEASURE, "measure hardware peak, training throughput and MFU, time to quality, generation and "
                      "data speed", "bench.cli:cmd_bench"),
     "experiment": Command(MEASURE, "how language models learn, measured: loss (why not accuracy), descent (step "
@@ -231,63 +232,6 @@ def cmd_export(argv: list[str]) -> int:
         return 0
     path = export_run(args.run, args.out, trust_pickle=args.trust_pickle, which=args.checkpoint)
     print(f"exported {args.run} to {args.out} (checkpoint {path.name}, single files)", file=sys.stderr)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# eval
-
-
-@dataclass
-class EvalArgs:
-    """Evaluate a run: every token of the text after the first is predicted once, from sliding block_size windows."""
-
-    run: Annotated[str, tyro.conf.Positional]
-    """The run directory."""
-    checkpoint: str = "best"
-    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
-    stride: Optional[int] = None
-    """Windows of block_size tokens start every this many tokens and score only what earlier windows did not reach,
-    so every scored token has at least block_size - stride tokens of context (default: block_size / 2, as published
-    perplexities are measured; block_size: non-overlapping windows, as training logs val_loss)."""
-    data: Optional[str] = None
-    """Text to evaluate (a file, folder, glob or corpus name); default: the run's validation split. A fine-tuned run
-    (--stage sft) is measured on conversations: its held-out ones, or --data's (.jsonl, .parquet, synthetic:chat)."""
-    trust_data_path: bool = False
-    """Read the corpus path that the run's config names although the run was not made here, in this folder (it was
-    copied, moved or shared); without it such a run needs --data."""
-    json: bool = False
-    """Print one JSON object on stdout (loss, bits_per_byte, perplexity, accuracy, tokens, stride)."""
-    batch_size: int = 32
-    """Windows per forward pass."""
-    device: str = "auto"
-    """auto, cpu, cuda or mps."""
-
-
-def cmd_eval(argv: list[str]) -> int:
-    from .run import load_run
-    from .common import resolve_device
-    from . import sft
-    from .evaluate import evaluate_run
-
-    args = parse(EvalArgs, argv, "lmlab eval")
-    run = load_run(args.run, resolve_device(args.device), args.checkpoint)
-    if sft.evaluates_conversations(run.config, args.data):  # a fine-tuned run: masked loss, answers (sft.py)
-        print(sft.describe_eval(sft.evaluate_run(run, args.data, args.batch_size, args.trust_data_path), args.json))
-        return 0
-    m, result = evaluate_run(run, args.data, args.stride, args.batch_size, args.trust_data_path, "lmlab eval")
-    source, stride = args.data or "validation split", result["stride"]
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{source} of {run.run_dir} ({run.checkpoint.path.name}): {m.tokens:,} tokens predicted, windows of "
-              f"{run.model.cfg.block_size} every {stride} (each token sees at least "
-              f"{run.model.cfg.block_size - stride} tokens of context)")
-        print(f"  loss        {m.loss:.4f} nats/token ({m.bits_per_token:.4f} bits/token)\n  bits/byte   "
-              f"{m.bits_per_byte:.4f}\n  perplexity  {m.perplexity:.3f}\n  accuracy    {m.accuracy:.2%} (top-1)")
-        if "entropy_rate" in result:
-            print(f"  the source's entropy rate is {result['entropy_rate']:.4f} nats/token: the model is "
-                  f"{result['excess']:.4f} above it (some of that because it sees a window, not the whole past)")
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 from helpers import tiny_config, write_corpus
 from lmlab import hf
 from lmlab import tokenizer as tok
-from lmlab.checkpoint import load_run
+from lmlab.run import load_run
 from lmlab.cli import main
 from lmlab.sample import generate
 from lmlab.tokenizer import ByteTokenizer, CharTokenizer

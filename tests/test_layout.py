@@ -37,6 +37,8 @@ CORE = [
 APPLICATIONS = [
     "cli",
     "chat_cli",  # `lmlab chat`, a command of its own
+    "harness",  # lm-evaluation-harness's LM over a run (needs lm-eval), which `lmlab eval --tasks` runs
+    "eval_cli",  # `lmlab eval`: text, conversations or lm-eval tasks
     # the one chart style and the one page shell, below every page and chart (the report imports the inside page)
     "report.chart", "report.page", "report.logs", "report.curves", "report.inside_page", "report.surprisal",
     "report.landscape", "report.experiment_page", "report.report_page", "report.cli",
