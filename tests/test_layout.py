@@ -21,7 +21,7 @@ CORE = [
     "optim",
     "config",  # after optim: a run's config is made of the data, model, loss and optimizer sections
     "rundir",  # the run folder, then checkpoint, sample and evaluate: the loop checkpoints, probes, samples and
-    "checkpoint", "sample", "evaluate",  # evaluates as it goes, so they come before train
+    "checkpoint", "generate", "sample", "evaluate",  # evaluates as it goes, so they come before train
     "converse",  # a chat model's answers: the chat template's prompt, then sampling to the end of the turn
     "inside",  # what the loop records inside the model at each evaluation
     "telemetry",  # what the loop records about itself (gradients, spikes, weight snapshots)
