@@ -151,10 +151,12 @@ class KVCache:
         return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]
 
     def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: (B, H, 1, D) at position pos, a (1,) tensor. Returns the whole (B, H, max_len, D) buffers."""
+        """k, v: (B, H, 1, D) at position pos: a (1,) tensor for every row, or (B,), each row at its own position
+        (rows of different lengths, generated together). Returns the whole (B, H, max_len, D) buffers."""
         keys, values = self.k[layer], self.v[layer]
-        keys[:, :, pos] = k
-        values[:, :, pos] = v
+        index = pos.view(-1, 1, 1, 1).expand_as(k)  # (B, H, 1, D)
+        keys.scatter_(2, index, k)
+        values.scatter_(2, index, v)
         return keys, values
 
 
@@ -376,9 +378,9 @@ class CausalSelfAttention(nn.Module):
             if self.training else 0.0
         weights_name = f"blocks.{layer}.attn.weights" if hooks is not None else None
         explicit = hooks is not None and weights_name in hooks.names
-        if pos is not None:  # static decode step: the query at pos sees cache slots 0..pos
+        if pos is not None:  # static decode step: the query at pos sees cache slots 0..pos (pos: (1,) or (B,))
             k, v = cache.write(layer, pos, k, v)  # (B, H, block_size, D)
-            visible = (torch.arange(k.size(2), device=x.device) <= pos)[None]  # (1, block_size)
+            visible = (torch.arange(k.size(2), device=x.device) <= pos.view(-1, 1)).unsqueeze(1)  # (B|1, 1, block)
             # the (B, H, block_size) scores of one query, written out as products and sums, which inductor fuses
             # into one loop: an SDPA call would cost more in overhead than this arithmetic
             scores = (q * k).sum(-1).mul_(1.0 / math.sqrt(D)).masked_fill_(~visible, float("-inf"))
@@ -527,7 +529,8 @@ class GPT(HookedModel):
 
         With a cache, idx holds only the new tokens; positions continue from cache.pos.
         With a cache and pos, a (1,) tensor: one decode step, idx (B, 1) at position pos, with the same shapes at
-        every position (see KVCache.write); cache.pos is left alone, the caller keeps pos.
+        every position (see KVCache.write); cache.pos is left alone, the caller keeps pos. pos (B,) puts each row at
+        its own position (rows of different lengths: generate.generate_batch).
         With documents, (B, T) ids: each row packs several sequences (Packing); no cache. Without, nothing of this
         runs: the plain causal path.
         """
@@ -541,9 +544,10 @@ class GPT(HookedModel):
             packing = Packing(documents)
             positions, mask = packing.positions, packing.mask  # (B, T) and (B, 1, T, T)
         elif pos is not None:
-            if cache is None or T != 1:
-                raise ValueError("a decode step at a position tensor takes one token per row and a cache")
-            positions = pos  # (1,)
+            if cache is None or T != 1 or pos.dim() != 1 or pos.size(0) not in (1, B):
+                raise ValueError("a decode step at a position tensor takes one token per row, a cache, and one "
+                                 "position (1,) or one per row (B,)")
+            positions = pos.view(-1, 1)  # (1, 1) or (B, 1)
         else:
             past = cache.pos if cache is not None else 0
             if past + T > self.cfg.block_size:
@@ -554,7 +558,8 @@ class GPT(HookedModel):
         if self.wpe is not None:  # learned positions join the stream; rotary ones turn queries and keys instead
             x, rope = x + self.wpe.weight[positions], None
         else:
-            rope = (self.rope_cos[positions], self.rope_sin[positions])  # each (T, D/2), or (B, T, D/2) packed
+            # each (T, D/2), or (B, T, D/2) for per-row positions (packed sequences, a decode step at pos)
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
         if self.cfg.dropout and self.training:
             x = F.dropout(x, self.cfg.dropout, True)
         ve = self.vte(idx) if self.vte is not None else None  # (B, T, C): the value embedding, weighted per layer

@@ -23,7 +23,7 @@ CORE = [
     "rundir",  # the run folder, then checkpoint, sample and evaluate: the loop checkpoints, probes, samples and
     "checkpoint",
     "run",  # a run folder opened: its config, records, snapshots and checkpoints, loading its model
-    "sample", "evaluate",  # evaluates as it goes, so they come before train
+    "generate", "sample", "evaluate",  # evaluates as it goes, so they come before train
     "converse",  # a chat model's answers: the chat template's prompt, then sampling to the end of the turn
     "inside",  # what the loop records inside the model at each evaluation
     "telemetry",  # what the loop records about itself (gradients, spikes, weight snapshots)

@@ -529,7 +529,7 @@ def test_generate_compiled_equals_no_cache(monkeypatch):
     """Crosses the window cut several times: the compiled re-encode, single decode steps and runs of decode steps in
     one call (block 8: runs of 4), sampling with top-k and top-p inside the compiled graph, give the uncached tokens.
     (One setting: each graph compiles for 10 s or more.)"""
-    import lmlab.sample as sample
+    import lmlab.generate as sample
 
     model = tiny_gpt(pos="rope", block_size=8, seed=26, dtype=torch.float32, std=0.2)
     prompt = [3, 1, 4]
@@ -543,7 +543,7 @@ def test_generate_compiled_equals_no_cache(monkeypatch):
                              **kw))
 
     compiled = run(use_cache=True, compile=True)
-    assert 10 in runs and 9 in runs  # both kinds of decode call ran (_decode takes n, _step does not)
+    assert 11 in runs and 10 in runs  # both kinds of decode call ran (_decode takes n, _step does not)
     assert 0 not in compiled  # banned inside the compiled graph too
     assert compiled == run(use_cache=False)
     assert compiled == run(use_cache=True)
