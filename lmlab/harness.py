@@ -15,9 +15,10 @@ How requests are scored:
   (evaluate.stream_losses over non-overlapping windows); the first token, which eval leaves unpredicted, is scored
   after the end-of-text token when the run has one (lm-eval scores every token from a prefix), else it is not scored.
   So its bits per byte differ from eval's by that one token only.
-- generate_until(context, gen_kwargs): sample.generate (greedy unless the task asks for a temperature), special
-  tokens never drawn, cut at the first of the task's `until` strings or after max_gen_toks tokens; for a chat run
-  (stage sft) the answer also ends where the model ends its turn (converse.Answer).
+- generate_until(context, gen_kwargs): generate.generate_batch, --batch-size requests at a time (greedy unless the
+  task asks for a temperature; each row the tokens sample.generate gives it alone), special tokens never drawn, cut
+  at the first of the task's `until` strings or after max_gen_toks tokens; for a chat run (stage sft) the answer also
+  ends where the model ends its turn (the tokenizer's stop ids).
 
 With --apply-chat-template, lm-eval renders each prompt with the run's chat template (chat.render_text) and the
 special tokens it spells are encoded as their ids.
@@ -45,12 +46,13 @@ except ImportError:
     raise LmlabError(f"--tasks runs EleutherAI's lm-evaluation-harness, which is not installed: {INSTALL}") from None
 
 from . import chat  # noqa: E402 - after the check that lm-eval is there
-from .converse import Answer  # noqa: E402
 from .evaluate import stream_losses  # noqa: E402
-from .sample import find_stop, generate, text_banned  # noqa: E402
+from .generate import find_stop, generate_batch  # noqa: E402
+from .sample import text_banned  # noqa: E402
 from .tokenizer import ENDOFTEXT  # noqa: E402
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default when a task does not say
+GENERATION_SEED = 1234  # each row's generator (a task that samples gets the same answers every run)
 
 
 class LmlabLM(LM):
@@ -64,6 +66,7 @@ class LmlabLM(LM):
         self.device_ = next(run.model.parameters()).device
         self.is_chat = run.config.stage == "sft"
         self.prefix_token_id: Optional[int] = self.tokenizer.special_tokens.get(ENDOFTEXT)
+        self.banned = text_banned(self.tokenizer)  # a text run's continuations never draw a special token
         specials = sorted(self.tokenizer.special_tokens, key=len, reverse=True)
         # with the chat template on, the special tokens the template spells in a prompt are their ids
         self.specials_re = re.compile("|".join(map(re.escape, specials))) if chat_template and specials else None
@@ -146,31 +149,35 @@ class LmlabLM(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        return [self.generate_one(*r.args) for r in requests]
-
-    def generate_one(self, context: str, gen_kwargs: dict) -> str:
-        kwargs = dict(gen_kwargs or {})
-        until = kwargs.get("until") or []
-        until = tuple([until] if isinstance(until, str) else until)
-        max_new = int(kwargs.get("max_gen_toks") or DEFAULT_MAX_GEN_TOKS)
-        temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample", True) else 0.0
-        prompt = self.encode(context) or ([] if self.prefix_token_id is None else [self.prefix_token_id])
-        if not prompt:
-            raise LmlabError("generate_until got an empty context and this run has no end-of-text token to start from")
-        generator = torch.Generator().manual_seed(1234)
-        if self.is_chat:  # until the model ends its turn
-            tokens = iter(Answer(self.model, self.tokenizer, prompt, max_new, temperature, generator=generator))
-        else:
-            tokens = generate(self.model, prompt, max_new, temperature, generator=generator,
-                              banned=text_banned(self.tokenizer))
-        decoder, text = self.tokenizer.stream_decoder(), ""
-        for token in tokens:
-            text += decoder.push(token)
-            if until and find_stop(text, until) is not None:
-                break
-        text += decoder.flush()
-        at = find_stop(text, until) if until else None
-        return text if at is None else text[:at]
+        """Requests with the same stop strings and temperature are generated together, --batch-size rows at a time
+        (generate_batch: each row gets the tokens it would get alone, from its own generator seeded 1234)."""
+        out: list[str] = [""] * len(requests)
+        groups: dict[tuple, list[tuple[int, list[int], int]]] = {}
+        for i, request in enumerate(requests):
+            context, kwargs = request.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            until = tuple([until] if isinstance(until, str) else until)
+            temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample", True) else 0.0
+            prompt = self.encode(context) or ([] if self.prefix_token_id is None else [self.prefix_token_id])
+            if not prompt:
+                raise LmlabError("generate_until got an empty context and this run has no end-of-text token to "
+                                 "start from")
+            groups.setdefault((until, temperature), []).append(
+                (i, prompt, int(kwargs.get("max_gen_toks") or DEFAULT_MAX_GEN_TOKS)))
+        stops = tuple(self.tokenizer.stop_ids) if self.is_chat else ()  # a chat run's answer ends with its turn
+        for (until, temperature), items in groups.items():
+            for b in range(0, len(items), self.batch_size):
+                rows = items[b:b + self.batch_size]
+                done = generate_batch(self.model, [p for _, p, _ in rows], [n for _, _, n in rows], temperature,
+                                      seeds=[GENERATION_SEED] * len(rows), stop_ids=stops, stop_strings=until,
+                                      tokenizer=self.tokenizer, banned=None if self.is_chat else self.banned)
+                for (i, _, _), completion in zip(rows, done):
+                    ids = [t for t in completion.tokens if t not in stops]
+                    text = self.tokenizer.decode(ids)
+                    at = find_stop(text, until) if until else None
+                    out[i] = text if at is None else text[:at]
+        return out
 
     # -- chat templates
 

@@ -149,6 +149,11 @@ def test_generation_is_samples_greedy_text_cut_at_the_stop_string(trained, resul
     for prompt in PROMPTS:
         request = SimpleNamespace(args=(prompt, {"until": ["e"], "max_gen_toks": 12}))
         assert lm.generate_until([request]) == [greedy(trained.run, prompt, 12, "e")]
+    # many requests at once, in batches of 2, with different stops and budgets: each the answer it gets alone
+    asks = [(p, until, n) for p in PROMPTS for until, n in ((["e"], 12), (["\n"], 5), (["zz"], 20))]
+    lm = LmlabLM(trained.run, batch_size=2)
+    got = lm.generate_until([SimpleNamespace(args=(p, {"until": u, "max_gen_toks": n})) for p, u, n in asks])
+    assert got == [greedy(trained.run, p, n, u[0]) for p, u, n in asks]
 
 
 def test_loglikelihood_batches_like_one_sequence_at_a_time(trained, lm_eval):
