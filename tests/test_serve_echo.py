@@ -117,6 +117,26 @@ def test_batches_of_token_ids_and_of_texts(client, alpha):
     assert out.logprobs.tokens[0] == "<|endoftext|>" and len(out.logprobs.token_logprobs) == len(ids[0]) + 1
 
 
+def test_a_special_tokens_string_in_a_text_prompt_is_that_token(client, alpha):
+    """As the export's tokenizer in transformers reads it: lm-eval's text requests (tokenized_requests=False) are its
+    token windows decoded, the first one starting with the end of text."""
+    eot = alpha.tokenizer.special_tokens["<|endoftext|>"]
+    ids = alpha.tokenizer.encode(PROMPT)
+    by_ids = scored(client, [[eot, *ids, eot, *ids[:4]]]).choices[0].logprobs
+    by_text = scored(client, f"<|endoftext|>{PROMPT}<|endoftext|>{PROMPT[:4]}").choices[0].logprobs
+    assert by_text.model_dump() == by_ids.model_dump() and by_text.tokens.count("<|endoftext|>") == 2
+
+
+def test_the_openai_clients_echo_is_lmlab_surprisal(client, alpha):
+    """completions.create(echo=True, logprobs=1, max_tokens=0): the prompt's log-probabilities are minus `lmlab
+    surprisal`'s nats on the same text, token by token."""
+    out = client.completions.create(model="alpha", prompt=PROMPT, echo=True, logprobs=1, max_tokens=0)
+    per_token, _, _ = surprisal(alpha.model, alpha.tokenizer, PROMPT)
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and lp.tokens[1:] == [t.text for t in per_token]
+    assert lp.token_logprobs[1:] == pytest.approx([-t.nats for t in per_token], abs=1e-5)
+
+
 @pytest.mark.parametrize("prompt, words", [
     ([[1, 2, 10_000]], "token id 10000"), ([[-1, 2]], "token id -1"), ([[]], "prompt must be"),
     ([[1, 2], "text"], "prompt must be"), ([1, True], "prompt must be"), ([], "prompt must be"),

@@ -7,6 +7,7 @@ its own torch.Generator and KV cache; the model is shared read-only."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Optional
@@ -151,16 +152,28 @@ def encode_prompt(run: LoadedRun, prompt: str) -> list[int]:
         raise ApiError(400, f"the prompt cannot be encoded by this run's tokenizer: {e}", "prompt") from None
 
 
+def encode_text_prompt(run: LoadedRun, prompt: str) -> list[int]:
+    """A completions prompt's text: a special token's string (<|endoftext|>) is that token, as the export's tokenizer
+    in transformers and OpenAI's completions read it (lm-eval's text requests start with its prefix token, decoded);
+    the text between them is encoded by the run's tokenizer."""
+    specials = run.tokenizer.special_tokens
+    if not any(s in prompt for s in specials):
+        return encode_prompt(run, prompt)
+    pattern = "(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")"
+    pieces = [[specials[p]] if p in specials else encode_prompt(run, p) for p in re.split(pattern, prompt) if p]
+    return [i for piece in pieces for i in piece]
+
+
 def encode_prompts(run: LoadedRun, req: CompletionRequest) -> list[list[int]]:
-    """The token ids of each prompt: a text encoded by the run's tokenizer, token ids checked against its
-    vocabulary (special tokens such as the end of text included)."""
+    """The token ids of each prompt: a text encoded by the run's tokenizer (encode_text_prompt), token ids checked
+    against its vocabulary (special tokens such as the end of text included)."""
     vocab = run.tokenizer.vocab_size
     for ids in (p for p in req.prompts if not isinstance(p, str)):
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"the prompt has token id {bad}, which is not in this run's vocabulary (ids 0 to "
                                 f"{vocab - 1})", "prompt")
-    return [encode_prompt(run, p) if isinstance(p, str) else list(p) for p in req.prompts]
+    return [encode_text_prompt(run, p) if isinstance(p, str) else list(p) for p in req.prompts]
 
 
 def prompt_text(run: LoadedRun, prompt: str | list[int]) -> str:
