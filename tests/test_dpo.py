@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import HANG_S, cli_env, read_jsonl, tiny_config
+from helpers import HANG_S, cli_env, crash_test, read_jsonl, stage_config, tiny_config
 
 from lmlab import chat, dpo
 from lmlab import tokenizer as tok
@@ -24,7 +24,6 @@ from lmlab.config import DPO_DEFAULTS, TrainConfig, get_preset
 from lmlab.loss import LossConfig, completion_logprob, dpo_loss
 from lmlab.model import ModelConfig, build_model
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,7 +139,7 @@ def test_no_gradient_reaches_the_reference_or_comes_from_prompt_tokens():
     logits = policy(batch.x)
     logits.retain_grad()
     loss, stats = dpo.objective(logits, batch, LossConfig(dpo_beta=0.5))
-    assert dpo.named(stats)["margin"] == 0.0 and float(loss) == pytest.approx(math.log(2))  # the policy is the reference
+    assert dpo.named(stats)["margin"] == 0.0 and float(loss.detach()) == pytest.approx(math.log(2))  # policy = reference
     loss.backward()
     assert all(p.grad is None for p in reference.parameters())  # the frozen base is never part of the graph
     grad_by_position = logits.grad.abs().sum(-1)  # (2B, T)
@@ -257,13 +256,8 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
 
 def dpo_config(base: Path, data: Path, out: Path, **overrides) -> TrainConfig:
     """A DPO run of the base on its own pairs (validated on the same pairs: the training pairs' accuracy)."""
-    cfg = get_preset("tiny", "dpo")
-    settings = dict(init_from=str(base), out=str(out), max_steps=40, max_time=0.0, batch_size=8, eval_interval=20,
-                    checkpoint_interval=20, sample_tokens=0, progress=False, device="cpu", inside=False,
-                    trajectory_snapshots=0, telemetry_interval=0, tensorboard=False, probe=False, compile=False)
-    settings.update(overrides)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data=str(data), val_data=str(data)),
-                               **settings)
+    settings = dict(max_steps=40, batch_size=8, eval_interval=20, checkpoint_interval=20)
+    return stage_config("dpo", base, str(data), out, str(data), **{**settings, **overrides})
 
 
 def test_a_dpo_run_learns_the_preferences_and_logs_them(base, tmp_path):
@@ -386,8 +380,4 @@ def test_the_command_line_trains_a_dpo_run(base, tmp_path):
 
 @pytest.mark.slow
 def test_crash_test_covers_dpo(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "crash_test.py"), "--stage", "dpo", "--kills", "3",
-                           "--steps", "40", "--workdir", str(tmp_path / "crash")],
-                          cwd=str(REPO), env=cli_env(), capture_output=True, text=True, timeout=HANG_S)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
-    assert "PASS" in proc.stdout and "dpo" in proc.stdout, proc.stdout
+    crash_test("dpo", tmp_path / "crash")
