@@ -324,6 +324,22 @@ def test_lmlab_eval_of_a_dpo_run_measures_its_held_out_pairs(base, tmp_path):
     assert "preference accuracy" in dpo.describe_eval(result)
 
 
+def test_conversational_pairs_train_from_a_base_with_a_chat_template(tmp_path, monkeypatch):
+    from lmlab.run import Run
+    from lmlab.train import train
+
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the model reads a window of tokens and predicts the next one\n" * 50)
+    train(tiny_config(corpus, tmp_path / "base", data_tokenizer="byte", model_block_size=96, max_steps=2))
+    data = tmp_path / "chat_pairs.jsonl"
+    data.write_text(dpo.pairs_json(dpo.chat_pairs(0, "train", 24)))
+    summary = train(stage_config("dpo", tmp_path / "base", str(data), tmp_path / "dpo", max_steps=3))
+    metrics = Run.open(summary["run_dir"]).metrics()
+    assert len(metrics.train) == 3 and metrics.evals[-1].val_pairs == 2  # a tenth of 24 held out
+    assert metrics.evals[0].val_loss == pytest.approx(math.log(2), abs=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The command line
 
