@@ -176,6 +176,11 @@ class PairData:
         """A split's chosen completions with their prompts, one after another (what a text run's split is)."""
         return np.concatenate([e.ids[0] for e in (self.train if split == "train" else self.val)]).astype(np.int64)
 
+    def reference_sha256(self) -> str:
+        """A hash of the reference's log-probabilities: which reference a checkpoint was trained against."""
+        return hashlib.sha256(b"".join(np.ascontiguousarray(self.reference[k], np.float64).tobytes()
+                                       for k in ("train", "val"))).hexdigest()
+
     def fingerprint(self) -> str:
         """A hash of every pair's ids and masks, both splits: what the reference belongs to."""
         h = hashlib.sha256()
@@ -354,6 +359,16 @@ def load_reference(data: PairData, run_dir, source: str) -> None:
                           for k in ("train", "val")}
     except (KeyError, TypeError, ValueError):
         raise LmlabError(f"{run_dir}/{rundir.REFERENCE} is malformed") from None
+
+
+REFERENCE_KEY = "reference_sha256"  # in a checkpoint's counters: the reference its steps compared with
+
+
+def check_reference(data: PairData, counters: dict, where) -> None:
+    """Refuse to go on from a checkpoint trained against another reference than the run folder's."""
+    if counters.get(REFERENCE_KEY) != data.reference_sha256():
+        raise LmlabError(f"{where} was trained against another reference than the run's {rundir.REFERENCE} (it was "
+                         f"changed or replaced); start a new run")
 
 
 @dataclass

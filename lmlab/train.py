@@ -462,6 +462,8 @@ def restore(setup: Setup, state: TrainState) -> Path:
     if ckpt is None:
         raise LmlabError(f"no checkpoint of run {run_dir} can be loaded")
     state.load_state_dict({"step": ckpt.step, "counters": ckpt.state, "rng": ckpt.rng}, setup.cfg.seed, d)
+    if setup.pairs is not None:
+        dpo.check_reference(setup.pairs, ckpt.state, ckpt.path)
     if d.main:
         for name in rundir.STEP_LOGS:
             rundir.cut_jsonl(run_dir, name, state.step)
@@ -713,6 +715,8 @@ def checkpoint(setup: Setup, state: TrainState, recorder: Recorder) -> None:
     sd = state.state_dict()
     val = recorder.val_at(state.step)
     sd["counters"]["val_loss"] = val if val is not None and math.isfinite(val) else None  # --checkpoint best's key
+    if setup.pairs is not None:  # the reference the steps compared with, checked on resume
+        sd["counters"][dpo.REFERENCE_KEY] = setup.pairs.reference_sha256()
     try:
         save_checkpoint(setup.run_dir, state.step, state.model, state.optimizer, sd["rng"], sd["counters"],
                         setup.cfg.keep_checkpoints, setup.d)

@@ -304,6 +304,14 @@ def test_a_dpo_run_resumes_exactly_and_refuses_other_pairs(base, tmp_path):
                 for r in read_jsonl(run / "metrics.jsonl") if "train_loss" in r]
 
     assert steps(tmp_path / "cut") == steps(tmp_path / "whole") and len(steps(tmp_path / "whole")) == 8
+    reference = tmp_path / "cut" / "reference.json"
+    kept = reference.read_text()
+    changed = json.loads(kept)
+    changed["train"][0][0] += 1.0
+    reference.write_text(json.dumps(changed))  # the same pairs, another reference
+    with pytest.raises(LmlabError, match="another reference"):
+        train(dataclasses.replace(saved, resume=str(tmp_path / "cut"), max_steps=12))
+    reference.write_text(kept)
     other = tmp_path / "other.jsonl"
     other.write_text(data.read_text().replace("blue", "pink"))
     with pytest.raises(LmlabError, match="not those the run"):
