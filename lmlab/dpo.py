@@ -173,8 +173,15 @@ class PairData:
     """{"train", "val"}: (N, 2) float64, the reference's summed log-probabilities of (chosen, rejected)."""
 
     def stream(self, split: str) -> np.ndarray:
-        """A split's chosen completions with their prompts, one after another (what a text run's split is)."""
-        return np.concatenate([e.ids[0] for e in (self.train if split == "train" else self.val)]).astype(np.int64)
+        """A split's completions with their prompts, chosen then rejected, one after another (what a text run's
+        split is: passes over it are counted in tokens)."""
+        return np.concatenate([ids for e in (self.train if split == "train" else self.val) for ids in e.ids]
+                              ).astype(np.int64)
+
+    @property
+    def pair_tokens(self) -> float:
+        """The tokens of a training pair (chosen and rejected, with their prompts), on average."""
+        return float(np.mean([len(e.ids[0]) + len(e.ids[1]) for e in self.train]))
 
     def reference_sha256(self) -> str:
         """A hash of the reference's log-probabilities: which reference a checkpoint was trained against."""

@@ -82,6 +82,8 @@ class Setup:
 
     @property
     def tokens_per_step(self) -> int:
+        if self.pairs is not None:  # pairs: the tokens of a chosen and a rejected completion, on average
+            return round(self.global_batch * self.pairs.pair_tokens)
         return self.global_batch * self.cfg.model.block_size
 
     @property

@@ -273,6 +273,7 @@ def test_a_dpo_run_learns_the_preferences_and_logs_them(base, tmp_path):
     assert first.val_loss == pytest.approx(math.log(2), abs=1e-5) and first.val_margin == pytest.approx(0, abs=1e-5)
     assert last.val_preference_accuracy >= 0.9 and last.val_margin > 0 and last.val_pairs == 24
     assert last.val_loss < 0.5
+    assert last.passes == pytest.approx(60 * 8 / 24, rel=0.01)  # 60 steps of 8 pairs over 24 pairs
     # the model's own preference: how often it gives the chosen completion more probability, before and after
     reference = json.loads((Path(summary["run_dir"]) / "reference.json").read_text())
     tuned = load_run(summary["run_dir"], "cpu", "last")
