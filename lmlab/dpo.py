@@ -69,7 +69,8 @@ def check_pair(obj: Any, where: str = "") -> Pair:
                 raise LmlabError(f"{key} has {len(obj[key]):,} characters, more than {chat.MAX_CONTENT_CHARS:,}")
         return Pair(prompt, chosen, rejected, where)
     if not all(isinstance(v, list) for v in (prompt, chosen, rejected)):
-        kinds = ", ".join(f"{k} {'a string' if isinstance(obj[k], str) else chat._type(obj[k])}" for k in KEYS)
+        kind = {str: "a string", list: "a list"}
+        kinds = ", ".join(f"{k} {kind.get(type(obj[k]), 'neither')}" for k in KEYS)
         raise LmlabError(f"{kinds}: a line holds three texts or three message lists")
     try:
         prompt = chat.check_messages(prompt, last="user")
