@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 
@@ -48,6 +48,7 @@ MAX_CONVERSATIONS = 1 << 21  # conversations in one file
 MAX_PARQUET_BYTES = 1 << 32  # the messages column of a Parquet file, uncompressed
 MAX_RENDERED_CHARS = 1 << 24  # what a template may write for one conversation
 SHOWN_ERRORS = 1  # malformed lines named in the error; the rest are counted
+T = TypeVar("T")  # what a line of a JSONL file is read into
 
 # Private-use characters that wrap a special token's string found in a message, so that rendering tells it apart
 # from the special tokens the template writes (transformers' sanitize_control_tokens uses the same two)
@@ -170,7 +171,21 @@ class _Problems:
 
 def read_jsonl(path: Path) -> list[Conversation]:
     """read_conversations for a .jsonl file."""
-    problems, conversations = _Problems(path, "line"), []
+
+    def conversation(obj: Any, where: str) -> Conversation:
+        if not isinstance(obj, dict) or "messages" not in obj:
+            raise LmlabError(f"{_type(obj)} without \"messages\"; a line is {{\"messages\": [...]}}")
+        return Conversation(check_messages(obj["messages"]), where=where)
+
+    return read_jsonl_records(path, conversation, "conversations")
+
+
+def read_jsonl_records(path: Path, parse: Callable[[Any, str], T], noun: str) -> list[T]:
+    """parse(object, "line N") of every line of a .jsonl file (blank lines skipped, a byte-order mark allowed), each
+    line at most MAX_LINE_BYTES and at most MAX_CONVERSATIONS of them. A line that is not JSON, or that parse refuses
+    with an LmlabError, is one LmlabError naming the first such line and counting the rest (_Problems): nothing of a
+    file that fails is returned. `noun` names what the lines hold, for messages."""
+    problems, records = _Problems(path, "line"), []
     with open(path, "rb") as f:
         for number in itertools.count(1):
             line = f.readline(MAX_LINE_BYTES + 1)
@@ -185,19 +200,16 @@ def read_jsonl(path: Path) -> list[Conversation]:
                 continue
             if not line.strip():
                 continue
-            if len(conversations) >= MAX_CONVERSATIONS:
-                raise LmlabError(f"{path} holds more than {MAX_CONVERSATIONS:,} conversations; split it")
+            if len(records) >= MAX_CONVERSATIONS:
+                raise LmlabError(f"{path} holds more than {MAX_CONVERSATIONS:,} {noun}; split it")
             try:
-                obj = parse_json(line, "the text")
-                if not isinstance(obj, dict) or "messages" not in obj:
-                    raise LmlabError(f"{_type(obj)} without \"messages\"; a line is {{\"messages\": [...]}}")
-                conversations.append(Conversation(check_messages(obj["messages"]), where=f"line {number}"))
+                records.append(parse(parse_json(line, "the text"), f"line {number}"))
             except LmlabError as e:
                 problems.add(number, str(e))
     problems.raise_any()
-    if not conversations:
-        raise LmlabError(f"{path} holds no conversations")
-    return conversations
+    if not records:
+        raise LmlabError(f"{path} holds no {noun}")
+    return records
 
 
 def read_parquet(path: Path) -> list[Conversation]:

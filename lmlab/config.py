@@ -38,14 +38,16 @@ class TrainConfig:
     """Run directory (default: runs/PRESET-DATE-TIME)."""
     resume: Optional[str] = None
     """Continue the run in this directory from its newest good checkpoint."""
-    stage: Literal["pretrain", "sft"] = "pretrain"
+    stage: Literal["pretrain", "sft", "dpo"] = "pretrain"
     """pretrain: learn to predict the next token of a text (--data: a corpus). sft: supervised fine-tuning of the
     --init-from model on conversations (--data: a .jsonl or .parquet file of {"messages": [...]}, or
     synthetic:chat), packed into blocks, training only what the assistant writes; `lmlab train --stage sft --help`
-    shows its defaults (SFT_DEFAULTS). Kept on resume."""
+    shows its defaults (SFT_DEFAULTS). dpo: preference tuning of the --init-from model (Direct Preference
+    Optimization, --dpo-beta; --data: a .jsonl file of {"prompt", "chosen", "rejected"}, texts or messages), its
+    defaults DPO_DEFAULTS. Kept on resume."""
     init_from: Optional[str] = None
     """Start from a model: an lmlab run folder (its config, tokenizer and best checkpoint) or a transformers model (a
-    folder, or a hub id such as gpt2: its architecture, weights and tokenizer). --stage sft needs one."""
+    folder, or a hub id such as gpt2: its architecture, weights and tokenizer). --stage sft and dpo need one."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: no step limit)."""
     max_time: float = 0.0
@@ -371,15 +373,16 @@ def apply_budget(cfg: TrainConfig) -> tuple[TrainConfig, str]:
     recipe's full width too, which their head count may be chosen to divide. Whether to compile (None) is decided
     for every preset: the tiny one compiles for pure time budgets of COMPILE_BUDGET_S or more, the others do not.
 
-    For --stage sft the model comes from the base (--init-from), so the sizes stay unset here and are the base's;
-    an unset learning rate is SFT_DEFAULTS's, an unset dropout 0 (no corpus rule), and neither the short-budget
-    settings nor compiling apply.
+    For --stage sft and dpo the model comes from the base (--init-from), so the sizes stay unset here and are the
+    base's; an unset learning rate is the stage's (STAGE_DEFAULTS), an unset dropout 0 (no corpus rule), and neither
+    the short-budget settings nor compiling apply.
     """
     unset = [name for name in TINY_RECIPE if getattr(_section(cfg, name), name) is None]
-    if cfg.stage == "sft":  # the sizes are the base's (--init-from), filled in when it is read
+    if cfg.stage in STAGE_DEFAULTS:  # the sizes are the base's (--init-from), filled in when it is read
         unset = [name for name in unset if name not in SIZES]
         if cfg.model.dropout is None:  # no corpus rule either
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=SFT_DEFAULTS["dropout"]))
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                     dropout=STAGE_DEFAULTS[cfg.stage]["dropout"]))
     if not unset and cfg.compile is not None:
         return cfg, ""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), optim=dataclasses.replace(cfg.optim))
@@ -393,7 +396,7 @@ def apply_budget(cfg: TrainConfig) -> tuple[TrainConfig, str]:
     keep_width = cfg.model.n_head is not None
     changed = []
     for name in unset:
-        value = SFT_DEFAULTS["lr"] if name == "lr" and cfg.stage == "sft" else TINY_RECIPE[name]
+        value = STAGE_DEFAULTS[cfg.stage]["lr"] if name == "lr" and cfg.stage in STAGE_DEFAULTS else TINY_RECIPE[name]
         if short and name in SHORT_BUDGET and not (name == "n_embd" and keep_width):
             value = SHORT_BUDGET[name]
             changed.append(f"--{name.replace('_', '-')} {value:g}")
@@ -451,16 +454,25 @@ SFT_DEFAULTS = {"lr": 1e-2, "muon_lr": 0.02, "warmup": 20, "max_time": 180.0, "e
                 "checkpoint_interval": 500, "dropout": 0.0}
 
 
+# What --stage dpo changes (docs/preferences.md has the measurements): the base's model and tokenizer, as for sft; a
+# learning rate 10 times lower than SFT's (the base already writes the completions: DPO moves their relative
+# probabilities, and at SFT's rates the log-probabilities of both completions fall together), the same warmup and no
+# dropout (the policy's and the reference's log-probabilities are compared token for token). A 2-minute budget.
+DPO_DEFAULTS = {"lr": 1e-3, "muon_lr": 0.002, "warmup": 10, "max_time": 120.0, "eval_interval": 50,
+                "checkpoint_interval": 500, "dropout": 0.0}
+STAGE_DEFAULTS = {"sft": SFT_DEFAULTS, "dpo": DPO_DEFAULTS}  # the stages that start from a base
+
+
 def for_stage(cfg: TrainConfig, stage: str) -> TrainConfig:
-    """A preset's config for a stage: as it is for pretraining; with SFT_DEFAULTS for sft (what `lmlab train
-    --stage sft` starts from, before its options)."""
+    """A preset's config for a stage: as it is for pretraining; with the stage's defaults (SFT_DEFAULTS,
+    DPO_DEFAULTS) for the others (what `lmlab train --stage STAGE` starts from, before its options)."""
     if stage == "pretrain":
         return cfg
-    if stage != "sft":
-        raise LmlabError(f"--stage must be pretrain or sft, got {stage!r}")
-    d = SFT_DEFAULTS
+    if stage not in STAGE_DEFAULTS:
+        raise LmlabError(f"--stage must be pretrain, {' or '.join(STAGE_DEFAULTS)}, got {stage!r}")
+    d = STAGE_DEFAULTS[stage]
     return dataclasses.replace(
-        cfg, stage="sft", max_time=d["max_time"], eval_interval=d["eval_interval"],
+        cfg, stage=stage, max_time=d["max_time"], eval_interval=d["eval_interval"],
         checkpoint_interval=d["checkpoint_interval"],
         model=dataclasses.replace(cfg.model, dropout=d["dropout"]),
         optim=dataclasses.replace(cfg.optim, lr=d["lr"], muon_lr=d["muon_lr"], warmup=d["warmup"]))

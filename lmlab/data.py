@@ -440,13 +440,17 @@ def load_conversations(src: str, val_data: Optional[str] = None, val_fraction: f
     conversations = chat.read_conversations(src)
     if val_data:
         return ConversationSplits(conversations, chat.read_conversations(val_data), src)
-    if len(conversations) < 2:
-        raise LmlabError(f"{src} holds {len(conversations)} conversation; hold some out with --val-data, or give more")
-    n_val = min(max(1, round(len(conversations) * val_fraction)), len(conversations) - 1)
-    order = np.random.default_rng(seed).permutation(len(conversations))
-    held = set(order[:n_val].tolist())
-    return ConversationSplits([c for i, c in enumerate(conversations) if i not in held],
-                              [c for i, c in enumerate(conversations) if i in held], src)
+    return ConversationSplits(*hold_out(conversations, val_fraction, seed, src, "conversation"), src)
+
+
+def hold_out(items: list, val_fraction: float, seed: int, src: str, noun: str) -> tuple[list, list]:
+    """(train, held out): a val_fraction of the items drawn with `seed` held out (at least one, and at least one
+    left to train on), each part in the file's order."""
+    if len(items) < 2:
+        raise LmlabError(f"{src} holds {len(items)} {noun}; hold some out with --val-data, or give more")
+    n_val = min(max(1, round(len(items) * val_fraction)), len(items) - 1)
+    held = set(np.random.default_rng(seed).permutation(len(items))[:n_val].tolist())
+    return [c for i, c in enumerate(items) if i not in held], [c for i, c in enumerate(items) if i in held]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ class EvalArgs:
     perplexities are measured; block_size: non-overlapping windows, as training logs val_loss)."""
     data: Optional[str] = None
     """Text to evaluate (a file, folder, glob or corpus name); default: the run's validation split. A fine-tuned run
-    (--stage sft) is measured on conversations: its held-out ones, or --data's (.jsonl, .parquet, synthetic:chat)."""
+    (--stage sft) is measured on conversations: its held-out ones, or --data's (.jsonl, .parquet, synthetic:chat); a
+    preference-tuned run (--stage dpo), without --data, on its held-out pairs against its reference."""
     trust_data_path: bool = False
     """Read the corpus path that the run's config names although the run was not made here, in this folder (it was
     copied, moved or shared); without it such a run needs --data."""
@@ -101,7 +102,7 @@ def cmd_tasks(args: EvalArgs) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from . import sft
+    from . import dpo, sft
     from .run import load_run
     from .common import resolve_device
     from .evaluate import evaluate_run
@@ -111,6 +112,9 @@ def cmd_eval(argv: list[str]) -> int:
     if args.tasks is not None:
         return cmd_tasks(args)
     run = load_run(args.run, resolve_device(args.device), args.checkpoint)
+    if dpo.evaluates_pairs(run.config, args.data):  # a preference-tuned run: its held-out pairs (dpo.py)
+        print(dpo.describe_eval(dpo.evaluate_run(run, args.batch_size, args.trust_data_path), args.json))
+        return 0
     if sft.evaluates_conversations(run.config, args.data):  # a fine-tuned run: masked loss, answers (sft.py)
         print(sft.describe_eval(sft.evaluate_run(run, args.data, args.batch_size, args.trust_data_path), args.json))
         return 0

@@ -1,6 +1,6 @@
 """Cross-entropy of the true next token: the training objective (LossConfig: optional z-loss and label smoothing,
 or the squared-error and top-1-accuracy objectives that `lmlab experiment loss` compares it with), and every metric
-derived from the same per-token numbers.
+derived from the same per-token numbers; a completion's log-probability and the DPO loss built on it.
 
 Perplexity, bits/token, bits/byte and surprisal are all computed from `cross_entropy(..., reduction="none")`.
 """
@@ -31,6 +31,9 @@ class LossConfig:
     """Weight of logsumexp(logits)^2 per token, which keeps the softmax normaliser near 1 (PaLM; 0: off)."""
     label_smoothing: float = 0.0
     """Share of the target mass spread uniformly over the vocabulary (0: off)."""
+    dpo_beta: float = 0.1
+    """--stage dpo: how far the preferences may pull the model from the reference (the implicit reward is beta x the
+    log-probability ratio to it; smaller lets it move further)."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -41,6 +44,8 @@ class LossConfig:
             raise LmlabError(f"--z-loss must be a number >= 0, got {self.z_loss}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise LmlabError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not (math.isfinite(self.dpo_beta) and self.dpo_beta > 0.0):
+            raise LmlabError(f"--dpo-beta must be a number > 0, got {self.dpo_beta}")
 
 
 def cross_entropy(
@@ -125,6 +130,26 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: LossConfig, ma
     nats = cross_entropy(logits, targets, reduction="none", z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
     total = torch.where(mask, nats, torch.zeros((), dtype=nats.dtype, device=nats.device)).sum()
     return total / (mask.sum().clamp(min=1) if count is None else count)
+
+
+def completion_logprob(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(completion | prompt) of each row: the log-probabilities of the targets where mask is True (a
+    completion's tokens), summed over the row; the others (the prompt, padding) add nothing, not even to the
+    gradient. logits (B, T, V), targets and mask (B, T); returns (B,) in float32 or wider."""
+    logp = -cross_entropy(logits, targets, reduction="none")  # (B, T)
+    return torch.where(mask, logp, torch.zeros((), dtype=logp.dtype, device=logp.device)).sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct Preference Optimization (Rafailov et al. 2023) per pair, from the summed completion log-probabilities
+    of the policy and of the frozen reference (each (N,)): the implicit rewards r = beta * (log pi - log ref) of the
+    chosen and the rejected completion, and the loss -log sigmoid(r_chosen - r_rejected) (logsigmoid: finite for
+    any margin). Returns (loss, chosen reward, rejected reward), each (N,); the margin is their difference, and a
+    pair counts as preferred when it is > 0."""
+    chosen_reward = beta * (policy_chosen - reference_chosen)
+    rejected_reward = beta * (policy_rejected - reference_rejected)
+    return -F.logsigmoid(chosen_reward - rejected_reward), chosen_reward, rejected_reward
 
 
 @dataclass

@@ -53,11 +53,20 @@ class TrainRecord:
     skipped_total: Optional[int] = None
     clipped: bool = False
     spike_z: Optional[float] = None  # how far the loss jumped above its recent mean, in standard deviations
+    # --stage dpo (train_loss is the DPO loss): the means over the step's pairs of the implicit rewards beta x (log
+    # pi - log ref) of the chosen and the rejected completion, their margin, the share of pairs whose margin is > 0,
+    # and the policy's summed log-probabilities of the completions
+    chosen_reward: Optional[float] = None
+    rejected_reward: Optional[float] = None
+    margin: Optional[float] = None
+    preference_accuracy: Optional[float] = None
+    chosen_logp: Optional[float] = None
+    rejected_logp: Optional[float] = None
 
 
 @dataclass(frozen=True)
 class EvalRecord:
-    """One evaluation on the validation text (pretraining) or the held-out conversations (sft)."""
+    """One evaluation on the validation text (pretraining), the held-out conversations (sft) or pairs (dpo)."""
 
     step: int
     val_loss: float
@@ -73,6 +82,14 @@ class EvalRecord:
     overfitting: Optional[int] = None  # evaluations in a row whose loss rose while the training loss fell
     exact_match: dict[str, float] = field(default_factory=dict)  # by skill, sft runs with verifiers
     ended_turn: Optional[float] = None
+    # --stage dpo: val_loss is the DPO loss of the held-out pairs, and these their TrainRecord measures
+    val_chosen_reward: Optional[float] = None
+    val_rejected_reward: Optional[float] = None
+    val_margin: Optional[float] = None
+    val_preference_accuracy: Optional[float] = None
+    val_chosen_logp: Optional[float] = None
+    val_rejected_logp: Optional[float] = None
+    val_pairs: Optional[int] = None
 
     @property
     def finite(self) -> bool:

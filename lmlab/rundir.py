@@ -39,6 +39,7 @@ TELEMETRY = "telemetry.jsonl"
 INSIDE = "inside.jsonl"
 SAMPLES_TXT = "samples.txt"
 SAMPLES_JSONL = "samples.jsonl"
+REFERENCE = "reference.json"  # --stage dpo: the reference model's log-probabilities of the pairs' completions
 LOCK = ".lock"
 CHECKPOINTS = "checkpoints"
 TRAJECTORY = "trajectory"
@@ -47,7 +48,7 @@ TENSORBOARD = "tensorboard"
 
 STEP_LOGS = (METRICS, PROBES, TELEMETRY, INSIDE)  # cut back to the checkpoint on resume
 RUN_FILES = (CONFIG, TOKENIZER, STATUS, METRICS, PROBES, TELEMETRY, INSIDE, SAMPLES_TXT,
-             SAMPLES_JSONL)  # what export copies
+             SAMPLES_JSONL, REFERENCE)  # what export copies
 STATUSES = ("running", "finished", "interrupted", "failed")
 
 
@@ -209,9 +210,12 @@ _INSIDE = {  # one record of inside.jsonl per evaluation (lmlab/inside.py writes
 
 
 _METRIC_NUMBERS = ("train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "val_loss", "val_bits_per_byte",
-                   "val_accuracy", "val_perplexity", "spike_z", "lr_scale")
+                   "val_accuracy", "val_perplexity", "spike_z", "lr_scale",
+                   *(prefix + name for prefix in ("", "val_") for name in (  # --stage dpo (dpo.STATS)
+                       "chosen_reward", "rejected_reward", "margin", "preference_accuracy", "chosen_logp",
+                       "rejected_logp")))
 SHAPES: dict[str, dict[str, Any]] = {
-    METRICS: {"step": _count, "tokens": _count, "val_tokens": _count, "val_stride": _count, "rollback": _count, "skipped_total": _count,
+    METRICS: {"step": _count, "tokens": _count, "val_tokens": _count, "val_stride": _count, "rollback": _count, "skipped_total": _count, "val_pairs": _count,
               **{k: _number for k in _METRIC_NUMBERS}, "exact_match": _numbers_by_name, "ended_turn": _number,
               "skipped": lambda v: isinstance(v, bool),
               "clipped": lambda v: isinstance(v, bool)},

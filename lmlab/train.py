@@ -26,7 +26,7 @@ import torch
 from . import distributed as dist_
 from . import rundir
 from . import tokenizer as tok
-from . import sft
+from . import dpo, sft
 from .checkpoint import chosen_checkpoints, latest_good_checkpoint, load_newest, save_checkpoint
 from .common import (LmlabError, default_dtype, fmt_count, keep_freed_memory, resolve_device, resolve_dtype,
                      seed_everything)
@@ -77,9 +77,13 @@ class Setup:
     """--stage sft: the conversations (splits then holds their token streams, for the inside records)."""
     val_blocks: Optional[tuple] = None
     """--stage sft: the held-out conversations packed into blocks, the same at every evaluation."""
+    pairs: Optional[dpo.PairData] = None
+    """--stage dpo: the preference pairs and the reference's log-probabilities (splits holds their token streams)."""
 
     @property
     def tokens_per_step(self) -> int:
+        if self.pairs is not None:  # pairs: the tokens of a chosen and a rejected completion, on average
+            return round(self.global_batch * self.pairs.pair_tokens)
         return self.global_batch * self.cfg.model.block_size
 
     @property
@@ -94,7 +98,7 @@ class TrainState:
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    sampler: BatchSampler | sft.PackedSampler
+    sampler: BatchSampler | sft.PackedSampler | dpo.PairSampler
     step: int = 0
     tokens: int = 0
     elapsed: float = 0.0
@@ -136,12 +140,15 @@ class TrainState:
 
 
 def check_stage(cfg: TrainConfig) -> None:
-    """Refuse what the stage cannot train: fine-tuning needs a model to start from and conversations."""
-    if cfg.stage != "sft":
+    """Refuse what the stage cannot train: fine-tuning needs a model to start from and conversations (sft) or
+    preference pairs (dpo)."""
+    if cfg.stage == "pretrain":
         return
     if not cfg.init_from and not cfg.resume:
-        raise LmlabError("--stage sft fine-tunes a model: give --init-from RUN (an lmlab run folder) or a "
-                         "transformers model folder or hub id")
+        raise LmlabError(f"--stage {cfg.stage} fine-tunes a model: give --init-from RUN (an lmlab run folder) or a "
+                         f"transformers model folder or hub id")
+    if cfg.stage == "dpo":
+        return dpo.check_config(cfg)
     for option, source in (("--data", cfg.data.data), ("--val-data", cfg.data.val_data)):
         if source and not is_conversations(source):
             raise LmlabError(f"--stage sft trains on conversations: {option} must be a .jsonl or .parquet file of "
@@ -176,6 +183,8 @@ def progress(cfg: TrainConfig, state: TrainState) -> float:
 class StepResult:
     loss: float
     grad_norm: float
+    stats: dict = field(default_factory=dict)
+    """What else the step measured, logged with it: --stage dpo's rewards, margin, accuracy, log-probabilities."""
 
     @property
     def finite(self) -> bool:
@@ -189,15 +198,18 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     gradient norm is not finite (one bad batch must not wreck the weights). `model` may be compiled or wrapped;
     telemetry, when given, looks at the weights just before the update. A micro-batch is (x, y), or packed
     conversations (sft.PackedBatch), whose objective (masked_loss) takes the mask of trained targets and their
-    count."""
+    count, or preference pairs (dpo.PairBatch), whose objective (dpo.objective) also returns what it measured."""
     batches = list(batches)
-    loss_sum = None
+    loss_sum = stats_sum = None
     for micro, batch in enumerate(batches):
         with dist_.no_sync(model, d, last_micro_step=micro == len(batches) - 1):
             with autocast:
                 if isinstance(batch, sft.PackedBatch):
                     logits = model(batch.x, documents=batch.documents)
                     loss = objective(logits, batch.y, loss_cfg, batch.mask, batch.count)
+                elif isinstance(batch, dpo.PairBatch):
+                    loss, stats = objective(model(batch.x), batch, loss_cfg)
+                    stats_sum = stats if stats_sum is None else stats_sum + stats
                 else:
                     x, y = batch
                     loss = objective(model(x), y, loss_cfg)
@@ -205,7 +217,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     grad_norm = clip_grad_norm([p for p in unwrap(model).parameters() if p.requires_grad], grad_clip)
     mean_loss = all_reduce_sum(loss_sum / len(batches), d) / d.world  # the loss of the global batch
-    result = StepResult(float(mean_loss), float(dist_.full_tensor(grad_norm)))
+    result = StepResult(float(mean_loss), float(dist_.full_tensor(grad_norm)), {} if stats_sum is None else
+                        dpo.named(all_reduce_sum(stats_sum / len(batches), d) / d.world))
     if result.finite:
         if telemetry is not None:
             telemetry.before_update()
@@ -372,6 +385,8 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
     tokenizer, resuming = resume_point(cfg, run_dir, d)
     conversations = sft.read_chat_data(cfg.data.data, cfg.data.val_data, cfg.data.val_fraction, cfg.seed) \
         if cfg.stage == "sft" else None  # a malformed file is refused before the base is read
+    pairs = dpo.load_pairs(cfg.data.data, cfg.data.val_data, cfg.data.val_fraction, cfg.seed) \
+        if cfg.stage == "dpo" else None
     weights, base_vocab = None, None
     if cfg.init_from and not resuming:  # an lmlab run's, or a transformers model's, architecture, tokenizer, weights
         cfg, tokenizer, weights = (init_from_run if is_lmlab_run(cfg.init_from) else init_from)(
@@ -382,8 +397,15 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
             say(d, f"the base has no chat template: added the special tokens {' '.join(added)} (ids {base_vocab}-"
                    f"{tokenizer.vocab_size - 1}), their embedding and output rows starting as the mean of the others")
     grad_accum, global_batch = accumulation_steps(cfg, d.world)
-    chat_data, val_blocks = None, None
-    if cfg.stage == "sft":
+    chat_data, val_blocks, pair_data = None, None, None
+    if cfg.stage == "dpo":
+        pair_data = dpo.encode(pairs, cfg.data.val_data, tokenizer, cfg.model.block_size, lambda m: say(d, m))
+        splits = Splits(pair_data.stream("train"), pair_data.stream("val"), tokenizer,
+                        {"corpus": cfg.data.data, "pairs": len(pair_data.train)},
+                        {"corpus": cfg.data.val_data or cfg.data.data, "pairs": len(pair_data.val)})
+        sampler = dpo.PairSampler(pair_data, cfg.batch_size, cfg.seed, device, grad_accum, d.rank, d.world,
+                                  sft.pad_id(tokenizer))
+    elif cfg.stage == "sft":
         splits, chat_data, val_blocks = load_chat(cfg, tokenizer, conversations, d)
         sampler = sft.PackedSampler(chat_data.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device,
                                     grad_accum, d.rank, d.world, sft.pad_id(tokenizer))
@@ -405,13 +427,16 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
         cfg, note = fit_to_corpus(cfg, len(splits.train), steps * global_batch * cfg.model.block_size)
         say(d, note)
     setup = Setup(cfg, d, run_dir, device, dtype, splits.tokenizer, splits, grad_accum, global_batch, chat_data,
-                  val_blocks)
+                  val_blocks, pair_data)
     with default_dtype(torch.float64 if setup.dtype == torch.float64 else torch.get_default_dtype()):
         model = build_model(cfg.model, base_vocab or setup.tokenizer.vocab_size)  # float64: its init in float64 too
     if weights is not None:
         model.load_state_dict(weights)
     if base_vocab is not None:  # before the optimizer is built: the grown tables are new parameters
         grow_vocab(model, setup.tokenizer.vocab_size)
+    if pair_data is not None:  # the base, frozen: its log-probabilities, computed once (or the run's, on resume)
+        dpo.reference(model.to(device), pair_data, cfg, run_dir, resuming, dtype, sft.pad_id(tokenizer), d.main,
+                      lambda m: say(d, m))
     model = dist_.wrap(model.to(device), d, device)  # same on all ranks
     state = TrainState(model, build_optimizer(unwrap(model), cfg.optim), sampler)
     if d.rank:
@@ -439,6 +464,8 @@ def restore(setup: Setup, state: TrainState) -> Path:
     if ckpt is None:
         raise LmlabError(f"no checkpoint of run {run_dir} can be loaded")
     state.load_state_dict({"step": ckpt.step, "counters": ckpt.state, "rng": ckpt.rng}, setup.cfg.seed, d)
+    if setup.pairs is not None:
+        dpo.check_reference(setup.pairs, ckpt.state, ckpt.path)
     if d.main:
         for name in rundir.STEP_LOGS:
             rundir.cut_jsonl(run_dir, name, state.step)
@@ -466,10 +493,14 @@ def describe(setup: Setup, state: TrainState) -> None:
     """What the run chose and why: model, data, device, dtype, batch layout, budget."""
     cfg, d, tokenizer, splits = setup.cfg, setup.d, setup.tokenizer, setup.splits
     m = cfg.model
-    data = (f"train {fmt_count(len(splits.train))} / val {fmt_count(len(splits.val))} tokens" if setup.chat is None
-            else f"fine-tuning on {len(setup.chat.train):,} conversations ({fmt_count(len(splits.train))} tokens), "
-                 f"validating on {len(setup.chat.val):,}" + (f" and {len(setup.chat.tasks)} prompts answered"
-                                                            if setup.chat.tasks else ""))
+    if setup.pairs is not None:
+        data = f"preference tuning on {len(setup.pairs.train):,} pairs, validating on {len(setup.pairs.val):,}"
+    elif setup.chat is not None:
+        data = (f"fine-tuning on {len(setup.chat.train):,} conversations ({fmt_count(len(splits.train))} tokens), "
+                f"validating on {len(setup.chat.val):,}" + (f" and {len(setup.chat.tasks)} prompts answered"
+                                                           if setup.chat.tasks else ""))
+    else:
+        data = f"train {fmt_count(len(splits.train))} / val {fmt_count(len(splits.val))} tokens"
     say(d, f"run {setup.run_dir}: {m.arch} {m.n_layer}L/{m.n_head}H/{m.n_embd}d, "
            f"{fmt_count(count_params(state.model))} params; {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}; "
            f"{data}")
@@ -545,8 +576,8 @@ class Recorder:
         """The probe's prompts: 3 cut from the validation text; for sft, 3 held-out prompts rendered to be
         answered (as token ids: they hold special tokens)."""
         setup = self.setup
-        if setup.chat is not None:
-            return list(setup.chat.prompts)
+        if setup.chat is not None or setup.pairs is not None:
+            return list((setup.chat or setup.pairs).prompts)
         return default_probe_prompts(setup.splits.val, setup.tokenizer, self.cfg.model.block_size)
 
     def open_log(self):
@@ -560,6 +591,7 @@ class Recorder:
         record = {"step": state.step, "tokens": state.tokens, "train_loss": result.loss,
                   "lr": state.optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm,
                   "tokens_per_s": self.setup.tokens_per_step / dt, "elapsed_s": round(state.elapsed, 4)}
+        record.update(result.stats)
         if not result.finite:
             record.update(skipped=True, skipped_total=state.skipped)
         if self.cfg.optim.grad_clip and result.grad_norm > self.cfg.optim.grad_clip:
@@ -584,7 +616,10 @@ class Recorder:
         this is the best validation loss so far."""
         setup, cfg = self.setup, self.cfg
         stride = window_stride(cfg.eval_stride, cfg.model.block_size)
-        if setup.chat is not None:  # the trained (assistant) tokens of the held-out conversations
+        if setup.pairs is not None:  # the DPO loss of the held-out pairs
+            m = dpo.evaluate_pairs(unwrap(state.model), setup.pairs, cfg.loss.dpo_beta, setup.token_bytes,
+                                   cfg.batch_size, setup.dtype, sft.pad_id(setup.tokenizer))
+        elif setup.chat is not None:  # the trained (assistant) tokens of the held-out conversations
             m = sft.evaluate_chat(unwrap(state.model), setup.val_blocks, setup.token_bytes, cfg.batch_size,
                                   setup.dtype, self.d)
         else:
@@ -600,8 +635,10 @@ class Recorder:
                   "val_perplexity": m.perplexity, "val_tokens": m.tokens, "val_stride": stride,
                   "passes": round(passes, 4), "best": best}
         tasks = setup.chat.tasks if setup.chat is not None else []
-        if setup.chat is not None:
+        if setup.chat is not None or setup.pairs is not None:
             del record["val_stride"]  # whole conversations, not windows of a stream
+        if isinstance(m, dpo.PreferenceMetrics):
+            record.update(m.record())
         view = self.viewer.get() if self.probe_prompts or cfg.trajectory_snapshots or cfg.inside or tasks \
             else None  # rank 0's model (under fsdp every rank calls get)
         self.answers = sft.answer_tasks(view, setup.tokenizer, tasks) if view is not None and tasks else None
@@ -644,7 +681,9 @@ class Recorder:
 
     def say_evaluation(self, state: TrainState, train_loss: Optional[float]) -> None:
         m = self.last_val
-        if train_loss is None and self.setup.chat is not None:
+        if train_loss is None and self.setup.pairs is not None:
+            line = f"step 0: val DPO loss {m.loss:.4f} (ln 2 = 0.6931 where the model is the reference)"
+        elif train_loss is None and self.setup.chat is not None:
             line = f"step 0: val loss {m.loss:.4f} on the assistant's tokens, before fine-tuning"
         elif train_loss is None:
             line = (f"step 0: val loss {m.loss:.4f} (uniform guess: "
@@ -652,6 +691,8 @@ class Recorder:
         else:
             line = (f"step {state.step}: train {train_loss:.4f}, val {m.loss:.4f} ({m.bits_per_byte:.3f} bits/byte), "
                     f"{state.elapsed:.1f}s")
+        if isinstance(m, dpo.PreferenceMetrics):
+            line += f"; {dpo.describe(m)}"
         if self.answers is not None:
             shares = self.answers["exact_match"]
             line += (f"; exact match {', '.join(f'{k} {v:.0%}' for k, v in shares.items())}, "
@@ -676,6 +717,8 @@ def checkpoint(setup: Setup, state: TrainState, recorder: Recorder) -> None:
     sd = state.state_dict()
     val = recorder.val_at(state.step)
     sd["counters"]["val_loss"] = val if val is not None and math.isfinite(val) else None  # --checkpoint best's key
+    if setup.pairs is not None:  # the reference the steps compared with, checked on resume
+        sd["counters"][dpo.REFERENCE_KEY] = setup.pairs.reference_sha256()
     try:
         save_checkpoint(setup.run_dir, state.step, state.model, state.optimizer, sd["rng"], sd["counters"],
                         setup.cfg.keep_checkpoints, setup.d)
@@ -830,7 +873,7 @@ def run(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool]) -> dict:
     describe(setup, state)
     model = torch.compile(state.model) if cfg.compile else state.model
     # compiled too, the loss fuses the float32 upcast of the logits into its softmax instead of writing a copy
-    objective = masked_loss if cfg.stage == "sft" else training_loss
+    objective = {"sft": masked_loss, "dpo": dpo.objective}.get(cfg.stage, training_loss)
     objective = torch.compile(objective) if cfg.compile else objective
     recorder = Recorder(setup, state)
     autocast = autocast_context(setup.device, setup.dtype)

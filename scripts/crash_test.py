@@ -9,6 +9,7 @@ after each kill, and check that nothing was lost:
     python scripts/crash_test.py --kills 20          # prints a summary line; exit 0 when every check passed
     python scripts/crash_test.py --stage sft         # the same for supervised fine-tuning: a base run is trained
                                                      # first, then fine-tuned on conversations (killed, resumed)
+    python scripts/crash_test.py --stage dpo         # and for preference tuning of that base on pairs of answers
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ def conversations(path: Path) -> None:
                             for task in synthetic.chat_tasks(0, "train", SFT_CONVERSATIONS)))
 
 
+def preference_pairs(path: Path) -> None:
+    """--stage dpo: synthetic:chat prompts with the right answer chosen and a wrong one rejected."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lmlab import dpo
+
+    path.write_text(dpo.pairs_json(dpo.chat_pairs(0, "train", SFT_CONVERSATIONS)))
+
+
 def corpus(path: Path) -> None:
     rng = random.Random(0)
     words = "the model reads a window of tokens and predicts the next one from what came before".split()
@@ -53,14 +62,15 @@ def corpus(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def losses(run: Path) -> dict[int, float]:
+def losses(run: Path) -> dict[int, tuple]:
+    """Each step's loss (and, for --stage dpo, its margin and log-probabilities), by step."""
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "train_loss" in rec:
             if rec["step"] in out:
                 raise AssertionError(f"step {rec['step']} logged twice")
-            out[rec["step"]] = rec["train_loss"]
+            out[rec["step"]] = (rec["train_loss"], rec.get("margin"), rec.get("chosen_logp"), rec.get("rejected_logp"))
     return out
 
 
@@ -103,8 +113,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--stage", choices=("pretrain", "sft"), default="pretrain",
-                    help="sft: kill and resume a fine-tuning run (of a base trained first) on conversations")
+    ap.add_argument("--stage", choices=("pretrain", "sft", "dpo"), default="pretrain",
+                    help="sft: kill and resume a fine-tuning run (of a base trained first) on conversations; dpo: "
+                         "the same for preference tuning on pairs of answers")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lmlab-crash-"))
@@ -114,15 +125,15 @@ def main() -> int:
     env = {**os.environ, "LMLAB_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
     lmlab_train = [sys.executable, "-m", "lmlab", "train"]
     base = [*lmlab_train, "--data", str(data), "--max-steps", str(args.steps), *MODEL, *TRAIN]
-    if args.stage == "sft":
+    if args.stage != "pretrain":
         pretrained = work / "base"
         if not (pretrained / "config.json").exists():
             subprocess.run([*lmlab_train, "--data", str(data), *SFT_BASE, "--out", str(pretrained)], env=env,
                            check=True, capture_output=True)
-        chats = work / "chats.jsonl"
-        conversations(chats)
-        base = [*lmlab_train, "--stage", "sft", "--init-from", str(pretrained), "--data", str(chats), "--max-steps",
-                str(args.steps), *TRAIN]
+        chats = work / f"{args.stage}.jsonl"
+        (conversations if args.stage == "sft" else preference_pairs)(chats)
+        base = [*lmlab_train, "--stage", args.stage, "--init-from", str(pretrained), "--data", str(chats),
+                "--max-steps", str(args.steps), *TRAIN]
 
     ref = work / "reference"
     subprocess.run([*base, "--out", str(ref)], env=env, check=True, capture_output=True)

@@ -70,6 +70,30 @@ def tiny_config(data: str | Path, out: str | Path, **overrides):
     return TrainConfig(data=DataConfig(**data_kw), model=ModelConfig(**model), optim=OptimConfig(**optim), **top)
 
 
+def stage_config(stage: str, base: str | Path, data: str, out: str | Path, val_data: str | None = None, **overrides):
+    """A small fine-tuning run (--stage sft or dpo) of a base: the stage's defaults, a few steps, no extras."""
+    import dataclasses
+
+    from lmlab.config import get_preset
+
+    cfg = get_preset("tiny", stage)
+    settings = dict(init_from=str(base), out=str(out), max_steps=8, max_time=0.0, batch_size=4, eval_interval=4,
+                    checkpoint_interval=4, sample_tokens=0, progress=False, device="cpu", inside=False,
+                    trajectory_snapshots=0, telemetry_interval=0, tensorboard=False, probe=False, compile=False)
+    settings.update(overrides)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data=data, val_data=val_data), **settings)
+
+
+def crash_test(stage: str, workdir: Path, kills: int = 3, steps: int = 40) -> None:
+    """scripts/crash_test.py on a stage: kill -9 a run `kills` times, resume it, compare with an uninterrupted one."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "crash_test.py"), "--stage", stage, "--kills",
+                           str(kills), "--steps", str(steps), "--workdir", str(workdir)],
+                          cwd=str(repo), env=cli_env(), capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "PASS" in proc.stdout and stage in proc.stdout, proc.stdout
+
+
 def cli_env(cache: str | Path | None = None) -> dict:
     env = os.environ.copy()
     if cache is not None:

@@ -29,6 +29,7 @@ CORE = [
     "telemetry",  # what the loop records about itself (gradients, spikes, weight snapshots)
     "hf",  # transformers models out and in: train starts a run from one (--init-from)
     "sft",  # what the loop does differently for conversations (--stage sft): packing, masked validation, answers
+    "dpo",  # what the loop does differently for preference pairs (--stage dpo): pairs, the reference, the DPO loss
     "train",
     "predict",  # what a trained model predicts: the next-token distribution, the surprisal of a text
 ]
@@ -175,7 +176,10 @@ def test_only_the_run_folder_module_spells_a_run_files_name():
 # and what it holds, is run.py's to say (metric_record, the record dataclasses); the loop writes them (train.py).
 METRIC_KEYS = {"train_loss", "val_loss", "rollback", "lr_scale", "grad_norm", "tokens_per_s", "skipped",
                "skipped_total", "clipped", "spike_z", "val_bits_per_byte", "val_accuracy", "val_perplexity",
-               "val_tokens", "val_stride", "passes", "best", "overfitting", "exact_match", "ended_turn"}
+               "val_tokens", "val_stride", "passes", "best", "overfitting", "exact_match", "ended_turn",
+               "chosen_reward", "rejected_reward", "margin", "preference_accuracy", "chosen_logp", "rejected_logp",
+               "val_chosen_reward", "val_rejected_reward", "val_margin", "val_preference_accuracy", "val_chosen_logp",
+               "val_rejected_logp", "val_pairs"}
 RUN_OWNERS = {"run", "config", "rundir"}  # the Run, the config it parses, the shapes the records are checked against
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import HANG_S, cli_env, read_jsonl, tiny_config, write_corpus
+from helpers import HANG_S, cli_env, crash_test, read_jsonl, stage_config, tiny_config, write_corpus
 
 from lmlab import chat, sft, synthetic
 from lmlab import tokenizer as tok
@@ -40,12 +40,7 @@ def chats_file(path: Path, count: int = 120, seed: int = 0, split: str = "train"
 
 def sft_config(base: Path, data: str, out: Path, **overrides) -> TrainConfig:
     """A small SFT run of the base: the SFT defaults, a few steps, no extras."""
-    cfg = get_preset("tiny", "sft")
-    settings = dict(init_from=str(base), out=str(out), max_steps=8, max_time=0.0, batch_size=4, eval_interval=4,
-                    checkpoint_interval=4, sample_tokens=0, progress=False, device="cpu", inside=False,
-                    trajectory_snapshots=0, telemetry_interval=0, tensorboard=False, probe=False, compile=False)
-    settings.update(overrides)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data=data), **settings)
+    return stage_config("sft", base, data, out, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +341,7 @@ def test_the_stage_is_part_of_the_config_and_has_its_own_defaults():
     saved["model"].update(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
     saved["optim"].update(lr=1e-2, muon_momentum=0.95)
     assert TrainConfig.from_json(saved).stage == "pretrain"
-    with pytest.raises(LmlabError, match="--stage must be pretrain or sft"):
+    with pytest.raises(LmlabError, match="--stage must be pretrain, sft or dpo"):
         get_preset("tiny", "rl")
 
 
@@ -548,7 +543,7 @@ def test_the_command_line_refuses_bad_sft_input_in_one_line_with_exit_2(base, tm
         expected = "cross_entropy"
     else:
         args[2] = "chat"
-        expected = "--stage must be pretrain or sft"
+        expected = "--stage must be pretrain, sft or dpo"
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("lmlab train: error:") and expected in err, err
@@ -570,11 +565,7 @@ def test_the_command_line_fine_tunes_with_the_sft_defaults(base, tmp_path):
 
 @pytest.mark.slow
 def test_crash_test_covers_sft(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "crash_test.py"), "--stage", "sft", "--kills", "3",
-                           "--steps", "40", "--workdir", str(tmp_path / "crash")],
-                          cwd=str(REPO), env=cli_env(), capture_output=True, text=True, timeout=HANG_S)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
-    assert "PASS" in proc.stdout and "sft" in proc.stdout, proc.stdout
+    crash_test("sft", tmp_path / "crash")
 
 
 def test_the_plain_causal_path_builds_no_mask(monkeypatch):
