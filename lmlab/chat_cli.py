@@ -121,7 +121,7 @@ def cmd_chat(argv: list[str]) -> int:
     SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                  top_p=args.top_p)  # checks the settings
     run = load_run(args.run, resolve_device(args.device), args.checkpoint)
-    check_chat_run(run.config, args.run)
+    check_chat_run(run, args.run)
     conversation = Conversation(run, args, sys.stdout, sys.stderr)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -20,7 +20,7 @@ from .loss import LossConfig
 from .model import SIZES, ModelConfig
 from .optim import OptimConfig
 
-META_KEYS = ("schema_version", "lmlab_version", "vocab_size", "tokenizer_fingerprint", "run_id")
+META_KEYS = ("schema_version", "lmlab_version", "vocab_size", "tokenizer_fingerprint", "run_id", "chat")
 COMMAND_ONLY = ("trust_data_path",)  # options of one command, never saved in config.json nor read from one
 
 

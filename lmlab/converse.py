@@ -18,7 +18,6 @@ import torch
 from . import chat
 from . import tokenizer as tok
 from .common import LmlabError
-from .config import TrainConfig
 from .sample import SampleConfig, generate, stream_text
 
 
@@ -26,10 +25,11 @@ class NotAChatModel(LmlabError):
     """The run was trained on text only: it has no notion of a turn."""
 
 
-def check_chat_run(config: TrainConfig, name: Union[str, Path], instead: str = "lmlab sample continues text") -> None:
-    """Refuse, with NotAChatModel, a run whose stage is not sft; `instead` says what the run can do."""
-    stage = config.stage
-    if stage != "sft":
+def check_chat_run(run, name: Union[str, Path], instead: str = "lmlab sample continues text") -> None:
+    """Refuse, with NotAChatModel, a run (run.Run or LoadedRun) that is not a chat model (Run.is_chat); `instead`
+    says what the run can do."""
+    stage = run.config.stage
+    if not run.is_chat:
         raise NotAChatModel(f"{name} is a text model (stage {stage}), never fine-tuned on conversations, so it does "
                             f"not answer turns ({instead}); fine-tune it into a chat model first: lmlab train "
                             f"--stage sft --init-from RUN --data chats.jsonl")
@@ -96,7 +96,7 @@ class Answer:
 
 def sample_answer(run, settings: SampleConfig, out: TextIO) -> int:
     """`lmlab sample RUN --chat QUESTION`: the answer of a chat model to one user message, streamed to out."""
-    check_chat_run(run.config, run.run_dir)
+    check_chat_run(run, run.run_dir)
     prompt = chat_prompt(run.tokenizer, [{"role": "user", "content": settings.chat}], run.model.cfg.block_size,
                          settings.max_new_tokens)
     answer = Answer(run.model, run.tokenizer, prompt.ids, settings.max_new_tokens, settings.temperature,

@@ -172,6 +172,8 @@ class PairData:
     """A few held-out prompts (as the model continues them): the probe's."""
     reference: dict[str, np.ndarray] = field(default_factory=dict)
     """{"train", "val"}: (N, 2) float64, the reference's summed log-probabilities of (chosen, rejected)."""
+    chat: bool = False
+    """Whether the pairs are conversations (the run then answers turns, as an sft run does)."""
 
     def stream(self, split: str) -> np.ndarray:
         """A split's completions with their prompts, chosen then rejected, one after another (what a text run's
@@ -227,7 +229,7 @@ def encode(splits: PairSplits, val_data: Optional[str], tokenizer: tok.Tokenizer
             raise LmlabError(f"none of the {name} pairs fits a context of {block_size} tokens")
         out.append(encoded)
     prompts = [e.ids[0][: int(np.argmax(e.mask[0]))].tolist() for e in out[1][:3]]
-    return PairData(out[0], out[1], prompts)
+    return PairData(out[0], out[1], prompts, chat=splits.train[0].conversational)
 
 
 # ---------------------------------------------------------------------------------------------------------------

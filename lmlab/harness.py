@@ -64,7 +64,7 @@ class LmlabLM(LM):
         self.block = run.model.cfg.block_size
         self.batch_size = max(1, batch_size)
         self.device_ = next(run.model.parameters()).device
-        self.is_chat = run.config.stage == "sft"
+        self.is_chat = run.is_chat
         self.prefix_token_id: Optional[int] = self.tokenizer.special_tokens.get(ENDOFTEXT)
         self.banned = text_banned(self.tokenizer)  # a text run's continuations never draw a special token
         specials = sorted(self.tokenizer.special_tokens, key=len, reverse=True)

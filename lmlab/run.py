@@ -229,6 +229,13 @@ class Run:
         return self.config.stage
 
     @property
+    def is_chat(self) -> bool:
+        """Whether the run answers in conversations (a chat model): what training recorded, else (a run from before
+        the record) whether its stage is sft."""
+        recorded = self.config_json.get(rundir.CHAT)
+        return recorded if isinstance(recorded, bool) else self.config.stage == "sft"
+
+    @property
     def vocab_size(self) -> Optional[int]:
         return self._meta("vocab_size", int)
 
@@ -341,6 +348,10 @@ class LoadedRun:
     @property
     def config(self) -> TrainConfig:
         return self.run.config
+
+    @property
+    def is_chat(self) -> bool:
+        return self.run.is_chat
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", which: str | int = "best") -> LoadedRun:

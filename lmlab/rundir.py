@@ -580,6 +580,7 @@ def check_new_run_dir(run_dir: Path) -> None:
 # keeps the id but not the path, a moved folder changes its path, and a run from elsewhere has neither.
 
 RUN_ID = "run_id"  # a meta key of config.json
+CHAT = "chat"  # a meta key of config.json: whether the run answers in conversations (Run.is_chat)
 
 
 def new_run_id() -> str:

@@ -473,6 +473,12 @@ def restore(setup: Setup, state: TrainState) -> Path:
     return ckpt.path
 
 
+def answers_turns(setup: Setup) -> bool:
+    """Whether the run is trained to answer in conversations (a chat model): sft, and a stage whose data are
+    conversations (dpo on message pairs)."""
+    return setup.cfg.stage == "sft" or (setup.pairs is not None and setup.pairs.chat)
+
+
 def write_run_files(setup: Setup, resumed: bool) -> None:
     """config.json says what the run uses, as it uses it; status.json says it is running. The user's cache records
     that this folder's run, with its id, reads the corpus paths its config names (rundir.check_data_paths)."""
@@ -484,7 +490,8 @@ def write_run_files(setup: Setup, resumed: bool) -> None:
     run_id = (Run(run_dir).run_id if cfg.resume else None) or rundir.new_run_id()
     saved = dataclasses.replace(cfg, global_batch=setup.global_batch, grad_accum=setup.grad_accum)
     rundir.write_json(run_dir, rundir.CONFIG, {**saved.to_json(), "vocab_size": tokenizer.vocab_size,
-                                               "tokenizer_fingerprint": tokenizer.fingerprint(), rundir.RUN_ID: run_id})
+                                               "tokenizer_fingerprint": tokenizer.fingerprint(), rundir.RUN_ID: run_id,
+                                               rundir.CHAT: answers_turns(setup)})
     rundir.remember_sources(run_dir, run_id, [cfg.data.data, cfg.data.val_data], lambda m: say(setup.d, m))
     write_status(run_dir, "running", world_size=setup.d.world)
 

@@ -54,7 +54,7 @@ def make_chat_model(run_dir: Path) -> None:
     from lmlab.run import Run
 
     config = json.loads((run_dir / "config.json").read_text())
-    (run_dir / "config.json").write_text(json.dumps({**config, "stage": "sft"}))
+    (run_dir / "config.json").write_text(json.dumps({**config, "stage": "sft", "chat": True}))
     tokenizer = Run(run_dir).tokenizer()
     end, newline = tokenizer.special_tokens[tok.END], tokenizer.encode("\n")[0]
     for checkpoint in sorted((run_dir / "checkpoints").iterdir()):

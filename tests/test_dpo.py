@@ -272,6 +272,7 @@ def test_a_dpo_run_learns_the_preferences_and_logs_them(base, tmp_path):
     first, last = metrics.evals[0], metrics.evals[-1]
     assert first.val_loss == pytest.approx(math.log(2), abs=1e-5) and first.val_margin == pytest.approx(0, abs=1e-5)
     assert last.val_preference_accuracy >= 0.9 and last.val_margin > 0 and last.val_pairs == 24
+    assert not run.is_chat  # preferences between texts: a text model still
     assert last.val_loss < 0.5
     assert last.passes == pytest.approx(60 * 8 / 24, rel=0.01)  # 60 steps of 8 pairs over 24 pairs
     # the model's own preference: how often it gives the chosen completion more probability, before and after
@@ -347,6 +348,9 @@ def test_conversational_pairs_train_from_a_base_with_a_chat_template(tmp_path, m
     metrics = Run.open(summary["run_dir"]).metrics()
     assert len(metrics.train) == 3 and metrics.evals[-1].val_pairs == 2  # a tenth of 24 held out
     assert metrics.evals[0].val_loss == pytest.approx(math.log(2), abs=1e-5)
+    # preferences between answers in conversations make a chat model (chat, serve and export treat it as one);
+    # the text base is not one
+    assert Run(summary["run_dir"]).is_chat and not Run(tmp_path / "base").is_chat
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def prompt_of(run: LoadedRun, req: ChatRequest) -> ChatPrompt:
     """The prompt for the request's answers, or the ApiError that refuses it: the run is not a chat model, the
     latest turn alone does not fit the context, or the tokenizer cannot encode the text."""
     try:
-        check_chat_run(run.config, repr(req.model), "it continues text at POST /v1/completions")
+        check_chat_run(run, repr(req.model), "it continues text at POST /v1/completions")
     except NotAChatModel as e:
         raise ApiError(400, f"the model {e}", "model", "model_not_chat") from None
     try:
