@@ -25,6 +25,37 @@ COMMAND_ONLY = ("trust_data_path",)  # options of one command, never saved in co
 
 
 @dataclass
+class RlConfig:
+    """--stage rl: the task rewarded, and GRPO's settings (lmlab/rl.py, loss.policy_loss)."""
+
+    task: str = "synthetic:chat"
+    """The prompts and their verifier: synthetic:chat[:SEED] (conversations, checked by their skill) or patterns ("A
+    plus B is ", rewarded when the completion starts with the true sum and a full stop). A reward function of one's
+    own is given from Python only: train(config, reward=fn)."""
+    group_size: int = 8
+    """Completions sampled for each prompt (a group); each reward counts against its group's mean and spread.
+    --batch-size prompts x group_size completions are sampled in one batch each micro-step."""
+    kl_beta: float = 0.0
+    """Weight of the KL penalty to the initial model (0: none, and no reference model is kept)."""
+    clip_eps: float = 0.2
+    """The policy ratio is clipped to [1 - clip_eps, 1 + clip_eps]."""
+    rl_max_new_tokens: int = 32
+    """At most this many tokens a completion (a conversation's ends at its end of turn, a text's at a newline)."""
+    rl_temperature: float = 1.0
+    """Sampling temperature of the completions (the policy trained is the distribution they are drawn from)."""
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1 or self.rl_max_new_tokens < 1:
+            raise LmlabError("--group-size and --rl-max-new-tokens must be positive")
+        if not (math.isfinite(self.kl_beta) and self.kl_beta >= 0):
+            raise LmlabError(f"--kl-beta must be a number >= 0, got {self.kl_beta}")
+        if not 0 < self.clip_eps < 1:
+            raise LmlabError(f"--clip-eps must be in (0, 1), got {self.clip_eps}")
+        if not (math.isfinite(self.rl_temperature) and self.rl_temperature > 0):
+            raise LmlabError(f"--rl-temperature must be > 0, got {self.rl_temperature}")
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs; saved as RUN/config.json."""
 
@@ -32,17 +63,19 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    rl: RlConfig = field(default_factory=RlConfig)
     preset: str = "tiny"
     """Named starting point for all settings (see `lmlab train --help`); explicit options override it."""
     out: str = ""
     """Run directory (default: runs/PRESET-DATE-TIME)."""
     resume: Optional[str] = None
     """Continue the run in this directory from its newest good checkpoint."""
-    stage: Literal["pretrain", "sft"] = "pretrain"
+    stage: Literal["pretrain", "sft", "rl"] = "pretrain"
     """pretrain: learn to predict the next token of a text (--data: a corpus). sft: supervised fine-tuning of the
     --init-from model on conversations (--data: a .jsonl or .parquet file of {"messages": [...]}, or
     synthetic:chat), packed into blocks, training only what the assistant writes; `lmlab train --stage sft --help`
-    shows its defaults (SFT_DEFAULTS). Kept on resume."""
+    shows its defaults (SFT_DEFAULTS). rl: reinforcement learning of the --init-from model with --task's verifier
+    as the reward (GRPO; RL_DEFAULTS). Kept on resume."""
     init_from: Optional[str] = None
     """Start from a model: an lmlab run folder (its config, tokenizer and best checkpoint) or a transformers model (a
     folder, or a hub id such as gpt2: its architecture, weights and tokenizer). --stage sft needs one."""
@@ -376,7 +409,7 @@ def apply_budget(cfg: TrainConfig) -> tuple[TrainConfig, str]:
     settings nor compiling apply.
     """
     unset = [name for name in TINY_RECIPE if getattr(_section(cfg, name), name) is None]
-    if cfg.stage == "sft":  # the sizes are the base's (--init-from), filled in when it is read
+    if cfg.stage in ("sft", "rl"):  # the sizes are the base's (--init-from), filled in when it is read
         unset = [name for name in unset if name not in SIZES]
         if cfg.model.dropout is None:  # no corpus rule either
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=SFT_DEFAULTS["dropout"]))
@@ -393,7 +426,7 @@ def apply_budget(cfg: TrainConfig) -> tuple[TrainConfig, str]:
     keep_width = cfg.model.n_head is not None
     changed = []
     for name in unset:
-        value = SFT_DEFAULTS["lr"] if name == "lr" and cfg.stage == "sft" else TINY_RECIPE[name]
+        value = STAGE_DEFAULTS[cfg.stage]["lr"] if name == "lr" and cfg.stage != "pretrain" else TINY_RECIPE[name]
         if short and name in SHORT_BUDGET and not (name == "n_embd" and keep_width):
             value = SHORT_BUDGET[name]
             changed.append(f"--{name.replace('_', '-')} {value:g}")
@@ -451,17 +484,26 @@ SFT_DEFAULTS = {"lr": 1e-2, "muon_lr": 0.02, "warmup": 20, "max_time": 180.0, "e
                 "checkpoint_interval": 500, "dropout": 0.0}
 
 
+# What --stage rl changes (docs/chat.md, "Reinforcement learning", measured from the SFT run of synthetic:chat):
+# learning rates a tenth of fine-tuning's (at sft's 1e-2 / 0.02 the policy collapsed within 50 steps); 4 prompts x
+# 8 completions a step, a step of 0.3-0.5 s on 2 cores; an evaluation every 50 steps; no dropout, no decay
+# before the end (constant, then the schedule's decay over the last 40%).
+RL_DEFAULTS = {"lr": 1e-3, "muon_lr": 0.002, "warmup": 10, "max_time": 180.0, "eval_interval": 50,
+               "checkpoint_interval": 100, "dropout": 0.0, "batch_size": 4}
+STAGE_DEFAULTS = {"sft": SFT_DEFAULTS, "rl": RL_DEFAULTS}
+
+
 def for_stage(cfg: TrainConfig, stage: str) -> TrainConfig:
-    """A preset's config for a stage: as it is for pretraining; with SFT_DEFAULTS for sft (what `lmlab train
-    --stage sft` starts from, before its options)."""
+    """A preset's config for a stage: as it is for pretraining; with SFT_DEFAULTS for sft and RL_DEFAULTS for rl
+    (what `lmlab train --stage sft|rl` starts from, before its options)."""
     if stage == "pretrain":
         return cfg
-    if stage != "sft":
-        raise LmlabError(f"--stage must be pretrain or sft, got {stage!r}")
-    d = SFT_DEFAULTS
+    if stage not in STAGE_DEFAULTS:
+        raise LmlabError(f"--stage must be pretrain, sft or rl, got {stage!r}")
+    d = STAGE_DEFAULTS[stage]
     return dataclasses.replace(
-        cfg, stage="sft", max_time=d["max_time"], eval_interval=d["eval_interval"],
-        checkpoint_interval=d["checkpoint_interval"],
+        cfg, stage=stage, max_time=d["max_time"], eval_interval=d["eval_interval"],
+        checkpoint_interval=d["checkpoint_interval"], batch_size=d.get("batch_size", cfg.batch_size),
         model=dataclasses.replace(cfg.model, dropout=d["dropout"]),
         optim=dataclasses.replace(cfg.optim, lr=d["lr"], muon_lr=d["muon_lr"], warmup=d["warmup"]))
 

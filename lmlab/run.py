@@ -53,6 +53,17 @@ class TrainRecord:
     skipped_total: Optional[int] = None
     clipped: bool = False
     spike_z: Optional[float] = None  # how far the loss jumped above its recent mean, in standard deviations
+    # --stage rl: the step's completions (rl.RolloutSampler.step_record)
+    reward: Optional[float] = None  # mean reward
+    pass_at_1: Optional[float] = None  # share of completions rewarded above 0
+    pass_at_g: Optional[float] = None  # share of prompts with a completion rewarded above 0 in their group
+    kl: Optional[float] = None  # k3 estimate of KL(policy || reference) per completion token (with --kl-beta > 0)
+    entropy: Optional[float] = None  # of the policy, nats per completion token
+    completion_tokens: Optional[float] = None  # mean length of a completion
+    clip_fraction: Optional[float] = None  # share of completion tokens whose ratio was clipped
+    generation_s: Optional[float] = None  # where the step's time went: sampling the completions,
+    scoring_s: Optional[float] = None  # scoring them,
+    update_s: Optional[float] = None  # forward, backward and the optimizer step
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,8 @@ class EvalRecord:
     overfitting: Optional[int] = None  # evaluations in a row whose loss rose while the training loss fell
     exact_match: dict[str, float] = field(default_factory=dict)  # by skill, sft runs with verifiers
     ended_turn: Optional[float] = None
+    heldout_reward: Optional[float] = None  # --stage rl: mean reward of greedy completions of held-out prompts
+    heldout_pass_at_1: Optional[float] = None  # and the share of them rewarded above 0
 
     @property
     def finite(self) -> bool:

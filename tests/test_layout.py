@@ -16,6 +16,7 @@ CORE = [
     "common", "tokenizer",
     "chat",  # conversations and the tokenizer's chat template: token ids and loss masks, a source of data
     "synthetic",  # synthetic corpora, a source of data
+    "tasks",  # the prompts and verifiers that reinforcement learning rewards (synthetic:chat's, patterns)
     "data", "model", "loss",
     "distributed",  # before optim: Muon orthogonalises sharded (FSDP) matrices through its helpers
     "optim",
@@ -29,6 +30,7 @@ CORE = [
     "telemetry",  # what the loop records about itself (gradients, spikes, weight snapshots)
     "hf",  # transformers models out and in: train starts a run from one (--init-from)
     "sft",  # what the loop does differently for conversations (--stage sft): packing, masked validation, answers
+    "rl",  # what the loop does differently with rewards (--stage rl): completions sampled, scored, the policy loss
     "train",
     "predict",  # what a trained model predicts: the next-token distribution, the surprisal of a text
 ]
@@ -175,7 +177,9 @@ def test_only_the_run_folder_module_spells_a_run_files_name():
 # and what it holds, is run.py's to say (metric_record, the record dataclasses); the loop writes them (train.py).
 METRIC_KEYS = {"train_loss", "val_loss", "rollback", "lr_scale", "grad_norm", "tokens_per_s", "skipped",
                "skipped_total", "clipped", "spike_z", "val_bits_per_byte", "val_accuracy", "val_perplexity",
-               "val_tokens", "val_stride", "passes", "best", "overfitting", "exact_match", "ended_turn"}
+               "val_tokens", "val_stride", "passes", "best", "overfitting", "exact_match", "ended_turn",
+               "reward", "pass_at_1", "pass_at_g", "kl", "entropy", "completion_tokens", "clip_fraction",
+               "generation_s", "scoring_s", "update_s", "heldout_reward", "heldout_pass_at_1"}
 RUN_OWNERS = {"run", "config", "rundir"}  # the Run, the config it parses, the shapes the records are checked against
 
 
