@@ -210,6 +210,14 @@ class RolloutSampler:
             reference.load_state_dict(weights)
             self.reference = reference.to(self.device).eval().requires_grad_(False)
 
+    def describe(self) -> str:
+        rl = self.cfg.rl
+        return (f"rewarding --task {self.task.name}{' (a reward function of your own)' if self.custom_reward else ''}"
+                f": {len(self.task.train):,} training prompts, {len(self.task.held_out)} held out; "
+                f"{self.cfg.batch_size} prompts x {rl.group_size} completions a micro-step, sampled together, at "
+                f"temperature {rl.rl_temperature:g}, up to {rl.rl_max_new_tokens} tokens; KL weight {rl.kl_beta:g}, "
+                f"clip {rl.clip_eps:g}")
+
     def check_reference(self, saved: Optional[dict]) -> None:
         """On resume: the reference must be the one the run started from (the checkpoint's identity)."""
         if saved is None:

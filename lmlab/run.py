@@ -266,6 +266,10 @@ class Run:
         """{"step", "text", "prompt", "temperature"} per sample training drew."""
         return rundir.read_jsonl(self.path, rundir.SAMPLES_JSONL)
 
+    def completions(self) -> list[dict]:
+        """--stage rl: {"step", "held_out": [{"prompt", "completion", "reward"}], "train": [...]} per evaluation."""
+        return rundir.read_jsonl(self.path, rundir.COMPLETIONS)
+
     def samples_text(self) -> str:
         """samples.txt, the samples of runs from before samples.jsonl ("" when missing)."""
         return rundir.read_text(self.path, rundir.SAMPLES_TXT) if rundir.exists(self.path, rundir.SAMPLES_TXT) else ""

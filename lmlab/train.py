@@ -492,6 +492,8 @@ def describe(setup: Setup, state: TrainState) -> None:
             else f"fine-tuning on {len(setup.chat.train):,} conversations ({fmt_count(len(splits.train))} tokens), "
                  f"validating on {len(setup.chat.val):,}" + (f" and {len(setup.chat.tasks)} prompts answered"
                                                             if setup.chat.tasks else ""))
+    if isinstance(state.sampler, rl.RolloutSampler):
+        data = state.sampler.describe()
     say(d, f"run {setup.run_dir}: {m.arch} {m.n_layer}L/{m.n_head}H/{m.n_embd}d, "
            f"{fmt_count(count_params(state.model))} params; {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}; "
            f"{data}")
@@ -671,7 +673,8 @@ class Recorder:
     def say_evaluation(self, state: TrainState, train_loss: Optional[float]) -> None:
         m = self.last_val
         if train_loss is None and self.setup.chat is not None:
-            line = f"step 0: val loss {m.loss:.4f} on the assistant's tokens, before fine-tuning"
+            line = (f"step 0: val loss {m.loss:.4f} on the assistant's tokens, before "
+                    f"{'reinforcement learning' if self.cfg.stage == 'rl' else 'fine-tuning'}")
         elif train_loss is None:
             line = (f"step 0: val loss {m.loss:.4f} (uniform guess: "
                     f"{math.log(self.setup.tokenizer.vocab_size):.4f})")

@@ -9,6 +9,8 @@ after each kill, and check that nothing was lost:
     python scripts/crash_test.py --kills 20          # prints a summary line; exit 0 when every check passed
     python scripts/crash_test.py --stage sft         # the same for supervised fine-tuning: a base run is trained
                                                      # first, then fine-tuned on conversations (killed, resumed)
+    python scripts/crash_test.py --stage rl          # reinforcement learning (--task patterns, a KL penalty) from
+                                                     # such a base: the same losses, rewards, entropies and lengths
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ SFT_BASE = ["--tokenizer", "byte", "--n-layer", "2", "--n-head", "2", "--n-embd"
             "--max-steps", "10", "--max-time", "0", "--batch-size", "8", "--sample-tokens", "0", "--no-progress",
             "--threads", "1"]
 SFT_CONVERSATIONS = 400
+# --stage rl: completions sampled at a high temperature (long, varied), the KL to the reference in the loss
+RL = ["--task", "patterns", "--group-size", "4", "--kl-beta", "0.1", "--rl-temperature", "2.0",
+      "--rl-max-new-tokens", "8"]
+RL_FIELDS = ("reward", "entropy", "completion_tokens", "kl")  # compared too: they follow the sampler and the model
 
 
 def conversations(path: Path) -> None:
@@ -53,14 +59,15 @@ def corpus(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def losses(run: Path) -> dict[int, float]:
+def losses(run: Path) -> dict[int, tuple]:
+    """Each step's training loss (and, for an rl run, its rewards, entropy, completion length and KL)."""
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "train_loss" in rec:
             if rec["step"] in out:
                 raise AssertionError(f"step {rec['step']} logged twice")
-            out[rec["step"]] = rec["train_loss"]
+            out[rec["step"]] = (rec["train_loss"], *(rec.get(k) for k in RL_FIELDS))
     return out
 
 
@@ -103,8 +110,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--stage", choices=("pretrain", "sft"), default="pretrain",
-                    help="sft: kill and resume a fine-tuning run (of a base trained first) on conversations")
+    ap.add_argument("--stage", choices=("pretrain", "sft", "rl"), default="pretrain",
+                    help="sft: kill and resume a fine-tuning run (of a base trained first) on conversations; rl: "
+                         "reinforcement learning from such a base")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lmlab-crash-"))
@@ -114,15 +122,19 @@ def main() -> int:
     env = {**os.environ, "LMLAB_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
     lmlab_train = [sys.executable, "-m", "lmlab", "train"]
     base = [*lmlab_train, "--data", str(data), "--max-steps", str(args.steps), *MODEL, *TRAIN]
-    if args.stage == "sft":
+    if args.stage in ("sft", "rl"):
         pretrained = work / "base"
         if not (pretrained / "config.json").exists():
             subprocess.run([*lmlab_train, "--data", str(data), *SFT_BASE, "--out", str(pretrained)], env=env,
                            check=True, capture_output=True)
+    if args.stage == "sft":
         chats = work / "chats.jsonl"
         conversations(chats)
         base = [*lmlab_train, "--stage", "sft", "--init-from", str(pretrained), "--data", str(chats), "--max-steps",
                 str(args.steps), *TRAIN]
+    if args.stage == "rl":
+        base = [*lmlab_train, "--stage", "rl", "--init-from", str(pretrained), *RL, "--max-steps", str(args.steps),
+                *TRAIN, "--batch-size", "2"]
 
     ref = work / "reference"
     subprocess.run([*base, "--out", str(ref)], env=env, check=True, capture_output=True)
