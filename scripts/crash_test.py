@@ -196,6 +196,8 @@ def main() -> int:
     if final != reference:
         diff = [s for s in reference if final.get(s) != reference[s]]
         problems.append(f"losses differ from the uninterrupted run at {len(diff)} steps (first: {diff[:3]})")
+    if args.stage == "rl" and (run / "completions.jsonl").read_text() != (ref / "completions.jsonl").read_text():
+        problems.append("the completions logged differ from the uninterrupted run's")
     if kills < args.kills:
         problems.append(f"the run finished after {kills} of {args.kills} kills; use more --steps")
     if not any(r is not None for r in resumes):
