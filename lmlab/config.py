@@ -19,6 +19,7 @@ from .data import DataConfig
 from .loss import LossConfig
 from .model import SIZES, ModelConfig
 from .optim import OptimConfig
+from .synthetic import is_chat
 
 META_KEYS = ("schema_version", "lmlab_version", "vocab_size", "tokenizer_fingerprint", "run_id")
 COMMAND_ONLY = ("trust_data_path",)  # options of one command, never saved in config.json nor read from one
@@ -168,6 +169,12 @@ class TrainConfig:
             raise LmlabError("--max-bad-steps must be positive and --max-rollbacks >= 0")
         if self.eval_tokens < 0 or self.sample_tokens < 0 or self.threads < 0 or self.eval_stride < 0:
             raise LmlabError("--eval-tokens, --eval-stride, --sample-tokens and --threads must be >= 0")
+
+    @property
+    def chat_model(self) -> bool:
+        """Whether the run's model answers in turns: fine-tuned on conversations (sft), or rewarded on them (rl with
+        a synthetic:chat task); the chat applications, the export and the harness treat it as a chat model."""
+        return self.stage == "sft" or (self.stage == "rl" and is_chat(self.rl.task))
 
     def to_json(self) -> dict:
         settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in COMMAND_ONLY}

@@ -27,9 +27,10 @@ class NotAChatModel(LmlabError):
 
 
 def check_chat_run(config: TrainConfig, name: Union[str, Path], instead: str = "lmlab sample continues text") -> None:
-    """Refuse, with NotAChatModel, a run whose stage is not sft; `instead` says what the run can do."""
+    """Refuse, with NotAChatModel, a run that is not a chat model (TrainConfig.chat_model); `instead` says what the
+    run can do."""
     stage = config.stage
-    if stage != "sft":
+    if not config.chat_model:
         raise NotAChatModel(f"{name} is a text model (stage {stage}), never fine-tuned on conversations, so it does "
                             f"not answer turns ({instead}); fine-tune it into a chat model first: lmlab train "
                             f"--stage sft --init-from RUN --data chats.jsonl")

@@ -62,7 +62,7 @@ class LmlabLM(LM):
         self.block = run.model.cfg.block_size
         self.batch_size = max(1, batch_size)
         self.device_ = next(run.model.parameters()).device
-        self.is_chat = run.config.stage == "sft"
+        self.is_chat = run.config.chat_model
         self.prefix_token_id: Optional[int] = self.tokenizer.special_tokens.get(ENDOFTEXT)
         specials = sorted(self.tokenizer.special_tokens, key=len, reverse=True)
         # with the chat template on, the special tokens the template spells in a prompt are their ids

@@ -727,7 +727,7 @@ def export_run_hf(run_dir: str | Path, out: str | Path, check: bool = True,
 
     run = load_run(run_dir, "cpu", which)
     architecture(run.model.cfg)  # refuse before writing anything
-    chat = run.config.stage == "sft"
+    chat = run.config.chat_model
     arch = write_hf(run.model, run.tokenizer, out, chat)
     turn = ", a chat model: generation ends at the end of its turn" if chat else ""
     say(f"exported {run_dir} ({run.checkpoint.path.name}) to {out} as {arch}{turn}")

@@ -497,9 +497,10 @@ def describe(setup: Setup, state: TrainState) -> None:
     say(d, f"run {setup.run_dir}: {m.arch} {m.n_layer}L/{m.n_head}H/{m.n_embd}d, "
            f"{fmt_count(count_params(state.model))} params; {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}; "
            f"{data}")
+    batch = (f"{setup.tokens_per_step:,} tokens/step ({setup.global_batch} sequences x {m.block_size})"
+             if cfg.stage != "rl" else f"context {m.block_size}")  # rl: as many tokens as the completions take
     say(d, f"device {setup.device} ({'asked for' if cfg.device != 'auto' else 'auto-selected'}), autocast "
-           f"{str(setup.dtype)[6:]}, {setup.tokens_per_step:,} tokens/step ({setup.global_batch} sequences x "
-           f"{m.block_size}), optimizer {cfg.optim.optimizer}, schedule {cfg.optim.schedule}, "
+           f"{str(setup.dtype)[6:]}, {batch}, optimizer {cfg.optim.optimizer}, schedule {cfg.optim.schedule}, "
            f"budget {cfg.max_steps or '-'} steps / {cfg.max_time or '-'} s, threads {torch.get_num_threads()}"
            f"{', compiled' if cfg.compile else ''}")
     if d.active:
