@@ -157,3 +157,28 @@ def test_a_real_floor_row_is_positive_and_its_profile_covers_the_step():
     assert [o["kind"] for o in row["ops"]] == list(floor.KINDS) and all(o["ms"] >= 0 for o in row["ops"])
     assert row["ops"][floor.KINDS.index("matmul")]["ms"] > 0
     assert all(g["ms"] > 0 and g["count"] >= 1 for g in row["gemms"])
+
+
+@pytest.mark.slow
+def test_bench_only_floor_with_nanogpt_prints_the_table_and_the_json(tmp_path):
+    """`lmlab bench --quick --only floor --nanogpt PATH --json`: floor[{tool, shape, step_ms, floor_ms, ops}] for
+    lmlab at both shapes and nanoGPT (a stand-in checkout) at its CPU shape; the table on stderr."""
+    import json
+
+    from helpers import HANG_S, run_cli
+    from test_bench import STAND_IN
+
+    (tmp_path / "model.py").write_text(STAND_IN.replace("EXTRA", "0"))
+    proc = run_cli(["bench", "--quick", "--only", "floor", "--nanogpt", str(tmp_path), "--json"], cwd=tmp_path,
+                   timeout=HANG_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)["floor"]
+    assert [(r["tool"], r["shape"]) for r in rows] == [("lmlab", "nanogpt-cpu"), ("nanogpt", "nanogpt-cpu"),
+                                                       ("lmlab", "tiny")]
+    for r in rows:
+        assert {"tool", "shape", "step_ms", "floor_ms", "ops"} <= set(r) and r["step_ms"] > 0 and r["floor_ms"] > 0
+        assert [o["kind"] for o in r["ops"]] == list(floor.KINDS)
+    # the same model shapes: the same GEMMs
+    assert [g["shape"] for g in rows[0]["gemms"]] == [g["shape"] for g in rows[1]["gemms"]]
+    assert rows[2]["optimizer_floor_ms"] > 0 and rows[1]["optimizer_floor_ms"] == 0  # Muon in tiny; AdamW
+    assert "floor lmlab at tiny" in proc.stderr and "step/floor" in proc.stderr
