@@ -194,7 +194,8 @@ VIEWS = {"view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expa
 def op_table(step: Callable[[int], None], steps: int) -> list[dict]:
     """Milliseconds per step by kind, from torch.profiler over `steps` steps: each op's own (self) time goes to the
     kind of its name or of the nearest region around it that has one; what no op accounts for (Python, dispatch, the
-    profiler's own cost) goes to python/dispatch/other, so the kinds add up to the profiled step."""
+    profiler's own cost) goes to python/dispatch/other, so the kinds add up to the profiled step. The bench's step
+    takes batches already made (lmlab train draws them outside train_step), so data is near zero here."""
     from torch.profiler import ProfilerActivity, profile
 
     step(0)
