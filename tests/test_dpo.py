@@ -392,6 +392,7 @@ def test_the_command_line_refuses_bad_dpo_input_in_one_line_with_exit_2(base, tm
     assert not (tmp_path / "r" / "config.json").exists()
 
 
+@pytest.mark.slow  # a subprocess of its own
 def test_the_command_line_trains_a_dpo_run(base, tmp_path):
     run_dir, data = base
     proc = subprocess.run([sys.executable, "-m", "lmlab", "train", "--stage", "dpo", "--init-from", str(run_dir),

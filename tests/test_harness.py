@@ -213,6 +213,7 @@ def test_an_unknown_task_is_one_line(lm_eval, tmp_path):
         task_manager(["mine", "nope"], str(tmp_path))
 
 
+@pytest.mark.slow  # a subprocess of its own
 def test_without_lm_eval_the_tasks_say_how_to_install_it(tmp_path):
     code = ("import sys; sys.modules['lm_eval'] = None; from lmlab.cli import main; "
             "sys.exit(main(sys.argv[1:]))")

@@ -139,6 +139,7 @@ def test_chat_verifier_and_splits():
     assert task.reward(prompt, prompt.answer + "x") == 0.0
 
 
+@pytest.mark.slow  # a subprocess of its own
 def test_bad_task_is_one_line(tmp_path):
     proc = run_cli(["train", "--stage", "rl", "--init-from", str(tmp_path), "--task", "nope"], tmp_path)
     assert proc.returncode != 0
