@@ -152,7 +152,8 @@ def check_stage(cfg: TrainConfig) -> None:
     for option, source in (("--data", cfg.data.data), ("--val-data", cfg.data.val_data)):
         if source and not is_conversations(source):
             raise LmlabError(f"--stage sft trains on conversations: {option} must be a .jsonl or .parquet file of "
-                             f"{{\"messages\": [...]}} records, or synthetic:chat, not {source}")
+                             f"{{\"messages\": [...]}} records (or of {{\"prompt\", \"completion\"}} texts), or "
+                             f"synthetic:chat, not {source}")
     if cfg.loss.objective != "cross_entropy":
         raise LmlabError(f"--stage sft trains cross_entropy on the assistant's tokens, not --objective "
                          f"{cfg.loss.objective}")
@@ -391,7 +392,8 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
     if cfg.init_from and not resuming:  # an lmlab run's, or a transformers model's, architecture, tokenizer, weights
         cfg, tokenizer, weights = (init_from_run if is_lmlab_run(cfg.init_from) else init_from)(
             cfg, lambda m: say(d, m))
-        if cfg.stage == "sft" and tokenizer.chat_template is None:  # a base from before the special tokens
+        if cfg.stage == "sft" and not sft.are_completions(conversations) and tokenizer.chat_template is None:
+            # a base from before the special tokens, to be fine-tuned on conversations
             base_vocab = tokenizer.vocab_size
             tokenizer, added = tok.add_special_tokens(tokenizer)
             say(d, f"the base has no chat template: added the special tokens {' '.join(added)} (ids {base_vocab}-"
@@ -474,9 +476,9 @@ def restore(setup: Setup, state: TrainState) -> Path:
 
 
 def answers_turns(setup: Setup) -> bool:
-    """Whether the run is trained to answer in conversations (a chat model): sft, and a stage whose data are
-    conversations (dpo on message pairs)."""
-    return setup.cfg.stage == "sft" or (setup.pairs is not None and setup.pairs.chat)
+    """Whether the run is trained to answer in conversations (a chat model): sft on conversations (not on
+    prompt-completion texts), and a stage whose data are conversations (dpo on message pairs)."""
+    return (setup.cfg.stage == "sft" and not setup.chat.plain) or (setup.pairs is not None and setup.pairs.chat)
 
 
 def write_run_files(setup: Setup, resumed: bool) -> None:
