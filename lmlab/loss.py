@@ -202,3 +202,56 @@ class Metrics:
             "tokens": self.tokens,
             "bytes": self.bytes,
         }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reinforcement learning with a verifiable reward (--stage rl): GRPO's objective
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each completion's reward against the others of its group: (r_i - mean(r)) / (std(r) + eps), rewards (P, G)
+    for P prompts of G completions each. std is the population's (divided by G, not G - 1: defined for G = 1 too).
+    A group whose rewards are all equal teaches nothing and gets zero advantages."""
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True, correction=0)
+    return (rewards - mean) / (std + eps)
+
+
+@dataclass
+class PolicyLoss:
+    """The clipped policy-gradient loss of a batch of completions and what it measured, per completion token."""
+
+    loss: torch.Tensor
+    """() the mean over the completion tokens of the batch of the per-token loss (differentiable)."""
+    kl: float
+    """The mean k3 estimate of KL(policy || reference) per completion token (0 without a reference)."""
+    clip_fraction: float
+    """The share of completion tokens whose ratio lies outside [1 - clip_eps, 1 + clip_eps] (where the clip acts)."""
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_eps: float = 0.2, ref_logp: Optional[torch.Tensor] = None, kl_beta: float = 0.0) -> PolicyLoss:
+    """GRPO's loss over completion tokens. Per token t of completion i, with ratio = exp(logp - old_logp):
+
+        -min(ratio * A_i, clip(ratio, 1 - clip_eps, 1 + clip_eps) * A_i) + kl_beta * k3,
+        k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1   (Schulman's unbiased, never negative KL estimator)
+
+    averaged over every completion token of the batch (the token-level mean of DAPO, not GRPO's mean per completion
+    then over completions: a long completion weighs by its length, and a short one is not made louder).
+    logp, old_logp, ref_logp: (N, T) log-probabilities of the tokens taken; advantages (N,); mask (N, T) bool, True on
+    completion tokens (prompt tokens and padding add nothing, not even to the gradient). With one update per batch,
+    old_logp = logp.detach(): the ratio is 1 and the gradient is REINFORCE's, mean over tokens of A_i grad logp."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None].to(logp.dtype)
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        delta = ref_logp.detach() - logp
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + kl_beta * kl
+    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
+    count = mask.sum().clamp(min=1)
+    loss = torch.where(mask, per_token, zero).sum() / count
+    clipped = ((ratio - 1).abs() > clip_eps) & mask
+    return PolicyLoss(loss, float(torch.where(mask, kl.detach(), zero).sum() / count),
+                      float(clipped.sum() / count))

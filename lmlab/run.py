@@ -62,6 +62,17 @@ class TrainRecord:
     preference_accuracy: Optional[float] = None
     chosen_logp: Optional[float] = None
     rejected_logp: Optional[float] = None
+    # --stage rl: the step's completions (rl.RolloutSampler.step_record)
+    reward: Optional[float] = None  # mean reward
+    pass_at_1: Optional[float] = None  # share of completions rewarded above 0
+    pass_at_g: Optional[float] = None  # share of prompts with a completion rewarded above 0 in their group
+    kl: Optional[float] = None  # k3 estimate of KL(policy || reference) per completion token (with --kl-beta > 0)
+    entropy: Optional[float] = None  # of the policy, nats per completion token
+    completion_tokens: Optional[float] = None  # mean length of a completion
+    clip_fraction: Optional[float] = None  # share of completion tokens whose ratio was clipped
+    generation_s: Optional[float] = None  # where the step's time went: sampling the completions,
+    scoring_s: Optional[float] = None  # scoring them,
+    update_s: Optional[float] = None  # forward, backward and the optimizer step
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,8 @@ class EvalRecord:
     val_chosen_logp: Optional[float] = None
     val_rejected_logp: Optional[float] = None
     val_pairs: Optional[int] = None
+    heldout_reward: Optional[float] = None  # --stage rl: mean reward of greedy completions of held-out prompts
+    heldout_pass_at_1: Optional[float] = None  # and the share of them rewarded above 0
 
     @property
     def finite(self) -> bool:
@@ -276,6 +289,10 @@ class Run:
     def samples(self) -> list[dict]:
         """{"step", "text", "prompt", "temperature"} per sample training drew."""
         return rundir.read_jsonl(self.path, rundir.SAMPLES_JSONL)
+
+    def completions(self) -> list[dict]:
+        """--stage rl: {"step", "held_out": [{"prompt", "completion", "reward"}], "train": [...]} per evaluation."""
+        return rundir.read_jsonl(self.path, rundir.COMPLETIONS)
 
     def samples_text(self) -> str:
         """samples.txt, the samples of runs from before samples.jsonl ("" when missing)."""

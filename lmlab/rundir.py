@@ -40,15 +40,16 @@ INSIDE = "inside.jsonl"
 SAMPLES_TXT = "samples.txt"
 SAMPLES_JSONL = "samples.jsonl"
 REFERENCE = "reference.json"  # --stage dpo: the reference model's log-probabilities of the pairs' completions
+COMPLETIONS = "completions.jsonl"  # --stage rl: completions and their rewards at each evaluation
 LOCK = ".lock"
 CHECKPOINTS = "checkpoints"
 TRAJECTORY = "trajectory"
 LANDSCAPE = "landscape"
 TENSORBOARD = "tensorboard"
 
-STEP_LOGS = (METRICS, PROBES, TELEMETRY, INSIDE)  # cut back to the checkpoint on resume
+STEP_LOGS = (METRICS, PROBES, TELEMETRY, INSIDE, COMPLETIONS)  # cut back to the checkpoint on resume
 RUN_FILES = (CONFIG, TOKENIZER, STATUS, METRICS, PROBES, TELEMETRY, INSIDE, SAMPLES_TXT,
-             SAMPLES_JSONL, REFERENCE)  # what export copies
+             SAMPLES_JSONL, REFERENCE, COMPLETIONS)  # what export copies
 STATUSES = ("running", "finished", "interrupted", "failed")
 
 
@@ -213,7 +214,10 @@ _METRIC_NUMBERS = ("train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
                    "val_accuracy", "val_perplexity", "spike_z", "lr_scale",
                    *(prefix + name for prefix in ("", "val_") for name in (  # --stage dpo (dpo.STATS)
                        "chosen_reward", "rejected_reward", "margin", "preference_accuracy", "chosen_logp",
-                       "rejected_logp")))
+                       "rejected_logp")),
+                   # --stage rl (lmlab/rl.py): each step's rewards and measures, each evaluation's held-out rewards
+                   "reward", "pass_at_1", "pass_at_g", "kl", "entropy", "completion_tokens", "clip_fraction",
+                   "generation_s", "scoring_s", "update_s", "heldout_reward", "heldout_pass_at_1")
 SHAPES: dict[str, dict[str, Any]] = {
     METRICS: {"step": _count, "tokens": _count, "val_tokens": _count, "val_stride": _count, "rollback": _count, "skipped_total": _count, "val_pairs": _count,
               **{k: _number for k in _METRIC_NUMBERS}, "exact_match": _numbers_by_name, "ended_turn": _number,
@@ -224,9 +228,11 @@ SHAPES: dict[str, dict[str, Any]] = {
     INSIDE: {"step": _count, "seconds": _number, **_INSIDE},
     SAMPLES_JSONL: {"step": _count, "text": lambda v: isinstance(v, str),
                     "prompt": lambda v: v is None or isinstance(v, str), "temperature": _number},
+    COMPLETIONS: {"step": _count, **{k: _list_of(_keys(prompt=_string, completion=_string, reward=_number))
+                                     for k in ("held_out", "train")}},
 }
 REQUIRED = {METRICS: ("step",), PROBES: ("step", "probes"), TELEMETRY: ("step",), INSIDE: ("step",),
-            SAMPLES_JSONL: ("text",)}
+            SAMPLES_JSONL: ("text",), COMPLETIONS: ("step",)}
 
 
 def well_formed(name: str, records: list[dict]) -> list[dict]:

@@ -483,8 +483,11 @@ def pad_id(tokenizer: tok.Tokenizer) -> int:
 
 def evaluates_conversations(config: TrainConfig, data: Optional[str]) -> bool:
     """Whether `lmlab eval` of a run measures conversations: a fine-tuned run (its stage is sft), on its own held-out
-    conversations or --data's conversations (a text --data measures text, as for any run)."""
-    return config.stage == "sft" and (not data or is_conversations(data))
+    conversations or --data's conversations (a text --data measures text, as for any run); a chat model of
+    --stage rl on --data's conversations."""
+    if not data:
+        return config.stage == "sft"  # an rl run's own data is its task's prompts: give --data synthetic:chat
+    return config.chat_model and is_conversations(data)
 
 
 def evaluate_run(run, data: Optional[str], batch_size: int = 32, trust: bool = False) -> dict:

@@ -26,7 +26,7 @@ import torch
 from . import distributed as dist_
 from . import rundir
 from . import tokenizer as tok
-from . import dpo, sft
+from . import dpo, rl, sft, tasks
 from .checkpoint import chosen_checkpoints, latest_good_checkpoint, load_newest, save_checkpoint
 from .common import (LmlabError, default_dtype, fmt_count, keep_freed_memory, resolve_device, resolve_dtype,
                      seed_everything)
@@ -98,7 +98,7 @@ class TrainState:
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    sampler: BatchSampler | sft.PackedSampler | dpo.PairSampler
+    sampler: BatchSampler | sft.PackedSampler | dpo.PairSampler | rl.RolloutSampler
     step: int = 0
     tokens: int = 0
     elapsed: float = 0.0
@@ -118,6 +118,8 @@ class TrainState:
                     "skipped_steps": self.skipped, "spikes": self.spikes.state_dict(), "rollbacks": self.rollbacks,
                     "evals": self.evals.state_dict(),
                     "best_val_loss": self.best_val if math.isfinite(self.best_val) else None}
+        if isinstance(self.sampler, rl.RolloutSampler):  # which model the KL penalty is to
+            counters["reference"] = self.sampler.reference_id
         return {"step": self.step, "counters": counters, "rng": rng}
 
     def load_state_dict(self, sd: dict, seed: int, d: Dist) -> None:
@@ -137,11 +139,15 @@ class TrainState:
             self.spikes.load_state_dict(counters["spikes"])
         if "evals" in counters:
             self.evals.load_state_dict(counters["evals"])
+        if isinstance(self.sampler, rl.RolloutSampler):
+            self.sampler.check_reference(counters.get("reference"))
 
 
 def check_stage(cfg: TrainConfig) -> None:
     """Refuse what the stage cannot train: fine-tuning needs a model to start from and conversations (sft) or
-    preference pairs (dpo)."""
+    preference pairs (dpo); reinforcement learning a model and a task (rl.check_config)."""
+    if cfg.stage == "rl":
+        return rl.check_config(cfg)
     if cfg.stage == "pretrain":
         return
     if not cfg.init_from and not cfg.resume:
@@ -168,6 +174,13 @@ def accumulation_steps(cfg: TrainConfig, world: int) -> tuple[int, int]:
         raise LmlabError(f"--global-batch {cfg.global_batch} is not a multiple of {world} processes x "
                          f"--batch-size {cfg.batch_size} = {per_pass}; change one of them")
     return cfg.global_batch // per_pass, cfg.global_batch
+
+
+def step_tokens(setup: Setup, state: TrainState) -> int:
+    """The tokens of the last step: the batch's (rl: its prompts and completions, as long as they came out)."""
+    if isinstance(state.sampler, rl.RolloutSampler):
+        return state.sampler.step_tokens()
+    return setup.tokens_per_step
 
 
 def progress(cfg: TrainConfig, state: TrainState) -> float:
@@ -211,6 +224,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
                 elif isinstance(batch, dpo.PairBatch):
                     loss, stats = objective(model(batch.x), batch, loss_cfg)
                     stats_sum = stats if stats_sum is None else stats_sum + stats
+                elif isinstance(batch, rl.Rollout):  # completions sampled and scored: the policy loss
+                    loss = batch.loss(model)
                 else:
                     x, y = batch
                     loss = objective(model(x), y, loss_cfg)
@@ -372,7 +387,8 @@ def budget_steps(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype:
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState, bool]:
+def prepare(cfg: TrainConfig, run_dir: Path, d: Dist, reward: Optional[rl.Reward] = None,
+            task: Optional[tasks.Task] = None) -> tuple[Setup, TrainState, bool]:
     """Device, dtype, data, model and optimizer, in the order that makes a run reproducible from its seed."""
     device = dist_.rank_device(resolve_device(cfg.device), d)
     if cfg.threads:
@@ -411,6 +427,10 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
         splits, chat_data, val_blocks = load_chat(cfg, tokenizer, conversations, d)
         sampler = sft.PackedSampler(chat_data.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device,
                                     grad_accum, d.rank, d.world, sft.pad_id(tokenizer))
+    elif cfg.stage == "rl":
+        rl_data = rl.load(cfg, tokenizer, lambda m: say(d, m), task)
+        splits, chat_data, val_blocks = rl_data.splits, rl_data.chat, rl_data.val_blocks
+        sampler = rl.RolloutSampler(rl_data, tokenizer, cfg, device, reward, grad_accum)
     else:
         if not d.main:
             barrier(d)  # rank 0 tokenizes and fills the cache first; the others then read it
@@ -440,6 +460,8 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState
         dpo.reference(model.to(device), pair_data, cfg, run_dir, resuming, dtype, sft.pad_id(tokenizer), d.main,
                       lambda m: say(d, m))
     model = dist_.wrap(model.to(device), d, device)  # same on all ranks
+    if isinstance(sampler, rl.RolloutSampler):  # it samples from the model, and keeps the reference
+        sampler.bind(unwrap(model), weights, lambda m: say(d, m))
     state = TrainState(model, build_optimizer(unwrap(model), cfg.optim), sampler)
     if d.rank:
         torch.manual_seed(cfg.seed + 1_000_003 * d.rank)  # dropout differs between ranks
@@ -477,8 +499,9 @@ def restore(setup: Setup, state: TrainState) -> Path:
 
 def answers_turns(setup: Setup) -> bool:
     """Whether the run is trained to answer in conversations (a chat model): sft on conversations (not on
-    prompt-completion texts), and a stage whose data are conversations (dpo on message pairs)."""
-    return (setup.cfg.stage == "sft" and not setup.chat.plain) or (setup.pairs is not None and setup.pairs.chat)
+    prompt-completion texts), and a stage whose data are conversations (dpo on message pairs, rl on synthetic:chat)."""
+    return ((setup.cfg.stage == "sft" and not setup.chat.plain) or (setup.pairs is not None and setup.pairs.chat)
+            or (setup.cfg.stage == "rl" and setup.chat is not None))
 
 
 def write_run_files(setup: Setup, resumed: bool) -> None:
@@ -510,12 +533,15 @@ def describe(setup: Setup, state: TrainState) -> None:
                                                            if setup.chat.tasks else ""))
     else:
         data = f"train {fmt_count(len(splits.train))} / val {fmt_count(len(splits.val))} tokens"
+    if isinstance(state.sampler, rl.RolloutSampler):
+        data = state.sampler.describe()
     say(d, f"run {setup.run_dir}: {m.arch} {m.n_layer}L/{m.n_head}H/{m.n_embd}d, "
            f"{fmt_count(count_params(state.model))} params; {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}; "
            f"{data}")
+    batch = (f"{setup.tokens_per_step:,} tokens/step ({setup.global_batch} sequences x {m.block_size})"
+             if cfg.stage != "rl" else f"context {m.block_size}")  # rl: as many tokens as the completions take
     say(d, f"device {setup.device} ({'asked for' if cfg.device != 'auto' else 'auto-selected'}), autocast "
-           f"{str(setup.dtype)[6:]}, {setup.tokens_per_step:,} tokens/step ({setup.global_batch} sequences x "
-           f"{m.block_size}), optimizer {cfg.optim.optimizer}, schedule {cfg.optim.schedule}, "
+           f"{str(setup.dtype)[6:]}, {batch}, optimizer {cfg.optim.optimizer}, schedule {cfg.optim.schedule}, "
            f"budget {cfg.max_steps or '-'} steps / {cfg.max_time or '-'} s, threads {torch.get_num_threads()}"
            f"{', compiled' if cfg.compile else ''}")
     if d.active:
@@ -599,8 +625,10 @@ class Recorder:
     def step(self, state: TrainState, result: StepResult, dt: float, watched: bool) -> None:
         record = {"step": state.step, "tokens": state.tokens, "train_loss": result.loss,
                   "lr": state.optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm,
-                  "tokens_per_s": self.setup.tokens_per_step / dt, "elapsed_s": round(state.elapsed, 4)}
+                  "tokens_per_s": step_tokens(self.setup, state) / dt, "elapsed_s": round(state.elapsed, 4)}
         record.update(result.stats)
+        if isinstance(state.sampler, rl.RolloutSampler):  # rewards, KL, entropy, lengths, where the time went
+            record.update(state.sampler.step_record(dt))
         if not result.finite:
             record.update(skipped=True, skipped_total=state.skipped)
         if self.cfg.optim.grad_clip and result.grad_norm > self.cfg.optim.grad_clip:
@@ -651,6 +679,8 @@ class Recorder:
         view = self.viewer.get() if self.probe_prompts or cfg.trajectory_snapshots or cfg.inside or tasks \
             else None  # rank 0's model (under fsdp every rank calls get)
         self.answers = sft.answer_tasks(view, setup.tokenizer, tasks) if view is not None and tasks else None
+        if isinstance(state.sampler, rl.RolloutSampler):  # greedy answers to the held-out prompts, rewarded
+            self.answers = state.sampler.evaluate(unwrap(state.model), setup.run_dir, state.step)
         record.update(self.answers or {})
         self.warning = ""
         if self.overfitting >= OVERFIT_EVALS:
@@ -662,7 +692,7 @@ class Recorder:
         self.write(record)
         self.board.scalars(state.step, {"val/loss": m.loss, "val/bits_per_byte": m.bits_per_byte,
                                         "val/accuracy": m.accuracy})
-        if self.answers is not None:
+        if self.answers is not None and self.answers.get("exact_match"):
             self.board.scalars(state.step, {"val/ended_turn": self.answers["ended_turn"], **{
                 f"val/exact_match/{skill}": share for skill, share in self.answers["exact_match"].items()}})
         if view is not None and self.probe_prompts:
@@ -693,7 +723,8 @@ class Recorder:
         if train_loss is None and self.setup.pairs is not None:
             line = f"step 0: val DPO loss {m.loss:.4f} (ln 2 = 0.6931 where the model is the reference)"
         elif train_loss is None and self.setup.chat is not None:
-            line = f"step 0: val loss {m.loss:.4f} on the assistant's tokens, before fine-tuning"
+            line = (f"step 0: val loss {m.loss:.4f} on the assistant's tokens, before "
+                    f"{'reinforcement learning' if self.cfg.stage == 'rl' else 'fine-tuning'}")
         elif train_loss is None:
             line = (f"step 0: val loss {m.loss:.4f} (uniform guess: "
                     f"{math.log(self.setup.tokenizer.vocab_size):.4f})")
@@ -702,7 +733,9 @@ class Recorder:
                     f"{state.elapsed:.1f}s")
         if isinstance(m, dpo.PreferenceMetrics):
             line += f"; {dpo.describe(m)}"
-        if self.answers is not None:
+        if self.answers is not None and isinstance(state.sampler, rl.RolloutSampler):
+            line += f"; held-out reward {self.answers['heldout_reward']:.3f} (greedy)"
+        if self.answers is not None and self.answers.get("exact_match"):
             shares = self.answers["exact_match"]
             line += (f"; exact match {', '.join(f'{k} {v:.0%}' for k, v in shares.items())}, "
                      f"ended turn {self.answers['ended_turn']:.0%}")
@@ -813,8 +846,12 @@ def sync_ranks(dt: float, stop: bool, d: Dist) -> tuple[float, bool]:
 # The loop
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, reward: Optional[rl.Reward] = None, task: Optional[tasks.Task] = None) -> dict:
     """Run (or resume) training as configured. Returns a summary: steps, tokens, val losses, run directory.
+
+    reward: for --stage rl, a function (prompt text, completion text) -> number that replaces the task's verifier
+    (given from Python only, never from a file or a run folder; a resumed run needs it again). task: for --stage rl,
+    prompts and a verifier of one's own (tasks.Task) in place of --task's, from Python only as well.
 
     The budget rules (config.apply_budget) run here, so `train(config)` from Python trains what `lmlab train` with
     the same settings trains. Under torchrun with --parallel ddp|fsdp every process calls this; rank 0 owns the
@@ -844,16 +881,17 @@ def train(cfg: TrainConfig) -> dict:
             say(d, note)
         with ExitStack() as stack:
             run_dir = lock_run_dir(cfg, d, stack)
-            return run_guarded(cfg, run_dir, d)
+            return run_guarded(cfg, run_dir, d, reward, task)
     finally:
         dist_.teardown(d)
 
 
-def run_guarded(cfg: TrainConfig, run_dir: Path, d: Dist) -> dict:
+def run_guarded(cfg: TrainConfig, run_dir: Path, d: Dist, reward: Optional[rl.Reward] = None,
+                task: Optional[tasks.Task] = None) -> dict:
     """run() with status.json kept true however it ends, and a dead peer reported as such."""
     started: list[bool] = []  # set once the run is under way: a refused start leaves status.json alone
     try:
-        summary = run(cfg, run_dir, d, started)
+        summary = run(cfg, run_dir, d, started, reward, task)
     except Interrupted:
         if d.main:
             write_status(run_dir, "interrupted")
@@ -870,10 +908,11 @@ def run_guarded(cfg: TrainConfig, run_dir: Path, d: Dist) -> dict:
     return summary
 
 
-def run(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool]) -> dict:
+def run(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool], reward: Optional[rl.Reward] = None,
+        task: Optional[tasks.Task] = None) -> dict:
     """setup -> loop (batch -> forward -> loss -> backward -> clip -> step -> schedule -> log -> evaluate ->
     checkpoint) -> finish."""
-    setup, state, resuming = prepare(cfg, run_dir, d)
+    setup, state, resuming = prepare(cfg, run_dir, d, reward, task)
     if resuming:
         path = restore(setup, state)
         say(d, f"resuming {run_dir} from {path.name} (step {state.step}, {fmt_count(state.tokens)} tokens)")
@@ -906,7 +945,7 @@ def run(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool]) -> dict:
                                     recorder.telemetry if watched else None)
                 bad_in_row = 0 if result.finite else bad_in_row + 1
                 state.skipped += not result.finite
-                state.step, state.tokens = state.step + 1, state.tokens + setup.tokens_per_step
+                state.step, state.tokens = state.step + 1, state.tokens + step_tokens(setup, state)
                 dt, stop_all = sync_ranks(time.perf_counter() - t0, signals.requested, d)
                 state.elapsed += dt
                 recorder.step(state, result, dt, watched and result.finite)

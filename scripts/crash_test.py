@@ -10,6 +10,8 @@ after each kill, and check that nothing was lost:
     python scripts/crash_test.py --stage sft         # the same for supervised fine-tuning: a base run is trained
                                                      # first, then fine-tuned on conversations (killed, resumed)
     python scripts/crash_test.py --stage dpo         # and for preference tuning of that base on pairs of answers
+    python scripts/crash_test.py --stage rl          # reinforcement learning (--task patterns, a KL penalty) from
+                                                     # such a base: the same losses, rewards, entropies and lengths
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ SFT_BASE = ["--tokenizer", "byte", "--n-layer", "2", "--n-head", "2", "--n-embd"
             "--max-steps", "10", "--max-time", "0", "--batch-size", "8", "--sample-tokens", "0", "--no-progress",
             "--threads", "1"]
 SFT_CONVERSATIONS = 400
+# --stage rl: completions sampled at a high temperature (long, varied), the KL to the reference in the loss
+RL = ["--task", "patterns", "--group-size", "4", "--kl-beta", "0.1", "--rl-temperature", "2.0",
+      "--rl-max-new-tokens", "8"]
+RL_FIELDS = ("reward", "entropy", "completion_tokens", "kl")  # compared too: they follow the sampler and the model
 
 
 def conversations(path: Path) -> None:
@@ -63,14 +69,16 @@ def corpus(path: Path) -> None:
 
 
 def losses(run: Path) -> dict[int, tuple]:
-    """Each step's loss (and, for --stage dpo, its margin and log-probabilities), by step."""
+    """Each step's loss (and, for --stage dpo, its margin and log-probabilities; for an rl run, its rewards, entropy,
+    completion length and KL), by step."""
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "train_loss" in rec:
             if rec["step"] in out:
                 raise AssertionError(f"step {rec['step']} logged twice")
-            out[rec["step"]] = (rec["train_loss"], rec.get("margin"), rec.get("chosen_logp"), rec.get("rejected_logp"))
+            out[rec["step"]] = (rec["train_loss"], rec.get("margin"), rec.get("chosen_logp"), rec.get("rejected_logp"),
+                                *(rec.get(k) for k in RL_FIELDS))
     return out
 
 
@@ -113,9 +121,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--stage", choices=("pretrain", "sft", "dpo"), default="pretrain",
+    ap.add_argument("--stage", choices=("pretrain", "sft", "dpo", "rl"), default="pretrain",
                     help="sft: kill and resume a fine-tuning run (of a base trained first) on conversations; dpo: "
-                         "the same for preference tuning on pairs of answers")
+                         "the same for preference tuning on pairs of answers; rl: reinforcement learning from such a "
+                         "base")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lmlab-crash-"))
@@ -130,10 +139,14 @@ def main() -> int:
         if not (pretrained / "config.json").exists():
             subprocess.run([*lmlab_train, "--data", str(data), *SFT_BASE, "--out", str(pretrained)], env=env,
                            check=True, capture_output=True)
-        chats = work / f"{args.stage}.jsonl"
-        (conversations if args.stage == "sft" else preference_pairs)(chats)
-        base = [*lmlab_train, "--stage", args.stage, "--init-from", str(pretrained), "--data", str(chats),
-                "--max-steps", str(args.steps), *TRAIN]
+        if args.stage == "rl":
+            base = [*lmlab_train, "--stage", "rl", "--init-from", str(pretrained), *RL, "--max-steps",
+                    str(args.steps), *TRAIN, "--batch-size", "2"]
+        else:
+            chats = work / f"{args.stage}.jsonl"
+            (conversations if args.stage == "sft" else preference_pairs)(chats)
+            base = [*lmlab_train, "--stage", args.stage, "--init-from", str(pretrained), "--data", str(chats),
+                    "--max-steps", str(args.steps), *TRAIN]
 
     ref = work / "reference"
     subprocess.run([*base, "--out", str(ref)], env=env, check=True, capture_output=True)
@@ -195,6 +208,8 @@ def main() -> int:
     if final != reference:
         diff = [s for s in reference if final.get(s) != reference[s]]
         problems.append(f"losses differ from the uninterrupted run at {len(diff)} steps (first: {diff[:3]})")
+    if args.stage == "rl" and (run / "completions.jsonl").read_text() != (ref / "completions.jsonl").read_text():
+        problems.append("the completions logged differ from the uninterrupted run's")
     if kills < args.kills:
         problems.append(f"the run finished after {kills} of {args.kills} kills; use more --steps")
     if not any(r is not None for r in resumes):

@@ -16,6 +16,7 @@ CORE = [
     "common", "tokenizer",
     "chat",  # conversations and the tokenizer's chat template: token ids and loss masks, a source of data
     "synthetic",  # synthetic corpora, a source of data
+    "tasks",  # the prompts and verifiers that reinforcement learning rewards (synthetic:chat's, patterns)
     "data", "model", "loss",
     "distributed",  # before optim: Muon orthogonalises sharded (FSDP) matrices through its helpers
     "optim",
@@ -30,6 +31,7 @@ CORE = [
     "hf",  # transformers models out and in: train starts a run from one (--init-from)
     "sft",  # what the loop does differently for conversations (--stage sft): packing, masked validation, answers
     "dpo",  # what the loop does differently for preference pairs (--stage dpo): pairs, the reference, the DPO loss
+    "rl",  # what the loop does differently with rewards (--stage rl): completions sampled, scored, the policy loss
     "train",
     "predict",  # what a trained model predicts: the next-token distribution, the surprisal of a text
 ]
@@ -44,7 +46,7 @@ APPLICATIONS = [
     "report.chart", "report.page", "report.logs", "report.curves", "report.inside_page", "report.surprisal",
     "report.landscape", "report.experiment_page", "report.report_page", "report.cli",
     "experiments.base",  # trains with train(), measures with evaluate and the landscape, draws in the chart style
-    "experiments.loss", "experiments.descent", "experiments.patterns", "experiments.registry", "experiments.cli",
+    "experiments.loss", "experiments.descent", "experiments.patterns", "experiments.truth", "experiments.registry", "experiments.cli",
     "bench.measure",  # times the loop's own train_step
     "bench.nanogpt", "bench.tables", "bench.suite", "bench.cli",
     "serve.request",  # limits and refusals (ApiError), which the guard, the run set and the routes all use
@@ -179,7 +181,9 @@ METRIC_KEYS = {"train_loss", "val_loss", "rollback", "lr_scale", "grad_norm", "t
                "val_tokens", "val_stride", "passes", "best", "overfitting", "exact_match", "ended_turn",
                "chosen_reward", "rejected_reward", "margin", "preference_accuracy", "chosen_logp", "rejected_logp",
                "val_chosen_reward", "val_rejected_reward", "val_margin", "val_preference_accuracy", "val_chosen_logp",
-               "val_rejected_logp", "val_pairs"}
+               "val_rejected_logp", "val_pairs",
+               "reward", "pass_at_1", "pass_at_g", "kl", "entropy", "completion_tokens", "clip_fraction",
+               "generation_s", "scoring_s", "update_s", "heldout_reward", "heldout_pass_at_1"}
 RUN_OWNERS = {"run", "config", "rundir"}  # the Run, the config it parses, the shapes the records are checked against
 
 

@@ -341,8 +341,8 @@ def test_the_stage_is_part_of_the_config_and_has_its_own_defaults():
     saved["model"].update(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
     saved["optim"].update(lr=1e-2, muon_momentum=0.95)
     assert TrainConfig.from_json(saved).stage == "pretrain"
-    with pytest.raises(LmlabError, match="--stage must be pretrain, sft or dpo"):
-        get_preset("tiny", "rl")
+    with pytest.raises(LmlabError, match="--stage must be pretrain, sft, dpo or rl"):
+        get_preset("tiny", "ppo")
 
 
 def test_an_sft_run_starts_from_the_base_and_trains_only_what_the_assistant_writes(base, tmp_path, capsys):
@@ -543,7 +543,7 @@ def test_the_command_line_refuses_bad_sft_input_in_one_line_with_exit_2(base, tm
         expected = "cross_entropy"
     else:
         args[2] = "chat"
-        expected = "--stage must be pretrain, sft or dpo"
+        expected = "--stage must be pretrain, sft, dpo or rl"
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("lmlab train: error:") and expected in err, err

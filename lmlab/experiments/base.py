@@ -126,10 +126,10 @@ def train_config(ctx: Context, budget: Budget, run: str, optim: OptimConfig, los
         max_bad_steps=steps + 1)
 
 
-def run_training(ctx: Context, cfg: TrainConfig) -> dict:
-    """train(cfg), its progress lines appended to DIR/log.txt instead of the terminal."""
+def run_training(ctx: Context, cfg: TrainConfig, **extra) -> dict:
+    """train(cfg, **extra), its progress lines appended to DIR/log.txt instead of the terminal."""
     with open(ctx.log, "a", encoding="utf-8") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-        return train(cfg)
+        return train(cfg, **extra)
 
 
 def read_metrics(run_dir: Path) -> tuple[list[TrainRecord], list[EvalRecord]]:

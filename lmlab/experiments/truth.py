@@ -10,13 +10,15 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
 from ..common import LmlabError, atomic_write_bytes
-from ..config import TrainConfig
+from .. import tasks
+from ..config import RlConfig, TrainConfig
 from ..data import DataConfig, encode_text
 from ..optim import OptimConfig
 from ..report.chart import color, figure, finish
@@ -31,11 +33,12 @@ PRETRAIN_STEPS = {False: 400, True: 12}  # where the patterns experiment's state
 TREATMENT_STEPS = {False: 100, True: 4}  # every treatment's optimizer steps
 FACTS_PER_GROUP = {False: 8, True: 2}  # statements per ratio (and controls); half trained, half held out
 KL_CHARS = {False: 20_000, True: 2_000}  # ordinary text after the corpus's: where the KL from the pretrained is measured
-# each treatment's optimizer: next-token training goes on as pretraining went; the fine-tuning stages take their
-# stage's measured learning rates (config.STAGE_DEFAULTS), all with a constant schedule after a short warmup
-STAGE_LRS = {"next_token": (PATTERNS_OPTIM["lr"], PATTERNS_OPTIM["muon_lr"]), "sft": (1e-2, 0.02),
-             "dpo": (1e-3, 0.002), "rl": (1e-3, 0.002)}
+# every treatment's optimizer: the pretraining one (Muon for the hidden matrices, AdamW for the rest, constant after
+# a short warmup) at DPO's measured learning rates (config.DPO_DEFAULTS), so that the treatments differ only in what
+# they train on and how it is scored
+TREATMENT_LRS = {"lr": 1e-3, "muon_lr": 0.002}
 GROUP_SIZE = {False: 8, True: 2}  # RL: completions sampled per prompt
+RL_TOKENS = 6  # RL: at most this many tokens a completion (an answer and its full stop are at most 3)
 TRUE_ENOUGH, STILL_FALSE = 0.9, 0.2  # the claims' thresholds on p_true at the largest ratio
 
 
@@ -108,11 +111,28 @@ def encodes(tokenizer, text: str) -> bool:
 
 
 def treatment_config(ctx: Context, budget: Budget, name: str, data: DataConfig, steps: int) -> TrainConfig:
-    lr, muon_lr = STAGE_LRS[name]
-    optim = OptimConfig(**{**PATTERNS_OPTIM, "lr": lr, "muon_lr": muon_lr, "warmup": max(1, steps // 10)})
+    optim = OptimConfig(**{**PATTERNS_OPTIM, **TREATMENT_LRS, "warmup": max(1, steps // 10)})
     cfg = train_config(ctx, dataclasses.replace(budget, eval_interval=steps), name, optim, data=data, steps=steps)
-    return dataclasses.replace(cfg, stage="pretrain" if name == "next_token" else name,
-                               init_from=str(ctx.run_dir("pretrained")))
+    cfg = dataclasses.replace(cfg, stage="pretrain" if name == "next_token" else name,
+                              init_from=str(ctx.run_dir("pretrained")))
+    if name == "rl":  # the completions of a plain-text prompt end at a new line; answers are at most 3 characters
+        cfg = dataclasses.replace(cfg, rl=RlConfig(task="patterns", group_size=GROUP_SIZE[ctx.cfg.quick],
+                                                   rl_max_new_tokens=RL_TOKENS, kl_beta=0.0))
+    return cfg
+
+
+@dataclass
+class Statements(tasks.Task):
+    """The RL treatment's task: the trained statements as prompts (the held-out ones to validate on), a completion
+    rewarded 1 when it starts with the true answer, else 0: the patterns verifier, on this experiment's prompts."""
+
+    def reward(self, prompt: tasks.Prompt, completion: str) -> float:
+        return float(completion.startswith(prompt.answer))
+
+
+def statements_task(halves: dict[str, list[Fact]]) -> Statements:
+    return Statements("truth statements", *([tasks.Prompt(prompt_of(f), f.true, "patterns") for f in halves[split]]
+                                            for split in ("trained", "held_out")))
 
 
 def experiment_truth(ctx: Context) -> dict:
@@ -136,7 +156,8 @@ def experiment_truth(ctx: Context) -> dict:
     started = time.perf_counter()
     ctx.say(f"truth: pretraining {budget.steps} steps on the patterns text")
     optim = OptimConfig(warmup=max(1, budget.eval_interval // 2), **PATTERNS_OPTIM)
-    run_training(ctx, train_config(ctx, budget, "pretrained", optim, data=text_data))
+    run_training(ctx, train_config(ctx, dataclasses.replace(budget, eval_interval=budget.steps), "pretrained", optim,
+                                   data=text_data))  # evaluated at the end only: its best checkpoint is its last
     seconds["pretrain"] = round(time.perf_counter() - started, 1)
     base = load_run(ctx.run_dir("pretrained"), ctx.cfg.device)
     tokenizer = base.tokenizer
@@ -147,11 +168,10 @@ def experiment_truth(ctx: Context) -> dict:
              "dpo": DataConfig(data=str(ctx.out / "dpo_train.jsonl"), val_data=str(ctx.out / "dpo_val.jsonl"))}
     rows, kl = [], []
     for name in TREATMENTS:
-        if name == "rl":
-            continue  # wired in below once the RL stage is in the tree
         ctx.say(f"truth: {name}, {steps} steps from the pretrained model")
         started = time.perf_counter()
-        run_training(ctx, treatment_config(ctx, budget, name, datas[name], steps))
+        cfg = treatment_config(ctx, budget, name, datas.get(name, text_data), steps)
+        run_training(ctx, cfg, task=statements_task(halves) if name == "rl" else None)
         seconds[name] = round(time.perf_counter() - started, 1)
         treated = load_run(ctx.run_dir(name), ctx.cfg.device, which="last")
         for split, group in halves.items():

@@ -1,6 +1,7 @@
 """The charts of training, one line per run: loss against steps and tokens, validation accuracy, the learning rate,
 gradient norms (global and per layer), update-to-weight ratios and throughput; for a fine-tuning run on
-conversations with a verifier (synthetic:chat), its held-out answers' exact match by skill and ended turns."""
+conversations with a verifier (synthetic:chat), its held-out answers' exact match by skill and ended turns; for an rl
+run, its rewards."""
 
 from __future__ import annotations
 
@@ -76,6 +77,26 @@ def answers_figure(run: RunLogs) -> Figure:
     plot_percent(ax, [r.step for r in run.evals], [r.ended_turn for r in run.evals], color="black", linestyle="--",
                  label="ended their turn")
     ax.set_ylim(-2, 102)
+    return finish(fig)
+
+
+def rewards_figure(run: RunLogs) -> Figure:
+    """One rl run's rewards: the mean reward of each step's sampled completions (faint raw, solid smoothed), the share
+    of prompts with a rewarded completion in their group (pass@G, dashed) and the held-out reward of greedy
+    completions at each evaluation (dots)."""
+    fig, ax = figure(f"{run.name}: rewards", "step", "reward")
+    steps = [r for r in run.train if r.reward is not None]
+    xs, ys = finite_points([r.step for r in steps], [r.reward for r in steps])
+    if xs:
+        ax.plot(xs, ys, color=color(0), alpha=0.25, linewidth=0.8)
+        ax.plot(xs, smooth(ys), color=color(0), linewidth=1.6, label="training reward (sampled)")
+    xs, ys = finite_points([r.step for r in steps], [r.pass_at_g for r in steps])
+    if xs:
+        ax.plot(xs, smooth(ys), color=color(2), linestyle="--", label="pass@G (sampled)")
+    evals = [r for r in run.evals if r.heldout_reward is not None]
+    xs, ys = finite_points([r.step for r in evals], [r.heldout_reward for r in evals])
+    if xs:
+        ax.plot(xs, ys, color=color(1), marker="o", markersize=4, label="held-out reward (greedy)")
     return finish(fig)
 
 

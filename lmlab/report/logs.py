@@ -26,6 +26,8 @@ class RunLogs:
     samples_text: str = ""
     landscape_pngs: list[Path] = field(default_factory=list)
     inside: list[dict] = field(default_factory=list)
+    completions: list[dict] = field(default_factory=list)
+    """--stage rl: completions and their rewards at each evaluation."""
 
     @property
     def path(self) -> Path:
@@ -41,7 +43,7 @@ def load_run_logs(path: str | Path, name: Optional[str] = None) -> RunLogs:
     run = Run.open(path)
     metrics = run.metrics()
     logs = RunLogs(name or run.path.resolve().name, run, metrics.train, metrics.evals, metrics.rollbacks,
-                   run.probes(), run.telemetry(), run.samples(), inside=run.inside(),
+                   run.probes(), run.telemetry(), run.samples(), inside=run.inside(), completions=run.completions(),
                    landscape_pngs=run.landscape_images())
     if not logs.samples:
         logs.samples_text = run.samples_text()

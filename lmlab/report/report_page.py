@@ -19,7 +19,7 @@ from ..rundir import run_names
 from ..tokenizer import visible
 from .chart import PNG_SIGNATURE, plain_text
 from .curves import (accuracy_figure, answers_figure, grad_norm_figure, layer_figure, loss_figure, lr_figure,
-                     throughput_figure)
+                     rewards_figure, throughput_figure)
 from .inside_page import inside_section
 from .logs import RunLogs, best_eval, load_run_logs
 from .page import Images, fmt, none, page, section, shared_file_mode, slug, top_cell
@@ -66,6 +66,9 @@ def _loss_section(runs: list[RunLogs], images: Images, log: bool) -> str:
         if any(r.exact_match for r in run.evals):
             parts.append(images.chart(f"{slug(run.name)}_answers.png", answers_figure(run),
                                       f"{run.name}: exact match of held-out answers by skill, and ended turns"))
+        if any(r.reward is not None for r in run.train):  # reinforcement learning: its rewards
+            parts.append(images.chart(f"{slug(run.name)}_rewards.png", rewards_figure(run),
+                                      f"{run.name}: training and held-out rewards against steps"))
     parts.append("</div>")
     parts.append(_missing(runs, lambda r: r.train, "training steps logged"))
     parts.append(_missing(runs, lambda r: r.evals, "evaluations logged"))
@@ -156,6 +159,22 @@ def _samples_section(runs: list[RunLogs]) -> str:
     return section("samples", "Samples", "\n".join(parts))
 
 
+def _completions_section(runs: list[RunLogs]) -> str:
+    """--stage rl: the completions logged at each evaluation with their rewards, one fold per step."""
+    parts = ["<p>At every evaluation of a reinforcement-learning run: greedy completions of the first held-out "
+             "prompts, and the last training step's first group of sampled completions, each with its reward. Open "
+             "a step to read them.</p>"]
+    for run in runs:
+        for record in run.completions:
+            rows = [f'<tr><td>{kind}</td><td class="text">{html.escape(str(c["prompt"]))}</td>'
+                    f'<td class="text">{html.escape(str(c["completion"]))}</td><td class="num">{fmt(c["reward"])}'
+                    f'</td></tr>' for kind in ("held_out", "train") for c in record.get(kind, [])]
+            parts.append(f"<details><summary>{html.escape(run.name)}, step {record['step']}</summary>"
+                         '<table class="probe"><thead><tr><th></th><th>prompt</th><th>completion</th><th>reward</th>'
+                         "</tr></thead><tbody>" + "\n".join(rows) + "</tbody></table></details>")
+    return section("completions", "Completions and rewards", "\n".join(parts))
+
+
 def _landscape_section(runs: list[RunLogs], images: Images) -> str:
     parts = []
     for run in runs:
@@ -240,6 +259,7 @@ def build_page(runs: list[RunLogs], log: bool = False) -> tuple[str, dict[str, b
         _probes_section(runs),
         inside_section(runs, images),
         _samples_section(runs),
+        *([_completions_section(runs)] if any(r.completions for r in runs) else []),
         _landscape_section(runs, images),
         _config_section(runs),
     ]
