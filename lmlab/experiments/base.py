@@ -1,4 +1,4 @@
-"""What the experiments share (`lmlab experiment loss|descent|patterns`, one file each): their settings, a budget of
+"""What the experiments share (`lmlab experiment loss|descent|patterns|truth`, one file each): their settings, a budget of
 model and steps, training runs in DIR/runs read back from their metrics, and the interface each experiment fills
 in (Experiment): its measurements, the claims they back, its conclusion in words, its table and its charts.
 

@@ -224,18 +224,22 @@ def truth_conclusion(result: dict) -> str:
              f"{start['p_frequent']:.2f}."]
     parts.append(f"After {steps['treatment']} more optimizer steps each, on the trained statements at {top}:1 p(true) "
                  f"was " + "; ".join(f"{labels[n]} {cell(result, n, top)['p_true']:.2f}" for n in done) + ".")
-    held = []
-    for n in done:
-        gain = cell(result, n, top)["p_true"] - start["p_true"]
-        held_gain = cell(result, n, top, "held_out")["p_true"] - start["p_true"]
-        held.append(f"{n} {held_gain:+.2f} (trained {gain:+.2f})")
+    gains = {n: (cell(result, n, top)["p_true"] - start["p_true"],
+                 cell(result, n, top, "held_out")["p_true"] - start["p_true"]) for n in done}
     parts.append(f"On the held-out statements, in the pretraining text at the same ratios but seen by no treatment, "
-                 f"p(true) at {top}:1 moved " + ", ".join(held) + ": what a treatment changes reaches statements it "
-                 "did not train on only as far as these differences say.")
-    kl = sorted(result["kl"], key=lambda k: k["kl"])
+                 f"p(true) at {top}:1 moved " + ", ".join(f"{n} {h:+.2f} (trained {g:+.2f})"
+                                                           for n, (g, h) in gains.items()) + ".")
+    most = max(done, key=lambda n: gains[n][0])
+    gain, held = gains[most]
+    parts.append(f"What moved p(true) most, {most}, " + ("carried over to the held-out statements" if held >= gain / 2
+                 else "stayed with the statements it trained on: it taught those answers, not the sums") + ".")
+    kl = {k["name"]: k["kl"] for k in result["kl"]}
     if kl:
-        parts.append("On ordinary text the treated models moved from the pretrained one by a mean KL of "
-                     + ", ".join(f"{k['kl']:.4f} ({k['name']})" for k in kl) + " nats per token.")
+        parts.append("On held-out ordinary text the treated models moved from the pretrained one by a mean KL of "
+                     + ", ".join(f"{kl[n]:.4f} ({n})" for n in sorted(kl, key=kl.get)) + " nats per token"
+                     + (f"; {most} {'less' if kl[most] < kl['next_token'] else 'more'} than more next-token training "
+                        f"on the text itself" if most in kl and "next_token" in kl and most != "next_token" else "")
+                     + ".")
     if "rl" not in done:
         parts.append("(RL was not run: this tree has no --stage rl.)")
     parts.append(verdict(claims, "Imitating the text, by more next-token training or by fine-tuning on its answers, "
