@@ -81,7 +81,10 @@ def test_claims_and_conclusion_follow_the_numbers():
     assert "p = 0.05" in text and "RL with the verifier as the reward 0.95" in text and "rl +0.25 (trained +0.90)" in text
     assert "0.4000 (sft), 0.5000 (next_token), 0.7000 (rl), 0.9000 (dpo) nats per token; rl more than" in text
     assert "rl, stayed with the statements it trained on: it taught those answers" in text
-    assert "rewarding the true one" in text
+    assert "rewarding the true one" in text and "left less than half" not in text
+    result["treatments"][-1].update(p_true=0.1, p_frequent=0.2)  # rl, 9:1, held out: 0.3 on the two answers
+    assert "rl left less than half the probability on their two answers together (p(true) + p(frequent): 0.30), " \
+           "against 0.95 before" in truth.conclusion(result)
     worse = hand_result(rl_true=0.6, sft_true=0.3)
     claims = truth.claims(worse)
     assert not claims["rl_makes_the_trained_statements_true"] and not claims["imitation_keeps_the_false_answer"]

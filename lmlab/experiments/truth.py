@@ -233,6 +233,14 @@ def truth_conclusion(result: dict) -> str:
     gain, held = gains[most]
     parts.append(f"What moved p(true) most, {most}, " + ("carried over to the held-out statements" if held >= gain / 2
                  else "stayed with the statements it trained on: it taught those answers, not the sums") + ".")
+    lost = [n for n in done if sum(cell(result, n, top, "held_out")[k] for k in ("p_true", "p_frequent")) < 0.5]
+    if lost:
+        parts.append(f"On the held-out statements at {top}:1, {', '.join(lost)} left less than half the probability "
+                     f"on their two answers together (p(true) + p(frequent): " + ", ".join(
+                         f"{sum(cell(result, n, top, 'held_out')[k] for k in ('p_true', 'p_frequent')):.2f}"
+                         for n in lost) + "), against "
+                     f"{start['p_true'] + start['p_frequent']:.2f} before: what it did to the statements it trained "
+                     f"on disturbed those it did not.")
     kl = {k["name"]: k["kl"] for k in result["kl"]}
     if kl:
         parts.append("On held-out ordinary text the treated models moved from the pretrained one by a mean KL of "
@@ -263,17 +271,18 @@ def truth_charts(result: dict) -> list[tuple[str, object, str]]:
     charts = []
     done = names(result)
     for split, words in (("trained", "the trained statements"), ("held_out", "the held-out statements")):
-        fig, ax = figure(f"p(true answer) on {words}, by the false answer's multiple in the text",
-                         "false : true in the pretraining text", "p(true answer)", title_size=TITLE_SIZE)
+        fig, ax = figure(f"p(true answer) on {words}", "false : true in the pretraining text", "p(true answer)",
+                         title_size=TITLE_SIZE)
         width = 0.8 / (len(done) + 1)
         xs = np.arange(len(RATIOS))
         ax.bar(xs, [before(result, r)["p_true"] for r in RATIOS], width, color="#999", label="pretrained")
         for i, n in enumerate(done, 1):
-            ax.bar(xs + i * width, [cell(result, n, r, split)["p_true"] for r in RATIOS], width, color=color(i - 1),
-                   label=n)
+            ax.bar(xs + i * width, [cell(result, n, r, split)["p_true"] for r in RATIOS], width,
+                   color=color(TREATMENTS.index(n)), label=n)
         ax.set_xticks(xs + width * len(done) / 2, [f"{r}:1" for r in RATIOS])
-        ax.set_ylim(0, 1.05)
-        charts.append((f"truth_{split}.png", finish(fig, legend="upper right"), f"p(true) on {words}"))
+        ax.set_ylim(0, 1.25)
+        ax.legend(fontsize=8, loc="upper center", ncol=len(done) + 1)
+        charts.append((f"truth_{split}.png", finish(fig), f"p(true) on {words}"))
     fig, ax = figure("how far each treatment moved the model on ordinary text", "treatment",
                      "mean KL(pretrained || treated), nats/token", title_size=TITLE_SIZE)
     ax.bar([k["name"] for k in result["kl"]], [k["kl"] for k in result["kl"]],
