@@ -60,6 +60,22 @@ def test_mean_kl_against_a_direct_computation():
     assert count == 20 and mean_kl(p, q, ids, 8) == pytest.approx(total / count, rel=1e-9) and total > 0
 
 
+def test_the_kl_text_is_the_ordinary_text_after_the_corpus():
+    from lmlab import tokenizer as tok
+    from lmlab.experiments.patterns import patterns_corpus
+    from lmlab.experiments.truth import held_out_text
+
+    facts = make_facts(seed=0, per_group=1)
+    ordinary = "\n".join(f"line {i} of the text" for i in range(400)) + "\nnever seen: \u00e9\nthe line is 1\n"
+    corpus, statements = patterns_corpus(facts, ordinary, seed=0)
+    used = corpus.count("\n") - statements.count("\n")
+    tokenizer = tok.CharTokenizer(corpus + "1")
+    text = held_out_text(ordinary, used, tokenizer, 10_000).splitlines()
+    assert text[0] == f"line {used} of the text" and f"line {used - 1} of the text" in corpus.splitlines()
+    assert not set(text) & set(corpus.splitlines()) and text[-1] == "the line is 1"  # the line with \u00e9 left out
+    assert held_out_text(ordinary, 10_000, tokenizer, 10_000).splitlines()[-1] == "the line is 1"  # nothing follows
+
+
 def hand_result(rl_true: float = 0.95, sft_true: float = 0.1) -> dict:
     p = {"next_token": 0.08, "sft": sft_true, "dpo": 0.5, "rl": rl_true}
     rows = [{"name": n, "ratio": r, "split": s, "p_true": p[n] if (r, s) == (9, "trained") else 0.3,

@@ -92,13 +92,12 @@ def measure(model: torch.nn.Module, tokenizer, facts: list[Fact]) -> list[dict]:
     return rows
 
 
-def held_out_text(ordinary: str, used: str, tokenizer, chars: int) -> str:
-    """Lines of the ordinary text that the corpus did not use (those after its last), in characters the tokenizer
-    knows, about `chars` of them; the last lines it used when nothing follows them (a short --data)."""
-    lines = [line for line in ordinary.splitlines() if line.strip() and encodes(tokenizer, line)]
-    used_lines = set(used.splitlines())
-    last = max((i for i, line in enumerate(lines) if line in used_lines), default=-1)
-    rest = lines[last + 1:] or lines[-8:]
+def held_out_text(ordinary: str, used: int, tokenizer, chars: int) -> str:
+    """About `chars` characters of the ordinary text's lines after the first `used` (those patterns_corpus put in the
+    corpus: its non-blank lines, in order), in characters the tokenizer knows; the last used ones when nothing follows
+    them (a short --data)."""
+    lines = [line for line in ordinary.splitlines() if line.strip()]
+    rest = [line for line in lines[used:] if encodes(tokenizer, line)] or lines[:used][-8:]
     return "\n".join(rest)[:chars]
 
 
@@ -161,7 +160,8 @@ def experiment_truth(ctx: Context) -> dict:
     seconds["pretrain"] = round(time.perf_counter() - started, 1)
     base = load_run(ctx.run_dir("pretrained"), ctx.cfg.device)
     tokenizer = base.tokenizer
-    kl_ids = encode_text(tokenizer, held_out_text(ordinary, train_text, tokenizer, KL_CHARS[quick])).tolist()
+    used = train_text.count("\n") - statements.count("\n")  # the corpus's lines of ordinary text
+    kl_ids = encode_text(tokenizer, held_out_text(ordinary, used, tokenizer, KL_CHARS[quick])).tolist()
     steps = TREATMENT_STEPS[quick]
     datas = {"next_token": text_data,
              "sft": DataConfig(data=str(ctx.out / "sft_train.jsonl"), val_data=str(ctx.out / "sft_val.jsonl")),
