@@ -244,9 +244,9 @@ class Run:
     @property
     def is_chat(self) -> bool:
         """Whether the run answers in conversations (a chat model): what training recorded, else (a run from before
-        the record) whether its stage is sft."""
+        the record) what its config says (TrainConfig.chat_model)."""
         recorded = self.config_json.get(rundir.CHAT)
-        return recorded if isinstance(recorded, bool) else self.config.stage == "sft"
+        return recorded if isinstance(recorded, bool) else self.config.chat_model
 
     @property
     def vocab_size(self) -> Optional[int]:

@@ -144,10 +144,8 @@ class TrainState:
 
 
 def check_stage(cfg: TrainConfig) -> None:
-    """Refuse what the stage cannot train: fine-tuning needs a model to start from and conversations (sft) or
-    preference pairs (dpo); reinforcement learning a model and a task (rl.check_config)."""
-    if cfg.stage == "rl":
-        return rl.check_config(cfg)
+    """Refuse what the stage cannot train: fine-tuning needs a model to start from and conversations (sft),
+    preference pairs (dpo) or a task whose verifier rewards (rl)."""
     if cfg.stage == "pretrain":
         return
     if not cfg.init_from and not cfg.resume:
@@ -155,6 +153,8 @@ def check_stage(cfg: TrainConfig) -> None:
                          f"transformers model folder or hub id")
     if cfg.stage == "dpo":
         return dpo.check_config(cfg)
+    if cfg.stage == "rl":
+        return rl.check_config(cfg)
     for option, source in (("--data", cfg.data.data), ("--val-data", cfg.data.val_data)):
         if source and not is_conversations(source):
             raise LmlabError(f"--stage sft trains on conversations: {option} must be a .jsonl or .parquet file of "
@@ -499,9 +499,9 @@ def restore(setup: Setup, state: TrainState) -> Path:
 
 def answers_turns(setup: Setup) -> bool:
     """Whether the run is trained to answer in conversations (a chat model): sft on conversations (not on
-    prompt-completion texts), and a stage whose data are conversations (dpo on message pairs, rl on synthetic:chat)."""
-    return ((setup.cfg.stage == "sft" and not setup.chat.plain) or (setup.pairs is not None and setup.pairs.chat)
-            or (setup.cfg.stage == "rl" and setup.chat is not None))
+    prompt-completion texts), rl on synthetic:chat (TrainConfig.chat_model), and dpo on pairs of messages."""
+    plain = setup.chat is not None and setup.chat.plain
+    return (setup.cfg.chat_model and not plain) or (setup.pairs is not None and setup.pairs.chat)
 
 
 def write_run_files(setup: Setup, resumed: bool) -> None:

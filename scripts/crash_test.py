@@ -69,7 +69,7 @@ def corpus(path: Path) -> None:
 
 
 def losses(run: Path) -> dict[int, tuple]:
-    """Each step's loss (and, for --stage dpo, its margin and log-probabilities; for an rl run, its rewards, entropy,
+    """Each step's loss (and, for --stage dpo, its margin and log-probabilities; for rl, its rewards, entropy,
     completion length and KL), by step."""
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
@@ -123,8 +123,8 @@ def main() -> int:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--stage", choices=("pretrain", "sft", "dpo", "rl"), default="pretrain",
                     help="sft: kill and resume a fine-tuning run (of a base trained first) on conversations; dpo: "
-                         "the same for preference tuning on pairs of answers; rl: reinforcement learning from such a "
-                         "base")
+                         "the same for preference tuning on pairs of answers; rl: reinforcement learning from such "
+                         "a base")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lmlab-crash-"))
@@ -139,14 +139,14 @@ def main() -> int:
         if not (pretrained / "config.json").exists():
             subprocess.run([*lmlab_train, "--data", str(data), *SFT_BASE, "--out", str(pretrained)], env=env,
                            check=True, capture_output=True)
-        if args.stage == "rl":
-            base = [*lmlab_train, "--stage", "rl", "--init-from", str(pretrained), *RL, "--max-steps",
-                    str(args.steps), *TRAIN, "--batch-size", "2"]
-        else:
-            chats = work / f"{args.stage}.jsonl"
-            (conversations if args.stage == "sft" else preference_pairs)(chats)
-            base = [*lmlab_train, "--stage", args.stage, "--init-from", str(pretrained), "--data", str(chats),
-                    "--max-steps", str(args.steps), *TRAIN]
+    if args.stage in ("sft", "dpo"):
+        chats = work / f"{args.stage}.jsonl"
+        (conversations if args.stage == "sft" else preference_pairs)(chats)
+        base = [*lmlab_train, "--stage", args.stage, "--init-from", str(pretrained), "--data", str(chats),
+                "--max-steps", str(args.steps), *TRAIN]
+    if args.stage == "rl":
+        base = [*lmlab_train, "--stage", "rl", "--init-from", str(pretrained), *RL, "--max-steps", str(args.steps),
+                *TRAIN, "--batch-size", "2"]
 
     ref = work / "reference"
     subprocess.run([*base, "--out", str(ref)], env=env, check=True, capture_output=True)

@@ -20,8 +20,9 @@ def test_bench_quick_prints_json_on_stdout_and_writes_its_files(tmp_path):
     --out DIR: the same figures in DIR/bench.json, and as Markdown tables in DIR/bench.md."""
     corpus = write_corpus(tmp_path / "corpus.txt", n_lines=3000)
     folder = tmp_path / "figures"
-    proc = run_cli(["bench", "--quick", "--data", str(corpus), "--json", "--out", str(folder)], cwd=tmp_path,
-                   timeout=HANG_S)
+    # --target-budget 3: the time-to-target run is timed (15 s with --quick alone); any budget gives a val loss
+    proc = run_cli(["bench", "--quick", "--target-budget", "3", "--data", str(corpus), "--json", "--out",
+                    str(folder)], cwd=tmp_path, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(proc.stdout)
     assert json.dumps(data, sort_keys=True) == json.dumps(json.loads((folder / "bench.json").read_text()),

@@ -99,14 +99,28 @@ def reference(workdir, cache):
     return workdir / "ref"
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(workdir, cache):
+    """2 FSDP processes, micro-batch 4, trained once for two tests: the run ("two-to-one", which the resume test
+    resumes with 1 process) and its torchrun process; "fsdp-4-4" is a copy of the run as it finished."""
+    proc = _ok(_train(workdir, cache, 2, "--data", "corpus.txt", *ARGS, "--batch-size", "4", "--parallel", "fsdp",
+                      "--out", "two-to-one"))
+    shutil.copytree(workdir / "two-to-one", workdir / "fsdp-4-4")
+    return proc
+
+
 @pytest.mark.parametrize("strategy,batch", [
     ("ddp", ["--batch-size", "4"]),
     ("fsdp", ["--batch-size", "4"]),
     ("ddp", ["--global-batch", "8", "--batch-size", "2"]),  # 2 processes x 2 x 2 accumulation steps
 ], ids=["ddp", "fsdp", "ddp-accumulation"])
-def test_two_processes_match_one_process(workdir, cache, reference, strategy, batch):
+def test_two_processes_match_one_process(workdir, cache, reference, strategy, batch, request):
     out = f"{strategy}-{batch[1]}-{batch[-1]}"
-    proc = _ok(_train(workdir, cache, 2, "--data", "corpus.txt", *ARGS, *batch, "--parallel", strategy, "--out", out))
+    if out == "fsdp-4-4":  # the run the resume test starts from
+        proc = request.getfixturevalue("fsdp_run")
+    else:
+        proc = _ok(_train(workdir, cache, 2, "--data", "corpus.txt", *ARGS, *batch, "--parallel", strategy, "--out",
+                          out))
     accum = 2 if "--global-batch" in batch else 1
     assert (f"global batch 8 sequences = 2 processes x {batch[-1]} micro-batch x {accum} accumulation steps"
             in proc.stderr)
@@ -124,13 +138,11 @@ def test_two_processes_match_one_process(workdir, cache, reference, strategy, ba
     assert status["status"] == "finished"
 
 
-def test_checkpoints_resume_across_world_sizes(workdir, cache, reference):
+def test_checkpoints_resume_across_world_sizes(workdir, cache, reference, fsdp_run):
     ref_train, _ = _records(reference)
     tail = [r["train_loss"] for r in ref_train[10:]]
 
-    # 2 processes with FSDP write sharded checkpoints; 1 plain process resumes from the one at step 10
-    _ok(_train(workdir, cache, 2, "--data", "corpus.txt", *ARGS, "--batch-size", "4", "--parallel", "fsdp",
-               "--out", "two-to-one"))
+    # 2 processes with FSDP write sharded checkpoints (fsdp_run); 1 plain process resumes from the one at step 10
     step10 = workdir / "two-to-one" / "checkpoints" / "step_00000010"
     assert sorted(p.name for p in step10.iterdir()) == [
         "rng.safetensors", "shard_00000.safetensors", "shard_00001.safetensors", "state.json"]

@@ -50,9 +50,11 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: i
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def training_step(preset: str, device: torch.device, dtype: torch.dtype, compile: bool, vocab: int = 65):
-    """The training loop's own step (forward, loss, backward, clip, optimizer update on one micro-batch) of the
-    preset's model and optimizer, on random tokens: returns step(i), the model and the config."""
+def training_step(preset: str, device: torch.device, dtype: torch.dtype, compile: bool, vocab: int = 65,
+                  micro_batches: int = 1):
+    """The training loop's own step (forward, loss, backward on each of micro_batches micro-batches (0: the
+    preset's grad_accum), clip, optimizer update) of the preset's model and optimizer, on random tokens: returns
+    step(i), the model and the config."""
     from ..evaluate import autocast_context
     from ..loss import LossConfig, training_loss
     from ..train import train_step
@@ -67,10 +69,11 @@ def training_step(preset: str, device: torch.device, dtype: torch.dtype, compile
     batches = [torch.randint(0, vocab, (cfg.batch_size, cfg.model.block_size + 1), generator=gen).to(device)
                for _ in range(4)]
     autocast = autocast_context(device, dtype)
+    micro = micro_batches or cfg.grad_accum
 
     def step(i: int) -> None:
-        w = batches[i % len(batches)]
-        train_step(run, opt, [(w[:, :-1], w[:, 1:])], LossConfig(), cfg.optim.grad_clip, autocast,
+        windows = [batches[(i * micro + j) % len(batches)] for j in range(micro)]
+        train_step(run, opt, [(w[:, :-1], w[:, 1:]) for w in windows], LossConfig(), cfg.optim.grad_clip, autocast,
                    objective=objective)
         sync(device)
 

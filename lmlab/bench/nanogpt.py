@@ -136,10 +136,10 @@ def block_ratios(medians: dict, slow: str, fast: str) -> dict:
             "ratios": ratios}
 
 
-def alternated_throughput(path: str, device: torch.device, compile: bool, peak_gflops: float, blocks: int = 5,
-                          per_block: int = 10) -> dict:
+def twin_steps(path: str, device: torch.device, compile: bool):
     """Training steps of lmlab and nanoGPT at nanoGPT's CPU shape, on the same batches, fp32, clipping at 1.0, each
-    with its own optimizer and step; eager against eager or compiled against compiled."""
+    with its own optimizer and step (eager, or both compiled): (lmlab_step, nanogpt_step, lmlab's model, nanoGPT's
+    model, nanoGPT's optimizer)."""
     from ..evaluate import autocast_context
     from ..loss import LossConfig, training_loss
     from ..train import train_step
@@ -166,6 +166,15 @@ def alternated_throughput(path: str, device: torch.device, compile: bool, peak_g
         their_opt.zero_grad(set_to_none=True)
         sync(device)
 
+    return lmlab_step, nanogpt_step, ours, theirs, their_opt
+
+
+def alternated_throughput(path: str, device: torch.device, compile: bool, peak_gflops: float, blocks: int = 5,
+                          per_block: int = 10) -> dict:
+    """Training steps of lmlab and nanoGPT at nanoGPT's CPU shape (twin_steps), alternated in blocks; eager against
+    eager or compiled against compiled."""
+    lmlab_step, nanogpt_step, ours, _, _ = twin_steps(path, device, compile)
+    B, T = NANOGPT_CPU["batch_size"], NANOGPT_CPU["block_size"]
     t = time.perf_counter()
     for i in range(3):  # warm-up (and, compiled, the compilation) of both
         lmlab_step(i)

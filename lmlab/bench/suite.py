@@ -12,9 +12,11 @@ import torch
 
 from ..common import LmlabError, resolve_device
 from ..data import BUILTIN, resolve_source
+from .floor import SHAPES, floor_lines, lmlab_floor, nanogpt_floor
 from .measure import (chat_speed, generation_label, generation_speed, matmul_peak, quality_run, throughput,
                       tokenizer_speed, training_rss)
 from .nanogpt import alternated_generation, alternated_throughput, nanogpt_process, twin_models
+from .records import check_record, record_row
 
 
 @dataclass
@@ -40,12 +42,19 @@ class BenchConfig:
     target: float = 1.88
     """The val loss whose time-to-reach is reported."""
     target_budget: float = 20.0
-    """Budget (s) of the run that times the target."""
+    """Budget (s) of the run that times the target (with --quick, at most 15)."""
     only: tuple[str, ...] = ()
-    """Run only these sections: peak, throughput, quality, generation, data, nanogpt; or chat (only the chat answer
-    of the generation section)."""
+    """Run only these sections: peak, throughput (with the floor), quality, generation, data, nanogpt; or chat (only
+    the chat answer of the generation section), or floor (only the floor of the throughput section)."""
     out: Optional[str] = None
     """Folder to write the figures to: bench.json (all of them) and bench.md (as Markdown tables)."""
+    record: Optional[float] = None
+    """A record attempt instead of the sections (docs/records.md): train --seeds seeds of `lmlab train --data DATA
+    --max-time BUDGET` and test whether their mean final val loss is below this target (one-sided t-test)."""
+    budget: Optional[float] = None
+    """With --record: the training budget (--max-time, seconds) of each seed."""
+    seeds: int = 5
+    """With --record: how many seeds (1, 2, ... N), each its own run."""
 
 
 def say(msg: str) -> None:
@@ -55,6 +64,8 @@ def say(msg: str) -> None:
 def run_bench(cfg: BenchConfig) -> dict:
     """The sections asked for (all by default), in an order where each can use the figures before it."""
     device = resolve_device(cfg.device)
+    if cfg.record is not None or cfg.budget is not None:
+        return {"record": bench_record(cfg)}
     sections = set(cfg.only) or {"peak", "throughput", "quality", "generation", "data", "nanogpt"}
     check_inputs(cfg, sections, device)
     out: dict = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -65,6 +76,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         bench_data(cfg, out)
     if "throughput" in sections:
         bench_throughput(cfg, device, out)
+    if sections & {"throughput", "floor"}:
+        bench_floor(cfg, device, out)
     if "generation" in sections:
         bench_generation(cfg, device, out)
     if "generation" in sections or "chat" in sections:
@@ -131,6 +144,25 @@ def bench_throughput(cfg: BenchConfig, device: torch.device, out: dict) -> None:
     out["throughput"] = rows
 
 
+def bench_floor(cfg: BenchConfig, device: torch.device, out: dict) -> None:
+    """The step against its own matmuls (floor.py), for lmlab at both shapes and, given a checkout, nanoGPT."""
+    rounds, profile_steps = (3, 2) if cfg.quick else (9, 5)
+    out["floor"] = []
+    for shape in SHAPES:
+        out["floor"].append(lmlab_floor(shape, device, rounds, profile_steps))
+        if cfg.nanogpt and shape == "nanogpt-cpu":
+            out["floor"].append(nanogpt_floor(cfg.nanogpt, device, rounds, profile_steps))
+    for line in floor_lines(out["floor"]):
+        say(line)
+
+
+def bench_record(cfg: BenchConfig) -> dict:
+    """--record TARGET --budget SECONDS --seeds N: the seeds trained one after another, and the row."""
+    check_record(cfg.record, cfg.budget, cfg.seeds)
+    resolve_source(cfg.data)
+    return record_row(cfg.record, cfg.budget, cfg.seeds, cfg.data, cfg.device, say)
+
+
 def bench_generation(cfg: BenchConfig, device: torch.device, out: dict) -> None:
     out["generation"] = []
     # compiled decoding is left out of --quick: its first compile takes one to two minutes with a cold cache
@@ -153,7 +185,7 @@ def bench_chat(cfg: BenchConfig, device: torch.device, out: dict) -> None:
 
 def bench_quality(cfg: BenchConfig, out: dict) -> None:
     budgets = (15.0,) if cfg.quick else tuple(cfg.budgets)
-    target_run = quality_run(cfg.data, cfg.target_budget if not cfg.quick else 15.0, cfg.device, 10)
+    target_run = quality_run(cfg.data, min(cfg.target_budget, 15.0) if cfg.quick else cfg.target_budget, cfg.device, 10)
     reached = [t for t, v in target_run["curve"] if v <= cfg.target]
     out["time_to_target"] = {"target": cfg.target, "budget_s": target_run["budget_s"],
                              "seconds": reached[0] if reached else None, "final_val_loss": target_run["val_loss"]}

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .floor import floor_lines
 from .measure import generation_label
+from .records import RECORD_HEADER, record_markdown
 
 
 def print_table(out: dict) -> None:
+    if "record" in out:  # a record attempt: its row, as docs/records.md's table has it
+        print("\n".join(RECORD_HEADER + [record_markdown(out["record"])]))
+        return
     lines = []
     p = out.get("peak_gflops")
     if p:
@@ -21,6 +26,7 @@ def print_table(out: dict) -> None:
         reached = f"{t['seconds']:.1f} s" if t["seconds"] is not None else "not reached"
         lines.append(f"{'time to val ' + str(t['target']):34s} {reached}  (run of {t['budget_s']:.0f} s ended at "
                      f"{t['final_val_loss']:.4f})")
+    lines += floor_lines(out.get("floor", []))
     for r in out.get("quality", []):
         lines.append(f"{'val loss after %.0f s' % r['budget_s']:34s} {r['val_loss']:.4f}  ({r['steps']} steps)")
     for r in out.get("generation", []):
@@ -58,6 +64,8 @@ def _nanogpt_lines(ng: Optional[dict]) -> list[str]:
 
 def to_markdown(out: dict) -> str:
     """The figures as Markdown tables (for docs/performance.md)."""
+    if "record" in out:
+        return "\n".join(RECORD_HEADER + [record_markdown(out["record"]), ""])
     md = [f"Measured with torch {out['torch']} on {out['device']}, {out['threads']} threads.", ""]
     p = out.get("peak_gflops")
     if p:
@@ -70,6 +78,14 @@ def to_markdown(out: dict) -> str:
             md.append(f"| {r['preset']} ({r['batch']}x{r['block']}) | {r['dtype']} | {'yes' if r['compile'] else 'no'} "
                       f"| {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['mfu_vs_float32']:.1%} "
                       f"| {r['mfu_vs_bfloat16']:.1%} | {r['first_step_s']:.1f} |")
+        md.append("")
+    if out.get("floor"):
+        md += ["| floor (eager fp32 step against its own matmuls) | step (ms) | floor (ms) | step/floor | optimizer "
+               "matmuls (ms) | profile of the step (ms per kind) |", "|---|---|---|---|---|---|"]
+        for r in out["floor"]:
+            ops = ", ".join(f"{o['kind']} {o['ms']:.1f}" for o in r["ops"] if o["ms"] > 0)
+            md.append(f"| {r['tool']} at {r['shape']} | {r['step_ms']:.1f} | {r['floor_ms']:.1f} | "
+                      f"{r['step_over_floor']:.2f} | {r['optimizer_floor_ms']:.1f} | {ops} |")
         md.append("")
     t = out.get("time_to_target")
     if t or out.get("quality"):
