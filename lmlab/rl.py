@@ -67,9 +67,11 @@ class RlData:
     val_blocks: Optional[tuple]
 
 
-def load(cfg: TrainConfig, tokenizer: tok.Tokenizer, say: Callable[[str], None]) -> RlData:
-    """The task for the base's tokenizer and context, and the run's token streams."""
-    task = tasks.load_task(cfg.rl.task, EVAL_PROMPTS)
+def load(cfg: TrainConfig, tokenizer: tok.Tokenizer, say: Callable[[str], None],
+         task: Optional[tasks.Task] = None) -> RlData:
+    """The task (--task's, or one given from Python) for the base's tokenizer and context, and the run's token
+    streams."""
+    task = task or tasks.load_task(cfg.rl.task, EVAL_PROMPTS)
     block = cfg.model.block_size
     meta = [{"corpus": task.name, "prompts": len(prompts)} for prompts in (task.train, task.held_out)]
     if task.chat:

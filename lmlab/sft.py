@@ -5,7 +5,9 @@ side and the evaluation that differ:
 - `load_chat_data`: the --data conversations (data.load_conversations) checked against the tokenizer and rendered
   through its chat template (chat.render_all) into token ids and loss masks that fit a block, with the turns cut
   and the conversations left out said; and the held-out prompts with a verifier (synthetic:chat) that validation
-  answers.
+  answers. Or TRL's prompt-completion format, plain text without a chat template (`Completion`: a .jsonl file of
+  {"prompt", "completion"} lines; the ids are the prompt's, then the completion's and the end of text, and only
+  the completion and the end of text are trained).
 - `PackedSampler`: the training batches. Each optimizer step draws conversations with a seeded generator (its state
   is the sampler's whole state, saved in checkpoints like BatchSampler's) and packs them, whole, into blocks of
   block_size + 1 tokens; a block's tokens carry the id of their conversation, so the model keeps conversations apart
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -30,7 +33,7 @@ from . import chat, synthetic
 from . import tokenizer as tok
 from .common import LmlabError
 from .config import TrainConfig
-from .data import ConversationSplits, is_conversations, load_conversations
+from .data import ConversationSplits, hold_out, is_conversations, load_conversations
 from .distributed import Dist, all_reduce_sum
 from .evaluate import autocast_context
 from .loss import Metrics, cross_entropy
@@ -62,6 +65,8 @@ class ChatData:
     """Held-out prompts with a verifier (synthetic:chat); empty for a file's conversations."""
     prompts: list[list[int]]
     """A few held-out prompts, rendered to be answered: the probe's and the final sample's."""
+    plain: bool = False
+    """Whether the data are prompt-completion texts (the run continues text) rather than conversations."""
 
     def stream(self, split: str) -> np.ndarray:
         """A split's conversations one after another as one token stream (what a text run's split is): for the
@@ -71,15 +76,105 @@ class ChatData:
 
 
 def read_chat_data(source: str, val_data: Optional[str], val_fraction: float, seed: int) -> ConversationSplits:
-    """The conversations that --data (and --val-data) name, each file checked whole (data.load_conversations):
-    read before anything else, so that a malformed line or row is the one thing said."""
+    """The conversations that --data (and --val-data) name, each file checked whole (data.load_conversations), or
+    the prompt-completion pairs of a .jsonl file whose first line is one (read_completions): read before anything
+    else, so that a malformed line or row is the one thing said."""
+    if is_completion_file(source):
+        pairs = read_completions(source)
+        if val_data:
+            return ConversationSplits(pairs, read_completions(val_data), source)
+        return ConversationSplits(*hold_out(pairs, val_fraction, seed, source, "prompt-completion pair"), source)
     return load_conversations(source, val_data, val_fraction, seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt-completion pairs (TRL's format, plain text)
+
+
+@dataclass
+class Completion:
+    """A prompt and the completion that is trained after it: plain text, no chat template."""
+
+    prompt: str
+    completion: str
+    where: str = ""
+
+
+def check_completion(obj, where: str = "") -> Completion:
+    """A line's object as a Completion, or one LmlabError saying what is wrong with it."""
+    if not isinstance(obj, dict) or "prompt" not in obj or "completion" not in obj:
+        raise LmlabError("a line of a prompt-completion file is {\"prompt\": text, \"completion\": text}")
+    for key in ("prompt", "completion"):
+        if not isinstance(obj[key], str) or not obj[key]:
+            raise LmlabError(f"{key} must be a non-empty string (prompt-completion pairs are plain text)")
+        if len(obj[key]) > chat.MAX_CONTENT_CHARS:
+            raise LmlabError(f"{key} has {len(obj[key]):,} characters, more than {chat.MAX_CONTENT_CHARS:,}")
+    return Completion(obj["prompt"], obj["completion"], where)
+
+
+def is_completion_file(path: str) -> bool:
+    """Whether --data is a .jsonl file whose first line is an object with a "prompt" and a "completion"."""
+    if not str(path).endswith(".jsonl") or not Path(path).is_file():
+        return False
+    with open(path, "rb") as f:
+        line = f.readline(chat.MAX_LINE_BYTES + 1)
+        while line and not line.strip():
+            line = f.readline(chat.MAX_LINE_BYTES + 1)
+    try:
+        first = json.loads(line.removeprefix(b"\xef\xbb\xbf"))
+    except ValueError:
+        return False  # not JSON (or too long): read_jsonl_records says which line and why
+    return isinstance(first, dict) and "prompt" in first and "completion" in first
+
+
+def are_completions(splits: Optional[ConversationSplits]) -> bool:
+    """Whether what read_chat_data read are prompt-completion pairs (plain text) rather than conversations."""
+    return splits is not None and bool(splits.train) and isinstance(splits.train[0], Completion)
+
+
+def read_completions(path: str) -> list[Completion]:
+    """Every pair of a prompt-completion .jsonl file (check_completion), the file checked whole."""
+    return chat.read_jsonl_records(Path(path), check_completion, "prompt-completion pairs")
+
+
+def encode_completion(tokenizer: tok.Tokenizer, pair: Completion) -> chat.Rendered:
+    """The prompt's ids, then the completion's and the end of text (when the tokenizer has one), each text encoded
+    apart; the mask covers the completion and the end of text."""
+    try:
+        prompt, completion = tokenizer.encode_array(pair.prompt), tokenizer.encode_array(pair.completion)
+    except (KeyError, ValueError, LmlabError):
+        raise LmlabError(f"{pair.where}: this {tokenizer.kind} tokenizer cannot encode its text") from None
+    end = [tokenizer.special_tokens[tok.ENDOFTEXT]] if tok.ENDOFTEXT in tokenizer.special_tokens else []
+    ids = np.concatenate([prompt, completion, end]).astype(np.int64)
+    mask = np.zeros(len(ids), dtype=bool)
+    mask[len(prompt):] = True
+    return chat.Rendered(ids, mask)
+
+
+def load_completions(splits: ConversationSplits, val_data: Optional[str], tokenizer: tok.Tokenizer,
+                     block_size: int, say: Callable[[str], None]) -> ChatData:
+    """Prompt-completion pairs encoded (encode_completion); those longer than block_size + 1 tokens left out and
+    said."""
+    out = []
+    for name, pairs in (("training", splits.train), ("held-out", splits.val)):
+        encoded = [encode_completion(tokenizer, p) for p in pairs]
+        kept = [e for e in encoded if len(e.ids) <= block_size + 1]
+        say(f"{name} prompt-completion pairs of {splits.source if name == 'training' or not val_data else val_data}: "
+            f"{len(kept):,} of {len(pairs):,} fit {block_size + 1:,} tokens")
+        if not kept:
+            raise LmlabError(f"none of the {name} prompt-completion pairs fits a context of {block_size} tokens")
+        out.append(kept)
+    prompts = [r.ids[: int(np.argmax(r.mask))].tolist() for r in out[1][:PROBES]]
+    return ChatData(out[0], out[1], [], prompts, plain=True)
 
 
 def load_chat_data(splits: ConversationSplits, val_data: Optional[str], tokenizer: tok.Tokenizer, block_size: int,
                    say: Callable[[str], None]) -> ChatData:
     """The conversations checked against the tokenizer (a char base's unseen characters) and rendered through its
-    chat template to fit blocks of block_size + 1 tokens, what was cut or left out said."""
+    chat template to fit blocks of block_size + 1 tokens, what was cut or left out said (prompt-completion pairs:
+    load_completions)."""
+    if are_completions(splits):
+        return load_completions(splits, val_data, tokenizer, block_size, say)
     if tokenizer.chat_template is None:
         raise LmlabError(f"this {tokenizer.kind} tokenizer has no chat template and none of lmlab's special tokens "
                          f"({', '.join(tok.SPECIAL_TOKENS)})")

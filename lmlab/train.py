@@ -26,7 +26,7 @@ import torch
 from . import distributed as dist_
 from . import rundir
 from . import tokenizer as tok
-from . import dpo, rl, sft
+from . import dpo, rl, sft, tasks
 from .checkpoint import chosen_checkpoints, latest_good_checkpoint, load_newest, save_checkpoint
 from .common import (LmlabError, default_dtype, fmt_count, keep_freed_memory, resolve_device, resolve_dtype,
                      seed_everything)
@@ -158,7 +158,8 @@ def check_stage(cfg: TrainConfig) -> None:
     for option, source in (("--data", cfg.data.data), ("--val-data", cfg.data.val_data)):
         if source and not is_conversations(source):
             raise LmlabError(f"--stage sft trains on conversations: {option} must be a .jsonl or .parquet file of "
-                             f"{{\"messages\": [...]}} records, or synthetic:chat, not {source}")
+                             f"{{\"messages\": [...]}} records (or of {{\"prompt\", \"completion\"}} texts), or "
+                             f"synthetic:chat, not {source}")
     if cfg.loss.objective != "cross_entropy":
         raise LmlabError(f"--stage sft trains cross_entropy on the assistant's tokens, not --objective "
                          f"{cfg.loss.objective}")
@@ -386,8 +387,8 @@ def budget_steps(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype:
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def prepare(cfg: TrainConfig, run_dir: Path, d: Dist, reward: Optional[rl.Reward] = None
-            ) -> tuple[Setup, TrainState, bool]:
+def prepare(cfg: TrainConfig, run_dir: Path, d: Dist, reward: Optional[rl.Reward] = None,
+            task: Optional[tasks.Task] = None) -> tuple[Setup, TrainState, bool]:
     """Device, dtype, data, model and optimizer, in the order that makes a run reproducible from its seed."""
     device = dist_.rank_device(resolve_device(cfg.device), d)
     if cfg.threads:
@@ -407,7 +408,8 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist, reward: Optional[rl.Reward
     if cfg.init_from and not resuming:  # an lmlab run's, or a transformers model's, architecture, tokenizer, weights
         cfg, tokenizer, weights = (init_from_run if is_lmlab_run(cfg.init_from) else init_from)(
             cfg, lambda m: say(d, m))
-        if cfg.stage == "sft" and tokenizer.chat_template is None:  # a base from before the special tokens
+        if cfg.stage == "sft" and not sft.are_completions(conversations) and tokenizer.chat_template is None:
+            # a base from before the special tokens, to be fine-tuned on conversations
             base_vocab = tokenizer.vocab_size
             tokenizer, added = tok.add_special_tokens(tokenizer)
             say(d, f"the base has no chat template: added the special tokens {' '.join(added)} (ids {base_vocab}-"
@@ -426,7 +428,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist, reward: Optional[rl.Reward
         sampler = sft.PackedSampler(chat_data.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device,
                                     grad_accum, d.rank, d.world, sft.pad_id(tokenizer))
     elif cfg.stage == "rl":
-        rl_data = rl.load(cfg, tokenizer, lambda m: say(d, m))
+        rl_data = rl.load(cfg, tokenizer, lambda m: say(d, m), task)
         splits, chat_data, val_blocks = rl_data.splits, rl_data.chat, rl_data.val_blocks
         sampler = rl.RolloutSampler(rl_data, tokenizer, cfg, device, reward, grad_accum)
     else:
@@ -496,9 +498,10 @@ def restore(setup: Setup, state: TrainState) -> Path:
 
 
 def answers_turns(setup: Setup) -> bool:
-    """Whether the run is trained to answer in conversations (a chat model): sft, rl on synthetic:chat
-    (TrainConfig.chat_model), and dpo on pairs of messages."""
-    return setup.cfg.chat_model or (setup.pairs is not None and setup.pairs.chat)
+    """Whether the run is trained to answer in conversations (a chat model): sft on conversations (not on
+    prompt-completion texts), rl on synthetic:chat (TrainConfig.chat_model), and dpo on pairs of messages."""
+    plain = setup.chat is not None and setup.chat.plain
+    return (setup.cfg.chat_model and not plain) or (setup.pairs is not None and setup.pairs.chat)
 
 
 def write_run_files(setup: Setup, resumed: bool) -> None:
@@ -843,11 +846,12 @@ def sync_ranks(dt: float, stop: bool, d: Dist) -> tuple[float, bool]:
 # The loop
 
 
-def train(cfg: TrainConfig, reward: Optional[rl.Reward] = None) -> dict:
+def train(cfg: TrainConfig, reward: Optional[rl.Reward] = None, task: Optional[tasks.Task] = None) -> dict:
     """Run (or resume) training as configured. Returns a summary: steps, tokens, val losses, run directory.
 
     reward: for --stage rl, a function (prompt text, completion text) -> number that replaces the task's verifier
-    (given from Python only, never from a file or a run folder; a resumed run needs it again).
+    (given from Python only, never from a file or a run folder; a resumed run needs it again). task: for --stage rl,
+    prompts and a verifier of one's own (tasks.Task) in place of --task's, from Python only as well.
 
     The budget rules (config.apply_budget) run here, so `train(config)` from Python trains what `lmlab train` with
     the same settings trains. Under torchrun with --parallel ddp|fsdp every process calls this; rank 0 owns the
@@ -877,16 +881,17 @@ def train(cfg: TrainConfig, reward: Optional[rl.Reward] = None) -> dict:
             say(d, note)
         with ExitStack() as stack:
             run_dir = lock_run_dir(cfg, d, stack)
-            return run_guarded(cfg, run_dir, d, reward)
+            return run_guarded(cfg, run_dir, d, reward, task)
     finally:
         dist_.teardown(d)
 
 
-def run_guarded(cfg: TrainConfig, run_dir: Path, d: Dist, reward: Optional[rl.Reward] = None) -> dict:
+def run_guarded(cfg: TrainConfig, run_dir: Path, d: Dist, reward: Optional[rl.Reward] = None,
+                task: Optional[tasks.Task] = None) -> dict:
     """run() with status.json kept true however it ends, and a dead peer reported as such."""
     started: list[bool] = []  # set once the run is under way: a refused start leaves status.json alone
     try:
-        summary = run(cfg, run_dir, d, started, reward)
+        summary = run(cfg, run_dir, d, started, reward, task)
     except Interrupted:
         if d.main:
             write_status(run_dir, "interrupted")
@@ -903,10 +908,11 @@ def run_guarded(cfg: TrainConfig, run_dir: Path, d: Dist, reward: Optional[rl.Re
     return summary
 
 
-def run(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool], reward: Optional[rl.Reward] = None) -> dict:
+def run(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool], reward: Optional[rl.Reward] = None,
+        task: Optional[tasks.Task] = None) -> dict:
     """setup -> loop (batch -> forward -> loss -> backward -> clip -> step -> schedule -> log -> evaluate ->
     checkpoint) -> finish."""
-    setup, state, resuming = prepare(cfg, run_dir, d, reward)
+    setup, state, resuming = prepare(cfg, run_dir, d, reward, task)
     if resuming:
         path = restore(setup, state)
         say(d, f"resuming {run_dir} from {path.name} (step {state.step}, {fmt_count(state.tokens)} tokens)")

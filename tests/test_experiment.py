@@ -1,4 +1,4 @@
-"""`lmlab experiment loss|descent|patterns` on micro budgets: the objectives' values and gradients against hand
+"""`lmlab experiment loss|descent|patterns|truth` on micro budgets: the objectives' values and gradients against hand
 computations, result.json's structure, conclusions recomputed from (and changed by) the numbers, the generated
 corpus and the completion probabilities against a direct forward pass."""
 

@@ -46,7 +46,7 @@ APPLICATIONS = [
     "report.chart", "report.page", "report.logs", "report.curves", "report.inside_page", "report.surprisal",
     "report.landscape", "report.experiment_page", "report.report_page", "report.cli",
     "experiments.base",  # trains with train(), measures with evaluate and the landscape, draws in the chart style
-    "experiments.loss", "experiments.descent", "experiments.patterns", "experiments.registry", "experiments.cli",
+    "experiments.loss", "experiments.descent", "experiments.patterns", "experiments.truth", "experiments.registry", "experiments.cli",
     "bench.measure",  # times the loop's own train_step
     "bench.nanogpt", "bench.floor", "bench.records", "bench.tables", "bench.suite", "bench.cli",
     "serve.request",  # limits and refusals (ApiError), which the guard, the run set and the routes all use

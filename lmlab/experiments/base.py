@@ -1,4 +1,4 @@
-"""What the experiments share (`lmlab experiment loss|descent|patterns`, one file each): their settings, a budget of
+"""What the experiments share (`lmlab experiment loss|descent|patterns|truth`, one file each): their settings, a budget of
 model and steps, training runs in DIR/runs read back from their metrics, and the interface each experiment fills
 in (Experiment): its measurements, the claims they back, its conclusion in words, its table and its charts.
 
@@ -126,10 +126,10 @@ def train_config(ctx: Context, budget: Budget, run: str, optim: OptimConfig, los
         max_bad_steps=steps + 1)
 
 
-def run_training(ctx: Context, cfg: TrainConfig) -> dict:
-    """train(cfg), its progress lines appended to DIR/log.txt instead of the terminal."""
+def run_training(ctx: Context, cfg: TrainConfig, **extra) -> dict:
+    """train(cfg, **extra), its progress lines appended to DIR/log.txt instead of the terminal."""
     with open(ctx.log, "a", encoding="utf-8") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-        return train(cfg)
+        return train(cfg, **extra)
 
 
 def read_metrics(run_dir: Path) -> tuple[list[TrainRecord], list[EvalRecord]]:

@@ -21,11 +21,12 @@ from .registry import run_experiment, summary
 class ExperimentArgs:
     """Run a measured experiment on how language models learn, in under 3 minutes on a 2-core CPU: loss (the same
     model trained on cross-entropy, squared error and accuracy), descent (a learning-rate sweep, gradient noise per
-    batch size, four optimizers on one landscape) or patterns (statements whose false answer is the frequent one).
+    batch size, four optimizers on one landscape), patterns (statements whose false answer is the frequent one) or
+    truth (what more next-token training, SFT, DPO and RL change about those statements).
     Prints a table and the conclusion computed from the measurements; writes DIR/index.html and DIR/result.json."""
 
-    name: Annotated[Literal["loss", "descent", "patterns"], tyro.conf.Positional]
-    """The experiment: loss, descent or patterns."""
+    name: Annotated[Literal["loss", "descent", "patterns", "truth"], tyro.conf.Positional]
+    """The experiment: loss, descent, patterns or truth."""
     settings: ExperimentConfig = field(default_factory=ExperimentConfig)
 
 

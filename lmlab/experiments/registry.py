@@ -15,11 +15,12 @@ import torch
 from .. import __version__
 from ..common import LmlabError, atomic_write_json, resolve_device
 from ..report.experiment_page import write_experiment_page
-from . import descent, loss, patterns
+from . import descent, loss, patterns, truth
 from .base import RUNS, Context, ExperimentConfig, cpu_name, prepare_out
 
-EXPERIMENTS = ("loss", "descent", "patterns")
-REGISTRY = {"loss": loss.EXPERIMENT, "descent": descent.EXPERIMENT, "patterns": patterns.EXPERIMENT}
+EXPERIMENTS = ("loss", "descent", "patterns", "truth")
+REGISTRY = {"loss": loss.EXPERIMENT, "descent": descent.EXPERIMENT, "patterns": patterns.EXPERIMENT,
+            "truth": truth.EXPERIMENT}
 
 
 def run_experiment(name: str, cfg: ExperimentConfig, say: Callable[[str], None] = lambda m: None,
