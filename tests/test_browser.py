@@ -5,6 +5,7 @@ reason, where chromium or Playwright is missing."""
 from __future__ import annotations
 
 import os
+import json
 import shutil
 
 import pytest
@@ -248,4 +249,43 @@ def test_an_sft_run_shows_its_held_out_answers(browser, tmp_path):
         assert "chat ended turn" in legend
         assert "chat masked val" in page.locator("figure[data-chart=loss] .u-legend").inner_text()
         page.close()
+    assert errors == []
+
+
+def test_an_rl_run_shows_its_rewards_and_its_completions_by_step(browser, served, tmp_path):
+    """--stage rl on the dashboard: the rewards chart appears with every logged value drawn, and the completions of
+    each evaluation, newest first shown, scrubbed back to an earlier step with the slider."""
+    from test_serve import LIMITS, ServerThread
+
+    from lmlab.serve.app import create_app
+    from lmlab.serve.runs import RunSet
+
+    run = tmp_path / "rl"
+    shutil.copytree(served[1] / "alpha", run)
+    with open(run / "metrics.jsonl", "a") as f:  # what an rl run logs besides a text run's fields
+        for step in (21, 22):
+            f.write(json.dumps({"step": step, "train_loss": 0.1, "reward": 0.25 * step - 5, "pass_at_g": 0.5}) + "\n")
+        f.write(json.dumps({"step": 22, "val_loss": 1.0, "heldout_reward": 0.75}) + "\n")
+    records = [{"step": s, "held_out": [{"prompt": "3 plus 4 is ", "completion": answer, "reward": reward}],
+                "train": [{"prompt": "1 plus 1 is ", "completion": "2.", "reward": 1.0}]}
+               for s, answer, reward in ((10, "8.", 0.0), (22, "7.", 1.0))]
+    (run / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with ServerThread(create_app(RunSet([run]), LIMITS)) as url:
+        page, errors = open_page(browser)
+        page.goto(url + "/#dashboard")
+        page.wait_for_function("document.querySelector('figure[data-chart=rewards]').dataset.points == 5")
+        assert page.locator("figure[data-chart=rewards]").is_visible()
+        page.wait_for_selector("#completions table")
+        assert page.inner_text("#completions-at").startswith("step 22 (2 of 2)")
+        assert "7." in page.inner_text("#completions") and "8." not in page.inner_text("#completions")
+        page.locator("#completions-step").fill("0")
+        page.wait_for_function("document.getElementById('completions-at').textContent.startsWith('step 10')")
+        assert "8." in page.inner_text("#completions")
+        page.close()
+    assert errors == []
+    page, errors = open_page(browser)  # a text run: no rewards chart, and the completions panel says why
+    page.goto(served[0] + "/#dashboard")
+    page.wait_for_function("Number(document.querySelector('figure[data-chart=loss]').dataset.points) > 0")
+    assert not page.locator("figure[data-chart=rewards]").is_visible()
+    page.close()
     assert errors == []

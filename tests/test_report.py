@@ -277,3 +277,18 @@ def test_runs_with_the_same_folder_name_get_distinct_labels():
     from lmlab.rundir import run_names
 
     assert run_names([Path("/a/x/run"), Path("/b/x/run"), Path("/c/other")]) == ["a/x/run", "b/x/run", "other"]
+
+
+def test_an_rl_runs_completions_have_a_section_and_a_link_and_a_text_run_has_neither(reports, tmp_path):
+    from lmlab.report.report_page import build_page
+
+    run = tmp_path / "rl"
+    shutil.copytree(reports.alpha, run)
+    record = {"step": 20, "held_out": [{"prompt": "3 plus 4 is ", "completion": "7.<b>", "reward": 1.0}],
+              "train": [{"prompt": "1 plus 1 is ", "completion": "3.", "reward": 0.0}]}
+    (run / "completions.jsonl").write_text(json.dumps(record) + "\n")
+    page, _ = build_page([load_run_logs(run)])
+    assert page.count('id="completions"') == 1 and 'href="#completions"' in page
+    assert "7.&lt;b&gt;" in section(page, "completions")  # the model's text, escaped
+    plain, _ = build_page([load_run_logs(reports.alpha)])
+    assert 'id="completions"' not in plain and 'href="#completions"' not in plain

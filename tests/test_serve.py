@@ -535,6 +535,20 @@ def test_log_endpoint_sends_only_new_records(served, runs_root):
     assert http(served[0] + "/api/log?run=../alpha")[0] == 404
 
 
+def test_the_dashboard_reads_an_rl_runs_completions_by_step(tmp_path, runs_root):
+    """completions.jsonl (--stage rl) through /api/log?file=completions: the well-formed records, in order; a record
+    whose reward is not a number is left out, as training never writes one."""
+    run = tmp_path / "rl"
+    shutil.copytree(runs_root / "alpha", run)
+    good = [{"step": s, "held_out": [{"prompt": "1 plus 2 is ", "completion": f"{s}.", "reward": float(s == 3)}],
+             "train": [{"prompt": "2 plus 2 is ", "completion": "4.", "reward": 1.0}]} for s in (0, 3)]
+    bad = {"step": 5, "held_out": [{"prompt": "x", "completion": "y", "reward": "high"}]}
+    (run / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [good[0], bad, good[1]]))
+    with ServerThread(create_app(RunSet([run]), LIMITS)) as url:
+        status, body = http(url + "/api/log?run=rl&file=completions")
+    assert status == 200 and body["records"] == good
+
+
 def test_jsonl_tail_reads_complete_lines_and_restarts_on_a_rewrite(tmp_path):
     path = tmp_path / "metrics.jsonl"
     tail = JsonlTail(path.parent, path.name)

@@ -240,8 +240,9 @@ def _config_section(runs: list[RunLogs]) -> str:
 
 
 SECTIONS = [("loss", "loss"), ("schedule", "schedule"), ("gradients", "gradients"), ("throughput", "throughput"),
-            ("probes", "probes"), ("inside", "inside"), ("samples", "samples"), ("landscape", "landscape"),
-            ("config", "config")]
+            ("probes", "probes"), ("inside", "inside"), ("samples", "samples"),
+            ("completions", "completions"),  # --stage rl runs only
+            ("landscape", "landscape"), ("config", "config")]
 
 
 @plain_text
@@ -264,8 +265,8 @@ def build_page(runs: list[RunLogs], log: bool = False) -> tuple[str, dict[str, b
         _config_section(runs),
     ]
     names = ", ".join(r.name for r in runs)
-    names = ", ".join(r.name for r in runs)
-    nav = " ".join(f'<a href="#{sid}">{label}</a>' for sid, label in SECTIONS)
+    shown = [(sid, label) for sid, label in SECTIONS if sid != "completions" or any(r.completions for r in runs)]
+    nav = " ".join(f'<a href="#{sid}">{label}</a>' for sid, label in shown)
     body = f"""<h1>lmlab report: {html.escape(names)}</h1>
 <p class="meta">{len(runs)} run{'s' if len(runs) != 1 else ''}, built {time.strftime('%Y-%m-%d %H:%M:%S')} by lmlab
 {__version__}{'; loss on log scales' if log else ''}. Every chart is also saved as a PNG in the files folder next to

@@ -49,7 +49,8 @@ from .runs import Models, RunSet, Tails, has_checkpoint, run_summary
 
 STATIC = Path(__file__).resolve().parent / "static"
 DISCONNECT_POLL_S = 0.1  # how often a generation that is not streamed checks that its client is still there
-LOGS = {"metrics": rundir.METRICS, "probes": rundir.PROBES, "inside": rundir.INSIDE}
+LOGS = {"metrics": rundir.METRICS, "probes": rundir.PROBES, "inside": rundir.INSIDE,
+        "completions": rundir.COMPLETIONS}
 
 
 async def until_disconnected(request: Request, work: Callable, *args) -> Any:

@@ -9,6 +9,9 @@ const CHARTS = [  // one uPlot per figure: the metrics.jsonl keys it draws, per 
                         {key: "val_loss", label: "overfitting", dots: true, only: "overfitting", color: "#cc0000"}]},
   {id: "accuracy", series: [{key: "val_accuracy", label: "val", dots: true}]},
   {id: "answers", skills: "exact_match", series: [{key: "ended_turn", label: "ended turn", dash: [2, 3], marks: true}]},
+  {id: "rewards", optional: true, series: [{key: "reward", label: "reward (sampled)"},  // --stage rl
+                                           {key: "pass_at_g", label: "pass@G", dash: [2, 3]},
+                                           {key: "heldout_reward", label: "held-out (greedy)", dots: true}]},
   {id: "lr", series: [{key: "lr", label: "lr"}]},
   {id: "grad_norm", series: [{key: "grad_norm", label: "grad norm"}]},
   {id: "tokens_per_s", series: [{key: "tokens_per_s", label: "tokens/s"}]},
@@ -171,7 +174,7 @@ function renderRuns() {
       el("td", {class: "muted"}, `${run.preset || ""} · ${shape} · ${run.tokenizer || ""} (${run.vocab_size})`));
   }));
   const names = state.runs.map(r => r.name);
-  for (const select of [document.getElementById("probe-run"), document.getElementById("inside-run")]) {
+  for (const select of ["probe-run", "inside-run", "completions-run"].map(id => document.getElementById(id))) {
     if ([...select.options].map(o => o.value).join("\n") !== names.join("\n")) {  // an open list stays open
       const chosen = select.value;
       select.replaceChildren(...names.map(name => el("option", {value: name, selected: name === chosen}, name)));
@@ -275,8 +278,34 @@ function refreshCharts() {
     if (series.length) chart.plot.setData(data, !chart.plot.zoomed);
     const points = data.slice(1).reduce((n, ys) => n + ys.filter(v => v !== null && v !== undefined).length, 0);
     figure.dataset.points = points;
+    if (spec.optional) figure.hidden = points === 0;  // shown once a run logs it (rewards: --stage rl)
     figure.classList.toggle("empty", points === 0);
   }
+}
+
+function renderCompletions(run) {  // --stage rl: completions and their rewards at one evaluation, scrubbed by step
+  const box = document.getElementById("completions");
+  const records = ((state.logs[`${run}|completions`] || {records: []}).records);
+  const slider = document.getElementById("completions-step");
+  if (!records.length) {
+    slider.hidden = true;
+    box.replaceChildren(el("p", {class: "muted"}, "No completions: a run of --stage rl writes them at every evaluation."));
+    return;
+  }
+  const follow = slider.hidden || Number(slider.value) === Number(slider.max);  // at the newest: stay there
+  slider.hidden = false;
+  slider.max = records.length - 1;
+  if (follow) slider.value = records.length - 1;
+  const r = records[Math.min(Number(slider.value), records.length - 1)];
+  const table = (title, rows) => rows && rows.length ? el("div", {class: "probe"}, el("h3", {}, title),
+    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "prompt"), el("th", {}, "completion"),
+                                       el("th", {class: "num"}, "reward"))),
+       el("tbody", {}, rows.map(c => el("tr", {}, el("td", {}, el("code", {}, visible(c.prompt))),
+                                           el("td", {}, el("code", {}, visible(c.completion))),
+                                           el("td", {class: "num"}, fmt(c.reward))))))) : null;
+  box.replaceChildren(el("p", {class: "muted", id: "completions-at"}, `step ${r.step} (${Number(slider.value) + 1} of ${records.length})`),
+                      ...[table("held-out prompts (greedy)", r.held_out), table("a training group (sampled)", r.train)]
+                        .filter(Boolean));
 }
 
 function renderProbes(run) {
@@ -509,6 +538,8 @@ async function pollDashboard() {
     const changed = await Promise.all(runs.map(run => pollLog(run, "metrics")));
     if (changed.some(Boolean) || Object.keys(state.charts).length === 0) refreshCharts();
     if (probeRun && await pollLog(probeRun, "probes")) renderProbes(probeRun);
+    const completionsRun = document.getElementById("completions-run").value;
+    if (completionsRun && await pollLog(completionsRun, "completions")) renderCompletions(completionsRun);
     await pollInside(document.getElementById("inside-run").value);
   } catch (e) {
     document.getElementById("connection").textContent = "could not read the logs: " + e.message;
@@ -813,6 +844,13 @@ function start() {
   document.getElementById("log-loss").addEventListener("change", refreshCharts);
   document.getElementById("probe-run").addEventListener("change", e => {
     pollLog(e.target.value, "probes").then(() => renderProbes(e.target.value));
+  });
+  document.getElementById("completions-run").addEventListener("change", e => {
+    document.getElementById("completions-step").hidden = true;  // a new run opens at its newest evaluation
+    pollLog(e.target.value, "completions").then(() => renderCompletions(e.target.value));
+  });
+  document.getElementById("completions-step").addEventListener("input", () => {
+    renderCompletions(document.getElementById("completions-run").value);
   });
   document.getElementById("inside-run").addEventListener("change", e => {
     inside.follow = true;
