@@ -458,6 +458,7 @@ def test_grow_vocab_adds_mean_rows_and_keeps_what_the_model_computed(options):
 # synthetic:chat
 
 
+@pytest.mark.slow  # several seconds: trains, or starts processes
 def test_synthetic_chat_is_deterministic_per_seed():
     first = synthetic.chat_tasks(0, "train", 200)
     assert first == synthetic.chat_tasks(0, "train", 200)
@@ -472,6 +473,7 @@ def test_synthetic_chat_is_deterministic_per_seed():
     assert load_conversations("synthetic:chat:1").train[0].messages == synthetic.chat_tasks(1, "train", 1)[0].messages
 
 
+@pytest.mark.slow  # several seconds: trains, or starts processes
 def test_synthetic_chat_splits_share_no_task():
     train = synthetic.chat_tasks(0, "train")
     heldout = synthetic.chat_tasks(0, "heldout")

@@ -343,6 +343,7 @@ def prompt_sizes(stderr: str) -> list[int]:
     return [int(line[1:].split()[0]) for line in stderr.splitlines() if line.startswith("[") and " prompt + " in line]
 
 
+@pytest.mark.slow  # several seconds: trains, or starts processes
 def test_lmlab_chat_answers_piped_turns_keeping_the_history(runs, model):
     system = {"role": "system", "content": "be brief."}
     proc = chat_cli(runs / "chat", "the cat\n\nsees a dog\n/reset\nhello\n", "--system", "be brief.", "--seed", "3",
@@ -367,6 +368,7 @@ def test_lmlab_chat_answers_piped_turns_keeping_the_history(runs, model):
     assert "starts again" in proc.stderr
 
 
+@pytest.mark.slow  # several seconds: trains, or starts processes
 def test_lmlab_chat_leaves_out_the_oldest_turns_that_no_longer_fit_and_says_so(runs, model):
     question = "the cat sees the ball near the house."
     proc = chat_cli(runs / "chat", f"{question}\n" * 4, "--temperature", "0", "--max-new-tokens", "64")
@@ -385,6 +387,7 @@ def test_lmlab_chat_leaves_out_the_oldest_turns_that_no_longer_fit_and_says_so(r
     assert "no longer fit the 128-token context" in proc.stderr
 
 
+@pytest.mark.slow  # several seconds: trains, or starts processes
 def test_lmlab_chat_and_sample_chat_refuse_a_text_model(runs):
     proc = chat_cli(runs / "text", "hello\n")
     assert proc.returncode == 2 and proc.stdout == ""

@@ -285,6 +285,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # several seconds: trains, or starts processes
 def test_training_twice_into_the_same_out_is_refused(trained, tmp_path):
     shutil.copy(trained.corpus, tmp_path / "corpus.txt")
     shutil.copytree(trained.run, tmp_path / "RUN")

@@ -279,6 +279,7 @@ def test_runs_with_the_same_folder_name_get_distinct_labels():
     assert run_names([Path("/a/x/run"), Path("/b/x/run"), Path("/c/other")]) == ["a/x/run", "b/x/run", "other"]
 
 
+@pytest.mark.slow  # several seconds: trains, or starts processes
 def test_an_rl_runs_completions_have_a_section_and_a_link_and_a_text_run_has_neither(reports, tmp_path):
     from lmlab.report.report_page import build_page
 

@@ -382,6 +382,7 @@ def test_an_sft_run_starts_from_the_base_and_trains_only_what_the_assistant_writ
     assert json.loads(capsys.readouterr().out)["conversations"] == 120
 
 
+@pytest.mark.slow  # several seconds: trains, or starts processes
 def test_synthetic_chat_logs_exact_match_by_skill_and_ended_turns(base, tmp_path, monkeypatch):
     from lmlab.train import train
 
@@ -550,6 +551,7 @@ def test_the_command_line_refuses_bad_sft_input_in_one_line_with_exit_2(base, tm
     assert not (tmp_path / "r" / "config.json").exists()
 
 
+@pytest.mark.slow  # several seconds: trains, or starts processes
 def test_the_command_line_fine_tunes_with_the_sft_defaults(base, tmp_path):
     data = chats_file(tmp_path / "chats.jsonl")
     proc = subprocess.run([sys.executable, "-m", "lmlab", "train", "--stage", "sft", "--init-from", str(base),
