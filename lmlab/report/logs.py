@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import TrainConfig
-from ..run import EvalRecord, Run, RollbackRecord, TrainRecord
+from ..run import EvalRecord, Metrics, Run, RollbackRecord, TrainRecord
 
 
 @dataclass
@@ -51,6 +51,5 @@ def load_run_logs(path: str | Path, name: Optional[str] = None) -> RunLogs:
 
 
 def best_eval(run: RunLogs) -> Optional[EvalRecord]:
-    """The evaluation with the lowest finite validation loss (the later of equals), or None."""
-    finite = [r for r in run.evals if r.finite]
-    return min(reversed(finite), key=lambda r: r.val_loss) if finite else None
+    """The evaluation with the lowest finite validation loss (the later of equals), or None: Metrics.best_eval."""
+    return Metrics(run.train, run.evals, run.rollbacks).best_eval()
