@@ -90,6 +90,39 @@ def test_nanogpt_process_parses_a_checkout(tmp_path):
     assert result["peak_rss_mb"] > 0
 
 
+def test_whole_runs_alternate_and_compare_per_round(monkeypatch):
+    """Rounds alternate which tool goes first; the ratio is nanoGPT's ms/step over lmlab's, round by round."""
+    from lmlab.bench import nanogpt
+
+    order, times = [], {"lmlab": iter([40.0, 50.0, 45.0]), "nanogpt": iter([60.0, 55.0, 90.0])}
+
+    def fake(name):
+        def run(*args):
+            order.append(name)
+            return {"step_ms": next(times[name]), "peak_rss_mb": 1.0}
+        return run
+
+    monkeypatch.setattr(nanogpt, "lmlab_process", fake("lmlab"))
+    monkeypatch.setattr(nanogpt, "nanogpt_process", fake("nanogpt"))
+    r = nanogpt.whole_runs("ng", "data", rounds=3, iters=20)
+    assert order == ["lmlab", "nanogpt", "nanogpt", "lmlab", "lmlab", "nanogpt"]
+    assert r["ratios"] == [60 / 40, 55 / 50, 90 / 45]
+    assert r["ratio_median"] == 1.5 and r["ratio_min"] == 1.1 and r["ratio_max"] == 2.0
+    assert r["lmlab"]["step_ms"] == 45.0 and r["nanogpt"]["step_ms"] == 60.0
+    assert r["lmlab"]["tokens_per_s"] == 12 * 64 / 0.045
+
+
+@pytest.mark.slow
+def test_lmlab_process_reads_its_own_step_times(tmp_path):
+    """A real `lmlab train --preset nanogpt-char-cpu` run: its logged step times, from step 10 on."""
+    from lmlab.bench.nanogpt import lmlab_process
+
+    corpus = write_corpus(tmp_path / "corpus.txt", n_lines=300)
+    r = lmlab_process(str(corpus), iters=14)
+    assert r["iters"] == 14 and 0 < r["step_ms"] < 10_000 and r["peak_rss_mb"] > 0
+    assert r["tokens_per_s"] == pytest.approx(12 * 64 / (r["step_ms"] / 1000))
+
+
 # A stand-in for nanoGPT's model.py with its interface (GPT, GPTConfig, forward(idx, targets) -> (logits, loss),
 # configure_optimizers, generate), built on lmlab's own model at the same shape: not nanoGPT's code.
 STAND_IN = textwrap.dedent("""

@@ -36,9 +36,13 @@ def _nanogpt_data(text: str, folder: Path) -> None:
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
 
 
+STEADY_FROM = 10  # per-step times are compared from this step on: the first steps warm up allocators and caches
+
+
 def nanogpt_process(path: str, data: str, iters: int) -> dict:
-    """Run nanoGPT's documented CPU config from a checkout as its own process: its peak memory and loss (its speed
-    is compared in one process, alternated: alternated_throughput)."""
+    """Run nanoGPT's README CPU command (`train.py config/train_shakespeare_char.py --device=cpu --compile=False
+    ...`, with max_iters = lr_decay_iters = iters) from a checkout as its own process: its per-step times as it
+    logs them, the median from step STEADY_FROM on, its peak memory and loss."""
     root = Path(path).resolve()
     if not (root / "train.py").exists():
         raise LmlabError(f"--nanogpt {path}: no train.py there")
@@ -50,8 +54,7 @@ def nanogpt_process(path: str, data: str, iters: int) -> dict:
         args = [sys.executable, str(root / "train.py"), str(root / "config" / "train_shakespeare_char.py"),
                 "--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
                 "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", f"--max_iters={iters}",
-                f"--lr_decay_iters={iters}", "--dropout=0.0", f"--eval_interval={iters}", f"--out_dir={work}/out",
-                "--always_save_checkpoint=True"]
+                f"--lr_decay_iters={iters}", "--dropout=0.0", f"--out_dir={work}/out"]
         env = {**child_env(), "PYTHONPATH": str(root)}
         t = time.perf_counter()
         code, stdout, stderr, rss = run_measured(args, cwd=work, env=env)
@@ -59,15 +62,57 @@ def nanogpt_process(path: str, data: str, iters: int) -> dict:
         if code:
             raise LmlabError(f"nanoGPT failed: {(stderr.strip().splitlines() or ['?'])[-1]}")
         times = [float(m) for m in re.findall(r"iter \d+: loss [\d.]+, time ([\d.]+)ms", stdout)]
-        steady = times[5:] or times
-        step_ms = statistics.median(steady)
-        result = {"iters": iters, "step_ms": step_ms, "tokens_per_s": 12 * 64 / (step_ms / 1000), "wall_s": wall,
-                  "peak_rss_mb": rss}
-        vals = re.findall(r"val loss ([\d.]+)", stdout)
-        if vals:
-            result["final_val_loss_20_batches"] = float(vals[-1])
-        return result
+        return _run_figures(times, iters, wall, rss) | _last_val(stdout)
 
+
+def _last_val(stdout: str) -> dict:
+    vals = re.findall(r"val loss ([\d.]+)", stdout)
+    return {"final_val_loss_20_batches": float(vals[-1])} if vals else {}
+
+
+def _run_figures(step_ms: list[float], iters: int, wall: float, rss: float) -> dict:
+    steady = step_ms[STEADY_FROM:] or step_ms
+    if not steady:
+        raise LmlabError("the run logged no step times")
+    step = statistics.median(steady)
+    return {"iters": iters, "step_ms": step, "tokens_per_s": 12 * 64 / (step / 1000), "wall_s": wall,
+            "peak_rss_mb": rss}
+
+
+def lmlab_process(data: str, iters: int) -> dict:
+    """`lmlab train --preset nanogpt-char-cpu --data DATA --max-steps iters` as a user runs it, its own process: the
+    per-step times it logs (metrics.jsonl), the median from step STEADY_FROM on, and its peak memory."""
+    from ..run import Run
+
+    with tempfile.TemporaryDirectory() as d:
+        args = [sys.executable, "-m", "lmlab", "train", "--preset", "nanogpt-char-cpu", "--data", data,
+                "--max-steps", str(iters), "--out", f"{d}/run", "--no-progress"]
+        t = time.perf_counter()
+        code, _, stderr, rss = run_measured(args, env=child_env())
+        wall = time.perf_counter() - t
+        if code:
+            raise LmlabError(f"lmlab train failed: {(stderr.strip().splitlines() or ['?'])[-1]}")
+        steps = [r for r in Run(f"{d}/run").metrics().train if r.tokens_per_s]
+        times = [12 * 64 / r.tokens_per_s * 1000 for r in steps]
+        return _run_figures(times, iters, wall, rss)
+
+
+def whole_runs(path: str, data: str, rounds: int = 3, iters: int = 300) -> dict:
+    """Whole training runs, each its own process, alternated round by round (which goes first alternates too):
+    lmlab's preset against nanoGPT's README CPU command at the same shape. Each run's figure is its median ms/step
+    from step STEADY_FROM on, as its own log gives it; the ratio is nanoGPT's over lmlab's, per round."""
+    runs: dict[str, list[dict]] = {"lmlab": [], "nanogpt": []}
+    for r in range(rounds):
+        order = ("lmlab", "nanogpt") if r % 2 == 0 else ("nanogpt", "lmlab")
+        for name in order:
+            runs[name].append(lmlab_process(data, iters) if name == "lmlab" else nanogpt_process(path, data, iters))
+    ratios = [n["step_ms"] / m["step_ms"] for m, n in zip(runs["lmlab"], runs["nanogpt"])]
+    result = {"rounds": rounds, "iters": iters, "steady_from": STEADY_FROM, "ratio_median": statistics.median(ratios),
+              "ratio_min": min(ratios), "ratio_max": max(ratios), "ratios": ratios}
+    for name, got in runs.items():
+        step = statistics.median(g["step_ms"] for g in got)
+        result[name] = {"step_ms": step, "tokens_per_s": 12 * 64 / (step / 1000), "runs": got}
+    return result
 
 
 NANOGPT_CPU = {"block_size": 64, "batch_size": 12, "n_layer": 4, "n_head": 4, "n_embd": 128, "vocab_size": 65}

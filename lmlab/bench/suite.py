@@ -15,7 +15,7 @@ from ..data import BUILTIN, resolve_source
 from .floor import SHAPES, floor_lines, lmlab_floor, nanogpt_floor
 from .measure import (chat_speed, generation_label, generation_speed, matmul_peak, quality_run, throughput,
                       tokenizer_speed, training_rss)
-from .nanogpt import alternated_generation, alternated_throughput, nanogpt_process, twin_models
+from .nanogpt import alternated_generation, alternated_throughput, twin_models, whole_runs
 from .records import check_record, record_row
 
 
@@ -218,9 +218,14 @@ def bench_nanogpt(cfg: BenchConfig, device: torch.device, out: dict) -> None:
         say(f"against nanoGPT, generating {n} tokens ({generation_label({'kv_cache': True, 'compiled': comp})}): "
             f"{_ratio_text(r)}; lmlab {r['lmlab']['tokens_per_s']:,.0f} tok/s, nanoGPT "
             f"{r['nanogpt']['tokens_per_s']:,.0f} tok/s")
-    if not cfg.quick:
-        ng["process"] = nanogpt_process(cfg.nanogpt, cfg.data, 300)
-        say(f"nanoGPT's own CPU-config run: peak RSS {ng['process']['peak_rss_mb']:.0f} MB")
+    if not cfg.quick:  # whole runs as users start them, each its own process: 3 rounds of 300 steps, alternated
+        runs = ng["runs"] = whole_runs(cfg.nanogpt, cfg.data, 3, 300)
+        ng["process"] = runs["nanogpt"]["runs"][0]
+        say(f"against nanoGPT, whole training runs (`lmlab train --preset nanogpt-char-cpu` against its README CPU "
+            f"command, {runs['rounds']} rounds of {runs['iters']} steps): lmlab is {runs['ratio_median']:.2f}x "
+            f"nanoGPT's tokens/s ({runs['ratio_min']:.2f}-{runs['ratio_max']:.2f}); lmlab "
+            f"{runs['lmlab']['step_ms']:.1f} ms/step, nanoGPT {runs['nanogpt']['step_ms']:.1f} ms/step; nanoGPT's "
+            f"peak RSS {ng['process']['peak_rss_mb']:.0f} MB")
 
 
 def _ratio_text(r: dict) -> str:

@@ -57,6 +57,11 @@ def _nanogpt_lines(ng: Optional[dict]) -> list[str]:
         label = f"vs nanoGPT, generate {r['new_tokens']}" + (" compiled" if r["compiled"] else "")
         lines.append(f"{label:34s} {r['ratio_median']:9.2f}x (blocks {r['ratio_min']:.2f}-{r['ratio_max']:.2f})  "
                      f"lmlab {r['lmlab']['tokens_per_s']:,.0f} / nanoGPT {r['nanogpt']['tokens_per_s']:,.0f} tok/s")
+    if "runs" in ng:
+        r = ng["runs"]
+        lines.append(f"{'vs nanoGPT, whole runs':34s} {r['ratio_median']:9.2f}x (rounds {r['ratio_min']:.2f}-"
+                     f"{r['ratio_max']:.2f})  lmlab {r['lmlab']['step_ms']:.1f} / nanoGPT {r['nanogpt']['step_ms']:.1f} "
+                     f"ms/step")
     if "process" in ng:
         lines.append(f"{'nanoGPT peak RSS (its own run)':34s} {ng['process']['peak_rss_mb']:9.0f} MB")
     return lines
@@ -136,6 +141,12 @@ def to_markdown(out: dict) -> str:
                       f"| {r['ratio_median']:.2f}x | "
                       f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['lmlab']['tokens_per_s']:,.0f} tok/s | "
                       f"{r['nanogpt']['tokens_per_s']:,.0f} tok/s |")
+        if "runs" in ng:
+            r = ng["runs"]
+            md.append(f"| training, whole runs (`lmlab train --preset nanogpt-char-cpu` against its README CPU command, "
+                      f"{r['rounds']} rounds of {r['iters']} steps, median ms/step from step {r['steady_from']}) | "
+                      f"{r['ratio_median']:.2f}x | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} | "
+                      f"{r['lmlab']['step_ms']:.1f} ms/step | {r['nanogpt']['step_ms']:.1f} ms/step |")
         if "process" in ng:
             md.append(f"| peak RSS, nanoGPT's own CPU-config run | | | | {ng['process']['peak_rss_mb']:.0f} MB |")
         md.append("")
