@@ -113,8 +113,8 @@ def test_a_gemm_is_timed_on_operands_of_its_shape_and_layout(batch):
 
 
 def test_the_floor_is_the_sum_of_its_parts_and_the_row_has_its_keys(monkeypatch):
-    def fake_interleaved(step, groups, dtype, device, rounds):
-        return 0.050, {name: [0.001 * (i + 1) for i in range(len(gs))] for name, gs in groups.items()}
+    def fake_interleaved(steps, groups, dtype, device, rounds):
+        return dict.fromkeys(steps, 0.050), {name: [0.001 * (i + 1) for i in range(len(gs))] for name, gs in groups.items()}
 
     monkeypatch.setattr(floor, "interleaved", fake_interleaved)
     monkeypatch.setattr(floor, "op_table", lambda step, steps: [{"kind": k, "ms": 1.0} for k in floor.KINDS])
@@ -135,6 +135,29 @@ def test_the_floor_is_the_sum_of_its_parts_and_the_row_has_its_keys(monkeypatch)
     assert all(set(o) == {"kind", "ms"} for o in row["ops"])
 
 
+def test_steps_of_one_shape_are_timed_in_turns_against_one_floor(monkeypatch):
+    """Two tools' steps: each round times both (the order reversed every other round) before the products; their rows
+    share one floor and each keeps its own optimizer's matmuls."""
+    order = []
+    g = floor.Gemm("tiny", 0, 4, 4, 4)
+    steps = {"a": lambda i: order.append(("a", i)), "b": lambda i: order.append(("b", i))}
+    step_s, medians = floor.interleaved(steps, {"model": [g]}, torch.float32, torch.device("cpu"), rounds=3)
+    assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("b", 2), ("a", 2), ("a", 3), ("b", 3)]
+    assert set(step_s) == {"a", "b"} and all(t >= 0 for t in step_s.values()) and len(medians["model"]) == 1
+
+    monkeypatch.setattr(floor, "op_table", lambda step, steps: [{"kind": k, "ms": 1.0} for k in floor.KINDS])
+    from lmlab.optim import OptimConfig, build_optimizer
+
+    model = small_model()
+    muon = build_optimizer(model, OptimConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, muon_momentum=0.95))
+    adamw = build_optimizer(model, OptimConfig(optimizer="adamw", lr=1e-3))
+    rows = floor.floor_rows([floor.Stepper("x", lambda i: None, model, muon),
+                             floor.Stepper("y", lambda i: None, model, adamw)], "tiny", B, T, L, H, C // H, 1,
+                            torch.float32, torch.device("cpu"), rounds=1, profile_steps=1)
+    assert [r["tool"] for r in rows] == ["x", "y"] and rows[0]["floor_ms"] == rows[1]["floor_ms"] > 0
+    assert rows[0]["optimizer_floor_ms"] > 0 and rows[1]["optimizer_floor_ms"] == 0
+
+
 @pytest.mark.parametrize("name, parents, kind", [
     ("aten::mm", ["MmBackward0"], "matmul"),
     ("aten::mul", ["_RMSNormFunction"], "norms"),
@@ -151,7 +174,7 @@ def test_profiled_ops_are_grouped_by_kind(name, parents, kind):
 
 
 def test_a_real_floor_row_is_positive_and_its_profile_covers_the_step():
-    row = floor.lmlab_floor("nanogpt-cpu", torch.device("cpu"), rounds=1, profile_steps=1)
+    [row] = floor.lmlab_floor("nanogpt-cpu", torch.device("cpu"), rounds=1, profile_steps=1)
     assert row["tool"] == "lmlab" and row["shape"] == "nanogpt-cpu"
     assert row["step_ms"] > 0 and row["floor_ms"] > 0 and row["optimizer_floor_ms"] == 0  # AdamW: no Newton-Schulz
     assert [o["kind"] for o in row["ops"]] == list(floor.KINDS) and all(o["ms"] >= 0 for o in row["ops"])

@@ -16,7 +16,7 @@ import re
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -143,24 +143,30 @@ def seconds_per_call(fn: Callable[[], None], calls: int, device: torch.device) -
     return (time.perf_counter() - t) / calls
 
 
-def interleaved(step: Callable[[int], None], groups: dict[str, list[Gemm]], dtype: torch.dtype,
-                device: torch.device, rounds: int, min_s: float = 0.002) -> tuple[float, dict[str, list[float]]]:
-    """Median seconds of a step and of each product, timed in turns: each round times the step once, then every
-    product (repeated to at least min_s, the count fixed after warm-up); the medians are over rounds."""
+def interleaved(steps: dict[str, Callable[[int], None]], groups: dict[str, list[Gemm]], dtype: torch.dtype,
+                device: torch.device, rounds: int, min_s: float = 0.002
+                ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median seconds of each step and of each product, timed in turns: each round times every step once (in turns,
+    the order reversed every other round), then every product (repeated to at least min_s, the count fixed after
+    warm-up); the medians are over rounds."""
     calls = {name: [gemm_call(g, dtype, device) for g in gs] for name, gs in groups.items()}
-    step(0)  # warm-up of both
+    for step in steps.values():
+        step(0)  # warm-up
     repeats = {name: [max(1, min(50, round(min_s / seconds_per_call(c, 1, device)))) for c in cs]
                for name, cs in calls.items()}
-    step_s, gemm_s = [], {name: [[] for _ in cs] for name, cs in calls.items()}
+    step_s: dict[str, list[float]] = {name: [] for name in steps}
+    gemm_s = {name: [[] for _ in cs] for name, cs in calls.items()}
     for r in range(rounds):
-        sync(device)
-        t = time.perf_counter()
-        step(r + 1)
-        step_s.append(time.perf_counter() - t)
+        for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
+            sync(device)
+            t = time.perf_counter()
+            steps[name](r + 1)
+            step_s[name].append(time.perf_counter() - t)
         for name, cs in calls.items():
             for i, c in enumerate(cs):
                 gemm_s[name][i].append(seconds_per_call(c, repeats[name][i], device))
-    return statistics.median(step_s), {name: [statistics.median(t) for t in ts] for name, ts in gemm_s.items()}
+    return ({name: statistics.median(t) for name, t in step_s.items()},
+            {name: [statistics.median(t) for t in ts] for name, ts in gemm_s.items()})
 
 
 def op_kind(name: str, parents: list[str]) -> str:
@@ -218,44 +224,64 @@ def op_table(step: Callable[[int], None], steps: int) -> list[dict]:
     return [{"kind": k, "ms": per_kind[k] * scale / steps / 1000} for k in KINDS]
 
 
+@dataclass
+class Stepper:
+    """A training step to set against the floor: its tool's name, step(i), model and optimizer."""
+
+    tool: str
+    step: Callable[[int], None]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def floor_rows(steppers: list[Stepper], shape: str, batch: int, block: int, n_layer: int, n_head: int,
+               head_dim: int, micro_batches: int, dtype: torch.dtype, device: torch.device, rounds: int,
+               profile_steps: int) -> list[dict]:
+    """The rows of the floor table for steps of one model shape (lmlab's and nanoGPT's at nanoGPT's CPU shape): each
+    step's median time, timed in turns with one set of the model's matmuls, so that the steps are set against the
+    same floor; each one's optimizer matmuls apart, and its profile by kind."""
+    groups = {"model": step_gemms(steppers[0].model, batch, block, n_layer, n_head, head_dim, micro_batches)}
+    groups |= {f"optimizer {s.tool}": newton_schulz_gemms(s.optimizer) for s in steppers}
+    step_s, medians = interleaved({s.tool: s.step for s in steppers}, groups, dtype, device, rounds)
+    parts = {name: [{"name": g.name, "shape": [g.batch, g.m, g.k, g.n], "count": g.count, "ms": t * 1000}
+                    for g, t in zip(groups[name], medians[name])] for name in groups}
+    floor_ms = sum(p["ms"] * p["count"] for p in parts["model"])
+    rows = []
+    for s in steppers:
+        optimizer = parts[f"optimizer {s.tool}"]
+        rows.append({"tool": s.tool, "shape": shape, "step_ms": step_s[s.tool] * 1000, "floor_ms": floor_ms,
+                     "optimizer_floor_ms": sum(p["ms"] * p["count"] for p in optimizer),
+                     "step_over_floor": step_s[s.tool] * 1000 / floor_ms, "gemms": parts["model"] + optimizer,
+                     "ops": op_table(s.step, profile_steps)})
+    return rows
+
+
 def floor_row(tool: str, shape: str, step: Callable[[int], None], model: nn.Module, optimizer, batch: int,
               block: int, n_layer: int, n_head: int, head_dim: int, micro_batches: int, dtype: torch.dtype,
               device: torch.device, rounds: int, profile_steps: int) -> dict:
-    """One row of the floor table: the step's median time, the floor (its model's matmuls), the optimizer's
-    matmuls apart, and the profile by kind."""
-    groups = {"model": step_gemms(model, batch, block, n_layer, n_head, head_dim, micro_batches),
-              "optimizer": newton_schulz_gemms(optimizer)}
-    step_s, medians = interleaved(step, groups, dtype, device, rounds)
-    parts = {name: [{"name": g.name, "shape": [g.batch, g.m, g.k, g.n], "count": g.count, "ms": s * 1000}
-                    for g, s in zip(groups[name], medians[name])] for name in groups}
-    floor_ms = sum(p["ms"] * p["count"] for p in parts["model"])
-    return {"tool": tool, "shape": shape, "step_ms": step_s * 1000, "floor_ms": floor_ms,
-            "optimizer_floor_ms": sum(p["ms"] * p["count"] for p in parts["optimizer"]),
-            "step_over_floor": step_s * 1000 / floor_ms, "gemms": parts["model"] + parts["optimizer"],
-            "ops": op_table(step, profile_steps)}
+    """One row of the floor table: one step alone against its model's matmuls (floor_rows)."""
+    return floor_rows([Stepper(tool, step, model, optimizer)], shape, batch, block, n_layer, n_head, head_dim,
+                      micro_batches, dtype, device, rounds, profile_steps)[0]
 
 
 def lmlab_floor(shape: str, device: torch.device, rounds: int, profile_steps: int,
-                dtype: torch.dtype = torch.float32) -> dict:
-    """lmlab's eager step at one of SHAPES (its preset's model and optimizer, as `lmlab bench` times it)."""
+                dtype: torch.dtype = torch.float32, nanogpt: Optional[str] = None) -> list[dict]:
+    """lmlab's step at one of SHAPES (its preset's model and optimizer, as `lmlab bench` times it); at nanoGPT's CPU
+    shape with a nanoGPT checkout, nanoGPT's eager step (its model, its AdamW, fp32) in turns with it, against the
+    same floor."""
     from ..optim import build_optimizer
     from .measure import training_step
 
     step, model, cfg = training_step(SHAPES[shape], device, dtype, False, micro_batches=0)
+    steppers = [Stepper("lmlab", step, model, build_optimizer(model, cfg.optim))]
+    if nanogpt and shape == "nanogpt-cpu":
+        from .nanogpt import twin_steps
+
+        _, their_step, _, theirs, their_opt = twin_steps(nanogpt, device, False)
+        steppers.append(Stepper("nanogpt", their_step, theirs, their_opt))
     m = cfg.model
-    return floor_row("lmlab", shape, step, model, build_optimizer(model, cfg.optim), cfg.batch_size, m.block_size,
-                     m.n_layer, m.n_head, m.head_dim, cfg.grad_accum, dtype, device, rounds, profile_steps)
-
-
-def nanogpt_floor(path: str, device: torch.device, rounds: int, profile_steps: int) -> dict:
-    """nanoGPT's eager step at its CPU shape (its model, its AdamW, fp32), timed as `lmlab bench --nanogpt` does."""
-    from .nanogpt import NANOGPT_CPU, twin_steps
-
-    _, step, _, theirs, their_opt = twin_steps(path, device, False)
-    s = NANOGPT_CPU
-    return floor_row("nanogpt", "nanogpt-cpu", step, theirs, their_opt, s["batch_size"], s["block_size"],
-                     s["n_layer"], s["n_head"], s["n_embd"] // s["n_head"], 1, torch.float32, device, rounds,
-                     profile_steps)
+    return floor_rows(steppers, shape, cfg.batch_size, m.block_size, m.n_layer, m.n_head, m.head_dim,
+                      cfg.grad_accum, dtype, device, rounds, profile_steps)
 
 
 def floor_lines(rows: list[dict]) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 
 from ..common import LmlabError, resolve_device
 from ..data import BUILTIN, resolve_source
-from .floor import SHAPES, floor_lines, lmlab_floor, nanogpt_floor
+from .floor import SHAPES, floor_lines, lmlab_floor
 from .measure import (chat_speed, generation_label, generation_speed, matmul_peak, quality_run, throughput,
                       tokenizer_speed, training_rss)
 from .nanogpt import alternated_generation, alternated_throughput, twin_models, whole_runs
@@ -149,10 +149,8 @@ def bench_floor(cfg: BenchConfig, device: torch.device, out: dict) -> None:
     """The step against its own matmuls (floor.py), for lmlab at both shapes and, given a checkout, nanoGPT."""
     rounds, profile_steps = (3, 2) if cfg.quick else (9, 5)
     out["floor"] = []
-    for shape in SHAPES:
-        out["floor"].append(lmlab_floor(shape, device, rounds, profile_steps))
-        if cfg.nanogpt and shape == "nanogpt-cpu":
-            out["floor"].append(nanogpt_floor(cfg.nanogpt, device, rounds, profile_steps))
+    for shape in SHAPES:  # at nanoGPT's CPU shape, nanoGPT's step (given a checkout) in turns with lmlab's
+        out["floor"] += lmlab_floor(shape, device, rounds, profile_steps, nanogpt=cfg.nanogpt)
     for line in floor_lines(out["floor"]):
         say(line)
 
