@@ -512,6 +512,30 @@ def test_fused_relu2_mlp_matches_the_unfused_modules_and_finite_differences(shap
     torch.testing.assert_close(torch.autograd.grad((mlp(x) * upstream).sum(), params)[1], ref[1])
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 8), (2, 4)])
+def test_fused_gelu_mlp_matches_the_unfused_modules_and_finite_differences(shape):
+    """Training takes _GeluMLPFunction for GPT-2's bias-free GELU MLP; its output and gradients equal autograd
+    through the plain fc -> gelu -> proj, and finite differences."""
+    from lmlab.model import MLP, _GeluMLPFunction
+
+    torch.manual_seed(6)
+    mlp = MLP(ModelConfig(n_embd=shape[-1], n_head=1, mlp_ratio=2.0, mlp="gelu", bias=False)).double()
+    with torch.no_grad():
+        mlp.proj.weight.normal_()
+    assert mlp.fused and not MLP(ModelConfig(n_embd=8, n_head=1, mlp="gelu", bias=True)).fused
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(*shape, dtype=torch.float64)
+    params = (x, mlp.fc.weight, mlp.proj.weight)
+    ours = torch.autograd.grad((mlp(x) * upstream).sum(), params)
+    plain = lambda: (mlp.proj(torch.nn.functional.gelu(mlp.fc(x))) * upstream).sum()  # noqa: E731
+    ref = torch.autograd.grad(plain(), params)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    assert torch.autograd.gradcheck(_GeluMLPFunction.apply, params)
+    mlp.fused = False
+    torch.testing.assert_close(torch.autograd.grad((mlp(x) * upstream).sum(), params)[0], ref[0])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Static-shape decode step (a position tensor; what `lmlab sample --compile` compiles)
 

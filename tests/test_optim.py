@@ -541,6 +541,25 @@ def test_clip_grad_norm_zero_means_off():
     assert torch.equal(a.grad, torch.tensor([3.0, 4.0], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 3.0, 1e9])
+def test_clip_grad_norm_on_cpu_is_torchs_bit_for_bit(max_norm):
+    """The CPU path (its own norm and scaling) gives torch.nn.utils.clip_grad_norm_'s norm and gradients exactly,
+    whether it clips or not."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(65, 16), (16,), (48, 16), (16, 64)]
+    ours = [torch.zeros(s, requires_grad=True) for s in shapes]
+    ref = [torch.zeros(s, requires_grad=True) for s in shapes]
+    for a, b in zip(ours, ref):
+        a.grad = torch.randn(a.shape, generator=g) * 0.3
+        b.grad = a.grad.clone()
+    before = ours[0].grad.clone()
+    total = clip_grad_norm(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(ref, max_norm, foreach=True)
+    assert torch.equal(total, expected)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, ref))
+    assert torch.equal(ours[0].grad, before) == (float(total) <= max_norm)  # scaled only when over the limit
+
+
 def test_clip_grad_norm_random_against_hand_computation():
     g = torch.Generator().manual_seed(9)
     params = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in ((5, 3), (7,), (2, 2, 2))]
