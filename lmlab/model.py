@@ -308,15 +308,8 @@ class _ReLU2MLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w_fc, w_proj, r, a = ctx.saved_tensors
-        grad_x = grad_fc = grad_proj = None
-        if ctx.needs_input_grad[2]:
-            grad_proj = grad.reshape(-1, grad.size(-1)).t() @ a.reshape(-1, a.size(-1))
         half = (grad @ w_proj).mul_(r)  # half of d loss / d (fc output): relu(h)^2 has derivative 2 relu(h)
-        if ctx.needs_input_grad[1]:
-            grad_fc = (half.reshape(-1, half.size(-1)).t() @ x.reshape(-1, x.size(-1))).mul_(2)
-        if ctx.needs_input_grad[0]:
-            grad_x = half @ (2 * w_fc)
-        return grad_x, grad_fc, grad_proj
+        return _mlp_grads(ctx, grad, x, w_fc, a, half, 2.0)
 
 
 class _GeluMLPFunction(torch.autograd.Function):
@@ -334,16 +327,23 @@ class _GeluMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w_fc, w_proj, h, a = ctx.saved_tensors
-        grad_x = grad_fc = grad_proj = None
-        if ctx.needs_input_grad[2]:
-            grad_proj = grad.reshape(-1, grad.size(-1)).t() @ a.reshape(-1, a.size(-1))
         dh = grad @ w_proj
         torch.ops.aten.gelu_backward.grad_input(dh, h, grad_input=dh)  # d loss / d (fc output), in place
-        if ctx.needs_input_grad[1]:
-            grad_fc = dh.reshape(-1, dh.size(-1)).t() @ x.reshape(-1, x.size(-1))
-        if ctx.needs_input_grad[0]:
-            grad_x = dh @ w_fc
-        return grad_x, grad_fc, grad_proj
+        return _mlp_grads(ctx, grad, x, w_fc, a, dh, 1.0)
+
+
+def _mlp_grads(ctx, grad, x, w_fc, a, dh, scale: float):
+    """The gradients of an MLP function's inputs (x, w_fc, w_proj) from the output's gradient, the activations a and
+    `scale` times the gradient of the fc output, dh (the activation's derivative folded into the small weights)."""
+    grad_x = grad_fc = grad_proj = None
+    if ctx.needs_input_grad[2]:
+        grad_proj = grad.reshape(-1, grad.size(-1)).t() @ a.reshape(-1, a.size(-1))
+    if ctx.needs_input_grad[1]:
+        grad_fc = dh.reshape(-1, dh.size(-1)).t() @ x.reshape(-1, x.size(-1))
+        grad_fc = grad_fc.mul_(scale) if scale != 1.0 else grad_fc
+    if ctx.needs_input_grad[0]:
+        grad_x = dh @ (scale * w_fc if scale != 1.0 else w_fc)
+    return grad_x, grad_fc, grad_proj
 
 
 FUSED_MLPS = {"relu2": _ReLU2MLPFunction, "gelu": _GeluMLPFunction}  # eager training takes these (bias-free)
