@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..common import LmlabError, resolve_device
+from ..common import LmlabError, keep_freed_memory, resolve_device
 from ..data import BUILTIN, resolve_source
 from .floor import SHAPES, floor_lines, lmlab_floor
 from .measure import (chat_speed, generation_label, generation_speed, matmul_peak, quality_run, throughput,
@@ -69,6 +69,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         return {"record": bench_record(cfg)}
     sections = set(cfg.only) or {"peak", "throughput", "quality", "generation", "data", "nanogpt"}
     check_inputs(cfg, sections, device)
+    if device.type == "cpu":  # as `lmlab train` runs (a process-wide malloc setting: nanoGPT's steps here share it)
+        keep_freed_memory()
     out: dict = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "quick": cfg.quick}
     if "peak" in sections or "throughput" in sections:
