@@ -242,9 +242,9 @@ def _generate_rows(model: torch.nn.Module, rows: list[_Row], temperature: float,
     The KV cache is made once. Decode steps go in runs of up to DECODE_CHUNK (less where a window fills up first or
     every row's budget ends sooner): each row draws the numbers of a run at once, and the run's tokens come back in
     one sync. A run may go past a row's stop (the rest of its run is dropped, and its generator has spent those
-    numbers). Eagerly, ended rows leave the cache (KVCache.keep) once they are an eighth of it, and a step reads only
-    the slots up to the longest row's; compiled, shapes stay fixed (ended rows are masked) and a run is one call.
-    Alone (one row, eager), a run is one step: the numbers spent are those of the tokens yielded."""
+    numbers). Eagerly, ended rows leave the cache (KVCache.keep) once they are an eighth of it, and the cache has only
+    the slots the rows can fill; compiled, shapes stay fixed (ended rows are masked) and a run is one call. Alone (one
+    row, eager), a run is one step: the numbers spent are those of the tokens yielded."""
     block = model.cfg.block_size
     keep = max(1, block // 2)
     device = next(model.parameters()).device
@@ -259,7 +259,10 @@ def _generate_rows(model: torch.nn.Module, rows: list[_Row], temperature: float,
         return
     step = _compiled(_step) if compile else _step
     chunk = max(1, min(DECODE_CHUNK, block // 2)) if compile or len(rows) > 1 else 1
-    cache = model.make_cache(len(rows))
+    # eagerly, the slots that a run of steps can reach (a short generation need not read a long block's), since a run
+    # goes on while any row has tokens left; compiled, the block's, so that every call has the same shapes
+    max_len = block if compile else min(block, max(len(r.window) for r in rows) + max(r.left for r in rows))
+    cache = model.make_cache(len(rows), max_len=max_len)
     held = list(range(len(rows)))  # the row of each cache row (the rows that go on, at the front, once compacted)
     last = torch.zeros(len(rows), 1, dtype=torch.long, device=device)  # each cache row's newest token, fed next
     pos = advance = None  # (B,) tensors of the cache rows' slots and of which go on: made again after any change
@@ -292,8 +295,6 @@ def _generate_rows(model: torch.nn.Module, rows: list[_Row], temperature: float,
                 if pos is None:
                     pos = torch.tensor([rows[b].at if i in going else 0 for i, b in enumerate(held)], device=device)
                     advance = torch.tensor([int(i in going) for i in range(B)], device=device)
-                if not compile:  # read the slots up to the furthest this run writes
-                    cache.span = max(slots) + n
                 at = pos
             if n > 1:
                 fn = _compiled(_decode) if compile else _decode
@@ -310,7 +311,7 @@ def _generate_rows(model: torch.nn.Module, rows: list[_Row], temperature: float,
             group = [i for i in encoding if len(rows[held[i]].window) == length]
             u = _stack([rows[held[i]].numbers() for i in group]) if temperature else None
             whole = len(group) == B  # into the cache itself; else into a cache of its own, copied into its rows
-            part = cache if whole else model.make_cache(len(group))
+            part = cache if whole else model.make_cache(len(group), max_len=max_len)
             part.pos = 0
             encode = step if whole and length == keep else _step  # compiled for the re-encode, whose shape is fixed
             token, logits = encode(model, torch.tensor([rows[held[i]].window for i in group], device=device), None,
@@ -401,9 +402,9 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[list[int]], max_new
     generate(model, prompts[i], ..., generator=torch.Generator().manual_seed(seeds[i])) up to where it ended. Greedy
     decoding (temperature 0) draws no numbers.
 
-    Speed: the cache is made once; eagerly, ended rows leave the batch (once they are an eighth of it), decode steps
-    go in runs of up to DECODE_CHUNK with one draw of numbers per row and one sync per run, and a step reads the
-    cache only up to the longest row. A run may go on past a row's stop: its tokens are dropped, but its generator
+    Speed: the cache is made once, with the slots the rows can fill; eagerly, ended rows leave the batch (once they
+    are an eighth of it), and decode steps go in runs of up to DECODE_CHUNK with one draw of numbers per row and one
+    sync per run. A run may go on past a row's stop: its tokens are dropped, but its generator
     has spent their numbers. compile=True compiles the decode steps as generate's does (once per batch size; ended
     rows stay in the batch, masked); prompts are encoded eagerly, one forward per distinct length.
     """
