@@ -126,22 +126,25 @@ def _step(model: torch.nn.Module, tokens: torch.Tensor, pos: Optional[torch.Tens
     return token.view(-1, 1), logits
 
 
-DECODE_CHUNK = 8  # decode steps per compiled call (_decode)
+DECODE_CHUNK = 8  # decode steps per run: one compiled call (_decode), or, eagerly, one draw of numbers and one sync
 
 
-def _decode(model: torch.nn.Module, token: torch.Tensor, pos: torch.Tensor, cache, u: Optional[torch.Tensor], n: int,
-            temperature: float, top_k: int, top_p: float, banned: Optional[torch.Tensor],
-            advance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """n decode steps from token (B, 1) at pos, the i-th drawn with u[:, i] (u (B, n), None when greedy): the n new
-    tokens (B, n), the last ones as (B, 1) for the next call, and the logits (B, n, V) each was drawn from. Compiled,
-    the loop unrolls into one graph, so n tokens cost one call's overhead."""
+def _decode(model: torch.nn.Module, token: torch.Tensor, pos: Optional[torch.Tensor], cache, u: Optional[torch.Tensor],
+            n: int, temperature: float, top_k: int, top_p: float, banned: Optional[torch.Tensor],
+            advance: Optional[torch.Tensor], keep_logits: bool = True
+            ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """n decode steps from token (B, 1) at pos (None: every row at cache.pos), the i-th drawn with u[:, i] (u (B, n),
+    None when greedy): the n new tokens (B, n), the last ones as (B, 1) for the next call, and the logits (B, n, V)
+    each was drawn from (None unless keep_logits). Compiled, the loop unrolls into one graph, so n tokens cost one
+    call's overhead."""
     tokens, logits = [], []
     for i in range(n):
         token, row = _step(model, token, pos, cache, None if u is None else u[:, i : i + 1], temperature, top_k, top_p,
                            banned, advance)
         tokens.append(token)
-        logits.append(row)
-    return torch.cat(tokens, dim=1), token, torch.stack(logits, dim=1)
+        if keep_logits:
+            logits.append(row)
+    return torch.cat(tokens, dim=1), token, torch.stack(logits, dim=1) if keep_logits else None
 
 
 @functools.cache
@@ -230,88 +233,107 @@ def _banned_mask(model: torch.nn.Module, banned: Optional[Sequence[int]], device
 
 
 def _generate_rows(model: torch.nn.Module, rows: list[_Row], temperature: float, top_k: int, top_p: float,
-                   use_cache: bool, compile: bool, banned: Optional[Sequence[int]]
-                   ) -> Iterator[tuple[int, int, torch.Tensor, Optional[str]]]:
+                   use_cache: bool, compile: bool, banned: Optional[Sequence[int]], keep_logits: bool = True
+                   ) -> Iterator[tuple[int, int, Optional[torch.Tensor], Optional[str]]]:
     """The one loop behind generate and generate_batch. Yields (row, token, logits, finish) for every token drawn, in
-    order within each row: the model's raw logits (V,) it was drawn from, and finish None while the row goes on, or
-    why it ended (_Row.take). A finished row draws no more numbers; its cache row is left to garbage."""
+    order within each row: the model's raw logits (V,) it was drawn from (None unless keep_logits), and finish None
+    while the row goes on, or why it ended (_Row.take). A finished row draws no more numbers.
+
+    The KV cache is made once. Decode steps go in runs of up to DECODE_CHUNK (less where a window fills up first or
+    every row's budget ends sooner): each row draws the numbers of a run at once, and the run's tokens come back in
+    one sync. A run may go past a row's stop (the rest of its run is dropped, and its generator has spent those
+    numbers). Eagerly, ended rows leave the cache (KVCache.keep) once they are an eighth of it, and the cache has only
+    the slots the rows can fill; compiled, shapes stay fixed (ended rows are masked) and a run is one call. Alone (one
+    row, eager), a run is one step: the numbers spent are those of the tokens yielded."""
     block = model.cfg.block_size
     keep = max(1, block // 2)
     device = next(model.parameters()).device
     mask = _banned_mask(model, banned, device)
-    B = len(rows)
     if not use_cache:  # the whole window again for every token, row by row: the reference
         while live := [b for b, row in enumerate(rows) if not row.done]:
             logits = torch.cat([model(torch.tensor([rows[b].window], device=device))[:, -1] for b in live])  # (n, V)
             u = torch.cat([rows[b].numbers() for b in live]) if temperature else None
             for b, token, row_logits in zip(live, draw(ban(logits, mask), u, temperature, top_k, top_p).tolist(),
                                             logits):
-                yield b, token, row_logits, rows[b].take(token, block, keep)
+                yield b, token, row_logits if keep_logits else None, rows[b].take(token, block, keep)
         return
     step = _compiled(_step) if compile else _step
-    # compiled, runs of `chunk` decode steps are one call each (_decode), which shares the per-call overhead out
-    chunk = max(1, min(DECODE_CHUNK, block // 2)) if compile else 1
-    cache = model.make_cache(B)
-    last = torch.zeros(B, 1, dtype=torch.long, device=device)  # each row's newest token, fed by the next decode step
-    pos = advance = None  # (B,) tensors of the rows' slots and of which rows go on: made again after any change
+    chunk = max(1, min(DECODE_CHUNK, block // 2)) if compile or len(rows) > 1 else 1
+    # eagerly, the slots that a run of steps can reach (a short generation need not read a long block's), since a run
+    # goes on while any row has tokens left; compiled, the block's, so that every call has the same shapes
+    max_len = block if compile else min(block, max(len(r.window) for r in rows) + max(r.left for r in rows))
+    cache = model.make_cache(len(rows), max_len=max_len)
+    held = list(range(len(rows)))  # the row of each cache row (the rows that go on, at the front, once compacted)
+    last = torch.zeros(len(rows), 1, dtype=torch.long, device=device)  # each cache row's newest token, fed next
+    pos = advance = None  # (B,) tensors of the cache rows' slots and of which go on: made again after any change
     warm = set() if compile else None  # the compiled decode calls that ran with full guards (_call)
-    while live := [b for b, row in enumerate(rows) if not row.done]:
-        drawn = []  # (each row's index in the tensors, its new tokens (., n) and their logits (., n, V))
-        decoding = [b for b in live if not rows[b].fresh]
+    while any(not rows[b].done for b in held):
+        ended = sum(rows[b].done for b in held)
+        if ended and not compile and ended * 8 >= len(held):  # drop the ended rows: their steps would cost as much
+            going = [i for i, b in enumerate(held) if not rows[b].done]
+            index = torch.tensor(going, device=device)
+            cache.keep(index, max(rows[held[i]].at for i in going) + 1)
+            last, held, pos = last.index_select(0, index), [held[i] for i in going], None
+        B = len(held)
+        drawn = []  # (each row and its index in the tensors, its new tokens (., n) and their logits (., n, V))
+        decoding = [i for i, b in enumerate(held) if not rows[b].done and not rows[b].fresh]
         if decoding:
             # decode steps left before a window is full (each appends a token), and tokens left to make
-            room = min(min(block + 1 - len(rows[b].window), rows[b].left) for b in decoding)
-            n = chunk if room >= chunk else 1
+            room = min(block + 1 - len(rows[held[i]].window) for i in decoding)
+            left = max(rows[held[i]].left for i in decoding)
+            if compile:  # one of two shapes of call: a whole run, or one step
+                n = chunk if min(room, min(rows[held[i]].left for i in decoding)) >= chunk else 1
+            else:
+                n = max(1, min(chunk, room, left))
             going = set(decoding)  # the other rows draw nothing: zeros for their numbers, slot 0 for their writes
-            u = _stack([rows[b].numbers(n) if b in going else torch.zeros(1, n, dtype=torch.float64)
-                        for b in range(B)]) if temperature else None  # (B, n)
-            slots = {rows[b].at for b in decoding}
+            u = _stack([rows[b].numbers(n) if i in going else torch.zeros(1, n, dtype=torch.float64)
+                        for i, b in enumerate(held)]) if temperature else None  # (B, n)
+            slots = {rows[held[i]].at for i in decoding}
             if not compile and len(slots) == 1:  # one shared slot: the plain cached step, cheaper than masking
-                cache.pos = slots.pop()
-                last, logits = _step(model, last, None, cache, u, temperature, top_k, top_p, mask)
-                tokens, logits = last, logits.unsqueeze(1)
-                pos = None
+                cache.pos, pos, at = slots.pop(), None, None
             else:
                 if pos is None:
-                    pos = torch.tensor([rows[b].at if b in going else 0 for b in range(B)], device=device)
-                    advance = torch.tensor([int(b in going) for b in range(B)], device=device)
-                if n > 1:
-                    tokens, last, logits = _call(_compiled(_decode), warm, model, last, pos, cache, u, n, temperature,
-                                                 top_k, top_p, mask, advance)
-                else:
-                    last, logits = _call(step, warm, model, last, pos, cache, u, temperature, top_k, top_p, mask,
-                                         advance)
-                    tokens, logits = last, logits.unsqueeze(1)
-            for b in decoding:
-                rows[b].at += n
-            drawn.append(({b: b for b in decoding}, tokens, logits))
-        encoding = [b for b in live if rows[b].fresh]
-        for length in sorted({len(rows[b].window) for b in encoding}):  # one forward per window length
-            group = [b for b in encoding if len(rows[b].window) == length]
-            u = _stack([rows[b].numbers() for b in group]) if temperature else None
+                    pos = torch.tensor([rows[b].at if i in going else 0 for i, b in enumerate(held)], device=device)
+                    advance = torch.tensor([int(i in going) for i in range(B)], device=device)
+                at = pos
+            if n > 1:
+                fn = _compiled(_decode) if compile else _decode
+                tokens, last, logits = _call(fn, warm, model, last, at, cache, u, n, temperature, top_k, top_p,
+                                             mask, advance, keep_logits)
+            else:
+                last, logits = _call(step, warm, model, last, at, cache, u, temperature, top_k, top_p, mask, advance)
+                tokens, logits = last, logits.unsqueeze(1) if keep_logits else None
+            for i in decoding:
+                rows[held[i]].at += n
+            drawn.append(({held[i]: i for i in decoding}, tokens, logits))
+        encoding = [i for i, b in enumerate(held) if rows[b].fresh]
+        for length in sorted({len(rows[held[i]].window) for i in encoding}):  # one forward per window length
+            group = [i for i in encoding if len(rows[held[i]].window) == length]
+            u = _stack([rows[held[i]].numbers() for i in group]) if temperature else None
             whole = len(group) == B  # into the cache itself; else into a cache of its own, copied into its rows
-            part = cache if whole else model.make_cache(len(group))
+            part = cache if whole else model.make_cache(len(group), max_len=max_len)
             part.pos = 0
             encode = step if whole and length == keep else _step  # compiled for the re-encode, whose shape is fixed
-            token, logits = encode(model, torch.tensor([rows[b].window for b in group], device=device), None, part,
-                                   u, temperature, top_k, top_p, mask)
+            token, logits = encode(model, torch.tensor([rows[held[i]].window for i in group], device=device), None,
+                                   part, u, temperature, top_k, top_p, mask)
             if whole:
                 last = token
             else:
                 index = torch.tensor(group, device=device)
                 last = last.index_copy(0, index, token)
                 for mine, its in zip(cache.k + cache.v, part.k + part.v):
-                    mine.index_copy_(0, index, its)
-            for b in group:
-                rows[b].fresh, rows[b].at = False, length
-            drawn.append(({b: i for i, b in enumerate(group)}, token, logits.unsqueeze(1)))
+                    mine[: cache.rows].index_copy_(0, index, its)
+            for i in group:
+                rows[held[i]].fresh, rows[held[i]].at = False, length
+            drawn.append(({held[i]: k for k, i in enumerate(group)}, token,
+                          logits.unsqueeze(1) if keep_logits else None))
             pos = None
         for where, tokens, logits in drawn:
             tokens = tokens.tolist()
             for b, k in where.items():
                 row = rows[b]
                 for j, token in enumerate(tokens[k]):
-                    yield b, token, logits[k, j], row.take(token, block, keep)
+                    yield b, token, None if logits is None else logits[k, j], row.take(token, block, keep)
                     if row.fresh or row.done:  # the rest of a run of steps is not its own: cut, or ended
                         pos = None
                         break
@@ -339,7 +361,8 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
     eagerly). Every path yields the same tokens for the same generator. This is generate_batch's loop with one row.
     """
     row = _Row(prompt, max_new_tokens, generator, model.cfg.block_size, frozenset(), (), None)
-    for _, token, logits, _ in _generate_rows(model, [row], temperature, top_k, top_p, use_cache, compile, banned):
+    for _, token, logits, _ in _generate_rows(model, [row], temperature, top_k, top_p, use_cache, compile, banned,
+                                              with_logits):
         yield (token, logits) if with_logits else token
 
 
@@ -379,9 +402,11 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[list[int]], max_new
     generate(model, prompts[i], ..., generator=torch.Generator().manual_seed(seeds[i])) up to where it ended. Greedy
     decoding (temperature 0) draws no numbers.
 
-    Speed: a batch takes as many decode steps as its longest row (an ended row stays in the batch, computed but
-    drawing nothing). compile=True compiles the decode steps as generate's does (once per batch size); prompts are
-    encoded eagerly, one forward per distinct length.
+    Speed: the cache is made once, with the slots the rows can fill; eagerly, ended rows leave the batch (once they
+    are an eighth of it), and decode steps go in runs of up to DECODE_CHUNK with one draw of numbers per row and one
+    sync per run. A run may go on past a row's stop: its tokens are dropped, but its generator
+    has spent their numbers. compile=True compiles the decode steps as generate's does (once per batch size; ended
+    rows stay in the batch, masked); prompts are encoded eagerly, one forward per distinct length.
     """
     if seeds is not None and generators is not None:
         raise ValueError("give seeds or generators, not both")
@@ -402,7 +427,7 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[list[int]], max_new
     logits: list[list[torch.Tensor]] = [[] for _ in rows]
     finish = ["length"] * len(rows)
     for b, token, row_logits, ended in _generate_rows(model, rows, temperature, top_k, top_p, use_cache, compile,
-                                                      banned):
+                                                      banned, with_logits):
         tokens[b].append(token)
         if with_logits:
             logits[b].append(row_logits)

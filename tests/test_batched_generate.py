@@ -170,4 +170,48 @@ def test_compiled_batch_gives_each_rows_tokens(monkeypatch):
         torch.testing.assert_close(row.logits, alone(model, prompt, len(row.tokens), seed, **kw)[1], atol=ATOL,
                                    rtol=0)
     assert out[1].finish_reason == "stop" and any(r.finish_reason == "length" for r in out)
-    assert 11 in runs and 10 in runs  # both kinds of compiled decode call ran (_decode takes n, _step does not)
+    assert 12 in runs and 10 in runs  # both kinds of compiled decode call ran (_decode takes n, _step does not)
+
+
+def test_ended_rows_leave_the_batch_and_the_cache_is_made_once(monkeypatch):
+    """Rows of different lengths, ending at different steps on a stop id or their budgets: the ended rows are
+    dropped from the cache (KVCache.keep, rows going down), every row still equals generate alone with its seed,
+    and the decode steps write into the one cache made at the start (its buffers never replaced or grown)."""
+    from lmlab.model import KVCache
+
+    model = tiny_gpt(seed=21, block_size=16)
+    prompts, seeds = PROMPTS + [[4, 4], [6]], SEEDS + [16, 17]
+    budgets = [30, 6, 30, 11, 30, 3, 30]
+    kw = dict(temperature=1.0, top_k=0, top_p=0.95)
+    single = [alone(model, p, n, s, **kw)[0] for p, n, s in zip(prompts, budgets, seeds)]
+    stop = next(t for t in single[0][2:] if sum(t in tokens for tokens in single) < len(prompts))
+    kept, buffers = [], set()
+    keep, write = KVCache.keep, KVCache.write
+    monkeypatch.setattr(KVCache, "keep", lambda self, index, slots: kept.append(len(index)) or keep(self, index, slots))
+
+    def spy(self, layer, pos, k, v):
+        buffers.add((id(self), self.k[layer].data_ptr(), tuple(self.k[layer].shape)))
+        return write(self, layer, pos, k, v)
+
+    monkeypatch.setattr(KVCache, "write", spy)
+    out = generate_batch(model, prompts, budgets, seeds=seeds, stop_ids=[stop], **kw)
+    for tokens, row in zip(single, out):
+        assert row.tokens == cut_at_stop(tokens, {stop})
+    assert kept and kept == sorted(kept, reverse=True) and kept[-1] < len(prompts)
+    assert {r.finish_reason for r in out} == {"stop", "length"}
+    assert len({cache for cache, _, _ in buffers}) == 1  # one cache for every decode step
+    assert {shape for _, _, shape in buffers} == {(len(prompts), 2, 16, 8)}  # (B, H, block, D): never grown
+    assert len(buffers) == model.cfg.n_layer  # one buffer per layer, the same at every step
+
+
+def test_a_run_of_steps_draws_the_rows_numbers_as_alone():
+    """Eager batches decode in runs of several steps (DECODE_CHUNK numbers drawn per row at once, one sync per run):
+    the tokens are those of generate alone, which decodes one step at a time, for budgets that end inside a run."""
+    import lmlab.generate as gen
+
+    model = tiny_gpt(seed=23, block_size=32)
+    prompts, seeds = [[1], [2, 3], [4, 5, 6]], SEEDS[:3]
+    budgets = [gen.DECODE_CHUNK * 2 + 3, 5, gen.DECODE_CHUNK + 1]
+    out = generate_batch(model, prompts, budgets, seeds=seeds, temperature=1.0)
+    for prompt, n, seed, row in zip(prompts, budgets, seeds, out):
+        assert row.tokens == alone(model, prompt, n, seed, temperature=1.0)[0]

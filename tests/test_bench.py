@@ -36,6 +36,8 @@ def test_bench_quick_prints_json_on_stdout_and_writes_its_files(tmp_path):
         # tokens/s is tokens per step over the median step time
         assert math.isclose(r["tokens_per_s"], r["batch"] * r["block"] / (r["step_ms"] / 1000), rel_tol=1e-9)
     assert {(g["new_tokens"], g["kv_cache"]) for g in data["generation"]} == {(500, True), (500, False)}
+    assert {(g["shape"], g["batch"]) for g in data["generation_batched"]} == {(s, b) for s in ("nanogpt-cpu", "tiny")
+                                                                            for b in (1, 8)}
     assert {t["tokenizer"] for t in data["tokenizers"]} == {"char", "bpe"}
     assert data["memory"]["peak_rss_mb"] > 50
     assert math.isfinite(data["time_to_target"]["final_val_loss"])
@@ -275,3 +277,30 @@ def test_chat_answer_timing_fills_three_quarters_of_the_context_and_renders_a_ro
     with contextlib.redirect_stdout(buf):
         print_table(out)
     assert "chat answer" in buf.getvalue() and "first token" in buf.getvalue()
+
+
+def test_batched_generation_reports_speed_against_the_decode_floor():
+    """generation_batched's rows (a tiny config: one shape, batches 1 and 2, 4 new tokens, one round) hold the keys
+    the issue names, the floor's products are a decode step's, and the spans follow generate's window policy."""
+    import torch
+
+    from lmlab.bench.decode import batched_generation, batched_lines, decode_gemms, decode_spans
+    from lmlab.config import apply_budget, get_preset
+    from lmlab.model import build_model
+
+    rows = batched_generation(torch.device("cpu"), (1, 2), 4, 1, shapes=("tiny",))
+    assert [(r["shape"], r["batch"], r["new_tokens"], r["compiled"]) for r in rows] == [("tiny", 1, 4, False),
+                                                                                      ("tiny", 2, 4, False)]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["floor_ms_per_step"] > 0
+        assert math.isclose(r["floor_tokens_per_s"], r["batch"] / (r["floor_ms_per_step"] / 1000), rel_tol=1e-9)
+    assert len(batched_lines(rows)) == 2
+    assert decode_spans(1, 5, 8) == [2, 3, 4, 5]  # the prompt's encoding draws the first token
+    assert decode_spans(3, 8, 4) == [4, 3, 4, 3, 4]  # windows of 5 tokens are cut to 2 and encoded again (3 draws)
+    cfg, _ = apply_budget(get_preset("tiny"))
+    model = build_model(cfg.model, 65)
+    gemms = {g.name: g for g in decode_gemms(model, 8, 10)}
+    assert gemms["attention QK^T"].key == (8 * cfg.model.n_head, 1, cfg.model.head_dim, 10, False, True)
+    assert gemms["attention AV"].count == cfg.model.n_layer
+    assert gemms["lm_head forward"].key == (0, 8, cfg.model.n_embd, 65, False, True)
+    assert not any("grad" in name for name in gemms)

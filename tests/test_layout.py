@@ -48,7 +48,7 @@ APPLICATIONS = [
     "experiments.base",  # trains with train(), measures with evaluate and the landscape, draws in the chart style
     "experiments.loss", "experiments.descent", "experiments.patterns", "experiments.truth", "experiments.registry", "experiments.cli",
     "bench.measure",  # times the loop's own train_step
-    "bench.nanogpt", "bench.floor", "bench.records", "bench.tables", "bench.suite", "bench.cli",
+    "bench.nanogpt", "bench.floor", "bench.decode", "bench.records", "bench.tables", "bench.suite", "bench.cli",
     "serve.request",  # limits and refusals (ApiError), which the guard, the run set and the routes all use
     "serve.runs", "serve.guard", "serve.completions", "serve.chat_completions", "serve.playground", "serve.app",
     "serve.cli",

@@ -543,7 +543,7 @@ def test_generate_compiled_equals_no_cache(monkeypatch):
                              **kw))
 
     compiled = run(use_cache=True, compile=True)
-    assert 11 in runs and 10 in runs  # both kinds of decode call ran (_decode takes n, _step does not)
+    assert 12 in runs and 10 in runs  # both kinds of decode call ran (_decode takes n, _step does not)
     assert 0 not in compiled  # banned inside the compiled graph too
     assert compiled == run(use_cache=False)
     assert compiled == run(use_cache=True)

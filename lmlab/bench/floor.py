@@ -51,18 +51,19 @@ class Gemm:
         return 2 * max(self.batch, 1) * self.m * self.k * self.n
 
 
-def linear_gemms(model: nn.Module, rows: int) -> list[Gemm]:
+def linear_gemms(model: nn.Module, rows: int, backward: bool = True) -> list[Gemm]:
     """Every nn.Linear of the model (lmlab's or nanoGPT's), on `rows` = batch x block input rows: its three GEMMs, in
     the orientation the step computes them (autograd, like lmlab's fused ReLU^2 MLP, gets the weight's gradient as
-    dY^T X, in the weight's own layout)."""
+    dY^T X, in the weight's own layout); without backward, the forward alone (a decode step)."""
     out = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             label = re.sub(r"\.\d+\.", ".*.", name)  # blocks.0.mlp.fc -> blocks.*.mlp.fc: one entry for all layers
             i, o = module.in_features, module.out_features
-            out += [Gemm(f"{label} forward", 0, rows, i, o, b_t=True),  # x (M, in) @ W^T (in, out)
-                    Gemm(f"{label} input grad", 0, rows, o, i),  # dY (M, out) @ W (out, in)
-                    Gemm(f"{label} weight grad", 0, o, rows, i, a_t=True)]  # dY^T (out, M) @ X (M, in)
+            out.append(Gemm(f"{label} forward", 0, rows, i, o, b_t=True))  # x (M, in) @ W^T (in, out)
+            if backward:
+                out += [Gemm(f"{label} input grad", 0, rows, o, i),  # dY (M, out) @ W (out, in)
+                        Gemm(f"{label} weight grad", 0, o, rows, i, a_t=True)]  # dY^T (out, M) @ X (M, in)
     return out
 
 

@@ -12,6 +12,7 @@ import torch
 
 from ..common import LmlabError, keep_freed_memory, resolve_device
 from ..data import BUILTIN, resolve_source
+from .decode import batched_generation, batched_lines
 from .floor import SHAPES, floor_lines, lmlab_floor
 from .measure import (chat_speed, generation_label, generation_speed, matmul_peak, quality_run, throughput,
                       tokenizer_speed, training_rss)
@@ -174,6 +175,11 @@ def bench_generation(cfg: BenchConfig, device: torch.device, out: dict) -> None:
             out["generation"].append(r)
             say(f"generation {n} tokens, {generation_label(r)}: {r['tokens_per_s']:,.0f} tok/s"
                 + (f" (compiling and warm-up: {r['first_s']:.1f} s)" if comp else ""))
+    # batched, against the floor of its decode step (decode.py), eager: at 128 new tokens compiling is not repaid
+    batches, new_tokens, rounds = ((1, 8), 32, 2) if cfg.quick else ((1, 8, 64), 128, 5)
+    out["generation_batched"] = batched_generation(device, batches, new_tokens, rounds)
+    for line in batched_lines(out["generation_batched"]):
+        say(line)
 
 
 def bench_chat(cfg: BenchConfig, device: torch.device, out: dict) -> None:

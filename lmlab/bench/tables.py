@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .decode import batched_lines
 from .floor import floor_lines
 from .measure import generation_label
 from .records import RECORD_HEADER, record_markdown
@@ -32,6 +33,7 @@ def print_table(out: dict) -> None:
     for r in out.get("generation", []):
         lines.append(f"{'generate %d, %s' % (r['new_tokens'], generation_label(r)):34s} {r['tokens_per_s']:9,.0f} tok/s"
                      + (f"  (compiling and warm-up {r['first_s']:.1f} s)" if r.get("compiled") else ""))
+    lines += batched_lines(out.get("generation_batched", []))
     c = out.get("chat")
     if c:
         lines.append(f"{'chat answer, %d-token prompt' % c['prompt_tokens']:34s} {c['tokens_per_s']:9,.0f} tok/s  "
@@ -42,6 +44,12 @@ def print_table(out: dict) -> None:
         lines.append(f"{'peak RSS, training ' + out['memory']['preset']:34s} {out['memory']['peak_rss_mb']:9.0f} MB")
     lines += _nanogpt_lines(out.get("nanogpt"))
     print("\n".join(lines))
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines, then an empty line."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
 
 
 def _nanogpt_lines(ng: Optional[dict]) -> list[str]:
@@ -77,13 +85,12 @@ def to_markdown(out: dict) -> str:
         md += ["| hardware peak (matmul) | GFLOP/s |", "|---|---|",
                f"| fp32 | {p['float32']:.0f} |", f"| bf16 | {p['bfloat16']:.0f} |", ""]
     if out.get("throughput"):
-        md += ["| training config | dtype | compiled | tokens/s | ms/step | MFU (fp32 peak) | MFU (bf16 peak) "
-               "| first step (s) |", "|---|---|---|---|---|---|---|---|"]
-        for r in out["throughput"]:
-            md.append(f"| {r['preset']} ({r['batch']}x{r['block']}) | {r['dtype']} | {'yes' if r['compile'] else 'no'} "
-                      f"| {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['mfu_vs_float32']:.1%} "
-                      f"| {r['mfu_vs_bfloat16']:.1%} | {r['first_step_s']:.1f} |")
-        md.append("")
+        md += markdown_table(["training config", "dtype", "compiled", "tokens/s", "ms/step", "MFU (fp32 peak)",
+                              "MFU (bf16 peak)", "first step (s)"],
+                             [[f"{r['preset']} ({r['batch']}x{r['block']})", r["dtype"],
+                               "yes" if r["compile"] else "no",
+                               f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}", f"{r['mfu_vs_float32']:.1%}",
+                               f"{r['mfu_vs_bfloat16']:.1%}", f"{r['first_step_s']:.1f}"] for r in out["throughput"]])
     if out.get("floor"):
         md += ["| floor (eager fp32 step against its own matmuls) | step (ms) | floor (ms) | step/floor | optimizer "
                "matmuls (ms) | profile of the step (ms per kind) |", "|---|---|---|---|---|---|"]
@@ -110,6 +117,15 @@ def to_markdown(out: dict) -> str:
             first = f"{r['first_s']:.1f}" if r.get("compiled") else "-"
             md.append(f"| {r['new_tokens']} new tokens, {generation_label(r)} | {r['tokens_per_s']:,.0f} | {first} |")
         md.append("")
+    if out.get("generation_batched"):
+        md += markdown_table(["batched generation (eager, one-token prompts, no stops)", "tokens/s", "ms/step",
+                              "floor ms/step", "floor tokens/s", "floor / speed", "cold floor ms/step",
+                              "cold floor / speed"],
+                             [[f"{r['shape']}, batch {r['batch']}, {r['new_tokens']} new tokens",
+                               f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.2f}", f"{r['floor_ms_per_step']:.2f}",
+                               f"{r['floor_tokens_per_s']:,.0f}", f"{r['floor_over_speed']:.2f}",
+                               f"{r['floor_cold_ms_per_step']:.2f}", f"{r['floor_cold_over_speed']:.2f}"]
+                              for r in out["generation_batched"]])
     c = out.get("chat")
     if c:
         md += [f"| chat answer, batch 1 ({c['preset']}, random init, char tokenizer) | prompt tokens | time to first "
