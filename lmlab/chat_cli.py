@@ -25,7 +25,7 @@ class ChatArgs:
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
     checkpoint: str = "best"
-    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
+    """Which checkpoint to load: best (the lowest validation loss; an rl run's highest held-out reward), last (the newest) or a step number."""
     system: Optional[str] = None
     """A system message that opens the conversation (kept when old turns are left out)."""
     max_new_tokens: int = 256

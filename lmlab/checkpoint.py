@@ -402,6 +402,7 @@ def _state_problem(state: Any, path: Path) -> str:
     for key, check in (("lr_scale", lambda v: _is_number(v) and v > 0), ("skipped_steps", _is_int),
                        ("rollbacks", _is_int), ("best_val_loss", lambda v: v is None or _is_number(v)),
                        ("val_loss", lambda v: v is None or _is_number(v)), ("evals", _evals_ok),
+                       ("heldout_reward", _is_number), ("best_heldout_reward", lambda v: v is None or _is_number(v)),
                        ("spikes", lambda v: isinstance(v, dict) and all(_is_number(v.get(k))
                                                                        for k in ("mean", "var", "count")))):
         if key in state and not check(state[key]):
@@ -467,7 +468,7 @@ def _warn(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-CHOICES = "best (the lowest validation loss), last (the newest) or a step number"
+CHOICES = "best (the lowest validation loss; an rl run's highest held-out reward), last (the newest) or a step number"
 
 
 def parse_choice(which: str) -> str | int:
@@ -489,13 +490,16 @@ def _quick_state(path: Path) -> Optional[dict]:
 
 
 def _by_validation(run_dir: Path) -> list[Path]:
-    """The checkpoints written at an evaluation, lowest validation loss first (the newer of equals first)."""
-    scored = []
+    """The checkpoints written at an evaluation, lowest validation loss first (the newer of equals first); an rl
+    run's, highest held-out reward first (the newer of equals first)."""
+    by_loss, by_reward = [], []
     for path in checkpoint_dirs(run_dir):
         state = _quick_state(path)
-        if state is not None and state.get("val_loss") is not None:
-            scored.append((state["val_loss"], -state["step"], path))
-    return [path for *_, path in sorted(scored)]
+        if state is not None and state.get("heldout_reward") is not None:
+            by_reward.append((-state["heldout_reward"], -state["step"], path))
+        elif state is not None and state.get("val_loss") is not None:
+            by_loss.append((state["val_loss"], -state["step"], path))
+    return [path for *_, path in sorted(by_reward or by_loss)]
 
 
 def chosen_checkpoints(run_dir: Path, which: str | int = "last", warn: Callable[[str], None] = _warn):

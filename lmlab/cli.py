@@ -205,7 +205,7 @@ class ExportArgs:
     out: str
     """Where to write the copy (a new or empty directory)."""
     checkpoint: str = "best"
-    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
+    """Which checkpoint to load: best (the lowest validation loss; an rl run's highest held-out reward), last (the newest) or a step number."""
     format: Literal["lmlab", "hf"] = "lmlab"
     """lmlab: a run folder with one checkpoint; hf: config.json, model.safetensors, tokenizer.json,
     tokenizer_config.json and generation_config.json for stock transformers classes (docs/interop.md)."""
@@ -290,7 +290,7 @@ class NextArgs:
     prompt: Annotated[str, tyro.conf.Positional]
     """The text before the token to predict."""
     checkpoint: str = "best"
-    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
+    """Which checkpoint to load: best (the lowest validation loss; an rl run's highest held-out reward), last (the newest) or a step number."""
     top: int = 10
     """How many of the most likely tokens to list."""
     temperature: float = 1.0

@@ -25,7 +25,7 @@ class EvalArgs:
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
     checkpoint: str = "best"
-    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
+    """Which checkpoint to load: best (the lowest validation loss; an rl run's highest held-out reward), last (the newest) or a step number."""
     stride: Optional[int] = None
     """Windows of block_size tokens start every this many tokens and score only what earlier windows did not reach,
     so every scored token has at least block_size - stride tokens of context (default: block_size / 2, as published

@@ -3,10 +3,12 @@ way. The loop, the run folder, checkpoints, resume and records are train.py's; t
 
 - `load`: the task's prompts (tasks.py) for the base's tokenizer and context, and the run's token streams (each
   prompt with its reference answer: the held-out ones give the validation loss).
-- `RolloutSampler`: each micro-batch of a step. It draws batch_size training prompts and a seed for each of their
-  group_size completions from one seeded generator (its state is the sampler's whole state, saved in checkpoints),
-  samples every completion of every group in one batch with the KV cache (generate.generate_batch), scores them
-  (the task's verifier, or a Python reward function), and normalises the rewards within each group.
+- `RolloutSampler`: each micro-batch of a step. It draws batch_size x rl_oversample training prompts and a seed for
+  each of their group_size completions from one seeded generator (its state is the sampler's whole state, saved in
+  checkpoints), samples every completion of every group in one batch with the KV cache (generate.generate_batch;
+  a plain-text prompt's completion never draws a special token), scores them (the task's verifier, or a Python
+  reward function), keeps the first batch_size groups whose rewards are mixed (DAPO's dynamic sampling,
+  `select_groups`: the others have zero advantages) and normalises the rewards within each group.
 - `Rollout.loss`: the clipped policy-gradient loss of loss.policy_loss over the completion tokens, with one update
   per batch (the old policy is the current one, detached: ratio 1, REINFORCE's gradient), and the k3 KL to the
   frozen reference (the initial model, built only when --kl-beta > 0).
@@ -31,11 +33,12 @@ from . import tokenizer as tok
 from .common import LmlabError
 from .config import TrainConfig
 from .data import ConversationSplits, Splits
-from .generate import generate_batch
+from .generate import ban, generate_batch
 from .hf import init_from
 from .loss import group_advantages, policy_loss
 from .model import build_model
 from .run import init_from_run, is_lmlab_run
+from .sample import text_banned
 
 Reward = Callable[[str, str], float]
 """A reward of one's own: (the prompt's text, the completion's text) -> a number."""
@@ -127,7 +130,7 @@ class Rollout:
     mask: torch.Tensor
     """(N, T) bool: the targets that are completion tokens (the prompt's and the padding are not trained)."""
     rewards: torch.Tensor
-    """(P, G) each completion's reward, by prompt (row p * G + g of x)."""
+    """(P, G) each trained completion's reward, by prompt (row p * G + g of x)."""
     advantages: torch.Tensor
     """(N,) the rewards normalised within their group (loss.group_advantages)."""
     temperature: float
@@ -142,14 +145,22 @@ class Rollout:
     scoring_s: float = 0.0
     stats: Optional[dict] = None
     """What the loss measured: kl, entropy, clip_fraction (set by loss)."""
+    drawn: Optional[torch.Tensor] = None
+    """(P', G) the rewards of every group sampled, kept or not (dynamic sampling, select_groups); None: rewards."""
+    drawn_completion_tokens: float = 0.0
+    """The mean completion length of every row sampled."""
+    banned: Optional[torch.Tensor] = None
+    """(V,) bool: the ids never sampled (a plain-text prompt's special tokens): the policy gives them no mass."""
 
     def token_logprobs(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probabilities of every token under the sampling distribution (N, T, V), those of the targets (N, T))."""
         logits = model(self.x)
         if logits.dtype in (torch.float16, torch.bfloat16):  # (float64 stays float64)
             logits = logits.float()
-        logp_all = (logits / self.temperature).log_softmax(-1)
-        return logp_all, logp_all.gather(-1, self.y[..., None])[..., 0]
+        logp_all = (ban(logits, self.banned) / self.temperature).log_softmax(-1)
+        # the targets that are not trained (a prompt's, the padding) may be banned ids, at -inf: 0 there keeps the
+        # loss's gradient finite (a NaN in the branch torch.where leaves out still reaches the weights)
+        return logp_all, logp_all.gather(-1, self.y[..., None])[..., 0].masked_fill(~self.mask, 0.0)
 
     def loss(self, model: torch.nn.Module) -> torch.Tensor:
         """The policy loss of the completions under `model` (which may be compiled or wrapped)."""
@@ -163,6 +174,13 @@ class Rollout:
             entropy = -(logp_all.exp() * logp_all.clamp(min=-1e30)).sum(-1)[self.mask].mean()
         self.stats = {"kl": out.kl, "entropy": float(entropy), "clip_fraction": out.clip_fraction}
         return out.loss
+
+
+def select_groups(rewards: torch.Tensor, count: int) -> list[int]:
+    """DAPO's dynamic sampling: the first `count` groups (rows of rewards (P, G)) whose rewards are not all equal,
+    in the order drawn; the first group alone when none is (its advantages are 0: the step learns nothing)."""
+    mixed = (rewards != rewards[:, :1]).any(-1).nonzero()[:, 0].tolist()
+    return mixed[:count] or [0]
 
 
 def rows_of(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
@@ -190,6 +208,7 @@ class RolloutSampler:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.stop_ids = tokenizer.stop_ids
         self.stop_strings = () if data.task.chat else ("\n",)
+        self.banned = None if data.task.chat else text_banned(tokenizer)  # a text's completion is text
         self.pad_id = sft.pad_id(tokenizer)
         self.encoded: dict[int, list[int]] = {}
         self.policy: Optional[torch.nn.Module] = None
@@ -216,9 +235,10 @@ class RolloutSampler:
         rl = self.cfg.rl
         return (f"rewarding --task {self.task.name}{' (a reward function of your own)' if self.custom_reward else ''}"
                 f": {len(self.task.train):,} training prompts, {len(self.task.held_out)} held out; "
-                f"{self.cfg.batch_size} prompts x {rl.group_size} completions a micro-step, sampled together, at "
-                f"temperature {rl.rl_temperature:g}, up to {rl.rl_max_new_tokens} tokens; KL weight {rl.kl_beta:g}, "
-                f"clip {rl.clip_eps:g}")
+                f"{self.cfg.batch_size * rl.rl_oversample} prompts x {rl.group_size} completions a micro-step, "
+                f"sampled together, at temperature {rl.rl_temperature:g}, up to {rl.rl_max_new_tokens} tokens"
+                + (f", the first {self.cfg.batch_size} groups with mixed rewards trained" if rl.rl_oversample > 1
+                   else "") + f"; KL weight {rl.kl_beta:g}, clip {rl.clip_eps:g}")
 
     def check_reference(self, saved: Optional[dict]) -> None:
         """On resume: the reference must be the one the run started from (the checkpoint's identity)."""
@@ -262,7 +282,7 @@ class RolloutSampler:
         model.eval()
         with torch.no_grad():
             out = generate_batch(model, ids, budgets, temperature, seeds=seeds, stop_ids=self.stop_ids,
-                                 stop_strings=self.stop_strings, tokenizer=self.tokenizer)
+                                 stop_strings=self.stop_strings, tokenizer=self.tokenizer, banned=self.banned)
         model.train(was_training)
         tokens = [c.tokens for c in out]
         texts = []
@@ -272,30 +292,43 @@ class RolloutSampler:
         return tokens, texts, [c.finish_reason == "stop" for c in out]
 
     def next(self) -> Rollout:
-        """The next micro-batch: completions sampled from the current policy and scored."""
+        """The next micro-batch: completions sampled from the current policy and scored, and the groups kept."""
         if self._micro == 0:
             self.step_rollouts = []
         self._micro = (self._micro + 1) % self.grad_accum
         rl = self.cfg.rl
         group, count = rl.group_size, self.cfg.batch_size
-        chosen = torch.randint(len(self.task.train), (count,), generator=self.generator).tolist()
-        seeds = torch.randint(2 ** 62, (count * group,), generator=self.generator).tolist()
+        drawn = count * rl.rl_oversample
+        chosen = torch.randint(len(self.task.train), (drawn,), generator=self.generator).tolist()
+        seeds = torch.randint(2 ** 62, (drawn * group,), generator=self.generator).tolist()
         prompts = [self.task.train[i] for i in chosen for _ in range(group)]
         ids = [self.encode(i, self.task.train) for i in chosen for _ in range(group)]
         t0 = time.perf_counter()
         tokens, texts, _ = self.complete(self.policy, ids, rl.rl_temperature, seeds)
         t1 = time.perf_counter()
-        rewards = torch.tensor([self.score(p, text) for p, text in zip(prompts, texts)]).view(count, group)
+        rewards = torch.tensor([self.score(p, text) for p, text in zip(prompts, texts)]).view(drawn, group)
         t2 = time.perf_counter()
+        kept = select_groups(rewards, count) if rl.rl_oversample > 1 else list(range(drawn))
+        rows = [k * group + g for k in kept for g in range(group)]
+        lengths = sum(len(t) for t in tokens) / len(tokens)
+        ids, tokens, prompts, texts = ([seq[r] for r in rows] for seq in (ids, tokens, prompts, texts))
         x, y, mask = rows_of(ids, tokens, self.pad_id)
         if self.device.type != "cpu":
             x, y, mask = x.to(self.device), y.to(self.device), mask.to(self.device)
-        advantages = group_advantages(rewards).reshape(-1).to(self.device)
-        rollout = Rollout(x, y, mask, rewards, advantages, rl.rl_temperature, rl.clip_eps, rl.kl_beta, self.reference,
-                          [(p.text, text) for p, text in zip(prompts, texts)],
-                          sum(len(p) + len(t) for p, t in zip(ids, tokens)), t1 - t0, t2 - t1)
+        advantages = group_advantages(rewards[kept]).reshape(-1).to(self.device)
+        rollout = Rollout(x, y, mask, rewards[kept], advantages, rl.rl_temperature, rl.clip_eps, rl.kl_beta,
+                          self.reference, [(p.text, text) for p, text in zip(prompts, texts)],
+                          sum(len(p) + len(t) for p, t in zip(ids, tokens)), t1 - t0, t2 - t1, drawn=rewards,
+                          drawn_completion_tokens=lengths, banned=self.banned_mask(x.device))
         self.step_rollouts.append(rollout)
         return rollout
+
+    def banned_mask(self, device: torch.device) -> Optional[torch.Tensor]:
+        if not self.banned:
+            return None
+        mask = torch.zeros(self.policy.vocab_size, dtype=torch.bool, device=device)
+        mask[[i for i in self.banned if i < len(mask)]] = True
+        return mask
 
     def step_tokens(self) -> int:
         """The tokens the last step trained on: every prompt and completion token of its rows."""
@@ -304,13 +337,16 @@ class RolloutSampler:
     def step_record(self, seconds: float) -> dict:
         """The last step's figures for its metrics.jsonl record."""
         done = self.step_rollouts
-        rewards = torch.cat([r.rewards for r in done])  # (P, G)
+        rewards = torch.cat([r.rewards if r.drawn is None else r.drawn for r in done])  # (P, G): every group drawn
         stats = [r.stats or {} for r in done]
         mean = lambda key: sum(s.get(key, 0.0) for s in stats) / max(1, len(stats))  # noqa: E731
         generation, scoring = sum(r.generation_s for r in done), sum(r.scoring_s for r in done)
+        mixed = (rewards != rewards[:, :1]).any(-1)
         record = {"reward": float(rewards.mean()), "pass_at_1": float((rewards > 0).float().mean()),
                   "pass_at_g": float((rewards > 0).any(-1).float().mean()),
-                  "completion_tokens": float(sum(int(r.mask.sum()) for r in done) / rewards.numel()),
+                  "mixed_fraction": float(mixed.float().mean()),
+                  "kept_fraction": sum(len(r.rewards) for r in done) / len(rewards),
+                  "completion_tokens": sum(r.drawn_completion_tokens for r in done) / len(done),
                   "entropy": mean("entropy"), "clip_fraction": mean("clip_fraction"),
                   "generation_s": round(generation, 4), "scoring_s": round(scoring, 4),
                   "update_s": round(max(0.0, seconds - generation - scoring), 4)}

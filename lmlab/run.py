@@ -69,6 +69,8 @@ class TrainRecord:
     kl: Optional[float] = None  # k3 estimate of KL(policy || reference) per completion token (with --kl-beta > 0)
     entropy: Optional[float] = None  # of the policy, nats per completion token
     completion_tokens: Optional[float] = None  # mean length of a completion
+    mixed_fraction: Optional[float] = None  # share of the groups drawn whose rewards are not all equal
+    kept_fraction: Optional[float] = None  # share of the groups drawn that were trained (--rl-oversample)
     clip_fraction: Optional[float] = None  # share of completion tokens whose ratio was clipped
     generation_s: Optional[float] = None  # where the step's time went: sampling the completions,
     scoring_s: Optional[float] = None  # scoring them,
@@ -159,7 +161,11 @@ class Metrics:
         return metrics
 
     def best_eval(self) -> Optional[EvalRecord]:
-        """The evaluation with the lowest finite validation loss (the later of equals), or None."""
+        """The evaluation with the lowest finite validation loss (an rl run's: the highest held-out reward), the
+        later of equals, or None."""
+        rewarded = [r for r in self.evals if r.heldout_reward is not None]
+        if rewarded:
+            return max(reversed(rewarded), key=lambda r: r.heldout_reward)
         finite = [r for r in self.evals if r.finite]
         return min(reversed(finite), key=lambda r: r.val_loss) if finite else None
 

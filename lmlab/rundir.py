@@ -217,7 +217,8 @@ _METRIC_NUMBERS = ("train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
                        "rejected_logp")),
                    # --stage rl (lmlab/rl.py): each step's rewards and measures, each evaluation's held-out rewards
                    "reward", "pass_at_1", "pass_at_g", "kl", "entropy", "completion_tokens", "clip_fraction",
-                   "generation_s", "scoring_s", "update_s", "heldout_reward", "heldout_pass_at_1")
+                   "generation_s", "scoring_s", "update_s", "heldout_reward", "heldout_pass_at_1", "mixed_fraction",
+                   "kept_fraction")
 SHAPES: dict[str, dict[str, Any]] = {
     METRICS: {"step": _count, "tokens": _count, "val_tokens": _count, "val_stride": _count, "rollback": _count, "skipped_total": _count, "val_pairs": _count,
               **{k: _number for k in _METRIC_NUMBERS}, "exact_match": _numbers_by_name, "ended_turn": _number,

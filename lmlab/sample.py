@@ -79,7 +79,7 @@ class SampleArgs:
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
     checkpoint: str = "best"
-    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
+    """Which checkpoint to load: best (the lowest validation loss; an rl run's highest held-out reward), last (the newest) or a step number."""
     settings: SampleConfig = field(default_factory=SampleConfig)
 
 

@@ -483,38 +483,46 @@ def pad_id(tokenizer: tok.Tokenizer) -> int:
 
 def evaluates_conversations(config: TrainConfig, data: Optional[str]) -> bool:
     """Whether `lmlab eval` of a run measures conversations: a fine-tuned run (its stage is sft), on its own held-out
-    conversations or --data's conversations (a text --data measures text, as for any run); a chat model of
-    --stage rl on --data's conversations."""
+    conversations (or prompt-completion pairs) or --data's conversations (a text --data measures text, as for any
+    run); a chat model of --stage rl on its task's held-out conversations (synthetic:chat) or --data's."""
     if not data:
-        return config.stage == "sft"  # an rl run's own data is its task's prompts: give --data synthetic:chat
+        return config.chat_model
     return config.chat_model and is_conversations(data)
 
 
 def evaluate_run(run, data: Optional[str], batch_size: int = 32, trust: bool = False) -> dict:
     """A fine-tuned run (run.load_run's) on conversations: --data's (every conversation of a file, or the
-    held-out split of synthetic:chat), else the run's own held-out ones (its data, split as training split it; a path
-    from its config is read only as rundir.check_data_paths allows). The masked loss, bits/byte and accuracy of what
-    the assistant writes, and, where there is a verifier, the exact match by skill and the share of ended turns."""
+    held-out split of synthetic:chat), else the run's own held-out ones (its data, split as training split it, or
+    an rl run's task's; a path from its config is read only as rundir.check_data_paths allows), or its own held-out
+    prompt-completion pairs. The masked loss, bits/byte and accuracy of what the assistant writes, and, where there
+    is a verifier, the exact match by skill and the share of ended turns."""
     tokenizer, model = run.tokenizer, run.model
     block = model.cfg.block_size
+    saved = run.config
+    if not data and saved.stage == "rl":  # its task's held-out conversations
+        data = saved.rl.task
     if data and not synthetic.is_chat(data):
         conversations, source = chat.read_conversations(data), data
     else:
-        saved = run.config
         if not data:
             run.run.check_data_paths([("--data", saved.data.data), ("--val-data", saved.data.val_data)], "lmlab eval",
                                      trust)
         source = data or saved.data.val_data or saved.data.data
         conversations = read_chat_data(data or saved.data.data, None if data else saved.data.val_data,
                                        saved.data.val_fraction, saved.seed).val
-    chat.check_characters(tokenizer, conversations, source)
-    done = chat.render_all(tokenizer, conversations, block + 1)
-    if not done.rendered:
+    if conversations and isinstance(conversations[0], Completion):  # TRL's prompt-completion pairs: plain text
+        rendered, tasks = [r for r in (encode_completion(tokenizer, p) for p in conversations)
+                           if len(r.ids) <= block + 1], []
+    else:
+        chat.check_characters(tokenizer, conversations, source)
+        done = chat.render_all(tokenizer, conversations, block + 1)
+        rendered = done.rendered
+        tasks = choose_tasks(tokenizer, [conversations[i] for i in done.kept], block)
+    if not rendered:
         raise LmlabError(f"none of the conversations of {source} fits the context of {block} tokens")
-    m = evaluate_chat(model, validation_blocks(done.rendered, block, 0, pad_id(tokenizer)),
+    m = evaluate_chat(model, validation_blocks(rendered, block, 0, pad_id(tokenizer)),
                       torch.from_numpy(tokenizer.byte_lengths()), batch_size)
-    tasks = choose_tasks(tokenizer, [conversations[i] for i in done.kept], block)
-    result = {"source": source, "conversations": len(done.rendered), "loss": m.loss,
+    result = {"source": source, "conversations": len(rendered), "loss": m.loss,
               "bits_per_byte": m.bits_per_byte, "perplexity": m.perplexity, "accuracy": m.accuracy,
               "tokens": m.tokens}
     return {**result, **(answer_tasks(model, tokenizer, tasks) if tasks else {}), "answers": len(tasks)}

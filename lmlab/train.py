@@ -103,6 +103,8 @@ class TrainState:
     tokens: int = 0
     elapsed: float = 0.0
     best_val: float = math.inf
+    best_reward: float = -math.inf
+    """--stage rl: the highest held-out reward so far (its best checkpoint is chosen by it, not the loss)."""
     lr_scale: float = 1.0
     skipped: int = 0
     rollbacks: int = 0
@@ -118,8 +120,9 @@ class TrainState:
                     "skipped_steps": self.skipped, "spikes": self.spikes.state_dict(), "rollbacks": self.rollbacks,
                     "evals": self.evals.state_dict(),
                     "best_val_loss": self.best_val if math.isfinite(self.best_val) else None}
-        if isinstance(self.sampler, rl.RolloutSampler):  # which model the KL penalty is to
+        if isinstance(self.sampler, rl.RolloutSampler):  # which model the KL penalty is to; the best reward
             counters["reference"] = self.sampler.reference_id
+            counters["best_heldout_reward"] = self.best_reward if math.isfinite(self.best_reward) else None
         return {"step": self.step, "counters": counters, "rng": rng}
 
     def load_state_dict(self, sd: dict, seed: int, d: Dist) -> None:
@@ -132,6 +135,8 @@ class TrainState:
             torch.cuda.set_rng_state(rng["cuda"])
         self.step, self.tokens, self.elapsed = sd["step"], counters["tokens"], counters["elapsed_s"]
         self.best_val = counters.get("best_val_loss") or math.inf
+        best_reward = counters.get("best_heldout_reward")
+        self.best_reward = -math.inf if best_reward is None else best_reward
         self.lr_scale = counters.get("lr_scale", 1.0)
         self.skipped = counters.get("skipped_steps", 0)
         self.rollbacks = counters.get("rollbacks", 0)
@@ -650,7 +655,7 @@ class Recorder:
 
     def evaluation(self, state: TrainState) -> bool:
         """Validation loss, then the probe, what the model learnt inside, and a weight snapshot (rank 0). True when
-        this is the best validation loss so far."""
+        this is the best validation loss so far (for --stage rl, the best held-out reward: the later of equals)."""
         setup, cfg = self.setup, self.cfg
         stride = window_stride(cfg.eval_stride, cfg.model.block_size)
         if setup.pairs is not None:  # the DPO loss of the held-out pairs
@@ -681,6 +686,9 @@ class Recorder:
         self.answers = sft.answer_tasks(view, setup.tokenizer, tasks) if view is not None and tasks else None
         if isinstance(state.sampler, rl.RolloutSampler):  # greedy answers to the held-out prompts, rewarded
             self.answers = state.sampler.evaluate(unwrap(state.model), setup.run_dir, state.step)
+            best = self.answers["heldout_reward"] >= state.best_reward
+            state.best_reward = max(state.best_reward, self.answers["heldout_reward"])
+            record["best"] = best
         record.update(self.answers or {})
         self.warning = ""
         if self.overfitting >= OVERFIT_EVALS:
@@ -759,6 +767,8 @@ def checkpoint(setup: Setup, state: TrainState, recorder: Recorder) -> None:
     sd = state.state_dict()
     val = recorder.val_at(state.step)
     sd["counters"]["val_loss"] = val if val is not None and math.isfinite(val) else None  # --checkpoint best's key
+    if val is not None and isinstance(state.sampler, rl.RolloutSampler):  # rl's: the held-out reward
+        sd["counters"]["heldout_reward"] = recorder.answers["heldout_reward"]
     if setup.pairs is not None:  # the reference the steps compared with, checked on resume
         sd["counters"][dpo.REFERENCE_KEY] = setup.pairs.reference_sha256()
     try:

@@ -183,7 +183,8 @@ METRIC_KEYS = {"train_loss", "val_loss", "rollback", "lr_scale", "grad_norm", "t
                "val_chosen_reward", "val_rejected_reward", "val_margin", "val_preference_accuracy", "val_chosen_logp",
                "val_rejected_logp", "val_pairs",
                "reward", "pass_at_1", "pass_at_g", "kl", "entropy", "completion_tokens", "clip_fraction",
-               "generation_s", "scoring_s", "update_s", "heldout_reward", "heldout_pass_at_1"}
+               "generation_s", "scoring_s", "update_s", "heldout_reward", "heldout_pass_at_1", "mixed_fraction",
+               "kept_fraction"}
 RUN_OWNERS = {"run", "config", "rundir"}  # the Run, the config it parses, the shapes the records are checked against
 
 

@@ -83,3 +83,12 @@ def test_a_run_fine_tunes_on_the_completions_only(tmp_path, monkeypatch):
                  if "val_loss" in json.loads(line))
     assert first["step"] == 0 and first["val_loss"] == pytest.approx(nats / count, rel=1e-4)
     assert count == sum(int(np.sum(sft.encode_completion(base.tokenizer, p).mask)) for p in splits.val)
+    # `lmlab eval` of the run without --data: its own held-out pairs, the completions' masked loss (as validation had)
+    from lmlab.run import Run
+
+    assert sft.evaluates_conversations(Run.open(run).config, None)
+    best = min((json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                if "val_loss" in json.loads(line)), key=lambda r: r["val_loss"])
+    evaluated = sft.evaluate_run(load_run(run), None)
+    assert evaluated["loss"] == pytest.approx(best["val_loss"], rel=1e-4)
+    assert evaluated["conversations"] == len(splits.val) and evaluated["answers"] == 0

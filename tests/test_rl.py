@@ -16,8 +16,8 @@ from lmlab.common import LmlabError
 from lmlab.config import RlConfig
 from lmlab.loss import group_advantages, policy_loss
 from lmlab.model import ModelConfig, build_model
-from lmlab.rl import Rollout, rows_of
-from lmlab.run import Run
+from lmlab.rl import Rollout, rows_of, select_groups
+from lmlab.run import Run, load_run
 
 EPS = 1e-6
 
@@ -55,6 +55,14 @@ def test_kl_penalty_is_k3_by_hand():
     k3 = 2.0 - math.log(2.0) - 1.0  # exp(d) - d - 1 at d = ln 2; 0 at d = 0
     assert out.kl == pytest.approx(k3 / 2, abs=1e-6)
     assert out.loss.item() == pytest.approx(0.5 * k3 / 2, abs=1e-6)
+
+
+def test_dynamic_sampling_keeps_the_groups_with_mixed_rewards():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.5]])
+    assert select_groups(rewards, 2) == [1, 3]  # the first two mixed groups, in the order drawn
+    assert select_groups(rewards, 8) == [1, 3, 4]  # fewer mixed groups than asked: those there are
+    assert select_groups(rewards[[0, 2]], 2) == [0]  # none: one group, whose advantages are all 0
+    assert group_advantages(rewards[[0, 2]]).abs().max() == 0
 
 
 def test_rows_train_the_completion_only():
@@ -192,6 +200,22 @@ def test_same_seed_same_completions_and_a_python_reward(base, tmp_path, monkeypa
     assert [r.get("reward") for r in first] == [r.get("reward") for r in second]
     assert all(c["reward"] == len(c["completion"]) % 3 for log in logs[0] for c in log["train"] + log["held_out"])
     assert seen and all(p.endswith(" is ") for p, _ in seen)
+    # dynamic sampling (rl_oversample 4 by default): 2 x 4 groups drawn a step, the first 2 mixed ones trained; the
+    # rewards are logged over all 8, and the logged training group is a mixed one
+    assert all(r["kept_fraction"] == max(min(r["mixed_fraction"], 0.25), 0.125) for r in steps)
+    assert any(len({c["reward"] for c in log["train"]}) > 1 for log in logs[0][1:])
+    # the best checkpoint is the one of the highest held-out reward (the later of equals), not the lowest loss
+    evals = [r for r in first if "heldout_reward" in r]
+    assert [r["best"] for r in evals] == [r["heldout_reward"] >= max(e["heldout_reward"] for e in evals[:i + 1])
+                                          for i, r in enumerate(evals)]
+    saved = {p.name: json.loads((p / "state.json").read_text()) for p in (tmp_path / "a" / "checkpoints").iterdir()}
+    rewarded = [s for s in saved.values() if "heldout_reward" in s]
+    assert rewarded and all(s["heldout_reward"] == next(r["heldout_reward"] for r in evals if r["step"] == s["step"])
+                            for s in rewarded)
+    best = max(reversed(rewarded), key=lambda s: (s["heldout_reward"], s["step"]))
+    assert load_run(tmp_path / "a").checkpoint.step == best["step"]
+    assert Run.open(tmp_path / "a").metrics().best_eval().step == max(
+        reversed(evals), key=lambda r: (r["heldout_reward"], r["step"]))["step"]
 
 
 def test_resume_goes_on_exactly(base, tmp_path, monkeypatch):
@@ -210,3 +234,53 @@ def test_resume_goes_on_exactly(base, tmp_path, monkeypatch):
     cut = read_jsonl(tmp_path / "cut" / "metrics.jsonl")
     strip = [{k: v for k, v in r.items() if not k.endswith("_s") and k != "tokens_per_s"} for r in whole]
     assert strip == [{k: v for k, v in r.items() if not k.endswith("_s") and k != "tokens_per_s"} for r in cut]
+
+
+def test_plain_text_completions_never_draw_special_tokens():
+    """A plain-text prompt's completions (the patterns task) are text: the chat's special tokens are never drawn,
+    and the policy trained gives them no probability; unbanned, the same draws of a random model hold some."""
+    from lmlab import sft
+    from lmlab.config import TrainConfig
+    from lmlab.generate import generate_batch
+    from lmlab.rl import RolloutSampler, load
+    from lmlab.tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer()  # the 256 bytes, then lmlab's special tokens
+    cfg = TrainConfig(batch_size=4, rl=RlConfig(task="patterns", group_size=8, rl_max_new_tokens=12, rl_oversample=1))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, block_size=64), stage="rl")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, dropout=0.0), tokenizer.vocab_size)
+    sampler = RolloutSampler(load(cfg, tokenizer, lambda m: None), tokenizer, cfg, torch.device("cpu"))
+    sampler.bind(model, None, lambda m: None)
+    batch = sampler.next()
+    drawn = batch.y[batch.mask]
+    assert drawn.numel() > 100 and drawn.max() < 256
+    assert batch.token_logprobs(model)[0][..., 256:].max() == float("-inf")
+    assert (batch.y[~batch.mask] == sft.pad_id(tokenizer)).any() and sft.pad_id(tokenizer) >= 256  # banned padding
+    batch.loss(model).backward()  # its -inf log-probabilities, not trained, must not make the gradient NaN
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    prompts = [tokenizer.encode(p.text) for p in sampler.task.train[:32]]
+    unbanned = generate_batch(model, prompts, 12, 1.0, seeds=list(range(32)))
+    assert any(t >= 256 for c in unbanned for t in c.tokens)  # the check has something to catch
+
+
+@pytest.mark.slow  # 100 held-out prompts answered
+def test_eval_of_an_rl_run_measures_its_task():
+    """`lmlab eval RUN` of an rl run on synthetic:chat, without --data: the task's held-out conversations and their
+    answers (not the text of the base's corpus); of an rl run on plain-text prompts, text."""
+    from types import SimpleNamespace
+
+    from lmlab import sft
+    from lmlab.config import TrainConfig
+    from lmlab.tokenizer import ByteTokenizer
+
+    config = TrainConfig(stage="rl", rl=RlConfig(task="synthetic:chat"))
+    assert sft.evaluates_conversations(config, None)
+    assert not sft.evaluates_conversations(dataclasses.replace(config, rl=RlConfig(task="patterns")), None)
+    torch.manual_seed(0)
+    tokenizer = ByteTokenizer()
+    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=128, dropout=0.0),
+                        tokenizer.vocab_size).eval()
+    result = sft.evaluate_run(SimpleNamespace(tokenizer=tokenizer, model=model, config=config, run=None), None)
+    assert result["source"] == "synthetic:chat" and result["conversations"] > 0 and result["answers"] > 0
+    assert set(result["exact_match"]) == {"arithmetic", "copy", "count", "lookup", "reverse"}

@@ -114,9 +114,10 @@ def treatment_config(ctx: Context, budget: Budget, name: str, data: DataConfig, 
     cfg = train_config(ctx, dataclasses.replace(budget, eval_interval=steps), name, optim, data=data, steps=steps)
     cfg = dataclasses.replace(cfg, stage="pretrain" if name == "next_token" else name,
                               init_from=str(ctx.run_dir("pretrained")))
-    if name == "rl":  # the completions of a plain-text prompt end at a new line; answers are at most 3 characters
+    if name == "rl":  # plain-text completions end at a new line; answers are at most 3 characters; every group is
+        # trained (no dynamic sampling), so that each treatment's step is the same batch of prompts
         cfg = dataclasses.replace(cfg, rl=RlConfig(task="patterns", group_size=GROUP_SIZE[ctx.cfg.quick],
-                                                   rl_max_new_tokens=RL_TOKENS, kl_beta=0.0))
+                                                   rl_max_new_tokens=RL_TOKENS, kl_beta=0.0, rl_oversample=1))
     return cfg
 
 

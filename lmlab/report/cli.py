@@ -24,7 +24,7 @@ class SurprisalArgs:
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
     checkpoint: str = "best"
-    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
+    """Which checkpoint to load: best (the lowest validation loss; an rl run's highest held-out reward), last (the newest) or a step number."""
     stride: Optional[int] = None
     """Windows start every this many tokens, as in `lmlab eval --stride` (default: block_size / 2)."""
     file: Annotated[Optional[str], tyro.conf.Positional] = None
@@ -85,7 +85,7 @@ class LandscapeArgs:
     run: Annotated[str, tyro.conf.Positional]
     """The run directory."""
     checkpoint: str = "best"
-    """Which checkpoint to load: best (the lowest validation loss), last (the newest) or a step number."""
+    """Which checkpoint to load: best (the lowest validation loss; an rl run's highest held-out reward), last (the newest) or a step number."""
     two_d: Annotated[bool, tyro.conf.arg(name="2d")] = False
     """Also scan a 2-D plane (contour plot) and draw the training trajectory."""
     points: int = 21

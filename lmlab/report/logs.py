@@ -51,5 +51,6 @@ def load_run_logs(path: str | Path, name: Optional[str] = None) -> RunLogs:
 
 
 def best_eval(run: RunLogs) -> Optional[EvalRecord]:
-    """The evaluation with the lowest finite validation loss (the later of equals), or None: Metrics.best_eval."""
+    """The best evaluation (the lowest validation loss; an rl run's highest held-out reward), or None:
+    Metrics.best_eval."""
     return Metrics(run.train, run.evals, run.rollbacks).best_eval()

@@ -36,7 +36,7 @@ class ServeArgs:
     max_concurrent: int = 4
     """Requests running a model at the same time; one more is refused with HTTP 429."""
     checkpoint: Literal["best", "last"] = "best"
-    """Which checkpoint of each run to serve: best (the lowest validation loss) or last (the newest)."""
+    """Which checkpoint of each run to serve: best (the lowest validation loss; an rl run's highest held-out reward) or last (the newest)."""
     device: str = "auto"
     """auto, cpu, cuda or mps."""
 
