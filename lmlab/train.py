@@ -420,6 +420,39 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist, reward: Optional[rl.Reward
             say(d, f"the base has no chat template: added the special tokens {' '.join(added)} (ids {base_vocab}-"
                    f"{tokenizer.vocab_size - 1}), their embedding and output rows starting as the mean of the others")
     grad_accum, global_batch = accumulation_steps(cfg, d.world)
+    splits, sampler, chat_data, val_blocks, pair_data = stage_data(cfg, tokenizer, conversations, pairs, device,
+                                                                   grad_accum, d, reward, task)
+    dtype = resolve_dtype(cfg.dtype, device)
+    check_fits(cfg.model, splits.tokenizer.vocab_size, f"run {run_dir}", training=not d.sharded,  # fsdp: shards
+               batch=cfg.batch_size, value_bytes=8 if dtype == torch.float64 else 4)  # before any model is built
+    if needs_corpus(cfg):  # the tiny preset's dropout follows the passes the budget makes over the training text
+        steps = budget_steps(cfg, splits.tokenizer.vocab_size, device, dtype, d, grad_accum)
+        cfg, note = fit_to_corpus(cfg, len(splits.train), steps * global_batch * cfg.model.block_size)
+        say(d, note)
+    setup = Setup(cfg, d, run_dir, device, dtype, splits.tokenizer, splits, grad_accum, global_batch, chat_data,
+                  val_blocks, pair_data)
+    with default_dtype(torch.float64 if setup.dtype == torch.float64 else torch.get_default_dtype()):
+        model = build_model(cfg.model, base_vocab or setup.tokenizer.vocab_size)  # float64: its init in float64 too
+    if weights is not None:
+        model.load_state_dict(weights)
+    if base_vocab is not None:  # before the optimizer is built: the grown tables are new parameters
+        grow_vocab(model, setup.tokenizer.vocab_size)
+    if pair_data is not None:  # the base, frozen: its log-probabilities, computed once (or the run's, on resume)
+        dpo.reference(model.to(device), pair_data, cfg, run_dir, resuming, dtype, sft.pad_id(tokenizer), d.main,
+                      lambda m: say(d, m))
+    model = dist_.wrap(model.to(device), d, device)  # same on all ranks
+    if isinstance(sampler, rl.RolloutSampler):  # it samples from the model, and keeps the reference
+        sampler.bind(unwrap(model), weights, lambda m: say(d, m))
+    state = TrainState(model, build_optimizer(unwrap(model), cfg.optim), sampler)
+    if d.rank:
+        torch.manual_seed(cfg.seed + 1_000_003 * d.rank)  # dropout differs between ranks
+    return setup, state, resuming
+
+
+def stage_data(cfg: TrainConfig, tokenizer: tok.Tokenizer, conversations, pairs, device: torch.device,
+               grad_accum: int, d: Dist, reward: Optional[rl.Reward], task: Optional[tasks.Task]) -> tuple:
+    """The stage's data: (splits, the sampler of its micro-batches, and what sft, rl and dpo keep beside them: the
+    conversations, the packed validation blocks, the preference pairs; None where the stage has none)."""
     chat_data, val_blocks, pair_data = None, None, None
     if cfg.stage == "dpo":
         pair_data = dpo.encode(pairs, cfg.data.val_data, tokenizer, cfg.model.block_size, lambda m: say(d, m))
@@ -446,31 +479,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist, reward: Optional[rl.Reward
             raise LmlabError(f"the validation split has {len(splits.val)} tokens; use more text or --val-data")
         sampler = BatchSampler(splits.train, cfg.model.block_size, cfg.batch_size, cfg.seed, device, grad_accum,
                                d.rank, d.world)  # (refuses a training split shorter than a block)
-    dtype = resolve_dtype(cfg.dtype, device)
-    check_fits(cfg.model, splits.tokenizer.vocab_size, f"run {run_dir}", training=not d.sharded,  # fsdp: shards
-               batch=cfg.batch_size, value_bytes=8 if dtype == torch.float64 else 4)  # before any model is built
-    if needs_corpus(cfg):  # the tiny preset's dropout follows the passes the budget makes over the training text
-        steps = budget_steps(cfg, splits.tokenizer.vocab_size, device, dtype, d, grad_accum)
-        cfg, note = fit_to_corpus(cfg, len(splits.train), steps * global_batch * cfg.model.block_size)
-        say(d, note)
-    setup = Setup(cfg, d, run_dir, device, dtype, splits.tokenizer, splits, grad_accum, global_batch, chat_data,
-                  val_blocks, pair_data)
-    with default_dtype(torch.float64 if setup.dtype == torch.float64 else torch.get_default_dtype()):
-        model = build_model(cfg.model, base_vocab or setup.tokenizer.vocab_size)  # float64: its init in float64 too
-    if weights is not None:
-        model.load_state_dict(weights)
-    if base_vocab is not None:  # before the optimizer is built: the grown tables are new parameters
-        grow_vocab(model, setup.tokenizer.vocab_size)
-    if pair_data is not None:  # the base, frozen: its log-probabilities, computed once (or the run's, on resume)
-        dpo.reference(model.to(device), pair_data, cfg, run_dir, resuming, dtype, sft.pad_id(tokenizer), d.main,
-                      lambda m: say(d, m))
-    model = dist_.wrap(model.to(device), d, device)  # same on all ranks
-    if isinstance(sampler, rl.RolloutSampler):  # it samples from the model, and keeps the reference
-        sampler.bind(unwrap(model), weights, lambda m: say(d, m))
-    state = TrainState(model, build_optimizer(unwrap(model), cfg.optim), sampler)
-    if d.rank:
-        torch.manual_seed(cfg.seed + 1_000_003 * d.rank)  # dropout differs between ranks
-    return setup, state, resuming
+    return splits, sampler, chat_data, val_blocks, pair_data
 
 
 def load_chat(cfg: TrainConfig, tokenizer: tok.Tokenizer, conversations, d: Dist
