@@ -667,19 +667,12 @@ class Recorder:
         this is the best validation loss so far (for --stage rl, the best held-out reward: the later of equals)."""
         setup, cfg = self.setup, self.cfg
         stride = window_stride(cfg.eval_stride, cfg.model.block_size)
-        if setup.pairs is not None:  # the DPO loss of the held-out pairs
-            m = dpo.evaluate_pairs(unwrap(state.model), setup.pairs, cfg.loss.dpo_beta, setup.token_bytes,
-                                   cfg.batch_size, setup.dtype, sft.pad_id(setup.tokenizer))
-        elif setup.chat is not None:  # the trained (assistant) tokens of the held-out conversations
-            m = sft.evaluate_chat(unwrap(state.model), setup.val_blocks, setup.token_bytes, cfg.batch_size,
-                                  setup.dtype, self.d)
-        else:
-            m = evaluate(unwrap(state.model), setup.splits.val, setup.token_bytes, cfg.model.block_size,
-                         cfg.batch_size, cfg.eval_tokens, setup.dtype, self.d, stride=stride)
+        m = self.validation(unwrap(state.model), stride)
         best = m.loss < state.best_val
         state.best_val = min(state.best_val, m.loss)
         self.last_val, self.last_val_step = m, state.step
-        self.overfitting = self.history.evaluation(m.loss)
+        # rl trades the reference answers' likelihood for reward: a rising validation loss is not memorising there
+        self.overfitting = self.history.evaluation(m.loss) if cfg.stage != "rl" else 0
         passes = state.tokens / len(setup.splits.train)
         record = {"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed, 3),
                   "val_loss": m.loss, "val_bits_per_byte": m.bits_per_byte, "val_accuracy": m.accuracy,
@@ -712,18 +705,35 @@ class Recorder:
         if self.answers is not None and self.answers.get("exact_match"):
             self.board.scalars(state.step, {"val/ended_turn": self.answers["ended_turn"], **{
                 f"val/exact_match/{skill}": share for skill, share in self.answers["exact_match"].items()}})
-        if view is not None and self.probe_prompts:
+        if view is not None:
+            self.look_inside(view, state.step)
+        return best
+
+    def validation(self, model: torch.nn.Module, stride: int):
+        """The stage's validation metrics: the DPO loss of the held-out pairs, the loss of the trained (assistant)
+        tokens of the held-out conversations (sft, rl), or the loss of the validation text."""
+        setup, cfg = self.setup, self.cfg
+        if setup.pairs is not None:
+            return dpo.evaluate_pairs(model, setup.pairs, cfg.loss.dpo_beta, setup.token_bytes, cfg.batch_size,
+                                      setup.dtype, sft.pad_id(setup.tokenizer))
+        if setup.chat is not None:
+            return sft.evaluate_chat(model, setup.val_blocks, setup.token_bytes, cfg.batch_size, setup.dtype, self.d)
+        return evaluate(model, setup.splits.val, setup.token_bytes, cfg.model.block_size, cfg.batch_size,
+                        cfg.eval_tokens, setup.dtype, self.d, stride=stride)
+
+    def look_inside(self, view: torch.nn.Module, step: int) -> None:
+        """Rank 0's model at an evaluation: the probe's continuations, the inside record, a weight snapshot."""
+        setup, cfg = self.setup, self.cfg
+        if self.probe_prompts:
             results = probe(view, setup.tokenizer, self.probe_prompts)
-            rundir.append_jsonl(setup.run_dir, rundir.PROBES, {"step": state.step, "probes": results})
-            self.board.text(state.step, "probe", "\n\n".join(f"{r['prompt']!r} -> {r['continuation']!r}"
-                                                             for r in results))
-        if view is not None and self.inside is not None:
-            record = self.inside.record(view, state.step)
+            rundir.append_jsonl(setup.run_dir, rundir.PROBES, {"step": step, "probes": results})
+            self.board.text(step, "probe", "\n\n".join(f"{r['prompt']!r} -> {r['continuation']!r}" for r in results))
+        if self.inside is not None:
+            record = self.inside.record(view, step)
             rundir.append_text(setup.run_dir, rundir.INSIDE, json.dumps(record, separators=(",", ":")) + "\n")
             self.inside_seconds += record["seconds"]
-        if view is not None and cfg.trajectory_snapshots:
-            save_snapshot(setup.run_dir, view, state.step, cfg.trajectory_snapshots)
-        return best
+        if cfg.trajectory_snapshots:
+            save_snapshot(setup.run_dir, view, step, cfg.trajectory_snapshots)
 
     def val_at(self, step: int) -> Optional[float]:
         """The validation loss of the evaluation at this step, if there was one."""
