@@ -76,10 +76,17 @@ def _nanogpt_lines(ng: Optional[dict]) -> list[str]:
 
 
 def to_markdown(out: dict) -> str:
-    """The figures as Markdown tables (for docs/performance.md)."""
+    """The figures as Markdown tables (for docs/performance.md), section by section."""
     if "record" in out:
         return "\n".join(RECORD_HEADER + [record_markdown(out["record"]), ""])
     md = [f"Measured with torch {out['torch']} on {out['device']}, {out['threads']} threads.", ""]
+    for section in (_md_training, _md_quality, _md_generation, _md_data, _md_nanogpt):
+        md += section(out)
+    return "\n".join(md)
+
+
+def _md_training(out: dict) -> list[str]:
+    md = []
     p = out.get("peak_gflops")
     if p:
         md += ["| hardware peak (matmul) | GFLOP/s |", "|---|---|",
@@ -99,6 +106,11 @@ def to_markdown(out: dict) -> str:
             md.append(f"| {r['tool']} at {r['shape']} | {r['step_ms']:.1f} | {r['floor_ms']:.1f} | "
                       f"{r['step_over_floor']:.2f} | {r['optimizer_floor_ms']:.1f} | {ops} |")
         md.append("")
+    return md
+
+
+def _md_quality(out: dict) -> list[str]:
+    md = []
     t = out.get("time_to_target")
     if t or out.get("quality"):
         md += ["| time to quality (Tiny Shakespeare, char, full validation split) | figure |", "|---|---|"]
@@ -110,6 +122,11 @@ def to_markdown(out: dict) -> str:
             md.append(f"| val loss after {r['budget_s']:.0f} s of training ({r['steps']} steps, "
                       f"{r['wall_s']:.0f} s wall with evals) | {r['val_loss']:.4f} |")
         md.append("")
+    return md
+
+
+def _md_generation(out: dict) -> list[str]:
+    md = []
     if out.get("generation"):
         md += ["| generation, batch 1 (nanogpt-char-cpu shape) | tokens/s | compiling and warm-up (s) |",
                "|---|---|---|"]
@@ -132,6 +149,11 @@ def to_markdown(out: dict) -> str:
                "token (ms) | tokens/s |", "|---|---|---|---|",
                f"| {c['new_tokens']} new tokens after a conversation filling 3/4 of the {c['block']}-token context "
                f"| {c['prompt_tokens']} | {c['first_token_ms']:.1f} | {c['tokens_per_s']:,.0f} |", ""]
+    return md
+
+
+def _md_data(out: dict) -> list[str]:
+    md = []
     if out.get("tokenizers"):
         md += ["| data | figure |", "|---|---|"]
         for r in out["tokenizers"]:
@@ -141,6 +163,11 @@ def to_markdown(out: dict) -> str:
             m = out["memory"]
             md.append(f"| peak RSS of `lmlab train --preset {m['preset']}` | {m['peak_rss_mb']:.0f} MB |")
         md.append("")
+    return md
+
+
+def _md_nanogpt(out: dict) -> list[str]:
+    md = []
     ng = out.get("nanogpt")
     if ng:
         md += ["| against nanoGPT (its CPU shape, alternated in one process) | lmlab / nanoGPT (median) | spread "
@@ -166,4 +193,4 @@ def to_markdown(out: dict) -> str:
         if "process" in ng:
             md.append(f"| peak RSS, nanoGPT's own CPU-config run | | | | {ng['process']['peak_rss_mb']:.0f} MB |")
         md.append("")
-    return "\n".join(md)
+    return md
