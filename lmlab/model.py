@@ -130,6 +130,9 @@ class ModelConfig:
         return self.mlp_hidden or hidden
 
 
+WHOLE_CACHE_HEADS = 128  # from this many heads (batch x n_head) a decode step may read the whole cache (KVCache.unfilled)
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, per layer, for incremental decoding: preallocated once, for `batch`
     rows of max_len slots, and never grown.
@@ -148,6 +151,7 @@ class KVCache:
         self.pos = 0  # number of positions already cached
         self.rows = batch
         self._index = torch.arange(batch, device=device)  # each row's index, for a write at one position per row
+        self._unfilled: Optional[tuple[int, torch.Tensor]] = None  # (slots filled, unfilled's mask) of the last step
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.size(2)
@@ -155,6 +159,19 @@ class KVCache:
         keys[:, :, self.pos : self.pos + T] = k
         values[:, :, self.pos : self.pos + T] = v
         return keys[:, :, : self.pos + T], values[:, :, : self.pos + T]
+
+    def unfilled(self, heads: int) -> Optional[torch.Tensor]:
+        """For one query per row against the first pos + 1 slots (a decode step, after append): the (max_len,) mask
+        of the slots after them, when the products against the whole buffers with this mask are cheaper than
+        against the slice (None: read the slice). A slice's rows have gaps between them, which send the batched
+        matmul down a slower path: at batch 64 (256 heads of tiny) the whole buffers win once the slice is a third
+        of them; at batch 8 they never do (timed with the cache's layout on this CPU)."""
+        filled, slots = self.pos + 1, self.k[0].size(2) if self.k else 0
+        if heads < WHOLE_CACHE_HEADS or 3 * filled < slots:
+            return None
+        if self._unfilled is None or self._unfilled[0] != filled:  # once per step, not once per layer
+            self._unfilled = (filled, torch.arange(slots, device=self._index.device) >= filled)
+        return self._unfilled[1]
 
     def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H, 1, D) at position pos: a (1,) tensor for every row, or (B,), each row at its own position
@@ -439,11 +456,17 @@ class CausalSelfAttention(nn.Module):
                 scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(D)).masked_fill_(~visible, float("-inf"))
                 y = scores.softmax(-1) @ v  # (B, H, 1, D)
         else:
-            past = 0
+            past, unfilled = 0, None
             if cache is not None:
                 past = cache.pos
+                if T == 1 and not explicit:
+                    unfilled = cache.unfilled(B * self.cfg.n_head)
                 k, v = cache.append(layer, k, v)  # (B, H, past+T, D)
-            if explicit:  # the weights written out: query past+t sees the keys up to its own position
+            if unfilled is not None:  # one query against the whole buffers, their slots after past masked
+                k, v = cache.k[layer][:B], cache.v[layer][:B]  # (B, H, max_len, D)
+                scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(D)).masked_fill_(unfilled, float("-inf"))
+                y = scores.softmax(-1) @ v  # (B, H, 1, D)
+            elif explicit:  # the weights written out: query past+t sees the keys up to its own position
                 visible = mask if mask is not None else torch.ones(T, past + T, dtype=torch.bool,
                                                                    device=x.device).tril(diagonal=past)
                 scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (B, H, T, past+T)
