@@ -173,10 +173,24 @@ class KVCache:
         keeping their contents; nothing when they have the room."""
         if not self.k or slots <= self.k[0].size(2):
             return
-        kept = [buffer[: self.rows].clone() for buffer in self.k + self.v]
-        self._lay_out(min(self.max_len, -(-slots // GROW_SLOTS) * GROW_SLOTS))
-        for buffer, contents in zip(self.k + self.v, kept):
-            buffer[: self.rows, :, : contents.size(2)] = contents
+        _, H, old, D = self.k[0].shape
+        new = min(self.max_len, -(-slots // GROW_SLOTS) * GROW_SLOTS)
+        # each (row, head) of the rows in use moves from i * old * D to i * new * D, in place (a copy would allocate
+        # and write twice as much): from the last down, in runs whose old places end before their new ones begin
+        runs, end = [], self.rows * H
+        while end > 1:
+            start = -(-end * old // new)
+            if start >= end:  # the first ones overlap their own new places: through a copy
+                runs.append((1, end, True))
+                break
+            runs.append((start, end, False))
+            end = start
+        for memory in self._memory:
+            for start, end, overlap in runs:
+                src = memory[start * old * D : end * old * D].view(end - start, old * D)
+                dst = memory.as_strided((end - start, old * D), (new * D, 1), start * new * D)
+                dst.copy_(src.clone() if overlap else src)
+        self._lay_out(new)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.size(2)
