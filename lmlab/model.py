@@ -202,8 +202,8 @@ class KVCache:
         return keys[:, :, : self.pos + T], values[:, :, : self.pos + T]
 
     def unfilled(self, heads: int) -> Optional[torch.Tensor]:
-        """For one query per row against the first pos + 1 slots (a decode step, after append): the (slots,) mask
-        of the slots after them, when the products against the whole buffers with this mask are cheaper than
+        """For one query per row against the first pos + 1 slots (a decode step, after append): the (slots,) float
+        mask of the slots after them (-inf there, 0 before; added to the scores), when the products against the whole buffers with this mask are cheaper than
         against the slice (None: read the slice). A slice's rows have gaps between them, which send the batched
         matmul down a slower path: at batch 64 (256 heads of tiny) the whole buffers win once the slice is a third
         of them; at batch 8 they never do (timed with the cache's layout on this CPU)."""
@@ -211,7 +211,9 @@ class KVCache:
         if heads < WHOLE_CACHE_HEADS or 3 * filled < slots:
             return None
         if self._unfilled is None or self._unfilled[:2] != (filled, slots):  # once per step, not once per layer
-            self._unfilled = (filled, slots, torch.arange(slots, device=self._index.device) >= filled)
+            after = torch.arange(slots, device=self._index.device) >= filled
+            self._unfilled = (filled, slots, torch.zeros(slots, dtype=self.k[0].dtype,
+                                                         device=after.device).masked_fill_(after, float("-inf")))
         return self._unfilled[2]
 
     def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -506,9 +508,11 @@ class CausalSelfAttention(nn.Module):
                 if T == 1 and not explicit:
                     unfilled = cache.unfilled(B * self.cfg.n_head)
             if unfilled is not None:  # one query against the whole buffers, their slots after past masked
-                k, v = cache.k[layer][:B], cache.v[layer][:B]  # (B, H, slots, D)
-                scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(D)).masked_fill_(unfilled, float("-inf"))
-                y = scores.softmax(-1) @ v  # (B, H, 1, D)
+                S = cache.k[layer].size(2)
+                k, v = cache.k[layer][:B].view(-1, S, D), cache.v[layer][:B].view(-1, S, D)  # (B*H, slots, D)
+                # scale, products and mask in one call
+                scores = torch.baddbmm(unfilled, q.reshape(-1, 1, D), k.transpose(1, 2), alpha=1.0 / math.sqrt(D))
+                y = torch.bmm(scores.softmax(-1), v).view(B, -1, 1, D)  # (B, H, 1, D)
             elif explicit:  # the weights written out: query past+t sees the keys up to its own position
                 visible = mask if mask is not None else torch.ones(T, past + T, dtype=torch.bool,
                                                                    device=x.device).tril(diagonal=past)
