@@ -262,7 +262,7 @@ def _generate_rows(model: torch.nn.Module, rows: list[_Row], temperature: float,
     # eagerly, the slots that a run of steps can reach (a short generation need not read a long block's), since a run
     # goes on while any row has tokens left; compiled, the block's, so that every call has the same shapes
     max_len = block if compile else min(block, max(len(r.window) for r in rows) + max(r.left for r in rows))
-    cache = model.make_cache(len(rows), max_len=max_len)
+    cache = model.make_cache(len(rows), max_len=max_len, grow=not compile)
     held = list(range(len(rows)))  # the row of each cache row (the rows that go on, at the front, once compacted)
     last = torch.zeros(len(rows), 1, dtype=torch.long, device=device)  # each cache row's newest token, fed next
     pos = advance = None  # (B,) tensors of the cache rows' slots and of which go on: made again after any change
@@ -321,6 +321,7 @@ def _generate_rows(model: torch.nn.Module, rows: list[_Row], temperature: float,
             else:
                 index = torch.tensor(group, device=device)
                 last = last.index_copy(0, index, token)
+                cache.reserve(max_len)  # the part's slots
                 for mine, its in zip(cache.k + cache.v, part.k + part.v):
                     mine[: cache.rows].index_copy_(0, index, its)
             for i in group:

@@ -215,3 +215,26 @@ def test_a_run_of_steps_draws_the_rows_numbers_as_alone():
     out = generate_batch(model, prompts, budgets, seeds=seeds, temperature=1.0)
     for prompt, n, seed, row in zip(prompts, budgets, seeds, out):
         assert row.tokens == alone(model, prompt, n, seed, temperature=1.0)[0]
+
+
+def test_a_step_that_reads_the_whole_cache_gives_each_rows_tokens_and_logits(monkeypatch):
+    """Rows that share their slot decode with the plain cached step, which for many heads reads the whole cache with
+    its unfilled slots masked (KVCache.unfilled) rather than a slice, its slots growing (here 3 at a time, moved in
+    place: KVCache.reserve): every row still equals generate alone (which reads the slice), tokens and logits, and
+    windows cut on the way (block 16) change nothing."""
+    import lmlab.model as model_module
+
+    model = tiny_gpt(seed=27, block_size=16)
+    prompts, seeds = [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]], SEEDS
+    single = [alone(model, p, 30, s) for p, s in zip(prompts, seeds)]
+    monkeypatch.setattr(model_module, "GROW_SLOTS", 3)
+    whole = []
+    unfilled = model_module.KVCache.unfilled
+    monkeypatch.setattr(model_module, "WHOLE_CACHE_HEADS", len(prompts) * model.cfg.n_head)
+    monkeypatch.setattr(model_module.KVCache, "unfilled",
+                        lambda self, heads: whole.append(mask := unfilled(self, heads)) or mask)
+    out = generate_batch(model, prompts, 30, seeds=seeds, with_logits=True)
+    for (tokens, logits), row in zip(single, out):
+        assert row.tokens == tokens
+        torch.testing.assert_close(row.logits, logits, atol=ATOL, rtol=0)
+    assert any(mask is not None for mask in whole)

@@ -267,13 +267,20 @@ def test_overfits_one_batch():
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("pos", ["rope", "learned"])
-def test_kv_cache_token_by_token_matches_full_forward(pos, dtype, atol):
+@pytest.mark.parametrize("grow", [False, True], ids=["fixed", "growing"])
+def test_kv_cache_token_by_token_matches_full_forward(pos, dtype, atol, grow, monkeypatch):
+    """Growing: the buffers' slots go up 3 at a time (KVCache.reserve), and every decode step reads the whole
+    buffers with the unfilled slots masked (KVCache.unfilled), as many heads do."""
+    import lmlab.model as model_module
+
+    monkeypatch.setattr(model_module, "GROW_SLOTS", 3)
+    monkeypatch.setattr(model_module, "WHOLE_CACHE_HEADS", 1 if grow else 1 << 30)
     model = tiny_gpt(seed=15, pos=pos, dtype=dtype, std=0.2, qk_norm=pos == "rope")
     T = model.cfg.block_size
     idx = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(16))
     with torch.no_grad():
         full = model(idx)
-        cache = model.make_cache(2)
+        cache = model.make_cache(2, grow=grow)
         prefill = 4
         out = model(idx[:, :prefill], cache=cache)
         pieces = [out]
@@ -282,6 +289,7 @@ def test_kv_cache_token_by_token_matches_full_forward(pos, dtype, atol):
             out = model(idx[:, t : t + 1], cache=cache)
             pieces.append(out)
             assert cache.pos == t + 1
+            assert cache.k[0].size(2) == (min(T, -(-(t + 1) // 3) * 3) if grow else T)
         cached = torch.cat(pieces, dim=1)
         assert cached.shape == full.shape
         torch.testing.assert_close(cached, full, atol=atol, rtol=0)
