@@ -245,90 +245,15 @@ def _generate_rows(model: torch.nn.Module, rows: list[_Row], temperature: float,
     numbers). Eagerly, ended rows leave the cache (KVCache.keep) once they are an eighth of it, and the cache has only
     the slots the rows can fill; compiled, shapes stay fixed (ended rows are masked) and a run is one call. Alone (one
     row, eager), a run is one step: the numbers spent are those of the tokens yielded."""
-    block = model.cfg.block_size
-    keep = max(1, block // 2)
-    device = next(model.parameters()).device
-    mask = _banned_mask(model, banned, device)
-    if not use_cache:  # the whole window again for every token, row by row: the reference
-        while live := [b for b, row in enumerate(rows) if not row.done]:
-            logits = torch.cat([model(torch.tensor([rows[b].window], device=device))[:, -1] for b in live])  # (n, V)
-            u = torch.cat([rows[b].numbers() for b in live]) if temperature else None
-            for b, token, row_logits in zip(live, draw(ban(logits, mask), u, temperature, top_k, top_p).tolist(),
-                                            logits):
-                yield b, token, row_logits if keep_logits else None, rows[b].take(token, block, keep)
+    mask = _banned_mask(model, banned, next(model.parameters()).device)
+    if not use_cache:
+        yield from _uncached(model, rows, temperature, top_k, top_p, mask, keep_logits)
         return
-    step = _compiled(_step) if compile else _step
-    chunk = max(1, min(DECODE_CHUNK, block // 2)) if compile or len(rows) > 1 else 1
-    # eagerly, the slots that a run of steps can reach (a short generation need not read a long block's), since a run
-    # goes on while any row has tokens left; compiled, the block's, so that every call has the same shapes
-    max_len = block if compile else min(block, max(len(r.window) for r in rows) + max(r.left for r in rows))
-    cache = model.make_cache(len(rows), max_len=max_len, grow=not compile)
-    held = list(range(len(rows)))  # the row of each cache row (the rows that go on, at the front, once compacted)
-    last = torch.zeros(len(rows), 1, dtype=torch.long, device=device)  # each cache row's newest token, fed next
-    pos = advance = None  # (B,) tensors of the cache rows' slots and of which go on: made again after any change
-    warm = set() if compile else None  # the compiled decode calls that ran with full guards (_call)
-    while any(not rows[b].done for b in held):
-        ended = sum(rows[b].done for b in held)
-        if ended and not compile and ended * 8 >= len(held):  # drop the ended rows: their steps would cost as much
-            going = [i for i, b in enumerate(held) if not rows[b].done]
-            index = torch.tensor(going, device=device)
-            cache.keep(index, max(rows[held[i]].at for i in going) + 1)
-            last, held, pos = last.index_select(0, index), [held[i] for i in going], None
-        B = len(held)
-        drawn = []  # (each row and its index in the tensors, its new tokens (., n) and their logits (., n, V))
-        decoding = [i for i, b in enumerate(held) if not rows[b].done and not rows[b].fresh]
-        if decoding:
-            # decode steps left before a window is full (each appends a token), and tokens left to make
-            room = min(block + 1 - len(rows[held[i]].window) for i in decoding)
-            left = max(rows[held[i]].left for i in decoding)
-            if compile:  # one of two shapes of call: a whole run, or one step
-                n = chunk if min(room, min(rows[held[i]].left for i in decoding)) >= chunk else 1
-            else:
-                n = max(1, min(chunk, room, left))
-            going = set(decoding)  # the other rows draw nothing: zeros for their numbers, slot 0 for their writes
-            u = _stack([rows[b].numbers(n) if i in going else torch.zeros(1, n, dtype=torch.float64)
-                        for i, b in enumerate(held)]) if temperature else None  # (B, n)
-            slots = {rows[held[i]].at for i in decoding}
-            if not compile and len(slots) == 1:  # one shared slot: the plain cached step, cheaper than masking
-                cache.pos, pos, at = slots.pop(), None, None
-            else:
-                if pos is None:
-                    pos = torch.tensor([rows[b].at if i in going else 0 for i, b in enumerate(held)], device=device)
-                    advance = torch.tensor([int(i in going) for i in range(B)], device=device)
-                at = pos
-            if n > 1:
-                fn = _compiled(_decode) if compile else _decode
-                tokens, last, logits = _call(fn, warm, model, last, at, cache, u, n, temperature, top_k, top_p,
-                                             mask, advance, keep_logits)
-            else:
-                last, logits = _call(step, warm, model, last, at, cache, u, temperature, top_k, top_p, mask, advance)
-                tokens, logits = last, logits.unsqueeze(1) if keep_logits else None
-            for i in decoding:
-                rows[held[i]].at += n
-            drawn.append(({held[i]: i for i in decoding}, tokens, logits))
-        encoding = [i for i, b in enumerate(held) if rows[b].fresh]
-        for length in sorted({len(rows[held[i]].window) for i in encoding}):  # one forward per window length
-            group = [i for i in encoding if len(rows[held[i]].window) == length]
-            u = _stack([rows[held[i]].numbers() for i in group]) if temperature else None
-            whole = len(group) == B  # into the cache itself; else into a cache of its own, copied into its rows
-            part = cache if whole else model.make_cache(len(group), max_len=max_len)
-            part.pos = 0
-            encode = step if whole and length == keep else _step  # compiled for the re-encode, whose shape is fixed
-            token, logits = encode(model, torch.tensor([rows[held[i]].window for i in group], device=device), None,
-                                   part, u, temperature, top_k, top_p, mask)
-            if whole:
-                last = token
-            else:
-                index = torch.tensor(group, device=device)
-                last = last.index_copy(0, index, token)
-                cache.reserve(max_len)  # the part's slots
-                for mine, its in zip(cache.k + cache.v, part.k + part.v):
-                    mine[: cache.rows].index_copy_(0, index, its)
-            for i in group:
-                rows[held[i]].fresh, rows[held[i]].at = False, length
-            drawn.append(({held[i]: k for k, i in enumerate(group)}, token,
-                          logits.unsqueeze(1) if keep_logits else None))
-            pos = None
+    batch = _Batch(model, rows, temperature, top_k, top_p, compile, mask, keep_logits)
+    block, keep = batch.block, batch.keep
+    while batch.going():
+        batch.compact()
+        drawn = batch.decode() + batch.encode()
         for where, tokens, logits in drawn:
             tokens = tokens.tolist()
             for b, k in where.items():
@@ -336,8 +261,127 @@ def _generate_rows(model: torch.nn.Module, rows: list[_Row], temperature: float,
                 for j, token in enumerate(tokens[k]):
                     yield b, token, None if logits is None else logits[k, j], row.take(token, block, keep)
                     if row.fresh or row.done:  # the rest of a run of steps is not its own: cut, or ended
-                        pos = None
+                        batch.pos = None
                         break
+
+
+def _uncached(model: torch.nn.Module, rows: list[_Row], temperature: float, top_k: int, top_p: float,
+              mask: Optional[torch.Tensor], keep_logits: bool) -> Iterator[tuple]:
+    """The reference: the whole window again for every token, row by row (_generate_rows without the cache)."""
+    block = model.cfg.block_size
+    keep = max(1, block // 2)
+    device = next(model.parameters()).device
+    while live := [b for b, row in enumerate(rows) if not row.done]:
+        logits = torch.cat([model(torch.tensor([rows[b].window], device=device))[:, -1] for b in live])  # (n, V)
+        u = torch.cat([rows[b].numbers() for b in live]) if temperature else None
+        for b, token, row_logits in zip(live, draw(ban(logits, mask), u, temperature, top_k, top_p).tolist(), logits):
+            yield b, token, row_logits if keep_logits else None, rows[b].take(token, block, keep)
+
+
+class _Batch:
+    """The cached generation of _generate_rows: the rows' one KV cache and what its decode steps need. Each turn of
+    the loop compacts the cache (drops ended rows), decodes the rows that go on (one run of steps) and encodes the
+    fresh windows; both hand back what they drew as (row -> its index in the tensors, tokens (., n), logits (., n, V)
+    or None), which the loop gives out row by row."""
+
+    def __init__(self, model: torch.nn.Module, rows: list[_Row], temperature: float, top_k: int, top_p: float,
+                 compile: bool, mask: Optional[torch.Tensor], keep_logits: bool):
+        self.model, self.rows, self.compile, self.mask, self.keep_logits = model, rows, compile, mask, keep_logits
+        self.sampling = (temperature, top_k, top_p)
+        self.block = model.cfg.block_size
+        self.keep = max(1, self.block // 2)
+        self.device = next(model.parameters()).device
+        self.step = _compiled(_step) if compile else _step
+        self.chunk = max(1, min(DECODE_CHUNK, self.block // 2)) if compile or len(rows) > 1 else 1
+        # eagerly, the slots that a run of steps can reach (a short generation need not read a long block's), since
+        # a run goes on while any row has tokens left; compiled, the block's, so that every call has the same shapes
+        self.max_len = self.block if compile else min(self.block, max(len(r.window) for r in rows)
+                                                      + max(r.left for r in rows))
+        self.cache = model.make_cache(len(rows), max_len=self.max_len, grow=not compile)
+        self.held = list(range(len(rows)))  # the row of each cache row (the rows that go on, at the front, once compacted)
+        self.last = torch.zeros(len(rows), 1, dtype=torch.long, device=self.device)  # each cache row's newest token
+        self.pos = self.advance = None  # (B,) the cache rows' slots and which go on: made again after any change
+        self.warm = set() if compile else None  # the compiled decode calls that ran with full guards (_call)
+
+    def going(self) -> bool:
+        return any(not self.rows[b].done for b in self.held)
+
+    def compact(self) -> None:
+        """Eagerly, drop the ended rows from the cache once they are an eighth of it: their steps would cost as much."""
+        rows, held = self.rows, self.held
+        ended = sum(rows[b].done for b in held)
+        if ended and not self.compile and ended * 8 >= len(held):
+            going = [i for i, b in enumerate(held) if not rows[b].done]
+            index = torch.tensor(going, device=self.device)
+            self.cache.keep(index, max(rows[held[i]].at for i in going) + 1)
+            self.last, self.held, self.pos = self.last.index_select(0, index), [held[i] for i in going], None
+
+    def decode(self) -> list[tuple]:
+        """One run of decode steps of the rows that go on and have their window encoded (none: [])."""
+        rows, held, B = self.rows, self.held, len(self.held)
+        decoding = [i for i, b in enumerate(held) if not rows[b].done and not rows[b].fresh]
+        if not decoding:
+            return []
+        # decode steps left before a window is full (each appends a token), and tokens left to make
+        room = min(self.block + 1 - len(rows[held[i]].window) for i in decoding)
+        left = max(rows[held[i]].left for i in decoding)
+        if self.compile:  # one of two shapes of call: a whole run, or one step
+            n = self.chunk if min(room, min(rows[held[i]].left for i in decoding)) >= self.chunk else 1
+        else:
+            n = max(1, min(self.chunk, room, left))
+        going = set(decoding)  # the other rows draw nothing: zeros for their numbers, slot 0 for their writes
+        u = _stack([rows[b].numbers(n) if i in going else torch.zeros(1, n, dtype=torch.float64)
+                    for i, b in enumerate(held)]) if self.sampling[0] else None  # (B, n)
+        slots = {rows[held[i]].at for i in decoding}
+        if not self.compile and len(slots) == 1:  # one shared slot: the plain cached step, cheaper than masking
+            self.cache.pos, self.pos, at = slots.pop(), None, None
+        else:
+            if self.pos is None:
+                self.pos = torch.tensor([rows[b].at if i in going else 0 for i, b in enumerate(held)],
+                                        device=self.device)
+                self.advance = torch.tensor([int(i in going) for i in range(B)], device=self.device)
+            at = self.pos
+        if n > 1:
+            fn = _compiled(_decode) if self.compile else _decode
+            tokens, self.last, logits = _call(fn, self.warm, self.model, self.last, at, self.cache, u, n,
+                                              *self.sampling, self.mask, self.advance, self.keep_logits)
+        else:
+            self.last, logits = _call(self.step, self.warm, self.model, self.last, at, self.cache, u, *self.sampling,
+                                      self.mask, self.advance)
+            tokens, logits = self.last, logits.unsqueeze(1) if self.keep_logits else None
+        for i in decoding:
+            rows[held[i]].at += n
+        return [({held[i]: i for i in decoding}, tokens, logits)]
+
+    def encode(self) -> list[tuple]:
+        """The fresh windows (new prompts, windows cut), one forward per window length, into the cache."""
+        rows, held, B, drawn = self.rows, self.held, len(self.held), []
+        encoding = [i for i, b in enumerate(held) if rows[b].fresh]
+        for length in sorted({len(rows[held[i]].window) for i in encoding}):
+            group = [i for i in encoding if len(rows[held[i]].window) == length]
+            u = _stack([rows[held[i]].numbers() for i in group]) if self.sampling[0] else None
+            whole = len(group) == B  # into the cache itself; else into a cache of its own, copied into its rows
+            part = self.cache if whole else self.model.make_cache(len(group), max_len=self.max_len)
+            part.pos = 0
+            # compiled for the re-encode, whose shape is fixed
+            encode = self.step if whole and length == self.keep else _step
+            token, logits = encode(self.model, torch.tensor([rows[held[i]].window for i in group],
+                                                            device=self.device), None, part, u, *self.sampling,
+                                   self.mask)
+            if whole:
+                self.last = token
+            else:
+                index = torch.tensor(group, device=self.device)
+                self.last = self.last.index_copy(0, index, token)
+                self.cache.reserve(self.max_len)  # the part's slots
+                for mine, its in zip(self.cache.k + self.cache.v, part.k + part.v):
+                    mine[: self.cache.rows].index_copy_(0, index, its)
+            for i in group:
+                rows[held[i]].fresh, rows[held[i]].at = False, length
+            drawn.append(({held[i]: k for k, i in enumerate(group)}, token,
+                          logits.unsqueeze(1) if self.keep_logits else None))
+            self.pos = None
+        return drawn
 
 
 # ---------------------------------------------------------------------------------------------------------------
