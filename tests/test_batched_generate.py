@@ -178,7 +178,7 @@ def test_ended_rows_leave_the_batch_and_the_cache_is_made_once(monkeypatch):
     """Rows of different lengths, ending at different steps on a stop id or their budgets: the ended rows are
     dropped from the cache (KVCache.keep, rows going down), every row still equals generate alone with its seed,
     and the decode steps write into the one cache made at the start (its buffers never replaced or grown)."""
-    from lmlab.model import KVCache
+    from lmlab.kvcache import KVCache
 
     model = tiny_gpt(seed=21, block_size=16)
     prompts, seeds = PROMPTS + [[4, 4], [6]], SEEDS + [16, 17]
@@ -223,16 +223,16 @@ def test_a_step_that_reads_the_whole_cache_gives_each_rows_tokens_and_logits(mon
     its unfilled slots masked (KVCache.unfilled) rather than a slice, its slots growing (here 3 at a time, moved in
     place: KVCache.reserve): every row still equals generate alone (which reads the slice), tokens and logits, and
     windows cut on the way (block 16) change nothing."""
-    import lmlab.model as model_module
+    import lmlab.kvcache as kvcache
 
     model = tiny_gpt(seed=27, block_size=16)
     prompts, seeds = [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]], SEEDS
     single = [alone(model, p, 30, s) for p, s in zip(prompts, seeds)]
-    monkeypatch.setattr(model_module, "GROW_SLOTS", 3)
+    monkeypatch.setattr(kvcache, "GROW_SLOTS", 3)
     whole = []
-    unfilled = model_module.KVCache.unfilled
-    monkeypatch.setattr(model_module, "WHOLE_CACHE_HEADS", len(prompts) * model.cfg.n_head)
-    monkeypatch.setattr(model_module.KVCache, "unfilled",
+    unfilled = kvcache.KVCache.unfilled
+    monkeypatch.setattr(kvcache, "WHOLE_CACHE_HEADS", len(prompts) * model.cfg.n_head)
+    monkeypatch.setattr(kvcache.KVCache, "unfilled",
                         lambda self, heads: whole.append(mask := unfilled(self, heads)) or mask)
     out = generate_batch(model, prompts, 30, seeds=seeds, with_logits=True)
     for (tokens, logits), row in zip(single, out):

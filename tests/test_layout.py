@@ -17,7 +17,9 @@ CORE = [
     "chat",  # conversations and the tokenizer's chat template: token ids and loss masks, a source of data
     "synthetic",  # synthetic corpora, a source of data
     "tasks",  # the prompts and verifiers that reinforcement learning rewards (synthetic:chat's, patterns)
-    "data", "model", "loss",
+    "data",
+    "kvcache",  # the decode steps' keys and values, which the model's attention reads
+    "model", "loss",
     "distributed",  # before optim: Muon orthogonalises sharded (FSDP) matrices through its helpers
     "optim",
     "config",  # after optim: a run's config is made of the data, model, loss and optimizer sections

@@ -271,10 +271,10 @@ def test_overfits_one_batch():
 def test_kv_cache_token_by_token_matches_full_forward(pos, dtype, atol, grow, monkeypatch):
     """Growing: the buffers' slots go up 3 at a time (KVCache.reserve), and every decode step reads the whole
     buffers with the unfilled slots masked (KVCache.unfilled), as many heads do."""
-    import lmlab.model as model_module
+    import lmlab.kvcache as kvcache
 
-    monkeypatch.setattr(model_module, "GROW_SLOTS", 3)
-    monkeypatch.setattr(model_module, "WHOLE_CACHE_HEADS", 1 if grow else 1 << 30)
+    monkeypatch.setattr(kvcache, "GROW_SLOTS", 3)
+    monkeypatch.setattr(kvcache, "WHOLE_CACHE_HEADS", 1 if grow else 1 << 30)
     model = tiny_gpt(seed=15, pos=pos, dtype=dtype, std=0.2, qk_norm=pos == "rope")
     T = model.cfg.block_size
     idx = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(16))
