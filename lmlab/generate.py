@@ -224,7 +224,8 @@ def _stack(numbers: list[torch.Tensor]) -> torch.Tensor:
     return numbers[0] if len(numbers) == 1 else torch.cat(numbers)
 
 
-def _banned_mask(model: torch.nn.Module, banned: Optional[Sequence[int]], device) -> Optional[torch.Tensor]:
+def banned_mask(model: torch.nn.Module, banned: Optional[Sequence[int]], device) -> Optional[torch.Tensor]:
+    """(V,) bool: the ids of `banned` that the model has (None for none), which `ban` takes."""
     if not banned:
         return None
     mask = torch.zeros(model.vocab_size, dtype=torch.bool, device=device)
@@ -245,7 +246,7 @@ def _generate_rows(model: torch.nn.Module, rows: list[_Row], temperature: float,
     numbers). Eagerly, ended rows leave the cache (KVCache.keep) once they are an eighth of it, and the cache has only
     the slots the rows can fill; compiled, shapes stay fixed (ended rows are masked) and a run is one call. Alone (one
     row, eager), a run is one step: the numbers spent are those of the tokens yielded."""
-    mask = _banned_mask(model, banned, next(model.parameters()).device)
+    mask = banned_mask(model, banned, next(model.parameters()).device)
     if not use_cache:
         yield from _uncached(model, rows, temperature, top_k, top_p, mask, keep_logits)
         return

@@ -33,7 +33,7 @@ from . import tokenizer as tok
 from .common import LmlabError
 from .config import TrainConfig
 from .data import ConversationSplits, Splits
-from .generate import ban, generate_batch
+from .generate import ban, banned_mask, generate_batch
 from .hf import init_from
 from .loss import group_advantages, policy_loss
 from .model import build_model
@@ -176,10 +176,15 @@ class Rollout:
         return out.loss
 
 
+def mixed_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """(P,) bool: the groups (rows of rewards (P, G)) whose rewards are not all equal: the ones a step learns from."""
+    return (rewards != rewards[:, :1]).any(-1)
+
+
 def select_groups(rewards: torch.Tensor, count: int) -> list[int]:
     """DAPO's dynamic sampling: the first `count` groups (rows of rewards (P, G)) whose rewards are not all equal,
     in the order drawn; the first group alone when none is (its advantages are 0: the step learns nothing)."""
-    mixed = (rewards != rewards[:, :1]).any(-1).nonzero()[:, 0].tolist()
+    mixed = mixed_groups(rewards).nonzero()[:, 0].tolist()
     return mixed[:count] or [0]
 
 
@@ -319,16 +324,9 @@ class RolloutSampler:
         rollout = Rollout(x, y, mask, rewards[kept], advantages, rl.rl_temperature, rl.clip_eps, rl.kl_beta,
                           self.reference, [(p.text, text) for p, text in zip(prompts, texts)],
                           sum(len(p) + len(t) for p, t in zip(ids, tokens)), t1 - t0, t2 - t1, drawn=rewards,
-                          drawn_completion_tokens=lengths, banned=self.banned_mask(x.device))
+                          drawn_completion_tokens=lengths, banned=banned_mask(self.policy, self.banned, x.device))
         self.step_rollouts.append(rollout)
         return rollout
-
-    def banned_mask(self, device: torch.device) -> Optional[torch.Tensor]:
-        if not self.banned:
-            return None
-        mask = torch.zeros(self.policy.vocab_size, dtype=torch.bool, device=device)
-        mask[[i for i in self.banned if i < len(mask)]] = True
-        return mask
 
     def step_tokens(self) -> int:
         """The tokens the last step trained on: every prompt and completion token of its rows."""
@@ -341,7 +339,7 @@ class RolloutSampler:
         stats = [r.stats or {} for r in done]
         mean = lambda key: sum(s.get(key, 0.0) for s in stats) / max(1, len(stats))  # noqa: E731
         generation, scoring = sum(r.generation_s for r in done), sum(r.scoring_s for r in done)
-        mixed = (rewards != rewards[:, :1]).any(-1)
+        mixed = mixed_groups(rewards)
         record = {"reward": float(rewards.mean()), "pass_at_1": float((rewards > 0).float().mean()),
                   "pass_at_g": float((rewards > 0).any(-1).float().mean()),
                   "mixed_fraction": float(mixed.float().mean()),
