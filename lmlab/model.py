@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .common import MEMORY_ENV, LmlabError, fmt_bytes, memory_limit
+from .fused import FUSED_MLPS, _RMSNormFunction, _SquaredReLU, gpt2_block, gpt2_block_fits
 from .kvcache import KVCache
 
 
@@ -203,25 +204,6 @@ class HookedModel(nn.Module):
             self._capture = None
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """y = x / rms(x) * w with a hand-written backward: fewer kernels than autograd's decomposition on CPU."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
-        x_hat = x * rstd
-        ctx.save_for_backward(x_hat, rstd, weight)
-        return x_hat * weight
-
-    @staticmethod
-    def backward(ctx, grad):
-        x_hat, rstd, weight = ctx.saved_tensors
-        g = grad * weight
-        grad_x = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
-        grad_w = (grad * x_hat).reshape(-1, x_hat.size(-1)).sum(0)
-        return grad_x, grad_w, None
-
-
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation with a learned gain (no mean subtraction, no bias)."""
 
@@ -247,77 +229,6 @@ def norm_layer(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, eps)
     return nn.LayerNorm(dim, eps=eps, bias=cfg.bias)
-
-
-class _SquaredReLU(torch.autograd.Function):
-    """relu(x)^2, keeping only relu(x) for the backward pass (2 relu(x) g)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        r = torch.relu(x)
-        ctx.save_for_backward(r)
-        return r * r
-
-    @staticmethod
-    def backward(ctx, grad):
-        (r,) = ctx.saved_tensors
-        return grad * (2 * r)
-
-
-class _ReLU2MLPFunction(torch.autograd.Function):
-    """proj(relu(fc(x))^2) for bias-free weights, with a hand-written backward that makes fewer passes over the
-    (B, T, hidden) activations, the largest tensors of a step: the relu is taken in place, and the 2 of the square's
-    derivative multiplies the small weight matrices instead of the activations."""
-
-    @staticmethod
-    def forward(ctx, x, w_fc, w_proj):
-        r = F.linear(x, w_fc).relu_()
-        a = r * r
-        ctx.save_for_backward(x, w_fc, w_proj, r, a)
-        return F.linear(a, w_proj)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w_fc, w_proj, r, a = ctx.saved_tensors
-        half = (grad @ w_proj).mul_(r)  # half of d loss / d (fc output): relu(h)^2 has derivative 2 relu(h)
-        return _mlp_grads(ctx, grad, x, w_fc, a, half, 2.0)
-
-
-class _GeluMLPFunction(torch.autograd.Function):
-    """proj(gelu(fc(x))) for bias-free weights (GPT-2's MLP, exact erf GELU), with a hand-written backward: one
-    autograd node instead of three, and GELU's derivative written over the incoming gradient in place, so the step
-    allocates one (B, T, hidden) tensor fewer."""
-
-    @staticmethod
-    def forward(ctx, x, w_fc, w_proj):
-        h = F.linear(x, w_fc)
-        a = F.gelu(h)
-        ctx.save_for_backward(x, w_fc, w_proj, h, a)
-        return F.linear(a, w_proj)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w_fc, w_proj, h, a = ctx.saved_tensors
-        dh = grad @ w_proj
-        torch.ops.aten.gelu_backward.grad_input(dh, h, grad_input=dh)  # d loss / d (fc output), in place
-        return _mlp_grads(ctx, grad, x, w_fc, a, dh, 1.0)
-
-
-def _mlp_grads(ctx, grad, x, w_fc, a, dh, scale: float):
-    """The gradients of an MLP function's inputs (x, w_fc, w_proj) from the output's gradient, the activations a and
-    `scale` times the gradient of the fc output, dh (the activation's derivative folded into the small weights)."""
-    grad_x = grad_fc = grad_proj = None
-    if ctx.needs_input_grad[2]:
-        grad_proj = grad.reshape(-1, grad.size(-1)).t() @ a.reshape(-1, a.size(-1))
-    if ctx.needs_input_grad[1]:
-        grad_fc = dh.reshape(-1, dh.size(-1)).t() @ x.reshape(-1, x.size(-1))
-        grad_fc = grad_fc.mul_(scale) if scale != 1.0 else grad_fc
-    if ctx.needs_input_grad[0]:
-        grad_x = dh @ (scale * w_fc if scale != 1.0 else w_fc)
-    return grad_x, grad_fc, grad_proj
-
-
-FUSED_MLPS = {"relu2": _ReLU2MLPFunction, "gelu": _GeluMLPFunction}  # eager training takes these (bias-free)
 
 
 def rotary_tables(block_size: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,10 +375,24 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.norm2 = norm_layer(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
+        # GPT-2's block (LayerNorm, learned positions, exact GELU, no QK-norm): eager CPU training takes it whole as
+        # one hand-written function (fused.gpt2_block) when nothing else is asked of it (forward)
+        self.gpt2 = cfg.norm == "layernorm" and cfg.mlp == "gelu" and not cfg.qk_norm and cfg.pos == "learned"
 
     def forward(self, x, rope, cache, layer, pos=None, ve=None, hooks=None, mask=None):
+        dropout = self.training and bool(self.attn.cfg.dropout or self.attn.cfg.attn_dropout)
+        if self.gpt2 and cache is None and mask is None and ve is None and not dropout \
+                and (hooks is None or f"blocks.{layer}.attn.weights" not in hooks.names):
+            params = self.gpt2_params()
+            if gpt2_block_fits(x, params):
+                return gpt2_block(x, self.attn.cfg.n_head, self.norm1.eps, *params)
         x = x + self.attn(self.norm1(x), rope, cache, layer, pos, ve, hooks, mask)
         return x + self.mlp(self.norm2(x))
+
+    def gpt2_params(self) -> list[Optional[torch.Tensor]]:
+        """The block's weights and biases in fused.gpt2_block's order."""
+        return [t for m in (self.norm1, self.attn.qkv, self.attn.proj, self.norm2, self.mlp.fc, self.mlp.proj)
+                for t in (m.weight, m.bias)]
 
 
 class GPT(HookedModel):

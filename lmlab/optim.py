@@ -187,7 +187,10 @@ def adamw_update(opt: torch.optim.Optimizer, group: dict, params: list[torch.Ten
         exp_avg_sqs.append(state["exp_avg_sq"])
     steps = [opt.state[p]["step"] for p in params]  # per parameter: one without a gradient skips a step
     if _fusable(params):  # the same update in one fused PyTorch kernel: about 5x faster than the steps below on CPU
-        step_tensors = [torch.tensor(float(s), device=p.device) for s, p in zip(steps, params)]
+        if len(set(steps)) == 1:  # the usual case: one tensor read by every parameter's update (the kernel only reads)
+            step_tensors = [torch.tensor(float(steps[0]), device=params[0].device)] * len(params)
+        else:
+            step_tensors = [torch.tensor(float(s), device=p.device) for s, p in zip(steps, params)]
         torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], step_tensors, lr=lr, beta1=beta1, beta2=beta2,
                             weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
         return

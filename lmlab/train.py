@@ -234,7 +234,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
                 else:
                     x, y = batch
                     loss = objective(model(x), y, loss_cfg)
-            (loss / len(batches)).backward()
+            (loss / len(batches) if len(batches) > 1 else loss).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     grad_norm = clip_grad_norm([p for p in unwrap(model).parameters() if p.requires_grad], grad_clip)
     mean_loss = all_reduce_sum(loss_sum / len(batches), d) / d.world  # the loss of the global batch

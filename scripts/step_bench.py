@@ -4,8 +4,9 @@
 
 - page faults: the same steps in fresh processes, glibc's malloc defaults against `keep_freed_memory()`, alternating
   process by process; minor page faults and wall time per step.
-- fused MLP: in one process, the `tiny` step with the ReLU² MLP's hand-written function against the plain modules,
-  alternating block by block.
+- fused MLP: in one process, the step with the MLP's hand-written function (ReLU² for `tiny`, GELU for
+  nanogpt-char-cpu) against the plain modules, alternating block by block; for a preset of GPT-2 blocks
+  (nanogpt-char-cpu), the whole block as one function (fused.gpt2_block) against the MLP's function alone.
 - compile (with --compile): eager against `torch.compile`, alternating in one process, with the first compiled step
   (its compile time) reported.
 
@@ -76,21 +77,28 @@ def report(title: str, medians: dict, slow: str, fast: str) -> None:
           + f"; {slow} / {fast}: {r['ratio_median']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
 
 
-def fused_mlp(preset: str, blocks: int, per_block: int) -> None:
+def fused(preset: str, blocks: int, per_block: int) -> None:
+    """The hand-written functions against the plain modules: the MLP's (the GPT-2 block off on both sides), then,
+    where the preset's blocks are GPT-2's, the whole block's (fused.gpt2_block) against the MLP's alone."""
     step, model, _ = make_step(preset)
-    mlps = [block.mlp for block in model.blocks]
+    gpt2 = all(block.gpt2 for block in model.blocks)
 
-    def with_fused(flag: bool):
+    def with_fused(mlp: bool, block: bool):
         def run(i: int) -> None:
-            for mlp in mlps:
-                mlp.fused = flag
+            for b in model.blocks:
+                b.mlp.fused, b.gpt2 = mlp, block
             step(i)
         return run
 
     for i in range(3):
         step(i)
-    medians = alternated_medians({"plain": with_fused(False), "fused": with_fused(True)}, blocks, per_block)
+    medians = alternated_medians({"plain": with_fused(False, False), "fused": with_fused(True, False)}, blocks,
+                                 per_block)
     report("fused MLP", medians, "plain", "fused")
+    if gpt2:
+        medians = alternated_medians({"MLP": with_fused(True, False), "block": with_fused(True, True)}, blocks,
+                                     per_block)
+        report("GPT-2 block", medians, "MLP", "block")
 
 
 def compiled(preset: str, blocks: int, per_block: int) -> None:
@@ -124,7 +132,7 @@ def main() -> None:
           f"tokens a step")
     page_faults(args.preset, max(2, args.blocks // 2), args.steps)
     keep_freed_memory()  # as `lmlab train` does on CPU
-    fused_mlp(args.preset, args.blocks, args.per_block)
+    fused(args.preset, args.blocks, args.per_block)
     if args.compile:
         compiled(args.preset, args.blocks, args.per_block)
 

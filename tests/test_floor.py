@@ -113,8 +113,8 @@ def test_a_gemm_is_timed_on_operands_of_its_shape_and_layout(batch):
 
 
 def test_the_floor_is_the_sum_of_its_parts_and_the_row_has_its_keys(monkeypatch):
-    def fake_interleaved(steps, groups, dtype, device, rounds):
-        return dict.fromkeys(steps, 0.050), {name: [0.001 * (i + 1) for i in range(len(gs))] for name, gs in groups.items()}
+    def fake_interleaved(steps, calls, device, rounds):
+        return dict.fromkeys(steps, 0.050), {name: [0.001 * (i + 1) for i in range(len(cs))] for name, cs in calls.items()}
 
     monkeypatch.setattr(floor, "interleaved", fake_interleaved)
     monkeypatch.setattr(floor, "op_table", lambda step, steps: [{"kind": k, "ms": 1.0} for k in floor.KINDS])
@@ -141,7 +141,8 @@ def test_steps_of_one_shape_are_timed_in_turns_against_one_floor(monkeypatch):
     order = []
     g = floor.Gemm("tiny", 0, 4, 4, 4)
     steps = {"a": lambda i: order.append(("a", i)), "b": lambda i: order.append(("b", i))}
-    step_s, medians = floor.interleaved(steps, {"model": [g]}, torch.float32, torch.device("cpu"), rounds=3)
+    calls = {"model": [floor.gemm_call(g, torch.float32, torch.device("cpu"))]}
+    step_s, medians = floor.interleaved(steps, calls, torch.device("cpu"), rounds=3)
     assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("b", 2), ("a", 2), ("a", 3), ("b", 3)]
     assert set(step_s) == {"a", "b"} and all(t >= 0 for t in step_s.values()) and len(medians["model"]) == 1
 

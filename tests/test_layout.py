@@ -19,6 +19,7 @@ CORE = [
     "tasks",  # the prompts and verifiers that reinforcement learning rewards (synthetic:chat's, patterns)
     "data",
     "kvcache",  # the decode steps' keys and values, which the model's attention reads
+    "fused",  # hand-written autograd functions (norms, MLPs, a whole GPT-2 block) that the model's training takes
     "model", "loss",
     "distributed",  # before optim: Muon orthogonalises sharded (FSDP) matrices through its helpers
     "optim",

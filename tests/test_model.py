@@ -475,7 +475,8 @@ def test_bigram_depends_on_current_token_only():
 @pytest.mark.parametrize("shape", [(3, 5, 8), (2, 4, 3, 6)])
 def test_rmsnorm_and_squared_relu_gradients_match_autograd_reference(shape):
     """The hand-written backward passes equal autograd through the plain formulas (and finite differences)."""
-    from lmlab.model import RMSNorm, _SquaredReLU
+    from lmlab.fused import _SquaredReLU
+    from lmlab.model import RMSNorm
 
     g = torch.Generator().manual_seed(21)
     x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
@@ -498,7 +499,8 @@ def test_rmsnorm_and_squared_relu_gradients_match_autograd_reference(shape):
 def test_fused_relu2_mlp_matches_the_unfused_modules_and_finite_differences(shape):
     """Training takes _ReLU2MLPFunction (a hand-written backward); its output and gradients for the input and both
     weights equal autograd through the plain fc -> relu^2 -> proj, with some hidden units inactive."""
-    from lmlab.model import MLP, _ReLU2MLPFunction
+    from lmlab.fused import _ReLU2MLPFunction
+    from lmlab.model import MLP
 
     torch.manual_seed(5)
     mlp = MLP(ModelConfig(n_embd=shape[-1], n_head=1, mlp_ratio=2.0)).double()
@@ -524,7 +526,8 @@ def test_fused_relu2_mlp_matches_the_unfused_modules_and_finite_differences(shap
 def test_fused_gelu_mlp_matches_the_unfused_modules_and_finite_differences(shape):
     """Training takes _GeluMLPFunction for GPT-2's bias-free GELU MLP; its output and gradients equal autograd
     through the plain fc -> gelu -> proj, and finite differences."""
-    from lmlab.model import MLP, _GeluMLPFunction
+    from lmlab.fused import _GeluMLPFunction
+    from lmlab.model import MLP
 
     torch.manual_seed(6)
     mlp = MLP(ModelConfig(n_embd=shape[-1], n_head=1, mlp_ratio=2.0, mlp="gelu", bias=False)).double()

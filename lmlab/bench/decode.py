@@ -15,13 +15,12 @@ timed in turns (round by round), and each figure is a median over rounds.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from typing import Callable
 
-from .floor import SHAPES, Gemm, gemm_call, linear_gemms, merge, seconds_per_call
+from .floor import SHAPES, Gemm, gemm_call, interleaved, linear_gemms, merge
 from .measure import sync
 
 VOCAB = 65  # a character vocabulary, as the tiny runs on Tiny Shakespeare have
@@ -66,8 +65,9 @@ def batched_generation(device: torch.device, batches: tuple[int, ...], new_token
                        shapes: tuple[str, ...] = tuple(SHAPES), min_s: float = 0.002) -> list[dict]:
     """{shape, batch, new_tokens, compiled, tokens_per_s, step_ms, floor_ms_per_step, floor_tokens_per_s,
     floor_over_speed, floor_cold_ms_per_step, floor_cold_over_speed} for every shape and batch: eager generate_batch,
-    medians over `rounds` rounds, each round running every config once and timing its products after it. step_ms is
-    the run's time over new_tokens (the prompt's encoding included); *_over_speed is floor tokens/s over tokens/s."""
+    medians over `rounds` rounds, each round running every config in turns and then timing their products
+    (floor.interleaved). step_ms is the run's time over new_tokens (the prompt's encoding included); *_over_speed
+    is floor tokens/s over tokens/s."""
     from ..config import apply_budget, get_preset
     from ..generate import generate_batch
     from ..model import build_model
@@ -84,30 +84,17 @@ def batched_generation(device: torch.device, batches: tuple[int, ...], new_token
     calls = {c: [gemm_call(g, torch.float32, device) for g in gs] + [cold_step(gs, torch.float32, device)]
              for c, gs in gemms.items()}
 
-    def run(shape: str, batch: int, n: int) -> float:
-        prompts = [[i % VOCAB] for i in range(batch)]
-        sync(device)
-        t = time.perf_counter()
-        out = generate_batch(models[shape], prompts, n, seeds=list(range(batch)))
+    def run(shape: str, batch: int, n: int) -> None:
+        out = generate_batch(models[shape], [[i % VOCAB] for i in range(batch)], n, seeds=list(range(batch)))
         sync(device)
         assert all(len(row.tokens) == n for row in out)
-        return time.perf_counter() - t
 
-    for c in configs:  # warm-up
-        run(*c, min(new_tokens, 8))
-    repeats = {c: [max(1, min(50, round(min_s / seconds_per_call(f, 1, device)))) for f in fs]
-               for c, fs in calls.items()}
-    run_s = {c: [] for c in configs}
-    gemm_s = {c: [[] for _ in calls[c]] for c in configs}
-    for _ in range(rounds):
-        for c in configs:
-            run_s[c].append(run(*c, new_tokens))
-            for i, f in enumerate(calls[c]):
-                gemm_s[c][i].append(seconds_per_call(f, repeats[c][i], device))
+    steps = {c: (lambda r, c=c: run(*c, new_tokens if r else min(new_tokens, 8))) for c in configs}
+    run_s, call_s = interleaved(steps, calls, device, rounds, min_s)
     rows = []
     for shape, batch in configs:
-        seconds = statistics.median(run_s[shape, batch])
-        gs, medians = gemms[shape, batch], [statistics.median(t) for t in gemm_s[shape, batch]]
+        seconds = run_s[shape, batch]
+        gs, medians = gemms[shape, batch], call_s[shape, batch]
         floor_s = sum(g.count * s for g, s in zip(gs, medians))
         cold_s = medians[-1]
         tokens_per_s = batch * new_tokens / seconds

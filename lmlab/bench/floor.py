@@ -144,19 +144,18 @@ def seconds_per_call(fn: Callable[[], None], calls: int, device: torch.device) -
     return (time.perf_counter() - t) / calls
 
 
-def interleaved(steps: dict[str, Callable[[int], None]], groups: dict[str, list[Gemm]], dtype: torch.dtype,
-                device: torch.device, rounds: int, min_s: float = 0.002
-                ) -> tuple[dict[str, float], dict[str, list[float]]]:
+def interleaved(steps: dict, calls: dict[object, list[Callable[[], object]]], device: torch.device, rounds: int,
+                min_s: float = 0.002) -> tuple[dict, dict]:
     """Median seconds of each step and of each product, timed in turns: each round times every step once (in turns,
-    the order reversed every other round), then every product (repeated to at least min_s, the count fixed after
-    warm-up); the medians are over rounds."""
-    calls = {name: [gemm_call(g, dtype, device) for g in gs] for name, gs in groups.items()}
+    the order reversed every other round), then every product call (gemm_call, or any callable; repeated to at least
+    min_s, the count fixed after warm-up); the medians are over rounds. step(i) gets the round, from 1, and 0 for
+    its warm-up."""
     for step in steps.values():
         step(0)  # warm-up
     repeats = {name: [max(1, min(50, round(min_s / seconds_per_call(c, 1, device)))) for c in cs]
                for name, cs in calls.items()}
-    step_s: dict[str, list[float]] = {name: [] for name in steps}
-    gemm_s = {name: [[] for _ in cs] for name, cs in calls.items()}
+    step_s: dict = {name: [] for name in steps}
+    call_s = {name: [[] for _ in cs] for name, cs in calls.items()}
     for r in range(rounds):
         for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
             sync(device)
@@ -165,9 +164,9 @@ def interleaved(steps: dict[str, Callable[[int], None]], groups: dict[str, list[
             step_s[name].append(time.perf_counter() - t)
         for name, cs in calls.items():
             for i, c in enumerate(cs):
-                gemm_s[name][i].append(seconds_per_call(c, repeats[name][i], device))
+                call_s[name][i].append(seconds_per_call(c, repeats[name][i], device))
     return ({name: statistics.median(t) for name, t in step_s.items()},
-            {name: [statistics.median(t) for t in ts] for name, ts in gemm_s.items()})
+            {name: [statistics.median(t) for t in ts] for name, ts in call_s.items()})
 
 
 def op_kind(name: str, parents: list[str]) -> str:
@@ -243,7 +242,8 @@ def floor_rows(steppers: list[Stepper], shape: str, batch: int, block: int, n_la
     same floor; each one's optimizer matmuls apart, and its profile by kind."""
     groups = {"model": step_gemms(steppers[0].model, batch, block, n_layer, n_head, head_dim, micro_batches)}
     groups |= {f"optimizer {s.tool}": newton_schulz_gemms(s.optimizer) for s in steppers}
-    step_s, medians = interleaved({s.tool: s.step for s in steppers}, groups, dtype, device, rounds)
+    calls = {name: [gemm_call(g, dtype, device) for g in gs] for name, gs in groups.items()}
+    step_s, medians = interleaved({s.tool: s.step for s in steppers}, calls, device, rounds)
     parts = {name: [{"name": g.name, "shape": [g.batch, g.m, g.k, g.n], "count": g.count, "ms": t * 1000}
                     for g, t in zip(groups[name], medians[name])] for name in groups}
     floor_ms = sum(p["ms"] * p["count"] for p in parts["model"])
