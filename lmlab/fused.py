@@ -123,6 +123,11 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], residua
     return y if b is None else y.add_(b)
 
 
+def _heads(qkv: torch.Tensor, B: int, T: int, n_head: int) -> tuple[torch.Tensor, ...]:
+    """Queries, keys and values, each (B, H, T, D), as views of the fused projection's (B*T, 3C) output."""
+    return qkv.view(B, T, 3, n_head, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def _bias_grad(grad: torch.Tensor, b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if b is None else grad.sum(0)
 
@@ -140,7 +145,7 @@ class _GPT2BlockFunction(torch.autograd.Function):
         x = x.reshape(B * T, C)
         h1, mean1, rstd1 = _aten.native_layer_norm(x, [C], ln1_w, ln1_b, eps)
         qkv = _linear(h1, qkv_w, qkv_b)  # (B*T, 3C)
-        q, k, v = qkv.view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+        q, k, v = _heads(qkv, B, T, n_head)
         y, lse = _FLASH[0](q, k, v, 0.0, True)  # y: (B, H, T, D), laid out as (B, T, H, D)
         a = y.transpose(1, 2).reshape(B * T, C)
         x2 = _linear(a, proj_w, proj_b, residual=x)
@@ -171,7 +176,7 @@ class _GPT2BlockFunction(torch.autograd.Function):
         # attention: x2 = x + attn(h1) proj^T
         d_proj_w, d_proj_b = dx2.t() @ a, _bias_grad(dx2, proj_b)
         da = (dx2 @ proj_w).view(B, T, H, C // H).transpose(1, 2)
-        q, k, v = qkv.view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _heads(qkv, B, T, H)
         dq, dk, dv = _FLASH[1](da, q, k, v, y, lse, 0.0, True)
         dqkv = torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).view(B * T, 3 * C)
         d_qkv_w, d_qkv_b = dqkv.t() @ h1, _bias_grad(dqkv, qkv_b)
@@ -182,13 +187,20 @@ class _GPT2BlockFunction(torch.autograd.Function):
                 d_ln2_b, d_fc_w, d_fc_b, d_out_w, d_out_b)
 
 
-def gpt2_block_fits(x: torch.Tensor, params: list[Optional[torch.Tensor]]) -> bool:
-    """Whether gpt2_block applies to this input now: a training forward (gradients on, eager, no autocast) of plain
-    float tensors on the CPU, where PyTorch has its CPU flash attention."""
-    return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and _FLASH[1] is not None and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+def eager_training(x: torch.Tensor, params: list[Optional[torch.Tensor]]) -> bool:
+    """Whether a hand-written function may replace the modules for this input now: a training forward (gradients
+    on, eager, no autocast) with every weight a plain tensor of the input's dtype."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(x.device.type)
             and all(p is None or (type(p) in (torch.Tensor, torch.nn.Parameter) and p.dtype == x.dtype)
                     for p in params))
+
+
+def gpt2_block_fits(x: torch.Tensor, params: list[Optional[torch.Tensor]]) -> bool:
+    """Whether gpt2_block applies to this input now: eager_training, in float32 or float64 on the CPU, where PyTorch
+    has its CPU flash attention."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _FLASH[1] is not None
+            and eager_training(x, params))
 
 
 def gpt2_block(x: torch.Tensor, n_head: int, eps: float, *params: Optional[torch.Tensor]) -> torch.Tensor:

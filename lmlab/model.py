@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .common import MEMORY_ENV, LmlabError, fmt_bytes, memory_limit
-from .fused import FUSED_MLPS, _RMSNormFunction, _SquaredReLU, gpt2_block, gpt2_block_fits
+from .fused import FUSED_MLPS, _RMSNormFunction, _SquaredReLU, eager_training, gpt2_block, gpt2_block_fits
 from .kvcache import KVCache
 
 
@@ -351,8 +351,7 @@ class MLP(nn.Module):
         self.fused = self.kind in FUSED_MLPS and not cfg.bias  # training in eager mode takes FUSED_MLPS[kind]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and torch.is_grad_enabled() and not self.dropout and x.dtype == self.fc.weight.dtype \
-                and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling():
+        if self.fused and not self.dropout and eager_training(x, [self.fc.weight, self.proj.weight]):
             return FUSED_MLPS[self.kind].apply(x, self.fc.weight, self.proj.weight)
         h = self.fc(x)
         if self.kind == "gelu":
