@@ -477,6 +477,32 @@ def test_short_budgets_get_the_short_budget_recipe():
     assert apply_budget(small) == (small, "")
 
 
+def test_long_budgets_get_the_larger_model():
+    """From LONG_BUDGET_S of a pure time budget the tiny recipe is 6 layers, 192 wide; a step limit, a size or head
+    count the caller gave, or another preset or stage keeps the recipe's 4 x 128."""
+    import dataclasses
+
+    from lmlab.config import LONG_BUDGET, LONG_BUDGET_S, TINY_RECIPE, apply_budget, get_preset
+
+    def sizes(max_time: float, preset: str = "tiny", **changes):
+        cfg = dataclasses.replace(get_preset(preset), max_time=max_time, compile=False)
+        for name, value in changes.items():
+            setattr(cfg.model, name, value) if hasattr(cfg.model, name) else setattr(cfg, name, value)
+        cfg, note = apply_budget(cfg)
+        return (cfg.model.block_size, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.optim.lr), note
+
+    recipe = tuple(TINY_RECIPE[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "lr"))
+    assert sizes(LONG_BUDGET_S - 1) == (recipe, "")
+    got, note = sizes(LONG_BUDGET_S)
+    assert got == (128, LONG_BUDGET["n_layer"], 4, LONG_BUDGET["n_embd"], 1e-2) == (128, 6, 4, 192, 1e-2)
+    assert "long-budget settings, --n-layer 6 --n-embd 192" in note
+    assert sizes(900.0, max_steps=100) == (recipe, "")
+    assert sizes(900.0, n_layer=4)[0] == (128, 4, 4, 192, 1e-2)
+    assert sizes(900.0, n_head=8)[0] == (128, 6, 8, 128, 1e-2)  # the head count is chosen to divide the recipe's width
+    assert sizes(900.0, "small")[0][1:4] == (get_preset("small").model.n_layer, get_preset("small").model.n_head,
+                                             get_preset("small").model.n_embd)
+
+
 def test_long_time_budgets_compile_the_tiny_recipe(monkeypatch):
     """--compile None is the budget's: the tiny preset compiles for pure time budgets of COMPILE_BUDGET_S or more
     where a C++ compiler is found; a value the caller gave (`--compile`, `--no-compile`) stays theirs."""
