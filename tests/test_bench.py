@@ -304,3 +304,22 @@ def test_batched_generation_reports_speed_against_the_decode_floor():
     assert gemms["attention AV"].count == cfg.model.n_layer
     assert gemms["lm_head forward"].key == (0, 8, cfg.model.n_embd, 65, False, True)
     assert not any("grad" in name for name in gemms)
+
+
+def test_matmul_peak_is_the_best_timing_after_warm_up(monkeypatch):
+    """A clock under the test's control: the warm-up runs until warm_s has passed, and the peak is 2n^3 over the
+    shortest of the timed repeats, not their median."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lmlab.bench import measure
+
+    ticks = iter([0.0, 0.1, 0.3,  # warm-up: start, one matmul (0.1 < 0.2), a second (0.3 >= 0.2): done
+                  1.0, 1.5, 2.0, 2.1, 3.0, 3.4])  # three repeats of 0.5, 0.1 and 0.4 s
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    calls = []
+    monkeypatch.setattr(measure, "sync", lambda device: calls.append(device))
+    gflops = measure.matmul_peak(torch.float32, torch.device("cpu"), n=8, reps=3, warm_s=0.2)
+    assert gflops == pytest.approx(2 * 8**3 / 0.1 / 1e9) and len(calls) == 5
+    assert next(ticks, None) is None  # every tick spent: two warm-up matmuls, three timed
