@@ -423,8 +423,9 @@ def apply_budget(cfg: TrainConfig) -> tuple[TrainConfig, str]:
 
     A setting is the caller's own when it is not None: set `cfg.model.n_layer = 4` (or pass `--n-layer 4`) and the
     rules leave it alone. The `tiny` preset leaves its sizes, context, AdamW learning rate and Muon momentum to the
-    budget: TINY_RECIPE, SHORT_BUDGET when 0 < max_time <= 60 s, LONG_BUDGET when max_time >= 600 s. A caller who sets the head count keeps the
-    recipe's full width too, which their head count may be chosen to divide. Whether to compile (None) is decided
+    budget: TINY_RECIPE, SHORT_BUDGET when 0 < max_time <= 60 s, LONG_BUDGET when max_time >= 600 s and there is no
+    step limit. A caller who sets the head count keeps the recipe's full width too, which their head count may be
+    chosen to divide. Whether to compile (None) is decided
     for every preset: the tiny one compiles for pure time budgets of COMPILE_BUDGET_S or more, the others do not.
 
     For --stage sft and dpo the model comes from the base (--init-from), so the sizes stay unset here and are the

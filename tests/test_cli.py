@@ -499,6 +499,7 @@ def test_long_budgets_get_the_larger_model():
     assert sizes(900.0, max_steps=100) == (recipe, "")
     assert sizes(900.0, n_layer=4)[0] == (128, 4, 4, 192, 1e-2)
     assert sizes(900.0, n_head=8)[0] == (128, 6, 8, 128, 1e-2)  # the head count is chosen to divide the recipe's width
+    assert sizes(900.0, stage="sft")[0][1:4] == (None, None, None)  # the base's sizes (--init-from)
     assert sizes(900.0, "small")[0][1:4] == (get_preset("small").model.n_layer, get_preset("small").model.n_head,
                                              get_preset("small").model.n_embd)
 
