@@ -425,8 +425,8 @@ def apply_budget(cfg: TrainConfig) -> tuple[TrainConfig, str]:
     rules leave it alone. The `tiny` preset leaves its sizes, context, AdamW learning rate and Muon momentum to the
     budget: TINY_RECIPE, SHORT_BUDGET when 0 < max_time <= 60 s, LONG_BUDGET when max_time >= 600 s and there is no
     step limit. A caller who sets the head count keeps the recipe's full width too, which their head count may be
-    chosen to divide. Whether to compile (None) is decided
-    for every preset: the tiny one compiles for pure time budgets of COMPILE_BUDGET_S or more, the others do not.
+    chosen to divide. Whether to compile (None) is decided for every preset: the tiny one compiles for pure time
+    budgets of COMPILE_BUDGET_S or more, the others do not.
 
     For --stage sft and dpo the model comes from the base (--init-from), so the sizes stay unset here and are the
     base's; an unset learning rate is the stage's (STAGE_DEFAULTS), an unset dropout 0 (no corpus rule), and neither
