@@ -94,7 +94,7 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not 0 < value <= MAX_SIZE:
                 raise LmlabError(f"--{name.replace('_', '-')} must be between 1 and {MAX_SIZE:,}, got {value!r:.40}")
-        if not self.unset():  # else the budget rules fill them in (config.apply_budget), then these checks run
+        if not self.unset():  # else the budget rules fill them in (budget.apply_budget), then these checks run
             if self.n_embd % self.n_head:
                 raise LmlabError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
             if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
@@ -629,7 +629,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """The model named by cfg.arch, for a tokenizer with vocab_size symbols."""
     if cfg.unset():
         raise LmlabError(f"the model's {', '.join(cfg.unset())} are left to the budget rules; apply them first "
-                         f"(lmlab.config.apply_budget)")
+                         f"(lmlab.budget.apply_budget)")
     return Bigram(cfg, vocab_size) if cfg.arch == "bigram" else GPT(cfg, vocab_size)
 
 

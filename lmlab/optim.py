@@ -340,7 +340,7 @@ def param_groups(model: nn.Module, weight_decay: float, split_hidden: bool = Fal
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.lr is None or cfg.muon_momentum is None:
         raise LmlabError("the learning rate or Muon momentum is left to the budget rules; apply them first "
-                         "(lmlab.config.apply_budget)")
+                         "(lmlab.budget.apply_budget)")
     if cfg.optimizer == "muon":
         groups = param_groups(model, cfg.weight_decay, split_hidden=True)
         for g in groups:

@@ -30,7 +30,8 @@ from . import dpo, rl, sft, tasks
 from .checkpoint import chosen_checkpoints, latest_good_checkpoint, load_newest, save_checkpoint
 from .common import (LmlabError, default_dtype, fmt_count, keep_freed_memory, resolve_device, resolve_dtype,
                      seed_everything)
-from .config import TrainConfig, apply_budget, fit_to_corpus, needs_corpus
+from .budget import apply_budget, fit_to_corpus, needs_corpus
+from .config import TrainConfig
 from .data import BatchSampler, Splits, is_conversations, load_splits
 from .distributed import Dist, all_reduce_sum, barrier, unwrap
 from .evaluate import autocast_context, eval_stride, evaluate, window_stride
@@ -882,7 +883,7 @@ def train(cfg: TrainConfig, reward: Optional[rl.Reward] = None, task: Optional[t
     (given from Python only, never from a file or a run folder; a resumed run needs it again). task: for --stage rl,
     prompts and a verifier of one's own (tasks.Task) in place of --task's, from Python only as well.
 
-    The budget rules (config.apply_budget) run here, so `train(config)` from Python trains what `lmlab train` with
+    The budget rules (budget.apply_budget) run here, so `train(config)` from Python trains what `lmlab train` with
     the same settings trains. Under torchrun with --parallel ddp|fsdp every process calls this; rank 0 owns the
     run directory's logs.
     """

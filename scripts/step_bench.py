@@ -29,7 +29,8 @@ import torch
 from lmlab.bench.measure import training_step
 from lmlab.bench.nanogpt import alternated_medians, block_ratios
 from lmlab.common import keep_freed_memory
-from lmlab.config import apply_budget, get_preset
+from lmlab.budget import apply_budget
+from lmlab.config import get_preset
 
 
 def make_step(preset: str, compile_model: bool = False):

@@ -285,7 +285,8 @@ def test_batched_generation_reports_speed_against_the_decode_floor():
     import torch
 
     from lmlab.bench.decode import batched_generation, batched_lines, decode_gemms, decode_spans
-    from lmlab.config import apply_budget, get_preset
+    from lmlab.budget import apply_budget
+    from lmlab.config import get_preset
     from lmlab.model import build_model
 
     rows = batched_generation(torch.device("cpu"), (1, 2), 4, 1, shapes=("tiny",))

@@ -445,7 +445,8 @@ def test_failed_training_leaves_no_config_behind(bad_inputs, capsys):
 def test_short_budgets_get_the_short_budget_recipe():
     import dataclasses
 
-    from lmlab.config import SHORT_BUDGET, SHORT_BUDGET_S, TINY_RECIPE, apply_budget, get_preset
+    from lmlab.budget import SHORT_BUDGET, SHORT_BUDGET_S, TINY_RECIPE, apply_budget
+    from lmlab.config import get_preset
 
     def settings(cfg):
         return (cfg.batch_size, cfg.model.block_size, cfg.model.n_layer, cfg.model.n_embd, cfg.optim.lr,
@@ -482,7 +483,8 @@ def test_long_budgets_get_the_larger_model():
     count the caller gave, or another preset or stage keeps the recipe's 4 x 128."""
     import dataclasses
 
-    from lmlab.config import LONG_BUDGET, LONG_BUDGET_S, TINY_RECIPE, apply_budget, get_preset
+    from lmlab.budget import LONG_BUDGET, LONG_BUDGET_S, TINY_RECIPE, apply_budget
+    from lmlab.config import get_preset
 
     def sizes(max_time: float, preset: str = "tiny", **changes):
         cfg = dataclasses.replace(get_preset(preset), max_time=max_time, compile=False)
@@ -509,26 +511,27 @@ def test_long_time_budgets_compile_the_tiny_recipe(monkeypatch):
     where a C++ compiler is found; a value the caller gave (`--compile`, `--no-compile`) stays theirs."""
     import dataclasses
 
-    from lmlab import config as config_
+    from lmlab import budget as budget_
     from lmlab.cli import _bool_flag
+    from lmlab.config import get_preset
 
-    monkeypatch.setattr(config_, "can_compile", lambda: True)
-    tiny, small = config_.get_preset("tiny"), config_.get_preset("small")
+    monkeypatch.setattr(budget_, "can_compile", lambda: True)
+    tiny, small = get_preset("tiny"), get_preset("small")
     assert tiny.compile is None and small.compile is None
 
     def compiles(cfg, **changes):
-        out, note = config_.apply_budget(dataclasses.replace(cfg, **changes))
+        out, note = budget_.apply_budget(dataclasses.replace(cfg, **changes))
         assert ("compiling the model" in note) == out.compile
         return out.compile
 
-    assert compiles(tiny, max_time=config_.COMPILE_BUDGET_S) and compiles(tiny, max_time=300.0)
-    assert not compiles(tiny, max_time=config_.COMPILE_BUDGET_S - 1)
+    assert compiles(tiny, max_time=budget_.COMPILE_BUDGET_S) and compiles(tiny, max_time=300.0)
+    assert not compiles(tiny, max_time=budget_.COMPILE_BUDGET_S - 1)
     assert not compiles(tiny, max_time=300.0, max_steps=100)  # a step limit: the run may be short
     assert not compiles(tiny, max_time=0.0, max_steps=100000)
     assert not compiles(small, max_time=300.0)
-    assert config_.apply_budget(dataclasses.replace(tiny, max_time=300.0, compile=False))[0].compile is False
-    assert config_.apply_budget(dataclasses.replace(tiny, max_time=20.0, compile=True))[0].compile is True
-    monkeypatch.setattr(config_, "can_compile", lambda: False)
+    assert budget_.apply_budget(dataclasses.replace(tiny, max_time=300.0, compile=False))[0].compile is False
+    assert budget_.apply_budget(dataclasses.replace(tiny, max_time=20.0, compile=True))[0].compile is True
+    monkeypatch.setattr(budget_, "can_compile", lambda: False)
     assert not compiles(tiny, max_time=300.0)
     # the command line: a bare --compile / --no-compile still works as a flag
     assert _bool_flag(["--compile", "--seed", "1"], "--compile") == ["--compile", "True", "--seed", "1"]
@@ -596,23 +599,25 @@ def test_the_tiny_recipe_picks_its_dropout_from_the_passes_over_the_corpus():
     doubling of the passes, up to DROPOUT_MAX; a --dropout of the caller's own is kept."""
     import dataclasses
 
-    from lmlab import config as config_
+    from lmlab import budget as budget_
+    from lmlab.config import get_preset
 
-    free, per, top = config_.DROPOUT_FREE_PASSES, config_.DROPOUT_PER_DOUBLING, config_.DROPOUT_MAX
-    assert [config_.corpus_dropout(p) for p in (0.5, free, 2 * free, 4 * free)] == [0.0, 0.0, per, 2 * per]
-    assert config_.corpus_dropout(1e6) == top
-    tiny = config_.apply_budget(config_.get_preset("tiny"))[0]
-    cfg, note = config_.fit_to_corpus(tiny, 1000, 4 * free * 1000)
+    free, per, top = budget_.DROPOUT_FREE_PASSES, budget_.DROPOUT_PER_DOUBLING, budget_.DROPOUT_MAX
+    assert [budget_.corpus_dropout(p) for p in (0.5, free, 2 * free, 4 * free)] == [0.0, 0.0, per, 2 * per]
+    assert budget_.corpus_dropout(1e6) == top
+    tiny = budget_.apply_budget(get_preset("tiny"))[0]
+    cfg, note = budget_.fit_to_corpus(tiny, 1000, 4 * free * 1000)
     assert cfg.model.dropout == 2 * per and cfg.model.attn_dropout == 0.0 and tiny.model.dropout is None
     assert f"about {4 * free:.1f} passes" in note and f"dropout {2 * per:g}" in note
     own = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, dropout=0.05))
-    assert config_.fit_to_corpus(own, 1000, 1e9) == (own, "")
+    assert budget_.fit_to_corpus(own, 1000, 1e9) == (own, "")
 
 
 def test_a_time_budget_estimates_its_steps_without_touching_the_random_streams():
     import torch
 
-    from lmlab.config import apply_budget, get_preset
+    from lmlab.budget import apply_budget
+    from lmlab.config import get_preset
     from lmlab.distributed import Dist
     from lmlab.train import budget_steps
 
@@ -639,7 +644,8 @@ def test_a_slow_step_at_the_start_does_not_fool_the_estimate(monkeypatch):
     import torch
 
     import lmlab.train as train_
-    from lmlab.config import apply_budget, get_preset
+    from lmlab.budget import apply_budget
+    from lmlab.config import get_preset
     from lmlab.distributed import Dist
 
     clock = {"t": 0.0, "calls": 0}
@@ -673,7 +679,7 @@ def test_train_says_and_records_the_dropout_it_chose(tmp_path):
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     passes = 100 * 8 * 16 / config_train_tokens(tmp_path / "run")
-    from lmlab.config import corpus_dropout
+    from lmlab.budget import corpus_dropout
 
     assert config["model"]["dropout"] == corpus_dropout(passes) > 0
     assert f"passes over it: dropout {config['model']['dropout']:g}" in proc.stderr

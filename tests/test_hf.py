@@ -14,7 +14,8 @@ import torch
 from helpers import read_jsonl, tiny_config, write_corpus
 from lmlab import hf
 from lmlab.common import LmlabError
-from lmlab.config import apply_budget, get_preset
+from lmlab.budget import apply_budget
+from lmlab.config import get_preset
 from lmlab.model import GPT, ModelConfig, build_model
 from lmlab.sample import generate
 from lmlab.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer

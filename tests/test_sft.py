@@ -20,7 +20,8 @@ from helpers import HANG_S, cli_env, crash_test, read_jsonl, stage_config, tiny_
 from lmlab import chat, sft, synthetic
 from lmlab import tokenizer as tok
 from lmlab.common import LmlabError
-from lmlab.config import SFT_DEFAULTS, TrainConfig, apply_budget, get_preset
+from lmlab.budget import apply_budget
+from lmlab.config import SFT_DEFAULTS, TrainConfig, get_preset
 from lmlab.distributed import Dist
 from lmlab.loss import LossConfig, cross_entropy, masked_loss
 from lmlab.model import ModelConfig, Packing, build_model

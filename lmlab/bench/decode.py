@@ -68,7 +68,8 @@ def batched_generation(device: torch.device, batches: tuple[int, ...], new_token
     medians over `rounds` rounds, each round running every config in turns and then timing their products
     (floor.interleaved). step_ms is the run's time over new_tokens (the prompt's encoding included); *_over_speed
     is floor tokens/s over tokens/s."""
-    from ..config import apply_budget, get_preset
+    from ..budget import apply_budget
+    from ..config import get_preset
     from ..generate import generate_batch
     from ..model import build_model
 

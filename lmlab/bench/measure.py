@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 
 from ..common import LmlabError
-from ..config import apply_budget, get_preset
+from ..budget import apply_budget
+from ..config import get_preset
 from ..data import resolve_source
 from ..model import build_model, matmul_params
 from ..optim import build_optimizer

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ..common import LmlabError
-from ..config import apply_budget, get_preset
+from ..budget import apply_budget
+from ..config import get_preset
 from ..data import iter_text, resolve_source
 from ..model import build_model, count_params
 from ..optim import build_optimizer
