@@ -276,14 +276,14 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
 def tiny() -> TrainConfig:
     """The CPU recipe: a modern GPT (RoPE, RMSNorm, QK-norm, ReLU², untied head, zero-init projections), Muon for the
     hidden matrices and AdamW for the rest, with a warmup-stable-decay schedule over a wall-clock budget of about 4
-    minutes. Its size, context, AdamW learning rate and Muon momentum are left to the budget (None): budget.apply_budget
-    picks TINY_RECIPE, SHORT_BUDGET for --max-time of 60 s or less, LONG_BUDGET for 600 s or more.
-    docs/performance.md has what each choice bought."""
+    minutes. Its size, context, AdamW learning rate, Muon momentum and weight decay are left to the budget (None):
+    budget.apply_budget picks TINY_RECIPE, SHORT_BUDGET for --max-time of 60 s or less, LONG_BUDGET for 600 s or
+    more. docs/performance.md has what each choice bought."""
     return TrainConfig(
         preset="tiny",
         model=ModelConfig(block_size=None, n_layer=None, n_head=None, n_embd=None, dropout=None, attn_dropout=0.0),
-        optim=OptimConfig(optimizer="muon", lr=None, muon_lr=0.02, muon_momentum=None, schedule="wsd", warmup=50,
-                          decay_fraction=0.4, decay_shape="sqrt"),
+        optim=OptimConfig(optimizer="muon", lr=None, muon_lr=0.02, muon_momentum=None, weight_decay=None,
+                          schedule="wsd", warmup=50, decay_fraction=0.4, decay_shape="sqrt"),
         batch_size=32,
         max_time=240.0,
         eval_interval=100,

@@ -28,8 +28,8 @@ class OptimConfig:
     """Peak learning rate (for muon: of the AdamW part; None: picked for the time budget)."""
     muon_lr: float = 0.02
     """Peak learning rate of Muon's hidden-matrix updates."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay, applied to matrices only (not to norms or biases)."""
+    weight_decay: Optional[float] = 0.1
+    """Decoupled weight decay, applied to matrices only (not to norms or biases; None: picked for the time budget)."""
     beta1: float = 0.9
     """AdamW first-moment decay."""
     beta2: float = 0.95
@@ -67,7 +67,7 @@ class OptimConfig:
             raise LmlabError(f"--warmup-fraction must be in [0, 1], got {self.warmup_fraction}")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise LmlabError(f"--decay-fraction must be in [0, 1], got {self.decay_fraction}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
+        if self.grad_clip < 0 or (self.weight_decay is not None and self.weight_decay < 0):
             raise LmlabError("--grad-clip and --weight-decay must be >= 0")
 
 
@@ -338,9 +338,9 @@ def param_groups(model: nn.Module, weight_decay: float, split_hidden: bool = Fal
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.lr is None or cfg.muon_momentum is None:
-        raise LmlabError("the learning rate or Muon momentum is left to the budget rules; apply them first "
-                         "(lmlab.budget.apply_budget)")
+    if cfg.lr is None or cfg.muon_momentum is None or cfg.weight_decay is None:
+        raise LmlabError("the learning rate, Muon momentum or weight decay is left to the budget rules; apply them "
+                         "first (lmlab.budget.apply_budget)")
     if cfg.optimizer == "muon":
         groups = param_groups(model, cfg.weight_decay, split_hidden=True)
         for g in groups:

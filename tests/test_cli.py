@@ -479,8 +479,8 @@ def test_short_budgets_get_the_short_budget_recipe():
 
 
 def test_long_budgets_get_the_larger_model():
-    """From LONG_BUDGET_S of a pure time budget the tiny recipe is 6 layers, 192 wide; a step limit, a size or head
-    count the caller gave, or another preset or stage keeps the recipe's 4 x 128."""
+    """From LONG_BUDGET_S of a pure time budget the tiny recipe is 6 layers, 192 wide, with more weight decay; a step
+    limit, a size, head count or weight decay the caller gave, or another preset or stage keeps the recipe's own."""
     import dataclasses
 
     from lmlab.budget import LONG_BUDGET, LONG_BUDGET_S, TINY_RECIPE, apply_budget
@@ -489,19 +489,26 @@ def test_long_budgets_get_the_larger_model():
     def sizes(max_time: float, preset: str = "tiny", **changes):
         cfg = dataclasses.replace(get_preset(preset), max_time=max_time, compile=False)
         for name, value in changes.items():
-            setattr(cfg.model, name, value) if hasattr(cfg.model, name) else setattr(cfg, name, value)
+            part = next((p for p in (cfg.model, cfg.optim) if hasattr(p, name)), cfg)
+            setattr(part, name, value)
         cfg, note = apply_budget(cfg)
-        return (cfg.model.block_size, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.optim.lr), note
+        m = cfg.model
+        return (m.block_size, m.n_layer, m.n_head, m.n_embd, cfg.optim.lr, cfg.optim.weight_decay), note
 
-    recipe = tuple(TINY_RECIPE[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "lr"))
+    recipe = tuple(TINY_RECIPE[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "lr", "weight_decay"))
+    assert recipe[-1] == 0.1
     assert sizes(LONG_BUDGET_S - 1) == (recipe, "")
     got, note = sizes(LONG_BUDGET_S)
-    assert got == (128, LONG_BUDGET["n_layer"], 4, LONG_BUDGET["n_embd"], 1e-2) == (128, 6, 4, 192, 1e-2)
-    assert "long-budget settings, --n-layer 6 --n-embd 192" in note
+    wd = LONG_BUDGET["weight_decay"]
+    assert got == (128, LONG_BUDGET["n_layer"], 4, LONG_BUDGET["n_embd"], 1e-2, wd) and got[1:4] == (6, 4, 192)
+    assert wd > recipe[-1]
+    assert f"long-budget settings, --n-layer 6 --n-embd 192 --weight-decay {wd:g}" in note
     assert sizes(900.0, max_steps=100) == (recipe, "")
-    assert sizes(900.0, n_layer=4)[0] == (128, 4, 4, 192, 1e-2)
-    assert sizes(900.0, n_head=8)[0] == (128, 6, 8, 128, 1e-2)  # the head count is chosen to divide the recipe's width
+    assert sizes(900.0, n_layer=4)[0] == (128, 4, 4, 192, 1e-2, wd)
+    assert sizes(900.0, n_head=8)[0] == (128, 6, 8, 128, 1e-2, wd)  # the head count is chosen to divide the width
+    assert sizes(900.0, weight_decay=0.05)[0] == (128, 6, 4, 192, 1e-2, 0.05)
     assert sizes(900.0, stage="sft")[0][1:4] == (None, None, None)  # the base's sizes (--init-from)
+    assert sizes(900.0, stage="sft")[0][-1] == recipe[-1]
     assert sizes(900.0, "small")[0][1:4] == (get_preset("small").model.n_layer, get_preset("small").model.n_head,
                                              get_preset("small").model.n_embd)
 
