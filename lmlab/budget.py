@@ -1,8 +1,8 @@
-"""The budget rules: the settings a preset leaves to the run (None in its config) filled in from the time budget and
-the size of the corpus. The tiny recipe's size, context, AdamW learning rate and Muon momentum follow --max-time
-(TINY_RECIPE, SHORT_BUDGET, LONG_BUDGET), whether to compile follows it for every preset, and the tiny recipe's
-dropout follows the passes the budget makes over the training text. docs/performance.md has the measurements behind
-each number."""
+"""The budget rules: the settings a preset leaves to the run (None in its config) filled in from the time budget and the
+size of the corpus. The tiny recipe's size, context, AdamW learning rate, Muon momentum and weight decay follow
+--max-time (TINY_RECIPE, SHORT_BUDGET, LONG_BUDGET), whether to compile follows it for every preset, and the tiny
+recipe's dropout follows the passes the budget makes over the training text. docs/performance.md has the measurements
+behind each number."""
 
 from __future__ import annotations
 
@@ -62,13 +62,13 @@ def _section(cfg: TrainConfig, name: str):
 
 
 def apply_budget(cfg: TrainConfig) -> tuple[TrainConfig, str]:
-    """The config with every setting left to the budget (None) filled in; returns it and a note saying what a short
+    """The config with every setting left to the budget (None) filled in; returns it and a note saying what the
     budget changed ("" if nothing). `train(config)` calls this, so Python callers and `lmlab train` get the same.
 
     A setting is the caller's own when it is not None: set `cfg.model.n_layer = 4` (or pass `--n-layer 4`) and the
-    rules leave it alone. The `tiny` preset leaves its sizes, context, AdamW learning rate and Muon momentum to the
-    budget: TINY_RECIPE, SHORT_BUDGET when 0 < max_time <= 60 s, LONG_BUDGET when max_time >= 600 s and there is no
-    step limit. A caller who sets the head count keeps the recipe's full width too, which their head count may be
+    rules leave it alone. The `tiny` preset leaves its sizes, context, AdamW learning rate, Muon momentum and weight
+    decay to the budget: TINY_RECIPE, SHORT_BUDGET when 0 < max_time <= 60 s, LONG_BUDGET when max_time >= 600 s and
+    there is no step limit. A caller who sets the head count keeps the recipe's full width too, which their head count may be
     chosen to divide. Whether to compile (None) is decided for every preset: the tiny one compiles for pure time
     budgets of COMPILE_BUDGET_S or more, the others do not.
 

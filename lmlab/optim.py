@@ -70,6 +70,10 @@ class OptimConfig:
         if self.grad_clip < 0 or (self.weight_decay is not None and self.weight_decay < 0):
             raise LmlabError("--grad-clip and --weight-decay must be >= 0")
 
+    def unset(self) -> list[str]:
+        """The settings left for the budget rules to choose (None)."""
+        return [name for name in ("lr", "muon_momentum", "weight_decay") if getattr(self, name) is None]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Schedules: pure functions of the step and of the share of the budget done
@@ -338,9 +342,9 @@ def param_groups(model: nn.Module, weight_decay: float, split_hidden: bool = Fal
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.lr is None or cfg.muon_momentum is None or cfg.weight_decay is None:
-        raise LmlabError("the learning rate, Muon momentum or weight decay is left to the budget rules; apply them "
-                         "first (lmlab.budget.apply_budget)")
+    if cfg.unset():
+        raise LmlabError(f"the optimizer's {', '.join(cfg.unset())} are left to the budget rules; apply them first "
+                         f"(lmlab.budget.apply_budget)")
     if cfg.optimizer == "muon":
         groups = param_groups(model, cfg.weight_decay, split_hidden=True)
         for g in groups:

@@ -484,7 +484,9 @@ def test_long_budgets_get_the_larger_model():
     import dataclasses
 
     from lmlab.budget import LONG_BUDGET, LONG_BUDGET_S, TINY_RECIPE, apply_budget
+    from lmlab.common import LmlabError
     from lmlab.config import get_preset
+    from lmlab.optim import build_optimizer
 
     def sizes(max_time: float, preset: str = "tiny", **changes):
         cfg = dataclasses.replace(get_preset(preset), max_time=max_time, compile=False)
@@ -507,6 +509,8 @@ def test_long_budgets_get_the_larger_model():
     assert sizes(900.0, n_layer=4)[0] == (128, 4, 4, 192, 1e-2, wd)
     assert sizes(900.0, n_head=8)[0] == (128, 6, 8, 128, 1e-2, wd)  # the head count is chosen to divide the width
     assert sizes(900.0, weight_decay=0.05)[0] == (128, 6, 4, 192, 1e-2, 0.05)
+    with pytest.raises(LmlabError, match="optimizer's lr, muon_momentum, weight_decay are left to the budget rules"):
+        build_optimizer(torch.nn.Linear(2, 2), get_preset("tiny").optim)  # the rules have not run
     assert sizes(900.0, stage="sft")[0][1:4] == (None, None, None)  # the base's sizes (--init-from)
     assert sizes(900.0, stage="sft")[0][-1] == recipe[-1]
     assert sizes(900.0, "small")[0][1:4] == (get_preset("small").model.n_layer, get_preset("small").model.n_head,
