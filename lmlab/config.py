@@ -127,6 +127,11 @@ class TrainConfig:
     compiles for a --max-time of 180 s or more without --max-steps, when a C++ compiler is there)."""
     threads: int = 0
     """CPU threads for PyTorch (0: PyTorch's default)."""
+    thread_split: int = 0
+    """On the CPU, share each micro-batch's rows among this many threads, each running its part's forward and
+    backward with an equal share of the PyTorch threads, the gradients summed in a fixed order (0: auto, 2 where
+    PyTorch has two threads or more and the step allows it: eager, float32, pretraining, no dropout, one process;
+    1: off)."""
     sample_tokens: int = 300
     """Length of the sample printed at the end (0: none)."""
     sample_prompt: str = ""
@@ -172,8 +177,8 @@ class TrainConfig:
             raise LmlabError("--telemetry-interval and --trajectory-snapshots must be >= 0")
         if self.max_bad_steps <= 0 or self.max_rollbacks < 0:
             raise LmlabError("--max-bad-steps must be positive and --max-rollbacks >= 0")
-        if self.eval_tokens < 0 or self.sample_tokens < 0 or self.threads < 0 or self.eval_stride < 0:
-            raise LmlabError("--eval-tokens, --eval-stride, --sample-tokens and --threads must be >= 0")
+        if min(self.eval_tokens, self.sample_tokens, self.threads, self.eval_stride, self.thread_split) < 0:
+            raise LmlabError("--eval-tokens, --eval-stride, --sample-tokens, --threads and --thread-split must be >= 0")
 
     @property
     def chat_model(self) -> bool:

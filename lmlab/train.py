@@ -45,6 +45,7 @@ from .rundir import RunLock, write_status  # noqa: F401 - RunLock is part of thi
 from .sample import default_probe_prompts, generate, probe, prompt_ids, stream_text, text_banned
 from .telemetry import (OVERFIT_EVALS, EvalHistory, GradientTelemetry, SpikeDetector, TensorBoard,
                         prune_snapshots_after, save_snapshot)
+from .threads import shared_backward, split_parts, step_threads
 
 
 class Interrupted(Exception):
@@ -80,6 +81,8 @@ class Setup:
     """--stage sft: the held-out conversations packed into blocks, the same at every evaluation."""
     pairs: Optional[dpo.PairData] = None
     """--stage dpo: the preference pairs and the reference's log-probabilities (splits holds their token streams)."""
+    split: int = 1
+    """How many threads share each micro-batch's rows (threads.split_parts)."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -213,15 +216,27 @@ class StepResult:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, loss_cfg: LossConfig,
                grad_clip: float, autocast, d: Dist = Dist(), objective: Callable = training_loss,
-               telemetry: Optional[GradientTelemetry] = None) -> StepResult:
+               telemetry: Optional[GradientTelemetry] = None, split: int = 1) -> StepResult:
     """forward -> loss -> backward on every micro-batch, clip, then the optimizer step, skipped when the loss or the
     gradient norm is not finite (one bad batch must not wreck the weights). `model` may be compiled or wrapped;
     telemetry, when given, looks at the weights just before the update. A micro-batch is (x, y), or packed
     conversations (sft.PackedBatch), whose objective (masked_loss) takes the mask of trained targets and their
-    count, or preference pairs (dpo.PairBatch), whose objective (dpo.objective) also returns what it measured."""
+    count, or preference pairs (dpo.PairBatch), whose objective (dpo.objective) also returns what it measured.
+    split > 1: each (x, y) micro-batch's rows are shared among that many threads (threads.split_parts decides)."""
     batches = list(batches)
+    with step_threads(split) as share:
+        return _train_step(model, optimizer, batches, loss_cfg, grad_clip, autocast, d, objective, telemetry, split,
+                           share)
+
+
+def _train_step(model, optimizer, batches: list, loss_cfg, grad_clip, autocast, d, objective, telemetry, split,
+                share) -> StepResult:
     loss_sum = stats_sum = None
     for micro, batch in enumerate(batches):
+        if split > 1:
+            loss = shared_backward(model, *batch, objective, loss_cfg, split, 1 / len(batches), share)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            continue
         with dist_.no_sync(model, d, last_micro_step=micro == len(batches) - 1):
             with autocast:
                 if isinstance(batch, sft.PackedBatch):
@@ -431,7 +446,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, d: Dist, reward: Optional[rl.Reward
         cfg, note = fit_to_corpus(cfg, len(splits.train), steps * global_batch * cfg.model.block_size)
         say(d, note)
     setup = Setup(cfg, d, run_dir, device, dtype, splits.tokenizer, splits, grad_accum, global_batch, chat_data,
-                  val_blocks, pair_data)
+                  val_blocks, pair_data, split_parts(cfg, device, dtype, d.world))
     with default_dtype(torch.float64 if setup.dtype == torch.float64 else torch.get_default_dtype()):
         model = build_model(cfg.model, base_vocab or setup.tokenizer.vocab_size)  # float64: its init in float64 too
     if weights is not None:
@@ -558,6 +573,7 @@ def describe(setup: Setup, state: TrainState) -> None:
     say(d, f"device {setup.device} ({'asked for' if cfg.device != 'auto' else 'auto-selected'}), autocast "
            f"{str(setup.dtype)[6:]}, {batch}, optimizer {cfg.optim.optimizer}, schedule {cfg.optim.schedule}, "
            f"budget {cfg.max_steps or '-'} steps / {cfg.max_time or '-'} s, threads {torch.get_num_threads()}"
+           f"{f' (each micro-batch shared by {setup.split})' if setup.split > 1 else ''}"
            f"{', compiled' if cfg.compile else ''}")
     if d.active:
         say(d, f"data parallel ({d.strategy}, {'nccl' if setup.device.type == 'cuda' else 'gloo'}): global batch "
@@ -905,6 +921,8 @@ def train(cfg: TrainConfig, reward: Optional[rl.Reward] = None, task: Optional[t
             cfg = dataclasses.replace(cfg, out=cfg.resume)  # config.json says where the run is
             note = "\n".join(n for n in (note, batch_note) if n)
         accumulation_steps(cfg, d.world)  # refuse a global batch that does not divide before touching any file
+        device = resolve_device(cfg.device)
+        split_parts(cfg, device, resolve_dtype(cfg.dtype, device), d.world)  # and a --thread-split the step refuses
         if cfg.model.block_size is not None:  # None: --stage sft, whose context is the base's (window_stride caps)
             eval_stride(cfg.eval_stride or cfg.model.block_size, cfg.model.block_size, "--eval-stride")  # 0: block
         if note:
@@ -972,7 +990,7 @@ def run(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool], reward: O
                 watched = recorder.telemetry.active(state.step + 1)
                 result = train_step(model, state.optimizer, (state.sampler.next() for _ in range(setup.grad_accum)),
                                     cfg.loss, cfg.optim.grad_clip, autocast, d, objective,
-                                    recorder.telemetry if watched else None)
+                                    recorder.telemetry if watched else None, setup.split)
                 bad_in_row = 0 if result.finite else bad_in_row + 1
                 state.skipped += not result.finite
                 state.step, state.tokens = state.step + 1, state.tokens + step_tokens(setup, state)

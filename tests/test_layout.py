@@ -25,6 +25,7 @@ CORE = [
     "optim",
     "config",  # after optim: a run's config is made of the data, model, loss and optimizer sections
     "budget",  # what a preset leaves to the run (None) filled in from the time budget and the corpus
+    "threads",  # one micro-batch's rows shared among threads on the CPU, as the loop's step shares them
     "rundir",  # the run folder, then checkpoint, sample and evaluate: the loop checkpoints, probes, samples and
     "checkpoint",
     "run",  # a run folder opened: its config, records, snapshots and checkpoints, loading its model

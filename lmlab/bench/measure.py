@@ -25,6 +25,7 @@ from ..data import resolve_source
 from ..model import build_model, matmul_params
 from ..optim import build_optimizer
 from ..run import Run
+from ..threads import split_parts
 
 
 def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
@@ -61,15 +62,18 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: i
 
 
 def training_step(preset: str, device: torch.device, dtype: torch.dtype, compile: bool, vocab: int = 65,
-                  micro_batches: int = 1):
+                  micro_batches: int = 1, split: Optional[int] = None):
     """The training loop's own step (forward, loss, backward on each of micro_batches micro-batches (0: the
-    preset's grad_accum), clip, optimizer update) of the preset's model and optimizer, on random tokens: returns
-    step(i), the model and the config."""
+    preset's grad_accum), clip, optimizer update) of the preset's model and optimizer, on random tokens, each
+    micro-batch shared among threads as training shares it (threads.split_parts; `split` overrides): returns step(i),
+    the model and the config."""
     from ..evaluate import autocast_context
     from ..loss import LossConfig, training_loss
     from ..train import train_step
 
     cfg, _ = apply_budget(get_preset(preset))
+    cfg.compile = compile
+    split = split_parts(cfg, device, dtype, 1) if split is None else split
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab).to(device)
     opt = build_optimizer(model, cfg.optim)
@@ -84,7 +88,7 @@ def training_step(preset: str, device: torch.device, dtype: torch.dtype, compile
     def step(i: int) -> None:
         windows = [batches[(i * micro + j) % len(batches)] for j in range(micro)]
         train_step(run, opt, [(w[:, :-1], w[:, 1:]) for w in windows], LossConfig(), cfg.optim.grad_clip, autocast,
-                   objective=objective)
+                   objective=objective, split=split)
         sync(device)
 
     return step, model, cfg

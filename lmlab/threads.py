@@ -1,0 +1,96 @@
+"""One micro-batch's rows shared among threads on the CPU (--thread-split): data parallelism inside one process.
+
+On a CPU with two cores, a small model's step spends a fifth of its time outside its matrix products: Python, the
+dispatcher and small kernels that run one after another while the other core waits. Split the micro-batch's rows
+into equal parts, one per thread, each thread running its part's forward and backward with its share of PyTorch's
+threads (one each on two cores), and that time overlaps the other thread's products instead (their Python still
+takes turns under the GIL). Each part's gradient comes back from torch.autograd.grad and the parts are summed in
+their order, so a run stays bit for bit reproducible from its seed, whichever thread finishes first. The matrix
+products themselves cost the same: on two cores, half the rows on one thread take as long as all of them on two.
+docs/performance.md has the measurements.
+
+The mean loss over equal parts is the mean of their means, so the step is the full batch's step up to rounding.
+What the threads would have to share in order is refused (`split_parts`): dropout draws from one random generator,
+autocast is a per-thread state, torch.compile's guards and recompiles are not made for threads, and a batch that
+is not a plain (inputs, targets) pair (fine-tuning, preferences, rewards) or several processes keep one part.
+"""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+from .common import LmlabError
+from .config import TrainConfig
+
+
+def split_parts(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, world: int) -> int:
+    """How many threads share each micro-batch: --thread-split, or for 0 (auto) 2 where PyTorch has two threads or
+    more and the step allows it, else 1. An explicit split that the step does not allow is refused with the reason."""
+    threads = torch.get_num_threads()
+    reasons = [why for bad, why in (
+        (device.type != "cpu", "the CPU"),
+        (dtype not in (torch.float32, torch.float64), "float32 or float64 (autocast is per thread)"),
+        (bool(cfg.compile), "an eager model (--no-compile)"),
+        (cfg.stage != "pretrain", "--stage pretrain"),
+        (world > 1, "one process"),
+        (bool(cfg.model.dropout) or bool(cfg.model.attn_dropout), "no dropout (one random generator)"),
+    ) if bad]
+    if cfg.thread_split == 0:
+        parts = 2 if threads >= 2 and not reasons else 1
+        return parts if cfg.batch_size % parts == 0 else 1
+    if cfg.thread_split > 1:
+        if reasons:
+            raise LmlabError(f"--thread-split {cfg.thread_split} needs {', '.join(reasons)}")
+        if cfg.batch_size % cfg.thread_split:
+            raise LmlabError(f"--thread-split {cfg.thread_split} must divide --batch-size {cfg.batch_size}")
+    return cfg.thread_split
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(workers: int, threads: int) -> ThreadPoolExecutor:
+    """The worker threads (the caller runs the first part itself), each with `threads` PyTorch threads."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="lmlab-part", initializer=torch.set_num_threads,
+                              initargs=(threads,))
+
+
+@contextmanager
+def step_threads(parts: int) -> Iterator[int]:
+    """For a step whose micro-batches `parts` threads share: the calling thread at one part's share of PyTorch's
+    threads for the block (the parts, then the update, which is slower for switching back in between), and back
+    after it. Yields the share."""
+    threads = torch.get_num_threads()
+    share = max(1, threads // parts)
+    if share != threads:
+        torch.set_num_threads(share)
+    try:
+        yield share
+    finally:
+        if share != threads:
+            torch.set_num_threads(threads)
+
+
+def shared_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Callable, loss_cfg,
+                    parts: int, scale: float, threads: int) -> torch.Tensor:
+    """The backward of `scale` times the micro-batch's mean loss, its rows shared among `parts` threads (the caller's
+    and parts - 1 workers, each with `threads` PyTorch threads): each part's gradients are summed in the parts'
+    order into the parameters' .grad (added to what is there). Returns the micro-batch's mean loss, detached."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    xs, ys = x.chunk(parts), y.chunk(parts)
+
+    def part(i: int) -> tuple[torch.Tensor, tuple]:
+        loss = objective(model(xs[i]), ys[i], loss_cfg)
+        return loss.detach(), torch.autograd.grad(loss * (scale / parts), params, allow_unused=True)
+
+    futures = [_pool(parts - 1, threads).submit(part, i) for i in range(1, parts)]
+    results = [part(0)] + [f.result() for f in futures]
+    for j, p in enumerate(params):
+        grads = [grads[j] for _, grads in results if grads[j] is not None]
+        if grads:
+            total = functools.reduce(torch.add, grads)
+            p.grad = total if p.grad is None else p.grad.add_(total)
+    return functools.reduce(torch.add, [loss for loss, _ in results]) / parts

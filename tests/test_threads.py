@@ -1,0 +1,169 @@
+"""--thread-split: one micro-batch's rows shared among threads. The oracle is the plain step: the whole batch's
+backward in one thread (the same gradients up to rounding, checked in float64), and a run must stay reproducible bit
+for bit from its seed and across a resume whichever thread finishes first."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import HANG_S, cli_env, read_jsonl, tiny_config, write_corpus
+
+from lmlab.common import LmlabError
+from lmlab.loss import LossConfig, training_loss
+from lmlab.model import ModelConfig, build_model
+from lmlab.optim import OptimConfig, build_optimizer
+from lmlab.threads import shared_backward, split_parts, step_threads
+from lmlab.train import train, train_step
+
+CPU = torch.device("cpu")
+
+
+def _model(style: str = "gpt2") -> torch.nn.Module:
+    """The GPT-2 block (one hand-written autograd function, fused.gpt2_block, in each thread), or the default one
+    (rotary positions, RMSNorm, QK-norm, the ReLU² MLP's function)."""
+    torch.manual_seed(0)
+    cfg = dict(block_size=16, n_layer=2, n_head=2, n_embd=16)
+    if style == "gpt2":
+        cfg |= dict(norm="layernorm", mlp="gelu", pos="learned", qk_norm=False, bias=True)
+    return build_model(ModelConfig(**cfg), 40).double()
+
+
+def _batch(rows: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.randint(0, 40, (rows, 17), generator=torch.Generator().manual_seed(seed))
+    return w[:, :-1], w[:, 1:]
+
+
+def _grads(model) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("style", ["gpt2", "default"])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_shared_backward_gives_the_whole_batchs_gradients(style, parts):
+    model = _model(style)
+    x, y = _batch(6)
+    loss = training_loss(model(x), y, LossConfig())
+    (loss * 0.5).backward()
+    want, want_loss = _grads(model), loss.detach()
+    model.zero_grad(set_to_none=True)
+    got_loss = shared_backward(model, x, y, training_loss, LossConfig(), parts, 0.5, 1)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-13, atol=0)
+    for g, w in zip(_grads(model), want):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-14)
+    # a second micro-batch adds to what is there, as backward() does
+    x2, y2 = _batch(6, seed=2)
+    training_loss(model(x2), y2, LossConfig()).backward()
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+    shared_backward(model, x, y, training_loss, LossConfig(), parts, 0.5, 1)
+    shared_backward(model, x2, y2, training_loss, LossConfig(), parts, 1.0, 1)
+    for g, w in zip(_grads(model), want):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-14)
+
+
+def test_shared_backward_is_the_same_bit_for_bit_every_time():
+    model = _model()
+    x, y = _batch(8)
+    runs = []
+    for _ in range(5):
+        model.zero_grad(set_to_none=True)
+        shared_backward(model, x, y, training_loss, LossConfig(), 2, 1.0, 1)
+        runs.append(_grads(model))
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_train_step_with_a_split_takes_the_plain_step():
+    x, y = _batch(4)
+    results, weights = [], []
+    for split in (1, 2):
+        model = _model("default")
+        opt = build_optimizer(model, OptimConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1))
+        for _ in range(3):
+            results.append(train_step(model, opt, [(x, y), (y, x)], LossConfig(), 1.0, torch.autocast("cpu",
+                                      enabled=False), split=split))
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(results[:3], results[3:]):
+        assert a.loss == pytest.approx(b.loss, rel=1e-12) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-10)
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_step_threads_gives_each_part_its_share_and_restores():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        with step_threads(2) as share:
+            assert share == 2 and torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 4
+        with step_threads(8) as share:  # more parts than threads: one each
+            assert share == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 4
+        with step_threads(1) as share:
+            assert share == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_split_parts_auto_and_its_refusals(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path / "c.txt", tmp_path / "out", model_dropout=0.0, compile=False, batch_size=4)
+    f32 = torch.float32
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert split_parts(cfg, CPU, f32, 1) == 2
+    assert split_parts(dataclasses.replace(cfg, batch_size=3), CPU, f32, 1) == 1  # does not divide: auto keeps 1
+    for other, device, dtype, world in [
+            (dataclasses.replace(cfg, compile=True), CPU, f32, 1),
+            (dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.1)), CPU, f32, 1),
+            (dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_dropout=0.1)), CPU, f32, 1),
+            (dataclasses.replace(cfg, stage="sft"), CPU, f32, 1),
+            (cfg, CPU, torch.bfloat16, 1), (cfg, torch.device("cuda"), f32, 1), (cfg, CPU, f32, 2)]:
+        assert split_parts(other, device, dtype, world) == 1
+        with pytest.raises(LmlabError, match="--thread-split 2 needs"):
+            split_parts(dataclasses.replace(other, thread_split=2), device, dtype, world)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert split_parts(cfg, CPU, f32, 1) == 1  # one thread: nothing to share
+    assert split_parts(dataclasses.replace(cfg, thread_split=2), CPU, f32, 1) == 2  # asked for: two threads anyway
+    with pytest.raises(LmlabError, match="--thread-split 3 must divide --batch-size 4"):
+        split_parts(dataclasses.replace(cfg, thread_split=3), CPU, f32, 1)
+
+
+@pytest.mark.slow
+def test_a_split_run_is_reproducible_and_resumes_exactly(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", 200, seed=4)
+
+    def config(out, **kw):
+        return tiny_config(corpus, tmp_path / out, **({"thread_split": 2, "model_dropout": 0.0, "max_steps": 20,
+                                                       "checkpoint_interval": 10, "eval_interval": 5, "seed": 3} | kw))
+
+    train(config("A"))
+    train(config("B"))
+    train(config("C", max_steps=10))
+    train(dataclasses.replace(config("C"), out="", resume=str(tmp_path / "C")))
+    logs = {name: [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in read_jsonl(tmp_path / name /
+                                                                                         "metrics.jsonl")
+                   if "train_loss" in r or "val_loss" in r] for name in "ABC"}
+    assert len(logs["A"]) > 20 and logs["A"] == logs["B"] == logs["C"]
+    plain = tiny_config(corpus, tmp_path / "D", thread_split=1, model_dropout=0.0, max_steps=20, eval_interval=5,
+                        seed=3)
+    train(plain)
+    ours = [r for r in read_jsonl(tmp_path / "A" / "metrics.jsonl") if "val_loss" in r]
+    theirs = [r for r in read_jsonl(tmp_path / "D" / "metrics.jsonl") if "val_loss" in r]
+    assert [r["val_loss"] for r in ours] == pytest.approx([r["val_loss"] for r in theirs], rel=1e-4)
+
+
+def test_cli_refuses_a_split_the_step_cannot_take_before_writing_anything(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", 50, seed=1)
+    for args, message in [(["--thread-split", "2", "--dropout", "0.1"], "--thread-split 2 needs no dropout"),
+                          (["--thread-split", "3"], "--thread-split 3 must divide --batch-size 4"),
+                          (["--thread-split", "-1"], "--thread-split must be >= 0")]:
+        r = subprocess.run([sys.executable, "-m", "lmlab", "train", "--data", str(corpus), "--out",
+                            str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--n-layer", "1",
+                            "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--no-compile", *args],
+                           capture_output=True, text=True, env=cli_env(tmp_path), timeout=HANG_S, cwd=tmp_path)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert message in r.stderr.strip().splitlines()[-1], r.stderr
+        assert not (tmp_path / "run").exists()
