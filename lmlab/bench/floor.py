@@ -147,7 +147,9 @@ def seconds_per_call(fn: Callable[[], None], calls: int, device: torch.device) -
 def interleaved(steps: dict, calls: dict[object, list[Callable[[], object]]], device: torch.device, rounds: int,
                 min_s: float = 0.002) -> tuple[dict, dict]:
     """Median seconds of each step and of each product, timed in turns: each round times every step once (in turns,
-    the order reversed every other round), then every product call (gemm_call, or any callable; repeated to at least
+    the order reversed every other round), right after an untimed step of its own (as a training loop runs it:
+    after the products, whose idle OpenMP threads spin for some milliseconds, a step whose rows are shared among
+    threads would lose a core to them), then every product call (gemm_call, or any callable; repeated to at least
     min_s, the count fixed after warm-up); the medians are over rounds. step(i) gets the round, from 1, and 0 for
     its warm-up."""
     for step in steps.values():
@@ -158,6 +160,7 @@ def interleaved(steps: dict, calls: dict[object, list[Callable[[], object]]], de
     call_s = {name: [[] for _ in cs] for name, cs in calls.items()}
     for r in range(rounds):
         for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
+            steps[name](r + 1)  # untimed: the timed step follows one of its own, as in a training loop
             sync(device)
             t = time.perf_counter()
             steps[name](r + 1)
