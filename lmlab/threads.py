@@ -4,8 +4,8 @@ On a CPU with two cores, a small model's step spends a fifth of its time outside
 dispatcher and small kernels that run one after another while the other core waits. Split the micro-batch's rows
 into equal parts, one per thread, each thread running its part's forward and backward with its share of PyTorch's
 threads (one each on two cores), and that time overlaps the other thread's products instead (their Python still
-takes turns under the GIL). Each part's gradient comes back from torch.autograd.grad and the parts are summed in
-their order, so a run stays bit for bit reproducible from its seed, whichever thread finishes first. The matrix
+takes turns under the GIL). The parts' gradients are summed in an order that cannot change the result
+(`shared_backward`), so a run stays bit for bit reproducible from its seed, whichever thread finishes first. The matrix
 products themselves cost the same: on two cores, half the rows on one thread take as long as all of them on two.
 docs/performance.md has the measurements.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -77,20 +77,28 @@ def step_threads(parts: int) -> Iterator[int]:
 def shared_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Callable, loss_cfg,
                     parts: int, scale: float, threads: int) -> torch.Tensor:
     """The backward of `scale` times the micro-batch's mean loss, its rows shared among `parts` threads (the caller's
-    and parts - 1 workers, each with `threads` PyTorch threads): each part's gradients are summed in the parts'
-    order into the parameters' .grad (added to what is there). Returns the micro-batch's mean loss, detached."""
+    and parts - 1 workers, each with `threads` PyTorch threads), the parts' gradients added to the parameters' .grad
+    in an order that cannot change the result. Two parts into empty gradients: each part's backward adds its own as
+    it goes (autograd's accumulation is thread-safe, and a + b == b + a, so whichever comes first), which keeps the
+    sum off the step's serial tail; otherwise each part's gradients come back from torch.autograd.grad and are added
+    in the parts' order. Returns the micro-batch's mean loss, detached."""
     params = [p for p in model.parameters() if p.requires_grad]
     xs, ys = x.chunk(parts), y.chunk(parts)
+    in_backward = parts == 2 and all(p.grad is None for p in params)
 
-    def part(i: int) -> tuple[torch.Tensor, tuple]:
+    def part(i: int) -> tuple[torch.Tensor, Optional[tuple]]:
         loss = objective(model(xs[i]), ys[i], loss_cfg)
+        if in_backward:
+            (loss * (scale / parts)).backward()
+            return loss.detach(), None
         return loss.detach(), torch.autograd.grad(loss * (scale / parts), params, allow_unused=True)
 
     futures = [_pool(parts - 1, threads).submit(part, i) for i in range(1, parts)]
     results = [part(0)] + [f.result() for f in futures]
-    for j, p in enumerate(params):
-        grads = [grads[j] for _, grads in results if grads[j] is not None]
-        if grads:
-            total = functools.reduce(torch.add, grads)
-            p.grad = total if p.grad is None else p.grad.add_(total)
+    if not in_backward:
+        for j, p in enumerate(params):
+            grads = [grads[j] for _, grads in results if grads[j] is not None]
+            if grads:
+                total = functools.reduce(torch.add, grads)
+                p.grad = total if p.grad is None else p.grad.add_(total)
     return functools.reduce(torch.add, [loss for loss, _ in results]) / parts

@@ -4,6 +4,7 @@ peak memory and loss come from nanoGPT's own training run, as its own process.""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 import statistics
@@ -184,13 +185,16 @@ def block_ratios(medians: dict, slow: str, fast: str) -> dict:
 
 def twin_steps(path: str, device: torch.device, compile: bool):
     """Training steps of lmlab and nanoGPT at nanoGPT's CPU shape, on the same batches, fp32, clipping at 1.0, each
-    with its own optimizer and step (eager, or both compiled): (lmlab_step, nanogpt_step, lmlab's model, nanoGPT's
-    model, nanoGPT's optimizer)."""
+    with its own optimizer and step (eager, or both compiled; lmlab's micro-batch shared among threads as training
+    shares it, threads.split_parts): (lmlab_step, nanogpt_step, lmlab's model, nanoGPT's model, nanoGPT's
+    optimizer)."""
     from ..evaluate import autocast_context
     from ..loss import LossConfig, training_loss
+    from ..threads import split_parts
     from ..train import train_step
 
     cfg, ours, our_opt, theirs, their_opt = twin_models(path, device)
+    split = split_parts(dataclasses.replace(cfg, compile=compile), device, torch.float32, 1)
     B, T, V = NANOGPT_CPU["batch_size"], NANOGPT_CPU["block_size"], NANOGPT_CPU["vocab_size"]
     gen = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, V, (B, T + 1), generator=gen) for _ in range(4)]
@@ -201,7 +205,7 @@ def twin_steps(path: str, device: torch.device, compile: bool):
 
     def lmlab_step(i):
         train_step(our_run, our_opt, [batches[i % len(batches)]], LossConfig(), cfg.optim.grad_clip,
-                   autocast_context(device, torch.float32), objective=objective)
+                   autocast_context(device, torch.float32), objective=objective, split=split)
         sync(device)
 
     def nanogpt_step(i):  # nanoGPT's train.py, one micro-step per iteration as in its CPU config
