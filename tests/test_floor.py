@@ -136,14 +136,15 @@ def test_the_floor_is_the_sum_of_its_parts_and_the_row_has_its_keys(monkeypatch)
 
 
 def test_steps_of_one_shape_are_timed_in_turns_against_one_floor(monkeypatch):
-    """Two tools' steps: each round times both (the order reversed every other round) before the products; their rows
-    share one floor and each keeps its own optimizer's matmuls."""
+    """Two tools' steps: each round times both (the order reversed every other round), each right after an untimed
+    step of its own, before the products; their rows share one floor and each keeps its own optimizer's matmuls."""
     order = []
     g = floor.Gemm("tiny", 0, 4, 4, 4)
     steps = {"a": lambda i: order.append(("a", i)), "b": lambda i: order.append(("b", i))}
     calls = {"model": [floor.gemm_call(g, torch.float32, torch.device("cpu"))]}
     step_s, medians = floor.interleaved(steps, calls, torch.device("cpu"), rounds=3)
-    assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("b", 2), ("a", 2), ("a", 3), ("b", 3)]
+    assert order == [("a", 0), ("b", 0), ("a", 1), ("a", 1), ("b", 1), ("b", 1), ("b", 2), ("b", 2), ("a", 2), ("a", 2),
+                     ("a", 3), ("a", 3), ("b", 3), ("b", 3)]
     assert set(step_s) == {"a", "b"} and all(t >= 0 for t in step_s.values()) and len(medians["model"]) == 1
 
     monkeypatch.setattr(floor, "op_table", lambda step, steps: [{"kind": k, "ms": 1.0} for k in floor.KINDS])

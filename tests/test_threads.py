@@ -167,3 +167,22 @@ def test_cli_refuses_a_split_the_step_cannot_take_before_writing_anything(tmp_pa
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
         assert message in r.stderr.strip().splitlines()[-1], r.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_the_bench_times_the_step_as_training_shares_it(monkeypatch):
+    """lmlab bench's step (bench.measure.training_step) takes split_parts' answer, as the loop does."""
+    import lmlab.train
+    from lmlab.bench.measure import training_step
+
+    calls = []
+    real = lmlab.train.shared_backward
+    monkeypatch.setattr(lmlab.train, "shared_backward", lambda *a: calls.append(a[5]) or real(*a))
+    with monkeypatch.context() as m:
+        m.setattr(torch, "get_num_threads", lambda: 2)
+        step, _, cfg = training_step("nanogpt-char-cpu", CPU, torch.float32, False)
+    assert cfg.batch_size % 2 == 0
+    step(0)
+    assert calls == [2]
+    plain, _, _ = training_step("nanogpt-char-cpu", CPU, torch.float32, False, split=1)
+    plain(0)
+    assert calls == [2]
