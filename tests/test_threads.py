@@ -137,7 +137,8 @@ def test_a_split_run_is_reproducible_and_resumes_exactly(tmp_path):
 
     def config(out, **kw):
         return tiny_config(corpus, tmp_path / out, **({"thread_split": 2, "model_dropout": 0.0, "max_steps": 20,
-                                                       "checkpoint_interval": 10, "eval_interval": 5, "seed": 3} | kw))
+                                                       "checkpoint_interval": 10, "eval_interval": 5, "seed": 3,
+                                                       "model_tie_embeddings": True} | kw))  # a weight used twice
 
     train(config("A"))
     train(config("B"))
@@ -147,8 +148,7 @@ def test_a_split_run_is_reproducible_and_resumes_exactly(tmp_path):
                                                                                          "metrics.jsonl")
                    if "train_loss" in r or "val_loss" in r] for name in "ABC"}
     assert len(logs["A"]) > 20 and logs["A"] == logs["B"] == logs["C"]
-    plain = tiny_config(corpus, tmp_path / "D", thread_split=1, model_dropout=0.0, max_steps=20, eval_interval=5,
-                        seed=3)
+    plain = config("D", thread_split=1)
     train(plain)
     ours = [r for r in read_jsonl(tmp_path / "A" / "metrics.jsonl") if "val_loss" in r]
     theirs = [r for r in read_jsonl(tmp_path / "D" / "metrics.jsonl") if "val_loss" in r]
