@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -59,6 +59,25 @@ def _pool(workers: int, threads: int) -> ThreadPoolExecutor:
                               initargs=(threads,))
 
 
+class Parts:
+    """Runs `parts` jobs at once, the first on the calling thread and the others on the workers (each with as many
+    PyTorch threads as the caller has), and returns their results in order."""
+
+    def __init__(self, parts: int):
+        self.parts = parts
+
+    def __call__(self, jobs: list[Callable[[], Any]]) -> list:
+        futures = [_pool(self.parts - 1, torch.get_num_threads()).submit(job) for job in jobs[1:]]
+        return [jobs[0]()] + [f.result() for f in futures]
+
+
+def share_optimizer(optimizer: torch.optim.Optimizer, parts: int) -> None:
+    """An optimizer with work that parts of a step can share (Muon's orthogonalisations: `run_parts`) gets the
+    step's threads for it; on one core each, split, they took 13.8 ms a step of the tiny recipe against 20.5."""
+    if hasattr(optimizer, "run_parts"):
+        optimizer.run_parts = Parts(parts) if parts > 1 else None
+
+
 @contextmanager
 def step_threads(parts: int) -> Iterator[int]:
     """For a step whose micro-batches `parts` threads share: the calling thread at one part's share of PyTorch's
@@ -76,9 +95,9 @@ def step_threads(parts: int) -> Iterator[int]:
 
 
 def shared_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Callable, loss_cfg,
-                    parts: int, scale: float, threads: int) -> torch.Tensor:
-    """The backward of `scale` times the micro-batch's mean loss, its rows shared among `parts` threads (the caller's
-    and parts - 1 workers, each with `threads` PyTorch threads), the parts' gradients added to the parameters' .grad
+                    parts: int, scale: float) -> torch.Tensor:
+    """The backward of `scale` times the micro-batch's mean loss, its rows shared among `parts` threads (Parts: the
+    caller's and parts - 1 workers, each with as many PyTorch threads as the caller has), the parts' gradients added to the parameters' .grad
     in an order that cannot change the result. Two parts into empty gradients: each part's backward adds its own as
     it goes (autograd's accumulation is thread-safe, and a + b == b + a, so whichever comes first), which keeps the
     sum off the step's serial tail; otherwise each part's gradients come back from torch.autograd.grad and are added
@@ -94,8 +113,7 @@ def shared_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ob
             return loss.detach(), None
         return loss.detach(), torch.autograd.grad(loss * (scale / parts), params, allow_unused=True)
 
-    futures = [_pool(parts - 1, threads).submit(part, i) for i in range(1, parts)]
-    results = [part(0)] + [f.result() for f in futures]
+    results = Parts(parts)([functools.partial(part, i) for i in range(parts)])
     if not in_backward:
         for j, p in enumerate(params):
             grads = [grads[j] for _, grads in results if grads[j] is not None]

@@ -45,7 +45,7 @@ from .rundir import RunLock, write_status  # noqa: F401 - RunLock is part of thi
 from .sample import default_probe_prompts, generate, probe, prompt_ids, stream_text, text_banned
 from .telemetry import (OVERFIT_EVALS, EvalHistory, GradientTelemetry, SpikeDetector, TensorBoard,
                         prune_snapshots_after, save_snapshot)
-from .threads import shared_backward, split_parts, step_threads
+from .threads import share_optimizer, shared_backward, split_parts, step_threads
 
 
 class Interrupted(Exception):
@@ -224,17 +224,16 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     count, or preference pairs (dpo.PairBatch), whose objective (dpo.objective) also returns what it measured.
     split > 1: each (x, y) micro-batch's rows are shared among that many threads (threads.split_parts decides)."""
     batches = list(batches)
-    with step_threads(split) as share:
-        return _train_step(model, optimizer, batches, loss_cfg, grad_clip, autocast, d, objective, telemetry, split,
-                           share)
+    with step_threads(split):
+        return _train_step(model, optimizer, batches, loss_cfg, grad_clip, autocast, d, objective, telemetry, split)
 
 
-def _train_step(model, optimizer, batches: list, loss_cfg, grad_clip, autocast, d, objective, telemetry, split,
-                share) -> StepResult:
+def _train_step(model, optimizer, batches: list, loss_cfg, grad_clip, autocast, d, objective, telemetry, split
+                ) -> StepResult:
     loss_sum = stats_sum = None
     for micro, batch in enumerate(batches):
         if split > 1:
-            loss = shared_backward(model, *batch, objective, loss_cfg, split, 1 / len(batches), share)
+            loss = shared_backward(model, *batch, objective, loss_cfg, split, 1 / len(batches))
             loss_sum = loss if loss_sum is None else loss_sum + loss
             continue
         with dist_.no_sync(model, d, last_micro_step=micro == len(batches) - 1):
@@ -961,6 +960,7 @@ def run(cfg: TrainConfig, run_dir: Path, d: Dist, started: list[bool], reward: O
     """setup -> loop (batch -> forward -> loss -> backward -> clip -> step -> schedule -> log -> evaluate ->
     checkpoint) -> finish."""
     setup, state, resuming = prepare(cfg, run_dir, d, reward, task)
+    share_optimizer(state.optimizer, setup.split)
     if resuming:
         path = restore(setup, state)
         say(d, f"resuming {run_dir} from {path.name} (step {state.step}, {fmt_count(state.tokens)} tokens)")

@@ -50,7 +50,7 @@ def test_shared_backward_gives_the_whole_batchs_gradients(style, parts):
     (loss * 0.5).backward()
     want, want_loss = _grads(model), loss.detach()
     model.zero_grad(set_to_none=True)
-    got_loss = shared_backward(model, x, y, training_loss, LossConfig(), parts, 0.5, 1)
+    got_loss = shared_backward(model, x, y, training_loss, LossConfig(), parts, 0.5)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-13, atol=0)
     for g, w in zip(_grads(model), want):
         torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-14)
@@ -59,8 +59,8 @@ def test_shared_backward_gives_the_whole_batchs_gradients(style, parts):
     training_loss(model(x2), y2, LossConfig()).backward()
     want = _grads(model)
     model.zero_grad(set_to_none=True)
-    shared_backward(model, x, y, training_loss, LossConfig(), parts, 0.5, 1)
-    shared_backward(model, x2, y2, training_loss, LossConfig(), parts, 1.0, 1)
+    shared_backward(model, x, y, training_loss, LossConfig(), parts, 0.5)
+    shared_backward(model, x2, y2, training_loss, LossConfig(), parts, 1.0)
     for g, w in zip(_grads(model), want):
         torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-14)
 
@@ -71,7 +71,7 @@ def test_shared_backward_is_the_same_bit_for_bit_every_time():
     runs = []
     for _ in range(5):
         model.zero_grad(set_to_none=True)
-        shared_backward(model, x, y, training_loss, LossConfig(), 2, 1.0, 1)
+        shared_backward(model, x, y, training_loss, LossConfig(), 2, 1.0)
         runs.append(_grads(model))
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
@@ -186,3 +186,28 @@ def test_the_bench_times_the_step_as_training_shares_it(monkeypatch):
     plain, _, _ = training_step("nanogpt-char-cpu", CPU, torch.float32, False, split=1)
     plain(0)
     assert calls == [2]
+
+
+@pytest.mark.parametrize("n_layer", [1, 3])
+def test_muon_orthogonalises_its_stacks_in_parts_as_it_does_whole(n_layer):
+    """share_optimizer: Muon's stacks cut among the threads (one layer: stacks of one matrix, whose other part is
+    empty) give the update of the whole stacks."""
+    from lmlab.threads import share_optimizer
+
+    models = []
+    for parts in (1, 2, 3):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(block_size=16, n_layer=n_layer, n_head=2, n_embd=16), 40).double()
+        opt = build_optimizer(model, OptimConfig(optimizer="muon", lr=1e-2, muon_lr=0.05, muon_momentum=0.95,
+                                                 weight_decay=0.1))
+        share_optimizer(opt, parts)
+        assert (opt.run_parts is None) == (parts == 1)
+        for seed in range(3):
+            x, y = _batch(4, seed)
+            training_loss(model(x), y, LossConfig()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        models.append(model)
+    for other in models[1:]:
+        for a, b in zip(models[0].parameters(), other.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -25,7 +25,7 @@ from ..data import resolve_source
 from ..model import build_model, matmul_params
 from ..optim import build_optimizer
 from ..run import Run
-from ..threads import split_parts
+from ..threads import share_optimizer, split_parts
 
 
 def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
@@ -77,6 +77,7 @@ def training_step(preset: str, device: torch.device, dtype: torch.dtype, compile
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab).to(device)
     opt = build_optimizer(model, cfg.optim)
+    share_optimizer(opt, split)
     run = torch.compile(model) if compile else model
     objective = torch.compile(training_loss) if compile else training_loss
     gen = torch.Generator().manual_seed(0)
