@@ -313,27 +313,23 @@ class Muon(Optimizer):
             by_shape: dict[tuple, list[int]] = {}  # (m, n) and (n, m) together: a tall matrix goes in transposed
             for i, p in enumerate(params):
                 by_shape.setdefault(tuple(sorted(p.shape)), []).append(i)
-            stacks, talls = [], []
             for idx in by_shape.values():
                 # FSDP: orthogonalisation needs whole matrices, so gather each once, then keep this rank's shard
                 full = [full_tensor(nesterov[i]) for i in idx]
-                talls.append([u.size(0) > u.size(1) for u in full])
-                stacks.append(torch.stack([u.mT if t else u for u, t in zip(full, talls[-1])]))
-            for idx, tall, stacked in zip(by_shape.values(), talls, self._orthogonalize(stacks)):
+                tall = [u.size(0) > u.size(1) for u in full]
+                stacked = self._orthogonalize(torch.stack([u.mT if t else u for u, t in zip(full, tall)]))
                 for i, u, t in zip(idx, stacked.unbind(0), tall):
                     scale = math.sqrt(max(1.0, params[i].size(0) / params[i].size(1)))
                     params[i].add_(like(params[i], u.mT if t else u), alpha=-lr * scale)
 
-    def _orthogonalize(self, stacks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every stack orthogonalised (each matrix on its own, so a stack may be cut anywhere): one after another, or
-        with run_parts, each stack cut into as many parts as there are threads, each thread taking its part of all."""
-        if self.run_parts is None:
-            return [orthogonalize(s) for s in stacks]
-        n = self.run_parts.parts
-        pieces = [s.tensor_split(n) for s in stacks]
-        done = self.run_parts([lambda k=k: [orthogonalize(p[k]) if len(p[k]) else p[k] for p in pieces]
-                               for k in range(n)])
-        return [torch.cat([part[j] for part in done]) for j in range(len(stacks))]
+    def _orthogonalize(self, stack: torch.Tensor) -> torch.Tensor:
+        """The stack orthogonalised, each matrix on its own: at once, or with run_parts cut into as many parts as
+        there are threads (as many as it has matrices, at most), each thread taking one."""
+        parts = min(len(stack), self.run_parts.parts) if self.run_parts is not None else 1
+        if parts <= 1:
+            return orthogonalize(stack)
+        pieces = stack.tensor_split(parts)
+        return torch.cat(self.run_parts([lambda piece=piece: orthogonalize(piece) for piece in pieces]))
 
 
 def param_groups(model: nn.Module, weight_decay: float, split_hidden: bool = False) -> list[dict]:

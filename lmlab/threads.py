@@ -73,7 +73,7 @@ class Parts:
 
 def share_optimizer(optimizer: torch.optim.Optimizer, parts: int) -> None:
     """An optimizer with work that parts of a step can share (Muon's orthogonalisations: `run_parts`) gets the
-    step's threads for it; on one core each, split, they took 13.8 ms a step of the tiny recipe against 20.5."""
+    step's threads for it: on one core each, the tiny recipe's update took about 14 ms against 21 on one thread."""
     if hasattr(optimizer, "run_parts"):
         optimizer.run_parts = Parts(parts) if parts > 1 else None
 

@@ -190,8 +190,8 @@ def test_the_bench_times_the_step_as_training_shares_it(monkeypatch):
 
 @pytest.mark.parametrize("n_layer", [1, 3])
 def test_muon_orthogonalises_its_stacks_in_parts_as_it_does_whole(n_layer):
-    """share_optimizer: Muon's stacks cut among the threads (one layer: stacks of one matrix, whose other part is
-    empty) give the update of the whole stacks."""
+    """share_optimizer: Muon's stacks cut among the threads give the update of the whole stacks (one layer: stacks
+    of one matrix stay whole; three layers and three parts: a stack of six cut in three)."""
     from lmlab.threads import share_optimizer
 
     models = []
