@@ -97,8 +97,8 @@ def step_threads(parts: int) -> Iterator[int]:
 def shared_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Callable, loss_cfg,
                     parts: int, scale: float) -> torch.Tensor:
     """The backward of `scale` times the micro-batch's mean loss, its rows shared among `parts` threads (Parts: the
-    caller's and parts - 1 workers, each with as many PyTorch threads as the caller has), the parts' gradients added to the parameters' .grad
-    in an order that cannot change the result. Two parts into empty gradients: each part's backward adds its own as
+    caller's and parts - 1 workers, each with as many PyTorch threads as the caller has), the parts' gradients added
+    to the parameters' .grad in an order that cannot change the result. Two parts into empty gradients: each part's backward adds its own as
     it goes (autograd's accumulation is thread-safe, and a + b == b + a, so whichever comes first), which keeps the
     sum off the step's serial tail; otherwise each part's gradients come back from torch.autograd.grad and are added
     in the parts' order. Returns the micro-batch's mean loss, detached."""
