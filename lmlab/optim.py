@@ -6,6 +6,7 @@ against `torch.optim` step by step.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
@@ -167,14 +168,48 @@ class AdamW(Optimizer):
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.run_parts: Optional[Any] = None
+        """threads.Parts, set by threads.share_optimizer when a step's rows are shared among threads: the fused
+        update of a large group is then cut among them (each element's update is the same wherever it runs)."""
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            adamw_update(self, group, [p for p in group["params"] if p.grad is not None])
+            adamw_update(self, group, [p for p in group["params"] if p.grad is not None], self.run_parts)
 
 
-def adamw_update(opt: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]) -> None:
+SHARE_FROM = 1 << 16
+"""Elements per thread below which a tensor list's update or norm is not cut among threads: a thread's turn costs
+tens of microseconds, about what one core takes for that many elements of AdamW."""
+
+
+def cut(tensors: list[torch.Tensor], parts: int) -> list[list[int]]:
+    """The indices of `tensors` in at most `parts` runs in order, of about equal numbers of elements each (fewer
+    runs where there are too few elements to be worth sharing: SHARE_FROM each)."""
+    sizes = [t.numel() for t in tensors]
+    parts = max(1, min(parts, len(tensors), sum(sizes) // SHARE_FROM))
+    runs, total, done = [[]], sum(sizes), 0
+    for i, n in enumerate(sizes):
+        if runs[-1] and len(runs) < parts and done + n / 2 > total * len(runs) / parts:
+            runs.append([])
+        runs[-1].append(i)
+        done += n
+    return runs
+
+
+def shared(run_parts: Optional[Any], tensors: list[torch.Tensor], job) -> list:
+    """job(indices) for runs of `tensors` (cut), at once on run_parts' threads where that pays; the results in
+    order."""
+    runs = cut(tensors, run_parts.parts) if run_parts is not None else [list(range(len(tensors)))]
+    if len(runs) == 1:
+        return [job(runs[0])]
+    return run_parts([functools.partial(job, run) for run in runs])
+
+
+def adamw_update(opt: torch.optim.Optimizer, group: dict, params: list[torch.Tensor],
+                 run_parts: Optional[Any] = None) -> None:
+    """One AdamW step of `group`'s `params` (those with a gradient). run_parts (threads.Parts): the fused kernel's
+    work cut among its threads."""
     if not params:
         return
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -195,8 +230,13 @@ def adamw_update(opt: torch.optim.Optimizer, group: dict, params: list[torch.Ten
             step_tensors = [torch.tensor(float(steps[0]), device=params[0].device)] * len(params)
         else:
             step_tensors = [torch.tensor(float(s), device=p.device) for s, p in zip(steps, params)]
-        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], step_tensors, lr=lr, beta1=beta1, beta2=beta2,
-                            weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+
+        def fused(run: list[int]) -> None:
+            torch._fused_adamw_(*([lst[i] for i in run] for lst in (params, grads, exp_avgs, exp_avg_sqs)), [],
+                                [step_tensors[i] for i in run], lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd,
+                                eps=eps, amsgrad=False, maximize=False)
+
+        shared(run_parts, params, fused)
         return
     # The definition (and the path for sharded FSDP parameters): decoupled decay, moments, bias-corrected step.
     if wd:
@@ -295,7 +335,7 @@ class Muon(Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not group["use_muon"]:
-                adamw_update(self, group, params)
+                adamw_update(self, group, params, self.run_parts)
                 continue
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
             bufs = []
@@ -385,11 +425,12 @@ def set_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, multiplier: float
         group["lr"] = peak_lr(cfg, group) * multiplier
 
 
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients; when max_norm > 0 they are scaled down to at most max_norm."""
+def clip_grad_norm(params, max_norm: float, run_parts: Optional[Any] = None) -> torch.Tensor:
+    """Global L2 norm of all gradients; when max_norm > 0 they are scaled down to at most max_norm. run_parts
+    (threads.Parts): on the CPU, the norms and the scaling are cut among its threads."""
     params = [p for p in params if p.grad is not None]
     if max_norm > 0 and params and _plain_cpu(params):
-        return _clip_on_cpu([p.grad for p in params], max_norm)
+        return _clip_on_cpu([p.grad for p in params], max_norm, run_parts)
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
@@ -400,13 +441,14 @@ def _plain_cpu(params: list[torch.Tensor]) -> bool:
         len({p.grad.dtype for p in params}) == 1
 
 
-def _clip_on_cpu(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def _clip_on_cpu(grads: list[torch.Tensor], max_norm: float, run_parts: Optional[Any] = None) -> torch.Tensor:
     """torch's clip_grad_norm_ (foreach) for plain CPU gradients, bit for bit: the same norms and the same float32
     coefficient, without its grouping by device, and without multiplying by a coefficient of 1 (the usual case
     once training settles), which on 2 cores was most of the clip's millisecond at nanoGPT's CPU shape. Reading the
     coefficient costs a device sync, which a CPU does not have."""
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    norms = shared(run_parts, grads, lambda run: torch._foreach_norm([grads[i] for i in run]))
+    total = torch.linalg.vector_norm(torch.stack([n for run in norms for n in run]))  # in order, however cut
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     if coef.item() < 1.0:  # NaN too is left alone: the step is skipped for a norm that is not finite
-        torch._foreach_mul_(grads, coef)
+        shared(run_parts, grads, lambda run: torch._foreach_mul_([grads[i] for i in run], coef))
     return total

@@ -130,3 +130,29 @@ def test_training_steps_match_the_unfused_model():
         assert results[0].loss == pytest.approx(results[1].loss, rel=1e-5)
     for p, q in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_scripted_block_is_the_python_block_bit_for_bit(monkeypatch, bias):
+    """The block's math runs as TorchScript (one GIL release per call, for threads.py's parts): its output and
+    every gradient equal the same functions run as Python exactly, in float32."""
+    from lmlab import fused
+
+    assert all(isinstance(f, torch.jit.ScriptFunction) for f in fused._scripted())  # the fast path is the one taken
+    torch.manual_seed(10)
+    C, H = 128, 4  # big enough that an addmm split into a GEMM and a sum (the executor's optimisation) would show
+    shapes = [(C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (4 * C, C), (4 * C,), (C, 4 * C), (C,)]
+    params = [(1.0 if i in (0, 6) else 0.0) + 0.3 * torch.randn(s) if bias or i % 2 == 0 else None
+              for i, s in enumerate(shapes)]
+    x = torch.randn(2, 32, C)
+    results = []
+    for scripted in (True, False):
+        monkeypatch.setattr(fused, "SCRIPTED", scripted)
+        for _ in range(3):  # TorchScript's executor profiles the first calls and would optimise the later ones
+            inputs = [x.clone().requires_grad_()] + [p.clone().requires_grad_() if p is not None else None
+                                                     for p in params]
+            out = _GPT2BlockFunction.apply(inputs[0], H, 1e-5, *inputs[1:])
+            out.pow(2).sum().backward()
+        results.append([out.detach()] + [t.grad for t in inputs if t is not None])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert len(results[0]) == 1 + 1 + (12 if bias else 6)

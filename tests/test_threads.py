@@ -211,3 +211,51 @@ def test_muon_orthogonalises_its_stacks_in_parts_as_it_does_whole(n_layer):
     for other in models[1:]:
         for a, b in zip(models[0].parameters(), other.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_cut_keeps_every_tensor_once_in_order_in_runs_of_about_equal_size(monkeypatch):
+    """optim.cut: runs in order that cover every index once, no more runs than parts or than SHARE_FROM-sized
+    shares, the largest run no bigger than an even share plus one tensor."""
+    from lmlab import optim
+
+    monkeypatch.setattr(optim, "SHARE_FROM", 100)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        sizes = torch.randint(1, 400, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        tensors = [torch.zeros(n) for n in sizes]
+        for parts in (1, 2, 3):
+            runs = optim.cut(tensors, parts)
+            assert [i for run in runs for i in run] == list(range(len(sizes))) and all(runs)
+            assert len(runs) <= min(parts, max(1, sum(sizes) // 100))
+            assert max(sum(sizes[i] for i in run) for run in runs) <= sum(sizes) / len(runs) + max(sizes)
+    assert optim.cut([torch.zeros(150), torch.zeros(20)], 2) == [[0, 1]]  # 170 elements: one share of 100
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("max_norm", [1e-3, 10.0])  # clipping, and not
+def test_the_update_and_clip_cut_among_threads_are_the_same_bit_for_bit(monkeypatch, optimizer, max_norm):
+    """share_optimizer and clip_grad_norm with threads.Parts: AdamW's fused update (AdamW's part of Muon too) and
+    the clip's norms and scaling cut among two or three threads give the one-thread weights and norm exactly."""
+    from lmlab import optim
+    from lmlab.optim import clip_grad_norm
+    from lmlab.threads import Parts, share_optimizer
+
+    monkeypatch.setattr(optim, "SHARE_FROM", 64)  # the test's small model is cut too
+    results = []
+    for parts in (1, 2, 3):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=16), 40)
+        opt = build_optimizer(model, OptimConfig(optimizer=optimizer, lr=1e-2, muon_lr=0.05, weight_decay=0.1))
+        share_optimizer(opt, parts)
+        norms = []
+        for seed in range(3):
+            x, y = _batch(4, seed)
+            training_loss(model(x), y, LossConfig()).backward()
+            norms.append(clip_grad_norm(model.parameters(), max_norm, Parts(parts) if parts > 1 else None))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results.append((norms, [p.detach().clone() for p in model.parameters()]))
+    assert len(optim.cut(list(model.parameters()), 3)) == 3
+    for norms, params in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0][0], norms))
+        assert all(torch.equal(a, b) for a, b in zip(results[0][1], params))
