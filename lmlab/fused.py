@@ -6,7 +6,8 @@ each applies.
 - `_RMSNormFunction`: RMSNorm's forward and backward, fewer kernels than autograd's decomposition.
 - `_SquaredReLU`, `_ReLU2MLPFunction`, `_GeluMLPFunction`: the MLP's activation, or the whole bias-free MLP.
 - `gpt2_block`: a whole GPT-2 block (LayerNorm, causal attention, LayerNorm, GELU MLP, both residual sums) as one
-  node, for the configuration nanoGPT and GPT-2 use.
+  node, for the configuration nanoGPT and GPT-2 use; its forward and backward math run as TorchScript, which
+  releases the GIL for the whole call (threads.py's parts take fewer turns at it), bit for bit the Python.
 """
 
 from __future__ import annotations

@@ -425,12 +425,11 @@ def set_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, multiplier: float
         group["lr"] = peak_lr(cfg, group) * multiplier
 
 
-def clip_grad_norm(params, max_norm: float, run_parts: Optional[Any] = None) -> torch.Tensor:
-    """Global L2 norm of all gradients; when max_norm > 0 they are scaled down to at most max_norm. run_parts
-    (threads.Parts): on the CPU, the norms and the scaling are cut among its threads."""
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients; when max_norm > 0 they are scaled down to at most max_norm."""
     params = [p for p in params if p.grad is not None]
     if max_norm > 0 and params and _plain_cpu(params):
-        return _clip_on_cpu([p.grad for p in params], max_norm, run_parts)
+        return _clip_on_cpu([p.grad for p in params], max_norm)
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
@@ -441,14 +440,13 @@ def _plain_cpu(params: list[torch.Tensor]) -> bool:
         len({p.grad.dtype for p in params}) == 1
 
 
-def _clip_on_cpu(grads: list[torch.Tensor], max_norm: float, run_parts: Optional[Any] = None) -> torch.Tensor:
+def _clip_on_cpu(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """torch's clip_grad_norm_ (foreach) for plain CPU gradients, bit for bit: the same norms and the same float32
     coefficient, without its grouping by device, and without multiplying by a coefficient of 1 (the usual case
     once training settles), which on 2 cores was most of the clip's millisecond at nanoGPT's CPU shape. Reading the
     coefficient costs a device sync, which a CPU does not have."""
-    norms = shared(run_parts, grads, lambda run: torch._foreach_norm([grads[i] for i in run]))
-    total = torch.linalg.vector_norm(torch.stack([n for run in norms for n in run]))  # in order, however cut
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     if coef.item() < 1.0:  # NaN too is left alone: the step is skipped for a norm that is not finite
-        shared(run_parts, grads, lambda run: torch._foreach_mul_([grads[i] for i in run], coef))
+        torch._foreach_mul_(grads, coef)
     return total

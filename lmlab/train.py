@@ -45,7 +45,7 @@ from .rundir import RunLock, write_status  # noqa: F401 - RunLock is part of thi
 from .sample import default_probe_prompts, generate, probe, prompt_ids, stream_text, text_banned
 from .telemetry import (OVERFIT_EVALS, EvalHistory, GradientTelemetry, SpikeDetector, TensorBoard,
                         prune_snapshots_after, save_snapshot)
-from .threads import Parts, share_optimizer, shared_backward, split_parts, step_threads
+from .threads import share_optimizer, shared_backward, split_parts, step_threads
 
 
 class Interrupted(Exception):
@@ -251,8 +251,7 @@ def _train_step(model, optimizer, batches: list, loss_cfg, grad_clip, autocast, 
                     loss = objective(model(x), y, loss_cfg)
             (loss / len(batches) if len(batches) > 1 else loss).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-    grad_norm = clip_grad_norm([p for p in unwrap(model).parameters() if p.requires_grad], grad_clip,
-                               Parts(split) if split > 1 else None)
+    grad_norm = clip_grad_norm([p for p in unwrap(model).parameters() if p.requires_grad], grad_clip)
     mean_loss = all_reduce_sum(loss_sum / len(batches), d) / d.world  # the loss of the global batch
     result = StepResult(float(mean_loss), float(dist_.full_tensor(grad_norm)), {} if stats_sum is None else
                         dpo.named(all_reduce_sum(stats_sum / len(batches), d) / d.world))

@@ -1,12 +1,15 @@
 """What each speed-up of the CPU training step is worth, measured with the alternatives interleaved in one run.
 
-    python scripts/step_bench.py [--blocks 8] [--per-block 5] [--preset tiny] [--compile]
+    python scripts/step_bench.py [--blocks 8] [--per-block 5] [--preset tiny] [--compile] [--only NAME ...]
 
 - page faults: the same steps in fresh processes, glibc's malloc defaults against `keep_freed_memory()`, alternating
   process by process; minor page faults and wall time per step.
 - fused MLP: in one process, the step with the MLP's hand-written function (ReLU² for `tiny`, GELU for
   nanogpt-char-cpu) against the plain modules, alternating block by block; for a preset of GPT-2 blocks
   (nanogpt-char-cpu), the whole block as one function (fused.gpt2_block) against the MLP's function alone.
+- scripted block and shared update: for a preset of GPT-2 blocks, the step as training takes it (its rows shared
+  between two threads where PyTorch has two) with the block's math run as TorchScript against the same functions run
+  as Python, then AdamW's update cut among the step's threads against one thread.
 - compile (with --compile): eager against `torch.compile`, alternating in one process, with the first compiled step
   (its compile time) reported.
 
@@ -102,6 +105,33 @@ def fused(preset: str, blocks: int, per_block: int) -> None:
         report("GPT-2 block", medians, "MLP", "block")
 
 
+def threads_levers(preset: str, blocks: int, per_block: int) -> None:
+    """What the step's two threads gain from the block as TorchScript (fewer turns at the GIL) and from AdamW's update
+    cut among them, each alternated against its absence."""
+    from lmlab import fused as fused_mod
+    from lmlab import optim
+
+    step, model, _ = make_step(preset)
+    if not all(block.gpt2 for block in model.blocks):
+        return
+    share_from = optim.SHARE_FROM
+
+    def run_with(scripted: bool, shared: bool):
+        def run(i: int) -> None:
+            fused_mod.SCRIPTED, optim.SHARE_FROM = scripted, share_from if shared else 1 << 62
+            step(i)
+        return run
+
+    for i in range(3):
+        step(i)
+    report("block as TorchScript", alternated_medians({"Python": run_with(False, True),
+                                                        "TorchScript": run_with(True, True)}, blocks, per_block),
+           "Python", "TorchScript")
+    report("AdamW cut among threads", alternated_medians({"one": run_with(True, False), "cut": run_with(True, True)},
+                                                         blocks, per_block), "one", "cut")
+    fused_mod.SCRIPTED, optim.SHARE_FROM = True, share_from
+
+
 def compiled(preset: str, blocks: int, per_block: int) -> None:
     eager, _, _ = make_step(preset)
     comp, _, _ = make_step(preset, compile_model=True)
@@ -121,6 +151,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--per-block", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also compare torch.compile against eager")
+    ap.add_argument("--only", nargs="+", choices=("faults", "fused", "threads", "compile"),
+                    help="run only these comparisons (compile: as --compile)")
     ap.add_argument("--child", choices=("default", "keep"), help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -131,10 +163,15 @@ def main() -> None:
     batch, block = cfg.batch_size, cfg.model.block_size
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}: {batch} x {block} "
           f"tokens a step")
-    page_faults(args.preset, max(2, args.blocks // 2), args.steps)
+    only = set(args.only or ("faults", "fused", "threads") + (("compile",) if args.compile else ()))
+    if "faults" in only:
+        page_faults(args.preset, max(2, args.blocks // 2), args.steps)
     keep_freed_memory()  # as `lmlab train` does on CPU
-    fused(args.preset, args.blocks, args.per_block)
-    if args.compile:
+    if "fused" in only:
+        fused(args.preset, args.blocks, args.per_block)
+    if "threads" in only:
+        threads_levers(args.preset, args.blocks, args.per_block)
+    if "compile" in only:
         compiled(args.preset, args.blocks, args.per_block)
 
 

@@ -253,6 +253,8 @@ def test_step_bench_script_compares_each_speed_up(tmp_path):
               for mode in ("default", "keep") if line.startswith(f"page faults, malloc {mode}")}
     assert set(faults) == {"default", "keep"} and min(faults.values()) >= 0, out  # counts vary with huge pages
     assert "default / keep:" in out and "fused MLP: plain" in out and "plain / fused:" in out, out
+    assert "block as TorchScript: Python" in out and "Python / TorchScript:" in out, out
+    assert "AdamW cut among threads: one" in out and "one / cut:" in out, out
 
 
 def test_chat_answer_timing_fills_three_quarters_of_the_context_and_renders_a_row():

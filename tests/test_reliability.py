@@ -281,9 +281,9 @@ def _nan_grad_norm(monkeypatch, bad_calls):
     real = lt.clip_grad_norm
     calls = {"n": 0}
 
-    def fake(params, max_norm, run_parts=None):
+    def fake(params, max_norm):
         calls["n"] += 1
-        norm = real(params, max_norm, run_parts)
+        norm = real(params, max_norm)
         return torch.tensor(float("nan")) if bad_calls(calls["n"]) else norm
 
     monkeypatch.setattr(lt, "clip_grad_norm", fake)
