@@ -130,8 +130,8 @@ class TrainConfig:
     thread_split: int = 0
     """On the CPU, share each micro-batch's rows among this many threads, each running its part's forward and
     backward with an equal share of the PyTorch threads, the gradients summed in a fixed order (0: auto, 2 where
-    PyTorch has two threads or more and the step allows it: eager, float32, pretraining, no dropout, one process;
-    1: off)."""
+    PyTorch has two threads or more and the step allows it: eager, float32, pretraining or sft, no dropout, one
+    process; 1: off)."""
     sample_tokens: int = 300
     """Length of the sample printed at the end (0: none)."""
     sample_prompt: str = ""

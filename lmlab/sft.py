@@ -251,6 +251,20 @@ class PackedBatch:
     their number: the masked loss's denominator, so that the step's loss is the mean over all its trained tokens."""
 
 
+def row_parts(model: torch.nn.Module, batch: PackedBatch, objective: Callable, loss_cfg, parts: int
+              ) -> list[Callable[[], torch.Tensor]]:
+    """A packed micro-batch's rows shared among `parts` threads (threads.backward_in_parts): each part's loss is its
+    trained targets' sum over the step's count, so the parts' losses add up to the micro-batch's whatever rows each
+    holds (the rows are packed apart: a part's forward sees only its own)."""
+    cut = [t.chunk(parts) for t in (batch.x, batch.y, batch.documents, batch.mask)]
+
+    def loss(i: int) -> torch.Tensor:
+        x, y, documents, mask = (c[i] for c in cut)
+        return objective(model(x, documents=documents), y, loss_cfg, mask, batch.count)
+
+    return [lambda i=i: loss(i) for i in range(len(cut[0]))]
+
+
 def pack_rows(conversations: Sequence[chat.Rendered], rows: Sequence[Sequence[int]], block_size: int,
               pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Blocks of block_size + 1 tokens, one per row of conversation indices: (ids, trained, documents), each

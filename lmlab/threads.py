@@ -10,11 +10,13 @@ reproducible from its seed, whichever thread finishes first. The matrix products
 cores, half the rows on one thread take as long as all of them on two.
 docs/performance.md has the measurements.
 
-The mean loss over equal parts is the mean of their means, so the step is the full batch's step up to rounding.
+The mean loss over equal parts of (inputs, targets) is the mean of their means, so the step is the full batch's
+step up to rounding.
 What the threads would have to share in order is refused (`split_parts`): dropout draws from one random generator,
 and autocast is a per-thread state. A compiled step keeps one part (split, it was no faster: 0.98x at the tiny
-recipe's shape), and so do a batch that is not a plain (inputs, targets) pair (fine-tuning, preferences, rewards)
-and several processes.
+recipe's shape), and so do preference pairs and rewards' rollouts, and several processes. Packed conversations
+(--stage sft) are cut by rows too (sft.row_parts): each part's masked loss is over the step's count of trained
+targets, so the parts' losses add up to the batch's.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def split_parts(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, worl
         (device.type != "cpu", "the CPU"),
         (dtype not in (torch.float32, torch.float64), "float32 or float64 (autocast is per thread)"),
         (bool(cfg.compile), "an eager model (--no-compile)"),
-        (cfg.stage != "pretrain", "--stage pretrain"),
+        (cfg.stage not in ("pretrain", "sft"), "--stage pretrain or sft"),
         (world > 1, "one process"),
         (bool(cfg.model.dropout) or bool(cfg.model.attn_dropout), "no dropout (one random generator)"),
     ) if bad]
@@ -98,28 +100,37 @@ def step_threads(parts: int) -> Iterator[int]:
 
 def shared_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Callable, loss_cfg,
                     parts: int, scale: float) -> torch.Tensor:
-    """The backward of `scale` times the micro-batch's mean loss, its rows shared among `parts` threads (Parts: the
-    caller's and parts - 1 workers, each with as many PyTorch threads as the caller has), the parts' gradients added
-    to the parameters' .grad in an order that cannot change the result. Two parts into empty gradients: each part's backward adds its own as
-    it goes (autograd's accumulation is thread-safe, and a + b == b + a, so whichever comes first), which keeps the
-    sum off the step's serial tail; otherwise each part's gradients come back from torch.autograd.grad and are added
-    in the parts' order. Returns the micro-batch's mean loss, detached."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The backward of `scale` times the micro-batch's mean loss, its rows shared among `parts` threads: each part's
+    loss is the mean over its rows, so the batch's is their mean (equal parts). Returns it, detached."""
     xs, ys = x.chunk(parts), y.chunk(parts)
-    in_backward = parts == 2 and all(p.grad is None for p in params)
+    return backward_in_parts(model, [functools.partial(lambda i: objective(model(xs[i]), ys[i], loss_cfg) / parts, i)
+                                     for i in range(parts)], scale)
 
-    def part(i: int) -> tuple[torch.Tensor, Optional[tuple]]:
-        loss = objective(model(xs[i]), ys[i], loss_cfg)
+
+def backward_in_parts(model: torch.nn.Module, losses: list[Callable[[], torch.Tensor]], scale: float
+                      ) -> torch.Tensor:
+    """The backward of `scale` times the sum of the parts' losses (each a function computing its part's share of the
+    micro-batch's loss), each part's forward and backward on its own thread (Parts: the caller's and
+    len(losses) - 1 workers, each with as many PyTorch threads as the caller has), the parts' gradients added to the
+    parameters' .grad in an order that cannot change the result. Two parts into empty gradients: each part's
+    backward adds its own as it goes (autograd's accumulation is thread-safe, and a + b == b + a, so whichever comes
+    first), which keeps the sum off the step's serial tail; otherwise each part's gradients come back from
+    torch.autograd.grad and are added in the parts' order. Returns the sum of the losses, detached."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    in_backward = len(losses) == 2 and all(p.grad is None for p in params)
+
+    def part(loss_of: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Optional[tuple]]:
+        loss = loss_of()
         if in_backward:
-            (loss * (scale / parts)).backward()
+            (loss * scale).backward()
             return loss.detach(), None
-        return loss.detach(), torch.autograd.grad(loss * (scale / parts), params, allow_unused=True)
+        return loss.detach(), torch.autograd.grad(loss * scale, params, allow_unused=True)
 
-    results = Parts(parts)([functools.partial(part, i) for i in range(parts)])
+    results = Parts(len(losses))([functools.partial(part, loss_of) for loss_of in losses])
     if not in_backward:
         for j, p in enumerate(params):
             grads = [grads[j] for _, grads in results if grads[j] is not None]
             if grads:
                 total = functools.reduce(torch.add, grads)
                 p.grad = total if p.grad is None else p.grad.add_(total)
-    return functools.reduce(torch.add, [loss for loss, _ in results]) / parts
+    return functools.reduce(torch.add, [loss for loss, _ in results])

@@ -45,7 +45,7 @@ from .rundir import RunLock, write_status  # noqa: F401 - RunLock is part of thi
 from .sample import default_probe_prompts, generate, probe, prompt_ids, stream_text, text_banned
 from .telemetry import (OVERFIT_EVALS, EvalHistory, GradientTelemetry, SpikeDetector, TensorBoard,
                         prune_snapshots_after, save_snapshot)
-from .threads import share_optimizer, shared_backward, split_parts, step_threads
+from .threads import backward_in_parts, share_optimizer, shared_backward, split_parts, step_threads
 
 
 class Interrupted(Exception):
@@ -232,8 +232,10 @@ def _train_step(model, optimizer, batches: list, loss_cfg, grad_clip, autocast, 
                 ) -> StepResult:
     loss_sum = stats_sum = None
     for micro, batch in enumerate(batches):
-        if split > 1:
-            loss = shared_backward(model, *batch, objective, loss_cfg, split, 1 / len(batches))
+        if split > 1:  # the rows shared among threads (threads.py): plain (inputs, targets), or packed (--stage sft)
+            loss = backward_in_parts(model, sft.row_parts(model, batch, objective, loss_cfg, split), 1 / len(batches)) \
+                if isinstance(batch, sft.PackedBatch) else shared_backward(model, *batch, objective, loss_cfg, split,
+                                                                           1 / len(batches))
             loss_sum = loss if loss_sum is None else loss_sum + loss
             continue
         with dist_.no_sync(model, d, last_micro_step=micro == len(batches) - 1):

@@ -493,6 +493,22 @@ def test_an_sft_run_resumes_exactly(base, tmp_path):
         train(dataclasses.replace(saved, resume=str(tmp_path / "cut"), max_steps=12, stage="pretrain"))
 
 
+@pytest.mark.slow
+def test_an_sft_run_shares_its_rows_between_two_threads_reproducibly(base, tmp_path):
+    """--thread-split 2 on packed conversations: the same losses twice, and the one-thread run's up to rounding."""
+    from lmlab.train import train
+
+    data = str(chats_file(tmp_path / "chats.jsonl"))
+
+    def losses(name, split):
+        train(sft_config(base, data, tmp_path / name, thread_split=split, max_steps=6))
+        return [r["train_loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "train_loss" in r]
+
+    split = losses("a", 2)
+    assert len(split) == 6 and split == losses("b", 2)
+    assert split == pytest.approx(losses("plain", 1), rel=1e-4)
+
+
 def test_sft_from_a_transformers_model_without_a_chat_template(tmp_path):
     pytest.importorskip("transformers")
     from test_hf import hf_llama, plain_bpe

@@ -115,11 +115,12 @@ def test_split_parts_auto_and_its_refusals(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert split_parts(cfg, CPU, f32, 1) == 2
     assert split_parts(dataclasses.replace(cfg, batch_size=3), CPU, f32, 1) == 1  # does not divide: auto keeps 1
+    assert split_parts(dataclasses.replace(cfg, stage="sft"), CPU, f32, 1) == 2  # packed conversations too
     for other, device, dtype, world in [
             (dataclasses.replace(cfg, compile=True), CPU, f32, 1),
             (dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.1)), CPU, f32, 1),
             (dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_dropout=0.1)), CPU, f32, 1),
-            (dataclasses.replace(cfg, stage="sft"), CPU, f32, 1),
+            (dataclasses.replace(cfg, stage="dpo"), CPU, f32, 1),
             (cfg, CPU, torch.bfloat16, 1), (cfg, torch.device("cuda"), f32, 1), (cfg, CPU, f32, 2)]:
         assert split_parts(other, device, dtype, world) == 1
         with pytest.raises(LmlabError, match="--thread-split 2 needs"):
@@ -256,3 +257,28 @@ def test_the_update_cut_among_threads_is_the_same_bit_for_bit(monkeypatch, optim
     assert all(not torch.equal(a, b) for a, b in zip(start, model.parameters()))  # every weight moved
     for params in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], params))
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_packed_rows_shared_among_threads_give_the_whole_batchs_loss_and_gradients(parts):
+    """--stage sft: a packed micro-batch's rows cut among threads (sft.row_parts), each part's masked loss over the
+    step's count, add up to the whole batch's loss and gradients (float64), with several conversations in a row and
+    untrained targets."""
+    from lmlab import sft
+    from lmlab.loss import masked_loss
+    from lmlab.threads import backward_in_parts
+
+    model = _model("default")
+    x, y = _batch(6, seed=5)
+    g = torch.Generator().manual_seed(6)
+    documents = 1 + (torch.arange(16) >= torch.randint(3, 13, (6, 1), generator=g)).long()  # two per row
+    mask = torch.rand(6, 16, generator=g) < 0.6
+    batch = sft.PackedBatch(x, y, documents, mask, mask.sum().double() * 1.5)  # the step's count, not this batch's
+    masked_loss(model(x, documents=documents), y, LossConfig(), mask, batch.count).mul(0.5).backward()
+    whole = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss = backward_in_parts(model, sft.row_parts(model, batch, masked_loss, LossConfig(), parts), 0.5)
+    expected = masked_loss(model(x, documents=documents), y, LossConfig(), mask, batch.count)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-12, atol=0)
+    for a, b in zip(whole, _grads(model)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
