@@ -189,8 +189,9 @@ _SCRIPT_LOCK = threading.Lock()
 def _scripted() -> tuple[Callable, Callable]:
     """_block_forward and _block_backward compiled by TorchScript, whose interpreter releases the GIL for the
     whole call instead of around every op: where two threads share a step (threads.py), each block is then one turn
-    at the GIL instead of some forty, which on 2 cores took the halves of nanoGPT's CPU step from 20.9 to 19.4 ms
-    (docs/performance.md). The Python functions where TorchScript is missing or refuses them (it is deprecated)."""
+    at the GIL instead of some forty: on 2 cores nanoGPT's CPU step ran 1.09x as fast (docs/performance.md,
+    `scripts/step_bench.py --only threads`). The Python functions where TorchScript is missing or refuses them (it is
+    deprecated)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
