@@ -179,8 +179,8 @@ class AdamW(Optimizer):
 
 
 SHARE_FROM = 1 << 16
-"""Elements per thread below which a tensor list's update or norm is not cut among threads: a thread's turn costs
-tens of microseconds, about what one core takes for that many elements of AdamW."""
+"""Elements per thread below which AdamW's fused update is not cut among threads: a thread's turn costs tens of
+microseconds, about what one core takes for that many elements of AdamW."""
 
 
 def cut(tensors: list[torch.Tensor], parts: int) -> list[list[int]]:

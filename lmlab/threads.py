@@ -5,7 +5,7 @@ dispatcher and small kernels that run one after another while the other core wai
 into equal parts, one per thread, each thread running its part's forward and backward with its share of PyTorch's
 threads (one each on two cores), and that time overlaps the other thread's products instead (their Python still
 takes turns under the GIL; the GPT-2 block's math runs as TorchScript, one turn per block: fused.py). The parts'
-gradients are summed in an order that cannot change the result (`shared_backward`), so a run stays bit for bit
+gradients are summed in an order that cannot change the result (`backward_in_parts`), so a run stays bit for bit
 reproducible from its seed, whichever thread finishes first. The matrix products themselves cost the same: on two
 cores, half the rows on one thread take as long as all of them on two.
 docs/performance.md has the measurements.

@@ -233,9 +233,11 @@ def _train_step(model, optimizer, batches: list, loss_cfg, grad_clip, autocast, 
     loss_sum = stats_sum = None
     for micro, batch in enumerate(batches):
         if split > 1:  # the rows shared among threads (threads.py): plain (inputs, targets), or packed (--stage sft)
-            loss = backward_in_parts(model, sft.row_parts(model, batch, objective, loss_cfg, split), 1 / len(batches)) \
-                if isinstance(batch, sft.PackedBatch) else shared_backward(model, *batch, objective, loss_cfg, split,
-                                                                           1 / len(batches))
+            scale = 1 / len(batches)
+            if isinstance(batch, sft.PackedBatch):
+                loss = backward_in_parts(model, sft.row_parts(model, batch, objective, loss_cfg, split), scale)
+            else:
+                loss = shared_backward(model, *batch, objective, loss_cfg, split, scale)
             loss_sum = loss if loss_sum is None else loss_sum + loss
             continue
         with dist_.no_sync(model, d, last_micro_step=micro == len(batches) - 1):
