@@ -156,3 +156,25 @@ def test_the_scripted_block_is_the_python_block_bit_for_bit(monkeypatch, bias):
         results.append([out.detach()] + [t.grad for t in inputs if t is not None])
     assert all(torch.equal(a, b) for a, b in zip(*results))
     assert len(results[0]) == 1 + 1 + (12 if bias else 6)
+
+
+def test_the_block_runs_as_python_where_torchscript_refuses_it(monkeypatch):
+    """A PyTorch whose TorchScript is gone or fails on the block: the same functions run as Python, same output."""
+    from lmlab import fused
+
+    def refuse(fn):
+        raise RuntimeError("no TorchScript here")
+
+    torch.manual_seed(11)
+    C, H = 8, 2
+    params = [torch.randn(s, dtype=torch.float64) for s in
+              [(C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (4 * C, C), (4 * C,), (C, 4 * C), (C,)]]
+    x = torch.randn(2, 5, C, dtype=torch.float64)
+    scripted = _GPT2BlockFunction.apply(x, H, 1e-5, *params)
+    monkeypatch.setattr(torch.jit, "script", refuse)
+    fused._scripted.cache_clear()
+    try:
+        assert fused._scripted() == (fused._block_forward, fused._block_backward)
+        assert torch.equal(_GPT2BlockFunction.apply(x, H, 1e-5, *params), scripted)
+    finally:
+        fused._scripted.cache_clear()  # the next caller scripts again
