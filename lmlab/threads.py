@@ -103,7 +103,7 @@ def shared_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ob
     """The backward of `scale` times the micro-batch's mean loss, its rows shared among `parts` threads: each part's
     loss is the mean over its rows, so the batch's is their mean (equal parts). Returns it, detached."""
     xs, ys = x.chunk(parts), y.chunk(parts)
-    return backward_in_parts(model, [functools.partial(lambda i: objective(model(xs[i]), ys[i], loss_cfg) / parts, i)
+    return backward_in_parts(model, [lambda i=i: objective(model(xs[i]), ys[i], loss_cfg) / parts
                                      for i in range(parts)], scale)
 
 

@@ -222,7 +222,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     telemetry, when given, looks at the weights just before the update. A micro-batch is (x, y), or packed
     conversations (sft.PackedBatch), whose objective (masked_loss) takes the mask of trained targets and their
     count, or preference pairs (dpo.PairBatch), whose objective (dpo.objective) also returns what it measured.
-    split > 1: each (x, y) micro-batch's rows are shared among that many threads (threads.split_parts decides)."""
+    split > 1: each (x, y) or packed micro-batch's rows are shared among that many threads (threads.split_parts
+    decides)."""
     batches = list(batches)
     with step_threads(split):
         return _train_step(model, optimizer, batches, loss_cfg, grad_clip, autocast, d, objective, telemetry, split)
