@@ -348,13 +348,19 @@ def _mutate_obj(obj, rng: random.Random):
 
 
 def mutations(data: bytes, jsonl: bool, seed: int) -> list[bytes]:
-    """Fixed damage (truncation, other types, deep nesting) plus seeded random changes of the parsed content."""
+    """Fixed damage (truncation, other types, deep nesting) plus seeded random changes of the parsed content. For
+    JSONL, the damaged lines go into two files, alone and between the good lines."""
     rng = random.Random(seed)
     deep = b"[" * 100_000 + b"]" * 100_000
     fixed = [data[: len(data) // 2], data[:1], b"", b"[]", b"{}", b"null", b'"text"', deep, b"\xff\xfe garbage",
              b'{"step": "12", "train_loss": "x", "val_loss": [], "probes": {}}\n']
-    out = [m + b"\n" if jsonl else m for m in fixed]
-    for _ in range(4):
+    if jsonl:  # a reader takes JSONL line by line: every damaged line in one file, between the good lines
+        lines = data.splitlines(keepends=True)
+        mixed = b"".join(line + bad + b"\n" for line, bad in zip(lines, fixed[3:] * len(lines)))
+        out = [fixed[0] + b"\n", fixed[1] + b"\n", fixed[2], b"".join(bad + b"\n" for bad in fixed[3:]), mixed]
+    else:
+        out = fixed
+    for _ in range(2 if jsonl else 4):  # JSONL: fewer copies, each one more page for report to draw
         if jsonl:
             lines = data.decode().splitlines()
             i = rng.randrange(len(lines))
