@@ -8,6 +8,7 @@ each applies.
 - `gpt2_block`: a whole GPT-2 block (LayerNorm, causal attention, LayerNorm, GELU MLP, both residual sums) as one
   node, for the configuration nanoGPT and GPT-2 use; its forward and backward math run as TorchScript, which
   releases the GIL for the whole call (threads.py's parts take fewer turns at it), bit for bit the Python.
+- `scripted(fn)`: a function as TorchScript, compiled once, or as Python where TorchScript refuses it.
 """
 
 from __future__ import annotations
@@ -186,29 +187,43 @@ _SCRIPT_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=None)
-def _scripted() -> tuple[Callable, Callable]:
-    """_block_forward and _block_backward compiled by TorchScript, whose interpreter releases the GIL for the
-    whole call instead of around every op: where two threads share a step (threads.py), each block is then one turn
-    at the GIL instead of some forty: on 2 cores nanoGPT's CPU step ran 1.09x as fast (docs/performance.md,
-    `scripts/step_bench.py --only threads`). The Python functions where TorchScript is missing or refuses them (it is
-    deprecated)."""
+def _script(fn: Callable) -> Callable:
+    """fn compiled by TorchScript; fn itself where TorchScript is missing or refuses it (it is deprecated)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.jit.script(_block_forward), torch.jit.script(_block_backward)
+        inline = torch._C._jit_get_inline_everything_mode()
+        # the functions fn calls are compiled into its graph rather than called (each call costs microseconds)
+        torch._C._jit_set_inline_everything_mode(True)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.jit.script(fn)
+        finally:
+            torch._C._jit_set_inline_everything_mode(inline)
     except Exception:  # noqa: BLE001 - any failure to compile leaves the same code running as Python
-        return _block_forward, _block_backward
+        return fn
 
 
 SCRIPTED = True
-"""Run the block as TorchScript (tests switch it off to compare with the Python functions)."""
+"""Run the TorchScript-compatible functions (this module's GPT-2 block, fused_decode's decode step) as TorchScript
+(tests switch it off to compare with the Python functions)."""
+
+
+def scripted(fn: Callable) -> Callable:
+    """fn as TorchScript, compiled once (by whichever thread comes first): its interpreter runs the ops without
+    Python between them, a few microseconds less per op, and releases the GIL for the whole call instead of around
+    every op. Where two threads share a step (threads.py), a GPT-2 block is then one turn at the GIL instead of some
+    forty: on 2 cores nanoGPT's CPU step ran 1.09x as fast (docs/performance.md, `scripts/step_bench.py --only
+    threads`). Call the result under `torch.jit.optimized_execution(False)` (a per-thread switch): the executor's
+    optimisations would change the rounding (an addmm split into a GEMM and a sum), and once a plan is optimised
+    it stays so."""
+    if not SCRIPTED:
+        return fn
+    with _SCRIPT_LOCK:
+        return _script(fn)
 
 
 def _block_code() -> tuple[Callable, Callable]:
-    if not SCRIPTED:
-        return _block_forward, _block_backward
-    with _SCRIPT_LOCK:  # compiled once, by whichever thread comes first
-        return _scripted()
+    return scripted(_block_forward), scripted(_block_backward)
 
 
 class _GPT2BlockFunction(torch.autograd.Function):

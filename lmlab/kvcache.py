@@ -14,6 +14,11 @@ WHOLE_CACHE_HEADS = 128  # from this many heads (batch x n_head) a decode step m
 
 GROW_SLOTS = 16  # a growing KVCache's slots go up in steps of this many (KVCache.reserve; 8 and 32 were slower)
 
+# How a decode step reads the cache (KVCache.step's mode; fused_decode.attend reads it so): "whole": the whole buffers,
+# the slots after the filled ones masked by an additive (slots,) mask; "masked": the whole buffers, each row's visible
+# slots given by a bool (B|1, 1, 1, slots) mask (rows at their own slots); "causal": the filled slots as a causal
+# window (a prompt's first token); "plain": the filled slots, every one visible.
+
 
 class KVCache:
     """Keys and values of the tokens seen so far, per layer, for incremental decoding: preallocated once, for `batch`
@@ -94,6 +99,23 @@ class KVCache:
             self._unfilled = (filled, slots, torch.zeros(slots, dtype=self.k[0].dtype,
                                                          device=after.device).masked_fill_(after, float("-inf")))
         return self._unfilled[2]
+
+    def step(self, layer: int, pos: Optional[torch.Tensor], heads: int) -> tuple:
+        """Where a decode step (one token per row, `heads` = rows x heads of queries) of `layer` writes and how it
+        reads, for fused_decode.write_attend: (keys, values, past, rows, at, mode, mask). keys and values are the
+        layer's buffers (B, H, slots, D) of the rows in use. Without pos, the step writes at slot `past` = cache.pos
+        of every row (cache.pos stays as it is until the forward's end) and reads as `unfilled` says; with pos, a (1,)
+        or (B,) tensor, at slot at[i] of row rows[i] (as `write`), reading the whole buffers up to each row's slot."""
+        if layer == 0:
+            self.reserve(self.max_len if pos is not None else self.pos + 1)
+        keys, values = self.k[layer][: self.rows], self.v[layer][: self.rows]
+        if pos is not None:
+            S = keys.size(2)
+            visible = (torch.arange(S, device=pos.device) <= pos.view(-1, 1)).view(-1, 1, 1, S)  # (B|1, 1, 1, slots)
+            return keys, values, 0, self._index[: self.rows], pos.expand(self.rows), "masked", visible
+        unfilled = self.unfilled(heads)
+        mode = "whole" if unfilled is not None else "causal" if self.pos == 0 else "plain"
+        return keys, values, self.pos, None, None, mode, unfilled
 
     def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H, 1, D) at position pos: a (1,) tensor for every row, or (B,), each row at its own position

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fused_decode
 from .common import MEMORY_ENV, LmlabError, fmt_bytes, memory_limit
 from .fused import FUSED_MLPS, _RMSNormFunction, _SquaredReLU, eager_training, gpt2_block, gpt2_block_fits
 from .kvcache import KVCache
@@ -243,14 +244,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
     x: (B, T, H, D); cos/sin: (T, D/2), or (B, T, D/2) for positions that differ between rows (packed sequences).
     """
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
     if torch.compiler.is_compiling():  # inductor has no complex kernels: the same product in real arithmetic
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
         re, im = x.to(work).unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, H, D/2)
         c, s = cos.to(work)[..., None, :], sin.to(work)[..., None, :]
         return torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).to(x.dtype)
-    z = torch.view_as_complex(x.to(work).reshape(*x.shape[:-1], -1, 2))  # (B, T, H, D/2)
-    rot = torch.complex(cos.to(work), sin.to(work))[..., None, :]  # (T, 1, D/2) or (B, T, 1, D/2)
-    return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
+    return fused_decode.rotate(x, fused_decode.rotation(cos, sin, x.dtype))
 
 
 class CausalSelfAttention(nn.Module):
@@ -290,36 +289,26 @@ class CausalSelfAttention(nn.Module):
             if self.training else 0.0
         weights_name = f"blocks.{layer}.attn.weights" if hooks is not None else None
         explicit = hooks is not None and weights_name in hooks.names
-        if pos is not None:  # static decode step: the query at pos sees cache slots 0..pos (pos: (1,) or (B,))
+        if cache is not None and T == 1 and not explicit and not torch.compiler.is_compiling():
+            y = fused_decode.write_attend(q, k, v, *cache.step(layer, pos, B * self.cfg.n_head), attn_dropout)
+        elif pos is not None:  # a static decode step, compiled or written out: the query at pos sees slots 0..pos
             k, v = cache.write(layer, pos, k, v)  # (B, H, max_len, D)
             S = k.size(2)
             visible = (torch.arange(S, device=x.device) <= pos.view(-1, 1)).view(-1, 1, 1, S)  # (B|1, 1, 1, max_len)
-            if explicit or torch.compiler.is_compiling():
-                # the (B, H, max_len) scores of one query, written out as products and sums, which inductor fuses into
-                # one loop: an SDPA call would cost more in overhead than this arithmetic (eagerly, it takes twice the
-                # time of the two batched products below)
-                scores = (q * k).sum(-1).mul_(1.0 / math.sqrt(D)).masked_fill_(~visible[:, :, 0], float("-inf"))
-                weights = scores.softmax(-1)  # (B, H, max_len)
-                if explicit:
-                    hooks.keep(weights_name, weights.unsqueeze(-2))  # (B, H, 1, max_len)
-                y = (weights.unsqueeze(-1) * v).sum(-2, keepdim=True)  # (B, H, 1, D)
-            else:
-                scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(D)).masked_fill_(~visible, float("-inf"))
-                y = scores.softmax(-1) @ v  # (B, H, 1, D)
+            # the (B, H, max_len) scores of one query, written out as products and sums, which inductor fuses into
+            # one loop: an SDPA call would cost more in overhead than this arithmetic (eagerly, it takes twice the
+            # time of attend's two batched products)
+            scores = (q * k).sum(-1).mul_(1.0 / math.sqrt(D)).masked_fill_(~visible[:, :, 0], float("-inf"))
+            weights = scores.softmax(-1)  # (B, H, max_len)
+            if explicit:
+                hooks.keep(weights_name, weights.unsqueeze(-2))  # (B, H, 1, max_len)
+            y = (weights.unsqueeze(-1) * v).sum(-2, keepdim=True)  # (B, H, 1, D)
         else:
-            past, unfilled = 0, None
+            past = 0
             if cache is not None:
                 past = cache.pos
                 k, v = cache.append(layer, k, v)  # (B, H, past+T, D)
-                if T == 1 and not explicit:
-                    unfilled = cache.unfilled(B * self.cfg.n_head)
-            if unfilled is not None:  # one query against the whole buffers, their slots after past masked
-                S = cache.k[layer].size(2)
-                k, v = cache.k[layer][:B].view(-1, S, D), cache.v[layer][:B].view(-1, S, D)  # (B*H, slots, D)
-                # scale, products and mask in one call
-                scores = torch.baddbmm(unfilled, q.reshape(-1, 1, D), k.transpose(1, 2), alpha=1.0 / math.sqrt(D))
-                y = torch.bmm(scores.softmax(-1), v).view(B, -1, 1, D)  # (B, H, 1, D)
-            elif explicit:  # the weights written out: query past+t sees the keys up to its own position
+            if explicit:  # the weights written out: query past+t sees the keys up to its own position
                 visible = mask if mask is not None else torch.ones(T, past + T, dtype=torch.bool,
                                                                    device=x.device).tril(diagonal=past)
                 scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (B, H, T, past+T)
@@ -377,6 +366,7 @@ class Block(nn.Module):
         # GPT-2's block (LayerNorm, learned positions, exact GELU, no QK-norm): eager CPU training takes it whole as
         # one hand-written function (fused.gpt2_block) when nothing else is asked of it (forward)
         self.gpt2 = cfg.norm == "layernorm" and cfg.mlp == "gelu" and not cfg.qk_norm and cfg.pos == "learned"
+        self.decode_weights: Optional[tuple] = None  # fused_decode.block's, gathered on its first call
 
     def forward(self, x, rope, cache, layer, pos=None, ve=None, hooks=None, mask=None):
         dropout = self.training and bool(self.attn.cfg.dropout or self.attn.cfg.attn_dropout)
@@ -385,6 +375,9 @@ class Block(nn.Module):
             params = self.gpt2_params()
             if gpt2_block_fits(x, params):
                 return gpt2_block(x, self.attn.cfg.n_head, self.norm1.eps, *params)
+        if cache is not None and x.size(1) == 1 and hooks is None and not self.training \
+                and fused_decode.decode_fits(x, self.attn.qkv.weight):  # a decode step: as one TorchScript call
+            return fused_decode.block(x, self, rope, ve, cache.step(layer, pos, x.size(0) * self.attn.cfg.n_head))
         x = x + self.attn(self.norm1(x), rope, cache, layer, pos, ve, hooks, mask)
         return x + self.mlp(self.norm2(x))
 

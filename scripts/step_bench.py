@@ -12,6 +12,8 @@
   as Python, then AdamW's update cut among the step's threads against one thread.
 - compile (with --compile): eager against `torch.compile`, alternating in one process, with the first compiled step
   (its compile time) reported.
+- decode (with --only decode): eager generation, each block's decode step as one TorchScript call (fused_decode)
+  against the model's modules: generate_batch of 1 and of 64 rows, 128 new tokens each, alternating run by run.
 
 Prints medians of the per-block medians and the per-block ratios (median, min-max). Nothing is asserted: this is a
 benchmark, the tests check that each path computes the same thing.
@@ -145,14 +147,41 @@ def compiled(preset: str, blocks: int, per_block: int) -> None:
            "compiled")
 
 
+def decode(preset: str, blocks: int, per_block: int) -> None:
+    """Each block's decode step as one TorchScript call against the model's modules, in whole generate_batch runs
+    (one-token prompts, 128 new tokens, no stops) of a random model of the preset's shape; ms per decode step."""
+    from lmlab import fused_decode
+    from lmlab.generate import generate_batch
+    from lmlab.model import build_model
+
+    cfg, _ = apply_budget(get_preset(preset))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 65).eval()
+    fits, new = fused_decode.decode_fits, 128
+
+    def run_with(fused: bool, batch: int):
+        def run(i: int) -> None:
+            fused_decode.decode_fits = fits if fused else (lambda x, weight: False)
+            generate_batch(model, [[r % 65] for r in range(batch)], new, seeds=list(range(batch)))
+        return run
+
+    for batch in (1, 64):
+        runs = {"modules": run_with(False, batch), "TorchScript": run_with(True, batch)}
+        for run in runs.values():
+            run(0)
+        medians = {name: [m / new for m in ms] for name, ms in alternated_medians(runs, blocks, per_block).items()}
+        report(f"decode step at batch {batch}", medians, "modules", "TorchScript")
+    fused_decode.decode_fits = fits
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--per-block", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also compare torch.compile against eager")
-    ap.add_argument("--only", nargs="+", choices=("faults", "fused", "threads", "compile"),
-                    help="run only these comparisons (compile: as --compile)")
+    ap.add_argument("--only", nargs="+", choices=("faults", "fused", "threads", "compile", "decode"),
+                    help="run only these comparisons (compile: as --compile; decode only so)")
     ap.add_argument("--child", choices=("default", "keep"), help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -173,6 +202,8 @@ def main() -> None:
         threads_levers(args.preset, args.blocks, args.per_block)
     if "compile" in only:
         compiled(args.preset, args.blocks, args.per_block)
+    if "decode" in only:
+        decode(args.preset, args.blocks, args.per_block)
 
 
 if __name__ == "__main__":

@@ -187,14 +187,16 @@ def test_ended_rows_leave_the_batch_and_the_cache_is_made_once(monkeypatch):
     single = [alone(model, p, n, s, **kw)[0] for p, n, s in zip(prompts, budgets, seeds)]
     stop = next(t for t in single[0][2:] if sum(t in tokens for tokens in single) < len(prompts))
     kept, buffers = [], set()
-    keep, write = KVCache.keep, KVCache.write
+    keep, step = KVCache.keep, KVCache.step
     monkeypatch.setattr(KVCache, "keep", lambda self, index, slots: kept.append(len(index)) or keep(self, index, slots))
 
-    def spy(self, layer, pos, k, v):
-        buffers.add((id(self), self.k[layer].data_ptr(), tuple(self.k[layer].shape)))
-        return write(self, layer, pos, k, v)
+    def spy(self, layer, pos, heads):
+        handed = step(self, layer, pos, heads)
+        if pos is not None:  # a decode step with each row at its own slot
+            buffers.add((id(self), self.k[layer].data_ptr(), tuple(self.k[layer].shape)))
+        return handed
 
-    monkeypatch.setattr(KVCache, "write", spy)
+    monkeypatch.setattr(KVCache, "step", spy)
     out = generate_batch(model, prompts, budgets, seeds=seeds, stop_ids=[stop], **kw)
     for tokens, row in zip(single, out):
         assert row.tokens == cut_at_stop(tokens, {stop})

@@ -246,7 +246,8 @@ def test_step_bench_script_compares_each_speed_up(tmp_path):
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "step_bench.py"
     proc = subprocess.run([sys.executable, str(script), "--preset", "nanogpt-char-cpu", "--blocks", "2",
-                           "--per-block", "1", "--steps", "2"], capture_output=True, text=True, timeout=HANG_S)
+                           "--per-block", "1", "--steps", "2", "--only", "faults", "fused", "threads", "decode"],
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     faults = {mode: float(line.split(":")[1].split()[0]) for line in out.splitlines()
@@ -255,6 +256,9 @@ def test_step_bench_script_compares_each_speed_up(tmp_path):
     assert "default / keep:" in out and "fused MLP: plain" in out and "plain / fused:" in out, out
     assert "block as TorchScript: Python" in out and "Python / TorchScript:" in out, out
     assert "AdamW cut among threads: one" in out and "one / cut:" in out, out
+    for batch in (1, 64):
+        assert f"decode step at batch {batch}: modules" in out, out
+    assert out.count("modules / TorchScript:") == 2, out
 
 
 def test_chat_answer_timing_fills_three_quarters_of_the_context_and_renders_a_row():

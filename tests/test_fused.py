@@ -138,7 +138,7 @@ def test_the_scripted_block_is_the_python_block_bit_for_bit(monkeypatch, bias):
     every gradient equal the same functions run as Python exactly, in float32."""
     from lmlab import fused
 
-    assert all(isinstance(f, torch.jit.ScriptFunction) for f in fused._scripted())  # the fast path is the one taken
+    assert all(isinstance(f, torch.jit.ScriptFunction) for f in fused._block_code())  # the fast path is the one taken
     torch.manual_seed(10)
     C, H = 128, 4  # big enough that an addmm split into a GEMM and a sum (the executor's optimisation) would show
     shapes = [(C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (4 * C, C), (4 * C,), (C, 4 * C), (C,)]
@@ -172,9 +172,9 @@ def test_the_block_runs_as_python_where_torchscript_refuses_it(monkeypatch):
     x = torch.randn(2, 5, C, dtype=torch.float64)
     scripted = _GPT2BlockFunction.apply(x, H, 1e-5, *params)
     monkeypatch.setattr(torch.jit, "script", refuse)
-    fused._scripted.cache_clear()
+    fused._script.cache_clear()
     try:
-        assert fused._scripted() == (fused._block_forward, fused._block_backward)
+        assert fused._block_code() == (fused._block_forward, fused._block_backward)
         assert torch.equal(_GPT2BlockFunction.apply(x, H, 1e-5, *params), scripted)
     finally:
-        fused._scripted.cache_clear()  # the next caller scripts again
+        fused._script.cache_clear()  # the next caller scripts again

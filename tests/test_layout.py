@@ -20,6 +20,7 @@ CORE = [
     "data",
     "kvcache",  # the decode steps' keys and values, which the model's attention reads
     "fused",  # hand-written autograd functions (norms, MLPs, a whole GPT-2 block) that the model's training takes
+    "fused_decode",  # a block's decode step as one TorchScript call, which the model's inference takes
     "model", "loss",
     "distributed",  # before optim: Muon orthogonalises sharded (FSDP) matrices through its helpers
     "optim",

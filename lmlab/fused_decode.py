@@ -1,0 +1,159 @@
+"""A transformer block's decode step (one new token per row, the earlier ones in the KV cache) as one TorchScript
+call, for eager inference on the CPU: the first norm, the QKV projection, QK-norm and rotary, the cache's write,
+attention against the cache, the output projection, the residual sums, the second norm and the MLP. The interpreter
+runs the block's forty-odd small ops without Python between them (docs/performance.md has the figures). The ops are
+model.py's, in its order, so the logits are the same bit for bit (tests/test_fused_decode.py, over every model
+option); model.Block.forward decides when this applies (decode_fits).
+
+`write_attend`, the cache's write and the attention of one query per row against it, is the model's own for these
+steps (CausalSelfAttention calls it too), and `rotate` its rotary product: each is written once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .fused import scripted
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, mask: Optional[torch.Tensor],
+           dropout: float = 0.0) -> torch.Tensor:
+    """Attention of one query per row and head, q (B, H, 1, D), against the cache's keys and values k, v
+    (B, H, slots, D), read as `mode` says (kvcache.py: whole, masked, causal or plain) with its mask: (B, H, 1, D)."""
+    D = q.size(-1)
+    if mode == "whole" and mask is not None:
+        B, H, S = k.size(0), k.size(1), k.size(2)
+        # one product per head against its contiguous slots, the scale and the mask in the same call
+        scores = torch.baddbmm(mask, q.reshape(-1, 1, D), k.reshape(-1, S, D).transpose(1, 2), alpha=1.0 / math.sqrt(D))
+        return torch.bmm(scores.softmax(-1), v.reshape(-1, S, D)).view(B, H, 1, D)
+    if mode == "masked" and mask is not None:
+        scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(D)).masked_fill_(~mask, float("-inf"))
+        return scores.softmax(-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=mode == "causal")
+
+
+def write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 past: int, rows: Optional[torch.Tensor], at: Optional[torch.Tensor], mode: str,
+                 mask: Optional[torch.Tensor], dropout: float = 0.0) -> torch.Tensor:
+    """A decode step's attention, q, k, v (B, H, 1, D), with the cache as KVCache.step hands it (keys, values, past,
+    rows, at, mode, mask): k and v written into the buffers, then attend. (B, H, 1, D)."""
+    if rows is not None and at is not None:  # each row at its own slot
+        keys[rows, :, at] = k[:, :, 0]  # an index_put: half the time of a scatter here
+        values[rows, :, at] = v[:, :, 0]
+    else:
+        keys[:, :, past : past + 1] = k
+        values[:, :, past : past + 1] = v
+    if mode == "causal" or mode == "plain":
+        keys, values = keys[:, :, : past + 1], values[:, :, : past + 1]
+    return attend(q, keys, values, mode, mask, dropout)
+
+
+def rotation(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """RoPE's rotations for rotate, as complex numbers (T, 1, D/2) or (B, T, 1, D/2), from cos and sin (T, D/2) or
+    (B, T, D/2), for queries and keys of `dtype`."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.complex(cos.to(work), sin.to(work)).unsqueeze(-2)
+
+
+def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """RoPE as one complex product (model.apply_rotary's eager path): the pairs (x_{2i}, x_{2i+1}) of x (B, T, H, D)
+    turned by rot (rotation's)."""
+    z = torch.view_as_complex(x.to(rot.real.dtype).reshape(list(x.shape[:-1]) + [-1, 2]))  # (B, T, H, D/2)
+    return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
+
+
+def _norm(x: torch.Tensor, rms: bool, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+          eps: float) -> torch.Tensor:
+    if rms:
+        return F.rms_norm(x, [x.size(-1)], weight, eps)
+    return F.layer_norm(x, [x.size(-1)], weight, bias, eps)
+
+
+def _block(x: torch.Tensor, n_head: int, rms: bool, eps: float, norm1_w: Optional[torch.Tensor],
+           norm1_b: Optional[torch.Tensor], qkv_w: torch.Tensor, qkv_b: Optional[torch.Tensor],
+           ve: Optional[torch.Tensor], qk_norm: bool, q_w: Optional[torch.Tensor], q_b: Optional[torch.Tensor],
+           k_w: Optional[torch.Tensor], k_b: Optional[torch.Tensor], cos: Optional[torch.Tensor],
+           sin: Optional[torch.Tensor], keys: torch.Tensor, values: torch.Tensor, past: int,
+           rows: Optional[torch.Tensor], at: Optional[torch.Tensor], mode: str, mask: Optional[torch.Tensor],
+           proj_w: torch.Tensor, proj_b: Optional[torch.Tensor], norm2_w: Optional[torch.Tensor],
+           norm2_b: Optional[torch.Tensor], mlp: str, fc_w: torch.Tensor, fc_b: Optional[torch.Tensor],
+           out_w: torch.Tensor, out_b: Optional[torch.Tensor]) -> torch.Tensor:
+    """Block.forward's output (B, T, C) for x (B, T, C): its modules' inference paths, in their order."""
+    B, T, C = x.size(0), x.size(1), x.size(2)
+    # the heads (CausalSelfAttention.heads)
+    q, k, v = F.linear(_norm(x, rms, norm1_w, norm1_b, eps), qkv_w, qkv_b).view(B, T, 3, n_head, C // n_head).unbind(2)
+    if ve is not None:
+        v = v + ve.view_as(v)
+    if qk_norm:
+        q, k = _norm(q, rms, q_w, q_b, eps), _norm(k, rms, k_w, k_b, eps)
+    if cos is not None and sin is not None:
+        rot = rotation(cos, sin, x.dtype)
+        q, k = rotate(q, rot), rotate(k, rot)
+    # attention against the cache, its projection and the residual sum
+    y = write_attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), keys, values, past, rows, at, mode, mask)
+    x = x + F.linear(y.transpose(1, 2).reshape(B, T, C), proj_w, proj_b)
+    # the MLP (MLP.forward) and its sum
+    h = F.linear(_norm(x, rms, norm2_w, norm2_b, eps), fc_w, fc_b)
+    if mlp == "gelu":
+        h = F.gelu(h)
+    elif mlp == "gelu_tanh":
+        h = F.gelu(h, approximate="tanh")
+    elif mlp == "relu2":
+        h = torch.relu(h).square()
+    else:
+        gate, value = h.chunk(2, dim=-1)
+        h = F.silu(gate) * value
+    return x + F.linear(h, out_w, out_b)
+
+
+def decode_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `block` may take a block's step now: eager inference (no gradients, no autocast, not being compiled) on
+    the CPU, in float32 or float64, the block's weights (one stands for all) plain tensors of the input's dtype."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype == x.dtype)
+
+
+_VERSION = [0]  # how many parameters and modules any module has been given: a block's weights are gathered again after
+
+
+def _given(module, name, value) -> None:
+    _VERSION[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_given)
+torch.nn.modules.module.register_module_module_registration_hook(_given)
+
+
+def _weights(block: torch.nn.Module) -> tuple[tuple, tuple, tuple]:
+    """_block's arguments that come from the block's modules, before the value embedding, before the rotary tables
+    and after the cache's."""
+    attn, mlp, norm1, norm2, q_norm, k_norm = block.attn, block.mlp, block.norm1, block.norm2, block.attn.q_norm, \
+        block.attn.k_norm
+    layer_norm = isinstance(norm1, torch.nn.LayerNorm)  # else RMSNorm, which has no bias
+    qk = q_norm is not None
+    qkv, proj, fc, out = attn.qkv, attn.proj, mlp.fc, mlp.proj
+    return ((attn.cfg.n_head, not layer_norm, norm1.eps, norm1.weight, norm1.bias if layer_norm else None, qkv.weight,
+             qkv.bias),
+            (qk, q_norm.weight if qk else None, q_norm.bias if qk and layer_norm else None,
+             k_norm.weight if qk else None, k_norm.bias if qk and layer_norm else None),
+            (proj.weight, proj.bias, norm2.weight, norm2.bias if layer_norm else None, mlp.kind, fc.weight, fc.bias,
+             out.weight, out.bias))
+
+
+def block(x: torch.Tensor, block: torch.nn.Module, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+          ve: Optional[torch.Tensor], step: tuple) -> torch.Tensor:
+    """model.Block's output (B, 1, C) for a decode step of x (B, 1, C): rope its (cos, sin) at the step's position,
+    ve its weighted value embedding, step the cache as KVCache.step hands it. The block's weights are gathered once
+    (a quarter of the step's time went into it at batch 64), and again once any module was given a parameter or a
+    module (torch's registration hooks): a weight replaced, not only changed in place, is then used."""
+    version, weights = block.decode_weights or (None, None)
+    if version != _VERSION[0]:
+        version, weights = block.decode_weights = (_VERSION[0], _weights(block))
+    cos, sin = rope if rope is not None else (None, None)
+    with torch.jit.optimized_execution(False):
+        return scripted(_block)(x, *weights[0], ve, *weights[1], cos, sin, *step, *weights[2])

@@ -1,0 +1,128 @@
+"""fused_decode: a block's decode step as one TorchScript call (eager CPU inference). The oracle is the model's own
+modules (the same forward with fused_decode.decode_fits saying no): the logits and the cache's contents must be the
+same bit for bit, for every model option, every way a decode step reads the cache, and as TorchScript or Python."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from lmlab import fused, fused_decode, kvcache
+from lmlab.model import GPT
+from test_model import VOCAB, make_cfg, randomize
+
+OPTIONS = [
+    dict(norm=norm, mlp=mlp, bias=bias, qk_norm=qk, pos=pos)
+    for norm, mlp, bias, qk, pos in itertools.product(("rmsnorm", "layernorm"), ("gelu", "gelu_tanh", "relu2", "swiglu"),
+                                                       (False, True), (False, True), ("rope", "learned"))
+    if (norm, bias) != ("rmsnorm", True) or mlp == "relu2"  # RMSNorm has no bias: one MLP is enough there
+] + [dict(value_embed=True, unet_skips=True, logit_softcap=15.0, tie_embeddings=True)]
+
+
+def model_of(dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    return randomize(GPT(make_cfg(n_layer=3, **kw), VOCAB).to(dtype), std=0.3, seed=seed).eval()
+
+
+def decode(model, prompt: torch.Tensor, steps: int, *, per_row: bool = False, whole: bool = False):
+    """The prompt's encoding, then `steps` decode steps (the next token: the row's argmax): every step's logits and
+    the cache's buffers. per_row: each step at a position tensor per row (KVCache.write's static steps); whole: the
+    steps read the whole cache, its unfilled slots masked (KVCache.unfilled)."""
+    B, T = prompt.shape
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kvcache, "WHOLE_CACHE_HEADS", 1 if whole else 1 << 30)
+        mp.setattr(kvcache, "GROW_SLOTS", 3)
+        cache = model.make_cache(B, grow=not per_row)
+        out = [model(prompt, cache=cache)[:, -1]]
+        pos = torch.full((B,), T) if per_row else None
+        for _ in range(steps):
+            token = out[-1].argmax(-1, keepdim=True)  # (B, 1)
+            out.append(model(token, cache=cache, pos=pos)[:, -1])
+            if per_row:
+                pos = pos + 1
+        return torch.stack(out, 1), [t.clone() for t in cache.k + cache.v]
+
+
+def fused_and_plain(monkeypatch, model, prompt_len=4, **kw):
+    """decode() with the fused steps (checking they ran) and with the model's modules."""
+    calls = []
+    block = fused_decode.block
+    monkeypatch.setattr(fused_decode, "block", lambda *a: calls.append(1) or block(*a))
+    prompt = torch.randint(0, VOCAB, (3, prompt_len), generator=torch.Generator().manual_seed(1))
+    fast = decode(model, prompt, 6, **kw)
+    # every decode step of every block, and the prompt's encoding only when it is one token
+    assert len(calls) == (6 + (prompt_len == 1)) * model.cfg.n_layer
+    monkeypatch.setattr(fused_decode, "decode_fits", lambda x, weight: False)
+    plain = decode(model, prompt, 6, **kw)
+    monkeypatch.undo()
+    return fast, plain
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_a_fused_decode_step_is_the_models_bit_for_bit(monkeypatch, options):
+    (logits, cache), (ref_logits, ref_cache) = fused_and_plain(monkeypatch, model_of(**options))
+    assert torch.equal(logits, ref_logits)
+    assert all(torch.equal(a, b) for a, b in zip(cache, ref_cache))
+
+
+@pytest.mark.parametrize("read", ["slice", "first", "whole", "per_row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_way_a_step_reads_the_cache_is_the_models(monkeypatch, read, dtype):
+    """The slots filled so far (and a one-token prompt's, a causal window), the whole buffers with an additive
+    mask, each row at its own slot with a boolean mask (generate_batch's rows of different lengths)."""
+    model = model_of(dtype, seed=3)
+    n = 1 if read == "first" else 4
+    (logits, cache), (ref_logits, ref_cache) = fused_and_plain(monkeypatch, model, n, whole=read == "whole",
+                                                               per_row=read == "per_row")
+    assert torch.equal(logits, ref_logits)
+    assert all(torch.equal(a, b) for a, b in zip(cache, ref_cache))
+    with torch.no_grad():  # and both are the uncached forward's, to rounding
+        prompt = torch.randint(0, VOCAB, (3, n), generator=torch.Generator().manual_seed(1))
+        idx = torch.cat([prompt, logits[:, :-1].argmax(-1)], 1)
+        torch.testing.assert_close(model(idx)[:, n - 1 :], logits, atol=1e-5, rtol=1e-5)
+
+
+def test_the_scripted_step_is_the_python_step_and_calls_nothing(monkeypatch):
+    """TorchScript runs the step (its helpers inlined: no calls between functions, each costing microseconds), and
+    gives what the same functions give run as Python."""
+    script = fused.scripted(fused_decode._block)
+    assert isinstance(script, torch.jit.ScriptFunction) and "prim::CallFunction" not in str(script.graph)
+    model = model_of(seed=4)
+    prompt = torch.randint(0, VOCAB, (3, 4), generator=torch.Generator().manual_seed(2))
+    scripted = decode(model, prompt, 5)
+    monkeypatch.setattr(fused, "SCRIPTED", False)
+    python = decode(model, prompt, 5)
+    assert torch.equal(scripted[0], python[0]) and all(torch.equal(a, b) for a, b in zip(scripted[1], python[1]))
+
+
+def test_the_step_is_fused_only_for_eager_cpu_inference(monkeypatch):
+    """Gradients on, training mode, a capture, or a compiled forward take the modules; a replaced weight (not only
+    changed in place) is the one the next fused step uses."""
+    calls = []
+    block = fused_decode.block
+    monkeypatch.setattr(fused_decode, "block", lambda *a: calls.append(1) or block(*a))
+    model = model_of(seed=5)
+    cache = model.make_cache(2)
+    model(torch.tensor([[1, 2], [3, 4]]), cache=cache)  # gradients on: no
+    model(torch.tensor([[5], [6]]), cache=cache)
+    with torch.no_grad():
+        model.train()
+        model(torch.tensor([[7], [8]]), cache=cache)
+        model.eval()
+        with model.capture("logits"):
+            model(torch.tensor([[9], [10]]), cache=cache)
+        assert calls == []
+        model(torch.tensor([[11], [12]]), cache=cache)
+        assert len(calls) == model.cfg.n_layer
+        before = cache.pos
+        first = model(torch.tensor([[1], [2]]), cache=cache)
+        old = model.blocks[1].mlp.fc.weight
+        model.blocks[1].mlp.fc.weight = torch.nn.Parameter(old * 2)
+        cache.pos = before
+        replaced = model(torch.tensor([[1], [2]]), cache=cache)
+        monkeypatch.setattr(fused_decode, "decode_fits", lambda x, weight: False)
+        cache.pos = before
+        assert torch.equal(replaced, model(torch.tensor([[1], [2]]), cache=cache))
+        assert not torch.equal(first, replaced)
