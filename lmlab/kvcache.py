@@ -14,11 +14,6 @@ WHOLE_CACHE_HEADS = 128  # from this many heads (batch x n_head) a decode step m
 
 GROW_SLOTS = 16  # a growing KVCache's slots go up in steps of this many (KVCache.reserve; 8 and 32 were slower)
 
-# How a decode step reads the cache (KVCache.step's mode; fused_decode.attend reads it so): "whole": the whole buffers,
-# the slots after the filled ones masked by an additive (slots,) mask; "masked": the whole buffers, each row's visible
-# slots given by a bool (B|1, 1, 1, slots) mask (rows at their own slots); "causal": the filled slots as a causal
-# window (a prompt's first token); "plain": the filled slots, every one visible.
-
 
 class KVCache:
     """Keys and values of the tokens seen so far, per layer, for incremental decoding: preallocated once, for `batch`
@@ -30,7 +25,9 @@ class KVCache:
     position given as a tensor and hands back the whole buffers, which attention masks, so every step has the same
     shapes and torch.compile compiles it once (and the products against them get contiguous operands: a slice of the
     slots, with its gaps between rows, takes a slower batched-matmul path, 3.4x at batch 64 here). `rows` is the
-    number of rows in use, the first ones: `keep` moves the rows that go on to the front.
+    number of rows in use, the first ones: `keep` moves the rows that go on to the front. `step` is an eager decode
+    step's view of the same (one token per row, at cache.pos or at a position tensor): the buffers and how to write
+    and read them, which fused_decode.write_attend does.
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype,
@@ -105,7 +102,10 @@ class KVCache:
         reads, for fused_decode.write_attend: (keys, values, past, rows, at, mode, mask). keys and values are the
         layer's buffers (B, H, slots, D) of the rows in use. Without pos, the step writes at slot `past` = cache.pos
         of every row (cache.pos stays as it is until the forward's end) and reads as `unfilled` says; with pos, a (1,)
-        or (B,) tensor, at slot at[i] of row rows[i] (as `write`), reading the whole buffers up to each row's slot."""
+        or (B,) tensor, at slot at[i] of row rows[i] (as `write`), reading the whole buffers up to each row's slot.
+        mode says how (fused_decode.attend): "whole", the whole buffers, the slots after the filled ones masked by an
+        additive (slots,) mask; "masked", the whole buffers, each row's visible slots a bool (B|1, 1, 1, slots) mask;
+        "causal", the filled slots as a causal window (a prompt's first token); "plain", the filled slots."""
         if layer == 0:
             self.reserve(self.max_len if pos is not None else self.pos + 1)
         keys, values = self.k[layer][: self.rows], self.v[layer][: self.rows]
