@@ -149,8 +149,8 @@ def block(x: torch.Tensor, block: torch.nn.Module, rope: Optional[tuple[torch.Te
           ve: Optional[torch.Tensor], step: tuple) -> torch.Tensor:
     """model.Block's output (B, 1, C) for a decode step of x (B, 1, C): rope its (cos, sin) at the step's position,
     ve its weighted value embedding, step the cache as KVCache.step hands it. The block's weights are gathered once
-    (a quarter of the step's time went into it at batch 64), and again once any module was given a parameter or a
-    module (torch's registration hooks): a weight replaced, not only changed in place, is then used."""
+    (each step it took about 30 us a block), and again once any module was given a parameter or a module (torch's
+    registration hooks): a weight replaced, not only changed in place, is then used."""
     version, weights = block.decode_weights or (None, None)
     if version != _VERSION[0]:
         version, weights = block.decode_weights = (_VERSION[0], _weights(block))
