@@ -98,8 +98,8 @@ def test_the_scripted_step_is_the_python_step_and_calls_nothing(monkeypatch):
 
 
 def test_the_step_is_fused_only_for_eager_cpu_inference(monkeypatch):
-    """Gradients on, training mode, a capture, or a compiled forward take the modules; a replaced weight (not only
-    changed in place) is the one the next fused step uses."""
+    """Gradients on, training mode, a capture, or a forward being compiled take the modules; a replaced weight (not
+    only changed in place) is the one the next fused step uses."""
     calls = []
     block = fused_decode.block
     monkeypatch.setattr(fused_decode, "block", lambda *a: calls.append(1) or block(*a))
@@ -113,6 +113,9 @@ def test_the_step_is_fused_only_for_eager_cpu_inference(monkeypatch):
         model.eval()
         with model.capture("logits"):
             model(torch.tensor([[9], [10]]), cache=cache)
+        with monkeypatch.context() as mp:  # as inside torch.compile's tracing
+            mp.setattr(torch.compiler, "is_compiling", lambda: True)
+            model(torch.tensor([[3], [4]]), cache=cache)
         assert calls == []
         model(torch.tensor([[11], [12]]), cache=cache)
         assert len(calls) == model.cfg.n_layer
