@@ -9,7 +9,7 @@ so their outputs are identical.
 
 Rows: each row of a batch keeps its own window, and its own positions in the KV cache (its token at position t sits
 in slot t of its row), so rows of different lengths need no padding: a decode step writes each row at its own slot
-and each row's query sees its own slots 0..t (kvcache.KVCache.write). A row's window is cut when its own is full.
+and each row's query sees its own slots 0..t (kvcache.KVCache.step, or .write when compiled). A row's window is cut when its own is full.
 Each row draws its numbers from its own generator, in the order it would alone, so a row of a batch gets the tokens
 that generate gives its prompt with the same generator (one row is generate itself).
 """
