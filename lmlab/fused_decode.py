@@ -36,17 +36,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, mask: O
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=mode == "causal")
 
 
-def write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 past: int, rows: Optional[torch.Tensor], at: Optional[torch.Tensor], mode: str,
-                 mask: Optional[torch.Tensor], dropout: float = 0.0) -> torch.Tensor:
-    """A decode step's attention, q, k, v (B, H, 1, D), with the cache as KVCache.step hands it (keys, values, past,
-    rows, at, mode, mask): k and v written into the buffers, then attend. (B, H, 1, D)."""
-    if rows is not None and at is not None:  # each row at its own slot
+def write(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int,
+          rows: Optional[torch.Tensor], at: Optional[torch.Tensor]) -> None:
+    """A decode step's key and value, k and v (B, H, 1, D), into the cache's buffers keys and values (B, H, slots, D)
+    where KVCache.step says: slot at[i] of row rows[i] (each row at its own slot), else slot `past` of every row."""
+    if rows is not None and at is not None:
         keys[rows, :, at] = k[:, :, 0]  # an index_put: half the time of a scatter here
         values[rows, :, at] = v[:, :, 0]
     else:
         keys[:, :, past : past + 1] = k
         values[:, :, past : past + 1] = v
+
+
+def write_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 past: int, rows: Optional[torch.Tensor], at: Optional[torch.Tensor], mode: str,
+                 mask: Optional[torch.Tensor], dropout: float = 0.0) -> torch.Tensor:
+    """A decode step's attention, q, k, v (B, H, 1, D), with the cache as KVCache.step hands it (keys, values, past,
+    rows, at, mode, mask): k and v written into the buffers, then attend. (B, H, 1, D)."""
+    write(k, v, keys, values, past, rows, at)
     if mode == "causal" or mode == "plain":
         keys, values = keys[:, :, : past + 1], values[:, :, : past + 1]
     return attend(q, keys, values, mode, mask, dropout)

@@ -9,7 +9,7 @@ so their outputs are identical.
 
 Rows: each row of a batch keeps its own window, and its own positions in the KV cache (its token at position t sits
 in slot t of its row), so rows of different lengths need no padding: a decode step writes each row at its own slot
-and each row's query sees its own slots 0..t (kvcache.KVCache.step, or .write when compiled). A row's window is cut when its own is full.
+and each row's query sees its own slots 0..t (kvcache.KVCache.step). A row's window is cut when its own is full.
 Each row draws its numbers from its own generator, in the order it would alone, so a row of a batch gets the tokens
 that generate gives its prompt with the same generator (one row is generate itself).
 """
@@ -116,7 +116,7 @@ def _step(model: torch.nn.Module, tokens: torch.Tensor, pos: Optional[torch.Tens
     when greedy), and the model's logits (B, V) it was drawn from (the banned ids, a (V,) bool mask, are never drawn).
 
     With pos, a (B,) tensor, this is one decode step, each row at its own position, with the same shapes at every
-    position (KVCache.write), and pos advances by advance (B,) (1 for the rows that go on, 0 for the others); without,
+    position (KVCache.step), and pos advances by advance (B,) (1 for the rows that go on, 0 for the others); without,
     the tokens continue from cache.pos (a window's encoding, or a decode step of rows that share their position).
     """
     logits = model(tokens, cache=cache, pos=pos)[:, -1]  # (B, V)

@@ -21,13 +21,12 @@ class KVCache:
     `reserve` gives them more within the same memory, so that a decode step can read every slot of contiguous
     buffers (see `unfilled`) when few are filled yet.
 
-    `append` grows the cached prefix (pos counts it). `write` is the decode step with static shapes: it stores one
-    position given as a tensor and hands back the whole buffers, which attention masks, so every step has the same
-    shapes and torch.compile compiles it once (and the products against them get contiguous operands: a slice of the
-    slots, with its gaps between rows, takes a slower batched-matmul path, 3.4x at batch 64 here). `rows` is the
-    number of rows in use, the first ones: `keep` moves the rows that go on to the front. `step` is an eager decode
-    step's view of the same (one token per row, at cache.pos or at a position tensor): the buffers and how to write
-    and read them, which fused_decode.write_attend does.
+    `append` grows the cached prefix (pos counts it). `step` is a decode step's (one token per row): the buffers and
+    where to write (fused_decode.write) and how to read them. At a position given as a tensor, it is the decode step
+    with static shapes: the whole buffers, which attention masks, so every step has the same shapes and torch.compile
+    compiles it once (and the products against them get contiguous operands: a slice of the slots, with its gaps
+    between rows, takes a slower batched-matmul path, 3.4x at batch 64 here). `rows` is the number of rows in use,
+    the first ones: `keep` moves the rows that go on to the front.
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype,
@@ -99,10 +98,11 @@ class KVCache:
 
     def step(self, layer: int, pos: Optional[torch.Tensor], heads: int) -> tuple:
         """Where a decode step (one token per row, `heads` = rows x heads of queries) of `layer` writes and how it
-        reads, for fused_decode.write_attend: (keys, values, past, rows, at, mode, mask). keys and values are the
+        reads, for fused_decode.write_attend (or write): (keys, values, past, rows, at, mode, mask). keys and values are the
         layer's buffers (B, H, slots, D) of the rows in use. Without pos, the step writes at slot `past` = cache.pos
         of every row (cache.pos stays as it is until the forward's end) and reads as `unfilled` says; with pos, a (1,)
-        or (B,) tensor, at slot at[i] of row rows[i] (as `write`), reading the whole buffers up to each row's slot.
+        or (B,) tensor (rows of different lengths, generated together), at slot at[i] of row rows[i], reading the whole
+        buffers up to each row's slot.
         mode says how (fused_decode.attend): "whole", the whole buffers, the slots after the filled ones masked by an
         additive (slots,) mask; "masked", the whole buffers, each row's visible slots a bool (B|1, 1, 1, slots) mask;
         "causal", the filled slots as a causal window (a prompt's first token); "plain", the filled slots."""
@@ -116,18 +116,6 @@ class KVCache:
         unfilled = self.unfilled(heads)
         mode = "whole" if unfilled is not None else "causal" if self.pos == 0 else "plain"
         return keys, values, self.pos, None, None, mode, unfilled
-
-    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: (B, H, 1, D) at position pos: a (1,) tensor for every row, or (B,), each row at its own position
-        (rows of different lengths, generated together). Returns the whole (B, H, max_len, D) buffers."""
-        if layer == 0:
-            self.reserve(self.max_len)
-        rows = self._index[: self.rows]
-        at = pos.expand(self.rows)
-        keys, values = self.k[layer][: self.rows], self.v[layer][: self.rows]
-        keys[rows, :, at] = k[:, :, 0]  # an index_put: half the time of a scatter here
-        values[rows, :, at] = v[:, :, 0]
-        return keys, values
 
     def keep(self, index: torch.Tensor, slots: int) -> None:
         """Keep only the rows at `index` (their first `slots` slots), moved in place to the front, in that order:

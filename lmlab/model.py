@@ -292,9 +292,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None and T == 1 and not explicit and not torch.compiler.is_compiling():
             y = fused_decode.write_attend(q, k, v, *cache.step(layer, pos, B * self.cfg.n_head), attn_dropout)
         elif pos is not None:  # a static decode step, compiled or written out: the query at pos sees slots 0..pos
-            k, v = cache.write(layer, pos, k, v)  # (B, H, max_len, D)
-            S = k.size(2)
-            visible = (torch.arange(S, device=x.device) <= pos.view(-1, 1)).view(-1, 1, 1, S)  # (B|1, 1, 1, max_len)
+            keys, values, past, rows, at, _, visible = cache.step(layer, pos, B * self.cfg.n_head)
+            fused_decode.write(k, v, keys, values, past, rows, at)
+            k, v = keys, values  # (B, H, max_len, D); visible (B|1, 1, 1, max_len)
             # the (B, H, max_len) scores of one query, written out as products and sums, which inductor fuses into
             # one loop: an SDPA call would cost more in overhead than this arithmetic (eagerly, it takes twice the
             # time of attend's two batched products)
@@ -463,7 +463,7 @@ class GPT(HookedModel):
 
         With a cache, idx holds only the new tokens; positions continue from cache.pos.
         With a cache and pos, a (1,) tensor: one decode step, idx (B, 1) at position pos, with the same shapes at
-        every position (see KVCache.write); cache.pos is left alone, the caller keeps pos. pos (B,) puts each row at
+        every position (see KVCache.step); cache.pos is left alone, the caller keeps pos. pos (B,) puts each row at
         its own position (rows of different lengths: generate.generate_batch).
         With documents, (B, T) ids: each row packs several sequences (Packing); no cache. Without, nothing of this
         runs: the plain causal path.

@@ -28,7 +28,7 @@ def model_of(dtype=torch.float32, seed=0, **kw):
 
 def decode(model, prompt: torch.Tensor, steps: int, *, per_row: bool = False, whole: bool = False):
     """The prompt's encoding, then `steps` decode steps (the next token: the row's argmax): every step's logits and
-    the cache's buffers. per_row: each step at a position tensor per row (KVCache.write's static steps); whole: the
+    the cache's buffers. per_row: each step at a position tensor per row (KVCache.step's static steps); whole: the
     steps read the whole cache, its unfilled slots masked (KVCache.unfilled)."""
     B, T = prompt.shape
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
