@@ -637,3 +637,24 @@ def test_no_inside_option():
 
     assert parse(TrainConfig, [], "lmlab train").inside is True
     assert parse(TrainConfig, ["--no-inside"], "lmlab train").inside is False
+
+
+def test_the_attention_grid_labels_the_tokens_on_its_outer_panels_only():
+    """Every panel reads the same tokens: the bottom row names them on x, the left column on y, and the inner
+    panels draw no ticks (the labels were most of the figure's drawing time)."""
+    from types import SimpleNamespace
+
+    from lmlab.report.inside_page import attention_figure
+
+    tokens = ["a", "b", "c"]
+    grid = [[100], [40, 60], [20, 30, 50]]
+    record = {"step": 7, "attention": [{"prompt": "abc", "tokens": tokens, "percent": [[grid] * 3] * 2}]}
+    fig, left_out = attention_figure(SimpleNamespace(name="r"), record)
+    assert left_out == "" and len(fig.axes) == 6
+    for i, ax in enumerate(fig.axes):
+        layer, head = divmod(i, 3)
+        assert ax.get_title() == f"layer {layer} head {head}"
+        assert [t.get_text() for t in ax.get_xticklabels()] == (tokens if layer == 1 else []), (layer, head)
+        assert [t.get_text() for t in ax.get_yticklabels()] == (tokens if head == 0 else []), (layer, head)
+        image = ax.get_images()[0].get_array()
+        assert image[2][2] == 50 and image[1][0] == 40 and np.ma.is_masked(image[0][1])  # nothing after the query

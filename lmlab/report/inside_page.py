@@ -117,9 +117,12 @@ def attention_figure(run: RunLogs, record: dict, prompt_index: int = 0) -> Optio
                     image[q][k] = value
             ax.imshow(image, cmap="Blues", vmin=0, vmax=100, interpolation="nearest")
             ax.set_title(f"layer {layer} head {head}", fontsize=9)
+            # every panel reads the same tokens: only the bottom row and the left column label them (each label is
+            # text that the layout measures and the canvas draws, the most of this figure's time)
             ticks = list(range(T)) if T <= 32 else []
-            ax.set_xticks(ticks, [tokens[i] for i in ticks], fontsize=5, rotation=90)
-            ax.set_yticks(ticks, [tokens[i] for i in ticks], fontsize=5)
+            xticks, yticks = (ticks if layer == n_layer - 1 else []), (ticks if head == 0 else [])
+            ax.set_xticks(xticks, [tokens[i] for i in xticks], fontsize=5, rotation=90)
+            ax.set_yticks(yticks, [tokens[i] for i in yticks], fontsize=5)
     return fig, left_out
 
 
