@@ -5,12 +5,10 @@ for bit from its seed and across a resume whichever thread finishes first."""
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import HANG_S, cli_env, read_jsonl, tiny_config, write_corpus
+from helpers import read_jsonl, tiny_config, write_corpus
 
 from lmlab.common import LmlabError
 from lmlab.loss import LossConfig, training_loss
@@ -156,17 +154,21 @@ def test_a_split_run_is_reproducible_and_resumes_exactly(tmp_path):
     assert [r["val_loss"] for r in ours] == pytest.approx([r["val_loss"] for r in theirs], rel=1e-4)
 
 
-def test_cli_refuses_a_split_the_step_cannot_take_before_writing_anything(tmp_path):
+def test_cli_refuses_a_split_the_step_cannot_take_before_writing_anything(tmp_path, capsys, monkeypatch):
+    """In process (the refusals come before anything is set up): exit 2 and one error line, no run folder."""
+    from lmlab.cli import main
+
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
     corpus = write_corpus(tmp_path / "corpus.txt", 50, seed=1)
     for args, message in [(["--thread-split", "2", "--dropout", "0.1"], "--thread-split 2 needs no dropout"),
                           (["--thread-split", "3"], "--thread-split 3 must divide --batch-size 4"),
                           (["--thread-split", "-1"], "--thread-split must be >= 0")]:
-        r = subprocess.run([sys.executable, "-m", "lmlab", "train", "--data", str(corpus), "--out",
-                            str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--n-layer", "1",
-                            "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--no-compile", *args],
-                           capture_output=True, text=True, env=cli_env(tmp_path), timeout=HANG_S, cwd=tmp_path)
-        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-        assert message in r.stderr.strip().splitlines()[-1], r.stderr
+        rc = main(["train", "--data", str(corpus), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                   "--batch-size", "4", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
+                   "--no-compile", *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err, err
+        assert err.strip().count("\n") == 0 and message in err, err
         assert not (tmp_path / "run").exists()
 
 
