@@ -363,9 +363,32 @@ class Spec:
     hf_bias: dict[str, bool]
 
 
-def read_hf_config(c: Any, where: str, run: Optional[ModelConfig] = None) -> Spec:
-    """A config.json of a supported class as an lmlab ModelConfig; anything lmlab's model cannot express is an
-    error that names it. `run` gives what the config does not decide (dropout, zero_init_proj)."""
+class _Fields:
+    """The fields of a config.json of class `arch`, read with their types checked: get(key, default, kind) and
+    refuse(what, why), both of which raise LmlabError naming the file."""
+
+    def __init__(self, c: dict, where: str, arch: str):
+        self.c, self.where, self.arch = c, where, arch
+
+    def get(self, key: str, default, kind=int):
+        value = self.c.get(key, default)
+        if value is None and default is None:
+            return None
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if kind is float:
+            ok = _finite_number(value)
+            value = float(value) if ok else value
+        if not ok:
+            what = "a finite number" if kind is float else kind.__name__
+            raise LmlabError(f"{self.where}: {key} must be {what}, got {value!r:.40}")
+        return value
+
+    def refuse(self, what: str, why: str):
+        raise LmlabError(f"{self.where} ({self.arch}): {what} does not fit lmlab's model ({why})")
+
+
+def _class_of(c: Any, where: str) -> str:
+    """The supported class (MODEL_TYPES) that a config.json names in `architectures`, or else by `model_type`."""
     if not isinstance(c, dict):
         raise LmlabError(f"{where} is not a JSON object")
     names = c.get("architectures") or []
@@ -378,85 +401,89 @@ def read_hf_config(c: Any, where: str, run: Optional[ModelConfig] = None) -> Spe
     if arch not in MODEL_TYPES:
         raise LmlabError(f"{where} describes a {arch or model_type or 'model of unknown class'}; lmlab "
                          f"imports {', '.join(MODEL_TYPES)}")
+    return arch
 
-    def get(key, default, kind=int):
-        value = c.get(key, default)
-        if value is None and default is None:
-            return None
-        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-        if kind is float:
-            ok = _finite_number(value)
-            value = float(value) if ok else value
-        if not ok:
-            what = "a finite number" if kind is float else kind.__name__
-            raise LmlabError(f"{where}: {key} must be {what}, got {value!r:.40}")
-        return value
 
-    def refuse(what: str, why: str):
-        raise LmlabError(f"{where} ({arch}): {what} does not fit lmlab's model ({why})")
+def _gpt2_fields(f: _Fields) -> dict:
+    """GPT2LMHeadModel's config as ModelConfig's fields (and hf_bias, act, hidden for read_hf_config)."""
+    C = f.get("n_embd", 768)
+    if not f.get("scale_attn_weights", True, bool) or f.get("scale_attn_by_inverse_layer_idx", False, bool):
+        f.refuse("attention scaled other than by 1/sqrt(head_dim)", "lmlab scales by 1/sqrt(head_dim)")
+    if f.get("add_cross_attention", False, bool):
+        f.refuse("add_cross_attention", "lmlab is decoder-only")
+    return dict(n_embd=C, n_layer=f.get("n_layer", 12), n_head=f.get("n_head", 12),
+                block_size=f.get("n_positions", 1024), hidden=f.get("n_inner", None) or 4 * C,
+                act=f.get("activation_function", "gelu_new", str), norm_eps=f.get("layer_norm_epsilon", 1e-5, float),
+                tie_embeddings=f.get("tie_word_embeddings", True, bool), rope_base=10000.0, pos="learned",
+                norm="layernorm", qk_norm=False, hf_bias={"attn": True, "mlp": True, "norm": True})
 
+
+def _rotary_fields(f: _Fields) -> dict:
+    """The rotary classes' configs (Llama, Qwen3, Arcee, Apertus, GPT-NeoX) as ModelConfig's fields (and hf_bias,
+    act, hidden for read_hf_config)."""
+    arch = f.arch
+    C, L, H = f.get("hidden_size", None), f.get("num_hidden_layers", None), f.get("num_attention_heads", None)
+    if None in (C, L, H) or min(C, L, H) <= 0 or C % H:
+        raise LmlabError(f"{f.where}: hidden_size, num_hidden_layers and num_attention_heads must be positive ints, "
+                         f"with hidden_size divisible by num_attention_heads")
+    theta, rope_type, partial = _rope(f.c, arch, f.where)
+    if rope_type not in (None, "default"):
+        f.refuse(f"RoPE scaling {rope_type!r}", "lmlab's RoPE is the plain kind, with --rope-base")
+    if partial != 1.0:
+        f.refuse(f"rotary on {partial:g} of each head", "lmlab rotates whole heads")
+    default_act = {NEOX: "gelu", ARCEE: "relu2", APERTUS: "xielu"}.get(arch, "silu")
+    out = dict(n_embd=C, n_layer=L, n_head=H, block_size=f.get("max_position_embeddings", 2048),
+               hidden=f.get("intermediate_size", None), act=f.get("hidden_act", default_act, str),
+               tie_embeddings=f.get("tie_word_embeddings", False, bool), rope_base=theta, pos="rope",
+               qk_norm=arch in (QWEN3, APERTUS))
+    if arch == NEOX:
+        if f.get("use_parallel_residual", True, bool):
+            f.refuse("use_parallel_residual", "lmlab's blocks add attention, then the MLP, to the residual stream")
+        return out | dict(norm="layernorm", norm_eps=f.get("layer_norm_eps", 1e-5, float),
+                          hf_bias={"attn": f.get("attention_bias", True, bool), "mlp": True, "norm": True})
+    eps = f.get("rms_norm_eps", 1e-6 if arch in (LLAMA, QWEN3) else 1e-5, float)
+    kv = f.get("num_key_value_heads", None) or H
+    if kv != H:
+        f.refuse(f"{kv} key/value heads for {H} query heads (grouped-query attention)",
+                 "lmlab gives every query head its own keys and values")
+    head_dim = f.get("head_dim", 128 if arch == QWEN3 else None) or C // H
+    if head_dim != C // H:
+        f.refuse(f"head_dim {head_dim}", f"lmlab's heads are hidden_size / heads = {C // H} wide")
+    if arch == QWEN3 and f.get("use_sliding_window", False, bool):
+        f.refuse("use_sliding_window", "lmlab's attention sees the whole context")
+    return out | dict(norm="rmsnorm", norm_eps=eps, hf_bias={
+        "attn": f.get("attention_bias", False, bool),
+        "mlp": f.get("mlp_bias", False, bool) if arch in (LLAMA, ARCEE) else False, "norm": False})
+
+
+def _mlp_kind(f: _Fields, act: str) -> str:
+    """lmlab's --mlp for a class and its activation function."""
+    if f.arch in (LLAMA, QWEN3):
+        if act not in GATED_ACTIVATIONS:
+            f.refuse(f"hidden_act {act!r}", "lmlab's gated MLP is SwiGLU (silu)")
+        return "swiglu"
+    if act not in FROM_ACTIVATION:
+        f.refuse(f"activation {act!r}", "lmlab has gelu, gelu_new (tanh), relu2 and, gated, silu")
+    return FROM_ACTIVATION[act]
+
+
+def read_hf_config(c: Any, where: str, run: Optional[ModelConfig] = None) -> Spec:
+    """A config.json of a supported class as an lmlab ModelConfig; anything lmlab's model cannot express is an
+    error that names it. `run` gives what the config does not decide (dropout, zero_init_proj)."""
+    arch = _class_of(c, where)
+    f = _Fields(c, where, arch)
     run = run or ModelConfig()
-    vocab = get("vocab_size", None)
+    vocab = f.get("vocab_size", None)
     if vocab is None or vocab <= 0:
         raise LmlabError(f"{where}: vocab_size must be a positive int")
-    if arch == GPT2:
-        C, L, H = get("n_embd", 768), get("n_layer", 12), get("n_head", 12)
-        positions, hidden = get("n_positions", 1024), get("n_inner", None) or 4 * C
-        act, eps = get("activation_function", "gelu_new", str), get("layer_norm_epsilon", 1e-5, float)
-        if not get("scale_attn_weights", True, bool) or get("scale_attn_by_inverse_layer_idx", False, bool):
-            refuse("attention scaled other than by 1/sqrt(head_dim)", "lmlab scales by 1/sqrt(head_dim)")
-        if get("add_cross_attention", False, bool):
-            refuse("add_cross_attention", "lmlab is decoder-only")
-        tie, theta, pos, norm, qk_norm = get("tie_word_embeddings", True, bool), 10000.0, "learned", "layernorm", False
-        hf_bias = {"attn": True, "mlp": True, "norm": True}
-    else:
-        C, L, H = get("hidden_size", None), get("num_hidden_layers", None), get("num_attention_heads", None)
-        if None in (C, L, H) or min(C, L, H) <= 0 or C % H:
-            raise LmlabError(f"{where}: hidden_size, num_hidden_layers and num_attention_heads must be positive ints, "
-                             f"with hidden_size divisible by num_attention_heads")
-        positions, hidden = get("max_position_embeddings", 2048), get("intermediate_size", None)
-        theta, rope_type, partial = _rope(c, arch, where)
-        if rope_type not in (None, "default"):
-            refuse(f"RoPE scaling {rope_type!r}", "lmlab's RoPE is the plain kind, with --rope-base")
-        if partial != 1.0:
-            refuse(f"rotary on {partial:g} of each head", "lmlab rotates whole heads")
-        tie, pos, qk_norm = get("tie_word_embeddings", False, bool), "rope", arch in (QWEN3, APERTUS)
-        default_act = {NEOX: "gelu", ARCEE: "relu2", APERTUS: "xielu"}.get(arch, "silu")
-        act = get("hidden_act", default_act, str)
-        if arch == NEOX:
-            norm, eps = "layernorm", get("layer_norm_eps", 1e-5, float)
-            if get("use_parallel_residual", True, bool):
-                refuse("use_parallel_residual", "lmlab's blocks add attention, then the MLP, to the residual stream")
-            hf_bias = {"attn": get("attention_bias", True, bool), "mlp": True, "norm": True}
-        else:
-            norm = "rmsnorm"
-            eps = get("rms_norm_eps", 1e-6 if arch in (LLAMA, QWEN3) else 1e-5, float)
-            kv = get("num_key_value_heads", None) or H
-            if kv != H:
-                refuse(f"{kv} key/value heads for {H} query heads (grouped-query attention)",
-                       "lmlab gives every query head its own keys and values")
-            head_dim = get("head_dim", 128 if arch == QWEN3 else None) or C // H
-            if head_dim != C // H:
-                refuse(f"head_dim {head_dim}", f"lmlab's heads are hidden_size / heads = {C // H} wide")
-            if arch == QWEN3 and get("use_sliding_window", False, bool):
-                refuse("use_sliding_window", "lmlab's attention sees the whole context")
-            hf_bias = {"attn": get("attention_bias", False, bool),
-                       "mlp": get("mlp_bias", False, bool) if arch in (LLAMA, ARCEE) else False, "norm": False}
-    if arch in (LLAMA, QWEN3):
-        if act not in GATED_ACTIVATIONS:
-            refuse(f"hidden_act {act!r}", "lmlab's gated MLP is SwiGLU (silu)")
-        mlp = "swiglu"
-    elif act in FROM_ACTIVATION:
-        mlp = FROM_ACTIVATION[act]
-    else:
-        refuse(f"activation {act!r}", "lmlab has gelu, gelu_new (tanh), relu2 and, gated, silu")
-    if hidden is None or hidden <= 0 or positions <= 0:
+    fields = _gpt2_fields(f) if arch == GPT2 else _rotary_fields(f)
+    hf_bias, act, hidden = fields.pop("hf_bias"), fields.pop("act"), fields.pop("hidden")
+    mlp = _mlp_kind(f, act)
+    if hidden is None or hidden <= 0 or fields["block_size"] <= 0:
         raise LmlabError(f"{where}: the MLP width and the context length must be positive ints")
     try:
-        model = ModelConfig(block_size=positions, n_layer=L, n_head=H, n_embd=C, pos=pos, norm=norm, mlp=mlp,
-                            mlp_hidden=hidden, norm_eps=eps, qk_norm=qk_norm, tie_embeddings=tie, bias=True,
-                            dropout=run.dropout, attn_dropout=run.attn_dropout, rope_base=theta,
-                            zero_init_proj=run.zero_init_proj)
+        model = ModelConfig(**fields, mlp=mlp, mlp_hidden=hidden, bias=True, dropout=run.dropout,
+                            attn_dropout=run.attn_dropout, zero_init_proj=run.zero_init_proj)
     except LmlabError as e:  # its checks speak of lmlab's options, which here come from the config
         raise LmlabError(f"{where} ({arch}) does not fit lmlab's model: {e}") from None
     return Spec(arch, model, vocab, hf_bias)

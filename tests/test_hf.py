@@ -278,6 +278,62 @@ def test_lmlab_to_hf_to_lmlab_gives_identical_weights(tmp_path, options):
     assert imported.tokenizer.fingerprint() == CharTokenizer(CHARS).fingerprint()
 
 
+GPT2_CONFIG = dict(vocab_size=50, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+LLAMA_CONFIG = dict(vocab_size=50, hidden_size=16, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2,
+                    architectures=["LlamaForCausalLM"], model_type="llama")
+NEOX_CONFIG = dict(vocab_size=50, hidden_size=16, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   rotary_pct=1.0, use_parallel_residual=False, model_type="gpt_neox")
+QWEN3_CONFIG = dict(LLAMA_CONFIG, head_dim=8, architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+
+
+@pytest.mark.parametrize("base,change,message", [
+    (GPT2_CONFIG, dict(scale_attn_weights=False), "attention scaled other than by 1/sqrt"),
+    (GPT2_CONFIG, dict(scale_attn_by_inverse_layer_idx=True), "attention scaled other than by 1/sqrt"),
+    (GPT2_CONFIG, dict(add_cross_attention=True), "lmlab is decoder-only"),
+    (GPT2_CONFIG, dict(activation_function="swish"), "activation 'swish'"),
+    (GPT2_CONFIG, dict(n_positions=0), "the context length must be positive"),
+    (GPT2_CONFIG, dict(layer_norm_epsilon="small"), "layer_norm_epsilon must be a finite number"),
+    (GPT2_CONFIG, dict(add_cross_attention=1), "add_cross_attention must be bool"),
+    (NEOX_CONFIG, dict(use_parallel_residual=True), "use_parallel_residual does not fit"),
+    (NEOX_CONFIG, dict(rotary_pct=0.25), "rotary on 0.25 of each head"),
+    (QWEN3_CONFIG, dict(use_sliding_window=True), "use_sliding_window does not fit"),
+    (dict(QWEN3_CONFIG, head_dim=8), dict(head_dim=4), "head_dim 4"),
+    ({k: v for k, v in QWEN3_CONFIG.items() if k != "head_dim"}, {}, "head_dim 128"),  # Qwen3's default
+    (LLAMA_CONFIG, dict(num_attention_heads=3), "divisible by num_attention_heads"),
+    (LLAMA_CONFIG, dict(hidden_size=None), "must be positive ints"),
+    (LLAMA_CONFIG, dict(vocab_size=0), "vocab_size must be a positive int"),
+    (LLAMA_CONFIG, dict(rope_theta=float("inf")), "rope_theta must be a positive finite number"),
+    (LLAMA_CONFIG, dict(architectures=None, model_type=3), "model_type must be a string"),
+])
+def test_a_config_lmlab_cannot_express_is_refused_naming_the_field(base, change, message):
+    with pytest.raises(LmlabError, match=message):
+        hf.read_hf_config({**base, **change}, "config.json")
+
+
+def test_each_class_reads_into_the_model_it_describes():
+    """Each family's fields, and the defaults of the ones a config leaves out, as lmlab's ModelConfig."""
+    gpt2 = hf.read_hf_config(GPT2_CONFIG, "config.json")
+    assert (gpt2.arch, gpt2.vocab_size) == ("GPT2LMHeadModel", 50)
+    m = gpt2.model
+    assert (m.n_embd, m.n_layer, m.n_head, m.block_size, m.mlp_hidden) == (768, 12, 12, 1024, 3072)
+    assert (m.pos, m.norm, m.mlp, m.norm_eps, m.tie_embeddings, m.qk_norm) == ("learned", "layernorm", "gelu_tanh",
+                                                                              1e-5, True, False)
+    assert gpt2.hf_bias == {"attn": True, "mlp": True, "norm": True}
+    neox = hf.read_hf_config(dict(NEOX_CONFIG, attention_bias=False), "config.json")
+    m = neox.model
+    assert (neox.arch, m.n_embd, m.n_layer, m.n_head, m.block_size, m.mlp_hidden) == ("GPTNeoXForCausalLM", 16, 2, 4,
+                                                                                     2048, 64)
+    assert (m.pos, m.norm, m.mlp, m.norm_eps, m.tie_embeddings, m.rope_base) == ("rope", "layernorm", "gelu", 1e-5,
+                                                                                 False, 10000.0)
+    assert neox.hf_bias == {"attn": False, "mlp": True, "norm": True}
+    qwen = hf.read_hf_config(dict(QWEN3_CONFIG, rope_theta=1e6, mlp_bias=True), "config.json")
+    m = qwen.model
+    assert (m.norm, m.mlp, m.norm_eps, m.qk_norm, m.rope_base) == ("rmsnorm", "swiglu", 1e-6, True, 1e6)
+    assert qwen.hf_bias == {"attn": False, "mlp": False, "norm": False}  # Qwen3 has no MLP bias to read
+    llama = hf.read_hf_config(dict(LLAMA_CONFIG, mlp_bias=True, rms_norm_eps=1e-5), "config.json")
+    assert (llama.model.qk_norm, llama.model.norm_eps, llama.hf_bias["mlp"]) == (False, 1e-5, True)
+
+
 def test_import_refuses_what_lmlab_cannot_express(tmp_path, bpe):
     cases = [
         (dict(num_key_value_heads=1), "grouped-query attention"),
