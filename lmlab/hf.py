@@ -134,88 +134,109 @@ class Piece:
     op: str = ""
 
 
+class _Plan:
+    """The pieces of a plan as they are added: add(hf, lm, rows, op, shape) for a tensor lmlab has (its shape, or its
+    rows' shape, from lmlab's), bias(kind, hf, lm, size, rows, op) for a bias, which either side may lack."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, hf_bias: dict[str, bool]):
+        self.cfg, self.hf_bias = cfg, hf_bias
+        self.shapes = _lm_shapes(cfg, vocab_size)
+        self.hidden = self.shapes["blocks.0.mlp.proj.weight"][1]
+        self.pieces: list[Piece] = []
+
+    def add(self, hf, lm, rows=None, op="", shape=None):
+        if shape is None:
+            shape = self.shapes[lm] if rows is None else (rows[1] - rows[0], *self.shapes[lm][1:])
+        self.pieces.append(Piece(hf, lm, tuple(shape), rows, op))
+
+    def bias(self, kind, hf, lm, size, rows=None, op=""):
+        lm_has = self.cfg.bias and (kind != "norm" or self.cfg.norm == "layernorm")
+        if self.hf_bias[kind] or lm_has:
+            self.add(hf if self.hf_bias[kind] else None, lm if lm_has else None, rows, op, (size,))
+
+
+def _gpt2_plan(p: _Plan, base: str) -> None:
+    C, hidden = p.cfg.n_embd, p.hidden
+    p.add(base + "wte.weight", "wte.weight")
+    p.add(base + "wpe.weight", "wpe.weight", op="prefix")
+    for i in range(p.cfg.n_layer):
+        a, h = f"blocks.{i}.", f"{base}h.{i}."
+        for lm_norm, hf_norm in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            p.add(h + hf_norm + ".weight", a + lm_norm + ".weight")
+            p.bias("norm", h + hf_norm + ".bias", a + lm_norm + ".bias", C)
+        for lm_lin, hf_lin, width in (("attn.qkv", "attn.c_attn", 3 * C), ("attn.proj", "attn.c_proj", C),
+                                      ("mlp.fc", "mlp.c_fc", hidden), ("mlp.proj", "mlp.c_proj", C)):
+            p.add(h + hf_lin + ".weight", a + lm_lin + ".weight", op="T")
+            p.bias("attn" if lm_lin.startswith("attn") else "mlp", h + hf_lin + ".bias", a + lm_lin + ".bias", width)
+    p.add(base + "ln_f.weight", "norm_f.weight")
+    p.bias("norm", base + "ln_f.bias", "norm_f.bias", C)
+
+
+def _neox_plan(p: _Plan, base: str) -> None:
+    C, D, hidden = p.cfg.n_embd, p.cfg.head_dim, p.hidden
+    p.add(base + "embed_in.weight", "wte.weight")
+    for i in range(p.cfg.n_layer):
+        a, h = f"blocks.{i}.", f"{base}layers.{i}."
+        for lm_norm, hf_norm in (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm")):
+            p.add(h + hf_norm + ".weight", a + lm_norm + ".weight")
+            p.bias("norm", h + hf_norm + ".bias", a + lm_norm + ".bias", C)
+        for head in range(p.cfg.n_head):  # GPT-NeoX keeps each head's query, key and value rows together
+            for j in range(3):
+                rows, op = (j * C + head * D, j * C + (head + 1) * D), "rope" if j < 2 else ""
+                p.add(h + "attention.query_key_value.weight", a + "attn.qkv.weight", rows, op)
+                p.bias("attn", h + "attention.query_key_value.bias", a + "attn.qkv.bias", D, rows, op)
+        p.add(h + "attention.dense.weight", a + "attn.proj.weight")
+        p.bias("attn", h + "attention.dense.bias", a + "attn.proj.bias", C)
+        p.add(h + "mlp.dense_h_to_4h.weight", a + "mlp.fc.weight")
+        p.bias("mlp", h + "mlp.dense_h_to_4h.bias", a + "mlp.fc.bias", hidden)
+        p.add(h + "mlp.dense_4h_to_h.weight", a + "mlp.proj.weight")
+        p.bias("mlp", h + "mlp.dense_4h_to_h.bias", a + "mlp.proj.bias", C)
+    p.add(base + "final_layer_norm.weight", "norm_f.weight")
+    p.bias("norm", base + "final_layer_norm.bias", "norm_f.bias", C)
+
+
+def _llama_plan(p: _Plan, base: str, arch: str) -> None:
+    """The Llama family's (Llama, Qwen3, Arcee, Apertus)."""
+    C, hidden = p.cfg.n_embd, p.hidden
+    norms = (("attention_layernorm", "feedforward_layernorm") if arch == APERTUS
+             else ("input_layernorm", "post_attention_layernorm"))
+    p.add(base + "embed_tokens.weight", "wte.weight")
+    for i in range(p.cfg.n_layer):
+        a, h = f"blocks.{i}.", f"{base}layers.{i}."
+        p.add(h + norms[0] + ".weight", a + "norm1.weight")
+        p.add(h + norms[1] + ".weight", a + "norm2.weight")
+        for j, name in enumerate("qkv"):
+            rows, op = (j * C, (j + 1) * C), "rope" if name != "v" else ""
+            p.add(h + f"self_attn.{name}_proj.weight", a + "attn.qkv.weight", rows, op)
+            p.bias("attn", h + f"self_attn.{name}_proj.bias", a + "attn.qkv.bias", C, rows, op)
+        p.add(h + "self_attn.o_proj.weight", a + "attn.proj.weight")
+        p.bias("attn", h + "self_attn.o_proj.bias", a + "attn.proj.bias", C)
+        if p.cfg.qk_norm:
+            p.add(h + "self_attn.q_norm.weight", a + "attn.q_norm.weight", op="rope")
+            p.add(h + "self_attn.k_norm.weight", a + "attn.k_norm.weight", op="rope")
+        inputs = ("gate_proj", "up_proj") if p.cfg.mlp == "swiglu" else ("up_proj",)  # lmlab: gate rows first
+        for j, name in enumerate(inputs):
+            rows = (j * hidden, (j + 1) * hidden)
+            p.add(h + f"mlp.{name}.weight", a + "mlp.fc.weight", rows)
+            p.bias("mlp", h + f"mlp.{name}.bias", a + "mlp.fc.bias", hidden, rows)
+        p.add(h + "mlp.down_proj.weight", a + "mlp.proj.weight")
+        p.bias("mlp", h + "mlp.down_proj.bias", a + "mlp.proj.bias", C)
+    p.add(base + "norm.weight", "norm_f.weight")
+
+
 def plan(arch: str, cfg: ModelConfig, vocab_size: int, hf_bias: dict[str, bool]) -> list[Piece]:
     """Every tensor of the model, where lmlab keeps it and where the class `arch` keeps it. hf_bias says which
     biases the class has: "attn", "mlp" and "norm" (LayerNorm)."""
-    shapes = _lm_shapes(cfg, vocab_size)
-    C, H, D, L = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.n_layer
-    hidden = shapes["blocks.0.mlp.proj.weight"][1]
-    pieces: list[Piece] = []
-
-    def add(hf, lm, rows=None, op="", shape=None):
-        if shape is None:
-            shape = shapes[lm] if rows is None else (rows[1] - rows[0], *shapes[lm][1:])
-        pieces.append(Piece(hf, lm, tuple(shape), rows, op))
-
-    def bias(kind, hf, lm, size, rows=None, op=""):
-        lm_has = cfg.bias and (kind != "norm" or cfg.norm == "layernorm")
-        if hf_bias[kind] or lm_has:
-            add(hf if hf_bias[kind] else None, lm if lm_has else None, rows, op, (size,))
-
-    base = BASE[arch]
+    p = _Plan(cfg, vocab_size, hf_bias)
     if arch == GPT2:
-        add(base + "wte.weight", "wte.weight")
-        add(base + "wpe.weight", "wpe.weight", op="prefix")
-        for i in range(L):
-            a, h = f"blocks.{i}.", f"{base}h.{i}."
-            for lm_norm, hf_norm in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                add(h + hf_norm + ".weight", a + lm_norm + ".weight")
-                bias("norm", h + hf_norm + ".bias", a + lm_norm + ".bias", C)
-            for lm_lin, hf_lin, width in (("attn.qkv", "attn.c_attn", 3 * C), ("attn.proj", "attn.c_proj", C),
-                                          ("mlp.fc", "mlp.c_fc", hidden), ("mlp.proj", "mlp.c_proj", C)):
-                add(h + hf_lin + ".weight", a + lm_lin + ".weight", op="T")
-                bias("attn" if lm_lin.startswith("attn") else "mlp", h + hf_lin + ".bias", a + lm_lin + ".bias",
-                     width)
-        add(base + "ln_f.weight", "norm_f.weight")
-        bias("norm", base + "ln_f.bias", "norm_f.bias", C)
+        _gpt2_plan(p, BASE[arch])
     elif arch == NEOX:
-        add(base + "embed_in.weight", "wte.weight")
-        for i in range(L):
-            a, h = f"blocks.{i}.", f"{base}layers.{i}."
-            for lm_norm, hf_norm in (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm")):
-                add(h + hf_norm + ".weight", a + lm_norm + ".weight")
-                bias("norm", h + hf_norm + ".bias", a + lm_norm + ".bias", C)
-            for head in range(H):  # GPT-NeoX keeps each head's query, key and value rows together
-                for j in range(3):
-                    rows, op = (j * C + head * D, j * C + (head + 1) * D), "rope" if j < 2 else ""
-                    add(h + "attention.query_key_value.weight", a + "attn.qkv.weight", rows, op)
-                    bias("attn", h + "attention.query_key_value.bias", a + "attn.qkv.bias", D, rows, op)
-            add(h + "attention.dense.weight", a + "attn.proj.weight")
-            bias("attn", h + "attention.dense.bias", a + "attn.proj.bias", C)
-            add(h + "mlp.dense_h_to_4h.weight", a + "mlp.fc.weight")
-            bias("mlp", h + "mlp.dense_h_to_4h.bias", a + "mlp.fc.bias", hidden)
-            add(h + "mlp.dense_4h_to_h.weight", a + "mlp.proj.weight")
-            bias("mlp", h + "mlp.dense_4h_to_h.bias", a + "mlp.proj.bias", C)
-        add(base + "final_layer_norm.weight", "norm_f.weight")
-        bias("norm", base + "final_layer_norm.bias", "norm_f.bias", C)
-    else:  # the Llama family
-        norms = (("attention_layernorm", "feedforward_layernorm") if arch == APERTUS
-                 else ("input_layernorm", "post_attention_layernorm"))
-        add(base + "embed_tokens.weight", "wte.weight")
-        for i in range(L):
-            a, h = f"blocks.{i}.", f"{base}layers.{i}."
-            add(h + norms[0] + ".weight", a + "norm1.weight")
-            add(h + norms[1] + ".weight", a + "norm2.weight")
-            for j, name in enumerate("qkv"):
-                rows, op = (j * C, (j + 1) * C), "rope" if name != "v" else ""
-                add(h + f"self_attn.{name}_proj.weight", a + "attn.qkv.weight", rows, op)
-                bias("attn", h + f"self_attn.{name}_proj.bias", a + "attn.qkv.bias", C, rows, op)
-            add(h + "self_attn.o_proj.weight", a + "attn.proj.weight")
-            bias("attn", h + "self_attn.o_proj.bias", a + "attn.proj.bias", C)
-            if cfg.qk_norm:
-                add(h + "self_attn.q_norm.weight", a + "attn.q_norm.weight", op="rope")
-                add(h + "self_attn.k_norm.weight", a + "attn.k_norm.weight", op="rope")
-            inputs = ("gate_proj", "up_proj") if cfg.mlp == "swiglu" else ("up_proj",)  # lmlab: gate rows first
-            for j, name in enumerate(inputs):
-                rows = (j * hidden, (j + 1) * hidden)
-                add(h + f"mlp.{name}.weight", a + "mlp.fc.weight", rows)
-                bias("mlp", h + f"mlp.{name}.bias", a + "mlp.fc.bias", hidden, rows)
-            add(h + "mlp.down_proj.weight", a + "mlp.proj.weight")
-            bias("mlp", h + "mlp.down_proj.bias", a + "mlp.proj.bias", C)
-        add(base + "norm.weight", "norm_f.weight")
+        _neox_plan(p, BASE[arch])
+    else:
+        _llama_plan(p, BASE[arch], arch)
     if not cfg.tie_embeddings:
-        add(HEAD[arch], "lm_head.weight")
-    return pieces
+        p.add(HEAD[arch], "lm_head.weight")
+    return p.pieces
 
 
 def _rope_order(head_dim: int) -> torch.Tensor:
