@@ -212,11 +212,12 @@ def read_jsonl_records(path: Path, parse: Callable[[Any, str], T], noun: str) ->
     return records
 
 
-def read_parquet(path: Path) -> list[Conversation]:
-    """read_conversations for a .parquet file: its `messages` column, a list of {role, content} structs per row."""
+def _open_parquet(path: Path):
+    """The file as a pyarrow ParquetFile, once its `messages` column is known to be a list of {role, content} structs
+    of text and its row count and the column's uncompressed size are within bounds (read from its metadata, before
+    any row is)."""
     try:
         import pyarrow as pa
-        import pyarrow.compute as pc
         import pyarrow.parquet as pq
     except ImportError:
         raise LmlabError("reading Parquet files needs pyarrow: pip install pyarrow") from None
@@ -243,20 +244,37 @@ def read_parquet(path: Path) -> list[Conversation]:
     if size > MAX_PARQUET_BYTES:
         raise LmlabError(f"{path}: its messages column is {size:,} bytes uncompressed, more than "
                          f"{MAX_PARQUET_BYTES:,}; split it")
+    return pf
+
+
+def _oversized(column) -> dict[int, str]:
+    """The rows of a batch's messages column (row in the batch -> what is too big) with more than MAX_MESSAGES
+    messages or a message of more than MAX_CONTENT_CHARS characters, found with pyarrow's kernels before any row
+    becomes Python objects."""
+    import pyarrow.compute as pc
+
+    oversized: dict[int, str] = {}
+    counts = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    for row in np.flatnonzero(np.nan_to_num(counts.astype(float)) > MAX_MESSAGES):
+        oversized[int(row)] = f"{int(counts[row])} messages, more than {MAX_MESSAGES}"
+    lengths = pc.utf8_length(pc.list_flatten(column).field("content")).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(column).to_numpy()
+    for index in np.flatnonzero(np.nan_to_num(lengths.astype(float)) > MAX_CONTENT_CHARS):
+        oversized.setdefault(int(parents[index]), f"a message of {int(lengths[index]):,} characters, more "
+                                                  f"than {MAX_CONTENT_CHARS:,}")
+    return oversized
+
+
+def read_parquet(path: Path) -> list[Conversation]:
+    """read_conversations for a .parquet file: its `messages` column, a list of {role, content} structs per row."""
+    pf = _open_parquet(path)
+    import pyarrow as pa
+
     problems, conversations, first = _Problems(path, "row"), [], 1
     try:
-        batches = pf.iter_batches(batch_size=256, columns=["messages"])
-        for batch in batches:
+        for batch in pf.iter_batches(batch_size=256, columns=["messages"]):
             column = batch.column(0)
-            oversized: dict[int, str] = {}  # row in the batch -> what is too big, found before making Python objects
-            counts = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-            for row in np.flatnonzero(np.nan_to_num(counts.astype(float)) > MAX_MESSAGES):
-                oversized[int(row)] = f"{int(counts[row])} messages, more than {MAX_MESSAGES}"
-            lengths = pc.utf8_length(pc.list_flatten(column).field("content")).to_numpy(zero_copy_only=False)
-            parents = pc.list_parent_indices(column).to_numpy()
-            for index in np.flatnonzero(np.nan_to_num(lengths.astype(float)) > MAX_CONTENT_CHARS):
-                oversized.setdefault(int(parents[index]), f"a message of {int(lengths[index]):,} characters, more "
-                                                          f"than {MAX_CONTENT_CHARS:,}")
+            oversized = _oversized(column)
             keep = np.ones(len(column), dtype=bool)
             keep[list(oversized)] = False
             found = list(oversized.items())  # (row in the batch, what is wrong), named in row order below
