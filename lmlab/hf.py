@@ -156,6 +156,7 @@ class _Plan:
 
 
 def _gpt2_plan(p: _Plan, base: str) -> None:
+    """GPT2LMHeadModel's tensors: Conv1D weights (transposed), the learned position table as a prefix."""
     C, hidden = p.cfg.n_embd, p.hidden
     p.add(base + "wte.weight", "wte.weight")
     p.add(base + "wpe.weight", "wpe.weight", op="prefix")
@@ -173,6 +174,7 @@ def _gpt2_plan(p: _Plan, base: str) -> None:
 
 
 def _neox_plan(p: _Plan, base: str) -> None:
+    """GPTNeoXForCausalLM's tensors: one fused query-key-value projection, interleaved head by head."""
     C, D, hidden = p.cfg.n_embd, p.cfg.head_dim, p.hidden
     p.add(base + "embed_in.weight", "wte.weight")
     for i in range(p.cfg.n_layer):
@@ -196,7 +198,8 @@ def _neox_plan(p: _Plan, base: str) -> None:
 
 
 def _llama_plan(p: _Plan, base: str, arch: str) -> None:
-    """The Llama family's (Llama, Qwen3, Arcee, Apertus)."""
+    """The Llama family's tensors (Llama, Qwen3, Arcee, Apertus): separate q, k, v projections, and SwiGLU's gate and
+    up projections as the two halves of lmlab's fc."""
     C, hidden = p.cfg.n_embd, p.hidden
     norms = (("attention_layernorm", "feedforward_layernorm") if arch == APERTUS
              else ("input_layernorm", "post_attention_layernorm"))
