@@ -25,8 +25,8 @@ class KVCache:
     where to write (fused_decode.write) and how to read them. At a position given as a tensor, it is the decode step
     with static shapes: the whole buffers, which attention masks, so every step has the same shapes and torch.compile
     compiles it once (and the products against them get contiguous operands: a slice of the slots, with its gaps
-    between rows, took a slower batched-matmul path, 3.4x at batch 64 on the CPU it was timed on; on the 2-vCPU
-    Intel Xeon without native bf16 it costs the same). `rows` is the number of rows in use, the first ones: `keep`
+    between rows, took a slower batched-matmul path, 3.4x at batch 64 on the 2-core AMD EPYC it was timed on; on
+    the 2-vCPU Intel Xeon without native bf16 it costs the same). `rows` is the number of rows in use, the first ones: `keep`
     moves the rows that go on to the front.
     """
 
@@ -86,10 +86,10 @@ class KVCache:
         """For one query per row against the first pos + 1 slots (a decode step, after append): the (slots,) float
         mask of the slots after them (-inf there, 0 before; added to the scores), when the products against the whole
         buffers with this mask are cheaper than against the slice (None: read the slice). A slice's rows have gaps
-        between them, which sent the batched matmul down a slower path on the CPU this was timed on: at batch 64
-        (256 heads of tiny) the whole buffers win once the slice is a third of them; at batch 8 they never do. On the
-        2-vCPU Intel Xeon without native bf16 the two reads of a growing cache cost the same (1.000x in whole
-        generate_batch runs at batch 64)."""
+        between them, which sent the batched matmul down a slower path on the 2-core AMD EPYC this was timed on: at
+        batch 64 (256 heads of tiny) the whole buffers win once the slice is a third of them; at batch 8 they never
+        do. On the 2-vCPU Intel Xeon without native bf16 the two reads cost the same (docs/performance.md times
+        both)."""
         filled, slots = self.pos + 1, self.k[0].size(2) if self.k else 0
         if heads < WHOLE_CACHE_HEADS or 3 * filled < slots:
             return None
