@@ -1,9 +1,10 @@
 """A transformer block's decode step (one new token per row, the earlier ones in the KV cache) as one TorchScript
 call, for eager inference on the CPU: the first norm, the QKV projection, QK-norm and rotary, the cache's write,
 attention against the cache, the output projection, the residual sums, the second norm and the MLP. The interpreter
-runs the block's forty-odd small ops without Python between them (docs/performance.md has the figures). The ops are
-model.py's, in its order, so the logits are the same bit for bit (tests/test_fused_decode.py, over every model
-option); model.Block.forward decides when this applies (decode_fits).
+runs the block's forty-odd small ops without Python between them (docs/performance.md has the figures). The
+arithmetic is model.py's, in its order (queries and keys are normalised and turned as one tensor, each row as alone),
+so the logits are the same bit for bit (tests/test_fused_decode.py, over every model option); model.Block.forward decides when this applies (decode_fits), and GPT.forward calls `block` for each of a
+decode step's blocks itself when no module call would be missed (direct).
 
 `write_attend`, the cache's write and the attention of one query per row against it, is the model's own for these
 steps (CausalSelfAttention calls it too), and `rotate` its rotary product: each is written once.
@@ -100,14 +101,25 @@ def _block(x: torch.Tensor, n_head: int, rms: bool, eps: float, norm1_w: Optiona
     """Block.forward's output (B, T, C) for x (B, T, C): its modules' inference paths, in their order."""
     B, T, C = x.size(0), x.size(1), x.size(2)
     # the heads (CausalSelfAttention.heads)
-    q, k, v = F.linear(_norm(x, rms, norm1_w, norm1_b, eps), qkv_w, qkv_b).view(B, T, 3, n_head, C // n_head).unbind(2)
+    qkv = F.linear(_norm(x, rms, norm1_w, norm1_b, eps), qkv_w, qkv_b).view(B, T, 3, n_head, C // n_head)
+    q, k, v = qkv.unbind(2)
     if ve is not None:
         v = v + ve.view_as(v)
-    if qk_norm:
-        q, k = _norm(q, rms, q_w, q_b, eps), _norm(k, rms, k_w, k_b, eps)
-    if cos is not None and sin is not None:
-        rot = rotation(cos, sin, x.dtype)
-        q, k = rotate(q, rot), rotate(k, rot)
+    rot = rotation(cos, sin, x.dtype) if cos is not None and sin is not None else None
+    if qk_norm and rms and q_w is not None and k_w is not None:
+        # queries and keys (B, T, 2, H, D) normalised as one tensor, each row's arithmetic the same as alone, then
+        # each times its own gain, and turned as one: half the kernels of doing each apart
+        qk = _rms(qkv[:, :, :2], None, eps)
+        qk[:, :, 0].mul_(q_w)
+        qk[:, :, 1].mul_(k_w)
+        if rot is not None:
+            qk = rotate(qk, rot.unsqueeze(-2))
+        q, k = qk.unbind(2)
+    else:
+        if qk_norm:
+            q, k = _norm(q, rms, q_w, q_b, eps), _norm(k, rms, k_w, k_b, eps)
+        if rot is not None:
+            q, k = rotate(q, rot), rotate(k, rot)
     # attention against the cache, its projection and the residual sum
     y = write_attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), keys, values, past, rows, at, mode, mask)
     x = x + F.linear(y.transpose(1, 2).reshape(B, T, C), proj_w, proj_b)
@@ -117,8 +129,9 @@ def _block(x: torch.Tensor, n_head: int, rms: bool, eps: float, norm1_w: Optiona
         h = F.gelu(h)
     elif mlp == "gelu_tanh":
         h = F.gelu(h, approximate="tanh")
-    elif mlp == "relu2":
-        h = torch.relu(h).square()
+    elif mlp == "relu2":  # in place (h is the product's own): relu(h).square()'s arithmetic, without two new tensors
+        h = torch.relu_(h)
+        h = h.mul_(h)
     else:
         gate, value = h.chunk(2, dim=-1)
         h = F.silu(gate) * value
@@ -131,6 +144,24 @@ def decode_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
             and type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype == x.dtype)
+
+
+def direct(x: torch.Tensor, blocks: torch.nn.ModuleList) -> bool:
+    """Whether GPT.forward may take a decode step's blocks itself, calling `block` for each instead of the block
+    modules (their __call__ and Block.forward's checks cost tens of microseconds a block on the 2-vCPU Intel Xeon,
+    where this and the joint queries and keys made tiny's decode steps 4-6% faster at batch 1 and 8, 2-4% at 64):
+    decode_fits for every block's weights, no block training, and no forward hooks on a block or on every
+    module, which the module's call would run."""
+    nn = torch.nn.modules.module
+    if not blocks or not decode_fits(x, blocks[0].attn.qkv.weight) or nn._global_forward_hooks \
+            or nn._global_forward_pre_hooks:
+        return False
+    for b in blocks:
+        weight = b.attn.qkv.weight
+        if b.training or b._forward_hooks or b._forward_pre_hooks or weight.dtype != x.dtype \
+                or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+            return False
+    return True
 
 
 _VERSION = [0]  # how many parameters and modules any module has been given: a block's weights are gathered again after

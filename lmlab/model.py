@@ -500,12 +500,19 @@ class GPT(HookedModel):
         half = self.cfg.n_layer // 2
         mirrored = self.cfg.n_layer - half  # U-net skips: blocks from here on get their mirror's output added
         skips: list[torch.Tensor] = []  # the outputs of the first half's blocks
+        # a decode step of eager CPU inference: each block as one TorchScript call (Block.forward's own decode path),
+        # without the block module's call around it
+        direct = cache is not None and T == 1 and hooks is None and fused_decode.direct(x, self.blocks)
         for layer, block in enumerate(self.blocks):
             if self.skip_weights is not None and layer >= mirrored:
                 x = x + self.skip_weights[layer - mirrored] * skips.pop()
             if hooks is not None:
                 hooks.keep(f"blocks.{layer}.resid_in", x)
-            x = block(x, rope, cache, layer, pos, None if ve is None else self.ve_weights[layer] * ve, hooks, mask)
+            value = None if ve is None else self.ve_weights[layer] * ve
+            if direct:
+                x = fused_decode.block(x, block, rope, value, cache.step(layer, pos, B * self.cfg.n_head))
+            else:
+                x = block(x, rope, cache, layer, pos, value, hooks, mask)
             if hooks is not None:
                 hooks.keep(f"blocks.{layer}.resid_out", x)
             if self.skip_weights is not None and layer < half:

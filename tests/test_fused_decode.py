@@ -129,3 +129,34 @@ def test_the_step_is_fused_only_for_eager_cpu_inference(monkeypatch):
         cache.pos = before
         assert torch.equal(replaced, model(torch.tensor([[1], [2]]), cache=cache))
         assert not torch.equal(first, replaced)
+
+
+def test_the_model_takes_the_blocks_itself_only_when_no_module_call_is_missed(monkeypatch):
+    """GPT.forward calls fused_decode.block for each block of a decode step without calling the block modules
+    (fused_decode.direct); a forward hook on a block or on every module, or a block in training mode, sends the step
+    through the modules' calls, and the hooks run. The logits are the same either way."""
+    model = model_of(seed=6)
+    direct = []
+    real = fused_decode.direct
+    monkeypatch.setattr(fused_decode, "direct", lambda x, blocks: direct.append(real(x, blocks)) or direct[-1])
+    seen = []
+    prompt = torch.tensor([[1, 2], [3, 4]])
+
+    def step():
+        with torch.no_grad():
+            cache = model.make_cache(2)
+            model(prompt, cache=cache)
+            return model(torch.tensor([[5], [6]]), cache=cache)
+
+    plain = step()
+    assert direct == [True]
+    handle = model.blocks[1].register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    assert torch.equal(step(), plain) and direct[-1] is False and seen == [(2, 2, 16), (2, 1, 16)]  # the prompt's, the step's
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: seen.append("pre"))
+    assert torch.equal(step(), plain) and direct[-1] is False and "pre" in seen
+    handle.remove()
+    model.blocks[2].train()
+    assert torch.equal(step(), plain) and direct[-1] is False
+    model.blocks[2].eval()
+    assert torch.equal(step(), plain) and direct[-1] is True
