@@ -13,7 +13,8 @@
 - compile (with --compile): eager against `torch.compile`, alternating in one process, with the first compiled step
   (its compile time) reported.
 - decode (with --only decode): eager generation, each block's decode step as one TorchScript call (fused_decode)
-  against the model's modules: generate_batch of 1 and of 64 rows, 128 new tokens each, alternating run by run.
+  against the model's modules, then GPT.forward calling those steps itself (fused_decode.direct) against calling the
+  block modules: generate_batch of 1 and 64 rows (--batches), 128 new tokens each, alternating run by run.
 
 Prints medians of the per-block medians and the per-block ratios (median, min-max). Nothing is asserted: this is a
 benchmark, the tests check that each path computes the same thing.
@@ -79,7 +80,7 @@ def page_faults(preset: str, rounds: int, steps: int) -> None:
 
 def report(title: str, medians: dict, slow: str, fast: str) -> None:
     r = block_ratios(medians, slow, fast)
-    print(f"{title}: " + ", ".join(f"{name} {statistics.median(m) * 1e3:.1f} ms" for name, m in medians.items())
+    print(f"{title}: " + ", ".join(f"{name} {statistics.median(m) * 1e3:.2f} ms" for name, m in medians.items())
           + f"; {slow} / {fast}: {r['ratio_median']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
 
 
@@ -147,7 +148,7 @@ def compiled(preset: str, blocks: int, per_block: int) -> None:
            "compiled")
 
 
-def decode(preset: str, blocks: int, per_block: int) -> None:
+def decode(preset: str, blocks: int, per_block: int, batches: tuple[int, ...] = (1, 64)) -> None:
     """Each block's decode step as one TorchScript call against the model's modules, in whole generate_batch runs
     (one-token prompts, 128 new tokens, no stops) of a random model of the preset's shape; ms per decode step."""
     from lmlab import fused_decode
@@ -157,21 +158,28 @@ def decode(preset: str, blocks: int, per_block: int) -> None:
     cfg, _ = apply_budget(get_preset(preset))
     torch.manual_seed(0)
     model = build_model(cfg.model, 65).eval()
-    fits, new = fused_decode.decode_fits, 128
+    fits, direct, new = fused_decode.decode_fits, fused_decode.direct, 128
 
-    def run_with(fused: bool, batch: int):
+    def run_with(fused: bool, batch: int, called: bool = True):
         def run(i: int) -> None:
             fused_decode.decode_fits = fits if fused else (lambda x, weight: False)
+            fused_decode.direct = direct if called else (lambda x, blocks: False)
             generate_batch(model, [[r % 65] for r in range(batch)], new, seeds=list(range(batch)))
         return run
 
-    for batch in (1, 64):
-        runs = {"modules": run_with(False, batch), "TorchScript": run_with(True, batch)}
+    def compare(title: str, runs: dict) -> None:
         for run in runs.values():
             run(0)
         medians = {name: [m / new for m in ms] for name, ms in alternated_medians(runs, blocks, per_block).items()}
-        report(f"decode step at batch {batch}", medians, "modules", "TorchScript")
-    fused_decode.decode_fits = fits
+        report(title, medians, *runs)
+
+    for batch in batches:
+        compare(f"decode step at batch {batch}", {"modules": run_with(False, batch),
+                                                   "TorchScript": run_with(True, batch)})
+        # GPT.forward calling each block's TorchScript step itself, against calling the block modules
+        compare(f"blocks called directly at batch {batch}", {"module calls": run_with(True, batch, False),
+                                                              "direct": run_with(True, batch)})
+    fused_decode.decode_fits, fused_decode.direct = fits, direct
 
 
 def main() -> None:
@@ -182,6 +190,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also compare torch.compile against eager")
     ap.add_argument("--only", nargs="+", choices=("faults", "fused", "threads", "compile", "decode"),
                     help="run only these comparisons (compile: as --compile; decode only so)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="decode: the batch sizes")
     ap.add_argument("--child", choices=("default", "keep"), help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -203,7 +212,7 @@ def main() -> None:
     if "compile" in only:
         compiled(args.preset, args.blocks, args.per_block)
     if "decode" in only:
-        decode(args.preset, args.blocks, args.per_block)
+        decode(args.preset, args.blocks, args.per_block, tuple(args.batches))
 
 
 if __name__ == "__main__":
