@@ -9,6 +9,10 @@ each applies.
   node, for the configuration nanoGPT and GPT-2 use; its forward and backward math run as TorchScript, which
   releases the GIL for the whole call (threads.py's parts take fewer turns at it), bit for bit the Python.
 - `scripted(fn)`: a function as TorchScript, compiled once, or as Python where TorchScript refuses it.
+
+Each reads its modules' weights instead of calling them, so each applies only to modules of the classes model.py
+builds with nothing more to run when called (`untouched`: no forward hooks, no forward of their own): an adapter or
+a hook on a linear layer is then run by the modules' own path.
 """
 
 from __future__ import annotations
@@ -257,6 +261,15 @@ def eager_training(x: torch.Tensor, params: list[Optional[torch.Tensor]]) -> boo
             and not torch.is_autocast_enabled(x.device.type)
             and all(p is None or (type(p) in (torch.Tensor, torch.nn.Parameter) and p.dtype == x.dtype)
                     for p in params))
+
+
+def untouched(modules) -> bool:
+    """Whether a hand-written function may read these modules' weights instead of calling them: none has forward
+    hooks (its own or every module's: register_forward_hook, register_forward_pre_hook) or a forward of its own,
+    which calling it would run. (Which class each module is, the caller checks.)"""
+    everyone = torch.nn.modules.module
+    return not (everyone._global_forward_hooks or everyone._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules))
 
 
 def gpt2_block_fits(x: torch.Tensor, params: list[Optional[torch.Tensor]]) -> bool:

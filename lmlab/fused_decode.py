@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .fused import scripted
+from .fused import scripted, untouched
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, mask: Optional[torch.Tensor],
@@ -146,22 +146,22 @@ def decode_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype == x.dtype)
 
 
-def direct(x: torch.Tensor, blocks: torch.nn.ModuleList) -> bool:
+def direct(x: torch.Tensor, blocks: torch.nn.ModuleList, kinds: tuple) -> bool:
     """Whether GPT.forward may take a decode step's blocks itself, calling `block` for each instead of the block
     modules (their __call__ and Block.forward's checks cost tens of microseconds a block on the 2-vCPU Intel Xeon,
     where this and the joint queries and keys made tiny's decode steps 4-6% faster at batch 1 and 8, 2-4% at 64):
-    decode_fits for every block's weights, no block training, and no forward hooks on a block or on every
-    module, which the module's call would run."""
-    nn = torch.nn.modules.module
-    if not blocks or not decode_fits(x, blocks[0].attn.qkv.weight) or nn._global_forward_hooks \
-            or nn._global_forward_pre_hooks:
+    every block of the class model.py builds (kinds[0], its forward not replaced: a block swapped for another module
+    runs as that module) and `unhooked`, in eval mode, with weights that decode_fits, and no forward hooks on a block
+    or on every module, which the module's call would run."""
+    if not blocks or not untouched(blocks):
         return False
     for b in blocks:
-        weight = b.attn.qkv.weight
-        if b.training or b._forward_hooks or b._forward_pre_hooks or weight.dtype != x.dtype \
-                or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        if type(b) is not kinds[0] or b.training or not unhooked(b, kinds):
             return False
-    return True
+    if not decode_fits(x, blocks[0].attn.qkv.weight):
+        return False
+    return all(b.attn.qkv.weight.dtype == x.dtype and type(b.attn.qkv.weight) in (torch.Tensor, torch.nn.Parameter)
+               for b in blocks)
 
 
 _VERSION = [0]  # how many parameters and modules any module has been given: a block's weights are gathered again after
@@ -173,6 +173,22 @@ def _given(module, name, value) -> None:
 
 torch.nn.modules.module.register_module_parameter_registration_hook(_given)
 torch.nn.modules.module.register_module_module_registration_hook(_given)
+
+
+def _parts(block: torch.nn.Module, kinds: tuple) -> Optional[list[torch.nn.Module]]:
+    """The modules under the block whose weights _block reads instead of calling them, when each is of the class
+    model.py builds there (kinds: model.py's Block, CausalSelfAttention, MLP and RMSNorm; and torch's LayerNorm and
+    Linear); None when one was swapped for another module or a subclass (an adapter, say), whose own forward the
+    step must run."""
+    _, attention, perceptron, rms = kinds
+    attn, mlp, norm1 = block.attn, block.mlp, block.norm1
+    if type(attn) is not attention or type(mlp) is not perceptron or type(norm1) not in (rms, torch.nn.LayerNorm):
+        return None
+    norms = [norm1, block.norm2] + ([attn.q_norm, attn.k_norm] if attn.q_norm is not None else [])
+    linears = [attn.qkv, attn.proj, mlp.fc, mlp.proj]
+    if any(type(m) is not type(norm1) for m in norms) or any(type(m) is not torch.nn.Linear for m in linears):
+        return None
+    return [attn, mlp] + norms + linears
 
 
 def _weights(block: torch.nn.Module) -> tuple[tuple, tuple, tuple]:
@@ -191,15 +207,32 @@ def _weights(block: torch.nn.Module) -> tuple[tuple, tuple, tuple]:
              out.weight, out.bias))
 
 
+def _gathered(block: torch.nn.Module, kinds: tuple) -> tuple[Optional[list], Optional[tuple]]:
+    """The block's parts and weights (_parts, _weights; both None when a part is not model.py's own), gathered once
+    (each step it took about 30 us a block), and again once any module was given a parameter or a module (torch's
+    registration hooks): a weight or a module replaced, not only changed in place, is then seen."""
+    cached = block.decode_weights
+    if cached is None or cached[0] != _VERSION[0]:
+        parts = _parts(block, kinds)
+        cached = block.decode_weights = (_VERSION[0], parts, None if parts is None else _weights(block))
+    return cached[1], cached[2]
+
+
+def unhooked(block: torch.nn.Module, kinds: tuple) -> bool:
+    """Whether a step may take the block's modules as `block` (or fused.gpt2_block) does, reading their weights
+    without calling them: each of them model.py's own class (_parts, with model.py's `kinds`), and
+    fused.untouched."""
+    parts, _ = _gathered(block, kinds)
+    return parts is not None and untouched(parts)
+
+
 def block(x: torch.Tensor, block: torch.nn.Module, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
           ve: Optional[torch.Tensor], step: tuple) -> torch.Tensor:
-    """model.Block's output (B, 1, C) for a decode step of x (B, 1, C): rope its (cos, sin) at the step's position,
-    ve its weighted value embedding, step the cache as KVCache.step hands it. The block's weights are gathered once
-    (each step it took about 30 us a block), and again once any module was given a parameter or a module (torch's
-    registration hooks): a weight replaced, not only changed in place, is then used."""
-    version, weights = block.decode_weights or (None, None)
-    if version != _VERSION[0]:
-        version, weights = block.decode_weights = (_VERSION[0], _weights(block))
+    """model.Block's output (B, 1, C) for a decode step of x (B, 1, C) of a block that is `unhooked`: rope its
+    (cos, sin) at the step's position, ve its weighted value embedding, step the cache as KVCache.step hands it."""
+    cached = block.decode_weights  # gathered by unhooked, which the caller asked first
+    weights = cached[2] if cached is not None and cached[0] == _VERSION[0] and cached[2] is not None \
+        else _weights(block)
     cos, sin = rope if rope is not None else (None, None)
     with torch.jit.optimized_execution(False):
         return scripted(_block)(x, *weights[0], ve, *weights[1], cos, sin, *step, *weights[2])

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from . import fused_decode
 from .common import MEMORY_ENV, LmlabError, fmt_bytes, memory_limit
-from .fused import FUSED_MLPS, _RMSNormFunction, _SquaredReLU, eager_training, gpt2_block, gpt2_block_fits
+from .fused import (FUSED_MLPS, _RMSNormFunction, _SquaredReLU, eager_training, gpt2_block, gpt2_block_fits,
+                    untouched)
 from .kvcache import KVCache
 
 
@@ -340,7 +341,8 @@ class MLP(nn.Module):
         self.fused = self.kind in FUSED_MLPS and not cfg.bias  # training in eager mode takes FUSED_MLPS[kind]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and not self.dropout and eager_training(x, [self.fc.weight, self.proj.weight]):
+        if self.fused and not self.dropout and eager_training(x, [self.fc.weight, self.proj.weight]) \
+                and type(self.fc) is nn.Linear and type(self.proj) is nn.Linear and untouched((self.fc, self.proj)):
             return FUSED_MLPS[self.kind].apply(x, self.fc.weight, self.proj.weight)
         h = self.fc(x)
         if self.kind == "gelu":
@@ -371,12 +373,14 @@ class Block(nn.Module):
     def forward(self, x, rope, cache, layer, pos=None, ve=None, hooks=None, mask=None):
         dropout = self.training and bool(self.attn.cfg.dropout or self.attn.cfg.attn_dropout)
         if self.gpt2 and cache is None and mask is None and ve is None and not dropout \
-                and (hooks is None or f"blocks.{layer}.attn.weights" not in hooks.names):
+                and (hooks is None or f"blocks.{layer}.attn.weights" not in hooks.names) \
+                and fused_decode.unhooked(self, OWN_KINDS):
             params = self.gpt2_params()
             if gpt2_block_fits(x, params):
                 return gpt2_block(x, self.attn.cfg.n_head, self.norm1.eps, *params)
         if cache is not None and x.size(1) == 1 and hooks is None and not self.training \
-                and fused_decode.decode_fits(x, self.attn.qkv.weight):  # a decode step: as one TorchScript call
+                and fused_decode.decode_fits(x, self.attn.qkv.weight) and fused_decode.unhooked(self, OWN_KINDS):
+            # a decode step: as one TorchScript call
             return fused_decode.block(x, self, rope, ve, cache.step(layer, pos, x.size(0) * self.attn.cfg.n_head))
         x = x + self.attn(self.norm1(x), rope, cache, layer, pos, ve, hooks, mask)
         return x + self.mlp(self.norm2(x))
@@ -385,6 +389,9 @@ class Block(nn.Module):
         """The block's weights and biases in fused.gpt2_block's order."""
         return [t for m in (self.norm1, self.attn.qkv, self.attn.proj, self.norm2, self.mlp.fc, self.mlp.proj)
                 for t in (m.weight, m.bias)]
+
+
+OWN_KINDS = (Block, CausalSelfAttention, MLP, RMSNorm)  # a block and its parts as built here: fused_decode.unhooked
 
 
 class GPT(HookedModel):
@@ -502,7 +509,7 @@ class GPT(HookedModel):
         skips: list[torch.Tensor] = []  # the outputs of the first half's blocks
         # a decode step of eager CPU inference: each block as one TorchScript call (Block.forward's own decode path),
         # without the block module's call around it
-        direct = cache is not None and T == 1 and hooks is None and fused_decode.direct(x, self.blocks)
+        direct = cache is not None and T == 1 and hooks is None and fused_decode.direct(x, self.blocks, OWN_KINDS)
         for layer, block in enumerate(self.blocks):
             if self.skip_weights is not None and layer >= mirrored:
                 x = x + self.skip_weights[layer - mirrored] * skips.pop()

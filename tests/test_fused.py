@@ -178,3 +178,45 @@ def test_the_block_runs_as_python_where_torchscript_refuses_it(monkeypatch):
         assert torch.equal(_GPT2BlockFunction.apply(x, H, 1e-5, *params), scripted)
     finally:
         fused._script.cache_clear()  # the next caller scripts again
+
+
+class _Adapter(torch.nn.Linear):
+    """A linear layer with something of its own added to its output (as a LoRA adapter or a probe would)."""
+
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "relu2"])
+def test_a_hand_written_function_leaves_hooked_or_adapted_layers_to_their_own_calls(arch):
+    """The GPT-2 block and the ReLU² MLP read the linear layers' weights instead of calling them; a forward hook on
+    one (or on every module), or a layer swapped for a subclass with its own forward, makes the step call it: the
+    hook runs, the adapter's output counts, and with an inert hook the outputs and gradients are the plain path's."""
+    cfg = gpt2_cfg() if arch == "gpt2" else gpt2_cfg(norm="rmsnorm", mlp="relu2", pos="rope", qk_norm=True)
+    idx = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(7))
+    model = randomize(GPT(cfg, VOCAB), seed=8).train()
+    fc = model.blocks[0].mlp.fc
+
+    def run():
+        model.zero_grad()
+        out = model(idx)
+        out.square().mean().backward()
+        return out.detach(), fc.weight.grad.clone()
+
+    fused_out, fused_grad = run()
+    seen = []
+    handle = fc.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    hooked_out, hooked_grad = run()
+    handle.remove()
+    assert seen == [(2, 7, fc.out_features)] or seen == [(14, fc.out_features)]
+    torch.testing.assert_close(hooked_out, fused_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hooked_grad, fused_grad, atol=1e-5, rtol=1e-5)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    run()
+    handle.remove()
+    assert "Linear" in seen
+    adapter = _Adapter(fc.in_features, fc.out_features, bias=fc.bias is not None)
+    adapter.load_state_dict(fc.state_dict())
+    model.blocks[0].mlp.fc = fc = adapter
+    adapted_out, _ = run()
+    assert not torch.allclose(adapted_out, fused_out, atol=1e-3)

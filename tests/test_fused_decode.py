@@ -60,6 +60,14 @@ def fused_and_plain(monkeypatch, model, prompt_len=4, **kw):
     return fast, plain
 
 
+def one_step(model) -> torch.Tensor:
+    """A two-token prompt of two rows, then one decode step: its logits."""
+    with torch.no_grad():
+        cache = model.make_cache(2)
+        model(torch.tensor([[1, 2], [3, 4]]), cache=cache)
+        return model(torch.tensor([[5], [6]]), cache=cache)
+
+
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_a_fused_decode_step_is_the_models_bit_for_bit(monkeypatch, options):
     (logits, cache), (ref_logits, ref_cache) = fused_and_plain(monkeypatch, model_of(**options))
@@ -134,19 +142,16 @@ def test_the_step_is_fused_only_for_eager_cpu_inference(monkeypatch):
 def test_the_model_takes_the_blocks_itself_only_when_no_module_call_is_missed(monkeypatch):
     """GPT.forward calls fused_decode.block for each block of a decode step without calling the block modules
     (fused_decode.direct); a forward hook on a block or on every module, or a block in training mode, sends the step
-    through the modules' calls, and the hooks run. The logits are the same either way."""
+    through the modules' calls, and the hooks run: the logits are the same either way. A block swapped for another
+    module, or given its own forward, runs as itself."""
     model = model_of(seed=6)
     direct = []
     real = fused_decode.direct
-    monkeypatch.setattr(fused_decode, "direct", lambda x, blocks: direct.append(real(x, blocks)) or direct[-1])
+    monkeypatch.setattr(fused_decode, "direct", lambda *a: direct.append(real(*a)) or direct[-1])
     seen = []
-    prompt = torch.tensor([[1, 2], [3, 4]])
 
     def step():
-        with torch.no_grad():
-            cache = model.make_cache(2)
-            model(prompt, cache=cache)
-            return model(torch.tensor([[5], [6]]), cache=cache)
+        return one_step(model)
 
     plain = step()
     assert direct == [True]
@@ -160,3 +165,51 @@ def test_the_model_takes_the_blocks_itself_only_when_no_module_call_is_missed(mo
     assert torch.equal(step(), plain) and direct[-1] is False
     model.blocks[2].eval()
     assert torch.equal(step(), plain) and direct[-1] is True
+    # a block swapped for another module, or given a forward of its own, runs as itself
+    original = model.blocks[1]
+
+    class Doubled(type(original)):
+        def forward(self, x, *args):
+            return 2 * super().forward(x, *args)
+
+    doubled = Doubled(original.attn.cfg)
+    doubled.load_state_dict(original.state_dict())
+    model.blocks[1] = doubled.eval()
+    swapped = step()
+    assert direct[-1] is False and not torch.equal(swapped, plain)
+    model.blocks[1] = original
+    original.forward = lambda x, *args: 2 * type(original).forward(original, x, *args)
+    assert torch.equal(step(), swapped) and direct[-1] is False
+    del original.forward
+    assert torch.equal(step(), plain) and direct[-1] is True
+
+
+def test_a_hooked_or_adapted_layer_inside_a_block_is_called_by_the_decode_step():
+    """The fused step reads the block's weights instead of calling its layers; a forward hook on one of them, or a
+    layer swapped for a subclass with a forward of its own, sends the step through the modules: the hook runs on the
+    decode step and the logits are the plain step's; the adapter's output counts."""
+    model = model_of(seed=7)
+
+    def step():
+        return one_step(model)
+
+    plain = step()
+    qkv = model.blocks[0].attn.qkv
+    seen = []
+    handle = qkv.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    hooked = step()
+    handle.remove()
+    assert seen == [(2, 2, 48), (2, 1, 48)] and torch.equal(hooked, plain)
+
+    class Adapter(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    proj = model.blocks[1].attn.proj
+    adapter = Adapter(proj.in_features, proj.out_features, bias=proj.bias is not None)
+    adapter.load_state_dict(proj.state_dict())
+    model.blocks[1].attn.proj = adapter
+    adapted = step()
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:  # the modules' own path, the oracle
+        mp.setattr(fused_decode, "decode_fits", lambda x, weight: False)
+        assert torch.equal(step(), adapted) and not torch.equal(adapted, plain)
