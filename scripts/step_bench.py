@@ -163,7 +163,7 @@ def decode(preset: str, blocks: int, per_block: int, batches: tuple[int, ...] = 
     def run_with(fused: bool, batch: int, called: bool = True):
         def run(i: int) -> None:
             fused_decode.decode_fits = fits if fused else (lambda x, weight: False)
-            fused_decode.direct = direct if called else (lambda x, blocks: False)
+            fused_decode.direct = direct if called else (lambda *args: False)
             generate_batch(model, [[r % 65] for r in range(batch)], new, seeds=list(range(batch)))
         return run
 
