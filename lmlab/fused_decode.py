@@ -3,8 +3,9 @@ call, for eager inference on the CPU: the first norm, the QKV projection, QK-nor
 attention against the cache, the output projection, the residual sums, the second norm and the MLP. The interpreter
 runs the block's forty-odd small ops without Python between them (docs/performance.md has the figures). The
 arithmetic is model.py's, in its order (queries and keys are normalised and turned as one tensor, each row as alone),
-so the logits are the same bit for bit (tests/test_fused_decode.py, over every model option); model.Block.forward decides when this applies (decode_fits), and GPT.forward calls `block` for each of a
-decode step's blocks itself when no module call would be missed (direct).
+so the logits are the same bit for bit (tests/test_fused_decode.py, over every model option). model.Block.forward
+decides when this applies (decode_fits, unhooked), and GPT.forward calls `block` for each of a decode step's blocks
+itself when no module call would be missed (direct).
 
 `write_attend`, the cache's write and the attention of one query per row against it, is the model's own for these
 steps (CausalSelfAttention calls it too), and `rotate` its rotary product: each is written once.

@@ -156,7 +156,8 @@ def test_the_model_takes_the_blocks_itself_only_when_no_module_call_is_missed(mo
     plain = step()
     assert direct == [True]
     handle = model.blocks[1].register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
-    assert torch.equal(step(), plain) and direct[-1] is False and seen == [(2, 2, 16), (2, 1, 16)]  # the prompt's, the step's
+    # the hook saw the prompt's output and the step's
+    assert torch.equal(step(), plain) and direct[-1] is False and seen == [(2, 2, 16), (2, 1, 16)]
     handle.remove()
     handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: seen.append("pre"))
     assert torch.equal(step(), plain) and direct[-1] is False and "pre" in seen
