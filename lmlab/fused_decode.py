@@ -69,8 +69,8 @@ def rotation(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.
 
 
 def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """RoPE as one complex product (model.apply_rotary's eager path): the pairs (x_{2i}, x_{2i+1}) of x (B, T, H, D)
-    turned by rot (rotation's)."""
+    """RoPE as one complex product (model.apply_rotary's eager path): the pairs (x_{2i}, x_{2i+1}) of x (B, T, H, D),
+    or (B, T, 2, H, D) for queries and keys at once, turned by rot (rotation's, with one more axis for the latter)."""
     z = torch.view_as_complex(x.to(rot.real.dtype).reshape(list(x.shape[:-1]) + [-1, 2]))  # (B, T, H, D/2)
     return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
 
