@@ -13,8 +13,9 @@ steps (CausalSelfAttention calls it too), and `rotate` its rotary product: each 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -147,22 +148,44 @@ def decode_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype == x.dtype)
 
 
-def direct(x: torch.Tensor, blocks: torch.nn.ModuleList, kinds: tuple) -> bool:
-    """Whether GPT.forward may take a decode step's blocks itself, calling `block` for each instead of the block
-    modules (their __call__ and Block.forward's checks cost tens of microseconds a block on the 2-vCPU Intel Xeon,
-    where this and the joint queries and keys made tiny's decode steps 4-6% faster at batch 1 and 8, 2-4% at 64):
-    every block of the class model.py builds (kinds[0], its forward not replaced: a block swapped for another module
-    runs as that module) and `unhooked`, in eval mode, with weights that decode_fits, and no forward hooks on a block
-    or on every module, which the module's call would run."""
-    if not blocks or not untouched(blocks):
-        return False
+def direct(x: torch.Tensor, blocks: torch.nn.ModuleList, kinds: tuple) -> Optional[tuple[Callable, list]]:
+    """For GPT.forward to take a decode step's blocks itself (`run` for each, under `executing`) instead of calling
+    the block modules: the step's function and each block's weights, or None where the modules must run. It applies
+    where every block is of the class model.py builds (kinds[0], its forward not replaced: a block swapped for
+    another module runs as that module), in eval mode, without forward hooks (its own or every module's), `unhooked`,
+    with weights that decode_fits. The Python this leaves out (the block module's call, Block.forward's checks and
+    `block`'s, a cache step per layer) made a decode forward of tiny 1.08x slower at batch 64 and 1.13x at batch 1
+    on the 2-vCPU Intel Xeon (`scripts/step_bench.py --only decode`)."""
+    everyone = torch.nn.modules.module
+    if not blocks or everyone._global_forward_hooks or everyone._global_forward_pre_hooks:
+        return None
+    weights = []
     for b in blocks:
-        if type(b) is not kinds[0] or b.training or not unhooked(b, kinds):
-            return False
-    if not decode_fits(x, blocks[0].attn.qkv.weight):
-        return False
-    return all(b.attn.qkv.weight.dtype == x.dtype and type(b.attn.qkv.weight) in (torch.Tensor, torch.nn.Parameter)
-               for b in blocks)
+        if type(b) is not kinds[0] or b.training or b._forward_hooks or b._forward_pre_hooks or "forward" in b.__dict__:
+            return None
+        parts, gathered = _gathered(b, kinds)
+        if parts is None or not untouched(parts):
+            return None
+        weights.append(gathered)
+    if not decode_fits(x, weights[0][0][5]) or any(type(w[0][5]) not in (torch.Tensor, torch.nn.Parameter)
+                                                   or w[0][5].dtype != x.dtype for w in weights):
+        return None
+    return scripted(_block), weights
+
+
+def executing(on: bool):
+    """The context `run`'s steps are called under (TorchScript's executor without its optimisations, as `block`
+    calls them; fused.scripted says why), or none."""
+    return torch.jit.optimized_execution(False) if on else contextlib.nullcontext()
+
+
+def run(x: torch.Tensor, step_fn: Callable, weights: list, layer: int,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]], ve: Optional[torch.Tensor], step: tuple) -> torch.Tensor:
+    """Block `layer`'s decode step, as `block` takes it, from what `direct` handed out (step_fn and the blocks'
+    weights), under `executing`."""
+    cos, sin = rope if rope is not None else (None, None)
+    w = weights[layer]
+    return step_fn(x, *w[0], ve, *w[1], cos, sin, *step, *w[2])
 
 
 _VERSION = [0]  # how many parameters and modules any module has been given: a block's weights are gathered again after

@@ -120,6 +120,13 @@ class KVCache:
         mode = "whole" if unfilled is not None else "causal" if self.pos == 0 else "plain"
         return keys, values, self.pos, None, None, mode, unfilled
 
+    def steps(self, pos: Optional[torch.Tensor], heads: int) -> list[tuple]:
+        """`step` for every layer at once: the first layer's, and each other layer's own buffers with the same
+        slots, mode and mask (what `step` would give it, without making them again)."""
+        first = self.step(0, pos, heads)
+        return [first] + [(keys[: self.rows], values[: self.rows]) + first[2:]
+                          for keys, values in zip(self.k[1:], self.v[1:])]
+
     def keep(self, index: torch.Tensor, slots: int) -> None:
         """Keep only the rows at `index` (their first `slots` slots), moved in place to the front, in that order:
         the rows that go on of a batch whose other rows ended, so that the ended ones cost nothing more."""

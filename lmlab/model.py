@@ -509,21 +509,24 @@ class GPT(HookedModel):
         skips: list[torch.Tensor] = []  # the outputs of the first half's blocks
         # a decode step of eager CPU inference: each block as one TorchScript call (Block.forward's own decode path),
         # without the block module's call around it
-        direct = cache is not None and T == 1 and hooks is None and fused_decode.direct(x, self.blocks, OWN_KINDS)
-        for layer, block in enumerate(self.blocks):
-            if self.skip_weights is not None and layer >= mirrored:
-                x = x + self.skip_weights[layer - mirrored] * skips.pop()
-            if hooks is not None:
-                hooks.keep(f"blocks.{layer}.resid_in", x)
-            value = None if ve is None else self.ve_weights[layer] * ve
-            if direct:
-                x = fused_decode.block(x, block, rope, value, cache.step(layer, pos, B * self.cfg.n_head))
-            else:
-                x = block(x, rope, cache, layer, pos, value, hooks, mask)
-            if hooks is not None:
-                hooks.keep(f"blocks.{layer}.resid_out", x)
-            if self.skip_weights is not None and layer < half:
-                skips.append(x)
+        direct = fused_decode.direct(x, self.blocks, OWN_KINDS) if cache is not None and T == 1 and hooks is None \
+            else None
+        steps = cache.steps(pos, B * self.cfg.n_head) if direct else None  # where each layer's step writes and reads
+        with fused_decode.executing(bool(direct)):
+            for layer, block in enumerate(self.blocks):
+                if self.skip_weights is not None and layer >= mirrored:
+                    x = x + self.skip_weights[layer - mirrored] * skips.pop()
+                if hooks is not None:
+                    hooks.keep(f"blocks.{layer}.resid_in", x)
+                value = None if ve is None else self.ve_weights[layer] * ve
+                if direct:
+                    x = fused_decode.run(x, *direct, layer, rope, value, steps[layer])
+                else:
+                    x = block(x, rope, cache, layer, pos, value, hooks, mask)
+                if hooks is not None:
+                    hooks.keep(f"blocks.{layer}.resid_out", x)
+                if self.skip_weights is not None and layer < half:
+                    skips.append(x)
         if cache is not None and pos is None:
             cache.pos += T
         return self.head(x, hooks)  # (B, T, V)

@@ -14,7 +14,8 @@
   (its compile time) reported.
 - decode (with --only decode): eager generation, each block's decode step as one TorchScript call (fused_decode)
   against the model's modules, then GPT.forward calling those steps itself (fused_decode.direct) against calling the
-  block modules: generate_batch of 1 and 64 rows (--batches), 128 new tokens each, alternating run by run.
+  block modules: generate_batch of 1 and 64 rows (--batches), 128 new tokens each, alternating run by run; and one
+  decode forward with and without the direct calls, alternating call by call.
 
 Prints medians of the per-block medians and the per-block ratios (median, min-max). Nothing is asserted: this is a
 benchmark, the tests check that each path computes the same thing.
@@ -163,7 +164,7 @@ def decode(preset: str, blocks: int, per_block: int, batches: tuple[int, ...] = 
     def run_with(fused: bool, batch: int, called: bool = True):
         def run(i: int) -> None:
             fused_decode.decode_fits = fits if fused else (lambda x, weight: False)
-            fused_decode.direct = direct if called else (lambda *args: False)
+            fused_decode.direct = direct if called else (lambda *args: None)
             generate_batch(model, [[r % 65] for r in range(batch)], new, seeds=list(range(batch)))
         return run
 
@@ -179,7 +180,37 @@ def decode(preset: str, blocks: int, per_block: int, batches: tuple[int, ...] = 
         # GPT.forward calling each block's TorchScript step itself, against calling the block modules
         compare(f"blocks called directly at batch {batch}", {"module calls": run_with(True, batch, False),
                                                               "direct": run_with(True, batch)})
-    fused_decode.decode_fits, fused_decode.direct = fits, direct
+        fused_decode.decode_fits, fused_decode.direct = fits, direct  # as the runs above may have left them
+        forward_calls(model, batch, 200 * blocks)
+
+
+def forward_calls(model, batch: int, calls: int) -> None:
+    """One decode forward of `batch` rows at the middle slot of the block, the blocks taken by the model (direct)
+    against the block modules' calls, alternated call by call (finer than whole runs, which the machine's drift
+    blurs): medians of the calls and of the paired differences."""
+    from lmlab import fused_decode
+
+    direct, slot = fused_decode.direct, model.cfg.block_size // 2
+    cache = model.make_cache(batch, grow=True)
+    token = torch.arange(batch).view(batch, 1) % 65
+    times: dict = {"module calls": [], "direct": []}
+    with torch.inference_mode():
+        for _ in range(slot):
+            model(token, cache=cache)
+        for i in range(calls + 20):
+            for name in ("module calls", "direct") if i % 2 == 0 else ("direct", "module calls"):
+                fused_decode.direct = direct if name == "direct" else (lambda *args: None)
+                t = time.perf_counter()
+                model(token, cache=cache)
+                if i >= 20:  # after a warm-up
+                    times[name].append(time.perf_counter() - t)
+                cache.pos = slot
+    fused_decode.direct = direct
+    medians = {name: statistics.median(ts) * 1e6 for name, ts in times.items()}
+    saved = statistics.median([a - b for a, b in zip(times["module calls"], times["direct"])]) * 1e6
+    print(f"decode forward at batch {batch}: module calls {medians['module calls']:.0f} us, direct "
+          f"{medians['direct']:.0f} us; module calls / direct: {medians['module calls'] / medians['direct']:.3f}x "
+          f"(paired difference {saved:.0f} us)")
 
 
 def main() -> None:

@@ -187,7 +187,7 @@ def test_ended_rows_leave_the_batch_and_the_cache_is_made_once(monkeypatch):
     single = [alone(model, p, n, s, **kw)[0] for p, n, s in zip(prompts, budgets, seeds)]
     stop = next(t for t in single[0][2:] if sum(t in tokens for tokens in single) < len(prompts))
     kept, buffers = [], set()
-    keep, step = KVCache.keep, KVCache.step
+    keep, step, steps = KVCache.keep, KVCache.step, KVCache.steps
     monkeypatch.setattr(KVCache, "keep", lambda self, index, slots: kept.append(len(index)) or keep(self, index, slots))
 
     def spy(self, layer, pos, heads):
@@ -196,7 +196,14 @@ def test_ended_rows_leave_the_batch_and_the_cache_is_made_once(monkeypatch):
             buffers.add((id(self), self.k[layer].data_ptr(), tuple(self.k[layer].shape)))
         return handed
 
+    def spy_all(self, pos, heads):  # every layer's step at once (the model taking the blocks itself)
+        handed = steps(self, pos, heads)
+        for layer in range(len(handed)):
+            spy(self, layer, pos, heads)
+        return handed
+
     monkeypatch.setattr(KVCache, "step", spy)
+    monkeypatch.setattr(KVCache, "steps", spy_all)
     out = generate_batch(model, prompts, budgets, seeds=seeds, stop_ids=[stop], **kw)
     for tokens, row in zip(single, out):
         assert row.tokens == cut_at_stop(tokens, {stop})

@@ -259,7 +259,8 @@ def test_step_bench_script_compares_each_speed_up(tmp_path):
     for batch in (1, 64):
         assert f"decode step at batch {batch}: modules" in out, out
         assert f"blocks called directly at batch {batch}: module calls" in out, out
-    assert out.count("modules / TorchScript:") == 2 and out.count("module calls / direct:") == 2, out
+        assert f"decode forward at batch {batch}: module calls" in out, out
+    assert out.count("modules / TorchScript:") == 2 and out.count("module calls / direct:") == 4, out
 
 
 def test_chat_answer_timing_fills_three_quarters_of_the_context_and_renders_a_row():

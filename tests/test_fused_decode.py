@@ -45,11 +45,19 @@ def decode(model, prompt: torch.Tensor, steps: int, *, per_row: bool = False, wh
         return torch.stack(out, 1), [t.clone() for t in cache.k + cache.v]
 
 
+def count_steps(monkeypatch) -> list:
+    """A list that gets an entry for every fused decode step of a block: `block` (Block.forward's) or `run`
+    (GPT.forward's, the blocks taken directly)."""
+    calls = []
+    for name in ("block", "run"):
+        real = getattr(fused_decode, name)
+        monkeypatch.setattr(fused_decode, name, lambda *a, real=real: calls.append(1) or real(*a))
+    return calls
+
+
 def fused_and_plain(monkeypatch, model, prompt_len=4, **kw):
     """decode() with the fused steps (checking they ran) and with the model's modules."""
-    calls = []
-    block = fused_decode.block
-    monkeypatch.setattr(fused_decode, "block", lambda *a: calls.append(1) or block(*a))
+    calls = count_steps(monkeypatch)
     prompt = torch.randint(0, VOCAB, (3, prompt_len), generator=torch.Generator().manual_seed(1))
     fast = decode(model, prompt, 6, **kw)
     # every decode step of every block, and the prompt's encoding only when it is one token
@@ -108,9 +116,7 @@ def test_the_scripted_step_is_the_python_step_and_calls_nothing(monkeypatch):
 def test_the_step_is_fused_only_for_eager_cpu_inference(monkeypatch):
     """Gradients on, training mode, a capture, or a forward being compiled take the modules; a replaced weight (not
     only changed in place) is the one the next fused step uses."""
-    calls = []
-    block = fused_decode.block
-    monkeypatch.setattr(fused_decode, "block", lambda *a: calls.append(1) or block(*a))
+    calls = count_steps(monkeypatch)
     model = model_of(seed=5)
     cache = model.make_cache(2)
     model(torch.tensor([[1, 2], [3, 4]]), cache=cache)  # gradients on: no
@@ -147,7 +153,13 @@ def test_the_model_takes_the_blocks_itself_only_when_no_module_call_is_missed(mo
     model = model_of(seed=6)
     direct = []
     real = fused_decode.direct
-    monkeypatch.setattr(fused_decode, "direct", lambda *a: direct.append(real(*a)) or direct[-1])
+
+    def recorded(*args):
+        out = real(*args)
+        direct.append(out is not None)  # whether the model took the blocks itself
+        return out
+
+    monkeypatch.setattr(fused_decode, "direct", recorded)
     seen = []
 
     def step():
@@ -214,3 +226,27 @@ def test_a_hooked_or_adapted_layer_inside_a_block_is_called_by_the_decode_step()
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:  # the modules' own path, the oracle
         mp.setattr(fused_decode, "decode_fits", lambda x, weight: False)
         assert torch.equal(step(), adapted) and not torch.equal(adapted, plain)
+
+
+@pytest.mark.parametrize("read", ["slice", "whole", "per_row"])
+def test_a_caches_steps_at_once_are_each_layers_step(monkeypatch, read):
+    """KVCache.steps (what GPT.forward hands the blocks it takes itself) is KVCache.step of every layer: the same
+    buffers (the same memory, shapes and strides), slots, rows, mode and mask."""
+    monkeypatch.setattr(kvcache, "WHOLE_CACHE_HEADS", 1 if read == "whole" else 1 << 30)
+    monkeypatch.setattr(kvcache, "GROW_SLOTS", 3)
+    model = model_of(seed=8)
+    cache = model.make_cache(3, grow=read != "per_row")
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (3, 4), generator=torch.Generator().manual_seed(3)), cache=cache)
+    pos = torch.tensor([4, 2, 3]) if read == "per_row" else None
+    together = cache.steps(pos, 3 * model.cfg.n_head)
+    assert len(together) == model.cfg.n_layer
+    for layer, handed in enumerate(together):
+        alone = cache.step(layer, pos, 3 * model.cfg.n_head)
+        assert len(handed) == len(alone) and handed[5] == alone[5] and handed[2] == alone[2]
+        for i, (a, b) in enumerate(zip(handed, alone)):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b) and a.stride() == b.stride()
+                assert i > 1 or a.data_ptr() == b.data_ptr()  # the layer's own buffers, written in place
+            else:
+                assert a == b
