@@ -257,6 +257,5 @@ def block(x: torch.Tensor, block: torch.nn.Module, rope: Optional[tuple[torch.Te
     cached = block.decode_weights  # gathered by unhooked, which the caller asked first
     weights = cached[2] if cached is not None and cached[0] == _VERSION[0] and cached[2] is not None \
         else _weights(block)
-    cos, sin = rope if rope is not None else (None, None)
-    with torch.jit.optimized_execution(False):
-        return scripted(_block)(x, *weights[0], ve, *weights[1], cos, sin, *step, *weights[2])
+    with executing(True):
+        return run(x, scripted(_block), [weights], 0, rope, ve, step)
